@@ -1,0 +1,109 @@
+"""Start and stop the local stand-ins as child processes, by PID, on loopback only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+NODE_BIN = REPO / "node_modules" / ".bin"
+
+
+class StandInError(RuntimeError):
+    """A stand-in could not be started. Tests under CI=true must fail on this, never skip."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass
+class Proc:
+    """A child process we started. `stop()` signals only this PID."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    stop_signal: int = signal.SIGTERM
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.alive():
+            return
+        try:
+            os.kill(self.pid, self.stop_signal)
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait(timeout=5)
+        except ProcessLookupError:
+            pass
+
+
+def spawn(
+    name: str,
+    argv: list[str],
+    log_path: Path,
+    *,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    stop_signal: int = signal.SIGTERM,
+) -> Proc:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    try:
+        popen = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=str(cwd) if cwd else None,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise StandInError(f"{name}: cannot run {argv[0]}: {exc}") from exc
+    finally:
+        log.close()
+    return Proc(name=name, popen=popen, log_path=log_path, stop_signal=stop_signal)
+
+
+def wait_for_port(proc: Proc, port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StandInError(
+                f"{proc.name} exited with {proc.popen.returncode} before listening on {port}:\n"
+                + proc.log_tail()
+            )
+        if port_open(port):
+            return
+        time.sleep(0.05)
+    proc.stop()
+    raise StandInError(f"{proc.name} did not listen on 127.0.0.1:{port} within {timeout}s:\n" + proc.log_tail())
