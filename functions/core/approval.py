@@ -1,0 +1,147 @@
+"""The access request state machine.
+
+    pending --approve x N--> approved --certificate--> issued
+       |  \\--deny--> denied
+       |   \\--cancel--> cancelled
+       \\--time--> expired        (approved also expires if no certificate is fetched in time)
+
+Every function returns a new record; storage writes it conditionally on the ETag it was read with,
+so two racing transitions cannot both win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .errors import Conflict, Forbidden
+from .policy import Identity
+
+PENDING, APPROVED, DENIED, EXPIRED, CANCELLED, ISSUED = (
+    "pending",
+    "approved",
+    "denied",
+    "expired",
+    "cancelled",
+    "issued",
+)
+FINAL_STATES = frozenset({DENIED, EXPIRED, CANCELLED, ISSUED})
+ISSUE_WINDOW = 15 * 60  # an approved request must be turned into a certificate within this
+
+
+@dataclass(frozen=True)
+class Approval:
+    oid: str
+    tid: str
+    upn: str
+    at: int
+    comment: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"oid": self.oid, "tid": self.tid, "upn": self.upn, "at": self.at, "comment": self.comment}
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    id: str
+    tenant_id: str
+    policy_id: str
+    requester_oid: str
+    requester_upn: str
+    host: str
+    principal: str
+    ttl_seconds: int
+    state: str
+    created_at: int
+    expires_at: int
+    approvals_required: int = 0
+    reason: str | None = None
+    approvals: tuple[Approval, ...] = ()
+    decided_by: str | None = None  # upn of whoever ended it (deny/cancel) or the last approver
+    decided_at: int | None = None
+    comment: str | None = None
+    serial: int | None = None
+    key_id: str | None = None
+    etag: str | None = field(default=None, compare=False)
+
+    def requester_is(self, who: Identity) -> bool:
+        return who.oid == self.requester_oid and who.tid == self.tenant_id
+
+    def effective_state(self, now: int) -> str:
+        """The state as of `now`: a pending or approved request past its deadline is expired."""
+        if self.state in (PENDING, APPROVED) and now >= self.expires_at:
+            return EXPIRED
+        return self.state
+
+    def to_public(self, now: int) -> dict:
+        return {
+            "id": self.id,
+            "status": self.effective_state(now),
+            "policy": self.policy_id,
+            "host": self.host,
+            "principal": self.principal,
+            "ttl_seconds": self.ttl_seconds,
+            "reason": self.reason,
+            "requester": self.requester_upn,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "approvals_required": self.approvals_required,
+            "approvals": [a.to_dict() for a in self.approvals],
+            "decided_by": self.decided_by,
+            "decided_at": self.decided_at,
+            "comment": self.comment,
+            "serial": str(self.serial) if self.serial is not None else None,
+            "key_id": self.key_id,
+        }
+
+
+def _require_state(rec: RequestRecord, now: int, *allowed: str) -> None:
+    state = rec.effective_state(now)
+    if state not in allowed:
+        raise Conflict(f"Request {rec.id} is {state}, not {' or '.join(allowed)}.", state=state)
+
+
+def approve(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = None) -> RequestRecord:
+    """Add `who`'s approval. The caller has already checked that `who` is an approver."""
+    if rec.requester_is(who):
+        raise Forbidden("Nobody approves their own request.")
+    _require_state(rec, now, PENDING)
+    if any(a.oid == who.oid and a.tid == who.tid for a in rec.approvals):
+        raise Conflict("You have already approved this request; an approver counts once.")
+    approvals = rec.approvals + (Approval(who.oid, who.tid, who.upn, now, comment),)
+    if len(approvals) >= rec.approvals_required:
+        return replace(
+            rec,
+            approvals=approvals,
+            state=APPROVED,
+            decided_by=who.upn,
+            decided_at=now,
+            expires_at=now + ISSUE_WINDOW,
+        )
+    return replace(rec, approvals=approvals)
+
+
+def deny(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = None) -> RequestRecord:
+    if rec.requester_is(who):
+        raise Forbidden("Cancel your own request instead of denying it.")
+    _require_state(rec, now, PENDING, APPROVED)
+    return replace(rec, state=DENIED, decided_by=who.upn, decided_at=now, comment=comment)
+
+
+def cancel(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = None) -> RequestRecord:
+    if not rec.requester_is(who):
+        raise Forbidden("Only the requester may cancel a request.")
+    _require_state(rec, now, PENDING, APPROVED)
+    return replace(rec, state=CANCELLED, decided_by=who.upn, decided_at=now, comment=comment)
+
+
+def expire(rec: RequestRecord, now: int) -> RequestRecord:
+    if rec.effective_state(now) != EXPIRED or rec.state == EXPIRED:
+        raise Conflict(f"Request {rec.id} is not past its deadline.")
+    return replace(rec, state=EXPIRED, decided_at=now)
+
+
+def mark_issued(rec: RequestRecord, who: Identity, now: int, *, serial: int, key_id: str) -> RequestRecord:
+    if not rec.requester_is(who):
+        raise Forbidden("Only the requester may fetch the certificate for a request.")
+    _require_state(rec, now, APPROVED)
+    return replace(rec, state=ISSUED, serial=serial, key_id=key_id)

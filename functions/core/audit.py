@@ -1,0 +1,72 @@
+"""Audit entries.
+
+One entry per request, decision, issuance, refusal, revocation, policy change and enrolment. Each
+entry carries a SHA-256 over its canonical JSON and the hash of the entry before it in the same
+chain. Chains are per request (its request, decisions and certificate link in order) and per policy
+for administrative changes, so concurrent requests never contend for one global chain head, while
+any edit or deletion inside a chain is detectable by `verify_chain`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    tenant_id: str
+    at: float  # unix seconds with sub-second precision
+    action: str  # request.created, request.approved, certificate.issued, request.refused, ...
+    outcome: str  # ok | refused | error
+    actor_oid: str | None = None
+    actor_upn: str | None = None
+    request_id: str | None = None
+    policy_id: str | None = None
+    key_id: str | None = None
+    serial: str | None = None  # decimal string: 63-bit values do not survive JSON numbers everywhere
+    host: str | None = None
+    principal: str | None = None
+    error_code: str | None = None
+    message: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    chain: str | None = None  # which chain this links into, e.g. "req:<id>" or "pol:<id>"
+    prev_hash: str = GENESIS
+    entry_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    hash: str = ""
+
+    def body(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("hash")
+        return d
+
+    def sealed(self) -> "AuditEntry":
+        digest = hashlib.sha256(canonical_json(self.body()).encode()).hexdigest()
+        return AuditEntry(**{**self.body(), "hash": digest})
+
+    def verify(self) -> bool:
+        return self.sealed().hash == self.hash
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def link(entry: AuditEntry, previous: AuditEntry | None) -> AuditEntry:
+    """Seal `entry` as the successor of `previous` in its chain."""
+    prev = previous.hash if previous is not None else GENESIS
+    return AuditEntry(**{**entry.body(), "prev_hash": prev}).sealed()
+
+
+def verify_chain(entries: Iterable[AuditEntry]) -> bool:
+    prev = GENESIS
+    for e in entries:
+        if e.prev_hash != prev or not e.verify():
+            return False
+        prev = e.hash
+    return True

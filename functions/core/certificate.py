@@ -1,0 +1,205 @@
+"""Turn a Grant into an OpenSSH user certificate, then check what was signed.
+
+The builder does no policy thinking: everything it writes comes from the Grant (smallstep's
+"modifiers then validators"). After signing, `verify_issued` re-reads the certificate and checks it
+against the grant before anything is stored or returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import ssh
+
+from .errors import IntegrityError, InvalidRequest
+from .keys import VettedKey, fingerprint
+
+DEFAULT_BACKDATE = 60
+KNOWN_EXTENSIONS = frozenset(
+    {
+        "permit-X11-forwarding",
+        "permit-agent-forwarding",
+        "permit-port-forwarding",
+        "permit-pty",
+        "permit-user-rc",
+        "no-touch-required",
+    }
+)
+KNOWN_CRITICAL_OPTIONS = frozenset({"force-command", "source-address", "verify-required"})
+MAX_SERIAL = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What the policy allows for one request. Built only by core.policy; read only by the builder."""
+
+    tenant_id: str
+    policy_id: str
+    request_id: str
+    upn: str
+    principals: tuple[str, ...]
+    ttl_seconds: int
+    extensions: tuple[str, ...] = ()
+    critical_options: tuple[tuple[str, str], ...] = ()
+    backdate_seconds: int = DEFAULT_BACKDATE
+
+    @property
+    def key_id(self) -> str:
+        return f"ezssh/{self.policy_id}/{self.request_id}/{self.upn}"
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    certificate: ssh.SSHCertificate
+    openssh: str  # one line, "<type>-cert-v01@openssh.com <base64> <comment>"
+    serial: int
+    key_id: str
+    principals: tuple[str, ...]
+    valid_after: int
+    valid_before: int
+    ca_fingerprint: str
+    extensions: tuple[str, ...] = field(default=())
+    critical_options: tuple[tuple[str, str], ...] = field(default=())
+
+
+def new_serial() -> int:
+    """A random, non-zero 63-bit serial."""
+    while True:
+        serial = secrets.randbits(63)
+        if serial:
+            return serial
+
+
+# cryptography draws the certificate nonce from os.urandom inside SSHCertificateBuilder.sign.
+# Golden tests need byte-stable output, so a caller may pin the nonce; the swap is serialised.
+_nonce_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pinned_nonce(nonce: bytes) -> Iterator[None]:
+    class _FixedOs:
+        def __getattr__(self, name: str) -> object:
+            import os
+
+            return getattr(os, name)
+
+        @staticmethod
+        def urandom(n: int) -> bytes:
+            if n != len(nonce):
+                raise ValueError("pinned nonce has the wrong length")
+            return nonce
+
+    with _nonce_lock:
+        original = ssh.os
+        ssh.os = _FixedOs()  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            ssh.os = original
+
+
+def build_certificate(
+    grant: Grant,
+    user_key: VettedKey,
+    ca_private_key: ssh.SSHCertPrivateKeyTypes,
+    *,
+    now: int,
+    serial: int,
+    nonce: bytes | None = None,
+) -> IssuedCertificate:
+    if not grant.principals:
+        raise InvalidRequest("A certificate must name at least one principal.")
+    if not 0 < serial <= MAX_SERIAL:
+        raise InvalidRequest("The serial must be a non-zero 63-bit number.")
+    valid_after = now - grant.backdate_seconds
+    valid_before = now + grant.ttl_seconds
+    builder = (
+        ssh.SSHCertificateBuilder()
+        .public_key(user_key.key)
+        .serial(serial)
+        .type(ssh.SSHCertificateType.USER)
+        .key_id(grant.key_id.encode())
+        .valid_principals([p.encode() for p in grant.principals])
+        .valid_after(valid_after)
+        .valid_before(valid_before)
+    )
+    for name, value in grant.critical_options:
+        builder = builder.add_critical_option(name.encode(), value.encode())
+    for name in grant.extensions:
+        builder = builder.add_extension(name.encode(), b"")
+
+    ctx = _pinned_nonce(nonce) if nonce is not None else contextlib.nullcontext()
+    with ctx:
+        cert = builder.sign(ca_private_key)
+    ca_fp = fingerprint(ca_private_key.public_key())
+    line = cert.public_bytes().decode() + f" {grant.key_id}"
+    return IssuedCertificate(
+        certificate=cert,
+        openssh=line,
+        serial=serial,
+        key_id=grant.key_id,
+        principals=grant.principals,
+        valid_after=valid_after,
+        valid_before=valid_before,
+        ca_fingerprint=ca_fp,
+        extensions=tuple(sorted(grant.extensions)),
+        critical_options=tuple(sorted(grant.critical_options)),
+    )
+
+
+def verify_issued(
+    issued: IssuedCertificate,
+    grant: Grant,
+    user_key: VettedKey,
+    ca_public_key: object,
+    *,
+    now: int,
+    verify_signature: Callable[[ssh.SSHCertificate], None] | None = None,
+) -> None:
+    """Re-read the signed certificate and check it against the grant. Raises IntegrityError."""
+    raw = ssh.load_ssh_public_identity(issued.openssh.encode())
+    if not isinstance(raw, ssh.SSHCertificate):
+        raise IntegrityError("issued certificate does not parse as a certificate")
+    cert = raw
+    problems = []
+    principals = tuple(p.decode() for p in cert.valid_principals)
+    if not principals:
+        problems.append("no principals")
+    if not set(principals) <= set(grant.principals):
+        problems.append("principals outside the grant")
+    if cert.serial == 0:
+        problems.append("zero serial")
+    if cert.type != ssh.SSHCertificateType.USER:
+        problems.append("not a user certificate")
+    if not cert.valid_after < cert.valid_before:
+        problems.append("validity not ordered")
+    if cert.valid_before - now > grant.ttl_seconds:
+        problems.append("validity longer than the grant")
+    if cert.key_id.decode() != grant.key_id:
+        problems.append("key id differs from the grant")
+    crit = {k.decode(): v.decode() for k, v in cert.critical_options.items()}
+    if crit != dict(grant.critical_options):
+        problems.append("critical options differ from the grant")
+    if set(e.decode() for e in cert.extensions) - set(grant.extensions):
+        problems.append("extensions outside the grant")
+    pub = cert.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    if pub.split()[:2] != user_key.openssh.encode().split()[:2]:
+        problems.append("certified key is not the user's key")
+    sig_key = cert.signature_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    ca_pub = ca_public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    if sig_key != ca_pub:
+        problems.append("signed by an unexpected CA")
+    try:
+        (verify_signature or (lambda c: c.verify_cert_signature()))(cert)
+    except InvalidSignature:
+        problems.append("signature does not verify")
+    if problems:
+        raise IntegrityError("issued certificate failed its final check: " + ", ".join(problems))

@@ -1,0 +1,537 @@
+"""Access policies and their evaluation.
+
+A policy is an identity perimeter with its own CA. `evaluate()` turns (identity, request, policy)
+into a Decision: auto-approve with a Grant, approval needed (with the Grant that an approval would
+yield), or a Denied error. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Literal
+
+from .certificate import DEFAULT_BACKDATE, KNOWN_EXTENSIONS, Grant
+from .errors import Denied, InvalidRequest, NoPolicyForHost, PrincipalNotAllowed, TtlTooLong
+
+Action = Literal["auto", "approval", "deny"]
+ACTIONS = ("auto", "approval", "deny")
+
+# A deployment-wide ceiling. Settings may lower it; a policy's max_ttl may not exceed it.
+TTL_CEILING = 24 * 3600
+MIN_TTL = 60
+POLICY_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+PRINCIPAL_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
+GLOB_RE = re.compile(r"^[A-Za-z0-9*?.\-_\[\]!]{1,253}$")
+ADMIN_ROLE = "EZSSH.Admin"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling, as the token says. `oid`+`tid` is the identity; names are for display."""
+
+    oid: str
+    tid: str
+    upn: str
+    name: str = ""
+    groups: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+
+    @property
+    def is_tenant_admin(self) -> bool:
+        return ADMIN_ROLE in self.roles
+
+    def same_person(self, other: "Identity | tuple[str, str]") -> bool:
+        oid, tid = (other.oid, other.tid) if isinstance(other, Identity) else other
+        return self.oid == oid and self.tid == tid
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """A set of users (by oid or UPN, or "*" for everyone in the tenant) and groups (by object id)."""
+
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+    def matches(self, who: Identity) -> bool:
+        for u in self.users:
+            if u == "*" or u == who.oid or u.lower() == who.upn.lower():
+                return True
+        return any(g in who.groups for g in self.groups)
+
+    def is_empty(self) -> bool:
+        return not self.users and not self.groups
+
+    def to_dict(self) -> dict:
+        return {"users": list(self.users), "groups": list(self.groups)}
+
+
+@dataclass(frozen=True)
+class Rule:
+    subjects: Subjects
+    action: Action
+
+    def to_dict(self) -> dict:
+        return {**self.subjects.to_dict(), "action": self.action}
+
+
+@dataclass(frozen=True)
+class CaKeyRef:
+    """One CA key of a policy. `state` is current | previous | retired."""
+
+    key_ref: str
+    backend: str
+    public_key: str  # OpenSSH line
+    fingerprint: str
+    state: str = "current"
+    created_at: int = 0
+    retire_after: int | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "key_ref": self.key_ref,
+            "backend": self.backend,
+            "public_key": self.public_key,
+            "fingerprint": self.fingerprint,
+            "state": self.state,
+            "created_at": self.created_at,
+            "retire_after": self.retire_after,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaKeyRef":
+        return cls(**{k: d.get(k) for k in ("key_ref", "backend", "public_key", "fingerprint")},
+                   state=d.get("state", "current"), created_at=int(d.get("created_at") or 0),
+                   retire_after=d.get("retire_after"))
+
+
+@dataclass(frozen=True)
+class Policy:
+    id: str
+    tenant_id: str
+    name: str
+    rules: tuple[Rule, ...]
+    hosts: tuple[str, ...]
+    principals: tuple[str, ...]
+    approvers: Subjects = Subjects()
+    approvals_required: int = 1
+    admins: Subjects = Subjects()
+    default_ttl: int = 3600
+    max_ttl: int = 8 * 3600
+    request_ttl: int = 3600
+    extensions: tuple[str, ...] = ("permit-pty",)
+    force_command: str | None = None
+    source_address: tuple[str, ...] = ()
+    webhook_url: str | None = None
+    ca: tuple[CaKeyRef, ...] = ()
+    deleted: bool = False
+    etag: str | None = field(default=None, compare=False)
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def current_ca(self) -> CaKeyRef | None:
+        return next((c for c in self.ca if c.state == "current"), None)
+
+    def critical_options(self) -> tuple[tuple[str, str], ...]:
+        opts = []
+        if self.force_command:
+            opts.append(("force-command", self.force_command))
+        if self.source_address:
+            opts.append(("source-address", ",".join(self.source_address)))
+        return tuple(opts)
+
+    def covers_host(self, host: str, tags: dict[str, str] | None = None) -> bool:
+        return any(_host_matches(pattern, host, tags or {}) for pattern in self.hosts)
+
+    def rule_for(self, who: Identity) -> Rule | None:
+        return next((r for r in self.rules if r.subjects.matches(who)), None)
+
+    def is_member(self, who: Identity) -> bool:
+        rule = self.rule_for(who)
+        return rule is not None and rule.action != "deny"
+
+    def is_approver(self, who: Identity) -> bool:
+        return self.approvers.matches(who)
+
+    def is_admin(self, who: Identity) -> bool:
+        return who.is_tenant_admin or self.admins.matches(who)
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "tenant_id": self.tenant_id,
+            "rules": [r.to_dict() for r in self.rules],
+            "hosts": list(self.hosts),
+            "principals": list(self.principals),
+            "approvers": self.approvers.to_dict(),
+            "approvals_required": self.approvals_required,
+            "admins": self.admins.to_dict(),
+            "default_ttl": self.default_ttl,
+            "max_ttl": self.max_ttl,
+            "request_ttl": self.request_ttl,
+            "extensions": list(self.extensions),
+            "force_command": self.force_command,
+            "source_address": list(self.source_address),
+            "webhook_url": self.webhook_url,
+            "ca": [c.to_dict() for c in self.ca],
+            "deleted": self.deleted,
+        }
+
+
+# Fields an admin may write. Server-managed ones (tenant_id, ca, deleted, etag) are never taken
+# from a client document.
+EDITABLE_FIELDS = frozenset(
+    {
+        "id",
+        "name",
+        "rules",
+        "hosts",
+        "principals",
+        "approvers",
+        "approvals_required",
+        "admins",
+        "default_ttl",
+        "max_ttl",
+        "request_ttl",
+        "extensions",
+        "force_command",
+        "source_address",
+        "webhook_url",
+    }
+)
+
+
+def _str_list(doc: dict, key: str, *, required: bool = False) -> tuple[str, ...]:
+    value = doc.get(key, [] if not required else None)
+    if value is None:
+        raise InvalidRequest(f"'{key}' is required.")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise InvalidRequest(f"'{key}' must be a list of non-empty strings.")
+    return tuple(v.strip() for v in value)
+
+
+def _int(doc: dict, key: str, default: int, lo: int, hi: int) -> int:
+    value = doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{key}' must be a whole number.")
+    if not lo <= value <= hi:
+        raise InvalidRequest(f"'{key}' must be between {lo} and {hi}; got {value}.")
+    return value
+
+
+def _subjects(doc: dict, key: str) -> Subjects:
+    value = doc.get(key) or {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{key}' must be an object with 'users' and/or 'groups'.")
+    unknown = set(value) - {"users", "groups"}
+    if unknown:
+        raise InvalidRequest(f"'{key}' has unknown fields: {', '.join(sorted(unknown))}.")
+    return Subjects(users=_str_list(value, "users"), groups=_str_list(value, "groups"))
+
+
+def validate_host_pattern(pattern: str) -> None:
+    if pattern.startswith("tag:"):
+        k, sep, v = pattern[4:].partition("=")
+        if not sep or not k or not v:
+            raise InvalidRequest(f"Host pattern {pattern!r}: a tag pattern looks like 'tag:name=value'.")
+        return
+    if pattern.startswith("/subscriptions/"):
+        if not re.match(r"^/subscriptions/[^/]+/resourceGroups/[^/]+(/providers/Microsoft\.Compute/virtualMachines/[^/]+)?$",
+                        pattern, re.IGNORECASE):
+            raise InvalidRequest(f"Host pattern {pattern!r} is not an Azure VM or resource group id.")
+        return
+    if "/" in pattern or _looks_like_ip(pattern):
+        try:
+            ipaddress.ip_network(pattern, strict=True)
+        except ValueError:
+            raise InvalidRequest(f"Host pattern {pattern!r} is not a valid CIDR (host bits must be zero).") from None
+        return
+    if not GLOB_RE.match(pattern) or pattern.count("[") != pattern.count("]"):
+        raise InvalidRequest(f"Host pattern {pattern!r} is not a valid host name glob.")
+
+
+def _looks_like_ip(s: str) -> bool:
+    return bool(re.match(r"^[0-9.]+$", s)) or ":" in s
+
+
+def policy_from_document(
+    doc: object,
+    *,
+    tenant_id: str,
+    ttl_ceiling: int = TTL_CEILING,
+    base: Policy | None = None,
+) -> Policy:
+    """Validate an admin's policy document (create, or a partial update over `base`)."""
+    if not isinstance(doc, dict):
+        raise InvalidRequest("A policy document must be a JSON object.")
+    unknown = set(doc) - EDITABLE_FIELDS
+    if unknown:
+        raise InvalidRequest(f"Unknown or read-only policy fields: {', '.join(sorted(unknown))}.")
+    if base is not None:
+        if "id" in doc and doc["id"] != base.id:
+            raise InvalidRequest("A policy's id cannot change.")
+        merged = {k: v for k, v in base.to_dict().items() if k in EDITABLE_FIELDS}
+        merged.update(doc)
+        doc = merged
+
+    pid = doc.get("id")
+    if not isinstance(pid, str) or not POLICY_ID_RE.match(pid):
+        raise InvalidRequest("'id' must be 1-63 lowercase letters, digits or dashes, not starting or ending with a dash.")
+    name = doc.get("name", pid)
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise InvalidRequest("'name' must be a non-empty string of at most 200 characters.")
+
+    raw_rules = doc.get("rules")
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise InvalidRequest("'rules' must be a non-empty list; without rules nobody gets in.")
+    rules = []
+    for i, r in enumerate(raw_rules):
+        if not isinstance(r, dict):
+            raise InvalidRequest(f"rules[{i}] must be an object.")
+        unknown = set(r) - {"users", "groups", "action"}
+        if unknown:
+            raise InvalidRequest(f"rules[{i}] has unknown fields: {', '.join(sorted(unknown))}.")
+        action = r.get("action")
+        if action not in ACTIONS:
+            raise InvalidRequest(f"rules[{i}].action must be one of auto, approval, deny.")
+        subjects = Subjects(users=_str_list(r, "users"), groups=_str_list(r, "groups"))
+        if subjects.is_empty():
+            raise InvalidRequest(f"rules[{i}] names no users or groups.")
+        rules.append(Rule(subjects, action))
+
+    hosts = _str_list(doc, "hosts", required=True)
+    if not hosts:
+        raise InvalidRequest("'hosts' must name at least one host pattern.")
+    for h in hosts:
+        validate_host_pattern(h)
+
+    principals = _str_list(doc, "principals", required=True)
+    if not principals:
+        raise InvalidRequest("'principals' must name at least one login; a certificate never has empty principals.")
+    for p in principals:
+        if not PRINCIPAL_RE.match(p):
+            raise InvalidRequest(f"Principal {p!r} is not a valid unix login name.")
+
+    max_ttl = _int(doc, "max_ttl", 8 * 3600, MIN_TTL, ttl_ceiling)
+    default_ttl = _int(doc, "default_ttl", min(3600, max_ttl), MIN_TTL, max_ttl)
+    request_ttl = _int(doc, "request_ttl", 3600, 60, 7 * 24 * 3600)
+
+    extensions = _str_list(doc, "extensions") if "extensions" in doc else ("permit-pty",)
+    bad = [e for e in extensions if e not in KNOWN_EXTENSIONS]
+    if bad:
+        raise InvalidRequest(
+            f"Unknown extension(s): {', '.join(bad)}. Known: {', '.join(sorted(KNOWN_EXTENSIONS))}."
+        )
+
+    force_command = doc.get("force_command")
+    if force_command is not None and (not isinstance(force_command, str) or not force_command.strip()
+                                      or "\n" in force_command):
+        raise InvalidRequest("'force_command' must be a non-empty single-line string or null.")
+    source_address = _str_list(doc, "source_address")
+    for cidr in source_address:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise InvalidRequest(f"source_address {cidr!r} is not a valid address or CIDR.") from None
+
+    approvers = _subjects(doc, "approvers")
+    admins = _subjects(doc, "admins")
+    approvals_required = _int(doc, "approvals_required", 1, 1, 10)
+    if any(r.action == "approval" for r in rules):
+        if approvers.is_empty():
+            raise InvalidRequest("A rule needs approval but the policy names no approvers.")
+        named_only = not approvers.groups and "*" not in approvers.users
+        if named_only and len(approvers.users) < approvals_required:
+            raise InvalidRequest(
+                f"approvals_required is {approvals_required} but only {len(approvers.users)} approver(s) are named."
+            )
+        if named_only and len(approvers.users) == approvals_required:
+            # Every named approver is needed, so any of them who asks could never be approved.
+            requesters = [r for r in rules if r.action == "approval"]
+            overlap = [u for u in approvers.users if any(u in r.subjects.users for r in requesters)]
+            if overlap:
+                raise InvalidRequest(
+                    f"Approver(s) {', '.join(overlap)} would have to approve their own requests; "
+                    "nobody approves their own request. Add more approvers or lower approvals_required."
+                )
+
+    webhook_url = doc.get("webhook_url")
+    if webhook_url is not None and (not isinstance(webhook_url, str) or not re.match(r"^https?://\S+$", webhook_url)):
+        raise InvalidRequest("'webhook_url' must be an http(s) URL or null.")
+
+    fields = dict(
+        id=pid,
+        tenant_id=tenant_id,
+        name=name.strip(),
+        rules=tuple(rules),
+        hosts=hosts,
+        principals=principals,
+        approvers=approvers,
+        approvals_required=approvals_required,
+        admins=admins,
+        default_ttl=default_ttl,
+        max_ttl=max_ttl,
+        request_ttl=request_ttl,
+        extensions=tuple(extensions),
+        force_command=force_command,
+        source_address=source_address,
+        webhook_url=webhook_url,
+    )
+    if base is not None:
+        return replace(base, **fields)
+    return Policy(**fields)
+
+
+def policy_from_row(d: dict, etag: str | None = None) -> Policy:
+    """Rebuild a stored policy (already validated when written)."""
+    return Policy(
+        id=d["id"],
+        tenant_id=d["tenant_id"],
+        name=d["name"],
+        rules=tuple(
+            Rule(Subjects(tuple(r.get("users", ())), tuple(r.get("groups", ()))), r["action"]) for r in d["rules"]
+        ),
+        hosts=tuple(d["hosts"]),
+        principals=tuple(d["principals"]),
+        approvers=Subjects(tuple(d["approvers"].get("users", ())), tuple(d["approvers"].get("groups", ()))),
+        approvals_required=d.get("approvals_required", 1),
+        admins=Subjects(tuple(d["admins"].get("users", ())), tuple(d["admins"].get("groups", ()))),
+        default_ttl=d["default_ttl"],
+        max_ttl=d["max_ttl"],
+        request_ttl=d.get("request_ttl", 3600),
+        extensions=tuple(d.get("extensions", ())),
+        force_command=d.get("force_command"),
+        source_address=tuple(d.get("source_address", ())),
+        webhook_url=d.get("webhook_url"),
+        ca=tuple(CaKeyRef.from_dict(c) for c in d.get("ca", ())),
+        deleted=bool(d.get("deleted", False)),
+        etag=etag,
+    )
+
+
+# ---- host matching ---------------------------------------------------------------------------
+
+
+def _host_matches(pattern: str, host: str, tags: dict[str, str]) -> bool:
+    host = host.strip().lower().rstrip(".")
+    if pattern.startswith("tag:"):
+        k, _, v = pattern[4:].partition("=")
+        return tags.get(k) == v
+    if pattern.startswith("/subscriptions/"):
+        resource_id = tags.get("_resource_id", "").lower()
+        p = pattern.lower()
+        return bool(resource_id) and (resource_id == p or resource_id.startswith(p + "/"))
+    if "/" in pattern or _looks_like_ip(pattern):
+        try:
+            return ipaddress.ip_address(host.strip("[]")) in ipaddress.ip_network(pattern, strict=False)
+        except ValueError:
+            return False
+    return fnmatch.fnmatchcase(host, pattern.lower())
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessRequest:
+    host: str
+    principal: str
+    ttl_seconds: int | None = None
+    policy_id: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    policy: Policy
+    action: Action  # auto | approval
+    ttl_seconds: int
+
+    def grant(self, request_id: str, who: Identity, principal: str) -> Grant:
+        return make_grant(self.policy, request_id, who.upn, principal, self.ttl_seconds)
+
+
+def make_grant(policy: Policy, request_id: str, upn: str, principal: str, ttl_seconds: int,
+               backdate: int = DEFAULT_BACKDATE) -> Grant:
+    if principal not in policy.principals:
+        raise PrincipalNotAllowed(f"Policy {policy.id!r} does not allow the login {principal!r}.")
+    return Grant(
+        tenant_id=policy.tenant_id,
+        policy_id=policy.id,
+        request_id=request_id,
+        upn=upn,
+        principals=(principal,),
+        ttl_seconds=ttl_seconds,
+        extensions=tuple(sorted(policy.extensions)),
+        critical_options=policy.critical_options(),
+        backdate_seconds=backdate,
+    )
+
+
+def resolve_ttl(policy: Policy, requested: int | None) -> int:
+    if requested is None:
+        return policy.default_ttl
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < MIN_TTL:
+        raise InvalidRequest(f"ttl_seconds must be a whole number of at least {MIN_TTL}.")
+    if requested > policy.max_ttl:
+        raise TtlTooLong(
+            f"ttl_seconds {requested} is over policy {policy.id!r}'s maximum of {policy.max_ttl} seconds.",
+            max_ttl=policy.max_ttl,
+        )
+    return requested
+
+
+def evaluate(who: Identity, request: AccessRequest, policy: Policy) -> Decision:
+    """One policy: does it let `who` in as `request.principal` on `request.host`?"""
+    if policy.tenant_id != who.tid or policy.deleted:
+        raise NoPolicyForHost(f"No access policy covers host {request.host!r}.")
+    rule = policy.rule_for(who)
+    if rule is None or rule.action == "deny":
+        raise Denied(f"Policy {policy.id!r} does not grant you access to {request.host!r}.", policy=policy.id)
+    if request.principal not in policy.principals:
+        raise PrincipalNotAllowed(
+            f"Policy {policy.id!r} does not allow the login {request.principal!r}; "
+            f"allowed: {', '.join(policy.principals)}.",
+            policy=policy.id,
+        )
+    ttl = resolve_ttl(policy, request.ttl_seconds)
+    return Decision(policy=policy, action=rule.action, ttl_seconds=ttl)
+
+
+def choose_policy(
+    who: Identity,
+    request: AccessRequest,
+    policies: Iterable[Policy],
+    tags: dict[str, str] | None = None,
+) -> Decision:
+    """Pick the policy for a request: the one named, else the best of those covering the host.
+
+    Among several that cover the host and let the user in, auto-approve wins over approval, then
+    the policy id breaks the tie so the choice is stable.
+    """
+    covering = [p for p in policies if p.tenant_id == who.tid and not p.deleted
+                and p.covers_host(request.host, tags)]
+    if request.policy_id is not None:
+        covering = [p for p in covering if p.id == request.policy_id]
+    if not covering:
+        raise NoPolicyForHost(f"No access policy covers host {request.host!r}" +
+                              (f" under policy {request.policy_id!r}." if request.policy_id else "."))
+    decisions: list[Decision] = []
+    first_error: Denied | None = None
+    for p in sorted(covering, key=lambda p: p.id):
+        try:
+            decisions.append(evaluate(who, request, p))
+        except (Denied, TtlTooLong) as exc:
+            if first_error is None or (isinstance(first_error, Denied) and type(first_error) is Denied):
+                first_error = exc  # type: ignore[assignment]
+    if not decisions:
+        assert first_error is not None
+        raise first_error
+    decisions.sort(key=lambda d: (d.action != "auto", d.policy.id))
+    return decisions[0]
