@@ -1,0 +1,269 @@
+"""The local Entra ID stand-in: start `infra/local/oidc/server.mjs` and play the user's browser.
+
+    stand_in = start_oidc(state_dir, port)          # real oidc-provider, one issuer per dev tenant
+    issuer = stand_in.issuer(stand_in.tenant_id("contoso"))
+    ... MSAL: PublicClientApplication(cli_client_id, oidc_authority=issuer, http_client=session)
+    complete_device_code(flow["verification_uri"], flow["user_code"], "alice", password_for("alice"),
+                         stand_in.ca_path)
+    stand_in.stop()
+
+Every HTTP client here uses a Session with trust_env=False (this machine sets REQUESTS_CA_BUNDLE
+and may set proxies) and verify=<dev CA>: only 127.0.0.1 is ever contacted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urljoin, urlparse
+
+import requests
+
+from devstack.devca import DevCA, ensure_dev_ca
+from devstack.proc import REPO, Proc, StandInError, spawn, wait_for_port
+
+OIDC_DIR = REPO / "infra" / "local" / "oidc"
+USERS_JSON = OIDC_DIR / "users.json"
+SERVER_MJS = OIDC_DIR / "server.mjs"
+
+
+class DeviceLoginError(RuntimeError):
+    """The browser step of a device-code sign-in did not end on the success page."""
+
+
+def load_config(path: Path = USERS_JSON) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _find_user(config: dict, username: str) -> dict:
+    want = username.lower()
+    for tid, tenant in config["tenants"].items():
+        for u in tenant["users"]:
+            if want in (u["username"].lower(), u["preferred_username"].lower()):
+                return {**u, "tid": tid, "tenant": tenant["name"]}
+    raise KeyError(f"no dev user {username!r} in {USERS_JSON}")
+
+
+def password_for(username: str) -> str:
+    """The dev password of a user from users.json ("alice" or "alice@contoso.test")."""
+    return _find_user(load_config(), username)["password"]
+
+
+def session_for(ca_path: Path | str) -> requests.Session:
+    """A requests Session that trusts only the dev CA and ignores proxy/CA environment variables."""
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = str(ca_path)
+    return s
+
+
+@dataclass
+class OidcStandIn:
+    proc: Proc
+    port: int
+    ca: DevCA
+    config: dict = field(repr=False)
+    started_in: float = 0.0
+
+    @property
+    def ca_path(self) -> Path:
+        return self.ca.ca_cert
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def api_client_id(self) -> str:
+        return self.config["api"]["client_id"]
+
+    @property
+    def cli_client_id(self) -> str:
+        return self.config["cli"]["client_id"]
+
+    @property
+    def api_scope(self) -> str:
+        return f"{self.config['api']['app_id_uri']}/{self.config['api']['scope']}"
+
+    def issuer(self, tid: str) -> str:
+        if tid not in self.config["tenants"]:
+            tid = self.tenant_id(tid)  # allow "contoso"
+        return f"{self.base_url}/{tid}"
+
+    def tenant_id(self, name: str) -> str:
+        for tid, tenant in self.config["tenants"].items():
+            if tenant["name"] == name:
+                return tid
+        raise KeyError(f"no dev tenant {name!r}")
+
+    def group_id(self, tenant: str, group: str) -> str:
+        tid = tenant if tenant in self.config["tenants"] else self.tenant_id(tenant)
+        return self.config["tenants"][tid]["groups"][group]
+
+    def user(self, username: str) -> dict:
+        """The user's users.json entry plus "tid" and "tenant" (name)."""
+        return _find_user(self.config, username)
+
+    def session(self) -> requests.Session:
+        return session_for(self.ca_path)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def _discovery_ok(session: requests.Session, issuer: str) -> bool:
+    try:
+        r = session.get(f"{issuer}/.well-known/openid-configuration", timeout=2)
+    except requests.RequestException:
+        return False
+    return r.status_code == 200 and r.json().get("issuer") == issuer
+
+
+def start_oidc(state_dir: Path, port: int, *, timeout: float = 30.0, env: dict | None = None) -> OidcStandIn:
+    """Start the Entra ID stand-in on https://127.0.0.1:<port>/<tid>; returns once discovery answers."""
+    t0 = time.monotonic()
+    state_dir = Path(state_dir)
+    ca = ensure_dev_ca(state_dir)
+    config = load_config()
+    node = os.environ.get("NODE", "node")
+    argv = [
+        node, str(SERVER_MJS),
+        "--port", str(port),
+        "--state-dir", str(state_dir),
+        "--cert", str(ca.server_cert),
+        "--key", str(ca.server_key),
+        "--users", str(USERS_JSON),
+    ]
+    child_env = {**os.environ, **(env or {})}
+    child_env.pop("NODE_OPTIONS", None)
+    proc = spawn("oidc-provider", argv, state_dir / "logs" / "oidc.log", env=child_env, cwd=REPO)
+    try:
+        wait_for_port(proc, port, timeout)
+        first = next(iter(config["tenants"]))
+        issuer = f"https://127.0.0.1:{port}/{first}"
+        s = session_for(ca.ca_cert)
+        while not _discovery_ok(s, issuer):
+            if not proc.alive():
+                raise StandInError(f"oidc-provider exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+            if time.monotonic() - t0 > timeout:
+                raise StandInError(f"oidc-provider discovery at {issuer} did not answer within {timeout}s:\n{proc.log_tail()}")
+            time.sleep(0.05)
+    except BaseException:
+        proc.stop()
+        raise
+    return OidcStandIn(proc=proc, port=port, ca=ca, config=config, started_in=time.monotonic() - t0)
+
+
+# ---- the "browser" -------------------------------------------------------------------------------
+
+
+class _Forms(HTMLParser):
+    """Collects forms (id, action, method, inputs) and the text of elements with an id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict] = []
+        self.ids: dict[str, str] = {}
+        self._form: dict | None = None
+        self._open_id: list[tuple[str, str]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "form":
+            self._form = {"id": a.get("id"), "action": a.get("action") or "", "method": (a.get("method") or "get").lower(), "fields": {}}
+            self.forms.append(self._form)
+        elif tag == "input" and self._form is not None and a.get("name"):
+            self._form["fields"][a["name"]] = a.get("value") or ""
+        if a.get("id") and tag in ("p", "div", "h1", "span"):
+            self._open_id.append((tag, a["id"]))
+            self.ids.setdefault(a["id"], "")
+
+    def handle_endtag(self, tag):
+        if tag == "form":
+            self._form = None
+        if self._open_id and self._open_id[-1][0] == tag:
+            self._open_id.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+        for _, i in self._open_id:
+            self.ids[i] += data
+
+
+def _parse(html: str) -> _Forms:
+    p = _Forms()
+    p.feed(html)
+    return p
+
+
+def _form(page: _Forms, form_id: str) -> dict | None:
+    return next((f for f in page.forms if f["id"] == form_id), None)
+
+
+def _describe(resp: requests.Response, page: _Forms) -> str:
+    msg = page.ids.get("error") or " ".join(" ".join(page.text).split())[:300]
+    return f"HTTP {resp.status_code} at {resp.url}: {msg.strip()}"
+
+
+def complete_device_code(
+    verification_uri: str,
+    user_code: str,
+    username: str,
+    password: str,
+    ca_path: Path | str,
+    *,
+    timeout: float = 10.0,
+) -> None:
+    """Play the user's browser for a device-code sign-in: enter the code, confirm, sign in, consent.
+
+    `verification_uri` may be the plain verification_uri or verification_uri_complete. Raises
+    DeviceLoginError (with the page's error text) unless the provider's success page is reached.
+    Only the origin of `verification_uri` is contacted (the stand-in on 127.0.0.1).
+    """
+    origin = urlparse(verification_uri)
+    if origin.hostname not in ("127.0.0.1", "::1", "localhost"):
+        raise DeviceLoginError(f"refusing to browse to a non-loopback verification URI: {verification_uri}")
+    s = session_for(ca_path)
+    s.headers["User-Agent"] = "ezssh-devstack-browser/1"
+
+    def same_origin(url: str) -> str:
+        u = urlparse(url)
+        if (u.scheme, u.netloc) != (origin.scheme, origin.netloc):
+            raise DeviceLoginError(f"unexpected redirect off the stand-in: {url}")
+        return url
+
+    def submit(resp: requests.Response, form: dict, extra: dict | None = None) -> requests.Response:
+        data = {**form["fields"], **(extra or {})}
+        url = same_origin(urljoin(resp.url, form["action"] or resp.url))
+        if form["method"] == "post":
+            return s.post(url, data=data, timeout=timeout)
+        return s.get(url, params=data, timeout=timeout)
+
+    resp = s.get(verification_uri, timeout=timeout)
+    for _ in range(10):  # [auto-post] input code -> confirm -> login -> (consent, automatic) -> success
+        same_origin(resp.url)
+        page = _parse(resp.text)
+        if "success" in page.ids:
+            return
+        if (f := _form(page, "op.deviceInputForm")) is not None:
+            if "error" in page.ids and f["fields"].get("user_code"):
+                raise DeviceLoginError(f"user code refused: {_describe(resp, page)}")
+            resp = submit(resp, f, {"user_code": user_code})
+        elif (f := _form(page, "op.deviceConfirmForm")) is not None:
+            if f["fields"].get("user_code", "").replace("-", "").upper() != user_code.replace("-", "").upper():
+                raise DeviceLoginError(f"confirmation page shows another code than {user_code}")
+            resp = submit(resp, f)
+        elif len(page.forms) == 1 and "forms[0].submit()" in resp.text:
+            resp = submit(resp, page.forms[0])  # auto-submitting page (what a browser's JS would do)
+        elif (f := _form(page, "login")) is not None:
+            if "error" in page.ids:
+                raise DeviceLoginError(f"sign-in refused for {username}: {_describe(resp, page)}")
+            resp = submit(resp, f, {"username": username, "password": password})
+        else:
+            raise DeviceLoginError(f"device sign-in did not succeed: {_describe(resp, page)}")
+    raise DeviceLoginError(f"device sign-in did not finish after several pages (last {resp.url})")
