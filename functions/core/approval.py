@@ -61,6 +61,7 @@ class RequestRecord:
     comment: str | None = None
     serial: int | None = None
     key_id: str | None = None
+    audit_head: str = "0" * 64  # hash of the last audit entry in this request's chain
     etag: str | None = field(default=None, compare=False)
 
     def requester_is(self, who: Identity) -> bool:

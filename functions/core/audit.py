@@ -57,9 +57,12 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def link(entry: AuditEntry, previous: AuditEntry | None) -> AuditEntry:
-    """Seal `entry` as the successor of `previous` in its chain."""
-    prev = previous.hash if previous is not None else GENESIS
+def link(entry: AuditEntry, previous: AuditEntry | str | None) -> AuditEntry:
+    """Seal `entry` as the successor of `previous` (an entry, or the hash of one) in its chain."""
+    if isinstance(previous, str):
+        prev = previous
+    else:
+        prev = previous.hash if previous is not None else GENESIS
     return AuditEntry(**{**entry.body(), "prev_hash": prev}).sealed()
 
 

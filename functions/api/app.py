@@ -1,0 +1,46 @@
+"""The FastAPI application. Azure Functions serves it through func.AsgiFunctionApp; uvicorn locally."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from typing import Callable
+
+from fastapi import FastAPI, Request
+
+from . import errors, meta, policies, requests
+from .deps import Context
+
+log = logging.getLogger("ezssh.api")
+
+
+def create_app(context_factory: Callable[[], Context]) -> FastAPI:
+    """`context_factory` builds the settings, adapters and service; it runs once, on first use."""
+    app = FastAPI(title="ezssh", version="0.1.0", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    lock = threading.Lock()
+    holder: list[Context] = []
+
+    def context() -> Context:
+        if not holder:
+            with lock:
+                if not holder:
+                    holder.append(context_factory())
+        return holder[0]
+
+    app.state.context = context
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):  # type: ignore[no-untyped-def]
+        rid = secrets.token_hex(8)
+        request.state.request_id = rid
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = rid
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    errors.install(app)
+    app.include_router(meta.router)
+    app.include_router(requests.router)
+    app.include_router(policies.router)
+    return app

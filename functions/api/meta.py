@@ -1,0 +1,31 @@
+"""Health and client configuration: the two endpoints that need no token."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from .deps import context
+
+router = APIRouter(prefix="/api", tags=["meta"])
+
+
+@router.get("/health")
+def health(request: Request) -> JSONResponse:
+    checks = context(request).service.health()
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "degraded", "checks": checks}, status_code=200 if ok else 503)
+
+
+@router.get("/client-config")
+def client_config(request: Request) -> dict:
+    s = context(request).settings
+    tenant = s.tenants[0]
+    return {
+        "authority": s.issuer_for(tenant).removesuffix("/v2.0"),
+        "authority_type": s.authority_type,
+        "tenant_id": tenant,
+        "tenants": list(s.tenants),
+        "client_id": s.cli_client_id,
+        "scopes": s.scopes,
+    }

@@ -1,0 +1,165 @@
+"""Bearer token -> Identity.
+
+Checks, in order, before any key is fetched: the token's shape, a pinned algorithm (RS256), a tenant
+on the allow-list. Then the signature against the issuer's JWKS (cached; refreshed when an unknown
+kid appears, at most once per REFRESH_FLOOR seconds so forged kids can't make us hammer the issuer),
+issuer, audience, expiry and not-before with a small leeway, and a delegated user token (oid, tid,
+and the API scope in scp).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import jwt
+
+from .core.errors import BackendUnavailable, Unauthenticated
+from .core.policy import Identity
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+ALGORITHMS = ["RS256"]
+LEEWAY = 60
+REFRESH_FLOOR = 30.0
+
+
+class _IssuerKeys:
+    """JWKS of one issuer, found through its discovery document."""
+
+    def __init__(self, issuer: str, ssl_context: ssl.SSLContext) -> None:
+        self.issuer = issuer
+        self._ctx = ssl_context
+        self._lock = threading.Lock()
+        self._client: jwt.PyJWKClient | None = None
+        self._last_fetch = 0.0
+
+    def _discover(self) -> jwt.PyJWKClient:
+        url = self.issuer + "/.well-known/openid-configuration"
+        try:
+            with urllib.request.urlopen(url, timeout=5, context=self._ctx) as resp:  # noqa: S310 - https only
+                doc = json.load(resp)
+        except Exception as exc:  # noqa: BLE001
+            raise BackendUnavailable("The identity provider cannot be reached to check your token.") from exc
+        if doc.get("issuer") != self.issuer:
+            raise BackendUnavailable("The identity provider's discovery document names another issuer.")
+        return jwt.PyJWKClient(doc["jwks_uri"], cache_keys=True, lifespan=24 * 3600, ssl_context=self._ctx, timeout=5)
+
+    def _jwks_client(self) -> jwt.PyJWKClient:
+        with self._lock:
+            if self._client is None:
+                self._client = self._discover()
+            return self._client
+
+    def warm(self) -> None:
+        self._jwks_client().get_signing_keys()
+
+    def key_for(self, kid: str) -> Any:
+        client = self._jwks_client()
+        try:
+            keys = {k.key_id: k for k in client.get_signing_keys()}
+        except jwt.PyJWKClientConnectionError as exc:
+            raise BackendUnavailable("The identity provider's keys cannot be fetched.") from exc
+        except jwt.PyJWKClientError as exc:
+            raise Unauthenticated("The identity provider's key set is not usable.") from exc
+        if kid not in keys:
+            with self._lock:
+                now = time.monotonic()
+                if now - self._last_fetch < REFRESH_FLOOR:
+                    raise Unauthenticated("The token is signed with an unknown key.")
+                self._last_fetch = now
+            try:
+                keys = {k.key_id: k for k in client.get_signing_keys(refresh=True)}
+            except jwt.PyJWKClientConnectionError as exc:
+                raise BackendUnavailable("The identity provider's keys cannot be fetched.") from exc
+            if kid not in keys:
+                raise Unauthenticated("The token is signed with an unknown key.")
+        return keys[kid].key
+
+
+class TokenValidator:
+    def __init__(self, settings: Settings) -> None:
+        self._s = settings
+        self._ctx = ssl.create_default_context(cafile=settings.oidc_ca_bundle) if settings.oidc_ca_bundle \
+            else ssl.create_default_context()
+        self._issuers: dict[str, _IssuerKeys] = {}
+        self._lock = threading.Lock()
+
+    def _keys(self, issuer: str) -> _IssuerKeys:
+        with self._lock:
+            k = self._issuers.get(issuer)
+            if k is None:
+                k = self._issuers[issuer] = _IssuerKeys(issuer, self._ctx)
+            return k
+
+    def warm(self) -> None:
+        """Fetch discovery and keys for every allowed tenant (best effort, at start)."""
+        for tid in self._s.tenants:
+            try:
+                self._keys(self._s.issuer_for(tid)).warm()
+            except Exception:  # noqa: BLE001 - warming is an optimisation only
+                pass
+
+    def validate(self, authorization: str | None) -> Identity:
+        if not authorization:
+            raise Unauthenticated("Sign in first: no bearer token was sent.")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("The Authorization header must be 'Bearer <token>'.")
+        token = token.strip()
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise Unauthenticated("The bearer token is not a valid JWT.") from None
+        if header.get("alg") not in ALGORITHMS:
+            raise Unauthenticated("The token's signing algorithm is not accepted.")
+        tid = unverified.get("tid")
+        if not isinstance(tid, str) or tid not in self._s.tenants:
+            raise Unauthenticated("Tokens from this tenant are not accepted here.")
+        issuer = self._s.issuer_for(tid)
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthenticated("The token names no signing key.")
+        key = self._keys(issuer).key_for(kid)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=ALGORITHMS,
+                audience=self._s.audiences,
+                issuer=issuer,
+                leeway=LEEWAY,
+                options={"require": ["exp", "iat", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("The token has expired; sign in again.") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated("The token is not meant for this API.") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthenticated("The token's issuer does not match its tenant.") from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("The token's signature or claims do not verify.") from None
+        oid = claims.get("oid")
+        scopes = str(claims.get("scp") or "").split()
+        if not isinstance(oid, str) or not oid:
+            raise Unauthenticated("The token carries no user object id (oid).")
+        if self._s.api_scope not in scopes:
+            raise Unauthenticated(f"The token lacks the '{self._s.api_scope}' scope.")
+        groups = claims.get("groups") or []
+        if "_claim_names" in claims and "groups" in (claims.get("_claim_names") or {}):
+            log.warning("token for %s has a groups overage claim; group rules will not match", oid)
+        upn = claims.get("preferred_username") or claims.get("upn") or claims.get("unique_name") or oid
+        return Identity(
+            oid=oid,
+            tid=tid,
+            upn=str(upn),
+            name=str(claims.get("name") or ""),
+            groups=frozenset(g for g in groups if isinstance(g, str)),
+            roles=frozenset(r for r in (claims.get("roles") or []) if isinstance(r, str)),
+        )

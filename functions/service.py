@@ -1,0 +1,340 @@
+"""Use cases. Each takes the caller's Identity, checks what it may do, and leaves an audit entry.
+
+The service knows storage and signing only through their interfaces (storage.base.Store,
+signing.base.KeyStore); wiring.py hands it the concrete adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from .core import approval as sm
+from .core.audit import AuditEntry, link
+from .core.certificate import IssuedCertificate, build_certificate, new_serial, verify_issued
+from .core.errors import CaKeyNotFound, Conflict, Denied, EzsshError, Forbidden, InvalidRequest, NotFound
+from .core.keys import VettedKey, parse_public_key
+from .core.policy import (
+    AccessRequest,
+    CaKeyRef,
+    Identity,
+    Policy,
+    choose_policy,
+    make_grant,
+    policy_from_document,
+    resolve_ttl,
+)
+from .signing.base import KeyStore, Signer, as_private_key, ssh_fingerprint, ssh_public_key_line
+from .storage.base import CertificateRecord, Store
+
+log = logging.getLogger("ezssh.service")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    signer_backend: str
+    ca_key_kind: str = "EC-P256"
+    max_ttl_ceiling: int = 24 * 3600
+    backdate_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What request_access / issue return; the API renders it."""
+
+    status: str  # issued | approved | pending
+    request: sm.RequestRecord
+    certificate: IssuedCertificate | None = None
+    approvers_needed: int = 0
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(12)
+
+
+class Service:
+    def __init__(
+        self,
+        store: Store,
+        keys: KeyStore,
+        config: ServiceConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.config = config
+        self.clock = clock
+        self._signers: dict[str, Signer] = {}
+        self._signers_lock = threading.Lock()
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _audit(self, who: Identity | None, action: str, outcome: str = "ok", **fields: object) -> AuditEntry:
+        return AuditEntry(
+            tenant_id=who.tid if who else "",
+            at=self.clock(),
+            action=action,
+            outcome=outcome,
+            actor_oid=who.oid if who else None,
+            actor_upn=who.upn if who else None,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def refuse(self, who: Identity | None, exc: EzsshError, action: str, **fields: object) -> None:
+        """Record a refusal. Never lets a storage failure hide the original error."""
+        entry = self._audit(who, action, "refused", error_code=exc.code, message=exc.message, **fields).sealed()
+        try:
+            self.store.add_audit(entry)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record refusal %s for %s", exc.code, who.oid if who else "-")
+        log.info("refused %s: %s (%s)", action, exc.code, exc.message)
+
+    def _signer(self, ca: CaKeyRef) -> Signer:
+        with self._signers_lock:
+            s = self._signers.get(ca.key_ref)
+        if s is None:
+            s = self.keys.get_signer(ca.key_ref)
+            with self._signers_lock:
+                self._signers[ca.key_ref] = s
+        return s
+
+    def forget_signer(self, key_ref: str) -> None:
+        with self._signers_lock:
+            self._signers.pop(key_ref, None)
+
+    def _sign(self, policy: Policy, rec: sm.RequestRecord, who: Identity, key: VettedKey) -> IssuedCertificate:
+        ca = policy.current_ca
+        if ca is None:
+            raise CaKeyNotFound(f"Policy {policy.id!r} has no current CA key.")
+        grant = make_grant(policy, rec.id, who.upn, rec.principal, rec.ttl_seconds, self.config.backdate_seconds)
+        signer = self._signer(ca)
+        now = int(self.clock())
+        issued = build_certificate(grant, key, as_private_key(signer), now=now, serial=new_serial())
+        verify_issued(issued, grant, key, signer.public_key(), now=now)
+        return issued
+
+    # ---- requests -----------------------------------------------------------------------------
+    def request_access(self, who: Identity, req: AccessRequest, public_key: str | None) -> Outcome:
+        fields = dict(host=req.host, principal=req.principal, policy_id=req.policy_id)
+        try:
+            decision = choose_policy(who, req, self.store.list_policies(who.tid))
+            vetted = parse_public_key(public_key) if public_key is not None else None
+        except EzsshError as exc:
+            self.refuse(who, exc, "request.refused", **fields)
+            raise
+        policy = decision.policy
+        now = int(self.clock())
+        rid = new_request_id()
+        rec = sm.RequestRecord(
+            id=rid,
+            tenant_id=who.tid,
+            policy_id=policy.id,
+            requester_oid=who.oid,
+            requester_upn=who.upn,
+            host=req.host,
+            principal=req.principal,
+            ttl_seconds=decision.ttl_seconds,
+            state=sm.APPROVED if decision.action == "auto" else sm.PENDING,
+            created_at=now,
+            expires_at=now + (sm.ISSUE_WINDOW if decision.action == "auto" else policy.request_ttl),
+            approvals_required=0 if decision.action == "auto" else policy.approvals_required,
+            reason=req.reason,
+        )
+        created = link(
+            self._audit(who, "request.created", request_id=rid, policy_id=policy.id, host=req.host,
+                        principal=req.principal, chain=f"req:{rid}",
+                        details={"decision": decision.action, "ttl_seconds": decision.ttl_seconds,
+                                 "reason": req.reason}),
+            None,
+        )
+        if decision.action == "auto" and vetted is not None:
+            issued = self._sign(policy, rec, who, vetted)
+            final = replace(rec, state=sm.ISSUED, serial=issued.serial, key_id=issued.key_id)
+            entry = link(self._issued_audit(who, final, issued, vetted), created)
+            final = replace(final, audit_head=entry.hash)
+            self.store.record_issuance(final, None, self._cert_record(final, issued, vetted), [created, entry])
+            log.info("issued key_id=%s serial=%s request=%s", issued.key_id, issued.serial, rid)
+            return Outcome("issued", final, issued)
+        rec = self.store.create_request(replace(rec, audit_head=created.hash), created)
+        log.info("request %s %s for %s", rid, rec.state, who.upn)
+        return Outcome(rec.state, rec, approvers_needed=rec.approvals_required)
+
+    def _issued_audit(self, who: Identity, rec: sm.RequestRecord, issued: IssuedCertificate,
+                      key: VettedKey) -> AuditEntry:
+        return self._audit(
+            who, "certificate.issued", request_id=rec.id, policy_id=rec.policy_id, key_id=issued.key_id,
+            serial=str(issued.serial), host=rec.host, principal=rec.principal, chain=f"req:{rec.id}",
+            details={"valid_after": issued.valid_after, "valid_before": issued.valid_before,
+                     "ca_fingerprint": issued.ca_fingerprint, "public_key_fingerprint": key.fingerprint,
+                     "principals": list(issued.principals)},
+        )
+
+    @staticmethod
+    def _cert_record(rec: sm.RequestRecord, issued: IssuedCertificate, key: VettedKey) -> CertificateRecord:
+        return CertificateRecord(
+            tenant_id=rec.tenant_id, policy_id=rec.policy_id, serial=issued.serial, key_id=issued.key_id,
+            request_id=rec.id, requester_oid=rec.requester_oid, requester_upn=rec.requester_upn,
+            principals=issued.principals, host=rec.host, valid_after=issued.valid_after,
+            valid_before=issued.valid_before, ca_fingerprint=issued.ca_fingerprint,
+            public_key_fingerprint=key.fingerprint, certificate=issued.openssh,
+        )
+
+    def _visible_request(self, who: Identity, request_id: str) -> tuple[sm.RequestRecord, Policy | None]:
+        rec = self.store.get_request(who.tid, request_id)
+        policy = self._policy_or_none(who.tid, rec.policy_id)
+        if rec.requester_is(who):
+            return rec, policy
+        if policy is not None and (policy.is_approver(who) or policy.is_admin(who)):
+            return rec, policy
+        raise NotFound(f"Request {request_id!r} was not found.")
+
+    def _policy_or_none(self, tid: str, pid: str) -> Policy | None:
+        try:
+            return self.store.get_policy(tid, pid)
+        except NotFound:
+            return None
+
+    def get_request(self, who: Identity, request_id: str) -> sm.RequestRecord:
+        return self._visible_request(who, request_id)[0]
+
+    def list_requests(self, who: Identity, *, state: str | None = None, role: str | None = None) -> list[sm.RequestRecord]:
+        now = int(self.clock())
+        stored_state = state if state in (None, sm.DENIED, sm.CANCELLED, sm.ISSUED) else None
+        recs = self.store.list_requests(who.tid, stored_state)
+        policies = {p.id: p for p in self.store.list_policies(who.tid)}
+        out = []
+        for r in recs:
+            p = policies.get(r.policy_id)
+            mine = r.requester_is(who)
+            approver = p is not None and p.is_approver(who) and not mine
+            if role == "approver" and not approver:
+                continue
+            if role == "requester" and not mine:
+                continue
+            if not (mine or approver or (p is not None and p.is_admin(who))):
+                continue
+            if state and r.effective_state(now) != state:
+                continue
+            out.append(r)
+        return sorted(out, key=lambda r: r.created_at, reverse=True)
+
+    def issue_for_request(self, who: Identity, request_id: str, public_key: str) -> Outcome:
+        try:
+            rec, policy = self._visible_request(who, request_id)
+            if not rec.requester_is(who):
+                raise Forbidden("Only the requester may fetch the certificate for a request.")
+            vetted = parse_public_key(public_key)
+            now = int(self.clock())
+            if rec.effective_state(now) != sm.APPROVED:
+                raise Conflict(f"Request {rec.id} is {rec.effective_state(now)}; no certificate can be issued.",
+                               state=rec.effective_state(now))
+            if policy is None or policy.deleted:
+                raise Denied(f"Policy {rec.policy_id!r} no longer exists.")
+            # The approval is bound to the host, principal and TTL asked for; the policy may have
+            # tightened since, and then the tighter rule wins.
+            resolve_ttl(policy, rec.ttl_seconds)
+            if not policy.covers_host(rec.host) or rec.principal not in policy.principals:
+                raise Denied(f"Policy {policy.id!r} no longer allows this host or login.")
+        except EzsshError as exc:
+            self.refuse(who, exc, "certificate.refused", request_id=request_id)
+            raise
+        issued = self._sign(policy, rec, who, vetted)
+        final = sm.mark_issued(rec, who, now, serial=issued.serial, key_id=issued.key_id)
+        entry = link(self._issued_audit(who, final, issued, vetted), rec.audit_head)
+        final = replace(final, audit_head=entry.hash)
+        self.store.record_issuance(final, rec.etag, self._cert_record(final, issued, vetted), [entry])
+        log.info("issued key_id=%s serial=%s request=%s", issued.key_id, issued.serial, rec.id)
+        return Outcome("issued", final, issued)
+
+    def _transition(self, who: Identity, request_id: str, action: str, comment: str | None) -> sm.RequestRecord:
+        try:
+            rec, policy = self._visible_request(who, request_id)
+            now = int(self.clock())
+            if action in ("approve", "deny"):
+                if policy is None or not policy.is_approver(who):
+                    raise Forbidden("You are not an approver for this request's policy.")
+            fn = {"approve": sm.approve, "deny": sm.deny, "cancel": sm.cancel}[action]
+            new = fn(rec, who, now, comment=comment)
+        except EzsshError as exc:
+            self.refuse(who, exc, f"request.{action}.refused", request_id=request_id)
+            raise
+        past = {"approve": "approved", "deny": "denied", "cancel": "cancelled"}[action]
+        entry = link(self._audit(who, f"request.{past}", request_id=rec.id, policy_id=rec.policy_id,
+                                 host=rec.host, principal=rec.principal, chain=f"req:{rec.id}",
+                                 details={"comment": comment, "state": new.state,
+                                          "approvals": len(new.approvals)}), rec.audit_head)
+        assert rec.etag is not None
+        return self.store.update_request(replace(new, audit_head=entry.hash), rec.etag, entry)
+
+    def approve(self, who: Identity, request_id: str, comment: str | None = None) -> sm.RequestRecord:
+        return self._transition(who, request_id, "approve", comment)
+
+    def deny(self, who: Identity, request_id: str, comment: str | None = None) -> sm.RequestRecord:
+        return self._transition(who, request_id, "deny", comment)
+
+    def cancel(self, who: Identity, request_id: str, comment: str | None = None) -> sm.RequestRecord:
+        return self._transition(who, request_id, "cancel", comment)
+
+    # ---- policies -----------------------------------------------------------------------------
+    def create_policy(self, who: Identity, doc: object) -> Policy:
+        try:
+            if not who.is_tenant_admin:
+                raise Forbidden("Only tenant admins (app role EZSSH.Admin) create policies.")
+            policy = policy_from_document(doc, tenant_id=who.tid, ttl_ceiling=self.config.max_ttl_ceiling)
+        except EzsshError as exc:
+            self.refuse(who, exc, "policy.create.refused")
+            raise
+        now = int(self.clock())
+        signer = self.keys.create_key(f"ezssh-{policy.id}-{who.tid}-{now}", self.config.ca_key_kind)  # type: ignore[arg-type]
+        ca = CaKeyRef(
+            key_ref=signer.key_ref,
+            backend=self.config.signer_backend,
+            public_key=ssh_public_key_line(signer, f"ezssh-ca:{policy.id}"),
+            fingerprint=ssh_fingerprint(signer.public_key()),
+            state="current",
+            created_at=now,
+        )
+        policy = replace(policy, ca=(ca,))
+        entry = link(self._audit(who, "policy.created", policy_id=policy.id, chain=f"pol:{policy.id}",
+                                 details={"policy": policy.to_dict()}), None)
+        try:
+            return self.store.create_policy(policy, entry)
+        except Conflict:
+            self.keys.disable_key(signer.key_ref)
+            raise
+
+    def get_policy(self, who: Identity, policy_id: str) -> Policy:
+        p = self._policy_or_none(who.tid, policy_id)
+        if p is None or p.deleted or not (p.is_admin(who) or p.is_member(who) or p.is_approver(who)):
+            raise NotFound(f"Policy {policy_id!r} was not found.")
+        return p
+
+    def ca_public_keys(self, who: Identity, policy_id: str) -> list[CaKeyRef]:
+        p = self.get_policy(who, policy_id)
+        return [c for c in p.ca if c.state in ("current", "previous")]
+
+    # ---- health -------------------------------------------------------------------------------
+    def health(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        for name, fn in (("storage", self.store.health), ("signer", self.keys.health)):
+            try:
+                fn()
+                checks[name] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                log.warning("health check %s failed: %s", name, exc)
+                checks[name] = "unavailable"
+        return checks
+
+
+def ensure_policy(service: Service, who: Identity, doc: dict) -> Policy:
+    """Create a policy unless one with that id exists (used to seed the demo)."""
+    try:
+        return service.store.get_policy(who.tid, doc["id"])
+    except NotFound:
+        return service.create_policy(who, doc)
+
+
+__all__: Sequence[str] = ["Service", "ServiceConfig", "Outcome", "ensure_policy", "InvalidRequest"]

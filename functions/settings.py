@@ -1,0 +1,184 @@
+"""Environment -> one frozen Settings, read and validated once at start.
+
+Every setting the service reads is listed in SETTINGS below (name, required?, meaning); a parity
+test checks this list against infra/ (Bicep app settings) and local.settings.example.json.
+A bad or missing value fails start-up with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from .core.errors import EzsshError
+from .core.policy import TTL_CEILING
+
+GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+ENTRA_ISSUER = "https://login.microsoftonline.com/{tid}/v2.0"
+
+# name -> meaning. Keep in step with local.settings.example.json and infra/modules/functionapp.bicep.
+SETTINGS: dict[str, str] = {
+    "EZSSH_TENANTS": "comma-separated tenant ids (GUIDs) whose users may sign in",
+    "EZSSH_ISSUER_TEMPLATE": "token issuer with {tid}; default Entra v2 https://login.microsoftonline.com/{tid}/v2.0",
+    "EZSSH_API_CLIENT_ID": "the API app registration's client id: the audience of access tokens",
+    "EZSSH_API_APP_ID_URI": "the API's application id URI (e.g. api://ezssh); also accepted as audience",
+    "EZSSH_API_SCOPE": "the delegated scope users consent to (default access_as_user)",
+    "EZSSH_CLI_CLIENT_ID": "the CLI's public client id, served by /api/client-config",
+    "EZSSH_OIDC_CA_BUNDLE": "PEM file to trust when fetching the issuer's keys (local dev CA only)",
+    "EZSSH_STORAGE_CONNECTION_STRING": "Table Storage connection string (Azurite locally); or use EZSSH_STORAGE_ACCOUNT_URL",
+    "EZSSH_STORAGE_ACCOUNT_URL": "https://<account>.table.core.windows.net, reached with the managed identity",
+    "EZSSH_TABLE_NAME": "table name (default ezssh)",
+    "EZSSH_SIGNER_BACKEND": "pkcs11 or keyvault",
+    "EZSSH_PKCS11_MODULE": "path of the PKCS#11 module (pkcs11 backend)",
+    "EZSSH_PKCS11_TOKEN_LABEL": "label of the token holding CA keys (pkcs11 backend)",
+    "EZSSH_PKCS11_PIN": "user PIN of that token (pkcs11 backend)",
+    "EZSSH_KEYVAULT_URL": "https://<vault>.vault.azure.net or a Managed HSM URL (keyvault backend)",
+    "EZSSH_CA_KEY_KIND": "EC-P256 (default), EC-P384 or RSA-3072: the kind of new policy CA keys",
+    "EZSSH_MAX_TTL_CEILING": "seconds; no policy may allow certificates longer than this (default 86400)",
+    "EZSSH_BACKDATE_SECONDS": "seconds certificates are backdated for clock skew (default 60)",
+    "AZURE_CLIENT_ID": "client id of the user-assigned managed identity (Azure only)",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING": "switches on Azure Monitor OpenTelemetry when set",
+}
+
+
+class SettingsError(EzsshError):
+    status, code = 500, "misconfigured"
+
+
+@dataclass(frozen=True)
+class Settings:
+    tenants: tuple[str, ...]
+    issuer_template: str
+    api_client_id: str
+    api_app_id_uri: str | None
+    api_scope: str
+    cli_client_id: str
+    oidc_ca_bundle: str | None
+    storage_connection_string: str | None
+    storage_account_url: str | None
+    table_name: str
+    signer_backend: str
+    pkcs11_module: str | None
+    pkcs11_token_label: str | None
+    pkcs11_pin: str | None
+    keyvault_url: str | None
+    ca_key_kind: str
+    max_ttl_ceiling: int
+    backdate_seconds: int
+    managed_identity_client_id: str | None
+    appinsights_connection_string: str | None
+
+    @property
+    def authority_type(self) -> str:
+        return "entra" if self.issuer_template.startswith("https://login.microsoftonline.com/") else "oidc"
+
+    def issuer_for(self, tid: str) -> str:
+        return self.issuer_template.replace("{tid}", tid)
+
+    @property
+    def scopes(self) -> list[str]:
+        prefix = self.api_app_id_uri or f"api://{self.api_client_id}"
+        return [f"{prefix}/{self.api_scope}"]
+
+    @property
+    def audiences(self) -> list[str]:
+        return [a for a in (self.api_client_id, self.api_app_id_uri) if a]
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    if name not in SETTINGS:  # pragma: no cover - guards the parity list itself
+        raise KeyError(name)
+    v = env.get(name)
+    return v.strip() if v and v.strip() else None
+
+
+def _need(env: Mapping[str, str], name: str, why: str = "") -> str:
+    v = _get(env, name)
+    if v is None:
+        raise SettingsError(f"Setting {name} is required{why}: {SETTINGS[name]}.")
+    return v
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise SettingsError(f"Setting {name} must be a whole number of seconds; got {raw!r}.") from None
+    if not lo <= v <= hi:
+        raise SettingsError(f"Setting {name} must be between {lo} and {hi}; got {v}.")
+    return v
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    tenants = tuple(t.strip() for t in _need(env, "EZSSH_TENANTS").split(",") if t.strip())
+    bad = [t for t in tenants if not GUID_RE.match(t)]
+    if bad or not tenants:
+        raise SettingsError(f"Setting EZSSH_TENANTS must list tenant id GUIDs; not GUIDs: {', '.join(bad) or '(none)'}.")
+    issuer_template = _get(env, "EZSSH_ISSUER_TEMPLATE") or ENTRA_ISSUER
+    if "{tid}" not in issuer_template or not issuer_template.startswith("https://"):
+        raise SettingsError("Setting EZSSH_ISSUER_TEMPLATE must be an https URL containing {tid}.")
+    api_client_id = _need(env, "EZSSH_API_CLIENT_ID")
+    cli_client_id = _need(env, "EZSSH_CLI_CLIENT_ID")
+
+    conn = _get(env, "EZSSH_STORAGE_CONNECTION_STRING")
+    account_url = _get(env, "EZSSH_STORAGE_ACCOUNT_URL")
+    if bool(conn) == bool(account_url):
+        raise SettingsError(
+            "Set exactly one of EZSSH_STORAGE_CONNECTION_STRING (local Azurite) and "
+            "EZSSH_STORAGE_ACCOUNT_URL (Azure, with the managed identity)."
+        )
+    if account_url and not account_url.startswith("https://"):
+        raise SettingsError("Setting EZSSH_STORAGE_ACCOUNT_URL must be an https URL.")
+    table = _get(env, "EZSSH_TABLE_NAME") or "ezssh"
+    if not re.match(r"^[A-Za-z][A-Za-z0-9]{2,62}$", table):
+        raise SettingsError("Setting EZSSH_TABLE_NAME must be 3-63 letters and digits, starting with a letter.")
+
+    backend = (_get(env, "EZSSH_SIGNER_BACKEND") or "pkcs11").lower()
+    module = label = pin = vault = None
+    if backend == "pkcs11":
+        module = _need(env, "EZSSH_PKCS11_MODULE", " when EZSSH_SIGNER_BACKEND=pkcs11")
+        if not os.path.exists(module):
+            raise SettingsError(f"Setting EZSSH_PKCS11_MODULE names {module}, which does not exist.")
+        label = _need(env, "EZSSH_PKCS11_TOKEN_LABEL", " when EZSSH_SIGNER_BACKEND=pkcs11")
+        pin = _need(env, "EZSSH_PKCS11_PIN", " when EZSSH_SIGNER_BACKEND=pkcs11")
+    elif backend == "keyvault":
+        vault = _need(env, "EZSSH_KEYVAULT_URL", " when EZSSH_SIGNER_BACKEND=keyvault")
+        if not vault.startswith("https://"):
+            raise SettingsError("Setting EZSSH_KEYVAULT_URL must be an https URL.")
+    else:
+        raise SettingsError(f"Setting EZSSH_SIGNER_BACKEND must be pkcs11 or keyvault; got {backend!r}.")
+    kind = _get(env, "EZSSH_CA_KEY_KIND") or "EC-P256"
+    if kind not in ("EC-P256", "EC-P384", "RSA-3072"):
+        raise SettingsError("Setting EZSSH_CA_KEY_KIND must be EC-P256, EC-P384 or RSA-3072.")
+    ca_bundle = _get(env, "EZSSH_OIDC_CA_BUNDLE")
+    if ca_bundle and not os.path.exists(ca_bundle):
+        raise SettingsError(f"Setting EZSSH_OIDC_CA_BUNDLE names {ca_bundle}, which does not exist.")
+
+    return Settings(
+        tenants=tenants,
+        issuer_template=issuer_template.rstrip("/"),
+        api_client_id=api_client_id,
+        api_app_id_uri=_get(env, "EZSSH_API_APP_ID_URI"),
+        api_scope=_get(env, "EZSSH_API_SCOPE") or "access_as_user",
+        cli_client_id=cli_client_id,
+        oidc_ca_bundle=ca_bundle,
+        storage_connection_string=conn,
+        storage_account_url=account_url,
+        table_name=table,
+        signer_backend=backend,
+        pkcs11_module=module,
+        pkcs11_token_label=label,
+        pkcs11_pin=pin,
+        keyvault_url=vault,
+        ca_key_kind=kind,
+        max_ttl_ceiling=_int(env, "EZSSH_MAX_TTL_CEILING", TTL_CEILING, 60, 7 * 24 * 3600),
+        backdate_seconds=_int(env, "EZSSH_BACKDATE_SECONDS", 60, 0, 600),
+        managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
+        appinsights_connection_string=_get(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
+    )

@@ -1,0 +1,67 @@
+"""What the service needs from storage. functions/storage/tables.py implements it on Table Storage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from ..core.approval import RequestRecord
+from ..core.audit import AuditEntry
+from ..core.policy import Policy
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    tenant_id: str
+    policy_id: str
+    serial: int
+    key_id: str
+    request_id: str
+    requester_oid: str
+    requester_upn: str
+    principals: tuple[str, ...]
+    host: str
+    valid_after: int
+    valid_before: int
+    ca_fingerprint: str
+    public_key_fingerprint: str
+    certificate: str
+    revoked_at: int | None = None
+    revoked_by: str | None = None
+    etag: str | None = None
+
+
+class Store(Protocol):
+    def health(self) -> None: ...
+
+    # policies
+    def list_policies(self, tenant_id: str) -> list[Policy]: ...
+    def get_policy(self, tenant_id: str, policy_id: str) -> Policy: ...
+    def create_policy(self, policy: Policy, audit: AuditEntry) -> Policy: ...
+    def replace_policy(self, policy: Policy, etag: str, audit: AuditEntry) -> Policy: ...
+
+    # requests
+    def get_request(self, tenant_id: str, request_id: str) -> RequestRecord: ...
+    def list_requests(self, tenant_id: str, state: str | None = None) -> list[RequestRecord]: ...
+    def create_request(self, rec: RequestRecord, audit: AuditEntry) -> RequestRecord: ...
+    def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord: ...
+
+    # issuance: the request's new state, the certificate record and the audit entry all land
+    # before the certificate is returned. `etag` None means the request row is new.
+    def record_issuance(
+        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry]
+    ) -> None: ...
+    def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord: ...
+
+    # audit
+    def add_audit(self, entry: AuditEntry) -> None: ...
+    def list_audit(
+        self,
+        tenant_id: str,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        request_id: str | None = None,
+        limit: int = 200,
+    ) -> list[AuditEntry]: ...
+

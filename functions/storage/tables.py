@@ -1,0 +1,372 @@
+"""Table Storage repositories (azure-data-tables). Azurite locally, a storage account in Azure.
+
+One table holds everything, partitioned by tenant id, so that a certificate record, its request and
+its audit entry can be written in one atomic entity-group transaction:
+
+    PartitionKey = <tid>
+    RowKey       = pol|<policy id>              a policy (document as JSON)
+                   req|<request id>             an access request
+                   crt|<policy id>|<serial>     an issued certificate (serial zero-padded to 19 digits)
+                   aud|<ms since epoch>|<id>    an audit entry (ascending by time)
+
+Refusals from callers whose token did not verify have no trustworthy tenant; their audit entries go
+to the partition `_unauthenticated`.
+
+Every state change on a policy or request is conditional on the ETag it was read with (If-Match). A
+lost race raises Conflict (409). Azurite ignores If-Match inside batches (Azurite #1233), so
+conditional updates are single-entity calls and only unconditional inserts are batched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from typing import Any, Callable, Sequence, TypeVar
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
+
+from ..core.approval import Approval, RequestRecord
+from ..core.audit import AuditEntry
+from ..core.errors import Conflict, NotFound, StorageUnavailable
+from ..core.policy import Policy, policy_from_row
+from .base import CertificateRecord
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+UNAUTHENTICATED = "_unauthenticated"
+
+
+def _serial_key(serial: int) -> str:
+    return f"{serial:019d}"
+
+
+def _guard(op: str, fn: Callable[[], T]) -> T:
+    """Map transport failures to StorageUnavailable (503); let domain errors through."""
+    try:
+        return fn()
+    except (ResourceNotFoundError, ResourceModifiedError, ResourceExistsError, TableTransactionError):
+        raise
+    except HttpResponseError as exc:
+        if exc.status_code in (412, 409):
+            raise
+        if exc.status_code and exc.status_code < 500 and exc.status_code not in (403, 408, 429):
+            raise
+        log.warning("table storage %s failed: %s", op, exc)
+        raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
+    except AzureError as exc:
+        log.warning("table storage %s failed: %s", op, exc)
+        raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
+
+
+class TableStore:
+    def __init__(self, service: TableServiceClient, table_name: str = "ezssh") -> None:
+        self._service = service
+        self._table_name = table_name
+        self._table: TableClient = service.get_table_client(table_name)
+
+    @classmethod
+    def from_connection_string(cls, conn: str, table_name: str = "ezssh") -> "TableStore":
+        return cls(TableServiceClient.from_connection_string(conn), table_name)
+
+    @classmethod
+    def from_account_url(cls, url: str, credential: Any, table_name: str = "ezssh") -> "TableStore":
+        return cls(TableServiceClient(endpoint=url, credential=credential), table_name)
+
+    def ensure_table(self) -> None:
+        def create() -> None:
+            try:
+                self._service.create_table(self._table_name)
+            except ResourceExistsError:
+                pass
+
+        _guard("create table", create)
+
+    def health(self) -> None:
+        rows = self._table.query_entities("PartitionKey eq @pk", parameters={"pk": "_health"}, results_per_page=1)
+        _guard("health", lambda: next(iter(rows), None))
+
+    # ---- policies ---------------------------------------------------------------------------
+    @staticmethod
+    def _policy_entity(policy: Policy) -> dict:
+        return {
+            "PartitionKey": policy.tenant_id,
+            "RowKey": f"pol|{policy.id}",
+            "Kind": "policy",
+            "Doc": json.dumps(policy.to_dict(), separators=(",", ":")),
+            "Deleted": policy.deleted,
+        }
+
+    @staticmethod
+    def _policy_from_entity(e: Any) -> Policy:
+        return policy_from_row(json.loads(e["Doc"]), etag=e.metadata.get("etag"))
+
+    def list_policies(self, tenant_id: str) -> list[Policy]:
+        rows = _guard(
+            "list policies",
+            lambda: list(
+                self._table.query_entities(
+                    "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                    parameters={"pk": tenant_id, "lo": "pol|", "hi": "pol}"},
+                )
+            ),
+        )
+        return [self._policy_from_entity(e) for e in rows]
+
+    def get_policy(self, tenant_id: str, policy_id: str) -> Policy:
+        try:
+            e = _guard("get policy", lambda: self._table.get_entity(tenant_id, f"pol|{policy_id}"))
+        except ResourceNotFoundError:
+            raise NotFound(f"Policy {policy_id!r} was not found.") from None
+        return self._policy_from_entity(e)
+
+    def create_policy(self, policy: Policy, audit: AuditEntry) -> Policy:
+        ops = [("create", self._policy_entity(policy)), ("create", self._audit_entity(audit))]
+        try:
+            resp = _guard("create policy", lambda: self._table.submit_transaction(ops))
+        except TableTransactionError as exc:
+            if exc.status_code == 409 or "EntityAlreadyExists" in str(exc):
+                raise Conflict(f"A policy with id {policy.id!r} already exists.") from None
+            raise StorageUnavailable("Storage refused the write; try again.") from exc
+        return self._with_etag(policy, resp[0].get("etag"))
+
+    def replace_policy(self, policy: Policy, etag: str, audit: AuditEntry) -> Policy:
+        entity = self._policy_entity(policy)
+        try:
+            meta = _guard(
+                "update policy",
+                lambda: self._table.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+                ),
+            )
+        except (ResourceModifiedError, HttpResponseError) as exc:
+            if isinstance(exc, ResourceNotFoundError):
+                raise NotFound(f"Policy {policy.id!r} was not found.") from None
+            raise Conflict(
+                f"Policy {policy.id!r} changed since you read it; read it again and retry.", current_etag=None
+            ) from None
+        self.add_audit(audit)
+        return self._with_etag(policy, meta.get("etag"))
+
+    @staticmethod
+    def _with_etag(policy: Policy, etag: str | None) -> Policy:
+        return replace(policy, etag=etag)
+
+    # ---- requests ---------------------------------------------------------------------------
+    @staticmethod
+    def _request_entity(rec: RequestRecord) -> dict:
+        return {
+            "PartitionKey": rec.tenant_id,
+            "RowKey": f"req|{rec.id}",
+            "Kind": "request",
+            "PolicyId": rec.policy_id,
+            "RequesterOid": rec.requester_oid,
+            "RequesterUpn": rec.requester_upn,
+            "Host": rec.host,
+            "Principal": rec.principal,
+            "TtlSeconds": rec.ttl_seconds,
+            "State": rec.state,
+            "CreatedAt": rec.created_at,
+            "ExpiresAt": rec.expires_at,
+            "ApprovalsRequired": rec.approvals_required,
+            "Reason": rec.reason,
+            "Approvals": json.dumps([a.to_dict() for a in rec.approvals]),
+            "DecidedBy": rec.decided_by,
+            "DecidedAt": rec.decided_at,
+            "Comment": rec.comment,
+            "Serial": str(rec.serial) if rec.serial is not None else None,
+            "KeyId": rec.key_id,
+            "AuditHead": rec.audit_head,
+        }
+
+    @staticmethod
+    def _request_from_entity(e: Any) -> RequestRecord:
+        return RequestRecord(
+            id=e["RowKey"][4:],
+            tenant_id=e["PartitionKey"],
+            policy_id=e["PolicyId"],
+            requester_oid=e["RequesterOid"],
+            requester_upn=e["RequesterUpn"],
+            host=e["Host"],
+            principal=e["Principal"],
+            ttl_seconds=int(e["TtlSeconds"]),
+            state=e["State"],
+            created_at=int(e["CreatedAt"]),
+            expires_at=int(e["ExpiresAt"]),
+            approvals_required=int(e.get("ApprovalsRequired") or 0),
+            reason=e.get("Reason"),
+            approvals=tuple(Approval(**a) for a in json.loads(e.get("Approvals") or "[]")),
+            decided_by=e.get("DecidedBy"),
+            decided_at=int(e["DecidedAt"]) if e.get("DecidedAt") is not None else None,
+            comment=e.get("Comment"),
+            serial=int(e["Serial"]) if e.get("Serial") else None,
+            key_id=e.get("KeyId"),
+            audit_head=e.get("AuditHead") or "0" * 64,
+            etag=e.metadata.get("etag"),
+        )
+
+    def get_request(self, tenant_id: str, request_id: str) -> RequestRecord:
+        try:
+            e = _guard("get request", lambda: self._table.get_entity(tenant_id, f"req|{request_id}"))
+        except ResourceNotFoundError:
+            raise NotFound(f"Request {request_id!r} was not found.") from None
+        return self._request_from_entity(e)
+
+    def list_requests(self, tenant_id: str, state: str | None = None) -> list[RequestRecord]:
+        flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        params = {"pk": tenant_id, "lo": "req|", "hi": "req}"}
+        if state:
+            flt += " and State eq @state"
+            params["state"] = state
+        rows = _guard("list requests", lambda: list(self._table.query_entities(flt, parameters=params)))
+        return [self._request_from_entity(e) for e in rows]
+
+    def create_request(self, rec: RequestRecord, audit: AuditEntry) -> RequestRecord:
+        ops = [("create", self._request_entity(rec)), ("create", self._audit_entity(audit))]
+        try:
+            resp = _guard("create request", lambda: self._table.submit_transaction(ops))
+        except TableTransactionError as exc:
+            raise Conflict("That request already exists.") from exc
+        return replace(rec, etag=resp[0].get("etag"))
+
+    def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord:
+        meta = self._conditional_request_update(rec, etag)
+        self.add_audit(audit)
+        return replace(rec, etag=meta.get("etag"))
+
+    def _conditional_request_update(self, rec: RequestRecord, etag: str) -> dict:
+        try:
+            return _guard(
+                "update request",
+                lambda: self._table.update_entity(
+                    self._request_entity(rec),
+                    mode=UpdateMode.REPLACE,
+                    etag=etag,
+                    match_condition=MatchConditions.IfNotModified,
+                ),
+            )
+        except ResourceNotFoundError:
+            raise NotFound(f"Request {rec.id!r} was not found.") from None
+        except (ResourceModifiedError, HttpResponseError):
+            raise Conflict(f"Request {rec.id} changed at the same time; read it again.") from None
+
+    # ---- certificates -----------------------------------------------------------------------
+    @staticmethod
+    def _cert_entity(c: CertificateRecord) -> dict:
+        return {
+            "PartitionKey": c.tenant_id,
+            "RowKey": f"crt|{c.policy_id}|{_serial_key(c.serial)}",
+            "Kind": "certificate",
+            "PolicyId": c.policy_id,
+            "Serial": str(c.serial),
+            "KeyId": c.key_id,
+            "RequestId": c.request_id,
+            "RequesterOid": c.requester_oid,
+            "RequesterUpn": c.requester_upn,
+            "Principals": json.dumps(list(c.principals)),
+            "Host": c.host,
+            "ValidAfter": c.valid_after,
+            "ValidBefore": c.valid_before,
+            "CaFingerprint": c.ca_fingerprint,
+            "PublicKeyFingerprint": c.public_key_fingerprint,
+            "Certificate": c.certificate,
+            "RevokedAt": c.revoked_at,
+            "RevokedBy": c.revoked_by,
+        }
+
+    @staticmethod
+    def _cert_from_entity(e: Any) -> CertificateRecord:
+        return CertificateRecord(
+            tenant_id=e["PartitionKey"],
+            policy_id=e["PolicyId"],
+            serial=int(e["Serial"]),
+            key_id=e["KeyId"],
+            request_id=e["RequestId"],
+            requester_oid=e["RequesterOid"],
+            requester_upn=e["RequesterUpn"],
+            principals=tuple(json.loads(e["Principals"])),
+            host=e["Host"],
+            valid_after=int(e["ValidAfter"]),
+            valid_before=int(e["ValidBefore"]),
+            ca_fingerprint=e["CaFingerprint"],
+            public_key_fingerprint=e["PublicKeyFingerprint"],
+            certificate=e["Certificate"],
+            revoked_at=e.get("RevokedAt"),
+            revoked_by=e.get("RevokedBy"),
+            etag=e.metadata.get("etag"),
+        )
+
+    def record_issuance(
+        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry]
+    ) -> None:
+        inserts = [("create", self._cert_entity(cert))] + [("create", self._audit_entity(a)) for a in audit]
+        if etag is None:
+            inserts.insert(0, ("create", self._request_entity(rec)))
+        else:
+            # The claim: exactly one caller moves the request to "issued".
+            self._conditional_request_update(rec, etag)
+        try:
+            _guard("record issuance", lambda: self._table.submit_transaction(inserts))
+        except TableTransactionError as exc:
+            raise Conflict("The certificate could not be recorded (serial or request already used); retry.") from exc
+
+    def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord:
+        try:
+            e = _guard(
+                "get certificate",
+                lambda: self._table.get_entity(tenant_id, f"crt|{policy_id}|{_serial_key(serial)}"),
+            )
+        except ResourceNotFoundError:
+            raise NotFound(f"No certificate with serial {serial} was issued under policy {policy_id!r}.") from None
+        return self._cert_from_entity(e)
+
+    # ---- audit ------------------------------------------------------------------------------
+    @staticmethod
+    def _audit_entity(a: AuditEntry) -> dict:
+        ms = int(a.at * 1000)
+        return {
+            "PartitionKey": a.tenant_id or UNAUTHENTICATED,
+            "RowKey": f"aud|{ms:013d}|{a.entry_id}",
+            "Kind": "audit",
+            "Action": a.action,
+            "Outcome": a.outcome,
+            "RequestId": a.request_id,
+            "PolicyId": a.policy_id,
+            "KeyId": a.key_id,
+            "Serial": a.serial,
+            "Entry": json.dumps(a.body() | {"hash": a.hash}, separators=(",", ":"), default=str),
+        }
+
+    def add_audit(self, entry: AuditEntry) -> None:
+        _guard("add audit", lambda: self._table.create_entity(self._audit_entity(entry)))
+
+    def list_audit(
+        self,
+        tenant_id: str,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        request_id: str | None = None,
+        limit: int = 200,
+    ) -> list[AuditEntry]:
+        lo = f"aud|{int((since or 0) * 1000):013d}"
+        hi = f"aud|{int(until * 1000):013d}}}" if until is not None else "aud}"
+        flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        params: dict[str, Any] = {"pk": tenant_id, "lo": lo, "hi": hi}
+        if request_id:
+            flt += " and RequestId eq @rid"
+            params["rid"] = request_id
+        out: list[AuditEntry] = []
+        for e in _guard("list audit", lambda: self._table.query_entities(flt, parameters=params)):
+            out.append(AuditEntry(**json.loads(e["Entry"])))
+            if len(out) >= limit:
+                break
+        return out

@@ -1,0 +1,68 @@
+"""The only module that builds concrete adapters. Runs once per worker (the API calls it lazily)."""
+
+from __future__ import annotations
+
+import logging
+
+from .api.deps import Context
+from .identity import TokenValidator
+from .service import Service, ServiceConfig
+from .settings import Settings, load_settings
+
+log = logging.getLogger("ezssh.wiring")
+
+
+def _credential(settings: Settings):  # type: ignore[no-untyped-def]
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
+
+
+def build_store(settings: Settings):  # type: ignore[no-untyped-def]
+    from .storage.tables import TableStore
+
+    if settings.storage_connection_string:
+        store = TableStore.from_connection_string(settings.storage_connection_string, settings.table_name)
+    else:
+        store = TableStore.from_account_url(settings.storage_account_url, _credential(settings), settings.table_name)
+    store.ensure_table()
+    return store
+
+
+def build_keystore(settings: Settings):  # type: ignore[no-untyped-def]
+    if settings.signer_backend == "pkcs11":
+        from .signing.pkcs11 import Pkcs11KeyStore
+
+        return Pkcs11KeyStore(settings.pkcs11_module, settings.pkcs11_token_label, settings.pkcs11_pin)
+    from .signing.keyvault import KeyVaultKeyStore  # type: ignore[import-not-found]
+
+    return KeyVaultKeyStore(settings.keyvault_url, _credential(settings))
+
+
+def build_context(settings: Settings | None = None) -> Context:
+    settings = settings or load_settings()
+    if settings.appinsights_connection_string:
+        from azure.monitor.opentelemetry import configure_azure_monitor  # type: ignore[import-not-found]
+
+        configure_azure_monitor(connection_string=settings.appinsights_connection_string)
+    service = Service(
+        build_store(settings),
+        build_keystore(settings),
+        ServiceConfig(
+            signer_backend=settings.signer_backend,
+            ca_key_kind=settings.ca_key_kind,
+            max_ttl_ceiling=settings.max_ttl_ceiling,
+            backdate_seconds=settings.backdate_seconds,
+        ),
+    )
+    validator = TokenValidator(settings)
+    validator.warm()
+    log.info("ezssh ready: tenants=%s signer=%s", ",".join(settings.tenants), settings.signer_backend)
+    return Context(settings=settings, service=service, validator=validator)
+
+
+def asgi_app():  # type: ignore[no-untyped-def]
+    """The ASGI app with production wiring (uvicorn: `functions.wiring:asgi_app --factory`)."""
+    from .api.app import create_app
+
+    return create_app(build_context)
