@@ -23,6 +23,7 @@ from .core.policy import (
     CaKeyRef,
     Identity,
     Policy,
+    allowed_principals,
     choose_policy,
     make_grant,
     policy_from_document,
@@ -236,7 +237,7 @@ class Service:
             # The approval is bound to the host, principal and TTL asked for; the policy may have
             # tightened since, and then the tighter rule wins.
             resolve_ttl(policy, rec.ttl_seconds)
-            if not policy.covers_host(rec.host) or rec.principal not in policy.principals:
+            if not policy.covers_host(rec.host) or rec.principal not in allowed_principals(policy.principals, rec.requester_upn):
                 raise Denied(f"Policy {policy.id!r} no longer allows this host or login.")
         except EzsshError as exc:
             self.refuse(who, exc, "certificate.refused", request_id=request_id)

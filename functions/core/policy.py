@@ -26,6 +26,8 @@ POLICY_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 PRINCIPAL_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
 GLOB_RE = re.compile(r"^[A-Za-z0-9*?.\-_\[\]!]{1,253}$")
 ADMIN_ROLE = "EZSSH.Admin"
+# A principal entry that stands for the requester's own login: the local part of their UPN.
+USERNAME_TEMPLATE = "{username}"
 
 
 @dataclass(frozen=True)
@@ -315,14 +317,15 @@ def policy_from_document(
     if not principals:
         raise InvalidRequest("'principals' must name at least one login; a certificate never has empty principals.")
     for p in principals:
-        if not PRINCIPAL_RE.match(p):
+        if p != USERNAME_TEMPLATE and not PRINCIPAL_RE.match(p):
             raise InvalidRequest(f"Principal {p!r} is not a valid unix login name.")
 
-    max_ttl = _int(doc, "max_ttl", 8 * 3600, MIN_TTL, ttl_ceiling)
+    max_ttl = _int(doc, "max_ttl", min(8 * 3600, ttl_ceiling), MIN_TTL, ttl_ceiling)
     default_ttl = _int(doc, "default_ttl", min(3600, max_ttl), MIN_TTL, max_ttl)
     request_ttl = _int(doc, "request_ttl", 3600, 60, 7 * 24 * 3600)
 
     extensions = _str_list(doc, "extensions") if "extensions" in doc else ("permit-pty",)
+    extensions = tuple(dict.fromkeys(extensions))  # the certificate builder refuses duplicates
     bad = [e for e in extensions if e not in KNOWN_EXTENSIONS]
     if bad:
         raise InvalidRequest(
@@ -336,9 +339,12 @@ def policy_from_document(
     source_address = _str_list(doc, "source_address")
     for cidr in source_address:
         try:
-            ipaddress.ip_network(cidr, strict=False)
+            # OpenSSH refuses a source-address CIDR with host bits set (and then the whole cert).
+            ipaddress.ip_network(cidr, strict=True)
         except ValueError:
-            raise InvalidRequest(f"source_address {cidr!r} is not a valid address or CIDR.") from None
+            raise InvalidRequest(
+                f"source_address {cidr!r} is not a valid address or CIDR (host bits must be zero)."
+            ) from None
 
     approvers = _subjects(doc, "approvers")
     admins = _subjects(doc, "admins")
@@ -457,9 +463,22 @@ class Decision:
         return make_grant(self.policy, request_id, who.upn, principal, self.ttl_seconds)
 
 
+def allowed_principals(principals: Iterable[str], upn: str) -> tuple[str, ...]:
+    """The logins a policy allows this user: literal names, and {username} as their UPN's local part."""
+    out = []
+    for p in principals:
+        if p == USERNAME_TEMPLATE:
+            local = upn.split("@", 1)[0].lower()
+            if PRINCIPAL_RE.match(local):
+                out.append(local)
+        else:
+            out.append(p)
+    return tuple(dict.fromkeys(out))
+
+
 def make_grant(policy: Policy, request_id: str, upn: str, principal: str, ttl_seconds: int,
                backdate: int = DEFAULT_BACKDATE) -> Grant:
-    if principal not in policy.principals:
+    if principal not in allowed_principals(policy.principals, upn):
         raise PrincipalNotAllowed(f"Policy {policy.id!r} does not allow the login {principal!r}.")
     return Grant(
         tenant_id=policy.tenant_id,
@@ -494,10 +513,11 @@ def evaluate(who: Identity, request: AccessRequest, policy: Policy) -> Decision:
     rule = policy.rule_for(who)
     if rule is None or rule.action == "deny":
         raise Denied(f"Policy {policy.id!r} does not grant you access to {request.host!r}.", policy=policy.id)
-    if request.principal not in policy.principals:
+    allowed = allowed_principals(policy.principals, who.upn)
+    if request.principal not in allowed:
         raise PrincipalNotAllowed(
-            f"Policy {policy.id!r} does not allow the login {request.principal!r}; "
-            f"allowed: {', '.join(policy.principals)}.",
+            f"Policy {policy.id!r} does not allow you the login {request.principal!r}; "
+            f"allowed: {', '.join(allowed) or 'none'}.",
             policy=policy.id,
         )
     ttl = resolve_ttl(policy, request.ttl_seconds)
