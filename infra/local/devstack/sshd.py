@@ -1,0 +1,109 @@
+"""A real OpenSSH sshd on loopback with its own config directory: the local "Azure VM".
+
+It trusts the CA keys in `<dir>/trusted_user_ca_keys` and checks `<dir>/revoked_keys` (always a
+valid KRL, even empty: a missing RevokedKeys file makes sshd refuse every key). Both files are
+re-read at each login, so tests change trust without restarting sshd.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .proc import Proc, StandInError, spawn, wait_for_port
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+@dataclass
+class Sshd:
+    proc: Proc
+    port: int
+    dir: Path
+
+    @property
+    def trusted_ca_file(self) -> Path:
+        return self.dir / "trusted_user_ca_keys"
+
+    @property
+    def revoked_keys_file(self) -> Path:
+        return self.dir / "revoked_keys"
+
+    @property
+    def log_path(self) -> Path:
+        return self.proc.log_path
+
+    def trust(self, *ca_lines: str) -> None:
+        self.trusted_ca_file.write_text("".join(line.strip() + "\n" for line in ca_lines))
+
+    def log_text(self) -> str:
+        return self.proc.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def ensure_unix_users(names: list[str]) -> None:
+    """Create login users for the demo/tests (root only). Their password field is '*', not '!'."""
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            if os.geteuid() != 0:
+                raise StandInError(f"unix user {name!r} is missing and only root can create it") from None
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True,
+                           capture_output=True)
+        if os.geteuid() == 0:
+            subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
+
+
+def start_sshd(state_dir: Path, port: int, *, name: str = "sshd", users: list[str] | None = None,
+               timeout: float = 15.0) -> Sshd:
+    if not os.path.exists(SSHD):
+        raise StandInError("sshd is not installed: apt-get install openssh-server")
+    if os.geteuid() != 0:
+        raise StandInError("the test sshd must run as root to log in as other users")
+    ensure_unix_users(users or [])
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    d = state_dir / name
+    d.mkdir(parents=True, exist_ok=True)
+    host_key = d / "ssh_host_ed25519_key"
+    if not host_key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+    trusted = d / "trusted_user_ca_keys"
+    if not trusted.exists():
+        trusted.write_text("")
+    krl = d / "revoked_keys"
+    if not krl.exists():
+        subprocess.run(["ssh-keygen", "-q", "-k", "-f", str(krl)], check=True, capture_output=True)
+    config = d / "sshd_config"
+    config.write_text(
+        f"""# ezssh local test sshd
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile {d / 'sshd.pid'}
+TrustedUserCAKeys {trusted}
+RevokedKeys {krl}
+AuthorizedKeysFile none
+AuthorizedPrincipalsFile none
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+UsePAM no
+StrictModes no
+LogLevel VERBOSE
+MaxAuthTries 3
+"""
+    )
+    check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise StandInError(f"sshd rejects its config: {check.stderr.strip()}")
+    proc = spawn(name, [SSHD, "-D", "-e", "-f", str(config)], state_dir / "logs" / f"{name}.log")
+    wait_for_port(proc, port, timeout)
+    return Sshd(proc, port, d)

@@ -1,0 +1,221 @@
+"""The whole local stack: Azurite, SoftHSM, the OIDC provider, the API under uvicorn, and an sshd.
+
+    python -m devstack up       start everything (state in .local/), seed the demo policy
+    python -m devstack down     stop what `up` started (by the PIDs it recorded)
+    python -m devstack status   show what runs where
+    python -m devstack demo     up, then sign in as alice and log in through sshd with `ezssh ssh`
+
+Tests use the same functions with free ports and a temporary state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .azurite import Azurite, connection_string, start_azurite
+from .oidc import OidcStandIn, start_oidc
+from .proc import REPO, Proc, StandInError, spawn, wait_for_port
+from .softhsm import SoftHsmToken, ensure_token
+from .sshd import Sshd, start_sshd
+
+DEFAULT_STATE = REPO / ".local"
+if str(REPO) not in sys.path:  # the service package, for seeding through the service layer
+    sys.path.insert(0, str(REPO))
+PYTHON = sys.executable
+DEMO_USERS = ["alice", "bob", "carol", "dave"]
+
+
+@dataclass
+class Ports:
+    azurite: int = 10002
+    oidc: int = 8443
+    api: int = 7071
+    sshd: int = 2222
+
+
+def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHsmToken) -> dict[str, str]:
+    """The settings the API reads (functions/settings.py), pointing at the local stand-ins."""
+    tenants = list(oidc.config["tenants"])
+    return {
+        "EZSSH_TENANTS": ",".join(tenants),
+        "EZSSH_ISSUER_TEMPLATE": f"{oidc.base_url}/{{tid}}",
+        "EZSSH_API_CLIENT_ID": oidc.api_client_id,
+        "EZSSH_API_APP_ID_URI": oidc.config["api"]["app_id_uri"],
+        "EZSSH_API_SCOPE": oidc.config["api"]["scope"],
+        "EZSSH_CLI_CLIENT_ID": oidc.cli_client_id,
+        "EZSSH_OIDC_CA_BUNDLE": str(oidc.ca_path),
+        "EZSSH_STORAGE_CONNECTION_STRING": connection_string(azurite_port),
+        "EZSSH_TABLE_NAME": "ezssh",
+        "EZSSH_SIGNER_BACKEND": "pkcs11",
+        "EZSSH_PKCS11_MODULE": token.module_path,
+        "EZSSH_PKCS11_TOKEN_LABEL": token.label,
+        "EZSSH_PKCS11_PIN": token.pin,
+        **token.env(),
+    }
+
+
+def start_api(state_dir: Path, port: int, env: dict[str, str], *, workers: int = 1) -> Proc:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EZSSH_")}
+    full_env.update(env)
+    full_env["PYTHONPATH"] = str(REPO)
+    argv = [PYTHON, "-m", "uvicorn", "functions.wiring:asgi_app", "--factory", "--host", "127.0.0.1",
+            "--port", str(port), "--no-access-log", "--log-level", "warning", "--workers", str(workers)]
+    proc = spawn("api", argv, state_dir / "logs" / "api.log", env=full_env, cwd=REPO)
+    wait_for_port(proc, port, timeout=60)
+    return proc
+
+
+def demo_policy_document(oidc: OidcStandIn, tenant: str = "contoso") -> dict:
+    return {
+        "id": "demo",
+        "name": "Demo: loopback hosts",
+        "rules": [
+            {"groups": [oidc.group_id(tenant, "ezssh-users")], "action": "auto"},
+        ],
+        "hosts": ["127.0.0.0/8", "localhost", "web*"],
+        "principals": ["{username}"],
+        "approvers": {"groups": [oidc.group_id(tenant, "ezssh-approvers")]},
+        "admins": {"groups": [oidc.group_id(tenant, "ezssh-admins")]},
+        "default_ttl": 3600,
+        "max_ttl": 8 * 3600,
+        "extensions": ["permit-pty", "permit-port-forwarding"],
+    }
+
+
+def identity_of(oidc: OidcStandIn, username: str):  # type: ignore[no-untyped-def]
+    """The Identity the API derives from this dev user's token (same claims as users.json)."""
+    from functions.core.policy import Identity
+
+    u = oidc.user(username)
+    return Identity(oid=u["oid"], tid=u["tid"], upn=u["preferred_username"], name=u.get("name", ""),
+                    groups=frozenset(u.get("groups", ())), roles=frozenset(u.get("roles", ())))
+
+
+def seed_policy(env: dict[str, str], oidc: OidcStandIn, doc: dict, admin: str = "carol"):  # type: ignore[no-untyped-def]
+    """Create a policy through the service layer (as a tenant admin), unless it exists."""
+    from functions.service import ensure_policy
+    from functions.settings import load_settings
+    from functions.wiring import build_context
+
+    who = identity_of(oidc, admin)
+    ctx = build_context(load_settings(env))
+    return ensure_policy(ctx.service, who, doc)
+
+
+@dataclass
+class Stack:
+    state_dir: Path
+    ports: Ports
+    azurite: Azurite
+    token: SoftHsmToken
+    oidc: OidcStandIn
+    env: dict[str, str]
+    api: Proc
+    sshd: Sshd | None = None
+    policy: object = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.api}"
+
+    def procs(self) -> list[Proc]:
+        return [p for p in (self.sshd.proc if self.sshd else None, self.api, self.oidc.proc, self.azurite.proc) if p]
+
+    def stop(self) -> None:
+        for p in self.procs():
+            p.stop()
+
+
+def up(state_dir: Path = DEFAULT_STATE, ports: Ports | None = None, *, with_sshd: bool = True) -> Stack:
+    ports = ports or Ports()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    started: list = []
+    try:
+        azurite = start_azurite(state_dir, ports.azurite)
+        started.append(azurite)
+        token = ensure_token(state_dir)
+        oidc = start_oidc(state_dir, ports.oidc)
+        started.append(oidc)
+        env = api_env(state_dir, oidc, ports.azurite, token)
+        policy = seed_policy(env, oidc, demo_policy_document(oidc))
+        api = start_api(state_dir, ports.api, env)
+        started.append(api)
+        sshd = None
+        if with_sshd:
+            sshd = start_sshd(state_dir, ports.sshd, users=DEMO_USERS)
+            sshd.trust(*(c.public_key for c in policy.ca if c.state in ("current", "previous")))
+            started.append(sshd)
+    except BaseException:
+        for s in reversed(started):
+            s.stop()
+        raise
+    stack = Stack(state_dir, ports, azurite, token, oidc, env, api, sshd, policy)
+    _record(stack)
+    return stack
+
+
+def _record(stack: Stack) -> None:
+    info = {
+        "ports": stack.ports.__dict__,
+        "processes": [
+            {"name": p.name, "pid": p.pid, "signal": int(p.stop_signal), "cmd": _cmdline(p.pid)} for p in stack.procs()
+        ],
+        "api_url": stack.api_url,
+        "ca_bundle": str(stack.oidc.ca_path),
+    }
+    (stack.state_dir / "stack.json").write_text(json.dumps(info, indent=2))
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def down(state_dir: Path = DEFAULT_STATE) -> list[str]:
+    """Stop the processes `up` recorded, by PID, only if each PID still runs the same command."""
+    info_path = state_dir / "stack.json"
+    if not info_path.exists():
+        return []
+    info = json.loads(info_path.read_text())
+    stopped = []
+    for p in info["processes"]:
+        pid, cmd = p["pid"], p["cmd"]
+        if not cmd or _cmdline(pid) != cmd:
+            continue
+        try:
+            os.kill(pid, p["signal"])
+        except ProcessLookupError:
+            continue
+        for _ in range(100):
+            if _cmdline(pid) != cmd:
+                break
+            import time
+
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        stopped.append(f"{p['name']} ({pid})")
+    info_path.unlink()
+    return stopped
+
+
+def status(state_dir: Path = DEFAULT_STATE) -> dict:
+    info_path = state_dir / "stack.json"
+    if not info_path.exists():
+        return {"running": False}
+    info = json.loads(info_path.read_text())
+    for p in info["processes"]:
+        p["alive"] = bool(p["cmd"]) and _cmdline(p["pid"]) == p["cmd"]
+    return info
+
+
+__all__ = ["Ports", "Stack", "up", "down", "status", "api_env", "start_api", "seed_policy",
+           "demo_policy_document", "StandInError", "wait_for_port"]
