@@ -1,0 +1,162 @@
+"""Session fixtures: the real stand-ins, started once per test run.
+
+Under CI=true a stand-in that cannot start FAILS the tests that need it; elsewhere they are skipped
+with the reason (e.g. a laptop without sshd or root).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from devstack.proc import StandInError, free_port
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def unavailable(reason: str) -> None:
+    """A real stand-in is missing: fail under CI, skip elsewhere."""
+    if in_ci():
+        pytest.fail(f"stand-in unavailable under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(state_dir):
+    """The one SoftHSM token of this test process (SoftHSM reads its config once per process)."""
+    from devstack.softhsm import ensure_token
+
+    try:
+        return ensure_token(state_dir)
+    except StandInError as exc:
+        unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def azurite(state_dir) -> Iterator:
+    from devstack.azurite import start_azurite
+
+    try:
+        a = start_azurite(state_dir, free_port())
+    except StandInError as exc:
+        unavailable(str(exc))
+    yield a
+    a.stop()
+
+
+@pytest.fixture(scope="session")
+def oidc(state_dir) -> Iterator:
+    from devstack.oidc import start_oidc
+
+    try:
+        o = start_oidc(state_dir, free_port())
+    except StandInError as exc:
+        unavailable(str(exc))
+    yield o
+    o.stop()
+
+
+@pytest.fixture(scope="session")
+def api_env(state_dir, oidc, azurite, softhsm_token) -> dict[str, str]:
+    from devstack.stack import api_env as make_env
+
+    return make_env(state_dir, oidc, azurite.port, softhsm_token)
+
+
+@pytest.fixture(scope="session")
+def context(api_env):
+    """The service wired in-process against the same stand-ins the API server uses."""
+    from functions.settings import load_settings
+    from functions.wiring import build_context
+
+    return build_context(load_settings(api_env))
+
+
+@pytest.fixture(scope="session")
+def demo_policy(api_env, oidc, context):
+    from devstack.stack import demo_policy_document, identity_of
+    from functions.service import ensure_policy
+
+    return ensure_policy(context.service, identity_of(oidc, "carol"), demo_policy_document(oidc))
+
+
+@pytest.fixture(scope="session")
+def api_server(state_dir, api_env, demo_policy) -> Iterator[str]:
+    """The API served by uvicorn as a real HTTP server: http://127.0.0.1:<port>."""
+    from devstack.stack import start_api
+
+    port = free_port()
+    try:
+        proc = start_api(state_dir, port, api_env)
+    except StandInError as exc:
+        unavailable(str(exc))
+    yield f"http://127.0.0.1:{port}"
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def sshd(state_dir, demo_policy) -> Iterator:
+    from devstack.sshd import start_sshd
+    from devstack.stack import DEMO_USERS
+
+    try:
+        s = start_sshd(state_dir, free_port(), users=DEMO_USERS)
+    except (StandInError, OSError) as exc:
+        unavailable(str(exc))
+    s.trust(*(c.public_key for c in demo_policy.ca if c.state in ("current", "previous")))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def token_for(oidc) -> Callable[[str], str]:
+    """An access token for a dev user, from a real MSAL device-code sign-in (cached per user)."""
+    import msal
+
+    from devstack.oidc import complete_device_code, password_for, session_for
+
+    cache: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def get(username: str) -> str:
+        with lock:
+            if username in cache:
+                return cache[username]
+            user = oidc.user(username)
+            app = msal.PublicClientApplication(
+                oidc.cli_client_id, oidc_authority=oidc.issuer(user["tid"]), http_client=session_for(oidc.ca_path)
+            )
+            flow = app.initiate_device_flow(scopes=[oidc.api_scope])
+            errors: list[BaseException] = []
+
+            def browser() -> None:
+                try:
+                    complete_device_code(flow["verification_uri"], flow["user_code"], username,
+                                         password_for(username), oidc.ca_path)
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+                    flow["expires_at"] = 0  # stop MSAL's polling
+
+            t = threading.Thread(target=browser)
+            t.start()
+            result = app.acquire_token_by_device_flow(flow)
+            t.join()
+            if errors:
+                raise errors[0]
+            if "access_token" not in result:
+                raise AssertionError(f"sign-in failed: {result}")
+            cache[username] = result["access_token"]
+            return cache[username]
+
+    return get
