@@ -6,6 +6,11 @@
 
 How it works
 - The token is found by its LABEL (slot ids are not stable: SoftHSM picks a random one per token).
+- Threads: python-pkcs11 always calls C_Initialize(NULL), which tells a module it will never be
+  called from two threads at once; SoftHSM then switches its mutexes off and segfaults under
+  concurrent signing. `load_library` therefore re-initialises the module once, before any session
+  exists, with CKF_OS_LOCKING_OK (ctypes, same loaded module). A module that cannot lock gets every
+  call serialised instead.
 - One process-wide login per token (PKCS#11 login state belongs to the application, not to a
   session): a dedicated login session is opened with the PIN and kept open; the pool's sessions are
   opened without a PIN, so closing one never logs anybody out.
