@@ -1,0 +1,33 @@
+# The two commands: `make demo` (local stack, then a real SSH login with an ezssh certificate)
+# and `make test` (the test suite). Both install what they need first.
+.PHONY: setup demo up down status test test-fast bench package clean
+
+PY := .venv/bin/python
+DEVSTACK := cd infra/local && ../../$(PY) -m devstack
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	@$(DEVSTACK) demo
+
+up: setup
+	@$(DEVSTACK) up
+
+down:
+	@$(DEVSTACK) down
+
+status:
+	@$(DEVSTACK) status
+
+test: setup
+	@$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	@$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+bench: setup
+	@$(PY) bench/issue.py $(BENCH_ARGS)
+
+clean: down
+	rm -rf .local

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs everything the local stack and the tests need. Idempotent; safe to run again.
+#   Debian packages: openssh-server, softhsm2 (apt-get when root; otherwise says what to install)
+#   npm packages:    azurite, oidc-provider (npm ci, from package-lock.json)
+#   Python:          .venv with requirements-dev.txt and the CLI (./client) installed editable
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
+command -v softhsm2-util >/dev/null 2>&1 || need_pkgs+=(softhsm2)
+command -v ssh >/dev/null 2>&1 || need_pkgs+=(openssh-client)
+command -v node >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing ${need_pkgs[*]} with apt-get" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  else
+    echo "setup: missing Debian packages: ${need_pkgs[*]}" >&2
+    echo "setup: install them with: sudo apt-get install ${need_pkgs[*]}" >&2
+    exit 1
+  fi
+fi
+
+if [ ! -d node_modules/.bin ] || [ package-lock.json -nt node_modules/.stamp ]; then
+  echo "setup: npm ci (azurite, oidc-provider)" >&2
+  npm ci --no-audit --no-fund --loglevel=error
+  touch node_modules/.stamp
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+if [ ! -f .venv/.stamp ] || [ requirements.txt -nt .venv/.stamp ] || [ requirements-dev.txt -nt .venv/.stamp ] \
+   || [ client/pyproject.toml -nt .venv/.stamp ]; then
+  echo "setup: pip install (requirements-dev.txt, ./client)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -r requirements-dev.txt
+  .venv/bin/python -m pip install -q -e ./client
+  touch .venv/.stamp
+fi
+echo "setup: ready" >&2
