@@ -60,12 +60,14 @@ def parse_public_key(text: object) -> VettedKey:
     if len(text) > MAX_KEY_TEXT:
         raise InvalidPublicKey("The public key is too long.")
     line = text.strip()
-    if "\n" in line or "\r" in line:
-        raise InvalidPublicKey("Send exactly one public key line.")
+    # PEM is multi-line, so look for it before refusing several lines: a pasted private key must
+    # get the private-key message.
     if line.startswith("-----BEGIN"):
         if "PRIVATE" in line:
             raise InvalidPublicKey("That is a private key. Send the public key; the private key never leaves your machine.")
         raise InvalidPublicKey("PEM keys are not accepted; send the OpenSSH public key line.")
+    if "\n" in line or "\r" in line:
+        raise InvalidPublicKey("Send exactly one public key line.")
     parts = line.split()
     if len(parts) < 2:
         raise InvalidPublicKey("The public key must look like '<type> <base64> [comment]'.")
@@ -117,5 +119,7 @@ def parse_public_key(text: object) -> VettedKey:
         key_type=declared,
         bits=bits,
         fingerprint=fingerprint_of_blob(blob),
-        openssh=f"{declared} {b64}",
+        # Re-encode: base64 with non-zero padding bits decodes to the same key but would not
+        # compare equal to what the certificate carries.
+        openssh=f"{declared} {base64.b64encode(blob).decode()}",
     )

@@ -1,0 +1,260 @@
+"""functions.core.approval: the access request state machine."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from functions.core import approval as ap
+from functions.core.approval import (
+    APPROVED,
+    CANCELLED,
+    DENIED,
+    EXPIRED,
+    FINAL_STATES,
+    ISSUE_WINDOW,
+    ISSUED,
+    PENDING,
+    RequestRecord,
+)
+from functions.core.errors import Conflict, Forbidden
+from functions.core.policy import Identity
+
+TID = "tenant-a"
+T0 = 1_700_000_000
+REQUEST_TTL = 3600
+
+REQUESTER = Identity(oid="oid-req", tid=TID, upn="req@contoso.example")
+AP1 = Identity(oid="oid-ap1", tid=TID, upn="ap1@contoso.example")
+AP2 = Identity(oid="oid-ap2", tid=TID, upn="ap2@contoso.example")
+AP3 = Identity(oid="oid-ap3", tid=TID, upn="ap3@contoso.example")
+
+
+def record(n: int = 1, **over) -> RequestRecord:
+    fields = dict(
+        id="req-1",
+        tenant_id=TID,
+        policy_id="web",
+        requester_oid=REQUESTER.oid,
+        requester_upn=REQUESTER.upn,
+        host="web1",
+        principal="deploy",
+        ttl_seconds=900,
+        state=PENDING,
+        created_at=T0,
+        expires_at=T0 + REQUEST_TTL,
+        approvals_required=n,
+        reason="deploy hotfix",
+    )
+    fields.update(over)
+    return RequestRecord(**fields)
+
+
+def approved_record(n: int = 1, at: int = T0 + 10) -> RequestRecord:
+    rec = record(n)
+    for i, who in enumerate([AP1, AP2, AP3][:n]):
+        rec = ap.approve(rec, who, at + i)
+    assert rec.state == APPROVED
+    return rec
+
+
+# ---- approvals -------------------------------------------------------------------------------
+
+
+def test_single_approval_approves_and_opens_the_issue_window():
+    rec = record(1)
+    out = ap.approve(rec, AP1, T0 + 100, comment="ok")
+    assert out.state == APPROVED
+    assert out.decided_by == "ap1@contoso.example" and out.decided_at == T0 + 100
+    assert out.expires_at == T0 + 100 + ISSUE_WINDOW
+    assert [a.to_dict() for a in out.approvals] == [
+        {"oid": "oid-ap1", "tid": TID, "upn": "ap1@contoso.example", "at": T0 + 100, "comment": "ok"}
+    ]
+    assert rec.state == PENDING and rec.approvals == ()  # the input is not changed
+
+
+def test_two_of_three_needs_two_different_approvers():
+    rec = record(2)
+    one = ap.approve(rec, AP1, T0 + 1)
+    assert one.state == PENDING and len(one.approvals) == 1
+    assert one.expires_at == T0 + REQUEST_TTL and one.decided_by is None
+    with pytest.raises(Conflict) as info:
+        ap.approve(one, AP1, T0 + 2)
+    assert "counts once" in info.value.message
+    two = ap.approve(one, AP2, T0 + 3)
+    assert two.state == APPROVED
+    assert [a.oid for a in two.approvals] == ["oid-ap1", "oid-ap2"]
+    assert two.decided_by == "ap2@contoso.example" and two.expires_at == T0 + 3 + ISSUE_WINDOW
+    with pytest.raises(Conflict) as info:
+        ap.approve(two, AP3, T0 + 4)  # already approved: a third approval changes nothing
+    assert info.value.details == {"state": APPROVED}
+
+
+def test_same_approver_with_a_new_upn_still_counts_once():
+    rec = ap.approve(record(2), AP1, T0 + 1)
+    renamed = Identity(oid=AP1.oid, tid=TID, upn="ap1.renamed@contoso.example")
+    with pytest.raises(Conflict):
+        ap.approve(rec, renamed, T0 + 2)
+
+
+def test_same_oid_from_another_tenant_is_a_different_approver():
+    rec = ap.approve(record(2), AP1, T0 + 1)
+    guest = Identity(oid=AP1.oid, tid="tenant-b", upn=AP1.upn)
+    assert ap.approve(rec, guest, T0 + 2).state == APPROVED
+
+
+def test_requester_cannot_approve_own_request():
+    with pytest.raises(Forbidden) as info:
+        ap.approve(record(1), REQUESTER, T0 + 1)
+    assert info.value.status == 403 and "own request" in info.value.message
+    # even when another approval is already in
+    with pytest.raises(Forbidden):
+        ap.approve(ap.approve(record(2), AP1, T0 + 1), REQUESTER, T0 + 2)
+
+
+def test_requester_is_oid_and_tid_not_upn():
+    rec = record(1)
+    same_upn_other_oid = Identity(oid="oid-someone-else", tid=TID, upn=REQUESTER.upn)
+    assert not rec.requester_is(same_upn_other_oid)
+    assert ap.approve(rec, same_upn_other_oid, T0 + 1).state == APPROVED
+
+    same_oid_other_tid = Identity(oid=REQUESTER.oid, tid="tenant-b", upn=REQUESTER.upn)
+    assert not rec.requester_is(same_oid_other_tid)
+    assert ap.approve(rec, same_oid_other_tid, T0 + 1).state == APPROVED
+
+    assert rec.requester_is(Identity(oid=REQUESTER.oid, tid=TID, upn="renamed@contoso.example"))
+
+
+def test_approval_after_expiry_is_a_conflict():
+    with pytest.raises(Conflict) as info:
+        ap.approve(record(1), AP1, T0 + REQUEST_TTL)
+    assert info.value.details == {"state": EXPIRED}
+    assert ap.approve(record(1), AP1, T0 + REQUEST_TTL - 1).state == APPROVED
+
+
+# ---- deny and cancel -------------------------------------------------------------------------
+
+
+def test_deny_ends_it():
+    rec = ap.approve(record(2), AP1, T0 + 1)
+    out = ap.deny(rec, AP2, T0 + 2, comment="not today")
+    assert out.state == DENIED and out.decided_by == "ap2@contoso.example"
+    assert out.decided_at == T0 + 2 and out.comment == "not today"
+    for step in (lambda r: ap.approve(r, AP3, T0 + 3), lambda r: ap.deny(r, AP3, T0 + 3),
+                 lambda r: ap.cancel(r, REQUESTER, T0 + 3),
+                 lambda r: ap.mark_issued(r, REQUESTER, T0 + 3, serial=1, key_id="k")):
+        with pytest.raises(Conflict):
+            step(out)
+
+
+def test_an_approved_request_can_still_be_denied_before_issue():
+    out = ap.deny(approved_record(1), AP2, T0 + 20)
+    assert out.state == DENIED
+    with pytest.raises(Conflict):
+        ap.mark_issued(out, REQUESTER, T0 + 21, serial=1, key_id="k")
+
+
+def test_requester_cannot_deny_own_request():
+    with pytest.raises(Forbidden) as info:
+        ap.deny(record(1), REQUESTER, T0 + 1)
+    assert "Cancel" in info.value.message
+
+
+def test_cancel_only_by_the_requester():
+    with pytest.raises(Forbidden):
+        ap.cancel(record(1), AP1, T0 + 1)
+    with pytest.raises(Forbidden):
+        ap.cancel(record(1), Identity(oid="x", tid=TID, upn=REQUESTER.upn), T0 + 1)
+    with pytest.raises(Forbidden):
+        ap.cancel(record(1), Identity(oid=REQUESTER.oid, tid="tenant-b", upn=REQUESTER.upn), T0 + 1)
+    out = ap.cancel(record(1), REQUESTER, T0 + 1, comment="not needed")
+    assert out.state == CANCELLED and out.decided_by == REQUESTER.upn and out.comment == "not needed"
+    assert ap.cancel(approved_record(1), REQUESTER, T0 + 30).state == CANCELLED
+    with pytest.raises(Conflict):
+        ap.cancel(out, REQUESTER, T0 + 2)
+
+
+# ---- expiry ----------------------------------------------------------------------------------
+
+
+def test_effective_state_expires_pending_and_approved_but_not_final_states():
+    rec = record(1)
+    assert rec.effective_state(T0 + REQUEST_TTL - 1) == PENDING
+    assert rec.effective_state(T0 + REQUEST_TTL) == EXPIRED
+    assert rec.to_public(T0 + REQUEST_TTL)["status"] == EXPIRED
+    approved = approved_record(1, at=T0 + 10)
+    assert approved.effective_state(T0 + 10 + ISSUE_WINDOW - 1) == APPROVED
+    assert approved.effective_state(T0 + 10 + ISSUE_WINDOW) == EXPIRED
+    for final in (DENIED, CANCELLED, ISSUED):
+        assert replace(rec, state=final).effective_state(T0 + 10 * REQUEST_TTL) == final
+
+
+def test_approved_request_expires_after_the_issue_window():
+    rec = approved_record(1, at=T0 + 10)
+    with pytest.raises(Conflict) as info:
+        ap.mark_issued(rec, REQUESTER, T0 + 10 + ISSUE_WINDOW, serial=5, key_id="k")
+    assert info.value.details == {"state": EXPIRED}
+    assert ap.mark_issued(rec, REQUESTER, T0 + 10 + ISSUE_WINDOW - 1, serial=5, key_id="k").state == ISSUED
+
+
+def test_issue_window_is_measured_from_the_final_approval_even_past_the_request_deadline():
+    # approved one second before the request would have expired: the window still applies
+    rec = ap.approve(record(1), AP1, T0 + REQUEST_TTL - 1)
+    assert rec.expires_at == T0 + REQUEST_TTL - 1 + ISSUE_WINDOW
+    assert rec.effective_state(T0 + REQUEST_TTL + 60) == APPROVED
+
+
+def test_expire_writes_the_expired_state_once():
+    rec = record(1)
+    with pytest.raises(Conflict):
+        ap.expire(rec, T0 + REQUEST_TTL - 1)
+    out = ap.expire(rec, T0 + REQUEST_TTL + 5)
+    assert out.state == EXPIRED and out.decided_at == T0 + REQUEST_TTL + 5
+    with pytest.raises(Conflict):
+        ap.expire(out, T0 + REQUEST_TTL + 6)
+    assert ap.expire(approved_record(1), T0 + 10 + ISSUE_WINDOW).state == EXPIRED
+    with pytest.raises(Conflict):
+        ap.expire(replace(rec, state=DENIED), T0 + 10 * REQUEST_TTL)
+
+
+def test_nothing_happens_to_an_expired_request():
+    rec = record(1)
+    late = T0 + REQUEST_TTL
+    with pytest.raises(Conflict):
+        ap.deny(rec, AP1, late)
+    with pytest.raises(Conflict):
+        ap.cancel(rec, REQUESTER, late)
+
+
+# ---- issue -----------------------------------------------------------------------------------
+
+
+def test_mark_issued_only_once_only_by_requester_only_when_approved():
+    with pytest.raises(Conflict):
+        ap.mark_issued(record(1), REQUESTER, T0 + 1, serial=5, key_id="k")  # still pending
+    rec = approved_record(2)
+    with pytest.raises(Forbidden):
+        ap.mark_issued(rec, AP1, T0 + 20, serial=5, key_id="k")
+    with pytest.raises(Forbidden):
+        ap.mark_issued(rec, Identity(oid="other", tid=TID, upn=REQUESTER.upn), T0 + 20, serial=5, key_id="k")
+    out = ap.mark_issued(rec, REQUESTER, T0 + 20, serial=2**63 - 1, key_id="ezssh/web/req-1/req@contoso.example")
+    assert out.state == ISSUED and out.serial == 2**63 - 1 and out.key_id == "ezssh/web/req-1/req@contoso.example"
+    assert out.approvals == rec.approvals
+    with pytest.raises(Conflict) as info:
+        ap.mark_issued(out, REQUESTER, T0 + 21, serial=6, key_id="k")
+    assert info.value.details == {"state": ISSUED}
+
+
+def test_public_view_renders_the_serial_as_a_string():
+    out = ap.mark_issued(approved_record(1), REQUESTER, T0 + 20, serial=2**63 - 1, key_id="k")
+    view = out.to_public(T0 + 21)
+    assert view["status"] == ISSUED and view["serial"] == str(2**63 - 1)
+    assert view["requester"] == REQUESTER.upn and view["approvals"][0]["oid"] == AP1.oid
+    assert record(1).to_public(T0)["serial"] is None
+
+
+def test_state_constants():
+    assert FINAL_STATES == {DENIED, EXPIRED, CANCELLED, ISSUED}
+    assert PENDING not in FINAL_STATES and APPROVED not in FINAL_STATES
+    assert ISSUE_WINDOW == 15 * 60

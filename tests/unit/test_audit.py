@@ -1,0 +1,176 @@
+"""functions.core.audit: sealed entries and per-request / per-policy hash chains."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+
+from functions.core.audit import GENESIS, AuditEntry, canonical_json, link, verify_chain
+
+TID = "tenant-a"
+
+
+def entry(action: str = "request.created", at: float = 1_700_000_000.25, **over) -> AuditEntry:
+    fields = dict(
+        tenant_id=TID,
+        at=at,
+        action=action,
+        outcome="ok",
+        actor_oid="oid-alice",
+        actor_upn="alice@contoso.example",
+        request_id="req-1",
+        policy_id="web",
+        host="web1",
+        principal="deploy",
+        chain="req:req-1",
+        details={"ttl_seconds": 900, "approvers": ["carol", "dave"]},
+    )
+    fields.update(over)
+    return AuditEntry(**fields)
+
+
+def chain_of(*entries: AuditEntry) -> list[AuditEntry]:
+    out: list[AuditEntry] = []
+    for e in entries:
+        out.append(link(e, out[-1] if out else None))
+    return out
+
+
+def request_chain() -> list[AuditEntry]:
+    return chain_of(
+        entry("request.created", 1_700_000_000.1),
+        entry("request.approved", 1_700_000_010.2, actor_oid="oid-carol", actor_upn="carol@contoso.example"),
+        entry("certificate.issued", 1_700_000_020.3, serial=str(2**63 - 1), key_id="ezssh/web/req-1/alice"),
+        entry("certificate.revoked", 1_700_000_030.4, actor_oid="oid-admin"),
+    )
+
+
+# ---- sealing ---------------------------------------------------------------------------------
+
+
+def test_sealed_hash_is_sha256_of_the_canonical_body():
+    e = entry().sealed()
+    body = asdict(e)
+    del body["hash"]
+    expected = hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    ).hexdigest()
+    assert e.hash == expected
+    assert len(e.hash) == 64 and e.prev_hash == GENESIS
+    assert e.verify()
+
+
+def test_unsealed_entry_does_not_verify():
+    assert entry().hash == ""
+    assert not entry().verify()
+
+
+def test_sealing_is_stable_and_does_not_change_the_body():
+    raw = entry()
+    a, b = raw.sealed(), raw.sealed()
+    assert a.hash == b.hash
+    assert a.body() == raw.body()
+    assert a.sealed() == a  # resealing a sealed entry is a no-op
+
+
+def test_each_entry_gets_its_own_id_and_so_its_own_hash():
+    a, b = entry().sealed(), entry().sealed()
+    assert a.entry_id != b.entry_id and len(a.entry_id) == 16
+    assert a.hash != b.hash
+
+
+def test_any_edit_after_sealing_is_detected():
+    e = entry().sealed()
+    for change in (
+        {"outcome": "refused"},
+        {"actor_upn": "mallory@contoso.example"},
+        {"at": e.at + 0.001},
+        {"serial": "1"},
+        {"tenant_id": "tenant-b"},
+        {"chain": "req:req-2"},
+        {"prev_hash": "f" * 64},
+        {"entry_id": "0" * 16},
+        {"details": {"ttl_seconds": 86400, "approvers": ["carol", "dave"]}},
+    ):
+        edited = replace(e, **change)
+        assert edited.hash == e.hash
+        assert not edited.verify(), change
+
+
+def test_editing_details_in_place_is_detected():
+    e = entry().sealed()
+    e.details["approvers"].append("mallory")
+    assert not e.verify()
+
+
+def test_canonical_json_is_key_order_independent_and_keeps_unicode():
+    assert canonical_json({"b": 1, "a": [1, 2]}) == canonical_json({"a": [1, 2], "b": 1}) == '{"a":[1,2],"b":1}'
+    assert canonical_json({"upn": "jörg@contoso.example"}) == '{"upn":"jörg@contoso.example"}'
+
+
+def test_entry_survives_a_json_round_trip_through_storage():
+    e = entry(actor_upn="jörg@contoso.example", serial=str(2**63 - 1), at=1_700_000_000.123456).sealed()
+    stored = json.loads(json.dumps(asdict(e)))
+    back = AuditEntry(**stored)
+    assert back == e and back.verify()
+
+
+# ---- chains ----------------------------------------------------------------------------------
+
+
+def test_link_points_each_entry_at_the_one_before():
+    chain = request_chain()
+    assert chain[0].prev_hash == GENESIS
+    for prev, cur in zip(chain, chain[1:]):
+        assert cur.prev_hash == prev.hash
+    assert all(e.verify() for e in chain)
+    assert verify_chain(chain)
+    assert verify_chain(iter(chain))  # any iterable
+    assert verify_chain([])
+
+
+def test_link_ignores_a_stale_prev_hash_on_the_new_entry():
+    first = link(entry(), None)
+    second = link(entry(prev_hash="a" * 64, hash="b" * 64), first)
+    assert second.prev_hash == first.hash and second.verify()
+
+
+def test_edited_entry_breaks_the_chain():
+    chain = request_chain()
+    chain[1] = replace(chain[1], outcome="refused")
+    assert not verify_chain(chain)
+
+
+def test_edited_and_resealed_entry_breaks_the_chain_at_the_next_link():
+    chain = request_chain()
+    chain[1] = replace(chain[1], actor_upn="mallory@contoso.example").sealed()
+    assert chain[1].verify()  # the entry on its own looks fine
+    assert not verify_chain(chain)
+    assert verify_chain(chain[:2])  # the forgery is only caught by what follows it
+
+
+def test_removed_entry_breaks_the_chain():
+    chain = request_chain()
+    for i in range(len(chain) - 1):
+        assert not verify_chain(chain[:i] + chain[i + 1:]), f"removing entry {i} went unnoticed"
+
+
+def test_reordered_chain_is_detected():
+    chain = request_chain()
+    assert not verify_chain([chain[1], chain[0], *chain[2:]])
+    assert not verify_chain(list(reversed(chain)))
+    assert not verify_chain([chain[0], chain[2], chain[1], chain[3]])
+
+
+def test_entry_spliced_in_from_another_chain_is_detected():
+    ours, theirs = request_chain(), request_chain()
+    assert not verify_chain([ours[0], theirs[1], *ours[2:]])
+
+
+def test_truncating_the_tail_is_not_detectable_from_the_chain_alone():
+    # Documents a limit: a chain verifies as any prefix of itself. Detecting a dropped last
+    # entry needs the head hash kept elsewhere (e.g. on the request record).
+    chain = request_chain()
+    assert verify_chain(chain[:-1])
+    assert chain[-1].hash != chain[-2].hash
