@@ -6,7 +6,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from .proc import NODE_BIN, Proc, StandInError, spawn, wait_for_port
+from .proc import NODE_BIN, Proc, StandInError, require_free, spawn, wait_for_port
 
 # Azurite's well-known development account (public, documented; not a secret).
 ACCOUNT = "devstoreaccount1"
@@ -37,6 +37,7 @@ def start_azurite(state_dir: Path, port: int, *, timeout: float = 30.0) -> Azuri
     exe = NODE_BIN / "azurite-table"
     if not exe.exists():
         raise StandInError(f"Azurite is not installed ({exe} is missing): run `npm ci` in the repository.")
+    require_free(port, "azurite")
     data = state_dir / "azurite"
     data.mkdir(parents=True, exist_ok=True)
     proc = spawn(

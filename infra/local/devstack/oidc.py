@@ -24,7 +24,7 @@ from urllib.parse import urljoin, urlparse
 import requests
 
 from devstack.devca import DevCA, ensure_dev_ca
-from devstack.proc import REPO, Proc, StandInError, spawn, wait_for_port
+from devstack.proc import REPO, Proc, StandInError, require_free, spawn, wait_for_port
 
 OIDC_DIR = REPO / "infra" / "local" / "oidc"
 USERS_JSON = OIDC_DIR / "users.json"
@@ -126,6 +126,7 @@ def _discovery_ok(session: requests.Session, issuer: str) -> bool:
 def start_oidc(state_dir: Path, port: int, *, timeout: float = 30.0, env: dict | None = None) -> OidcStandIn:
     """Start the Entra ID stand-in on https://127.0.0.1:<port>/<tid>; returns once discovery answers."""
     t0 = time.monotonic()
+    require_free(port, "oidc-provider")
     state_dir = Path(state_dir)
     ca = ensure_dev_ca(state_dir)
     config = load_config()

@@ -94,6 +94,11 @@ def spawn(
     return Proc(name=name, popen=popen, log_path=log_path, stop_signal=stop_signal)
 
 
+def require_free(port: int, name: str) -> None:
+    if port_open(port):
+        raise StandInError(f"{name}: 127.0.0.1:{port} is already in use (is another stack running? `make down`)")
+
+
 def wait_for_port(proc: Proc, port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,6 +108,10 @@ def wait_for_port(proc: Proc, port: int, timeout: float = 30.0) -> None:
                 + proc.log_tail()
             )
         if port_open(port):
+            time.sleep(0.05)
+            if not proc.alive():  # someone else holds the port and ours failed to bind
+                raise StandInError(f"{proc.name} exited; 127.0.0.1:{port} is held by another process:\n"
+                                   + proc.log_tail())
             return
         time.sleep(0.05)
     proc.stop()

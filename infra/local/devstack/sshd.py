@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .proc import Proc, StandInError, spawn, wait_for_port
+from .proc import Proc, StandInError, require_free, spawn, wait_for_port
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -67,6 +67,7 @@ def start_sshd(state_dir: Path, port: int, *, name: str = "sshd", users: list[st
         raise StandInError("sshd is not installed: apt-get install openssh-server")
     if os.geteuid() != 0:
         raise StandInError("the test sshd must run as root to log in as other users")
+    require_free(port, name)
     ensure_unix_users(users or [])
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     d = state_dir / name

@@ -14,12 +14,13 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .azurite import Azurite, connection_string, start_azurite
 from .oidc import OidcStandIn, start_oidc
-from .proc import REPO, Proc, StandInError, spawn, wait_for_port
+from .proc import REPO, Proc, StandInError, require_free, spawn, wait_for_port
 from .softhsm import SoftHsmToken, ensure_token
 from .sshd import Sshd, start_sshd
 
@@ -60,6 +61,7 @@ def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHs
 
 
 def start_api(state_dir: Path, port: int, env: dict[str, str], *, workers: int = 1) -> Proc:
+    require_free(port, "api")
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EZSSH_")}
     full_env.update(env)
     full_env["PYTHONPATH"] = str(REPO)
@@ -164,12 +166,24 @@ def _record(stack: Stack) -> None:
     info = {
         "ports": stack.ports.__dict__,
         "processes": [
-            {"name": p.name, "pid": p.pid, "signal": int(p.stop_signal), "cmd": _cmdline(p.pid)} for p in stack.procs()
+            {"name": p.name, "pid": p.pid, "signal": int(p.stop_signal), "cmd": _cmdline(p.pid),
+             "markers": _markers(_cmdline(p.pid), stack.state_dir)} for p in stack.procs()
         ],
         "api_url": stack.api_url,
         "ca_bundle": str(stack.oidc.ca_path),
     }
     (stack.state_dir / "stack.json").write_text(json.dumps(info, indent=2))
+
+
+def _markers(cmd: str, state_dir: Path) -> list[str]:
+    """What identifies our process later: its arguments under the state dir (sshd rewrites its
+    process title but keeps its config path), else the whole command line."""
+    return [a for a in cmd.split() if str(state_dir) in a] or [cmd]
+
+
+def _ours(p: dict) -> bool:
+    current = _cmdline(p["pid"])
+    return bool(current) and all(m in current for m in p.get("markers") or [p["cmd"]])
 
 
 def _cmdline(pid: int) -> str:
@@ -187,18 +201,16 @@ def down(state_dir: Path = DEFAULT_STATE) -> list[str]:
     info = json.loads(info_path.read_text())
     stopped = []
     for p in info["processes"]:
-        pid, cmd = p["pid"], p["cmd"]
-        if not cmd or _cmdline(pid) != cmd:
+        pid = p["pid"]
+        if not p["cmd"] or not _ours(p):
             continue
         try:
             os.kill(pid, p["signal"])
         except ProcessLookupError:
             continue
         for _ in range(100):
-            if _cmdline(pid) != cmd:
+            if not _ours(p):
                 break
-            import time
-
             time.sleep(0.1)
         else:
             os.kill(pid, signal.SIGKILL)
@@ -213,7 +225,7 @@ def status(state_dir: Path = DEFAULT_STATE) -> dict:
         return {"running": False}
     info = json.loads(info_path.read_text())
     for p in info["processes"]:
-        p["alive"] = bool(p["cmd"]) and _cmdline(p["pid"]) == p["cmd"]
+        p["alive"] = bool(p["cmd"]) and _ours(p)
     return info
 
 
