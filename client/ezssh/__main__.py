@@ -1,0 +1,3 @@
+from ezssh.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Sign-in with MSAL (device code flow) and the persisted token cache (msal-extensions).
+
+Imported lazily: only commands that need a token load msal. For the local/OIDC identity provider
+(`authority_type == "oidc"`) MSAL is given `oidc_authority=` (never `authority=`, which would make
+it contact Microsoft) and the shared requests Session (trusting only the configured CA bundle).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import msal
+import requests
+
+from .errors import NOT_SIGNED_IN, UNAVAILABLE, EzsshError, not_signed_in
+from .home import TOKEN_CACHE, save_config
+
+
+def token_cache(home: Path):
+    """(PersistedTokenCache, description). Encrypted where the platform offers it, else a 0600 file."""
+    from msal_extensions import FilePersistence, PersistedTokenCache, build_encrypted_persistence
+
+    location = str(home / TOKEN_CACHE)
+    persistence = None
+    why = ""
+    if os.environ.get("EZSSH_PLAINTEXT_TOKEN_CACHE") != "1":
+        try:
+            persistence = build_encrypted_persistence(location)
+        except Exception as exc:  # noqa: BLE001 - any failure means: no encrypted store here
+            why = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+    else:
+        why = "EZSSH_PLAINTEXT_TOKEN_CACHE=1"
+    if persistence is not None:
+        kind = {"LibsecretPersistence": "libsecret", "KeychainPersistence": "macOS keychain",
+                "FilePersistenceWithDataProtection": "Windows DPAPI"}.get(type(persistence).__name__,
+                                                                         type(persistence).__name__)
+        desc = f"encrypted ({kind})"
+    else:
+        persistence = FilePersistence(location)
+        desc = f"plaintext file {location} (mode 0600; no encrypted store: {why})"
+    if os.path.exists(location):
+        os.chmod(location, 0o600)
+    return PersistedTokenCache(persistence), desc
+
+
+def decode_jwt_claims(token: str) -> dict:
+    """Claims of a JWT for DISPLAY only (no signature check: the service verifies tokens)."""
+    try:
+        payload = token.split(".")[1]
+        payload += "=" * (-len(payload) % 4)
+        return json.loads(base64.urlsafe_b64decode(payload))
+    except (IndexError, ValueError):
+        return {}
+
+
+class Auth:
+    def __init__(self, cfg: dict, home: Path, session: requests.Session) -> None:
+        self.cfg = cfg
+        self.home = home
+        self.session = session
+        self.scopes = list(cfg["scopes"])
+        self.cache, self.cache_desc = token_cache(home)
+        self._app: msal.PublicClientApplication | None = None
+
+    @property
+    def app(self) -> msal.PublicClientApplication:
+        if self._app is None:
+            kw = dict(http_client=self.session, token_cache=self.cache)
+            try:
+                if self.cfg.get("authority_type", "entra") == "oidc":
+                    self._app = msal.PublicClientApplication(self.cfg["client_id"],
+                                                             oidc_authority=self.cfg["authority"], **kw)
+                else:
+                    self._app = msal.PublicClientApplication(self.cfg["client_id"],
+                                                             authority=self.cfg["authority"], **kw)
+            except requests.RequestException as exc:
+                raise EzsshError(f"Cannot reach the identity provider {self.cfg['authority']}: "
+                                 f"{type(exc).__name__}.", UNAVAILABLE) from None
+            except ValueError as exc:
+                raise EzsshError(f"Identity provider {self.cfg['authority']} is not usable: {exc}",
+                                 UNAVAILABLE) from None
+        return self._app
+
+    # ---- accounts and tokens -------------------------------------------------------------------
+
+    def _account(self) -> dict | None:
+        accounts = self.app.get_accounts()
+        want = self.cfg.get("account")
+        for a in accounts:
+            if want and a.get("home_account_id") == want:
+                return a
+        return accounts[0] if accounts else None
+
+    def has_account(self) -> bool:
+        """Whether the cache holds any account (no network)."""
+        return bool(self.cache.find(msal.TokenCache.CredentialType.ACCOUNT))
+
+    def silent(self, force_refresh: bool = False) -> dict | None:
+        if not self.has_account():
+            return None
+        account = self._account()
+        if account is None:
+            return None
+        try:
+            result = self.app.acquire_token_silent_with_error(self.scopes, account=account,
+                                                              force_refresh=force_refresh)
+        except requests.RequestException as exc:
+            raise EzsshError(f"Cannot reach the identity provider: {type(exc).__name__}.", UNAVAILABLE) from None
+        if result and "access_token" in result:
+            return result
+        return None
+
+    def token(self, force_refresh: bool = False) -> str:
+        """A bearer token for the service; signs in with the device flow when allowed (see may_prompt)."""
+        result = self.silent(force_refresh)
+        if result is None:
+            if force_refresh:
+                raise not_signed_in("The service did not accept your sign-in and it could not be refreshed.")
+            if not may_prompt():
+                raise not_signed_in()
+            result = self.device_login()
+        return result["access_token"]
+
+    def device_login(self, out=None) -> dict:
+        out = out or sys.stderr
+        try:
+            flow = self.app.initiate_device_flow(scopes=self.scopes)
+        except requests.RequestException as exc:
+            raise EzsshError(f"Cannot reach the identity provider: {type(exc).__name__}.", UNAVAILABLE) from None
+        if "user_code" not in flow:
+            raise EzsshError(f"The identity provider refused to start a device sign-in: "
+                             f"{flow.get('error_description') or flow.get('error') or flow}", UNAVAILABLE)
+        minutes = max(1, int(flow.get("expires_in", 900)) // 60)
+        # Stable format, one line, flushed at once (tests and wrappers read it from the pipe):
+        out.write(f"To sign in, open {flow['verification_uri']} and enter the code {flow['user_code']} "
+                  f"(expires in {minutes} min).\n")
+        out.flush()
+        try:
+            result = self.app.acquire_token_by_device_flow(flow)
+        except requests.RequestException as exc:
+            raise EzsshError(f"Lost the identity provider while waiting: {type(exc).__name__}.", UNAVAILABLE) from None
+        if "access_token" not in result:
+            err = result.get("error")
+            desc = (result.get("error_description") or err or "no token").splitlines()[0]
+            raise EzsshError(f"Sign-in failed: {desc}", NOT_SIGNED_IN, error=err)
+        home_account_id = None
+        idc = result.get("id_token_claims") or {}
+        if idc.get("oid") and idc.get("tid"):
+            home_account_id = f"{idc['oid']}.{idc['tid']}"
+        if home_account_id and self.cfg.get("account") != home_account_id:
+            self.cfg["account"] = home_account_id
+            save_config(self.cfg, self.home)
+        return result
+
+    def whoami(self) -> dict:
+        result = self.silent()
+        if result is None:
+            raise not_signed_in("You are not signed in (or the session has expired).")
+        claims = decode_jwt_claims(result["access_token"])
+        exp = claims.get("exp")
+        return {
+            "upn": claims.get("preferred_username") or claims.get("upn") or claims.get("unique_name"),
+            "name": claims.get("name"),
+            "oid": claims.get("oid"),
+            "tid": claims.get("tid"),
+            "groups": claims.get("groups", []),
+            "roles": claims.get("roles", []),
+            "scopes": (claims.get("scp") or "").split(),
+            "issuer": claims.get("iss"),
+            "audience": claims.get("aud"),
+            "expires_at": exp,
+            "expires_in": int(exp - time.time()) if isinstance(exp, (int, float)) else None,
+            "server": self.cfg.get("server"),
+            "token_cache": self.cache_desc,
+        }
+
+
+def may_prompt() -> bool:
+    """A command may start the device sign-in itself on a terminal or with EZSSH_ALLOW_DEVICE_LOGIN=1."""
+    if os.environ.get("EZSSH_ALLOW_DEVICE_LOGIN") == "1":
+        return True
+    try:
+        return sys.stdin.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+

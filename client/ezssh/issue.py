@@ -1,0 +1,143 @@
+"""The slow path of `ezssh ssh`: make a key, ask the service, wait for approval, store the certificate."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from . import certs
+from .api import Api
+from .errors import INTERRUPTED, REQUEST_ENDED, UNAVAILABLE, EzsshError
+from .sshargs import SshInvocation
+
+POLL_INTERVAL = 2.0
+SPINNER = "|/-\\"
+
+
+def _fmt_elapsed(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def _ended(rec: dict) -> EzsshError:
+    state = rec.get("status")
+    rid = rec.get("id")
+    who = rec.get("decided_by")
+    comment = rec.get("comment")
+    if state == "denied":
+        msg = f"Request {rid} was denied" + (f" by {who}" if who else "") + (f": {comment}" if comment else ".")
+    elif state == "cancelled":
+        msg = f"Request {rid} was cancelled" + (f" by {who}" if who else "") + "."
+    elif state == "expired":
+        msg = f"Request {rid} expired before it was approved."
+    else:
+        msg = f"Request {rid} ended as {state!r}."
+    return EzsshError(msg, REQUEST_ENDED)
+
+
+def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | None = None,
+                      clock=time.time) -> dict:
+    """Poll GET /api/requests/{id} until approved (returns the record) or ended (raises, exit 5).
+
+    Ctrl-C cancels the request on the service (POST .../cancel) and ends with exit code 130.
+    """
+    out = out or sys.stderr
+    interval = POLL_INTERVAL if interval is None else interval
+    rid = pending["id"]
+    need = pending.get("approvers_needed", pending.get("approvals_required", 1))
+    approvers = pending.get("approvers")
+    who = (f" from {', '.join(map(str, approvers))}" if isinstance(approvers, list) and approvers
+           else f" from an approver of policy {pending['policy']}" if pending.get("policy") else "")
+    expires_at = pending.get("expires_at")
+    until = f", expires {time.strftime('%H:%M:%S', time.localtime(expires_at))}" if expires_at else ""
+    out.write(f"Request {rid} needs {need} approval{'s' if need != 1 else ''}{who}{until}. "
+              f"Waiting (Ctrl-C cancels the request)...\n")
+    out.write(f"An approver runs: ezssh requests approve {rid}\n")
+    out.flush()
+    tty = hasattr(out, "isatty") and out.isatty()
+    start = time.monotonic()
+    failures = 0
+    spin = 0
+    try:
+        next_poll = time.monotonic() + interval
+        while True:
+            now_m = time.monotonic()
+            if now_m < next_poll:
+                if tty:
+                    out.write(f"\r{SPINNER[spin % 4]} waiting for approval {_fmt_elapsed(now_m - start)} ")
+                    out.flush()
+                    spin += 1
+                time.sleep(min(0.25, next_poll - now_m))
+                continue
+            next_poll = now_m + interval
+            try:
+                _, rec = api.json("GET", f"/api/requests/{rid}")
+                failures = 0
+            except EzsshError as exc:
+                if exc.code != UNAVAILABLE or failures >= 5:
+                    raise
+                failures += 1
+                continue
+            state = rec.get("status")
+            if state == "approved":
+                return rec
+            if state in ("denied", "cancelled", "expired"):
+                raise _ended(rec)
+            if state == "issued":
+                raise EzsshError(f"Request {rid} has already been used for a certificate.")
+            if expires_at and clock() > expires_at + 15:
+                raise _ended({**rec, "status": "expired"})
+    except KeyboardInterrupt:
+        if tty:
+            out.write("\n")
+        try:
+            api.call("POST", f"/api/requests/{rid}/cancel", body={})
+            out.write(f"Cancelled request {rid}.\n")
+        except EzsshError as exc:
+            out.write(f"Could not cancel request {rid}: {exc.render()}\n")
+        out.flush()
+        raise EzsshError("Interrupted.", INTERRUPTED) from None
+    finally:
+        if tty:
+            out.write("\r\033[K")
+            out.flush()
+
+
+def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
+           interval: float | None = None) -> tuple[certs.Cached, dict]:
+    """Get a new certificate for a new key; store it in the slot. Returns (cached, issuance body)."""
+    from . import keys
+
+    out = out or sys.stderr
+    private, public = keys.new_keypair(f"ezssh {inv.principal}@{inv.host}")
+    body: dict = {"host": inv.host, "principal": inv.principal, "public_key": public}
+    if inv.policy:
+        body["policy"] = inv.policy
+    if inv.ttl:
+        body["ttl_seconds"] = inv.ttl
+    if inv.reason:
+        body["reason"] = inv.reason
+    status, data = api.json("POST", "/api/requests", body=body)
+    state = data.get("status")
+    if status == 202 or state == "pending":
+        wait_for_approval(api, data, out=out, interval=interval)
+        state = "approved"
+    if state == "approved" and not data.get("certificate"):
+        _, data = api.json("POST", f"/api/requests/{data['id']}/certificate", body={"public_key": public})
+        state = data.get("status")
+    if state != "issued" or not data.get("certificate"):
+        raise EzsshError(f"The service answered {state!r} without a certificate (request {data.get('id')}).")
+    seen = keys.inspect_certificate(data["certificate"], public, inv.principal)
+    meta = {
+        **seen,
+        "policy": data.get("policy"),
+        "request_id": data.get("id"),
+        "host": inv.host,
+        "principal": inv.principal,
+        "server": cfg["server"],
+        "ca_fingerprint": data.get("ca_fingerprint"),
+        "created_at": int(time.time()),
+    }
+    cached = certs.store(home, cfg["server"], inv.principal, inv.host, private, public, data["certificate"], meta)
+    return cached, data
