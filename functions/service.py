@@ -16,7 +16,17 @@ from typing import Callable, Sequence
 from .core import approval as sm
 from .core.audit import AuditEntry, link
 from .core.certificate import IssuedCertificate, build_certificate, new_serial, verify_issued
-from .core.errors import CaKeyNotFound, Conflict, Denied, EzsshError, Forbidden, InvalidRequest, NotFound
+from .core.errors import (
+    CaKeyNotFound,
+    Conflict,
+    Denied,
+    EzsshError,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    PreconditionFailed,
+    PreconditionRequired,
+)
 from .core.keys import VettedKey, parse_public_key
 from .core.policy import (
     AccessRequest,
@@ -280,42 +290,163 @@ class Service:
         return self._transition(who, request_id, "cancel", comment)
 
     # ---- policies -----------------------------------------------------------------------------
+    def _new_ca(self, policy_id: str, tid: str, now: int) -> CaKeyRef:
+        name = f"ez-{tid[:8]}-{policy_id[:30]}-{secrets.token_hex(4)}"
+        signer = self.keys.create_key(name, self.config.ca_key_kind)  # type: ignore[arg-type]
+        return CaKeyRef(
+            key_ref=signer.key_ref,
+            backend=self.config.signer_backend,
+            public_key=ssh_public_key_line(signer, f"ezssh-ca:{policy_id}"),
+            fingerprint=ssh_fingerprint(signer.public_key()),
+            state="current",
+            created_at=now,
+        )
+
+    def _policy_audit(self, who: Identity, action: str, policy: Policy, prev_hash: str | None,
+                      details: dict) -> AuditEntry:
+        return link(self._audit(who, action, policy_id=policy.id, chain=f"pol:{policy.id}", details=details),
+                    prev_hash)
+
     def create_policy(self, who: Identity, doc: object) -> Policy:
         try:
             if not who.is_tenant_admin:
                 raise Forbidden("Only tenant admins (app role EZSSH.Admin) create policies.")
             policy = policy_from_document(doc, tenant_id=who.tid, ttl_ceiling=self.config.max_ttl_ceiling)
+            if self._policy_or_none(who.tid, policy.id) is not None:
+                raise Conflict(f"A policy with id {policy.id!r} already exists.")
         except EzsshError as exc:
             self.refuse(who, exc, "policy.create.refused")
             raise
         now = int(self.clock())
-        signer = self.keys.create_key(f"ezssh-{policy.id}-{who.tid}-{now}", self.config.ca_key_kind)  # type: ignore[arg-type]
-        ca = CaKeyRef(
-            key_ref=signer.key_ref,
-            backend=self.config.signer_backend,
-            public_key=ssh_public_key_line(signer, f"ezssh-ca:{policy.id}"),
-            fingerprint=ssh_fingerprint(signer.public_key()),
-            state="current",
-            created_at=now,
-        )
+        ca = self._new_ca(policy.id, who.tid, now)
         policy = replace(policy, ca=(ca,))
-        entry = link(self._audit(who, "policy.created", policy_id=policy.id, chain=f"pol:{policy.id}",
-                                 details={"policy": policy.to_dict()}), None)
+        entry = self._policy_audit(who, "policy.created", policy, None, {"policy": policy.to_dict()})
         try:
-            return self.store.create_policy(policy, entry)
+            return self.store.create_policy(replace(policy, audit_head=entry.hash), entry)
         except Conflict:
-            self.keys.disable_key(signer.key_ref)
+            self.keys.disable_key(ca.key_ref)
             raise
+
+    def list_policies(self, who: Identity) -> list[Policy]:
+        return sorted(
+            (p for p in self.store.list_policies(who.tid) if not p.deleted and self._can_see(who, p)),
+            key=lambda p: p.id,
+        )
+
+    @staticmethod
+    def _can_see(who: Identity, p: Policy) -> bool:
+        return p.is_admin(who) or p.is_member(who) or p.is_approver(who)
 
     def get_policy(self, who: Identity, policy_id: str) -> Policy:
         p = self._policy_or_none(who.tid, policy_id)
-        if p is None or p.deleted or not (p.is_admin(who) or p.is_member(who) or p.is_approver(who)):
+        if p is None or p.deleted or not self._can_see(who, p):
             raise NotFound(f"Policy {policy_id!r} was not found.")
         return p
 
-    def ca_public_keys(self, who: Identity, policy_id: str) -> list[CaKeyRef]:
+    def _admin_policy(self, who: Identity, policy_id: str, action: str, if_match: str | None,
+                      *, tenant_admin_only: bool = False) -> Policy:
+        """The policy `who` may change, read fresh; refusals are audited by the caller."""
         p = self.get_policy(who, policy_id)
-        return [c for c in p.ca if c.state in ("current", "previous")]
+        allowed = who.is_tenant_admin if tenant_admin_only else p.is_admin(who)
+        if not allowed:
+            who_may = "tenant admins" if tenant_admin_only else "tenant admins and this policy's admins"
+            raise Forbidden(f"Only {who_may} may {action} policy {policy_id!r}.")
+        if if_match is not None and if_match != p.etag:
+            raise PreconditionFailed(
+                f"Policy {policy_id!r} changed since you read it (ETag mismatch); read it again and retry.")
+        return p
+
+    def update_policy(self, who: Identity, policy_id: str, patch: object, if_match: str | None) -> Policy:
+        try:
+            if not if_match:
+                raise PreconditionRequired("Send If-Match with the policy's ETag to change it.")
+            base = self._admin_policy(who, policy_id, "change", if_match)
+            new = policy_from_document(patch, tenant_id=who.tid, ttl_ceiling=self.config.max_ttl_ceiling,
+                                       base=base)
+        except EzsshError as exc:
+            self.refuse(who, exc, "policy.update.refused", policy_id=policy_id)
+            raise
+        before, after = base.to_dict(), new.to_dict()
+        changed = {k: {"from": before[k], "to": after[k]} for k in after if before.get(k) != after[k]}
+        entry = self._policy_audit(who, "policy.updated", new, base.audit_head, {"changed": changed})
+        return self.store.replace_policy(replace(new, audit_head=entry.hash), if_match, entry)
+
+    def delete_policy(self, who: Identity, policy_id: str, if_match: str | None) -> Policy:
+        """Stop issuance at once and disable the policy's CA keys; its records and audit stay."""
+        try:
+            if not if_match:
+                raise PreconditionRequired("Send If-Match with the policy's ETag to delete it.")
+            p = self._admin_policy(who, policy_id, "delete", if_match, tenant_admin_only=True)
+        except EzsshError as exc:
+            self.refuse(who, exc, "policy.delete.refused", policy_id=policy_id)
+            raise
+        now = int(self.clock())
+        retired = tuple(replace(c, state="retired", retire_after=now) for c in p.ca)
+        gone = replace(p, deleted=True, ca=retired)
+        entry = self._policy_audit(who, "policy.deleted", gone, p.audit_head,
+                                   {"ca_disabled": [c.fingerprint for c in p.ca if c.state != "retired"]})
+        saved = self.store.replace_policy(replace(gone, audit_head=entry.hash), if_match, entry)
+        for c in p.ca:
+            if c.state != "retired":
+                self._disable_ca(c)
+        return saved
+
+    def _disable_ca(self, ca: CaKeyRef) -> None:
+        self.forget_signer(ca.key_ref)
+        try:
+            self.keys.disable_key(ca.key_ref)
+        except CaKeyNotFound:
+            pass  # already gone: the goal (it signs nothing) holds
+
+    def rotate_ca(self, who: Identity, policy_id: str, if_match: str | None = None) -> Policy:
+        """A new current key; the old one stays trusted (listed second) until max_ttl has passed."""
+        try:
+            p = self._admin_policy(who, policy_id, "rotate the CA of", if_match)
+        except EzsshError as exc:
+            self.refuse(who, exc, "policy.rotate.refused", policy_id=policy_id)
+            raise
+        now = int(self.clock())
+        new = self._new_ca(p.id, who.tid, now)
+        keys = tuple(
+            replace(c, state="previous", retire_after=now + p.max_ttl + self.config.backdate_seconds)
+            if c.state == "current" else c
+            for c in p.ca
+        )
+        rotated = replace(p, ca=(new,) + keys)
+        entry = self._policy_audit(who, "policy.ca_rotated", rotated, p.audit_head,
+                                   {"new": new.fingerprint,
+                                    "previous": [c.fingerprint for c in keys if c.state == "previous"]})
+        try:
+            return self.store.replace_policy(replace(rotated, audit_head=entry.hash), p.etag or "", entry)
+        except (Conflict, PreconditionFailed):
+            self._disable_ca(new)
+            raise
+
+    def retire_due_ca_keys(self, tenant_id: str) -> list[str]:
+        """Disable previous CA keys whose certificates can no longer be valid. Returns fingerprints."""
+        now = int(self.clock())
+        done: list[str] = []
+        for p in self.store.list_policies(tenant_id):
+            due = [c for c in p.ca if c.state == "previous" and c.retire_after is not None and c.retire_after <= now]
+            if not due:
+                continue
+            keys = tuple(replace(c, state="retired") if c in due else c for c in p.ca)
+            entry = link(self._audit(None, "policy.ca_retired", policy_id=p.id, chain=f"pol:{p.id}",
+                                     details={"retired": [c.fingerprint for c in due]}), p.audit_head)
+            entry = replace(entry, tenant_id=tenant_id).sealed()
+            try:
+                self.store.replace_policy(replace(p, ca=keys, audit_head=entry.hash), p.etag or "", entry)
+            except (Conflict, PreconditionFailed):
+                continue  # changed meanwhile; the next sweep retries
+            for c in due:
+                self._disable_ca(c)
+                done.append(c.fingerprint)
+        return done
+
+    def ca_public_keys(self, who: Identity, policy_id: str) -> list[CaKeyRef]:
+        """Current first, then previous keys still inside their retirement window."""
+        p = self.get_policy(who, policy_id)
+        return [c for c in p.ca if c.state == "current"] + [c for c in p.ca if c.state == "previous"]
 
     # ---- health -------------------------------------------------------------------------------
     def health(self) -> dict[str, str]:

@@ -74,6 +74,10 @@ class PreconditionFailed(EzsshError):
     status, code = 412, "precondition_failed"
 
 
+class PreconditionRequired(EzsshError):
+    status, code = 428, "precondition_required"
+
+
 # ---- system errors (5xx) that are still expected ------------------------------------------
 
 

@@ -129,6 +129,7 @@ class Policy:
     webhook_url: str | None = None
     ca: tuple[CaKeyRef, ...] = ()
     deleted: bool = False
+    audit_head: str = field(default="0" * 64, compare=False)  # last entry of this policy's audit chain
     etag: str | None = field(default=None, compare=False)
 
     # -- derived ---------------------------------------------------------------------------
@@ -394,7 +395,7 @@ def policy_from_document(
     return Policy(**fields)
 
 
-def policy_from_row(d: dict, etag: str | None = None) -> Policy:
+def policy_from_row(d: dict, etag: str | None = None, audit_head: str | None = None) -> Policy:
     """Rebuild a stored policy (already validated when written)."""
     return Policy(
         id=d["id"],
@@ -417,6 +418,7 @@ def policy_from_row(d: dict, etag: str | None = None) -> Policy:
         webhook_url=d.get("webhook_url"),
         ca=tuple(CaKeyRef.from_dict(c) for c in d.get("ca", ())),
         deleted=bool(d.get("deleted", False)),
+        audit_head=audit_head or "0" * 64,
         etag=etag,
     )
 

@@ -36,7 +36,7 @@ from azure.data.tables import TableClient, TableServiceClient, TableTransactionE
 
 from ..core.approval import Approval, RequestRecord
 from ..core.audit import AuditEntry
-from ..core.errors import Conflict, NotFound, StorageUnavailable
+from ..core.errors import Conflict, NotFound, PreconditionFailed, StorageUnavailable
 from ..core.policy import Policy, policy_from_row
 from .base import CertificateRecord
 
@@ -103,11 +103,12 @@ class TableStore:
             "Kind": "policy",
             "Doc": json.dumps(policy.to_dict(), separators=(",", ":")),
             "Deleted": policy.deleted,
+            "AuditHead": policy.audit_head,
         }
 
     @staticmethod
     def _policy_from_entity(e: Any) -> Policy:
-        return policy_from_row(json.loads(e["Doc"]), etag=e.metadata.get("etag"))
+        return policy_from_row(json.loads(e["Doc"]), etag=e.metadata.get("etag"), audit_head=e.get("AuditHead"))
 
     def list_policies(self, tenant_id: str) -> list[Policy]:
         rows = _guard(
@@ -147,11 +148,11 @@ class TableStore:
                     entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
                 ),
             )
-        except (ResourceModifiedError, HttpResponseError) as exc:
-            if isinstance(exc, ResourceNotFoundError):
-                raise NotFound(f"Policy {policy.id!r} was not found.") from None
-            raise Conflict(
-                f"Policy {policy.id!r} changed since you read it; read it again and retry.", current_etag=None
+        except ResourceNotFoundError:
+            raise NotFound(f"Policy {policy.id!r} was not found.") from None
+        except (ResourceModifiedError, HttpResponseError):
+            raise PreconditionFailed(
+                f"Policy {policy.id!r} changed since you read it (ETag mismatch); read it again and retry."
             ) from None
         self.add_audit(audit)
         return self._with_etag(policy, meta.get("etag"))
