@@ -11,7 +11,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from .core import approval as sm
 from .core.audit import AuditEntry, link
@@ -40,9 +40,14 @@ from .core.policy import (
     resolve_ttl,
 )
 from .signing.base import KeyStore, Signer, as_private_key, ssh_fingerprint, ssh_public_key_line
+from .notify import Message
 from .storage.base import CertificateRecord, Store
 
 log = logging.getLogger("ezssh.service")
+
+
+class Notifier(Protocol):
+    def send(self, msg: Message) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class Outcome:
     request: sm.RequestRecord
     certificate: IssuedCertificate | None = None
     approvers_needed: int = 0
+    approvers: dict | None = None  # who may approve: {"users": [...], "groups": [...]}
 
 
 def new_request_id() -> str:
@@ -74,7 +80,9 @@ class Service:
         keys: KeyStore,
         config: ServiceConfig,
         clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
     ) -> None:
+        self.notifier = notifier
         self.store = store
         self.keys = keys
         self.config = config
@@ -171,7 +179,27 @@ class Service:
             return Outcome("issued", final, issued)
         rec = self.store.create_request(replace(rec, audit_head=created.hash), created)
         log.info("request %s %s for %s", rid, rec.state, who.upn)
-        return Outcome(rec.state, rec, approvers_needed=rec.approvals_required)
+        if rec.state == sm.PENDING:
+            self._notify(policy, rec, f"ezssh: {who.upn} asks for access to {rec.host}",
+                         (("Approve with", f"ezssh requests approve {rec.id}"),))
+        return Outcome(rec.state, rec, approvers_needed=rec.approvals_required,
+                       approvers=policy.approvers.to_dict() if rec.state == sm.PENDING else None)
+
+    def _notify(self, policy: Policy | None, rec: sm.RequestRecord, title: str,
+                extra: tuple[tuple[str, str], ...] = ()) -> None:
+        if self.notifier is None or policy is None or not policy.webhook_url:
+            return
+        facts = (
+            ("Requester", rec.requester_upn),
+            ("Host", rec.host),
+            ("Login", rec.principal),
+            ("For", f"{rec.ttl_seconds // 60} min"),
+            ("Reason", rec.reason or "-"),
+            ("Policy", rec.policy_id),
+            ("Request", rec.id),
+        ) + extra
+        self.notifier.send(Message(rec.tenant_id, policy.webhook_url, policy.webhook_format, title, facts,
+                                   request_id=rec.id, policy_id=rec.policy_id))
 
     def _issued_audit(self, who: Identity, rec: sm.RequestRecord, issued: IssuedCertificate,
                       key: VettedKey) -> AuditEntry:
@@ -278,7 +306,42 @@ class Service:
                                  details={"comment": comment, "state": new.state,
                                           "approvals": len(new.approvals)}), rec.audit_head)
         assert rec.etag is not None
-        return self.store.update_request(replace(new, audit_head=entry.hash), rec.etag, entry)
+        saved = self.store.update_request(replace(new, audit_head=entry.hash), rec.etag, entry)
+        if saved.state in (sm.APPROVED, sm.DENIED):
+            verdict = "approved" if saved.state == sm.APPROVED else "denied"
+            self._notify(policy, saved, f"ezssh: {saved.requester_upn}'s request was {verdict} by {who.upn}",
+                         (("Comment", comment or "-"),))
+        return saved
+
+    def expire_requests(self, tenant_id: str) -> list[str]:
+        """Move pending/approved requests past their deadline to `expired` (the timer's sweep).
+        Reads check expiry too, so this only makes storage and the audit say so."""
+        now = int(self.clock())
+        done = []
+        for rec in self.store.list_requests(tenant_id):
+            if rec.state not in (sm.PENDING, sm.APPROVED) or rec.effective_state(now) != sm.EXPIRED:
+                continue
+            new = sm.expire(rec, now)
+            entry = link(AuditEntry(tenant_id=tenant_id, at=self.clock(), action="request.expired", outcome="ok",
+                                    request_id=rec.id, policy_id=rec.policy_id, host=rec.host,
+                                    principal=rec.principal, chain=f"req:{rec.id}",
+                                    details={"was": rec.state}), rec.audit_head)
+            try:
+                self.store.update_request(replace(new, audit_head=entry.hash), rec.etag or "", entry)
+            except (Conflict, NotFound):
+                continue  # decided or swept meanwhile
+            done.append(rec.id)
+            self._notify(self._policy_or_none(tenant_id, rec.policy_id), new,
+                         f"ezssh: {rec.requester_upn}'s request expired")
+        return done
+
+    def housekeeping(self, tenant_ids: Sequence[str]) -> dict[str, int]:
+        """The timer's work: expire stale requests and retire CA keys past their window."""
+        expired = retired = 0
+        for tid in tenant_ids:
+            expired += len(self.expire_requests(tid))
+            retired += len(self.retire_due_ca_keys(tid))
+        return {"expired_requests": expired, "retired_ca_keys": retired}
 
     def approve(self, who: Identity, request_id: str, comment: str | None = None) -> sm.RequestRecord:
         return self._transition(who, request_id, "approve", comment)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from .api.deps import Context
 from .identity import TokenValidator
@@ -45,8 +46,11 @@ def build_context(settings: Settings | None = None) -> Context:
         from azure.monitor.opentelemetry import configure_azure_monitor  # type: ignore[import-not-found]
 
         configure_azure_monitor(connection_string=settings.appinsights_connection_string)
+    store = build_store(settings)
+    from .notify import WebhookNotifier
+
     service = Service(
-        build_store(settings),
+        store,
         build_keystore(settings),
         ServiceConfig(
             signer_backend=settings.signer_backend,
@@ -54,6 +58,7 @@ def build_context(settings: Settings | None = None) -> Context:
             max_ttl_ceiling=settings.max_ttl_ceiling,
             backdate_seconds=settings.backdate_seconds,
         ),
+        notifier=WebhookNotifier(store.add_audit),
     )
     validator = TokenValidator(settings)
     validator.warm()
@@ -61,8 +66,21 @@ def build_context(settings: Settings | None = None) -> Context:
     return Context(settings=settings, service=service, validator=validator)
 
 
+_context: list[Context] = []
+_context_lock = threading.Lock()
+
+
+def shared_context() -> Context:
+    """The worker's one context, shared by the HTTP app and the timer/Event Grid functions."""
+    if not _context:
+        with _context_lock:
+            if not _context:
+                _context.append(build_context())
+    return _context[0]
+
+
 def asgi_app():  # type: ignore[no-untyped-def]
     """The ASGI app with production wiring (uvicorn: `functions.wiring:asgi_app --factory`)."""
     from .api.app import create_app
 
-    return create_app(build_context)
+    return create_app(shared_context)

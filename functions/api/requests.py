@@ -58,6 +58,7 @@ def render(outcome: Outcome, now: int) -> JSONResponse:
         return JSONResponse(body, status_code=201)
     if outcome.status == "pending":
         body["approvers_needed"] = outcome.approvers_needed
+        body["approvers"] = outcome.approvers
         return JSONResponse(body, status_code=202)
     return JSONResponse(body, status_code=200)
 

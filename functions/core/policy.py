@@ -127,6 +127,7 @@ class Policy:
     force_command: str | None = None
     source_address: tuple[str, ...] = ()
     webhook_url: str | None = None
+    webhook_format: str | None = None  # teams | slack | None (guess from the URL's host)
     ca: tuple[CaKeyRef, ...] = ()
     deleted: bool = False
     audit_head: str = field(default="0" * 64, compare=False)  # last entry of this policy's audit chain
@@ -180,6 +181,7 @@ class Policy:
             "force_command": self.force_command,
             "source_address": list(self.source_address),
             "webhook_url": self.webhook_url,
+            "webhook_format": self.webhook_format,
             "ca": [c.to_dict() for c in self.ca],
             "deleted": self.deleted,
         }
@@ -204,6 +206,7 @@ EDITABLE_FIELDS = frozenset(
         "force_command",
         "source_address",
         "webhook_url",
+        "webhook_format",
     }
 )
 
@@ -371,6 +374,9 @@ def policy_from_document(
     webhook_url = doc.get("webhook_url")
     if webhook_url is not None and (not isinstance(webhook_url, str) or not re.match(r"^https?://\S+$", webhook_url)):
         raise InvalidRequest("'webhook_url' must be an http(s) URL or null.")
+    webhook_format = doc.get("webhook_format")
+    if webhook_format not in (None, "teams", "slack"):
+        raise InvalidRequest("'webhook_format' must be teams, slack or null (guess from the URL).")
 
     fields = dict(
         id=pid,
@@ -389,6 +395,7 @@ def policy_from_document(
         force_command=force_command,
         source_address=source_address,
         webhook_url=webhook_url,
+        webhook_format=webhook_format,
     )
     if base is not None:
         return replace(base, **fields)
@@ -416,6 +423,7 @@ def policy_from_row(d: dict, etag: str | None = None, audit_head: str | None = N
         force_command=d.get("force_command"),
         source_address=tuple(d.get("source_address", ())),
         webhook_url=d.get("webhook_url"),
+        webhook_format=d.get("webhook_format"),
         ca=tuple(CaKeyRef.from_dict(c) for c in d.get("ca", ())),
         deleted=bool(d.get("deleted", False)),
         audit_head=audit_head or "0" * 64,
