@@ -1,0 +1,89 @@
+"""End to end, dual key: alice's `ezssh ssh` waits; bob approves from his own CLI; alice's login then
+goes through the real sshd. And the deny path ends alice's wait with exit code 5."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from devstack.demo import cli_env, run_cli
+from devstack.stack import identity_of
+from functions.service import ensure_policy
+
+
+@pytest.fixture(scope="module")
+def gated_e2e(context, oidc, sshd, demo_policy):
+    doc = {
+        "id": "gated-e2e",
+        "rules": [{"groups": [oidc.group_id("contoso", "ezssh-users")], "action": "approval"}],
+        "hosts": ["127.0.0.1"],
+        "principals": ["{username}"],
+        "approvers": {"groups": [oidc.group_id("contoso", "ezssh-approvers")]},
+    }
+    p = ensure_policy(context.service, identity_of(oidc, "carol"), doc)
+    original = sshd.trusted_ca_file.read_text()
+    sshd.trust(*(c.public_key for c in demo_policy.ca), *(c.public_key for c in p.ca))
+    yield p
+    sshd.trusted_ca_file.write_text(original)
+
+
+def signed_in_home(tmp_path_factory, api_server, oidc, user: str) -> dict:
+    env = cli_env(tmp_path_factory.mktemp(f"{user}-home"))
+    assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env).returncode == 0
+    r = run_cli(["login"], env, username=user, ca_path=oidc.ca_path)
+    assert r.returncode == 0, r.stderr
+    return env
+
+
+def wait_pending(api_server: str, token: str, principal: str, seen: set[str], timeout: float = 30) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = httpx.get(f"{api_server}/api/requests", params={"state": "pending", "role": "approver"},
+                      headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        for req in r.json()["requests"]:
+            if req["policy"] == "gated-e2e" and req["principal"] == principal and req["id"] not in seen:
+                return req["id"]
+        time.sleep(0.2)
+    raise AssertionError("alice's request never showed up as pending for the approver")
+
+
+def test_bob_approves_from_his_cli_and_alices_waiting_ssh_logs_in(tmp_path_factory, api_server, oidc, sshd,
+                                                                    gated_e2e, token_for):
+    alice = signed_in_home(tmp_path_factory, api_server, oidc, "alice")
+    bob = signed_in_home(tmp_path_factory, api_server, oidc, "bob")
+    result: dict = {}
+    ssh = ["ssh", "--policy", "gated-e2e", "--reason", "deploy hotfix", "alice@127.0.0.1", "-p", str(sshd.port),
+           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "whoami"]
+    t = threading.Thread(target=lambda: result.update(r=run_cli(ssh, alice, timeout=90)))
+    t.start()
+    rid = wait_pending(api_server, token_for("bob"), "alice", set())
+    listed = run_cli(["requests", "list", "--pending", "--json"], bob)
+    assert listed.returncode == 0 and rid in listed.stdout
+    own = run_cli(["requests", "approve", rid], alice)  # alice can't approve her own request
+    assert own.returncode == 4, own.stderr
+    approved = run_cli(["requests", "approve", rid, "--comment", "ok"], bob)
+    assert approved.returncode == 0, approved.stderr
+    t.join(timeout=90)
+    r = result["r"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "alice"
+    assert rid in r.stderr  # the waiting CLI said which request it waits on
+
+
+def test_deny_ends_alices_wait_with_exit_code_5(tmp_path_factory, api_server, oidc, sshd, gated_e2e, token_for):
+    alice = signed_in_home(tmp_path_factory, api_server, oidc, "alice")
+    dave = signed_in_home(tmp_path_factory, api_server, oidc, "dave")
+    result: dict = {}
+    ssh = ["ssh", "--policy", "gated-e2e", "--new", "alice@127.0.0.1", "-p", str(sshd.port), "-o", "BatchMode=yes",
+           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "whoami"]
+    t = threading.Thread(target=lambda: result.update(r=run_cli(ssh, alice, timeout=90)))
+    t.start()
+    rid = wait_pending(api_server, token_for("dave"), "alice", set())
+    assert run_cli(["requests", "deny", rid, "--comment", "change freeze"], dave).returncode == 0
+    t.join(timeout=90)
+    r = result["r"]
+    assert r.returncode == 5, r.stderr
+    assert "denied" in r.stderr and r.stdout == ""
