@@ -1,7 +1,8 @@
 """Contract test for CA key stores: the same cases on every backend, checked by independent verifiers.
 
-Backends: `pkcs11` (SoftHSM2 token, real). A Key Vault backend adds one name to BACKENDS and one
-`<name>_backend` fixture returning a `Backend`.
+Backends: `pkcs11` (SoftHSM2 token, real) and `keyvault` (the real azure-keyvault-keys SDK against
+the HTTPS Key Vault stand-in in tests/standins/keyvault.py). Another backend adds one name to
+BACKENDS and one `<name>_backend` fixture returning a `Backend`.
 
 Independent checks: cryptography's public-key verify, and OpenSSH's own `ssh-keygen -L`, which
 parses a certificate AND verifies its CA signature (a flipped signature bit makes it exit 1 with
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.serialization import ssh
 from functions.core.errors import CaKeyNotFound, SignerUnavailable
 from functions.signing.base import KeyStore, Signer, as_private_key, ssh_fingerprint, ssh_public_key_line
 
-BACKENDS = ["pkcs11"]
+BACKENDS = ["pkcs11", "keyvault"]
 KINDS = ["EC-P256", "EC-P384", "RSA-3072"]
 EXPECTED_SIG_ALG = {"EC-P256": "ecdsa-sha2-nistp256", "EC-P384": "ecdsa-sha2-nistp384", "RSA-3072": "rsa-sha2-512"}
 
@@ -155,6 +156,63 @@ def pkcs11_backend(hsm_token) -> Iterator[Backend]:
         assert_not_extractable=assert_not_extractable,
     )
     store.close()
+
+
+@pytest.fixture(scope="session")
+def keyvault_standin() -> Iterator:
+    from tests.standins.keyvault import KeyVaultStandIn
+
+    try:
+        kv = KeyVaultStandIn().start()
+    except (ImportError, OSError) as e:
+        _unavailable(f"Key Vault stand-in cannot start: {e}")
+    yield kv
+    kv.stop()
+
+
+@pytest.fixture(scope="session")
+def keyvault_backend(keyvault_standin) -> Iterator[Backend]:
+    from azure.keyvault.keys import KeyClient
+
+    from functions.signing.keyvault import KeyId, KeyVaultKeyStore
+    from tests.standins.keyvault import StaticTokenCredential
+
+    kv = keyvault_standin
+    cred = StaticTokenCredential(kv.token)
+    stores: list[KeyVaultKeyStore] = []
+
+    def new_store() -> KeyVaultKeyStore:
+        store = KeyVaultKeyStore(kv.url, cred, connection_verify=kv.ca_path, verify_challenge_resource=False)
+        stores.append(store)
+        return store
+
+    admin = KeyClient(kv.url, cred, connection_verify=kv.ca_path, verify_challenge_resource=False)
+
+    def assert_not_extractable(signer: Signer) -> None:
+        """Read the key as an administrator of the vault would: public half only, HSM, sign/verify."""
+        from azure.core.exceptions import HttpResponseError
+
+        kid = KeyId.parse(signer.key_ref)
+        key = admin.get_key(kid.name, kid.version)
+        assert str(key.key_type.value if hasattr(key.key_type, "value") else key.key_type).endswith("-HSM")
+        assert sorted(str(getattr(o, "value", o)) for o in key.key_operations) == ["sign", "verify"]
+        assert key.properties.exportable in (False, None)
+        for secret in ("d", "p", "q", "dp", "dq", "qi", "k"):
+            assert not getattr(key.key, secret, None), f"the vault returned private member {secret!r}"
+        with pytest.raises(HttpResponseError):  # no export route for a non-exportable key
+            admin.release_key(kid.name, "attestation-token", version=kid.version)
+
+    store = new_store()
+    yield Backend(
+        name="keyvault",
+        store=store,
+        new_store=new_store,
+        unknown_ref=f"{kv.url}/keys/no-such-key/{secrets.token_hex(16)}",
+        assert_not_extractable=assert_not_extractable,
+    )
+    admin.close()
+    for s in stores:
+        s.close()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
