@@ -26,6 +26,7 @@ from .core.errors import (
     NotFound,
     PreconditionFailed,
     PreconditionRequired,
+    TtlTooLong,
 )
 from .core.keys import VettedKey, parse_public_key
 from .core.policy import (
@@ -56,6 +57,10 @@ class ServiceConfig:
     ca_key_kind: str = "EC-P256"
     max_ttl_ceiling: int = 24 * 3600
     backdate_seconds: int = 60
+    # How long a worker may reuse a tenant's policy list on the issuance path. Changes made through
+    # this worker apply at once; other workers see them within this many seconds. A deleted policy
+    # issues nothing even from a stale cache: its CA keys are disabled at deletion.
+    policy_cache_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ class Service:
         self.config = config
         self.clock = clock
         self._signers: dict[str, Signer] = {}
+        self._policy_cache: dict[str, tuple[float, list[Policy]]] = {}
         self._signers_lock = threading.Lock()
 
     # ---- helpers ----------------------------------------------------------------------------
@@ -120,6 +126,25 @@ class Service:
                 self._signers[ca.key_ref] = s
         return s
 
+    def _cached_policies(self, tid: str) -> list[Policy]:
+        ttl = self.config.policy_cache_seconds
+        now = time.monotonic()
+        hit = self._policy_cache.get(tid)
+        if ttl > 0 and hit is not None and now - hit[0] < ttl:
+            return hit[1]
+        policies = self.store.list_policies(tid)
+        self._policy_cache[tid] = (now, policies)
+        return policies
+
+    def _policies_changed(self, tid: str) -> None:
+        self._policy_cache.pop(tid, None)
+
+    def _write_policy(self, write: Callable[..., Policy], policy: Policy, *args: object) -> Policy:
+        try:
+            return write(policy, *args)
+        finally:
+            self._policies_changed(policy.tenant_id)
+
     def forget_signer(self, key_ref: str) -> None:
         with self._signers_lock:
             self._signers.pop(key_ref, None)
@@ -136,10 +161,17 @@ class Service:
         return issued
 
     # ---- requests -----------------------------------------------------------------------------
-    def request_access(self, who: Identity, req: AccessRequest, public_key: str | None) -> Outcome:
+    def request_access(self, who: Identity, req: AccessRequest, public_key: str | None,
+                       *, _fresh: bool = False) -> Outcome:
         fields = dict(host=req.host, principal=req.principal, policy_id=req.policy_id)
         try:
-            decision = choose_policy(who, req, self.store.list_policies(who.tid))
+            try:
+                decision = choose_policy(who, req, self._cached_policies(who.tid))
+            except (Denied, TtlTooLong):
+                # A refusal is never decided on cached data: a policy created or widened on
+                # another worker a moment ago must apply at once.
+                self._policies_changed(who.tid)
+                decision = choose_policy(who, req, self._cached_policies(who.tid))
             vetted = parse_public_key(public_key) if public_key is not None else None
         except EzsshError as exc:
             self.refuse(who, exc, "request.refused", **fields)
@@ -170,7 +202,15 @@ class Service:
             None,
         )
         if decision.action == "auto" and vetted is not None:
-            issued = self._sign(policy, rec, who, vetted)
+            try:
+                issued = self._sign(policy, rec, who, vetted)
+            except CaKeyNotFound:
+                if _fresh:
+                    raise
+                # The cached policy is stale (its CA was rotated out or the policy deleted on
+                # another worker): decide again on fresh data.
+                self._policies_changed(who.tid)
+                return self.request_access(who, req, public_key, _fresh=True)
             final = replace(rec, state=sm.ISSUED, serial=issued.serial, key_id=issued.key_id)
             entry = link(self._issued_audit(who, final, issued, vetted), created)
             final = replace(final, audit_head=entry.hash)
@@ -385,7 +425,7 @@ class Service:
         policy = replace(policy, ca=(ca,))
         entry = self._policy_audit(who, "policy.created", policy, None, {"policy": policy.to_dict()})
         try:
-            return self.store.create_policy(replace(policy, audit_head=entry.hash), entry)
+            return self._write_policy(self.store.create_policy, replace(policy, audit_head=entry.hash), entry)
         except Conflict:
             self.keys.disable_key(ca.key_ref)
             raise
@@ -432,7 +472,7 @@ class Service:
         before, after = base.to_dict(), new.to_dict()
         changed = {k: {"from": before[k], "to": after[k]} for k in after if before.get(k) != after[k]}
         entry = self._policy_audit(who, "policy.updated", new, base.audit_head, {"changed": changed})
-        return self.store.replace_policy(replace(new, audit_head=entry.hash), if_match, entry)
+        return self._write_policy(self.store.replace_policy, replace(new, audit_head=entry.hash), if_match, entry)
 
     def delete_policy(self, who: Identity, policy_id: str, if_match: str | None) -> Policy:
         """Stop issuance at once and disable the policy's CA keys; its records and audit stay."""
@@ -448,7 +488,7 @@ class Service:
         gone = replace(p, deleted=True, ca=retired)
         entry = self._policy_audit(who, "policy.deleted", gone, p.audit_head,
                                    {"ca_disabled": [c.fingerprint for c in p.ca if c.state != "retired"]})
-        saved = self.store.replace_policy(replace(gone, audit_head=entry.hash), if_match, entry)
+        saved = self._write_policy(self.store.replace_policy, replace(gone, audit_head=entry.hash), if_match, entry)
         for c in p.ca:
             if c.state != "retired":
                 self._disable_ca(c)
@@ -480,7 +520,7 @@ class Service:
                                    {"new": new.fingerprint,
                                     "previous": [c.fingerprint for c in keys if c.state == "previous"]})
         try:
-            return self.store.replace_policy(replace(rotated, audit_head=entry.hash), p.etag or "", entry)
+            return self._write_policy(self.store.replace_policy, replace(rotated, audit_head=entry.hash), p.etag or "", entry)
         except (Conflict, PreconditionFailed):
             self._disable_ca(new)
             raise
@@ -498,7 +538,7 @@ class Service:
                                      details={"retired": [c.fingerprint for c in due]}), p.audit_head)
             entry = replace(entry, tenant_id=tenant_id).sealed()
             try:
-                self.store.replace_policy(replace(p, ca=keys, audit_head=entry.hash), p.etag or "", entry)
+                self._write_policy(self.store.replace_policy, replace(p, ca=keys, audit_head=entry.hash), p.etag or "", entry)
             except (Conflict, PreconditionFailed):
                 continue  # changed meanwhile; the next sweep retries
             for c in due:
@@ -511,6 +551,107 @@ class Service:
         p = self.get_policy(who, policy_id)
         return [c for c in p.ca if c.state == "current"] + [c for c in p.ca if c.state == "previous"]
 
+    # ---- revocation and hosts -----------------------------------------------------------------
+    # Certificates stay in the KRL this long past their valid_before, for hosts whose clock lags.
+    KRL_EXPIRY_GRACE = 3600
+
+    def revoke_certificate(self, who: Identity, policy_id: str, serial: int,
+                           reason: str | None = None) -> CertificateRecord:
+        """Tenant admins, the policy's admins, or the certificate's own requester revoke it."""
+        try:
+            if reason is not None and (len(reason) > 1000 or "\n" in reason):
+                raise InvalidRequest("'reason' must be one line of at most 1000 characters.")
+            policy = self._policy_or_none(who.tid, policy_id)
+            if policy is None:
+                raise NotFound(f"Policy {policy_id!r} was not found.")
+            cert = self.store.get_certificate(who.tid, policy_id, serial)
+            own = cert.requester_oid == who.oid and cert.tenant_id == who.tid
+            if not (own or policy.is_admin(who)):
+                if not self._can_see(who, policy):
+                    raise NotFound(f"No certificate with serial {serial} was issued under policy {policy_id!r}.")
+                raise Forbidden("Only admins of this policy, or the certificate's own requester, may revoke it.")
+            if cert.revoked_at is not None:
+                raise Conflict(f"Certificate {serial} of policy {policy_id!r} was already revoked.",
+                               revoked_at=cert.revoked_at)
+        except EzsshError as exc:
+            self.refuse(who, exc, "certificate.revoke.refused", policy_id=policy_id, serial=str(serial))
+            raise
+        now = int(self.clock())
+        revoked = replace(cert, revoked_at=now, revoked_by=who.upn)
+        entry = link(self._audit(who, "certificate.revoked", request_id=cert.request_id, policy_id=policy_id,
+                                 key_id=cert.key_id, serial=str(serial), host=cert.host,
+                                 chain=f"crt:{policy_id}:{serial}",
+                                 details={"reason": reason, "requester_upn": cert.requester_upn,
+                                          "valid_before": cert.valid_before, "own": own}), None)
+        saved = self.store.revoke_certificate(revoked, cert.etag or "", entry)
+        log.info("revoked key_id=%s serial=%s by %s", cert.key_id, serial, who.upn)
+        return saved
+
+    def build_krl(self, policy: Policy) -> bytes:
+        """The policy's KRL: every revoked serial per CA key still trusted (current, previous).
+
+        Byte-stable for the same revocations: krl_version and generated_date are the latest
+        revocation time, so hosts replace their copy only when something was revoked (or expired
+        out of it, EXPIRY_GRACE after its valid_before).
+        """
+        from .core.keys import fingerprint_of_blob
+        from .core.krl import CaRevocations, ca_key_blob, encode_krl
+
+        keys = {fingerprint_of_blob(ca_key_blob(c.public_key)): c.public_key
+                for c in policy.ca if c.state in ("current", "previous")}
+        revoked = self.store.list_revoked(policy.tenant_id, policy.id)
+        latest = max((r.revoked_at or 0 for r in revoked), default=0)
+        cutoff = int(self.clock()) - self.KRL_EXPIRY_GRACE
+        serials: dict[str, set[int]] = {fp: set() for fp in keys}
+        for r in revoked:
+            if r.ca_fingerprint in serials and r.valid_before > cutoff:
+                serials[r.ca_fingerprint].add(r.serial)
+        return encode_krl([CaRevocations(keys[fp], frozenset(s)) for fp, s in serials.items()],
+                          krl_version=latest, generated_date=latest,
+                          comment=f"ezssh policy {policy.id} tenant {policy.tenant_id}")
+
+    def krl_for(self, who: Identity, policy_id: str) -> bytes:
+        return self.build_krl(self.get_policy(who, policy_id))
+
+    def krl_for_host(self, tenant_id: str | None, policy_id: str, host_token: str) -> bytes:
+        """A host's unauthenticated fetch: the policy's host token is the capability."""
+        import hmac
+
+        from .core.errors import Unauthenticated
+
+        bad = Unauthenticated("The host token is not valid for this tenant and policy.")
+        try:
+            if not tenant_id:
+                raise InvalidRequest("A host token fetch needs the 'tenant' query parameter.")
+            stored = self.store.get_host_token(tenant_id, policy_id) if _is_tenant_id(tenant_id) else None
+            # compare even when nothing is stored, so timing says nothing about which part was wrong
+            ok = hmac.compare_digest((stored or "\0" * 43).encode(), host_token.encode())
+            policy = self._policy_or_none(tenant_id, policy_id) if ok and stored else None
+            if policy is None:
+                raise bad
+        except EzsshError as exc:
+            self.refuse(None, exc, "krl.refused", policy_id=policy_id,
+                        details={"tenant": (tenant_id or "")[:64]})
+            raise
+        return self.build_krl(policy)
+
+    def host_setup_script(self, who: Identity, policy_id: str, api_url: str) -> str:
+        """The setup script for a policy (its CA keys, host token and current KRL rendered in)."""
+        from .hosts.setup import HostSetup, render_setup_script
+
+        policy = self.get_policy(who, policy_id)
+        token = self.store.ensure_host_token(who.tid, policy.id, secrets.token_urlsafe(32))
+        keys = tuple(c.public_key for c in policy.ca if c.state == "current") + \
+            tuple(c.public_key for c in policy.ca if c.state == "previous")
+        if not keys:
+            raise CaKeyNotFound(f"Policy {policy_id!r} has no CA key to trust.")
+        script = render_setup_script(HostSetup(api_url=api_url, tenant_id=policy.tenant_id, policy_id=policy.id,
+                                               ca_public_keys=keys, host_token=token,
+                                               krl=self.build_krl(policy)))
+        self.store.add_audit(self._audit(who, "policy.host_setup", policy_id=policy.id,
+                                         details={"api_url": api_url}).sealed())
+        return script
+
     # ---- health -------------------------------------------------------------------------------
     def health(self) -> dict[str, str]:
         checks: dict[str, str] = {}
@@ -522,6 +663,13 @@ class Service:
                 log.warning("health check %s failed: %s", name, exc)
                 checks[name] = "unavailable"
         return checks
+
+
+
+def _is_tenant_id(s: str) -> bool:
+    import re
+
+    return bool(re.match(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", s))
 
 
 def ensure_policy(service: Service, who: Identity, doc: dict) -> Policy:
