@@ -411,24 +411,47 @@ class Service:
                     prev_hash)
 
     def create_policy(self, who: Identity, doc: object) -> Policy:
+        """Create a policy with a new CA key, or with `ca_key_id` naming an existing Key Vault key
+        (bring your own key: the service proves it can read and sign with it before saving)."""
+        byok: str | None = None
         try:
             if not who.is_tenant_admin:
                 raise Forbidden("Only tenant admins (app role EZSSH.Admin) create policies.")
+            if isinstance(doc, dict) and "ca_key_id" in doc:
+                doc = dict(doc)
+                byok = doc.pop("ca_key_id")
+                if not isinstance(byok, str) or not byok.startswith("https://"):
+                    raise InvalidRequest("'ca_key_id' must be the https key id of a Key Vault key.")
             policy = policy_from_document(doc, tenant_id=who.tid, ttl_ceiling=self.config.max_ttl_ceiling)
             if self._policy_or_none(who.tid, policy.id) is not None:
                 raise Conflict(f"A policy with id {policy.id!r} already exists.")
+            now = int(self.clock())
+            ca = self._adopt_ca(policy.id, byok, now) if byok else self._new_ca(policy.id, who.tid, now)
         except EzsshError as exc:
             self.refuse(who, exc, "policy.create.refused")
             raise
-        now = int(self.clock())
-        ca = self._new_ca(policy.id, who.tid, now)
         policy = replace(policy, ca=(ca,))
         entry = self._policy_audit(who, "policy.created", policy, None, {"policy": policy.to_dict()})
         try:
             return self._write_policy(self.store.create_policy, replace(policy, audit_head=entry.hash), entry)
         except Conflict:
-            self.keys.disable_key(ca.key_ref)
+            if not byok:
+                self.keys.disable_key(ca.key_ref)
             raise
+
+    def _adopt_ca(self, policy_id: str, kid: str, now: int) -> CaKeyRef:
+        verify = getattr(self.keys, "verify_key", None)
+        if verify is None:
+            raise InvalidRequest("Bring-your-own-key needs the Key Vault signer backend.")
+        signer = verify(kid)  # raises with the exact missing permission
+        return CaKeyRef(
+            key_ref=signer.key_ref,
+            backend=f"{self.config.signer_backend}-byok",
+            public_key=ssh_public_key_line(signer, f"ezssh-ca:{policy_id}"),
+            fingerprint=ssh_fingerprint(signer.public_key()),
+            state="current",
+            created_at=now,
+        )
 
     def list_policies(self, who: Identity) -> list[Policy]:
         return sorted(
@@ -496,6 +519,8 @@ class Service:
 
     def _disable_ca(self, ca: CaKeyRef) -> None:
         self.forget_signer(ca.key_ref)
+        if ca.backend.endswith("-byok"):
+            return  # a customer's own key: the policy stops using it; disabling it is theirs to do
         try:
             self.keys.disable_key(ca.key_ref)
         except CaKeyNotFound:
