@@ -31,3 +31,6 @@ bench: setup
 
 clean: down
 	rm -rf .local
+
+package:
+	@scripts/package.sh $(PACKAGE_OUT)

@@ -1,0 +1,267 @@
+// ezssh in Azure: one resource group with the service, plus role assignments on the VMs it enrols.
+//
+//   az deployment sub create --location <region> --template-file infra/main.bicep \
+//     --parameters @infra/main.parameters.json
+//
+// Subscription scope, so that one command creates the resource group and grants the service's
+// managed identity its VM role on the resource groups (or subscriptions) named in vmScopes.
+// Nothing here uses a secret: storage, Key Vault and Application Insights are all reached with the
+// user-assigned managed identity. See docs/DEPLOY.md for the whole procedure.
+//
+// Not compiled here (no Bicep CLI was available where this was written); tests/deploy checks it
+// structurally. Run `az bicep build --file infra/main.bicep` before the first deployment.
+targetScope = 'subscription'
+
+@description('Azure region for every resource (Flex Consumption must be offered there).')
+param location string
+
+@description('Name of the resource group to create or update.')
+param resourceGroupName string = 'rg-ezssh'
+
+@description('Short prefix for resource names: lower-case letters and digits.')
+@minLength(3)
+@maxLength(9)
+param namePrefix string = 'ezssh'
+
+@description('Tenant ids (GUIDs) whose users may sign in; the first is the one ezssh configure offers.')
+@minLength(1)
+param tenantIds array
+
+@description('Client id of the API app registration (the audience of access tokens).')
+param apiClientId string
+
+@description('Application id URI of the API app registration, e.g. api://ezssh. Empty: api://<apiClientId>.')
+param apiAppIdUri string = ''
+
+@description('The delegated scope the CLI asks for.')
+param apiScope string = 'access_as_user'
+
+@description('Client id of the CLI public client app registration.')
+param cliClientId string
+
+@description('Token issuer with {tid}. Keep the Entra v2 default unless you know otherwise.')
+param issuerTemplate string = 'https://login.microsoftonline.com/{tid}/v2.0'
+
+@description('Table that holds policies, requests and audit.')
+param tableName string = 'ezssh'
+
+@description('Kind of new policy CA keys.')
+@allowed([
+  'EC-P256'
+  'EC-P384'
+  'RSA-3072'
+])
+param caKeyKind string = 'EC-P256'
+
+@description('No policy may allow certificates longer than this many seconds.')
+@minValue(60)
+@maxValue(604800)
+param maxTtlCeiling int = 86400
+
+@description('Seconds certificates are backdated for clock skew.')
+@minValue(0)
+@maxValue(600)
+param backdateSeconds int = 60
+
+@description('URL of an existing Managed HSM (https://<name>.managedhsm.azure.net). Empty: create a Key Vault Premium.')
+param managedHsmUrl string = ''
+
+@description('Scopes whose VMs ezssh may enrol: resource group ids (/subscriptions/<sub>/resourceGroups/<rg>) or subscription ids (/subscriptions/<sub>).')
+param vmScopes array = []
+
+@description('Role the identity gets on vmScopes: the built-in Virtual Machine Contributor, or a custom role limited to reading VMs and Run Command.')
+@allowed([
+  'VirtualMachineContributor'
+  'RunCommandOnly'
+])
+param vmRole string = 'RunCommandOnly'
+
+@description('Public base URL of the API if you front it with a custom domain. Empty: the app host name.')
+param publicUrl string = ''
+
+@description('Subscribe the enrol_vm_event function to VM writes in this subscription. Needs the code published first (see docs/DEPLOY.md).')
+param enableVmEvents bool = false
+
+@description('Upper bound of Flex Consumption instances.')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+@description('Memory per instance (MB).')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Tags for every resource.')
+param tags object = {
+  app: 'ezssh'
+}
+
+var suffix = uniqueString(subscription().id, resourceGroupName, namePrefix)
+var useManagedHsm = !empty(managedHsmUrl)
+
+resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: resourceGroupName
+  location: location
+  tags: tags
+}
+
+module identity 'modules/identity.bicep' = {
+  scope: rg
+  name: 'ezssh-identity'
+  params: {
+    name: 'id-${namePrefix}-${suffix}'
+    location: location
+    tags: tags
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  scope: rg
+  name: 'ezssh-storage'
+  params: {
+    name: take('st${namePrefix}${suffix}', 24)
+    location: location
+    tags: tags
+    tableName: tableName
+  }
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  scope: rg
+  name: 'ezssh-monitoring'
+  params: {
+    namePrefix: namePrefix
+    suffix: suffix
+    location: location
+    tags: tags
+  }
+}
+
+module keyVault 'modules/keyvault.bicep' = if (!useManagedHsm) {
+  scope: rg
+  name: 'ezssh-keyvault'
+  params: {
+    name: 'kv-${namePrefix}-${take(suffix, 10)}'
+    location: location
+    tags: tags
+  }
+}
+
+var keyvaultUrl = useManagedHsm ? managedHsmUrl : keyVault.outputs.vaultUri
+
+module functionApp 'modules/functionapp.bicep' = {
+  scope: rg
+  name: 'ezssh-functionapp'
+  params: {
+    name: 'func-${namePrefix}-${suffix}'
+    planName: 'plan-${namePrefix}-${suffix}'
+    location: location
+    tags: tags
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
+    storageAccountName: storage.outputs.name
+    deploymentContainerUrl: storage.outputs.deploymentContainerUrl
+    tableEndpoint: storage.outputs.tableEndpoint
+    appInsightsConnectionString: monitoring.outputs.connectionString
+    tenantIds: tenantIds
+    issuerTemplate: issuerTemplate
+    apiClientId: apiClientId
+    apiAppIdUri: apiAppIdUri
+    apiScope: apiScope
+    cliClientId: cliClientId
+    tableName: tableName
+    keyvaultUrl: keyvaultUrl
+    caKeyKind: caKeyKind
+    maxTtlCeiling: maxTtlCeiling
+    backdateSeconds: backdateSeconds
+    enrolScopes: vmScopes
+    publicUrl: publicUrl
+    maximumInstanceCount: maximumInstanceCount
+    instanceMemoryMB: instanceMemoryMB
+  }
+}
+
+// The service's own resources: storage (host + tables), the vault, telemetry.
+module rbac 'modules/rbac.bicep' = {
+  scope: rg
+  name: 'ezssh-rbac'
+  params: {
+    principalId: identity.outputs.principalId
+    storageAccountName: storage.outputs.name
+    keyVaultName: useManagedHsm ? '' : keyVault.outputs.name
+    appInsightsName: monitoring.outputs.appInsightsName
+  }
+}
+
+// The VMs ezssh may enrol (Run Command pushes the host setup script).
+var vmSubscriptionScopes = filter(vmScopes, s => length(split(s, '/')) == 3)
+var vmResourceGroupScopes = filter(vmScopes, s => length(split(s, '/')) == 5)
+var vmRoleSubscriptions = union(map(vmScopes, s => '/subscriptions/${split(s, '/')[2]}'), [subscription().id])
+
+module runCommandRole 'modules/vm-role.bicep' = if (vmRole == 'RunCommandOnly') {
+  name: 'ezssh-vm-role'
+  params: {
+    namePrefix: namePrefix
+    assignableScopes: vmRoleSubscriptions
+  }
+}
+
+// Virtual Machine Contributor (built in).
+var virtualMachineContributorRoleId = '9980e02c-c2be-4d73-94e8-173b1dc7cf3c'
+var vmRoleDefinitionGuid = vmRole == 'RunCommandOnly' ? runCommandRole.outputs.roleGuid : virtualMachineContributorRoleId
+
+module vmAccessResourceGroups 'modules/rbac-vm-rg.bicep' = [for s in vmResourceGroupScopes: {
+  scope: resourceGroup(split(s, '/')[2], split(s, '/')[4])
+  name: 'ezssh-vm-${uniqueString(s)}'
+  params: {
+    principalId: identity.outputs.principalId
+    roleDefinitionGuid: vmRoleDefinitionGuid
+  }
+}]
+
+module vmAccessSubscriptions 'modules/rbac-vm-sub.bicep' = [for s in vmSubscriptionScopes: {
+  scope: subscription(split(s, '/')[2])
+  name: 'ezssh-vm-${uniqueString(s)}'
+  params: {
+    principalId: identity.outputs.principalId
+    roleDefinitionGuid: vmRoleDefinitionGuid
+  }
+}]
+
+// Auto-enrolment: VM writes anywhere in this subscription reach the enrol_vm_event function.
+module events 'modules/events.bicep' = if (enableVmEvents) {
+  scope: rg
+  name: 'ezssh-events'
+  params: {
+    topicName: 'evgt-${namePrefix}-${suffix}'
+    functionAppId: functionApp.outputs.id
+    tags: tags
+  }
+}
+
+@description('The service URL: hand `ezssh configure --server <apiUrl>` to users.')
+output apiUrl string = 'https://${functionApp.outputs.defaultHostName}'
+
+@description('The command users run once.')
+output configureCommand string = 'ezssh configure --server https://${functionApp.outputs.defaultHostName}'
+
+@description('What /api/client-config serves to `ezssh configure`, for checking.')
+output clientConfig object = {
+  authority: replace(replace(issuerTemplate, '{tid}', tenantIds[0]), '/v2.0', '')
+  tenant_id: tenantIds[0]
+  client_id: cliClientId
+  scopes: [
+    '${empty(apiAppIdUri) ? 'api://${apiClientId}' : apiAppIdUri}/${apiScope}'
+  ]
+}
+
+output resourceGroupName string = rg.name
+output functionAppName string = functionApp.outputs.name
+output storageAccountName string = storage.outputs.name
+output keyvaultUrl string = keyvaultUrl
+output managedIdentityClientId string = identity.outputs.clientId
+output managedIdentityPrincipalId string = identity.outputs.principalId

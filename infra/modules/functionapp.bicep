@@ -1,0 +1,214 @@
+// The Function App: Linux, Python 3.11, Flex Consumption (FC1). Flex always runs from a package:
+// the zip published with `az functionapp deployment source config-zip` lands in the storage
+// container below, which the app reads with the managed identity. There is no
+// WEBSITE_RUN_FROM_PACKAGE, FUNCTIONS_WORKER_RUNTIME or FUNCTIONS_EXTENSION_VERSION setting on Flex:
+// the runtime is declared in functionAppConfig.runtime instead.
+param name string
+param planName string
+param location string
+param tags object = {}
+
+param identityId string
+param identityClientId string
+param storageAccountName string
+param deploymentContainerUrl string
+param tableEndpoint string
+param appInsightsConnectionString string
+
+param tenantIds array
+param issuerTemplate string
+param apiClientId string
+param apiAppIdUri string
+param apiScope string
+param cliClientId string
+param tableName string
+param keyvaultUrl string
+param caKeyKind string
+param maxTtlCeiling int
+param backdateSeconds int
+@description('Scopes whose VMs may be enrolled (resource group or subscription ids).')
+param enrolScopes array = []
+@description('Public base URL of the API when it differs from the app host name (custom domain). Empty: https://$WEBSITE_HOSTNAME.')
+param publicUrl string = ''
+
+param maximumInstanceCount int = 40
+param instanceMemoryMB int = 2048
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true // Linux
+  }
+}
+
+// Every setting functions/settings.py reads in Azure, plus the host's identity-based storage
+// connection and telemetry. tests/deploy/test_parity.py keeps this list and SETTINGS in step.
+var appSettings = [
+  // Functions host storage, by identity (no AccountKey anywhere).
+  {
+    name: 'AzureWebJobsStorage__accountName'
+    value: storageAccountName
+  }
+  {
+    name: 'AzureWebJobsStorage__credential'
+    value: 'managedidentity'
+  }
+  {
+    name: 'AzureWebJobsStorage__clientId'
+    value: identityClientId
+  }
+  // Telemetry: the connection string locates the resource; the identity authenticates.
+  {
+    name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+    value: appInsightsConnectionString
+  }
+  {
+    name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+    value: 'ClientId=${identityClientId};Authorization=AAD'
+  }
+  // DefaultAzureCredential picks the user-assigned identity by this id.
+  {
+    name: 'AZURE_CLIENT_ID'
+    value: identityClientId
+  }
+  // Sign-in.
+  {
+    name: 'EZSSH_TENANTS'
+    value: join(tenantIds, ',')
+  }
+  {
+    name: 'EZSSH_ISSUER_TEMPLATE'
+    value: issuerTemplate
+  }
+  {
+    name: 'EZSSH_API_CLIENT_ID'
+    value: apiClientId
+  }
+  {
+    name: 'EZSSH_API_APP_ID_URI'
+    value: apiAppIdUri
+  }
+  {
+    name: 'EZSSH_API_SCOPE'
+    value: apiScope
+  }
+  {
+    name: 'EZSSH_CLI_CLIENT_ID'
+    value: cliClientId
+  }
+  // State: Table Storage through the account URL and the managed identity.
+  {
+    name: 'EZSSH_STORAGE_ACCOUNT_URL'
+    value: tableEndpoint
+  }
+  {
+    name: 'EZSSH_TABLE_NAME'
+    value: tableName
+  }
+  // CA keys: Key Vault (or Managed HSM) through the managed identity.
+  {
+    name: 'EZSSH_SIGNER_BACKEND'
+    value: 'keyvault'
+  }
+  {
+    name: 'EZSSH_KEYVAULT_URL'
+    value: keyvaultUrl
+  }
+  {
+    name: 'EZSSH_CA_KEY_KIND'
+    value: caKeyKind
+  }
+  // Certificate limits.
+  {
+    name: 'EZSSH_MAX_TTL_CEILING'
+    value: string(maxTtlCeiling)
+  }
+  {
+    name: 'EZSSH_BACKDATE_SECONDS'
+    value: string(backdateSeconds)
+  }
+  // Hosts: where VMs may be enrolled, the ARM endpoint of this cloud, and the URL pushed scripts
+  // fetch KRLs from (empty: the service uses https://$WEBSITE_HOSTNAME).
+  {
+    name: 'EZSSH_ENROL_SCOPES'
+    value: join(enrolScopes, ',')
+  }
+  {
+    name: 'EZSSH_ARM_ENDPOINT'
+    value: environment().resourceManager
+  }
+  {
+    name: 'EZSSH_PUBLIC_URL'
+    value: publicUrl
+  }
+]
+
+resource site 'Microsoft.Web/sites@2024-04-01' = {
+  name: name
+  location: location
+  tags: tags
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    clientCertEnabled: false
+    siteConfig: {
+      minTlsVersion: '1.2'
+      appSettings: appSettings
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: deploymentContainerUrl
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        maximumInstanceCount: maximumInstanceCount
+        instanceMemoryMB: instanceMemoryMB
+      }
+      runtime: {
+        name: 'python'
+        version: '3.11'
+      }
+    }
+  }
+}
+
+// Publishing goes through Entra ID (az login), never through basic-auth publishing credentials.
+resource scmBasicAuth 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: site
+  name: 'scm'
+  properties: {
+    allow: false
+  }
+}
+
+resource ftpBasicAuth 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: site
+  name: 'ftp'
+  properties: {
+    allow: false
+  }
+}
+
+output id string = site.id
+output name string = site.name
+output defaultHostName string = site.properties.defaultHostName

@@ -1,0 +1,16 @@
+// The one user-assigned managed identity the service uses for everything: host storage, tables,
+// Key Vault, Application Insights and Run Command on the VMs it enrols.
+param name string
+param location string
+param tags object = {}
+
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: name
+  location: location
+  tags: tags
+}
+
+output id string = identity.id
+output name string = identity.name
+output clientId string = identity.properties.clientId
+output principalId string = identity.properties.principalId

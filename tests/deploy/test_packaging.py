@@ -1,0 +1,114 @@
+"""The Functions package: what scripts/package.sh puts in the zip, and that the zip's
+requirements.txt alone, in a clean venv, is enough to import function_app and register every
+function, with no EZSSH_* setting present (settings are read on the first request, not at import).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from . import REPO
+
+EXPECTED_FUNCTIONS = {
+    "http_app_func": "httpTrigger",  # the FastAPI app through func.AsgiFunctionApp
+    "expire_requests": "timerTrigger",  # approval expiry
+    "enrol_vm_event": "eventGridTrigger",  # auto-enrolment of new VMs
+    "reconcile_enrolments": "timerTrigger",  # enrolment reconciliation
+}
+TOP_LEVEL = {"function_app.py", "host.json", "requirements.txt"}
+
+
+def build(out: Path) -> Path:
+    r = subprocess.run(["bash", str(REPO / "scripts" / "package.sh"), str(out)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, f"package.sh failed:\n{r.stdout}\n{r.stderr}"
+    assert out.is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("pkg") / "ezssh-functions.zip")
+
+
+def test_zip_holds_the_app_and_nothing_else(package: Path):
+    names = zipfile.ZipFile(package).namelist()
+    assert TOP_LEVEL <= set(names)
+    assert "functions/__init__.py" in names and "functions/settings.py" in names and "functions/wiring.py" in names
+    for n in names:
+        assert n in TOP_LEVEL or n.startswith("functions/"), f"unexpected entry {n}"
+        for bad in ("__pycache__", ".pyc", "/tests/", "tests/", "client/", ".local", "node_modules", ".venv"):
+            assert bad not in n, f"{n} should not be packaged"
+    on_disk = {
+        p.relative_to(REPO).as_posix()
+        for p in (REPO / "functions").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+        and not any(part.startswith(".") for part in p.relative_to(REPO).parts)
+    }
+    assert on_disk <= set(names), f"sources left out: {sorted(on_disk - set(names))}"
+
+
+def test_zip_is_reproducible(package: Path, tmp_path: Path):
+    assert build(tmp_path / "again.zip").read_bytes() == package.read_bytes()
+
+
+def test_package_target_in_makefile():
+    mk = (REPO / "Makefile").read_text()
+    assert "\npackage:" in mk and "scripts/package.sh" in mk
+
+
+@pytest.fixture(scope="module")
+def registered(package: Path, tmp_path_factory) -> dict[str, list[str]]:
+    """Unzip, make a clean venv, pip install the zip's requirements.txt, import function_app there."""
+    root = tmp_path_factory.mktemp("clean")
+    app_dir = root / "app"
+    zipfile.ZipFile(package).extractall(app_dir)
+    env_dir = root / "venv"
+    started = time.monotonic()
+    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "-r", str(app_dir / "requirements.txt")], capture_output=True, text=True, timeout=900)
+    took = time.monotonic() - started
+    assert r.returncode == 0, f"pip install -r requirements.txt failed in a clean venv:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    print(f"\nclean venv + pip install -r requirements.txt: {took:.1f} s", file=sys.stderr)
+
+    probe = (
+        "import json, function_app\n"
+        "fs = function_app.app.get_functions()\n"  # may be called once per app object
+        "print(json.dumps({'file': function_app.__file__,"
+        " 'functions': {f.get_function_name(): [b.type for b in f.get_bindings()] for f in fs}}))\n"
+    )
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
+    env = {k: v for k, v in os.environ.items() if k in keep}  # no EZSSH_*, no AZURE_*, no PYTHONPATH
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    r = subprocess.run([str(py), "-c", probe], cwd=app_dir, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"import function_app failed in the clean venv:\n{r.stderr[-4000:]}"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert Path(out["file"]).resolve().parent == app_dir.resolve(), "imported function_app from outside the package"
+    return out["functions"]
+
+
+def test_function_app_imports_without_settings(registered):
+    assert isinstance(registered, dict) and registered
+
+
+def test_registered_functions(registered):
+    missing = sorted(set(EXPECTED_FUNCTIONS) - set(registered))
+    extra = sorted(set(registered) - set(EXPECTED_FUNCTIONS))
+    assert not missing and not extra, f"functions missing: {missing}; unexpected: {extra}; registered: {registered}"
+
+
+def test_trigger_types(registered):
+    for name, trigger in EXPECTED_FUNCTIONS.items():
+        if name in registered:
+            assert trigger in registered[name], f"{name} should have a {trigger}; has {registered[name]}"
