@@ -10,6 +10,7 @@ from typing import Callable
 from fastapi import FastAPI, Request
 
 from . import errors, meta, policies, requests
+from . import hosts
 from .deps import Context
 
 log = logging.getLogger("ezssh.api")
@@ -43,4 +44,5 @@ def create_app(context_factory: Callable[[], Context]) -> FastAPI:
     app.include_router(meta.router)
     app.include_router(requests.router)
     app.include_router(policies.router)
+    app.include_router(hosts.router)
     return app

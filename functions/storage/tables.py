@@ -371,3 +371,56 @@ class TableStore:
             if len(out) >= limit:
                 break
         return out
+
+    # ---- revocation -------------------------------------------------------------------------
+    def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:
+        """Set RevokedAt/RevokedBy on the certificate row if it is unchanged since read, then audit."""
+        entity = {
+            "PartitionKey": cert.tenant_id,
+            "RowKey": f"crt|{cert.policy_id}|{_serial_key(cert.serial)}",
+            "RevokedAt": cert.revoked_at,
+            "RevokedBy": cert.revoked_by,
+        }
+        try:
+            meta = _guard(
+                "revoke certificate",
+                lambda: self._table.update_entity(
+                    entity, mode=UpdateMode.MERGE, etag=etag, match_condition=MatchConditions.IfNotModified
+                ),
+            )
+        except ResourceNotFoundError:
+            raise NotFound(f"No certificate with serial {cert.serial} was issued under policy "
+                           f"{cert.policy_id!r}.") from None
+        except (ResourceModifiedError, HttpResponseError):
+            raise Conflict(f"Certificate {cert.serial} changed at the same time; read it again.") from None
+        self.add_audit(audit)
+        return replace(cert, etag=meta.get("etag"))
+
+    def list_revoked(self, tenant_id: str, policy_id: str) -> list[CertificateRecord]:
+        """Every revoked certificate of a policy, expired or not (the caller decides what to drop)."""
+        flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and RevokedAt gt @zero"
+        params = {"pk": tenant_id, "lo": f"crt|{policy_id}|", "hi": f"crt|{policy_id}}}", "zero": 0}
+        rows = _guard("list revoked", lambda: list(self._table.query_entities(flt, parameters=params)))
+        return [self._cert_from_entity(e) for e in rows]
+
+    # ---- host tokens ------------------------------------------------------------------------
+    # Row hst|<policy id>: the per-policy capability hosts present to fetch the KRL without an
+    # Entra token. Kept out of the policy document so it never appears in policy reads or audit.
+    def get_host_token(self, tenant_id: str, policy_id: str) -> str | None:
+        try:
+            e = _guard("get host token", lambda: self._table.get_entity(tenant_id, f"hst|{policy_id}"))
+        except ResourceNotFoundError:
+            return None
+        return e.get("Token")
+
+    def ensure_host_token(self, tenant_id: str, policy_id: str, candidate: str) -> str:
+        entity = {"PartitionKey": tenant_id, "RowKey": f"hst|{policy_id}", "Kind": "host-token",
+                  "PolicyId": policy_id, "Token": candidate}
+        try:
+            _guard("create host token", lambda: self._table.create_entity(entity))
+            return candidate
+        except ResourceExistsError:
+            existing = self.get_host_token(tenant_id, policy_id)
+            if existing is None:  # pragma: no cover - deleted between the two calls
+                raise Conflict("The host token changed at the same time; retry.") from None
+            return existing

@@ -1,0 +1,75 @@
+"""Hosts: the setup script, the revocation list (KRL) and revoking a certificate.
+
+`GET /api/policies/{id}/krl` answers two kinds of caller:
+  - a signed-in user who can see the policy (bearer token), and
+  - a host, without an Entra token: `?tenant=<tid>` plus the header `X-Ezssh-Host-Token`, the
+    policy's host token (rendered into the setup script). Any mismatch is one 401.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..core.errors import EzsshError, InvalidRequest
+from ..core.krl import krl_version_of
+from ..core.policy import Identity
+from .deps import Strict, caller, parse_body, service
+
+router = APIRouter(prefix="/api", tags=["hosts"])
+HOST_TOKEN_HEADER = "x-ezssh-host-token"
+SERIAL_RE = re.compile(r"^[0-9]{1,19}$")
+
+
+class RevokeBody(Strict):
+    reason: str | None = None
+
+
+def _serial(raw: str) -> int:
+    if not SERIAL_RE.match(raw) or not 0 < int(raw) < 2**63:
+        raise InvalidRequest(f"Serial {raw[:40]!r} is not a certificate serial (a decimal number from 1 to 2^63-1).")
+    return int(raw)
+
+
+def _krl_response(data: bytes, policy_id: str) -> Response:
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{policy_id}.krl"',
+                             "X-Krl-Version": str(krl_version_of(data))})
+
+
+@router.get("/policies/{policy_id}/krl")
+async def krl(request: Request, policy_id: str, tenant: str | None = Query(None)) -> Response:
+    svc = service(request)
+    host_token = request.headers.get(HOST_TOKEN_HEADER)
+    if host_token and not request.headers.get("authorization"):
+        data = await run_in_threadpool(svc.krl_for_host, tenant, policy_id, host_token)
+    else:
+        who = caller(request)
+        data = await run_in_threadpool(svc.krl_for, who, policy_id)
+    return _krl_response(data, policy_id)
+
+
+@router.get("/policies/{policy_id}/host-setup")
+async def host_setup(request: Request, policy_id: str, who: Identity = Depends(caller)) -> PlainTextResponse:
+    api_url = str(request.base_url).rstrip("/")
+    script = await run_in_threadpool(service(request).host_setup_script, who, policy_id, api_url)
+    return PlainTextResponse(script, media_type="text/x-shellscript",
+                             headers={"Content-Disposition": f'attachment; filename="ezssh-host-setup-{policy_id}.sh"'})
+
+
+@router.post("/certificates/{policy_id}/{serial}/revoke")
+async def revoke(request: Request, policy_id: str, serial: str, who: Identity = Depends(caller)) -> JSONResponse:
+    svc = service(request)
+    body = await parse_body(request, RevokeBody, who, "certificate.revoke.refused")
+    try:
+        number = _serial(serial)
+    except EzsshError as exc:
+        svc.refuse(who, exc, "certificate.revoke.refused", policy_id=policy_id)
+        raise
+    rec = await run_in_threadpool(svc.revoke_certificate, who, policy_id, number, body.reason)
+    return JSONResponse({"policy": rec.policy_id, "serial": str(rec.serial), "key_id": rec.key_id,
+                         "revoked_at": rec.revoked_at, "revoked_by": rec.revoked_by,
+                         "valid_before": rec.valid_before})

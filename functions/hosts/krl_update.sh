@@ -1,0 +1,136 @@
+#!/bin/sh
+# ezssh-krl-update: fetch the revocation list (KRL) of every ezssh access policy this host trusts and
+# combine them into the one file sshd's RevokedKeys names. Installed by the ezssh host setup script;
+# run by a systemd timer or cron. POSIX sh; needs curl or wget, od, tail.
+#
+#   ezssh-krl-update [--root DIR] [--no-fetch] [--combine-to FILE] [--jitter]
+#
+# Layout (under the root prefix):
+#   /etc/ssh/ezssh/policies/<tenant>_<policy>.conf   EZSSH_API, EZSSH_TENANT, EZSSH_POLICY
+#   /etc/ssh/ezssh/policies/<tenant>_<policy>.token  "X-Ezssh-Host-Token: ..." (mode 0600)
+#   /etc/ssh/ezssh/krl.d/<tenant>_<policy>.krl       the policy's last good KRL
+#   /etc/ssh/ezssh/revoked_keys                      all of them in one KRL (RevokedKeys)
+#
+# A KRL is a header followed by self-contained sections, so the combined KRL is a fresh empty
+# header followed by the sections of each policy's KRL. A fetch that fails or does not parse
+# keeps the last good KRL. sshd re-reads RevokedKeys at each login: no reload is needed.
+set -eu
+umask 022
+
+ROOT=${EZSSH_ROOT:-}
+FETCH=1
+COMBINE_TO=
+JITTER=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --root) ROOT=${2:?--root needs a directory}; shift 2 ;;
+        --root=*) ROOT=${1#--root=}; shift ;;
+        --no-fetch) FETCH=0; shift ;;
+        --combine-to) COMBINE_TO=${2:?--combine-to needs a file}; shift 2 ;;
+        --jitter) JITTER=1; shift ;;
+        *) echo "ezssh-krl-update: unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+ROOT=${ROOT%/}
+EZ=$ROOT/etc/ssh/ezssh
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/ezssh-krl.XXXXXX")
+trap 'rm -rf "$TMP"' EXIT INT TERM
+
+say() { echo "ezssh-krl-update: $*" >&2; }
+
+# Is FILE an OpenSSH KRL? (magic, then a full parse by ssh-keygen where it is installed)
+krl_ok() {
+    [ -s "$1" ] || return 1
+    [ "$(dd if="$1" bs=6 count=1 2>/dev/null)" = SSHKRL ] || return 1
+    if command -v ssh-keygen >/dev/null 2>&1; then
+        ssh-keygen -Q -l -f "$1" >/dev/null 2>&1 || return 1
+    fi
+    return 0
+}
+
+# Four big-endian bytes of FILE at OFFSET, as a number.
+u32_at() {
+    od -An -tu1 -j "$2" -N 4 "$1" | awk '{ for (i = 1; i <= NF; i++) v = v * 256 + $i } END { printf "%d\n", v }'
+}
+
+# Where the sections of KRL FILE start: after magic(8) version(4) krl_version(8) date(8) flags(8),
+# the reserved string and the comment string.
+sections_offset() {
+    _rl=$(u32_at "$1" 36)
+    _cl=$(u32_at "$1" $((40 + _rl)))
+    echo $((44 + _rl + _cl))
+}
+
+# Write the combined KRL of every krl.d/*.krl to FILE.
+combine() {
+    # empty header: magic, format version 1, krl_version 0, generated_date 0, flags 0, "", ""
+    printf 'SSHKRL\n\000\000\000\000\001\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000\000' >"$1"
+    for _k in "$EZ"/krl.d/*.krl; do
+        [ -f "$_k" ] || continue
+        if ! krl_ok "$_k"; then
+            say "skipping $_k: not a valid KRL"
+            continue
+        fi
+        tail -c +$(($(sections_offset "$_k") + 1)) "$_k" >>"$1"
+    done
+    krl_ok "$1"
+}
+
+fetch() {
+    _conf=$1
+    _name=$(basename "$_conf" .conf)
+    EZSSH_API='' EZSSH_TENANT='' EZSSH_POLICY=''
+    . "$_conf"
+    _url="$EZSSH_API/api/policies/$EZSSH_POLICY/krl?tenant=$EZSSH_TENANT"
+    _hdr=$EZ/policies/$_name.token
+    rm -f "$TMP/new"
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS --max-time 60 --retry 2 -H "@$_hdr" -o "$TMP/new" "$_url" || return 1
+    elif command -v wget >/dev/null 2>&1; then
+        wget -q -T 60 -t 3 --header="$(cat "$_hdr")" -O "$TMP/new" "$_url" || return 1
+    else
+        say "neither curl nor wget is installed"
+        return 1
+    fi
+    if ! krl_ok "$TMP/new"; then
+        say "policy $EZSSH_POLICY: the server's answer is not a valid KRL"
+        return 1
+    fi
+    if ! cmp -s "$TMP/new" "$EZ/krl.d/$_name.krl"; then
+        cp "$TMP/new" "$EZ/krl.d/.$_name.krl.tmp"
+        chmod 644 "$EZ/krl.d/.$_name.krl.tmp"
+        mv -f "$EZ/krl.d/.$_name.krl.tmp" "$EZ/krl.d/$_name.krl"
+        say "policy $EZSSH_POLICY: new KRL"
+    fi
+}
+
+status=0
+if [ "$FETCH" = 1 ]; then
+    if [ "$JITTER" = 1 ]; then
+        sleep $(($(od -An -N2 -tu2 /dev/urandom | tr -d ' ') % 120))
+    fi
+    for conf in "$EZ"/policies/*.conf; do
+        [ -f "$conf" ] || continue
+        if ! fetch "$conf"; then
+            say "could not fetch the KRL of $(basename "$conf" .conf); keeping the last good one"
+            status=1
+        fi
+    done
+fi
+
+if [ -n "$COMBINE_TO" ]; then
+    combine "$COMBINE_TO"
+    exit $status
+fi
+if ! combine "$TMP/combined"; then
+    say "the combined KRL does not parse; keeping $EZ/revoked_keys"
+    exit 1
+fi
+if ! cmp -s "$TMP/combined" "$EZ/revoked_keys"; then
+    cp "$TMP/combined" "$EZ/.revoked_keys.tmp"
+    chmod 644 "$EZ/.revoked_keys.tmp"
+    mv -f "$EZ/.revoked_keys.tmp" "$EZ/revoked_keys"
+    say "updated $EZ/revoked_keys"
+fi
+exit $status

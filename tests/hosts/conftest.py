@@ -1,0 +1,85 @@
+"""Fixtures for the host tests: sandbox hosts with a real sshd, tokens, a second policy, another tenant."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import httpx
+import pytest
+
+from devstack.proc import StandInError
+
+from .sandbox import SandboxHost
+
+
+def unavailable(reason: str) -> None:
+    """As tests/conftest.py: a missing stand-in fails under CI and skips elsewhere."""
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"stand-in unavailable under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def make_host(tmp_path, sshd):
+    """A factory of sandbox hosts (root prefix + a real sshd reading its sshd_config), stopped after."""
+    if os.geteuid() != 0 or (shutil.which("sshd") is None and not os.path.exists("/usr/sbin/sshd")):
+        unavailable("sandbox hosts need root and sshd")
+    hosts: list[SandboxHost] = []
+
+    def make(name: str = "host", *, with_dropin_dir: bool = True, start: bool = True) -> SandboxHost:
+        h = SandboxHost(tmp_path / name / "root", with_dropin_dir=with_dropin_dir).create()
+        hosts.append(h)
+        if start:
+            try:
+                h.start()
+            except (StandInError, OSError) as exc:
+                unavailable(f"sandbox sshd did not start: {exc}")
+        return h
+
+    yield make
+    for h in hosts:
+        h.stop()
+
+
+@pytest.fixture(scope="session")
+def client(api_server):
+    with httpx.Client(base_url=api_server, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def auth(token_for):
+    return lambda user: {"Authorization": f"Bearer {token_for(user)}"}
+
+
+def _doc(oidc, pid: str, tenant: str) -> dict:
+    return {
+        "id": pid,
+        "name": f"Host tests: {pid}",
+        "rules": [{"groups": [oidc.group_id(tenant, "ezssh-users")], "action": "auto"}],
+        "hosts": ["127.0.0.0/8"],
+        "principals": ["{username}"],
+        "admins": {"groups": [oidc.group_id(tenant, "ezssh-admins")]},
+        "default_ttl": 3600,
+        "max_ttl": 8 * 3600,
+        "extensions": ["permit-pty"],
+    }
+
+
+@pytest.fixture(scope="session")
+def second_policy(context, oidc, demo_policy):
+    """A second contoso policy with its own CA, covering the same hosts as the demo policy."""
+    from devstack.stack import identity_of
+    from functions.service import ensure_policy
+
+    return ensure_policy(context.service, identity_of(oidc, "carol"), _doc(oidc, "hosts-b", "contoso"))
+
+
+@pytest.fixture(scope="session")
+def fabrikam_policy(context, oidc):
+    """A policy of another tenant (fabrikam), created by its admin mallory."""
+    from devstack.stack import identity_of
+    from functions.service import ensure_policy
+
+    return ensure_policy(context.service, identity_of(oidc, "mallory"), _doc(oidc, "fab-hosts", "fabrikam"))
