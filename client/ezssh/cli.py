@@ -328,6 +328,9 @@ def build_parser():
     c = ps.add_parser("ca", help="print the policy's CA public keys (one OpenSSH key per line)")
     c.add_argument("id", metavar="ID")
     c.set_defaults(func=cmd_policy_ca)
+    from .hostcmd import add_certs_commands, add_policy_host_setup
+    add_policy_host_setup(ps)
+    add_certs_commands(sub)
     return p
 
 

@@ -3,6 +3,7 @@ fetches it through the installed helper with the policy's host token."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -177,3 +178,40 @@ def test_krl_size_and_encode_time(n, demo_policy):
     took = time.perf_counter() - started
     print(f"\nKRL with {n} revoked serials: {len(data)} bytes, encoded in {took * 1000:.2f} ms")
     assert len(data) < 200 + 8 * n
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alice_cli(tmp_path_factory, api_server, oidc):
+    from devstack.demo import cli_env, run_cli
+
+    env = cli_env(tmp_path_factory.mktemp("alice-hosts-home"))
+    assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env).returncode == 0
+    r = run_cli(["login"], env, username="alice", ca_path=oidc.ca_path)
+    assert r.returncode == 0, r.stderr
+    return env
+
+
+def test_cli_prints_the_host_setup_script_and_revokes(alice_cli, client, auth, context, oidc, tmp_path):
+    from devstack.demo import run_cli
+
+    r = run_cli(["policy", "host-setup", "demo"], alice_cli)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("#!/bin/sh\n") and "EZSSH_POLICY='demo'" in r.stdout
+    assert run_cli(["policy", "host-setup", "fab-hosts"], alice_cli).returncode != 0
+
+    _, pub = user_key(tmp_path)
+    cert = issue(client, auth("alice"), pub)
+    bad = run_cli(["certs", "revoke", "demo", "not-a-serial"], alice_cli)
+    assert bad.returncode == 2 and "not a certificate serial" in bad.stderr
+    unknown = run_cli(["certs", "revoke", "demo", "424242"], alice_cli)
+    assert unknown.returncode != 0 and "424242" in unknown.stderr
+    ok = run_cli(["certs", "revoke", "demo", cert["serial"], "--reason", "cli test", "--json"], alice_cli)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["serial"] == cert["serial"]
+    rec = context.service.store.get_certificate(oidc.tenant_id("contoso"), "demo", int(cert["serial"]))
+    assert rec.revoked_at is not None
+    again = run_cli(["certs", "revoke", "demo", cert["serial"]], alice_cli)
+    assert again.returncode != 0 and "already revoked" in again.stderr
