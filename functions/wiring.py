@@ -42,10 +42,6 @@ def build_keystore(settings: Settings):  # type: ignore[no-untyped-def]
 
 def build_context(settings: Settings | None = None) -> Context:
     settings = settings or load_settings()
-    if settings.appinsights_connection_string:
-        from azure.monitor.opentelemetry import configure_azure_monitor  # type: ignore[import-not-found]
-
-        configure_azure_monitor(connection_string=settings.appinsights_connection_string)
     store = build_store(settings)
     from .notify import WebhookNotifier
 
@@ -79,8 +75,28 @@ def shared_context() -> Context:
     return _context[0]
 
 
+_monitoring: list[bool] = []
+
+
+def configure_monitoring() -> None:
+    """Switch on Azure Monitor OpenTelemetry when APPLICATIONINSIGHTS_CONNECTION_STRING is set.
+
+    It must run before the FastAPI app is created so that its instrumentation sees the app; so it
+    reads that one variable at import time instead of waiting for Settings. The exporter reads
+    APPLICATIONINSIGHTS_AUTHENTICATION_STRING itself (Entra auth with the managed identity)."""
+    import os
+
+    if _monitoring or not os.environ.get("APPLICATIONINSIGHTS_CONNECTION_STRING", "").strip():
+        return
+    from azure.monitor.opentelemetry import configure_azure_monitor  # type: ignore[import-not-found]
+
+    configure_azure_monitor(logger_name="ezssh")
+    _monitoring.append(True)
+
+
 def asgi_app():  # type: ignore[no-untyped-def]
     """The ASGI app with production wiring (uvicorn: `functions.wiring:asgi_app --factory`)."""
     from .api.app import create_app
 
+    configure_monitoring()
     return create_app(shared_context)
