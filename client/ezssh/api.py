@@ -121,7 +121,7 @@ class Api:
         self._token = token
 
     def call(self, method: str, path: str, *, body: dict | None = None, params: dict | None = None,
-             ok: tuple[int, ...] = (200, 201, 202)) -> requests.Response:
+             ok: tuple[int, ...] = (200, 201, 202), headers: dict | None = None) -> requests.Response:
         url = f"{self.server}{path}"
         kw: dict[str, Any] = {}
         if body is not None:
@@ -129,8 +129,8 @@ class Api:
         if params:
             kw["params"] = params
         for attempt in (0, 1):
-            headers = {"Authorization": f"Bearer {self._token(attempt == 1)}"}
-            resp = _send(self.session, method, url, headers=headers, **kw)
+            hdrs = {**(headers or {}), "Authorization": f"Bearer {self._token(attempt == 1)}"}
+            resp = _send(self.session, method, url, headers=hdrs, **kw)
             if resp.status_code == 401 and attempt == 0:
                 continue  # one silent refresh, then give up with exit 3
             break

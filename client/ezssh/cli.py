@@ -323,7 +323,7 @@ def build_parser():
         c.add_argument("--json", action="store_true", help="print the updated request as JSON")
         c.set_defaults(func=lambda a, _act=action: _decide(_act, a))
 
-    pol = sub.add_parser("policy", help="access policies")
+    pol = sub.add_parser("policy", help="create, list, show, update, delete access policies; their CA keys")
     ps = pol.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
     c = ps.add_parser("ca", help="print the policy's CA public keys (one OpenSSH key per line)")
     c.add_argument("id", metavar="ID")
@@ -331,6 +331,8 @@ def build_parser():
     from .hostcmd import add_certs_commands, add_policy_host_setup
     add_policy_host_setup(ps)
     add_certs_commands(sub)
+    from .policycmd import add_policy_commands  # stdlib only; yaml/requests load when a command runs
+    add_policy_commands(ps, fmt, EXIT_CODES_HELP)
     return p
 
 

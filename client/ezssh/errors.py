@@ -9,6 +9,7 @@ NOT_SIGNED_IN = 3  # also: not configured
 DENIED = 4  # denied by policy (HTTP 403)
 REQUEST_ENDED = 5  # access request denied, cancelled or expired
 UNAVAILABLE = 6  # service or identity provider unavailable (5xx, 503, connection)
+CHANGED = 7  # lost a race: the policy changed since it was read (HTTP 412/409); nothing was changed
 INTERRUPTED = 130
 
 EXIT_CODES_HELP = """\
@@ -20,6 +21,7 @@ exit codes:
   4  denied by policy (HTTP 403)
   5  access request denied, cancelled or expired
   6  service or identity provider unavailable (5xx, connection refused, timeout)
+  7  the policy changed since it was read (someone else edited it); nothing changed: retry
   `ezssh ssh` exits with ssh's own exit code once ssh has run; 130 when interrupted."""
 
 
