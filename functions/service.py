@@ -42,6 +42,7 @@ from .core.policy import (
 )
 from .signing.base import KeyStore, Signer, as_private_key, ssh_fingerprint, ssh_public_key_line
 from .notify import Message
+from .observability import event
 from .storage.base import CertificateRecord, Store
 
 log = logging.getLogger("ezssh.service")
@@ -115,7 +116,8 @@ class Service:
             self.store.add_audit(entry)
         except Exception:  # noqa: BLE001
             log.exception("could not record refusal %s for %s", exc.code, who.oid if who else "-")
-        log.info("refused %s: %s (%s)", action, exc.code, exc.message)
+        event(log, action, error=exc.code, actor=who.upn if who else None, tenant=who.tid if who else None,
+              policy=fields.get("policy_id"), request=fields.get("request_id"), detail=exc.message)
 
     def _signer(self, ca: CaKeyRef) -> Signer:
         with self._signers_lock:
@@ -215,10 +217,11 @@ class Service:
             entry = link(self._issued_audit(who, final, issued, vetted), created)
             final = replace(final, audit_head=entry.hash)
             self.store.record_issuance(final, None, self._cert_record(final, issued, vetted), [created, entry])
-            log.info("issued key_id=%s serial=%s request=%s", issued.key_id, issued.serial, rid)
+            event(log, "certificate.issued", key_id=issued.key_id, serial=issued.serial, request=rid,
+                  policy=policy.id, tenant=who.tid)
             return Outcome("issued", final, issued)
         rec = self.store.create_request(replace(rec, audit_head=created.hash), created)
-        log.info("request %s %s for %s", rid, rec.state, who.upn)
+        event(log, f"request.{rec.state}", request=rid, policy=policy.id, actor=who.upn, tenant=who.tid)
         if rec.state == sm.PENDING:
             self._notify(policy, rec, f"ezssh: {who.upn} asks for access to {rec.host}",
                          (("Approve with", f"ezssh requests approve {rec.id}"),))
@@ -325,7 +328,8 @@ class Service:
         entry = link(self._issued_audit(who, final, issued, vetted), rec.audit_head)
         final = replace(final, audit_head=entry.hash)
         self.store.record_issuance(final, rec.etag, self._cert_record(final, issued, vetted), [entry])
-        log.info("issued key_id=%s serial=%s request=%s", issued.key_id, issued.serial, rec.id)
+        event(log, "certificate.issued", key_id=issued.key_id, serial=issued.serial, request=rec.id,
+              policy=rec.policy_id, tenant=who.tid)
         return Outcome("issued", final, issued)
 
     def _transition(self, who: Identity, request_id: str, action: str, comment: str | None) -> sm.RequestRecord:
@@ -347,6 +351,8 @@ class Service:
                                           "approvals": len(new.approvals)}), rec.audit_head)
         assert rec.etag is not None
         saved = self.store.update_request(replace(new, audit_head=entry.hash), rec.etag, entry)
+        event(log, f"request.{past}", request=rec.id, policy=rec.policy_id, actor=who.upn, tenant=who.tid,
+              state=saved.state)
         if saved.state in (sm.APPROVED, sm.DENIED):
             verdict = "approved" if saved.state == sm.APPROVED else "denied"
             self._notify(policy, saved, f"ezssh: {saved.requester_upn}'s request was {verdict} by {who.upn}",
@@ -609,7 +615,8 @@ class Service:
                                  details={"reason": reason, "requester_upn": cert.requester_upn,
                                           "valid_before": cert.valid_before, "own": own}), None)
         saved = self.store.revoke_certificate(revoked, cert.etag or "", entry)
-        log.info("revoked key_id=%s serial=%s by %s", cert.key_id, serial, who.upn)
+        event(log, "certificate.revoked", key_id=cert.key_id, serial=serial, policy=policy_id, actor=who.upn,
+              tenant=who.tid)
         return saved
 
     def build_krl(self, policy: Policy) -> bytes:

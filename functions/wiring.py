@@ -99,4 +99,11 @@ def asgi_app():  # type: ignore[no-untyped-def]
     from .api.app import create_app
 
     configure_monitoring()
+    ezssh_log = logging.getLogger("ezssh")
+    ezssh_log.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not ezssh_log.handlers:
+        # Under uvicorn nobody configures the root logger; the Functions worker does.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        ezssh_log.addHandler(handler)
     return create_app(shared_context)

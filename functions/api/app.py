@@ -9,6 +9,7 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 
+from .. import observability
 from . import errors, meta, policies, requests
 from . import hosts
 from .deps import Context
@@ -35,7 +36,11 @@ def create_app(context_factory: Callable[[], Context]) -> FastAPI:
     async def request_id(request: Request, call_next):  # type: ignore[no-untyped-def]
         rid = secrets.token_hex(8)
         request.state.request_id = rid
-        response = await call_next(request)
+        token = observability.request_id.set(rid)
+        try:
+            response = await call_next(request)
+        finally:
+            observability.request_id.reset(token)
         response.headers["X-Request-Id"] = rid
         response.headers["Cache-Control"] = "no-store"
         return response

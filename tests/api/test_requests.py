@@ -224,3 +224,31 @@ def test_ca_endpoint_serves_the_policy_ca_in_openssh_format(client, alice, demo_
 def test_identity_matches_what_the_api_derives(context, token_for, oidc):
     who = context.validator.validate("Bearer " + token_for("bob"))
     assert who == identity_of(oidc, "bob")
+
+
+def test_issuance_is_logged_with_request_id_key_id_and_serial(client, alice, state_dir):
+    r = client.post("/api/requests", headers=alice,
+                    json={"host": "127.0.0.1", "principal": "alice", "public_key": ed25519_pub()})
+    assert r.status_code == 201
+    body, rid = r.json(), r.headers["x-request-id"]
+    deadline = time.time() + 5
+    line = ""
+    while time.time() < deadline and not line:
+        log = (state_dir / "logs" / "api.log").read_text(errors="replace")
+        line = next((x for x in log.splitlines() if "certificate.issued" in x and f"request_id={rid}" in x), "")
+        time.sleep(0.1)
+    assert f"key_id={body['key_id']}" in line and f"serial={body['serial']}" in line
+
+
+def test_refusals_are_logged_with_the_request_id(client, alice, state_dir):
+    r = client.post("/api/requests", headers=alice, json={"host": "db.internal", "principal": "alice"})
+    assert r.status_code == 403
+    rid = r.headers["x-request-id"]
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        log = (state_dir / "logs" / "api.log").read_text(errors="replace")
+        if any("request.refused" in x and f"request_id={rid}" in x and "error=no_policy_for_host" in x
+               for x in log.splitlines()):
+            return
+        time.sleep(0.1)
+    raise AssertionError("no log line for the refusal")
