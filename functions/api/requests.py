@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import Field
 
 from ..core.approval import RequestRecord
 from ..core.policy import AccessRequest, Identity
@@ -14,31 +15,20 @@ router = APIRouter(prefix="/api/requests", tags=["requests"])
 
 
 class NewRequest(Strict):
-    host: str
-    principal: str
-    policy: str | None = None
+    host: str = Field(min_length=1, max_length=253, pattern=r"\S")
+    principal: str = Field(min_length=1, max_length=64, pattern=r"\S")
+    policy: str | None = Field(None, max_length=63)
     ttl_seconds: int | None = None
-    reason: str | None = None
+    reason: str | None = Field(None, max_length=1000)
     public_key: str | None = None
 
 
 class Decision(Strict):
-    comment: str | None = None
+    comment: str | None = Field(None, max_length=1000)
 
 
 class CertificateBody(Strict):
     public_key: str
-
-
-def _check_lengths(body: NewRequest) -> None:
-    from ..core.errors import InvalidRequest
-
-    if not body.host.strip() or len(body.host) > 253:
-        raise InvalidRequest("'host' must be a host name or address of at most 253 characters.")
-    if not body.principal.strip() or len(body.principal) > 64:
-        raise InvalidRequest("'principal' must be a login name of at most 64 characters.")
-    if body.reason is not None and len(body.reason) > 1000:
-        raise InvalidRequest("'reason' may be at most 1000 characters.")
 
 
 def render(outcome: Outcome, now: int) -> JSONResponse:
@@ -67,11 +57,6 @@ def render(outcome: Outcome, now: int) -> JSONResponse:
 async def create(request: Request, who: Identity = Depends(caller)) -> JSONResponse:
     body = await parse_body(request, NewRequest, who, "request.refused")
     svc = service(request)
-    try:
-        _check_lengths(body)
-    except Exception as exc:
-        svc.refuse(who, exc, "request.refused")  # type: ignore[arg-type]
-        raise
     req = AccessRequest(host=body.host.strip(), principal=body.principal.strip(), ttl_seconds=body.ttl_seconds,
                         policy_id=body.policy, reason=body.reason)
     outcome = await _run(svc.request_access, who, req, body.public_key)

@@ -119,6 +119,8 @@ BAD_REQUESTS = [
     ("principal not allowed", {"principal": "root"}, 403, "principal_not_allowed"),
     ("host no policy covers", {"host": "db.internal"}, 403, "no_policy_for_host"),
     ("TTL over the maximum", {"ttl_seconds": 9 * 3600}, 400, "ttl_too_long"),
+    ("host too long", {"host": "a" * 300}, 400, "invalid_request"),
+    ("blank principal", {"principal": "   "}, 400, "invalid_request"),
 ]
 
 
