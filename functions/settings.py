@@ -40,6 +40,11 @@ SETTINGS: dict[str, str] = {
     "EZSSH_BACKDATE_SECONDS": "seconds certificates are backdated for clock skew (default 60)",
     "AZURE_CLIENT_ID": "client id of the user-assigned managed identity (Azure only)",
     "APPLICATIONINSIGHTS_CONNECTION_STRING": "switches on Azure Monitor OpenTelemetry when set",
+    "EZSSH_ENROL_SCOPES": "comma-separated /subscriptions/<id> or /subscriptions/<id>/resourceGroups/<rg>: "
+                          "where VMs may be enrolled (Run Command push, auto-enrolment); empty: none",
+    "EZSSH_ARM_ENDPOINT": "Azure Resource Manager endpoint (default https://management.azure.com)",
+    "EZSSH_PUBLIC_URL": "the API's public base URL, rendered into pushed setup scripts for KRL fetches "
+                        "(default https://$WEBSITE_HOSTNAME in Azure)",
 }
 
 
@@ -69,6 +74,9 @@ class Settings:
     backdate_seconds: int
     managed_identity_client_id: str | None
     appinsights_connection_string: str | None
+    enrol_scopes: tuple[str, ...] = ()
+    arm_endpoint: str = "https://management.azure.com"
+    public_url: str | None = None
 
     @property
     def authority_type(self) -> str:
@@ -181,4 +189,35 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         backdate_seconds=_int(env, "EZSSH_BACKDATE_SECONDS", 60, 0, 600),
         managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
         appinsights_connection_string=_get(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
+        **_enrolment_settings(env),
     )
+
+
+ENROL_SCOPE_RE = re.compile(
+    r"^/subscriptions/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"(?:/resourceGroups/[-\w.()]{1,90})?$",
+    re.IGNORECASE,
+)
+
+
+def _enrolment_settings(env: Mapping[str, str]) -> dict:
+    """EZSSH_ENROL_SCOPES, EZSSH_ARM_ENDPOINT and EZSSH_PUBLIC_URL (hosts: push and auto-enrolment)."""
+    raw = _get(env, "EZSSH_ENROL_SCOPES") or ""
+    scopes = tuple(s.strip().rstrip("/") for s in raw.split(",") if s.strip())
+    bad = [s for s in scopes if not ENROL_SCOPE_RE.match(s) or s.endswith(".")]
+    if bad:
+        raise SettingsError(
+            "Setting EZSSH_ENROL_SCOPES must list /subscriptions/<guid> or /subscriptions/<guid>/resourceGroups/<name>; "
+            f"not valid: {', '.join(bad)}."
+        )
+    arm = (_get(env, "EZSSH_ARM_ENDPOINT") or "https://management.azure.com").rstrip("/")
+    if not arm.startswith("https://"):
+        raise SettingsError("Setting EZSSH_ARM_ENDPOINT must be an https URL.")
+    public = _get(env, "EZSSH_PUBLIC_URL")
+    if public is None and env.get("WEBSITE_HOSTNAME", "").strip():  # set by the Functions platform
+        public = f"https://{env['WEBSITE_HOSTNAME'].strip()}"
+    if public is not None:
+        public = public.rstrip("/")
+        if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+$", public):
+            raise SettingsError("Setting EZSSH_PUBLIC_URL must be an http(s) URL with no path, e.g. https://ezssh.example.net.")
+    return {"enrol_scopes": scopes, "arm_endpoint": arm, "public_url": public}
