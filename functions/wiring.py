@@ -59,7 +59,8 @@ def build_context(settings: Settings | None = None) -> Context:
     validator = TokenValidator(settings)
     validator.warm()
     log.info("ezssh ready: tenants=%s signer=%s", ",".join(settings.tenants), settings.signer_backend)
-    return Context(settings=settings, service=service, validator=validator)
+    return Context(settings=settings, service=service, validator=validator,
+                   enrolments=build_enrolments(settings, service, store))
 
 
 _context: list[Context] = []
@@ -107,3 +108,37 @@ def asgi_app():  # type: ignore[no-untyped-def]
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         ezssh_log.addHandler(handler)
     return create_app(shared_context)
+
+
+def build_compute_client_factory(settings: Settings, credential=None, connection_verify=None):  # type: ignore[no-untyped-def]
+    """subscription id -> ComputeManagementClient, each built on first use and kept for the worker."""
+    clients: dict = {}
+    lock = threading.Lock()
+
+    def client_for(subscription: str):  # type: ignore[no-untyped-def]
+        with lock:
+            if subscription not in clients:
+                from azure.mgmt.compute import ComputeManagementClient
+
+                kw = {"connection_verify": connection_verify} if connection_verify else {}
+                clients[subscription] = ComputeManagementClient(
+                    credential or _credential(settings), subscription, base_url=settings.arm_endpoint,
+                    credential_scopes=[f"{settings.arm_endpoint}/.default"], **kw)
+            return clients[subscription]
+
+    return client_for
+
+
+def build_enrolments(settings: Settings, service, store, *, credential=None, connection_verify=None,  # type: ignore[no-untyped-def]
+                     polling_interval: float | None = None, **config):
+    """The enrolment service; its compute client (and credential) are built on first use."""
+    from .hosts.azure_vms import AzureVms
+    from .hosts.enrolment import EnrolConfig, EnrolmentService
+    from .storage.enrolments import EnrolmentStore
+
+    factory = build_compute_client_factory(settings, credential, connection_verify)
+    return EnrolmentService(
+        service, EnrolmentStore(store), lambda: AzureVms(factory, polling_interval=polling_interval),
+        EnrolConfig(scopes=settings.enrol_scopes, tenants=settings.tenants, public_url=settings.public_url, **config),
+        clock=service.clock,
+    )

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from .. import observability
 from . import errors, meta, policies, requests
 from . import hosts
+from . import enrolments
 from .deps import Context
 
 log = logging.getLogger("ezssh.api")
@@ -50,4 +51,5 @@ def create_app(context_factory: Callable[[], Context]) -> FastAPI:
     app.include_router(requests.router)
     app.include_router(policies.router)
     app.include_router(hosts.router)
+    app.include_router(enrolments.router)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -25,6 +25,7 @@ class Context:
     settings: Settings
     service: Service
     validator: TokenValidator
+    enrolments: Any = None  # functions.hosts.enrolment.EnrolmentService (push to Azure VMs)
 
 
 class Strict(BaseModel):
