@@ -331,6 +331,8 @@ def build_parser():
     from .hostcmd import add_certs_commands, add_policy_host_setup
     add_policy_host_setup(ps)
     add_certs_commands(sub)
+    from .enrolcmd import add_hosts_commands  # stdlib only
+    add_hosts_commands(sub)
     from .policycmd import add_policy_commands  # stdlib only; yaml/requests load when a command runs
     add_policy_commands(ps, fmt, EXIT_CODES_HELP)
     return p

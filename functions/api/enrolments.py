@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ..core.errors import BackendUnavailable
@@ -27,9 +28,9 @@ router = APIRouter(prefix="/api/policies", tags=["enrolments"])
 
 
 class EnrolBody(Strict):
-    vm_id: str | None = None
-    resource_group: str | None = None
-    tag: str | None = None
+    vm_id: str | None = Field(None, max_length=400)
+    resource_group: str | None = Field(None, max_length=200)
+    tag: str | None = Field(None, max_length=600)
 
 
 def _enrolments(request: Request):  # type: ignore[no-untyped-def]
