@@ -15,7 +15,6 @@ import argparse
 import cProfile
 import os
 import pstats
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -6,7 +6,6 @@ with the reason (e.g. a laptop without sshd or root).
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,15 +15,7 @@ import pytest
 from devstack.proc import StandInError, free_port
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def unavailable(reason: str) -> None:
-    """A real stand-in is missing: fail under CI, skip elsewhere."""
-    if in_ci():
-        pytest.fail(f"stand-in unavailable under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+from tests.realparts import unavailable  # one rule for every test module
 
 
 @pytest.fixture(scope="session")

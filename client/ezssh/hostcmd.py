@@ -19,8 +19,8 @@ def cmd_host_setup(args) -> int:
 
     resp = Ctx().api.call("GET", f"/api/policies/{args.id}/host-setup", ok=(200,))
     sys.stdout.write(resp.text)
-    print(f"ezssh: run this as root on the host (sh script.sh); it is idempotent. "
-          f"Sandbox: EZSSH_ROOT=/path or --root /path.", file=sys.stderr)
+    print("ezssh: run this as root on the host (sh script.sh); it is idempotent. "
+          "Sandbox: EZSSH_ROOT=/path or --root /path.", file=sys.stderr)
     return OK
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.realparts import unavailable
+
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = REPO / "client"
 INFRA_LOCAL = REPO / "infra" / "local"
@@ -28,9 +30,7 @@ DEVICE_LINE = re.compile(r"To sign in, open (?P<uri>\S+) and enter the code (?P<
 
 
 def _stand_in_unavailable(what: str, exc: BaseException):
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{what} did not start: {exc}")
-    pytest.skip(f"{what} did not start: {exc}")
+    unavailable(f"{what} did not start: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ throttling, error translation and bring-your-own-key.
 from __future__ import annotations
 
 import secrets
-import shutil
 import socket
 import statistics
 import subprocess
@@ -17,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.realparts import needs_tool
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
 from cryptography.hazmat.primitives import hashes
@@ -357,10 +358,9 @@ def test_software_keys_are_accepted_when_the_store_allows_them(kv: KeyVaultStand
 # ---- OpenSSH reads what the vault signed ----------------------------------------------------------------
 
 
+@needs_tool("ssh-keygen")
 @pytest.mark.parametrize("kind", ["EC-P256", "RSA-3072"])
 def test_ssh_keygen_checks_a_certificate_signed_in_the_vault(store, make_store, kind: str, tmp_path: Path) -> None:
-    if shutil.which("ssh-keygen") is None:
-        pytest.skip("ssh-keygen is not installed")
     key_ref = store.create_key(_name("sshcert"), kind).key_ref
     signer = make_store().get_signer(key_ref)
     cert = _cert(signer)

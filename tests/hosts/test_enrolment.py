@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import httpx
 import pytest

@@ -476,6 +476,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        with self.owner._lock:  # logged before the client can read the answer, so tests see it
+            self.owner.statuses.append(status)
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(raw)))
@@ -484,8 +486,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(raw)
-        with self.owner._lock:
-            self.owner.statuses.append(status)
 
     def _serve(self) -> None:
         owner = self.owner

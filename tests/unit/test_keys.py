@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+from tests.realparts import needs_tool
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -21,7 +23,7 @@ from functions.core.errors import EzsshError, InvalidPublicKey, WeakPublicKey
 from functions.core.keys import MAX_KEY_TEXT, VettedKey, fingerprint, fingerprint_of_blob, parse_public_key
 
 SSH_KEYGEN = shutil.which("ssh-keygen")
-needs_ssh_keygen = pytest.mark.skipif(SSH_KEYGEN is None, reason="ssh-keygen is not installed")
+needs_ssh_keygen = needs_tool("ssh-keygen")
 
 # ---- helpers shared with the other unit test modules (no test_ prefix: pytest must not collect them)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.realparts import needs_tool
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import ssh
@@ -23,7 +24,7 @@ from functions.core.krl import (
     serial_runs,
 )
 
-pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is not installed")
+pytestmark = needs_tool("ssh-keygen")
 
 
 def openssh(pub) -> str:
