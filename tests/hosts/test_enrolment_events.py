@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from tests.functions_host import user_functions
 from tests.standins.arm import ArmStandIn, StaticTokenCredential
 
 from .test_enrolment import Clock, cert_for, host_vm, login_ok, run_posts
@@ -18,16 +19,11 @@ SUB = "5c0a3e9d-6f42-4b7e-9d1c-2a8f7e6b4c31"  # not the other module's: its reco
 RG_TAGS, RG_PATTERN, RG_OUT = "rg-events", "rg-pattern", "rg-elsewhere"
 SCOPES = f"/subscriptions/{SUB}/resourceGroups/{RG_TAGS},/subscriptions/{SUB}/resourceGroups/{RG_PATTERN}"
 BACKOFF = 60
-_FUNCTIONS: dict = {}
 
 
 def functions_of_app() -> dict:
-    """The user functions function_app.py registers (get_functions() may run once per app object)."""
-    if not _FUNCTIONS:
-        import function_app
-
-        _FUNCTIONS.update({f.get_function_name(): f.get_user_function() for f in function_app.app.get_functions()})
-    return _FUNCTIONS
+    """The user functions function_app.py registers."""
+    return user_functions()
 
 
 def event_for(vm_id: str, *, operation: str = "Microsoft.Compute/virtualMachines/write",
