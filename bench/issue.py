@@ -151,22 +151,13 @@ def main() -> int:
 
     from devstack.proc import free_port
     from devstack.stack import Ports, up
-    from devstack.oidc import complete_device_code, password_for, session_for
-    import msal
+    from devstack.oidc import sign_in
 
     with tempfile.TemporaryDirectory(prefix="ezssh-bench-") as tmp:
         work = Path(tmp)
         stack = up(work / "state", Ports(free_port(), free_port(), free_port(), free_port()), with_sshd=False)
         try:
-            user = stack.oidc.user("alice")
-            app = msal.PublicClientApplication(stack.oidc.cli_client_id, oidc_authority=stack.oidc.issuer(user["tid"]),
-                                               http_client=session_for(stack.oidc.ca_path))
-            flow = app.initiate_device_flow(scopes=[stack.oidc.api_scope])
-            t = threading.Thread(target=complete_device_code, args=(flow["verification_uri"], flow["user_code"],
-                                                                     "alice", password_for("alice"), stack.oidc.ca_path))
-            t.start()
-            token = app.acquire_token_by_device_flow(flow)["access_token"]
-            t.join()
+            token = sign_in(stack.oidc, "alice")["access_token"]
 
             rows = [baseline_ssh_keygen(args.baseline, work)]
             for conc in (int(c) for c in args.concurrency.split(",")):

@@ -113,41 +113,15 @@ def sshd(state_dir, demo_policy) -> Iterator:
 @pytest.fixture(scope="session")
 def token_for(oidc) -> Callable[[str], str]:
     """An access token for a dev user, from a real MSAL device-code sign-in (cached per user)."""
-    import msal
-
-    from devstack.oidc import complete_device_code, password_for, session_for
+    from devstack.oidc import sign_in
 
     cache: dict[str, str] = {}
     lock = threading.Lock()
 
     def get(username: str) -> str:
         with lock:
-            if username in cache:
-                return cache[username]
-            user = oidc.user(username)
-            app = msal.PublicClientApplication(
-                oidc.cli_client_id, oidc_authority=oidc.issuer(user["tid"]), http_client=session_for(oidc.ca_path)
-            )
-            flow = app.initiate_device_flow(scopes=[oidc.api_scope])
-            errors: list[BaseException] = []
-
-            def browser() -> None:
-                try:
-                    complete_device_code(flow["verification_uri"], flow["user_code"], username,
-                                         password_for(username), oidc.ca_path)
-                except BaseException as exc:  # noqa: BLE001
-                    errors.append(exc)
-                    flow["expires_at"] = 0  # stop MSAL's polling
-
-            t = threading.Thread(target=browser)
-            t.start()
-            result = app.acquire_token_by_device_flow(flow)
-            t.join()
-            if errors:
-                raise errors[0]
-            if "access_token" not in result:
-                raise AssertionError(f"sign-in failed: {result}")
-            cache[username] = result["access_token"]
+            if username not in cache:
+                cache[username] = sign_in(oidc, username)["access_token"]
             return cache[username]
 
     return get

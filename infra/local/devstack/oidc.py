@@ -268,3 +268,35 @@ def complete_device_code(
         else:
             raise DeviceLoginError(f"device sign-in did not succeed: {_describe(resp, page)}")
     raise DeviceLoginError(f"device sign-in did not finish after several pages (last {resp.url})")
+
+
+def sign_in(oidc: OidcStandIn, username: str, scopes: list[str] | None = None) -> dict:
+    """A real MSAL device-code sign-in as a dev user, with this module playing the browser.
+    Returns MSAL's token response (access_token, id_token_claims, ...)."""
+    import threading
+
+    import msal
+
+    user = oidc.user(username)
+    app = msal.PublicClientApplication(oidc.cli_client_id, oidc_authority=oidc.issuer(user["tid"]),
+                                       http_client=session_for(oidc.ca_path))
+    flow = app.initiate_device_flow(scopes=scopes or [oidc.api_scope])
+    errors: list[BaseException] = []
+
+    def browser() -> None:
+        try:
+            complete_device_code(flow["verification_uri"], flow["user_code"], username, password_for(username),
+                                 oidc.ca_path)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+            flow["expires_at"] = 0  # stop MSAL's polling
+
+    t = threading.Thread(target=browser)
+    t.start()
+    result = app.acquire_token_by_device_flow(flow)
+    t.join()
+    if errors:
+        raise errors[0]
+    if "access_token" not in result:
+        raise DeviceLoginError(f"sign-in as {username} failed: {result.get('error_description') or result}")
+    return result
