@@ -124,7 +124,9 @@ def approve(rec: RequestRecord, who: Identity, now: int, *, comment: str | None 
 def deny(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = None) -> RequestRecord:
     if rec.requester_is(who):
         raise Forbidden("Cancel your own request instead of denying it.")
-    _require_state(rec, now, PENDING, APPROVED)
+    # A decision is final: once approved, a late deny gets 409 (revoke the certificate instead),
+    # so when approve and deny race exactly one of them succeeds, whatever the timing.
+    _require_state(rec, now, PENDING)
     return replace(rec, state=DENIED, decided_by=who.upn, decided_at=now, comment=comment)
 
 

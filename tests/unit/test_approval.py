@@ -148,11 +148,12 @@ def test_deny_ends_it():
             step(out)
 
 
-def test_an_approved_request_can_still_be_denied_before_issue():
-    out = ap.deny(approved_record(1), AP2, T0 + 20)
-    assert out.state == DENIED
-    with pytest.raises(Conflict):
-        ap.mark_issued(out, REQUESTER, T0 + 21, serial=1, key_id="k")
+def test_an_approved_request_is_final_a_late_deny_is_a_conflict():
+    approved = approved_record(1)
+    with pytest.raises(Conflict) as info:
+        ap.deny(approved, AP2, T0 + 20)
+    assert info.value.details == {"state": APPROVED}
+    assert ap.mark_issued(approved, REQUESTER, T0 + 21, serial=1, key_id="k").state == "issued"
 
 
 def test_requester_cannot_deny_own_request():
