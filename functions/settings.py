@@ -41,7 +41,8 @@ SETTINGS: dict[str, str] = {
     "AZURE_CLIENT_ID": "client id of the user-assigned managed identity (Azure only)",
     "APPLICATIONINSIGHTS_CONNECTION_STRING": "switches on Azure Monitor OpenTelemetry when set",
     "EZSSH_ENROL_SCOPES": "comma-separated /subscriptions/<id> or /subscriptions/<id>/resourceGroups/<rg>: "
-                          "where VMs may be enrolled (Run Command push, auto-enrolment); empty: none",
+                          "where VMs may be enrolled (Run Command push, auto-enrolment); empty: none. With "
+                          "several tenants each entry is <tenant id>=<scope>: only that tenant's policies push there",
     "EZSSH_ARM_ENDPOINT": "Azure Resource Manager endpoint (default https://management.azure.com)",
     "EZSSH_PUBLIC_URL": "the API's public base URL, rendered into pushed setup scripts for KRL fetches "
                         "(default https://$WEBSITE_HOSTNAME in Azure)",
@@ -189,7 +190,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         backdate_seconds=_int(env, "EZSSH_BACKDATE_SECONDS", 60, 0, 600),
         managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
         appinsights_connection_string=_get(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
-        **_enrolment_settings(env),
+        **_enrolment_settings(env, tenants),
     )
 
 
@@ -200,16 +201,30 @@ ENROL_SCOPE_RE = re.compile(
 )
 
 
-def _enrolment_settings(env: Mapping[str, str]) -> dict:
-    """EZSSH_ENROL_SCOPES, EZSSH_ARM_ENDPOINT and EZSSH_PUBLIC_URL (hosts: push and auto-enrolment)."""
+def _enrolment_settings(env: Mapping[str, str], tenants: tuple[str, ...] = ()) -> dict:
+    """EZSSH_ENROL_SCOPES, EZSSH_ARM_ENDPOINT and EZSSH_PUBLIC_URL (hosts: push and auto-enrolment).
+
+    A scope may be qualified with the one tenant whose policies may push into it
+    (`<tenant id>=/subscriptions/...`); with several tenants every scope must be, so that one
+    tenant's admins can never push their CA onto another tenant's VMs."""
     raw = _get(env, "EZSSH_ENROL_SCOPES") or ""
     scopes = tuple(s.strip().rstrip("/") for s in raw.split(",") if s.strip())
-    bad = [s for s in scopes if not ENROL_SCOPE_RE.match(s) or s.endswith(".")]
+    known = {t.lower() for t in tenants}
+    bad = []
+    for entry in scopes:
+        tid, sep, scope = entry.partition("=")
+        scope = scope if sep else tid
+        if not ENROL_SCOPE_RE.match(scope.strip()) or scope.endswith(".") or (sep and tid.strip().lower() not in known):
+            bad.append(entry)
     if bad:
         raise SettingsError(
-            "Setting EZSSH_ENROL_SCOPES must list /subscriptions/<guid> or /subscriptions/<guid>/resourceGroups/<name>; "
-            f"not valid: {', '.join(bad)}."
+            "Setting EZSSH_ENROL_SCOPES must list /subscriptions/<guid> or /subscriptions/<guid>/resourceGroups/<name>, "
+            f"each optionally as <tenant id>=<scope> with a tenant from EZSSH_TENANTS; not valid: {', '.join(bad)}."
         )
+    if len(known) > 1 and any("=" not in s for s in scopes):
+        raise SettingsError(
+            "Setting EZSSH_ENROL_SCOPES: this deployment serves several tenants, so each scope must name the tenant "
+            "whose policies may push into it, as <tenant id>=/subscriptions/...")
     arm = (_get(env, "EZSSH_ARM_ENDPOINT") or "https://management.azure.com").rstrip("/")
     if not arm.startswith("https://"):
         raise SettingsError("Setting EZSSH_ARM_ENDPOINT must be an https URL.")

@@ -71,6 +71,21 @@ class EnrolConfig:
     concurrency: int = 8
     sync_limit: int = 20  # the API pushes at most this many VMs itself; the rest wait for the timer
 
+    # A scope may name the one tenant whose policies may push into it: "<tenant id>=/subscriptions/...".
+    # Settings insist on that when the deployment serves several tenants, so one tenant's admins can
+    # never push their CA onto another tenant's VMs.
+    def scopes_for(self, tenant_id: str) -> tuple[str, ...]:
+        return tuple(scope for tid, scope in map(split_scope, self.scopes) if tid is None or tid == tenant_id.lower())
+
+    @property
+    def all_scopes(self) -> tuple[str, ...]:
+        return tuple(scope for _, scope in map(split_scope, self.scopes))
+
+
+def split_scope(entry: str) -> tuple[str | None, str]:
+    tid, sep, scope = entry.partition("=")
+    return (tid.strip().lower(), scope.strip()) if sep else (None, entry)
+
 
 @dataclass
 class _Desired:
@@ -227,16 +242,17 @@ class EnrolmentService:
         return replace(base, state=FAILED, next_attempt_at=0, last_error=exc.message)
 
     # ---- by hand: the API and the CLI ----------------------------------------------------------
-    def _check_scopes(self, resource_id: str) -> None:
-        if not self.config.scopes:
-            raise EnrolmentForbidden("Enrolment is not configured: EZSSH_ENROL_SCOPES names no subscription or "
-                                     "resource group ezssh may push to.")
-        if not in_scope(resource_id, self.config.scopes):
+    def _check_scopes(self, resource_id: str, tenant_id: str) -> None:
+        scopes = self.config.scopes_for(tenant_id)
+        if not scopes:
+            raise EnrolmentForbidden("Enrolment is not configured for this tenant: EZSSH_ENROL_SCOPES names no "
+                                     "subscription or resource group its policies may push to.")
+        if not in_scope(resource_id, scopes):
             raise EnrolmentForbidden(f"{resource_id} is outside the scopes ezssh may enrol "
-                                     f"({', '.join(self.config.scopes)}); nothing was pushed.")
+                                     f"({', '.join(scopes)}); nothing was pushed.")
 
-    def _default_subscription(self) -> str | None:
-        subs = {s.split("/")[2].lower() for s in self.config.scopes}
+    def _default_subscription(self, tenant_id: str) -> str | None:
+        subs = {s.split("/")[2].lower() for s in self.config.scopes_for(tenant_id)}
         return subs.pop() if len(subs) == 1 else None
 
     def _admin_policy(self, who: Identity, policy_id: str) -> Policy:
@@ -260,12 +276,12 @@ class EnrolmentService:
             policy = self._admin_policy(who, policy_id)
             if vm_id is not None:
                 ref = parse_vm_id(vm_id)
-                self._check_scopes(ref.id)
+                self._check_scopes(ref.id, who.tid)
                 vm = self._get_vm(ref)
                 return policy, [vm.ref]
-            sub, rg = parse_resource_group(resource_group, self._default_subscription())
+            sub, rg = parse_resource_group(resource_group, self._default_subscription(who.tid))
             rg_id = f"/subscriptions/{sub}/resourceGroups/{rg}"
-            self._check_scopes(rg_id)
+            self._check_scopes(rg_id, who.tid)
             k, v = (x.strip() for x in str(tag).split("=", 1))
             try:
                 vms = self.vms.list_vms(rg_id)
@@ -362,7 +378,7 @@ class EnrolmentService:
         except InvalidRequest:
             log.warning("event ignored: %r is not a VM resource id", str(raw_id)[:300])
             return []
-        if not self.config.scopes or not in_scope(ref.id, self.config.scopes):
+        if not self.config.scopes or not in_scope(ref.id, self.config.all_scopes):
             log.info("event ignored: %s is outside the enrolment scopes", ref.id)
             return []
         try:
@@ -374,7 +390,8 @@ class EnrolmentService:
             return []
         tenant_hint = str(data.get("tenantId") or "") or None
         policies = self.covering(vm, self._policies(self.config.tenants), tenant_hint)
-        return [self.attempt(p, vm.ref, source="event") for p in policies]
+        return [self.attempt(p, vm.ref, source="event") for p in policies
+                if in_scope(ref.id, self.config.scopes_for(p.tenant_id))]
 
     def reconcile(self) -> dict[str, int]:
         """Due retries, re-pushes after CA/KRL changes, and VMs in scope not enrolled yet."""
@@ -386,11 +403,11 @@ class EnrolmentService:
         work: dict[tuple[str, str, str], tuple[Policy, VmRef]] = {}
         for (tid, pid), p in by_key.items():
             for rec in self.store.list(tid, pid):
-                if not in_scope(rec.vm_id, self.config.scopes):
+                if not in_scope(rec.vm_id, self.config.scopes_for(tid)):
                     continue
                 if self._due(rec, now, desired[(tid, pid)], "reconcile", False):
                     work[(tid, pid, rec.vm_id.lower())] = (p, parse_vm_id(rec.vm_id))
-        for scope in self.config.scopes:
+        for scope in self.config.all_scopes:
             try:
                 vms = self.vms.list_vms(scope)
             except PushError as exc:
@@ -400,6 +417,8 @@ class EnrolmentService:
             counts["vms_seen"] += len(vms)
             for vm in vms:
                 for p in self.covering(vm, policies):
+                    if not in_scope(vm.id, self.config.scopes_for(p.tenant_id)):
+                        continue
                     key = (p.tenant_id, p.id, vm.id.lower())
                     if key not in work and self.store.get(p.tenant_id, p.id, vm.id) is None:
                         work[key] = (p, vm.ref)

@@ -19,7 +19,8 @@ from .sandbox import SandboxHost, user_key
 
 SUB = "0b1f6471-1bf0-4dda-aec3-cb9272f09590"
 RG, RG_AUTO, RG_OUT = "rg-ezssh", "rg-auto", "rg-other"
-SCOPES = f"/subscriptions/{SUB}/resourceGroups/{RG},/subscriptions/{SUB}/resourceGroups/{RG_AUTO}"
+CONTOSO = "1ff8d19a-512a-4382-b7c7-72836fd919c4"  # infra/local/oidc/users.json
+SCOPES = ",".join(f"{CONTOSO}={s}" for s in (f"/subscriptions/{SUB}/resourceGroups/{RG}", f"/subscriptions/{SUB}/resourceGroups/{RG_AUTO}"))  # contoso's VMs only
 BACKOFF = 60
 FIGURES: dict[str, list[float]] = {"push_s": [], "polls": []}
 
@@ -353,6 +354,8 @@ def test_bad_requests_change_nothing(enrol_api, enrol_ctx, arm, auth, fabrikam_p
         ("alice", "vm-push", {"vm_id": vm_id(RG, "web1")}, 403, "forbidden"),  # a member, not an admin
         ("carol", "fab-hosts", {"vm_id": vm_id(RG, "web1")}, 404, "not_found"),  # another tenant's policy
         ("mallory", "vm-push", {"vm_id": vm_id(RG, "web1")}, 404, "not_found"),
+        # fabrikam's admin on her own policy: contoso's scopes are not hers to push into
+        ("mallory", "fab-hosts", {"vm_id": vm_id(RG, "web1")}, 403, "outside_enrolment_scopes"),
         ("carol", "no-such-policy", {"vm_id": vm_id(RG, "web1")}, 404, "not_found"),
     ]
     tenants = enrol_ctx.settings.tenants

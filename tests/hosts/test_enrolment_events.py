@@ -17,7 +17,8 @@ from .test_enrolment import Clock, cert_for, host_vm, login_ok, run_posts
 
 SUB = "5c0a3e9d-6f42-4b7e-9d1c-2a8f7e6b4c31"  # not the other module's: its records stay out of scope here
 RG_TAGS, RG_PATTERN, RG_OUT = "rg-events", "rg-pattern", "rg-elsewhere"
-SCOPES = f"/subscriptions/{SUB}/resourceGroups/{RG_TAGS},/subscriptions/{SUB}/resourceGroups/{RG_PATTERN}"
+CONTOSO = "1ff8d19a-512a-4382-b7c7-72836fd919c4"  # infra/local/oidc/users.json
+SCOPES = ",".join(f"{CONTOSO}={s}" for s in (f"/subscriptions/{SUB}/resourceGroups/{RG_TAGS}", f"/subscriptions/{SUB}/resourceGroups/{RG_PATTERN}"))  # contoso's VMs only
 BACKOFF = 60
 
 
