@@ -28,6 +28,13 @@ GLOB_RE = re.compile(r"^[A-Za-z0-9*?.\-_\[\]!]{1,253}$")
 ADMIN_ROLE = "EZSSH.Admin"
 # A principal entry that stands for the requester's own login: the local part of their UPN.
 USERNAME_TEMPLATE = "{username}"
+# Accounts {username} never expands to, whatever a UPN says (root@..., sshd@...): a policy that
+# means to allow them must name them literally.
+RESERVED_LOGINS = frozenset({
+    "root", "toor", "admin", "administrator", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail",
+    "news", "uucp", "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "sshd", "messagebus",
+    "syslog", "_apt", "systemd-network", "systemd-resolve", "systemd-timesync", "polkitd", "omsagent",
+})
 
 
 @dataclass(frozen=True)
@@ -479,7 +486,7 @@ def allowed_principals(principals: Iterable[str], upn: str) -> tuple[str, ...]:
     for p in principals:
         if p == USERNAME_TEMPLATE:
             local = upn.split("@", 1)[0].lower()
-            if PRINCIPAL_RE.match(local):
+            if PRINCIPAL_RE.match(local) and local not in RESERVED_LOGINS:
                 out.append(local)
         else:
             out.append(p)

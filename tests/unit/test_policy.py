@@ -689,3 +689,13 @@ def test_username_principal_with_an_unusable_upn_allows_nothing():
 def test_other_templates_are_not_principals():
     invalid(doc(principals=["{user}"]), "not a valid unix login")
     invalid(doc(principals=["{username}x"]), "not a valid unix login")
+
+
+def test_username_template_never_expands_to_a_system_account():
+    from functions.core.policy import allowed_principals
+
+    assert allowed_principals(("{username}",), "Alice@contoso.test") == ("alice",)
+    for upn in ("root@contoso.test", "sshd@contoso.test", "www-data@contoso.test", "Root@contoso.test"):
+        assert allowed_principals(("{username}",), upn) == ()
+    # a policy that really means root names it literally
+    assert allowed_principals(("{username}", "root"), "root@contoso.test") == ("root",)
