@@ -175,6 +175,8 @@ def verify_issued(
         problems.append("principals outside the grant")
     if cert.serial == 0:
         problems.append("zero serial")
+    if (cert.serial, cert.valid_after, cert.valid_before) != (issued.serial, issued.valid_after, issued.valid_before):
+        problems.append("serial or validity differs from what will be recorded")
     if cert.type != ssh.SSHCertificateType.USER:
         problems.append("not a user certificate")
     if not cert.valid_after < cert.valid_before:

@@ -476,3 +476,20 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--regen"]:
         sys.exit("usage: python -m tests.unit.test_certificate --regen   (rewrites the golden certificate)")
     print(f"wrote {regenerate_golden()}")
+
+
+def test_final_check_refuses_a_record_that_differs_from_the_signed_certificate():
+    """What storage and the audit record (serial, validity) must be what was signed."""
+    import dataclasses
+
+    from functions.core.certificate import build_certificate, verify_issued
+    from functions.core.errors import IntegrityError
+
+    g = grant()
+    key = user_key()
+    ca = fixed_ed25519(7)
+    issued = build_certificate(g, key, ca, now=NOW, serial=42)
+    verify_issued(issued, g, key, ca.public_key(), now=NOW)
+    for change in ({"serial": 43}, {"valid_before": issued.valid_before - 1}, {"valid_after": issued.valid_after + 1}):
+        with pytest.raises(IntegrityError, match="differs from what will be recorded"):
+            verify_issued(dataclasses.replace(issued, **change), g, key, ca.public_key(), now=NOW)
