@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -18,19 +17,10 @@ from .deps import Context
 log = logging.getLogger("ezssh.api")
 
 
-def create_app(context_factory: Callable[[], Context]) -> FastAPI:
-    """`context_factory` builds the settings, adapters and service; it runs once, on first use."""
+def create_app(context: Callable[[], Context]) -> FastAPI:
+    """`context()` returns the worker's one Context (settings, adapters, service), built on first
+    use and the same object on every call afterwards: functions.wiring.shared_context."""
     app = FastAPI(title="ezssh", version="0.1.0", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
-    lock = threading.Lock()
-    holder: list[Context] = []
-
-    def context() -> Context:
-        if not holder:
-            with lock:
-                if not holder:
-                    holder.append(context_factory())
-        return holder[0]
-
     app.state.context = context
 
     @app.middleware("http")
