@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import socket
 import ssl
 import subprocess
@@ -54,12 +53,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .keyvault import StaticTokenCredential  # noqa: F401 - re-exported for ARM tests
+from .tls import TlsStandIn
 
 SUBSCRIPTION = "0b1f6471-1bf0-4dda-aec3-cb9272f09590"
 REGION = "westeurope"
@@ -119,7 +119,7 @@ class RunRecord:
         return self.ended is not None
 
 
-class ArmStandIn:
+class ArmStandIn(TlsStandIn):
     """A threaded HTTPS server on 127.0.0.1 that answers like ARM's compute VM and Run Command APIs."""
 
     def __init__(self, token: str = "standin-arm-token", subscription: str = SUBSCRIPTION) -> None:
@@ -133,62 +133,23 @@ class ArmStandIn:
         self._vms: dict[tuple[str, str, str], StandInVm] = {}
         self._ops: dict[str, RunRecord] = {}
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._dir: Path | None = None
-        self.port = 0
+        super().__init__()
 
     # ---- lifecycle --------------------------------------------------------------------------
+    name = "arm-standin"
+
     def start(self) -> "ArmStandIn":
-        import trustme
-
-        self._dir = Path(tempfile.mkdtemp(prefix="arm-standin-"))
-        ca = trustme.CA(organization_name="ezssh ARM stand-in")
-        leaf = ca.issue_cert("127.0.0.1", "localhost")
-        ca.cert_pem.write_to_path(str(self._dir / "ca.pem"))
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        leaf.configure_cert(ctx)
-        standin = self
-
-        class Handler(_Handler):
-            owner = standin
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-        self._server = server
-        self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"arm-standin-{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def ca_path(self) -> str:
-        assert self._dir is not None, "start() first"
-        return str(self._dir / "ca.pem")
+        self.handler = _Handler
+        return super().start()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._stop_server()
         with self._lock:
             pending = [r for r in self._ops.values() if not r.done]
         deadline = time.time() + 30
         while pending and time.time() < deadline and not all(r.done for r in pending):
             time.sleep(0.05)
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._remove_files()
 
     def __enter__(self) -> "ArmStandIn":
         return self.start() if self._server is None else self

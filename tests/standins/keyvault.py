@@ -39,15 +39,12 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import shutil
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
@@ -55,6 +52,8 @@ from azure.core.credentials import AccessToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
+
+from .tls import TlsStandIn
 
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 CHALLENGE = f'Bearer authorization="https://login.windows.net/{TENANT_ID}", resource="https://vault.azure.net"'
@@ -186,7 +185,7 @@ def _disabled(op: str) -> _HttpError:
     return _HttpError(403, "Forbidden", f"Operation {op} is not allowed on a disabled key.", "KeyDisabled")
 
 
-class KeyVaultStandIn:
+class KeyVaultStandIn(TlsStandIn):
     """A threaded HTTPS server on 127.0.0.1 that answers like Key Vault's keys API."""
 
     def __init__(self, token: str = "standin-token", vault_name: str = "ezssh-standin") -> None:
@@ -198,60 +197,15 @@ class KeyVaultStandIn:
         self._denied: set[tuple[str, str]] = set()
         self._failures: list[tuple[int, dict[str, str], bytes]] = []
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._dir: Path | None = None
-        self.port = 0
+        super().__init__()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
+    name = "kv-standin"
+
     def start(self) -> KeyVaultStandIn:
-        import trustme
-
-        self._dir = Path(tempfile.mkdtemp(prefix="kv-standin-"))
-        ca = trustme.CA(organization_name="ezssh Key Vault stand-in")
-        leaf = ca.issue_cert("127.0.0.1", "localhost")
-        ca.cert_pem.write_to_path(str(self._dir / "ca.pem"))
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        leaf.configure_cert(ctx)
-
-        standin = self
-
-        class Handler(_Handler):
-            owner = standin
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        # handshake lazily in the connection's own thread, not in the accept loop
-        server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-        self._server = server
-        self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"kv-standin-{self.port}", daemon=True)  # fmt: skip
-        self._thread.start()
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def ca_path(self) -> str:
-        assert self._dir is not None, "start() first"
-        return str(self._dir / "ca.pem")
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self.handler = _Handler
+        return super().start()
 
     def __enter__(self) -> KeyVaultStandIn:
         return self.start() if self._server is None else self
