@@ -102,6 +102,31 @@ def kind_of(public_key: CaPublicKey) -> KeyKind:
     raise ValueError(f"not a supported CA public key: {type(public_key).__name__}")
 
 
+class StoreSigner:
+    """The common part of backend signers: the public key is held, and signing is done by the key
+    store that made the signer (`store._sign(signer, data, algorithm)`)."""
+
+    key_ref: str
+
+    def __init__(self, store: object, key_ref: str, public: CaPublicKey) -> None:
+        self.key_ref = key_ref
+        self._store = store
+        self._public = public
+
+    @property
+    def kind(self) -> KeyKind:
+        return kind_of(self._public)
+
+    def public_key(self) -> CaPublicKey:
+        return self._public
+
+    def sign(self, data: bytes, algorithm: hashes.HashAlgorithm | Prehashed) -> bytes:
+        return self._store._sign(self, bytes(data), algorithm)  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.key_ref}>"
+
+
 def split_hash(data: bytes, algorithm: hashes.HashAlgorithm | Prehashed) -> tuple[bytes, hashes.HashAlgorithm]:
     """(digest, hash algorithm) for `sign(data, algorithm)`; accepts Prehashed (data is the digest)."""
     if isinstance(algorithm, Prehashed):

@@ -83,6 +83,7 @@ from functions.signing.base import (
     RSA_BITS,
     CaPublicKey,
     KeyKind,
+    StoreSigner,
     check_kind,
     kind_of,
     split_hash,
@@ -182,32 +183,17 @@ class KeyId:
 # ---- the signer ----------------------------------------------------------------------------------------
 
 
-class KeyVaultSigner:
+class KeyVaultSigner(StoreSigner):
     """One CA key version in Key Vault. Thread-safe; every sign is one Key Vault request."""
 
     def __init__(self, store: KeyVaultKeyStore, key: KeyVaultKey, public: CaPublicKey, client: CryptographyClient) -> None:
         kid = KeyId.parse(key.id)
-        self.key_ref = kid.kid
+        super().__init__(store, kid.kid, public)
         self.vault_url = kid.vault_url
         self.name = kid.name
         self.version = kid.version or ""
         self.key_type = str(getattr(key.key_type, "value", key.key_type))
-        self._store = store
-        self._public = public
         self._client = client
-
-    @property
-    def kind(self) -> KeyKind:
-        return kind_of(self._public)
-
-    def public_key(self) -> CaPublicKey:
-        return self._public
-
-    def sign(self, data: bytes, algorithm: hashes.HashAlgorithm | Prehashed) -> bytes:
-        return self._store._sign(self, bytes(data), algorithm)
-
-    def __repr__(self) -> str:
-        return f"<KeyVaultSigner {self.key_ref}>"
 
 
 # ---- HTTP policy --------------------------------------------------------------------------------------

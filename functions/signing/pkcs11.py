@@ -61,8 +61,8 @@ from functions.signing.base import (
     RSA_BITS,
     CaPublicKey,
     KeyKind,
+    StoreSigner,
     check_kind,
-    kind_of,
     split_hash,
 )
 
@@ -293,28 +293,13 @@ def parse_key_ref(key_ref: str) -> tuple[str, bytes]:
 # ---- the signer ---------------------------------------------------------------------------------
 
 
-class Pkcs11Signer:
+class Pkcs11Signer(StoreSigner):
     """One CA key in the token. Thread-safe; every sign borrows a pooled session."""
 
     def __init__(self, store: Pkcs11KeyStore, key_ref: str, label: str, key_id: bytes, public: CaPublicKey) -> None:
-        self.key_ref = key_ref
+        super().__init__(store, key_ref, public)
         self.label = label
         self.key_id = key_id
-        self._store = store
-        self._public = public
-
-    @property
-    def kind(self) -> KeyKind:
-        return kind_of(self._public)
-
-    def public_key(self) -> CaPublicKey:
-        return self._public
-
-    def sign(self, data: bytes, algorithm: hashes.HashAlgorithm | Prehashed) -> bytes:
-        return self._store._sign(self, bytes(data), algorithm)
-
-    def __repr__(self) -> str:
-        return f"<Pkcs11Signer {self.key_ref}>"
 
 
 class _Waiter:
