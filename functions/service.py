@@ -684,6 +684,32 @@ class Service:
                                          details={"api_url": api_url}).sealed())
         return script
 
+    # ---- audit --------------------------------------------------------------------------------
+    def audit(self, who: Identity, *, since: float | None = None, until: float | None = None,
+              request_id: str | None = None, policy_id: str | None = None, key_id: str | None = None,
+              serial: str | None = None, limit: int = 200) -> list[AuditEntry]:
+        """Audit entries of the caller's tenant: all of them for tenant admins, those of the policies
+        they administer for policy admins. sshd's log lines join by key_id and serial."""
+        if not who.is_tenant_admin:
+            mine = {p.id for p in self.store.list_policies(who.tid) if not p.deleted and p.is_admin(who)}
+            if not mine:
+                raise Forbidden("Only tenant admins and policy admins read the audit log.")
+            if policy_id is not None and policy_id not in mine:
+                raise NotFound(f"Policy {policy_id!r} was not found.")
+        else:
+            mine = None
+        if since is None and until is None and request_id is None:
+            since = self.clock() - 24 * 3600
+        out: list[AuditEntry] = []
+        for e in self.store.list_audit(who.tid, since=since, until=until, request_id=request_id, limit=100_000):
+            if mine is not None and e.policy_id not in mine:
+                continue
+            if (policy_id and e.policy_id != policy_id) or (key_id and e.key_id != key_id) or \
+                    (serial and e.serial != serial):
+                continue
+            out.append(e)
+        return out[-limit:]
+
     # ---- health -------------------------------------------------------------------------------
     def health(self) -> dict[str, str]:
         checks: dict[str, str] = {}

@@ -335,6 +335,8 @@ def build_parser():
     add_hosts_commands(sub)
     from .policycmd import add_policy_commands  # stdlib only; yaml/requests load when a command runs
     add_policy_commands(ps, fmt, EXIT_CODES_HELP)
+    from .auditcmd import add_audit_command  # stdlib only
+    add_audit_command(sub)
     return p
 
 

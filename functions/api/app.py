@@ -9,7 +9,7 @@ from typing import Callable
 from fastapi import FastAPI, Request
 
 from .. import observability
-from . import errors, meta, policies, requests
+from . import audit, errors, meta, policies, requests
 from . import hosts
 from . import enrolments
 from .deps import Context
@@ -40,6 +40,7 @@ def create_app(context: Callable[[], Context]) -> FastAPI:
     app.include_router(meta.router)
     app.include_router(requests.router)
     app.include_router(policies.router)
+    app.include_router(audit.router)
     app.include_router(hosts.router)
     app.include_router(enrolments.router)
     return app

@@ -1,0 +1,70 @@
+"""The audit log over the API and the CLI: an operator starts from sshd's log line (key id and
+serial) and finds the request, the decision and the certificate; only admins read it, and only
+their own tenant's (and, for policy admins, their policies')."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from devstack.demo import cli_env, run_cli
+
+
+@pytest.fixture(scope="module")
+def client(api_server):
+    with httpx.Client(base_url=api_server, timeout=30) as c:
+        yield c
+
+
+def auth(token_for, user: str) -> dict:
+    return {"Authorization": f"Bearer {token_for(user)}"}
+
+
+@pytest.fixture(scope="module")
+def issued(client, token_for) -> dict:
+    pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    r = client.post("/api/requests", headers=auth(token_for, "alice"),
+                    json={"host": "127.0.0.1", "principal": "alice", "public_key": pub, "reason": "audit me"})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_from_the_sshd_log_line_to_the_request(client, token_for, issued):
+    r = client.get("/api/audit", headers=auth(token_for, "carol"),
+                   params={"key_id": issued["key_id"], "serial": issued["serial"]})
+    assert r.status_code == 200, r.text
+    entries = r.json()["entries"]
+    assert [e["action"] for e in entries] == ["certificate.issued"]
+    assert entries[0]["intact"] and entries[0]["request_id"] == issued["id"]
+    story = client.get("/api/audit", headers=auth(token_for, "carol"),
+                       params={"request_id": issued["id"]}).json()["entries"]
+    assert [e["action"] for e in story] == ["request.created", "certificate.issued"]
+    assert story[0]["details"]["reason"] == "audit me" and story[1]["prev_hash"] == story[0]["hash"]
+
+
+def test_only_admins_read_it_and_only_their_own(client, token_for, issued, oidc):
+    assert client.get("/api/audit", headers=auth(token_for, "alice")).status_code == 403
+    mallory = client.get("/api/audit", headers=auth(token_for, "mallory"), params={"key_id": issued["key_id"]})
+    assert mallory.status_code == 200 and mallory.json()["entries"] == []  # another tenant sees nothing of it
+    assert client.get("/api/audit", headers=auth(token_for, "carol"), params={"serial": "12x"}).status_code == 400
+    assert client.get("/api/audit").status_code == 401
+
+
+def test_the_cli_shows_the_audit(tmp_path_factory, api_server, oidc, issued):
+    env = cli_env(tmp_path_factory.mktemp("carol-audit"))
+    assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env).returncode == 0
+    assert run_cli(["login"], env, username="carol", ca_path=oidc.ca_path).returncode == 0
+    r = run_cli(["audit", "--serial", issued["serial"], "--json"], env)
+    assert r.returncode == 0, r.stderr
+    assert [e["key_id"] for e in json.loads(r.stdout)] == [issued["key_id"]]
+    text = run_cli(["audit", "--request", issued["id"]], env)
+    assert text.returncode == 0 and "certificate.issued" in text.stdout and "request.created" in text.stdout
+    alice = cli_env(tmp_path_factory.mktemp("alice-audit"))
+    assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], alice).returncode == 0
+    assert run_cli(["login"], alice, username="alice", ca_path=oidc.ca_path).returncode == 0
+    assert run_cli(["audit"], alice).returncode == 4
