@@ -43,6 +43,10 @@ from .base import CertificateRecord
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 UNAUTHENTICATED = "_unauthenticated"
+# A user waits on every call: retry briefly, then answer 503 rather than hang for azure-core's
+# default of ten retries with exponential backoff.
+CLIENT_OPTIONS = dict(retry_total=3, retry_backoff_factor=0.2, retry_backoff_max=2, connection_timeout=5,
+                      read_timeout=20)
 
 
 def _serial_key(serial: int) -> str:
@@ -75,11 +79,11 @@ class TableStore:
 
     @classmethod
     def from_connection_string(cls, conn: str, table_name: str = "ezssh") -> "TableStore":
-        return cls(TableServiceClient.from_connection_string(conn), table_name)
+        return cls(TableServiceClient.from_connection_string(conn, **CLIENT_OPTIONS), table_name)
 
     @classmethod
     def from_account_url(cls, url: str, credential: Any, table_name: str = "ezssh") -> "TableStore":
-        return cls(TableServiceClient(endpoint=url, credential=credential), table_name)
+        return cls(TableServiceClient(endpoint=url, credential=credential, **CLIENT_OPTIONS), table_name)
 
     def ensure_table(self) -> None:
         def create() -> None:
