@@ -36,6 +36,19 @@ def _ended(rec: dict) -> EzsshError:
     return EzsshError(msg, REQUEST_ENDED)
 
 
+def describe_approvers(approvers: object, policy: str | None) -> str:
+    """' from bob@contoso.test or a member of group <id>' from the service's {users, groups}."""
+    names: list[str] = []
+    if isinstance(approvers, dict):
+        names += [str(u) if u != "*" else "anyone in your tenant" for u in approvers.get("users") or []]
+        names += [f"a member of group {g}" for g in approvers.get("groups") or []]
+    elif isinstance(approvers, list):
+        names = [str(a) for a in approvers]
+    if names:
+        return " from " + (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0])
+    return f" from an approver of policy {policy}" if policy else ""
+
+
 def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | None = None,
                       clock=time.time) -> dict:
     """Poll GET /api/requests/{id} until approved (returns the record) or ended (raises, exit 5).
@@ -46,9 +59,7 @@ def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | No
     interval = POLL_INTERVAL if interval is None else interval
     rid = pending["id"]
     need = pending.get("approvers_needed", pending.get("approvals_required", 1))
-    approvers = pending.get("approvers")
-    who = (f" from {', '.join(map(str, approvers))}" if isinstance(approvers, list) and approvers
-           else f" from an approver of policy {pending['policy']}" if pending.get("policy") else "")
+    who = describe_approvers(pending.get("approvers"), pending.get("policy"))
     expires_at = pending.get("expires_at")
     until = f", expires {time.strftime('%H:%M:%S', time.localtime(expires_at))}" if expires_at else ""
     out.write(f"Request {rid} needs {need} approval{'s' if need != 1 else ''}{who}{until}. "

@@ -332,3 +332,11 @@ def test_cached_fast_path_is_light(fast_home):
     mods = imported_modules(r.stderr)
     assert "ezssh.sshargs" in mods and "ezssh.certs" in mods
     assert heavy(mods) == set(), sorted(heavy(mods))
+
+
+def test_a_pending_request_says_who_may_approve():
+    from ezssh.issue import describe_approvers
+
+    assert describe_approvers({"users": ["bob@contoso.test", "*"], "groups": ["9f3c"]}, "p") == \
+        " from bob@contoso.test, anyone in your tenant or a member of group 9f3c"
+    assert describe_approvers({"users": [], "groups": []}, "gated") == " from an approver of policy gated"

@@ -71,6 +71,7 @@ def test_bob_approves_from_his_cli_and_alices_waiting_ssh_logs_in(tmp_path_facto
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "alice"
     assert rid in r.stderr  # the waiting CLI said which request it waits on
+    assert f"a member of group {oidc.group_id('contoso', 'ezssh-approvers')}" in r.stderr  # and who may approve
 
 
 def test_deny_ends_alices_wait_with_exit_code_5(tmp_path_factory, api_server, oidc, sshd, gated_e2e, token_for):
