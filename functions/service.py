@@ -7,6 +7,7 @@ signing.base.KeyStore); wiring.py hands it the concrete adapters.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
@@ -723,10 +724,7 @@ class Service:
         return checks
 
 
-
 def _is_tenant_id(s: str) -> bool:
-    import re
-
     return bool(re.match(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", s))
 
 
@@ -738,4 +736,4 @@ def ensure_policy(service: Service, who: Identity, doc: dict) -> Policy:
         return service.create_policy(who, doc)
 
 
-__all__: Sequence[str] = ["Service", "ServiceConfig", "Outcome", "ensure_policy", "InvalidRequest"]
+__all__: Sequence[str] = ["Service", "ServiceConfig", "Outcome", "ensure_policy"]
