@@ -1,4 +1,4 @@
-"""Sign-in with MSAL (device code flow) and the persisted token cache (msal-extensions).
+"""Sign-in with MSAL (device code flow or the browser: authorization code + PKCE) and the persisted token cache (msal-extensions).
 
 Imported lazily: only commands that need a token load msal. For the local/OIDC identity provider
 (`authority_type == "oidc"`) MSAL is given `oidc_authority=` (never `authority=`, which would make
@@ -144,6 +144,36 @@ class Auth:
             result = self.app.acquire_token_by_device_flow(flow)
         except requests.RequestException as exc:
             raise EzsshError(f"Lost the identity provider while waiting: {type(exc).__name__}.", UNAVAILABLE) from None
+        return self._signed_in(result)
+
+    def browser_login(self, timeout: int = 300, out=None) -> dict:
+        """Sign in in the system browser: authorization code + PKCE, the answer arriving on a loopback
+        listener (http://localhost:<ephemeral port>, RFC 8252). Fails (exit 3) after `timeout` seconds."""
+        out = out or sys.stderr
+        app = self.app  # discovery first: an unreachable provider fails before a browser opens
+
+        def no_browser(uri: str) -> None:
+            out.write(f"No browser could be opened. Open this address in a browser on this machine: {uri}\n"
+                      f"or stop (Ctrl+C) and use: ezssh login --device\n")
+            out.flush()
+
+        # Stable format, one line, flushed at once:
+        out.write("Opening your browser to sign in; if it does not open, use: ezssh login --device\n")
+        out.flush()
+        try:
+            result = app.acquire_token_interactive(self.scopes, timeout=timeout, auth_uri_callback=no_browser)
+        except msal.BrowserInteractionTimeoutError:
+            raise EzsshError(f"Sign-in failed: the sign-in was not completed in the browser within {timeout} s.",
+                             NOT_SIGNED_IN, hint="Run `ezssh login` again (or `ezssh login --device`).") from None
+        except requests.RequestException as exc:
+            raise EzsshError(f"Lost the identity provider while signing in: {type(exc).__name__}.", UNAVAILABLE) from None
+        except (OSError, ValueError) as exc:  # e.g. no loopback listener, or a mismatched answer
+            raise EzsshError(f"Sign-in failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                             NOT_SIGNED_IN, hint="Run `ezssh login` again (or `ezssh login --device`).") from None
+        return self._signed_in(result)
+
+    def _signed_in(self, result: dict) -> dict:
+        """Check an MSAL token response and remember its account as the one to use."""
         if "access_token" not in result:
             err = result.get("error")
             desc = (result.get("error_description") or err or "no token").splitlines()[0]

@@ -22,6 +22,7 @@ environment:
   EZSSH_HOME                 ezssh's directory (default ~/.ezssh)
   EZSSH_SSH                  ssh program to run (default: ssh)
   EZSSH_ALLOW_DEVICE_LOGIN=1 let any command start the device sign-in without a terminal
+  EZSSH_LOGIN=device|browser how `ezssh login` signs in by default (else: browser where one exists)
   EZSSH_PLAINTEXT_TOKEN_CACHE=1  keep the token cache in a 0600 file even where encryption exists"""
 
 
@@ -138,9 +139,33 @@ def cmd_configure(args) -> int:
     return OK
 
 
+def login_method(env=None, platform: str | None = None) -> str:
+    """"browser" or "device" for `ezssh login` without --browser/--device.
+
+    EZSSH_LOGIN=device|browser decides. Otherwise the browser only where one can show up on this
+    machine: macOS and Windows unless in an SSH session, other systems when $DISPLAY or
+    $WAYLAND_DISPLAY is set (MSAL's loopback listener must run where the browser runs)."""
+    env = os.environ if env is None else env
+    platform = sys.platform if platform is None else platform
+    forced = (env.get("EZSSH_LOGIN") or "").strip().lower()
+    if forced in ("device", "browser"):
+        return forced
+    if forced:
+        raise EzsshError(f"EZSSH_LOGIN={forced!r} is not one of: device, browser.", USAGE)
+    if platform in ("darwin", "win32"):
+        return "device" if (env.get("SSH_CONNECTION") or env.get("SSH_TTY")) else "browser"
+    return "browser" if (env.get("DISPLAY") or env.get("WAYLAND_DISPLAY")) else "device"
+
+
 def cmd_login(args) -> int:
+    method = args.method or login_method()
+    if args.timeout is not None and args.timeout <= 0:
+        raise EzsshError("--timeout must be a positive number of seconds.", USAGE)
     ctx = Ctx()
-    result = ctx.auth.device_login()
+    if method == "browser":
+        result = ctx.auth.browser_login(timeout=args.timeout or 300)
+    else:
+        result = ctx.auth.device_login()
     claims = result.get("id_token_claims") or {}
     err(f"Signed in as {claims.get('preferred_username') or claims.get('upn') or claims.get('oid')}.")
     if args.json:
@@ -292,10 +317,24 @@ def build_parser():
     c.add_argument("--json", action="store_true", help="print the saved configuration as JSON")
     c.set_defaults(func=cmd_configure)
 
-    c = sub.add_parser("login", help="sign in with the device code flow", formatter_class=fmt,
-                       epilog="The sign-in message goes to stderr as one line:\n"
-                              "  To sign in, open <verification URL> and enter the code <CODE> (expires in N min).\n\n"
+    c = sub.add_parser("login", help="sign in (in the browser, or with a device code)", formatter_class=fmt,
+                       description="Sign in with Entra ID. In the browser (authorization code + PKCE, "
+                                   "answer on a loopback port) where a browser exists, else with a "
+                                   "device code you enter on any device.",
+                       epilog="Default: --browser on macOS/Windows (not over SSH) and where $DISPLAY or "
+                              "$WAYLAND_DISPLAY is set, else --device;\n"
+                              "EZSSH_LOGIN=device|browser changes the default.\n\n"
+                              "The sign-in message goes to stderr as one line (device code, browser):\n"
+                              "  To sign in, open <verification URL> and enter the code <CODE> (expires in N min).\n"
+                              "  Opening your browser to sign in; if it does not open, use: ezssh login --device\n\n"
                               + EXIT_CODES_HELP)
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--browser", dest="method", action="store_const", const="browser",
+                     help="sign in in the system browser ($BROWSER is honoured)")
+    how.add_argument("--device", dest="method", action="store_const", const="device",
+                     help="sign in with a device code (works over SSH and without a browser)")
+    c.add_argument("--timeout", type=int, metavar="S",
+                   help="with the browser: give up after S seconds (default 300)")
     c.add_argument("--json", action="store_true", help="print who you are as JSON afterwards")
     c.set_defaults(func=cmd_login)
 

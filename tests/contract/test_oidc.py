@@ -226,3 +226,79 @@ def test_fabrikam_token(oidc, session):
     # a fabrikam token does not verify as a contoso token
     with pytest.raises(jwt.InvalidIssuerError):
         _verify(oidc, session, "contoso", result["access_token"])
+
+
+# ---- 3. authorization code + PKCE on a loopback redirect (ezssh login --browser) -------------------
+
+
+class _Loopback:
+    """The app's loopback redirect listener: records the form_post it receives."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+        from urllib.parse import parse_qsl
+
+        self.received: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+                outer.received.append(dict(parse_qsl(body)))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.port = self.httpd.server_address[1]
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_msal_auth_code_with_pkce_on_any_loopback_port(oidc, session):
+    from devstack.oidc import complete_authorization
+
+    app = _app(oidc, "contoso", session)
+    for host in ("localhost", "127.0.0.1"):
+        listener = _Loopback()
+        try:
+            flow = app.initiate_auth_code_flow([API_SCOPE], redirect_uri=f"http://{host}:{listener.port}",
+                                               response_mode="form_post")
+            assert "code_challenge=" in flow["auth_uri"]
+            resp = complete_authorization(flow["auth_uri"], "alice", password_for("alice"), oidc.ca_path)
+            assert resp.status_code == 200
+        finally:
+            listener.stop()
+        assert len(listener.received) == 1 and "code" in listener.received[0], listener.received
+        result = app.acquire_token_by_auth_code_flow(flow, listener.received[0])
+        assert "access_token" in result, result
+        claims = _verify(oidc, session, "contoso", result["access_token"])
+        assert claims["oid"] == oidc.user("alice")["oid"] and claims["scp"] == "access_as_user"
+        assert result["id_token_claims"]["preferred_username"] == "alice@contoso.test"
+
+
+def test_auth_code_requires_pkce_and_a_loopback_redirect(oidc, session):
+    from urllib.parse import parse_qs, urlencode, urlparse
+
+    issuer = oidc.issuer(oidc.tenant_id("contoso"))
+    base = {"client_id": oidc.cli_client_id, "response_type": "code", "scope": f"openid {API_SCOPE}"}
+    # Without PKCE: the error goes back to the (valid) loopback redirect URI.
+    r = session.get(f"{issuer}/auth?" + urlencode({**base, "redirect_uri": "http://localhost:5555"}),
+                    allow_redirects=False, timeout=5)
+    assert r.status_code in (302, 303), r.text
+    assert urlparse(r.headers["Location"]).port == 5555
+    assert parse_qs(urlparse(r.headers["Location"]).query)["error"] == ["invalid_request"]
+    assert "PKCE" in parse_qs(urlparse(r.headers["Location"]).query)["error_description"][0]
+    # A redirect URI that is not loopback (or not http) is refused without redirecting anywhere.
+    pkce = {"code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM", "code_challenge_method": "S256"}
+    for bad in ("http://evil.example:5555", "https://localhost:5555"):
+        r = session.get(f"{issuer}/auth?" + urlencode({**base, **pkce, "redirect_uri": bad}),
+                        allow_redirects=False, timeout=5)
+        assert r.status_code == 400 and "redirect_uri" in r.text, (bad, r.status_code, r.text[:300])

@@ -270,6 +270,101 @@ def complete_device_code(
     raise DeviceLoginError(f"device sign-in did not finish after several pages (last {resp.url})")
 
 
+class BrowserLoginError(DeviceLoginError):
+    """The browser step of an authorization-code sign-in did not reach the app's loopback redirect."""
+
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def complete_authorization(
+    auth_uri: str,
+    username: str,
+    password: str,
+    ca_path: Path | str,
+    *,
+    timeout: float = 10.0,
+) -> requests.Response:
+    """Play the user's browser for an authorization-code sign-in (MSAL acquire_token_interactive):
+    open `auth_uri`, sign in, (consent is automatic), and deliver the authorization response to the
+    app's loopback redirect URI (a form_post, as MSAL asks for) like a browser's JavaScript would.
+
+    Returns the loopback listener's response. Raises BrowserLoginError (with the page's error text)
+    when the stand-in refuses the sign-in or answers with an error instead of a redirect. Only the
+    origin of `auth_uri` (the stand-in on 127.0.0.1) and a plain-http loopback listener are contacted;
+    `localhost` is dialled as 127.0.0.1 (MSAL's listener binds there).
+    """
+    origin = urlparse(auth_uri)
+    if origin.hostname not in _LOOPBACK_HOSTS:
+        raise BrowserLoginError(f"refusing to browse to a non-loopback authorization URI: {auth_uri}")
+    s = session_for(ca_path)
+    s.headers["User-Agent"] = "ezssh-devstack-browser/1"
+
+    def on_stand_in(url: str) -> bool:
+        u = urlparse(url)
+        return (u.scheme, u.netloc) == (origin.scheme, origin.netloc)
+
+    def loopback_app(url: str) -> str | None:
+        """The URL to dial when `url` is the app's loopback redirect (http, loopback host, a port)."""
+        u = urlparse(url)
+        if u.scheme != "http" or u.hostname not in _LOOPBACK_HOSTS or not u.port:
+            return None
+        return u._replace(netloc=f"127.0.0.1:{u.port}").geturl() if u.hostname == "localhost" else url
+
+    def get(url: str) -> requests.Response:
+        # Follow redirects by hand: the last hop may leave the stand-in for the loopback app.
+        for _ in range(10):
+            resp = s.get(url, timeout=timeout, allow_redirects=False)
+            if resp.is_redirect:
+                nxt = urljoin(resp.url, resp.headers["Location"])
+                if not on_stand_in(nxt):
+                    app = loopback_app(nxt)
+                    if app is None:
+                        raise BrowserLoginError(f"unexpected redirect off the stand-in: {nxt}")
+                    return s.get(app, timeout=timeout, allow_redirects=False)  # response_mode=query
+                url = nxt
+                continue
+            return resp
+        raise BrowserLoginError(f"too many redirects from {url}")
+
+    def submit(resp: requests.Response, form: dict, extra: dict | None = None) -> requests.Response:
+        data = {**form["fields"], **(extra or {})}
+        url = urljoin(resp.url, form["action"] or resp.url)
+        if not on_stand_in(url):
+            raise BrowserLoginError(f"form posts off the stand-in: {url}")
+        if form["method"] != "post":
+            return get(f"{url}?{requests.compat.urlencode(data)}")
+        r = s.post(url, data=data, timeout=timeout, allow_redirects=False)
+        return get(urljoin(r.url, r.headers["Location"])) if r.is_redirect else r
+
+    resp = get(auth_uri)
+    for _ in range(10):  # login -> (consent, automatic) -> form_post to the app
+        if not on_stand_in(resp.url):
+            return resp  # the app's loopback listener answered (a query-mode redirect)
+        page = _parse(resp.text)
+        if (f := _form(page, "login")) is not None:
+            if "error" in page.ids:
+                raise BrowserLoginError(f"sign-in refused for {username}: {_describe(resp, page)}")
+            resp = submit(resp, f, {"username": username, "password": password})
+        elif len(page.forms) == 1 and "forms[0].submit()" in resp.text:
+            f = page.forms[0]
+            target = urljoin(resp.url, f["action"] or resp.url)
+            if on_stand_in(target):
+                resp = submit(resp, f)
+                continue
+            app = loopback_app(target)
+            if app is None or f["method"] != "post":
+                raise BrowserLoginError(f"authorization response goes to an unexpected place: {target}")
+            if "error" in f["fields"]:  # still deliver it (the app reports it), but say so
+                s.post(app, data=f["fields"], timeout=timeout)
+                raise BrowserLoginError(f"the stand-in answered with an error: {f['fields'].get('error')}: "
+                                        f"{f['fields'].get('error_description', '')}")
+            return s.post(app, data=f["fields"], timeout=timeout)  # response_mode=form_post
+        else:
+            raise BrowserLoginError(f"browser sign-in did not succeed: {_describe(resp, page)}")
+    raise BrowserLoginError(f"browser sign-in did not finish after several pages (last {resp.url})")
+
+
 def sign_in(oidc: OidcStandIn, username: str, scopes: list[str] | None = None) -> dict:
     """A real MSAL device-code sign-in as a dev user, with this module playing the browser.
     Returns MSAL's token response (access_token, id_token_claims, ...)."""

@@ -36,6 +36,12 @@
 //     aud = API client id, scp = "access_as_user" (short name), azp, ver "2.0", tid, oid, and a `sub`
 //     that is NOT the oid (pairwise per tenant+API, as in Entra). Empty `groups`/`roles` are omitted,
 //     as Entra does; consumers must treat a missing claim as an empty list.
+//  9. `ezssh login --browser` (MSAL acquire_token_interactive) uses the authorization code grant with
+//     PKCE (S256) and redirect_uri http://localhost:<ephemeral port> (RFC 8252 loopback), with
+//     response_mode=form_post (MSAL's listener refuses query responses). oidc-provider 9 matches
+//     loopback redirect URIs of `native` clients ignoring the port, so registering
+//     http://localhost (and 127.0.0.1, [::1]) without a port accepts every port, as Entra does.
+//     Consent is granted without a page (admin consent), as for the device flow.
 
 import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
@@ -244,9 +250,10 @@ function buildTenant(tid, tenant) {
       client_name: CLI.name ?? 'ezssh CLI',
       application_type: 'native',
       token_endpoint_auth_method: 'none',
-      grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'refresh_token'],
-      response_types: [],
-      redirect_uris: [],
+      // Device code, and authorization code + PKCE on a loopback redirect (see note 9).
+      grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'authorization_code', 'refresh_token'],
+      response_types: ['code'],
+      redirect_uris: ['http://localhost', 'http://127.0.0.1', 'http://[::1]'],
     }],
     jwks,
     cookies: {
@@ -372,7 +379,7 @@ function buildTenant(tid, tenant) {
     interactions: {
       url: async (ctx, interaction) => `/${tid}/interaction/${interaction.uid}`,
     },
-    pkce: { required: () => false },
+    pkce: { required: () => true }, // authorization code requests must use PKCE (S256); device flow unaffected
     ttl: {
       AccessToken: 3600,
       AuthorizationCode: 60,
