@@ -83,8 +83,11 @@ class _IssuerKeys:
 
 
 class TokenValidator:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, groups: Any = None) -> None:
+        """`groups` (a functions.graph.GraphGroups) resolves groups overage; without it such tokens
+        are refused with 503 rather than judged without their groups."""
         self._s = settings
+        self._groups = groups
         self._ctx = ssl.create_default_context(cafile=settings.oidc_ca_bundle) if settings.oidc_ca_bundle \
             else ssl.create_default_context()
         self._issuers: dict[str, _IssuerKeys] = {}
@@ -152,8 +155,12 @@ class TokenValidator:
         if self._s.api_scope not in scopes:
             raise Unauthenticated(f"The token lacks the '{self._s.api_scope}' scope.")
         groups = claims.get("groups") or []
-        if "_claim_names" in claims and "groups" in (claims.get("_claim_names") or {}):
-            log.warning("token for %s has a groups overage claim; group rules will not match", oid)
+        names = claims.get("_claim_names")
+        if isinstance(names, dict) and "groups" in names:
+            # Too many groups for the token: ask Microsoft Graph (cached per user).
+            if self._groups is None:
+                raise BackendUnavailable("Your token lists too many groups and this service cannot look them up.")
+            groups = sorted(self._groups.member_groups(tid, oid))
         upn = claims.get("preferred_username") or claims.get("upn") or claims.get("unique_name") or oid
         return Identity(
             oid=oid,

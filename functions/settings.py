@@ -44,6 +44,8 @@ SETTINGS: dict[str, str] = {
                           "where VMs may be enrolled (Run Command push, auto-enrolment); empty: none. With "
                           "several tenants each entry is <tenant id>=<scope>: only that tenant's policies push there",
     "EZSSH_ARM_ENDPOINT": "Azure Resource Manager endpoint (default https://management.azure.com)",
+    "EZSSH_GRAPH_ENDPOINT": "Microsoft Graph endpoint for users in too many groups for their token "
+                            "(groups overage; default https://graph.microsoft.com)",
     "EZSSH_PUBLIC_URL": "the API's public base URL, rendered into pushed setup scripts for KRL fetches "
                         "(default https://$WEBSITE_HOSTNAME in Azure)",
 }
@@ -77,6 +79,7 @@ class Settings:
     appinsights_connection_string: str | None
     enrol_scopes: tuple[str, ...] = ()
     arm_endpoint: str = "https://management.azure.com"
+    graph_endpoint: str = "https://graph.microsoft.com"
     public_url: str | None = None
 
     @property
@@ -235,4 +238,7 @@ def _enrolment_settings(env: Mapping[str, str], tenants: tuple[str, ...] = ()) -
         public = public.rstrip("/")
         if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+$", public):
             raise SettingsError("Setting EZSSH_PUBLIC_URL must be an http(s) URL with no path, e.g. https://ezssh.example.net.")
-    return {"enrol_scopes": scopes, "arm_endpoint": arm, "public_url": public}
+    graph = (_get(env, "EZSSH_GRAPH_ENDPOINT") or "https://graph.microsoft.com").rstrip("/")
+    if not graph.startswith("https://"):
+        raise SettingsError("Setting EZSSH_GRAPH_ENDPOINT must be an https URL.")
+    return {"enrol_scopes": scopes, "arm_endpoint": arm, "public_url": public, "graph_endpoint": graph}

@@ -40,6 +40,23 @@ def build_keystore(settings: Settings):  # type: ignore[no-untyped-def]
     return KeyVaultKeyStore(settings.keyvault_url, _credential(settings))
 
 
+def build_graph_groups(settings: Settings, credential=None, verify: bool | str = True):  # type: ignore[no-untyped-def]
+    """Group lookups for users in too many groups for their token, with the managed identity.
+    The credential is only asked for a token when such a user first signs in."""
+    from .graph import GraphGroups
+
+    class _Lazy:
+        def __init__(self) -> None:
+            self._cred = credential
+
+        def get_token(self, *scopes: str, **kwargs: object):  # type: ignore[no-untyped-def]
+            if self._cred is None:
+                self._cred = _credential(settings)
+            return self._cred.get_token(*scopes, **kwargs)
+
+    return GraphGroups(settings.graph_endpoint, _Lazy(), verify=verify)
+
+
 def build_context(settings: Settings | None = None) -> Context:
     settings = settings or load_settings()
     store = build_store(settings)
@@ -56,7 +73,7 @@ def build_context(settings: Settings | None = None) -> Context:
         ),
         notifier=WebhookNotifier(store.add_audit),
     )
-    validator = TokenValidator(settings)
+    validator = TokenValidator(settings, groups=build_graph_groups(settings))
     validator.warm()
     log.info("ezssh ready: tenants=%s signer=%s", ",".join(settings.tenants), settings.signer_backend)
     return Context(settings=settings, service=service, validator=validator,

@@ -148,6 +148,10 @@ var appSettings = [
     name: 'EZSSH_PUBLIC_URL'
     value: publicUrl
   }
+  {
+    name: 'EZSSH_GRAPH_ENDPOINT'
+    value: environment().graph
+  }
 ]
 
 resource site 'Microsoft.Web/sites@2024-04-01' = {

@@ -78,6 +78,7 @@ def test_bicep_settings_validate_as_the_azure_combination():
         "EZSSH_ENROL_SCOPES": "/subscriptions/72f988bf-86f1-41af-91ab-2d7cd011db47/resourceGroups/rg-vms",
         "EZSSH_ARM_ENDPOINT": "https://management.azure.com/",
         "EZSSH_PUBLIC_URL": "",
+        "EZSSH_GRAPH_ENDPOINT": "https://graph.microsoft.com/",
         "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=00000000-0000-0000-0000-000000000000;"
                                                  "IngestionEndpoint=https://westeurope-5.in.applicationinsights.azure.com/",
     }
