@@ -40,10 +40,12 @@ from functions.core.errors import IntegrityError, InvalidRequest
 from functions.core.keys import fingerprint, parse_public_key
 from functions.core.policy import make_grant, policy_from_document
 
+from tests.realparts import needs_tool
+
 from .test_keys import fixed_ed25519, openssh_of, private_key
 
 SSH_KEYGEN = shutil.which("ssh-keygen")
-needs_ssh_keygen = pytest.mark.skipif(SSH_KEYGEN is None, reason="ssh-keygen is not installed")
+needs_ssh_keygen = needs_tool("ssh-keygen")
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "user-cert.pub"
 
