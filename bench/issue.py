@@ -147,6 +147,7 @@ def main() -> int:
     ap.add_argument("--baseline", type=int, default=100)
     ap.add_argument("--concurrency", default="1,32")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes for the API")
     args = ap.parse_args()
 
     from devstack.proc import free_port
@@ -155,7 +156,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="ezssh-bench-") as tmp:
         work = Path(tmp)
-        stack = up(work / "state", Ports(free_port(), free_port(), free_port(), free_port()), with_sshd=False)
+        stack = up(work / "state", Ports(free_port(), free_port(), free_port(), free_port()), with_sshd=False,
+                   api_workers=args.workers)
         try:
             token = sign_in(stack.oidc, "alice")["access_token"]
 
@@ -163,7 +165,7 @@ def main() -> int:
             for conc in (int(c) for c in args.concurrency.split(",")):
                 rows.append(run_http(stack.api_url, token, args.requests, conc))
             base = rows[0]
-            print(f"\nIssuance benchmark ({os.cpu_count()} cores; API: uvicorn, 1 worker; Azurite; SoftHSM EC P-256 CA)")
+            print(f"\nIssuance benchmark ({os.cpu_count()} cores; API: uvicorn, {args.workers} worker(s); Azurite; SoftHSM EC P-256 CA)")
             print(f"{'what':38s} {'conc':>4s} {'n':>5s} {'p50 ms':>8s} {'p99 ms':>8s} {'certs/s':>8s} "
                   f"{'p50 vs base':>11s} {'rate vs base':>12s}")
             for r in rows:

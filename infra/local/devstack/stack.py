@@ -134,7 +134,8 @@ class Stack:
             p.stop()
 
 
-def up(state_dir: Path = DEFAULT_STATE, ports: Ports | None = None, *, with_sshd: bool = True) -> Stack:
+def up(state_dir: Path = DEFAULT_STATE, ports: Ports | None = None, *, with_sshd: bool = True,
+       api_workers: int = 1) -> Stack:
     ports = ports or Ports()
     state_dir.mkdir(parents=True, exist_ok=True)
     started: list = []
@@ -146,7 +147,7 @@ def up(state_dir: Path = DEFAULT_STATE, ports: Ports | None = None, *, with_sshd
         started.append(oidc)
         env = api_env(state_dir, oidc, ports.azurite, token)
         policy = seed_policy(env, oidc, demo_policy_document(oidc))
-        api = start_api(state_dir, ports.api, env)
+        api = start_api(state_dir, ports.api, env, workers=api_workers)
         started.append(api)
         sshd = None
         if with_sshd:
