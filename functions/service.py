@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Protocol, Sequence
 
 from .core import approval as sm
-from .core.audit import AuditEntry, link
+from .core.audit import AuditEntry, link, verify_chain
 from .core.certificate import IssuedCertificate, build_certificate, new_serial, verify_issued
 from .core.errors import (
     CaKeyNotFound,
@@ -710,6 +710,14 @@ class Service:
                 continue
             out.append(e)
         return out[-limit:]
+
+    def request_chain_intact(self, who: Identity, request_id: str) -> bool:
+        """The request's audit chain is whole: every entry intact, linked, and ending at the head
+        its row holds."""
+        rec = self._visible_request(who, request_id)[0]
+        chain = [e for e in self.store.list_audit(who.tid, request_id=request_id, limit=100_000)
+                 if e.chain == f"req:{request_id}"]
+        return verify_chain(chain, head=rec.audit_head)
 
     # ---- health -------------------------------------------------------------------------------
     def health(self) -> dict[str, str]:

@@ -20,7 +20,11 @@ async def audit(request: Request, who: Identity = Depends(caller),
                 policy: str | None = Query(None, max_length=63), key_id: str | None = Query(None, max_length=400),
                 serial: str | None = Query(None, pattern=r"^[0-9]{1,19}$"),
                 limit: int = Query(200, ge=1, le=1000)) -> dict:
+    svc = service(request)
     entries = await run_in_threadpool(
-        service(request).audit, who, since=since, until=until, request_id=request_id, policy_id=policy,
+        svc.audit, who, since=since, until=until, request_id=request_id, policy_id=policy,
         key_id=key_id, serial=serial, limit=limit)
-    return {"entries": [{**asdict(e), "intact": e.verify()} for e in entries]}
+    body: dict = {"entries": [{**asdict(e), "intact": e.verify()} for e in entries]}
+    if request_id:
+        body["chain_intact"] = await run_in_threadpool(svc.request_chain_intact, who, request_id)
+    return body

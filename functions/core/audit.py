@@ -66,10 +66,12 @@ def link(entry: AuditEntry, previous: AuditEntry | str | None) -> AuditEntry:
     return AuditEntry(**{**entry.body(), "prev_hash": prev}).sealed()
 
 
-def verify_chain(entries: Iterable[AuditEntry]) -> bool:
+def verify_chain(entries: Iterable[AuditEntry], head: str | None = None) -> bool:
+    """Every entry intact and linked to the one before. With `head` (the hash the request or policy
+    row holds), the chain must also end there, so dropping its last entries is detected too."""
     prev = GENESIS
     for e in entries:
         if e.prev_hash != prev or not e.verify():
             return False
         prev = e.hash
-    return True
+    return head is None or prev == head

@@ -47,6 +47,23 @@ def test_from_the_sshd_log_line_to_the_request(client, token_for, issued):
     assert story[0]["details"]["reason"] == "audit me" and story[1]["prev_hash"] == story[0]["hash"]
 
 
+def test_a_deleted_audit_entry_breaks_the_chain(client, token_for, context, oidc):
+    pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    r = client.post("/api/requests", headers=auth(token_for, "alice"),
+                    json={"host": "127.0.0.1", "principal": "alice", "public_key": pub})
+    rid = r.json()["id"]
+    carol = auth(token_for, "carol")
+    assert client.get("/api/audit", headers=carol, params={"request_id": rid}).json()["chain_intact"] is True
+    tid = oidc.tenant_id("contoso")
+    table = context.service.store._table  # someone with storage access removes the issuance entry
+    last = [e for e in table.query_entities("PartitionKey eq @pk and RowKey ge 'aud|' and RowKey lt 'aud}'",
+                                            parameters={"pk": tid}) if e.get("RequestId") == rid][-1]
+    table.delete_entity(tid, last["RowKey"])
+    body = client.get("/api/audit", headers=carol, params={"request_id": rid}).json()
+    assert body["chain_intact"] is False and [e["action"] for e in body["entries"]] == ["request.created"]
+
+
 def test_only_admins_read_it_and_only_their_own(client, token_for, issued, oidc):
     assert client.get("/api/audit", headers=auth(token_for, "alice")).status_code == 403
     mallory = client.get("/api/audit", headers=auth(token_for, "mallory"), params={"key_id": issued["key_id"]})

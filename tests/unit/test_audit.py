@@ -174,3 +174,13 @@ def test_truncating_the_tail_is_not_detectable_from_the_chain_alone():
     chain = request_chain()
     assert verify_chain(chain[:-1])
     assert chain[-1].hash != chain[-2].hash
+
+
+def test_the_head_kept_on_the_row_detects_a_dropped_last_entry():
+    from functions.core.audit import AuditEntry, link, verify_chain
+
+    a = link(AuditEntry(tenant_id="t", at=1.0, action="request.created", outcome="ok"), None)
+    b = link(AuditEntry(tenant_id="t", at=2.0, action="certificate.issued", outcome="ok"), a)
+    assert verify_chain([a, b], head=b.hash)
+    assert verify_chain([a], head=None)  # without the head a shortened chain still looks whole
+    assert not verify_chain([a], head=b.hash)  # with it, the missing last entry shows
