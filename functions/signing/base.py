@@ -154,7 +154,34 @@ def _hash_from(algorithm: object) -> hashes.HashAlgorithm:
     raise TypeError(f"expected a hash algorithm, got {type(algorithm).__name__}")
 
 
-class CaKeyEC(ec.EllipticCurvePrivateKey):
+class _CaKeyBase:
+    """What both adapters share: the signer, its cached public key, and no way to the secret."""
+
+    _signer: Signer
+    _public: CaPublicKey
+
+    @property
+    def signer(self) -> Signer:
+        return self._signer
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def private_numbers(self) -> NoReturn:
+        _no_secret("private_numbers()")
+
+    def private_bytes(self, *args: object, **kwargs: object) -> bytes:
+        _no_secret("private_bytes()")
+
+    def __copy__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    def __deepcopy__(self, memo: dict):  # type: ignore[no-untyped-def]
+        return self
+
+
+class CaKeyEC(_CaKeyBase, ec.EllipticCurvePrivateKey):
     """A Signer seen as a cryptography EC private key. Only public_key(), curve, key_size, sign()."""
 
     def __init__(self, signer: Signer) -> None:
@@ -165,16 +192,8 @@ class CaKeyEC(ec.EllipticCurvePrivateKey):
         self._public = pub
 
     @property
-    def signer(self) -> Signer:
-        return self._signer
-
-    @property
     def curve(self) -> ec.EllipticCurve:
         return self._public.curve
-
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
@@ -189,23 +208,11 @@ class CaKeyEC(ec.EllipticCurvePrivateKey):
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
         raise NotImplementedError("a CA key only signs; ECDH is not supported")
 
-    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        _no_secret("private_numbers()")
-
-    def private_bytes(self, *args: object, **kwargs: object) -> bytes:
-        _no_secret("private_bytes()")
-
-    def __copy__(self) -> CaKeyEC:
-        return self
-
-    def __deepcopy__(self, memo: dict) -> CaKeyEC:
-        return self
-
     def __repr__(self) -> str:
         return f"<CaKeyEC {self._public.curve.name} {self._signer.key_ref}>"
 
 
-class CaKeyRSA(rsa.RSAPrivateKey):
+class CaKeyRSA(_CaKeyBase, rsa.RSAPrivateKey):
     """A Signer seen as a cryptography RSA private key. Only public_key(), key_size, sign()."""
 
     def __init__(self, signer: Signer) -> None:
@@ -214,14 +221,6 @@ class CaKeyRSA(rsa.RSAPrivateKey):
             raise TypeError("CaKeyRSA needs an RSA signer")
         self._signer = signer
         self._public = pub
-
-    @property
-    def signer(self) -> Signer:
-        return self._signer
-
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
 
     def public_key(self) -> rsa.RSAPublicKey:
         return self._public
@@ -233,18 +232,6 @@ class CaKeyRSA(rsa.RSAPrivateKey):
 
     def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
         raise NotImplementedError("a CA key only signs; decryption is not supported")
-
-    def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        _no_secret("private_numbers()")
-
-    def private_bytes(self, *args: object, **kwargs: object) -> bytes:
-        _no_secret("private_bytes()")
-
-    def __copy__(self) -> CaKeyRSA:
-        return self
-
-    def __deepcopy__(self, memo: dict) -> CaKeyRSA:
-        return self
 
     def __repr__(self) -> str:
         return f"<CaKeyRSA {self._public.key_size} {self._signer.key_ref}>"

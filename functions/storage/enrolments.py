@@ -17,12 +17,10 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from azure.core import MatchConditions
-from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import UpdateMode
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
-from ..core.errors import Conflict, NotFound
-from .tables import TableStore, _guard
+from ..core.errors import Conflict
+from .tables import TableStore, _guard, conditional_update
 
 PENDING, SUCCEEDED, FAILED, RETRYING = "pending", "succeeded", "failed", "retrying"
 STATES = (PENDING, SUCCEEDED, FAILED, RETRYING)
@@ -167,11 +165,9 @@ class EnrolmentStore:
 
     def update(self, e: Enrolment, etag: str) -> Enrolment:
         """Replace the record if it is unchanged since read (If-Match); Conflict otherwise."""
-        try:
-            meta = _guard("update enrolment", lambda: self._table.update_entity(
-                self._entity(e), mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified))
-        except ResourceNotFoundError:
-            raise NotFound(f"The enrolment of {e.vm_id} in policy {e.policy_id!r} is gone.") from None
-        except (ResourceModifiedError, HttpResponseError):
-            raise Conflict(f"The enrolment of {e.vm_id} changed at the same time.") from None
+        meta = conditional_update(
+            self._table, "update enrolment", self._entity(e), etag,
+            not_found=f"The enrolment of {e.vm_id} in policy {e.policy_id!r} is gone.",
+            lost=Conflict(f"The enrolment of {e.vm_id} changed at the same time."),
+        )
         return replace(e, etag=meta.get("etag"))

@@ -36,7 +36,7 @@ from azure.data.tables import TableClient, TableServiceClient, TableTransactionE
 
 from ..core.approval import Approval, RequestRecord
 from ..core.audit import AuditEntry
-from ..core.errors import Conflict, NotFound, PreconditionFailed, StorageUnavailable
+from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed, StorageUnavailable
 from ..core.policy import Policy, policy_from_row
 from .base import CertificateRecord
 
@@ -69,6 +69,19 @@ def _guard(op: str, fn: Callable[[], T]) -> T:
     except AzureError as exc:
         log.warning("table storage %s failed: %s", op, exc)
         raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
+
+
+def conditional_update(table: TableClient, op: str, entity: dict, etag: str, *, not_found: str,
+                       lost: EzsshError, mode: UpdateMode = UpdateMode.REPLACE) -> dict:
+    """Write `entity` only if the row still has `etag` (If-Match). A missing row is NotFound; a
+    changed one raises `lost` (the caller's 409 or 412), never a silent overwrite."""
+    try:
+        return _guard(op, lambda: table.update_entity(entity, mode=mode, etag=etag,
+                                                      match_condition=MatchConditions.IfNotModified))
+    except ResourceNotFoundError:
+        raise NotFound(not_found) from None
+    except (ResourceModifiedError, HttpResponseError):
+        raise lost from None
 
 
 class TableStore:
@@ -144,20 +157,12 @@ class TableStore:
         return self._with_etag(policy, resp[0].get("etag"))
 
     def replace_policy(self, policy: Policy, etag: str, audit: AuditEntry) -> Policy:
-        entity = self._policy_entity(policy)
-        try:
-            meta = _guard(
-                "update policy",
-                lambda: self._table.update_entity(
-                    entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
-                ),
-            )
-        except ResourceNotFoundError:
-            raise NotFound(f"Policy {policy.id!r} was not found.") from None
-        except (ResourceModifiedError, HttpResponseError):
-            raise PreconditionFailed(
-                f"Policy {policy.id!r} changed since you read it (ETag mismatch); read it again and retry."
-            ) from None
+        meta = conditional_update(
+            self._table, "update policy", self._policy_entity(policy), etag,
+            not_found=f"Policy {policy.id!r} was not found.",
+            lost=PreconditionFailed(
+                f"Policy {policy.id!r} changed since you read it (ETag mismatch); read it again and retry."),
+        )
         self.add_audit(audit)
         return self._with_etag(policy, meta.get("etag"))
 
@@ -248,20 +253,11 @@ class TableStore:
         return replace(rec, etag=meta.get("etag"))
 
     def _conditional_request_update(self, rec: RequestRecord, etag: str) -> dict:
-        try:
-            return _guard(
-                "update request",
-                lambda: self._table.update_entity(
-                    self._request_entity(rec),
-                    mode=UpdateMode.REPLACE,
-                    etag=etag,
-                    match_condition=MatchConditions.IfNotModified,
-                ),
-            )
-        except ResourceNotFoundError:
-            raise NotFound(f"Request {rec.id!r} was not found.") from None
-        except (ResourceModifiedError, HttpResponseError):
-            raise Conflict(f"Request {rec.id} changed at the same time; read it again.") from None
+        return conditional_update(
+            self._table, "update request", self._request_entity(rec), etag,
+            not_found=f"Request {rec.id!r} was not found.",
+            lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
+        )
 
     # ---- certificates -----------------------------------------------------------------------
     @staticmethod
@@ -385,18 +381,11 @@ class TableStore:
             "RevokedAt": cert.revoked_at,
             "RevokedBy": cert.revoked_by,
         }
-        try:
-            meta = _guard(
-                "revoke certificate",
-                lambda: self._table.update_entity(
-                    entity, mode=UpdateMode.MERGE, etag=etag, match_condition=MatchConditions.IfNotModified
-                ),
-            )
-        except ResourceNotFoundError:
-            raise NotFound(f"No certificate with serial {cert.serial} was issued under policy "
-                           f"{cert.policy_id!r}.") from None
-        except (ResourceModifiedError, HttpResponseError):
-            raise Conflict(f"Certificate {cert.serial} changed at the same time; read it again.") from None
+        meta = conditional_update(
+            self._table, "revoke certificate", entity, etag, mode=UpdateMode.MERGE,
+            not_found=f"No certificate with serial {cert.serial} was issued under policy {cert.policy_id!r}.",
+            lost=Conflict(f"Certificate {cert.serial} changed at the same time; read it again."),
+        )
         self.add_audit(audit)
         return replace(cert, etag=meta.get("etag"))
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from devstack.proc import Proc, free_port, spawn, wait_for_port
-from devstack.sshd import SSHD
+from devstack.sshd import SSHD, loopback_options
 
 
 @dataclass
@@ -47,21 +47,8 @@ class SandboxHost:
             (self.etc / "sshd_config.d").mkdir(exist_ok=True)
             include = f"Include {self.etc}/sshd_config.d/*.conf\n"
         self.config.write_text(
-            f"""# Debian-like sshd_config for a sandbox host
-{include}Port {self.port}
-ListenAddress 127.0.0.1
-HostKey {hk}
-PidFile {self.root / 'var' / 'sshd.pid'}
-AuthorizedKeysFile none
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin no
-UsePAM no
-StrictModes no
-LogLevel VERBOSE
-MaxAuthTries 3
-"""
+            f"# Debian-like sshd_config for a sandbox host\n{include}"
+            + loopback_options(self.port, hk, self.root / "var" / "sshd.pid")
         )
         return self
 

@@ -47,6 +47,25 @@ class Sshd:
         self.proc.stop()
 
 
+def loopback_options(port: int, host_key: Path, pid_file: Path) -> str:
+    """The sshd_config lines every loopback test sshd shares: certificates only, no passwords, no
+    authorized_keys, and `StrictModes no` because its files live under /tmp."""
+    return f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile {pid_file}
+AuthorizedKeysFile none
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+UsePAM no
+StrictModes no
+LogLevel VERBOSE
+MaxAuthTries 3
+"""
+
+
 def ensure_unix_users(names: list[str]) -> None:
     """Create login users for the demo/tests (root only). Their password field is '*', not '!'."""
     for name in names:
@@ -84,23 +103,11 @@ def start_sshd(state_dir: Path, port: int, *, name: str = "sshd", users: list[st
     config = d / "sshd_config"
     config.write_text(
         f"""# ezssh local test sshd
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {host_key}
-PidFile {d / 'sshd.pid'}
 TrustedUserCAKeys {trusted}
 RevokedKeys {krl}
-AuthorizedKeysFile none
 AuthorizedPrincipalsFile none
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin no
-UsePAM no
-StrictModes no
-LogLevel VERBOSE
-MaxAuthTries 3
 """
+        + loopback_options(port, host_key, d / "sshd.pid")
     )
     check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)
     if check.returncode != 0:
