@@ -127,6 +127,11 @@ def sweep(home: Path, now: float | None = None) -> list[Path]:
     return removed
 
 
+def remove_all(home: Path) -> None:
+    """Every cached key and certificate, of every server (sign-out)."""
+    remove(certs_root(home))
+
+
 def remove_if_expired(d: Path, now: float | None = None) -> bool:
     meta = read_meta(d)
     now = time.time() if now is None else now

@@ -122,13 +122,13 @@ def test_default_is_device_code_without_a_display(oidc, configured):
     ({"EZSSH_LOGIN": "Browser", "SSH_TTY": "/dev/pts/1"}, "darwin", "browser"),
 ])
 def test_login_method_rule(env, platform, want):
-    from ezssh.cli import login_method
+    from ezssh.commands.account import login_method
 
     assert login_method(env, platform) == want
 
 
 def test_login_method_rejects_unknown_value():
-    from ezssh.cli import login_method
+    from ezssh.commands.account import login_method
     from ezssh.errors import USAGE, EzsshError
 
     with pytest.raises(EzsshError) as exc:

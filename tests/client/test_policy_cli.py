@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ezssh import policycmd
+from ezssh import durations, policydoc
+from ezssh.commands import policy as policycommands
 from ezssh.cli import build_parser
 from ezssh.errors import CHANGED, USAGE, EzsshError
 
@@ -27,46 +28,46 @@ from .test_ssh import imported_modules
     (" 2H ", 7200), ("1d2h3m4s", 93784), ("30m1h", 5400), (60, 60),
 ])
 def test_ttl_accepts_seconds_and_units(text, seconds):
-    assert policycmd.parse_ttl(text) == seconds
+    assert durations.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "0", "0h", "-5", "1y", "h", "1.5h", "1h1h", "30m5", "5 30m", "8 h", "1h-", True, 0])
 def test_ttl_refuses_what_is_not_a_duration(text):
     with pytest.raises(ValueError):
-        policycmd.parse_ttl(text)
+        durations.parse_duration(text)
 
 
 @pytest.mark.parametrize("seconds, text", [(3600, "1h"), (5400, "1h30m"), (90, "1m30s"), (86460, "1d1m"), (45, "45s")])
 def test_ttl_display_round_trips(seconds, text):
-    assert policycmd.fmt_ttl(seconds) == text
-    assert policycmd.parse_ttl(text) == seconds
+    assert durations.fmt_duration(seconds) == text
+    assert durations.parse_duration(text) == seconds
 
 
 # ---- subjects, rules, flags --------------------------------------------------------------------------
 
 
 def test_subjects_are_user_or_group():
-    assert policycmd.parse_subject("user=bob@contoso.com") == ("users", "bob@contoso.com")
-    assert policycmd.parse_subject("group=0000-11") == ("groups", "0000-11")
-    assert policycmd.parse_subject("Groups = g1") == ("groups", "g1")
-    assert policycmd.parse_subject("bob@contoso.com") == ("users", "bob@contoso.com")
-    assert policycmd.parse_subject("*") == ("users", "*")
+    assert policydoc.parse_subject("user=bob@contoso.com") == ("users", "bob@contoso.com")
+    assert policydoc.parse_subject("group=0000-11") == ("groups", "0000-11")
+    assert policydoc.parse_subject("Groups = g1") == ("groups", "g1")
+    assert policydoc.parse_subject("bob@contoso.com") == ("users", "bob@contoso.com")
+    assert policydoc.parse_subject("*") == ("users", "*")
     for bad in ("0000-11", "team=x", "user=", "group= "):
         with pytest.raises(EzsshError) as e:
-            policycmd.parse_subject(bad)
+            policydoc.parse_subject(bad)
         assert e.value.code == USAGE
-    assert policycmd.parse_subjects(["user=a@x", "group=g,user=b@x", "user=a@x"]) == \
+    assert policydoc.parse_subjects(["user=a@x", "group=g,user=b@x", "user=a@x"]) == \
         {"users": ["a@x", "b@x"], "groups": ["g"]}
 
 
 def test_rules_are_action_then_subjects():
-    assert policycmd.parse_rule("auto:group=g1") == {"groups": ["g1"], "action": "auto"}
-    assert policycmd.parse_rule("approval:user=a@x,group=g2") == \
+    assert policydoc.parse_rule("auto:group=g1") == {"groups": ["g1"], "action": "auto"}
+    assert policydoc.parse_rule("approval:user=a@x,group=g2") == \
         {"users": ["a@x"], "groups": ["g2"], "action": "approval"}
-    assert policycmd.parse_rule("DENY:*") == {"users": ["*"], "action": "deny"}
+    assert policydoc.parse_rule("DENY:*") == {"users": ["*"], "action": "deny"}
     for bad in ("auto", "maybe:user=a@x", "auto:", "auto:user=", "group=g"):
         with pytest.raises(EzsshError) as e:
-            policycmd.parse_rule(bad)
+            policydoc.parse_rule(bad)
         assert e.value.code == USAGE, bad
 
 
@@ -81,8 +82,8 @@ def test_create_flags_make_a_policy_document():
                  "--admin", "user=dave@x", "--default-ttl", "30m", "--max-ttl", "8h", "--request-ttl", "1d",
                  "--extension", "permit-pty", "--force-command", "/bin/true", "--source-address", "10.0.0.0/8",
                  "--webhook-url", "https://example.com/hook", "--webhook-format", "teams")
-    assert args.func is policycmd.cmd_create
-    assert policycmd.document_from_flags(args) == {
+    assert args.func is policycommands.cmd_create
+    assert policydoc.document_from_flags(args) == {
         "id": "web", "name": "Web", "hosts": ["web-*", "10.0.0.0/16", "db-*"], "principals": ["{username}", "deploy"],
         "rules": [{"groups": ["g1"], "action": "auto"}, {"users": ["bob@x"], "action": "approval"}],
         "approvers": {"groups": ["g2"]}, "approvals_required": 2, "admins": {"users": ["dave@x"]},
@@ -93,7 +94,7 @@ def test_create_flags_make_a_policy_document():
 
 
 def test_flags_not_given_are_not_sent():
-    assert policycmd.document_from_flags(parse("policy", "update", "p1", "--max-ttl", "2h")) == {"max_ttl": 7200}
+    assert policydoc.document_from_flags(parse("policy", "update", "p1", "--max-ttl", "2h")) == {"max_ttl": 7200}
     args = parse("policy", "update", "p1", "--if-match", 'W/"e1"', "--set", "name=x")
     assert (args.id, args.if_match, args.set) == ("p1", 'W/"e1"', ["name=x"])
     with pytest.raises(SystemExit):
@@ -114,14 +115,14 @@ def test_flags_not_given_are_not_sent():
     ("future_field=3", ("future_field", 3)), ("future_text=abc", ("future_text", "abc")),
 ])
 def test_set_is_typed_by_field(assignment, expected):
-    assert policycmd.parse_set(assignment) == expected
+    assert policydoc.parse_set(assignment) == expected
 
 
 @pytest.mark.parametrize("assignment", ["max_ttl", "=1", "id=other", "etag=x", "ca=[]", "max_ttl=1y",
                                         "approvals_required=two", "hosts=[not json", "rules=sometimes:user=a@x"])
 def test_set_refusals_are_usage_errors(assignment):
     with pytest.raises(EzsshError) as e:
-        policycmd.parse_set(assignment)
+        policydoc.parse_set(assignment)
     assert e.value.code == USAGE
 
 
@@ -144,15 +145,15 @@ max_ttl: 28800
 def test_yaml_and_json_files_and_stdin(tmp_path, monkeypatch):
     y = tmp_path / "p.yaml"
     y.write_text(SAMPLE_YAML)
-    doc, etag = policycmd.load_document(str(y))
+    doc, etag = policydoc.load_document(str(y))
     assert etag is None
     assert doc == {"id": "web", "name": "Web servers", "hosts": ["web-*", "10.0.0.0/16"], "principals": ["{username}"],
                    "rules": [{"groups": ["g1"], "action": "auto"}], "default_ttl": 3600, "max_ttl": 28800}
     j = tmp_path / "p.json"
     j.write_text(json.dumps(doc))
-    assert policycmd.load_document(str(j)) == (doc, None)
+    assert policydoc.load_document(str(j)) == (doc, None)
     monkeypatch.setattr(sys, "stdin", io.StringIO(SAMPLE_YAML))
-    assert policycmd.load_document("-") == (doc, None)
+    assert policydoc.load_document("-") == (doc, None)
 
 
 def test_a_shown_policy_file_keeps_its_etag_and_drops_what_the_service_sets(tmp_path):
@@ -160,7 +161,7 @@ def test_a_shown_policy_file_keeps_its_etag_and_drops_what_the_service_sets(tmp_
              "deleted": False, "you": {"admin": True}, "max_ttl": 3600}
     f = tmp_path / "shown.json"
     f.write_text(json.dumps(shown))
-    assert policycmd.load_document(str(f)) == ({"id": "web", "name": "Web", "max_ttl": 3600}, 'W/"e1"')
+    assert policydoc.load_document(str(f)) == ({"id": "web", "name": "Web", "max_ttl": 3600}, 'W/"e1"')
 
 
 @pytest.mark.parametrize("name, text, needle", [
@@ -173,13 +174,13 @@ def test_bad_documents_are_usage_errors(tmp_path, name, text, needle):
     f = tmp_path / name
     f.write_text(text)
     with pytest.raises(EzsshError) as e:
-        policycmd.load_document(str(f))
+        policydoc.load_document(str(f))
     assert e.value.code == USAGE and needle in e.value.message
 
 
 def test_a_missing_file_is_a_usage_error(tmp_path):
     with pytest.raises(EzsshError) as e:
-        policycmd.load_document(str(tmp_path / "nope.yaml"))
+        policydoc.load_document(str(tmp_path / "nope.yaml"))
     assert e.value.code == USAGE and "Cannot read" in e.value.message
 
 
@@ -188,15 +189,15 @@ def test_the_readme_sample_policy_reads(tmp_path):
     sample = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
     f = tmp_path / "sample.yaml"
     f.write_text(sample)
-    doc, _ = policycmd.load_document(str(f))
-    assert set(doc) <= set(policycmd.EDITABLE_FIELDS) and doc["id"] and doc["rules"] and doc["hosts"]
+    doc, _ = policydoc.load_document(str(f))
+    assert set(doc) <= set(policydoc.EDITABLE_FIELDS) and doc["id"] and doc["rules"] and doc["hosts"]
 
 
 # ---- rendering and errors ------------------------------------------------------------------------------
 
 
 def test_the_readable_view_uses_the_flag_syntax():
-    text = policycmd.render_policy({
+    text = policydoc.render_policy({
         "id": "web", "name": "Web", "etag": "e1", "you": {"admin": True, "member": True},
         "hosts": ["web-*"], "principals": ["{username}"],
         "rules": [{"users": ["a@x"], "groups": ["g1"], "action": "auto"}],
@@ -213,7 +214,7 @@ def test_the_readable_view_uses_the_flag_syntax():
 
 
 def test_a_lost_race_has_its_own_exit_code_and_a_clear_message():
-    exc = policycmd.lost_race(EzsshError("ETag mismatch", 1, request_id="r1", error="precondition_failed"), "web", "e1")
+    exc = policycommands.lost_race(EzsshError("ETag mismatch", 1, request_id="r1", error="precondition_failed"), "web", "e1")
     assert exc.code == CHANGED == 7
     assert "changed by someone else" in exc.message and "nothing was changed" in exc.message
     assert "request id: r1" in exc.render()
@@ -251,5 +252,5 @@ def test_policy_help_is_light(tmp_path, argv):
                        env=cli_env(tmp_path / "h"), capture_output=True, text=True)
     assert r.returncode == 0 and "usage: ezssh policy" in r.stdout
     mods = imported_modules(r.stderr)
-    assert "ezssh.policycmd" in mods
+    assert "ezssh.commands.policy" in mods
     assert {m for m in mods if m.split(".")[0] in ("yaml", "msal", "requests", "urllib3", "cryptography")} == set()

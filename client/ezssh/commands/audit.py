@@ -1,47 +1,41 @@
-"""`ezssh audit`: read the audit log (tenant admins; policy admins for their policies).
-
-Standard library only at import time; the API client loads when the command runs.
-"""
+"""`ezssh audit`: read the audit log (tenant admins; policy admins for their policies)."""
 
 from __future__ import annotations
 
-import json
 import time
-from datetime import datetime, timezone
 
-from .errors import OK
+from ..context import Ctx
+from ..durations import duration_arg
+from ..errors import OK
+from ..output import fmt_time, out_json
 
 
 def cmd_audit(args) -> int:
-    from .cli import Ctx
-    from .policycmd import parse_ttl
+    from urllib.parse import quote
 
     params: dict[str, str] = {"limit": str(args.limit)}
     if args.since:
-        params["since"] = str(int(time.time()) - parse_ttl(args.since))
+        params["since"] = str(int(time.time()) - args.since)
     for name in ("request_id", "policy", "key_id", "serial"):
         if getattr(args, name):
             params[name] = getattr(args, name)
-    from urllib.parse import quote
-
     query = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
     entries = Ctx().api.call("GET", f"/api/audit?{query}", ok=(200,)).json()["entries"]
     if args.json:
-        print(json.dumps(entries, indent=2, sort_keys=True))
+        out_json(entries)
         return OK
     for e in entries:
-        at = datetime.fromtimestamp(e["at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         who = e.get("actor_upn") or "-"
         what = " ".join(f"{k}={e[k]}" for k in ("request_id", "policy_id", "host", "principal", "key_id", "serial",
                                                   "error_code") if e.get(k))
         flag = "" if e.get("intact", True) else "  [HASH MISMATCH]"
-        print(f"{at}Z  {e['action']:<28} {e['outcome']:<8} {who:<28} {what}{flag}")
+        print(f"{fmt_time(e['at'])}  {e['action']:<28} {e['outcome']:<8} {who:<28} {what}{flag}")
     return OK
 
 
-def add_audit_command(sub) -> None:
+def register(sub, fmt) -> None:
     c = sub.add_parser("audit", help="read the audit log (admins)")
-    c.add_argument("--since", metavar="DURATION", help="how far back, e.g. 30m, 8h, 2d (default: 24h)")
+    c.add_argument("--since", type=duration_arg, metavar="DURATION", help="how far back, e.g. 30m, 8h, 2d")
     c.add_argument("--request", dest="request_id", metavar="ID", help="one request's story")
     c.add_argument("--policy", metavar="ID")
     c.add_argument("--key-id", dest="key_id", metavar="KEY_ID", help="as sshd logs it: ID ezssh/<policy>/<request>/<upn>")

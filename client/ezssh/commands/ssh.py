@@ -1,0 +1,53 @@
+"""`ezssh ssh`: reuse or obtain a certificate, then run ssh with it.
+
+Its arguments are ssh's, so it has its own small parser (sshargs) instead of argparse. The cached path
+imports no msal, requests or cryptography.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from .. import certs, sshargs
+from ..errors import OK
+from ..home import home_dir, load_config
+from ..output import err, fmt_left, fmt_time
+
+
+def run(argv: list[str]) -> int:
+    inv = sshargs.parse(argv)
+    if inv is None:
+        sys.stdout.write(sshargs.SSH_HELP)
+        return OK
+    home = home_dir()
+    cfg = load_config(home)
+    server = cfg["server"]
+    certs.sweep(home)
+    cached = None if inv.new else certs.find_valid(home, server, inv.principal, inv.host, policy=inv.policy)
+    source = "cached certificate"
+    if cached is None:
+        from ..context import Ctx
+        from ..issue import obtain  # slow path: requests, msal, cryptography
+
+        cached, issued = obtain(cfg, home, inv, Ctx().api)
+        source = f"new certificate (request {issued.get('id')})"
+    argv_ssh = sshargs.ssh_argv(inv, str(cached.key), str(cached.cert))
+    if inv.explain:
+        m = cached.meta
+        err(f"policy:     {m.get('policy') or '-'}\n"
+            f"principal:  {inv.principal}\n"
+            f"key id:     {m.get('key_id') or '-'}\n"
+            f"serial:     {m.get('serial') or '-'}\n"
+            f"valid:      {fmt_time(m.get('valid_after'))} .. {fmt_time(m.get('valid_before'))} "
+            f"(expires in {fmt_left(m.get('valid_before'))})\n"
+            f"source:     {source}\n"
+            f"command:    {shlex.join(argv_ssh)}")
+    rc = sshargs.run_ssh(argv_ssh)
+    certs.remove_if_expired(cached.dir)
+    return rc
+
+
+def register(sub, fmt) -> None:
+    # Parsed by sshargs (the arguments are ssh's); listed here for `ezssh --help`.
+    sub.add_parser("ssh", help="run ssh with a short-lived certificate (ezssh ssh --help)", add_help=False)
