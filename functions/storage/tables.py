@@ -13,8 +13,8 @@ Refusals from callers whose token did not verify have no trustworthy tenant; the
 to the partition `_unauthenticated`.
 
 Every state change on a policy or request is conditional on the ETag it was read with (If-Match). A
-lost race raises Conflict (409). Azurite ignores If-Match inside batches (Azurite #1233), so
-conditional updates are single-entity calls and only unconditional inserts are batched.
+lost race raises Conflict (409). If-Match holds inside a batch too (Table Storage and Azurite 3.37
+alike; tests/contract/test_store.py checks it), so an issuance is one transaction.
 """
 
 from __future__ import annotations
@@ -308,15 +308,25 @@ class TableStore:
     def record_issuance(
         self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry]
     ) -> None:
-        inserts = [("create", self._cert_entity(cert))] + [("create", self._audit_entity(a)) for a in audit]
+        """One entity-group transaction: the request row (new, or replaced only if still at `etag`: the
+        claim that exactly one caller moves it to "issued"), the certificate record and the audit
+        entries. A lost race, a used serial or a used request id leaves all of them unwritten."""
+        ops: list = [("create", self._cert_entity(cert))] + [("create", self._audit_entity(a)) for a in audit]
         if etag is None:
-            inserts.insert(0, ("create", self._request_entity(rec)))
+            ops.insert(0, ("create", self._request_entity(rec)))
         else:
-            # The claim: exactly one caller moves the request to "issued".
-            self._conditional_request_update(rec, etag)
+            ops.insert(0, ("update", self._request_entity(rec),
+                           {"mode": UpdateMode.REPLACE, "etag": etag, "match_condition": MatchConditions.IfNotModified}))
         try:
-            _guard("record issuance", lambda: self._table.submit_transaction(inserts))
+            _guard("record issuance", lambda: self._table.submit_transaction(ops))
         except TableTransactionError as exc:
+            if exc.status_code == 404:
+                raise NotFound(f"Request {rec.id!r} was not found.") from None
+            if exc.status_code == 412:
+                raise Conflict(f"Request {rec.id} changed at the same time; read it again.") from None
+            if exc.status_code and (exc.status_code >= 500 or exc.status_code in (408, 429)):
+                log.warning("table storage record issuance failed: %s", exc)
+                raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
             raise Conflict("The certificate could not be recorded (serial or request already used); retry.") from exc
 
     def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord:

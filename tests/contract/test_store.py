@@ -1,0 +1,591 @@
+"""Contract test for the Store (functions/storage/base.py): the same cases on every backend.
+
+Backends: `tables` (TableStore over the real azure-data-tables SDK against Azurite) and `memory` (the
+in-memory store in tests/memstore.py that fast service tests use). What a case expects comes from the
+protocol's documented semantics: every state change is conditional on the ETag it was read with (a
+stale one is PreconditionFailed for policies, Conflict for requests and certificates; a missing row is
+NotFound), every write gives the row a new ETag that the returned object carries, an issuance lands
+whole or not at all, and nothing crosses tenants. The memory store must match Table Storage case for
+case, so a fast service test means what the same test would mean on Azurite.
+
+Each test works in a fresh tenant, so the Azurite table is shared without interference.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+
+from functions.core.approval import Approval, RequestRecord
+from functions.core.audit import AuditEntry, verify_chain
+from functions.core.errors import Conflict, NotFound, PreconditionFailed
+from functions.core.policy import CaKeyRef, Policy, Rule, Subjects
+from functions.storage.base import CertificateRecord, Store
+from tests.memstore import MemoryStore
+
+BACKENDS = ["tables", "memory"]
+T0 = 1_780_000_000.0  # a fixed instant; entries are placed relative to it
+
+
+@pytest.fixture(scope="module")
+def table_store(azurite) -> Store:
+    from functions.storage.tables import TableStore
+
+    store = TableStore.from_connection_string(azurite.connection_string, f"contract{uuid.uuid4().hex[:12]}")
+    store.ensure_table()
+    return store
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request) -> Store:
+    if request.param == "tables":
+        return request.getfixturevalue("table_store")
+    return MemoryStore()
+
+
+@pytest.fixture
+def tid() -> str:
+    return str(uuid.uuid4())
+
+
+# ---- builders -----------------------------------------------------------------------------------
+
+
+def a_policy(tid: str, pid: str = "web", **kw) -> Policy:
+    fields = dict(
+        id=pid, tenant_id=tid, name=f"Policy {pid}",
+        rules=(Rule(Subjects(users=("*",)), "auto"), Rule(Subjects(groups=("g-ops",)), "approval")),
+        hosts=("*.example.com", "10.0.0.0/8"), principals=("alice", "{username}"),
+        approvers=Subjects(users=("0b7a-approver",)), approvals_required=2, admins=Subjects(groups=("g-adm",)),
+        ca=(CaKeyRef("pkcs11:ca-1", "pkcs11", "ecdsa-sha2-nistp256 AAAA ca-1", "SHA256:abc", "current", 1700),),
+        audit_head="a" * 64,
+    )
+    fields.update(kw)
+    return Policy(**fields)
+
+
+def an_entry(tid: str | None, at: float, action: str = "test.event", **kw) -> AuditEntry:
+    return AuditEntry(tenant_id=tid, at=at, action=action, outcome="ok", **kw).sealed()  # type: ignore[arg-type]
+
+
+def a_request(tid: str, rid: str | None = None, state: str = "pending", **kw) -> RequestRecord:
+    fields = dict(
+        id=rid or str(uuid.uuid4()), tenant_id=tid, policy_id="web", requester_oid="oid-alice",
+        requester_upn="alice@example.com", host="web1.example.com", principal="alice", ttl_seconds=3600,
+        state=state, created_at=int(T0), expires_at=int(T0) + 3600, approvals_required=1, reason="deploy",
+        audit_head="b" * 64,
+    )
+    fields.update(kw)
+    return RequestRecord(**fields)
+
+
+def a_cert(rec: RequestRecord, serial: int, policy_id: str | None = None, **kw) -> CertificateRecord:
+    fields = dict(
+        tenant_id=rec.tenant_id, policy_id=policy_id or rec.policy_id, serial=serial,
+        key_id=f"ezssh/{rec.policy_id}/{rec.id}/{rec.requester_upn}", request_id=rec.id,
+        requester_oid=rec.requester_oid, requester_upn=rec.requester_upn, principals=(rec.principal,),
+        host=rec.host, valid_after=int(T0) - 60, valid_before=int(T0) + 3600, ca_fingerprint="SHA256:abc",
+        public_key_fingerprint="SHA256:user", certificate="ssh-ed25519-cert-v01@openssh.com AAAA",
+    )
+    fields.update(kw)
+    return CertificateRecord(**fields)
+
+
+def audit_of(store: Store, tid: str, **kw) -> list[AuditEntry]:
+    return store.list_audit(tid, **kw)
+
+
+def race(n: int, fn: Callable[[int], object]) -> list[object]:
+    """Run fn(0..n-1) in n threads released together; each result is its return value or exception."""
+    results: list[object] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as exc:  # noqa: BLE001 - the race outcome is what the test checks
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+# ---- health -------------------------------------------------------------------------------------
+
+
+def test_health(store: Store) -> None:
+    assert store.health() is None
+
+
+# ---- policies -----------------------------------------------------------------------------------
+
+
+def test_policy_round_trip_carries_etag_and_audit(store: Store, tid: str) -> None:
+    p = a_policy(tid)
+    entry = an_entry(tid, T0, "policy.created", policy_id="web", chain="pol:web")
+    created = store.create_policy(p, entry)
+    assert created == p and created.etag
+    got = store.get_policy(tid, "web")
+    assert got == p
+    assert got.to_dict() == p.to_dict()
+    assert got.audit_head == "a" * 64  # not part of equality: checked on its own
+    assert got.etag == created.etag
+    assert audit_of(store, tid) == [entry]
+
+
+def test_create_policy_twice_is_conflict_and_keeps_the_first(store: Store, tid: str) -> None:
+    first = store.create_policy(a_policy(tid), an_entry(tid, T0))
+    with pytest.raises(Conflict):
+        store.create_policy(a_policy(tid, name="Second"), an_entry(tid, T0 + 1, "second"))
+    got = store.get_policy(tid, "web")
+    assert got.name == "Policy web" and got.etag == first.etag
+    assert [e.action for e in audit_of(store, tid)] == ["test.event"]  # the failed create left no entry
+
+
+def test_get_policy_missing_or_other_tenant_is_not_found(store: Store, tid: str) -> None:
+    store.create_policy(a_policy(tid), an_entry(tid, T0))
+    with pytest.raises(NotFound):
+        store.get_policy(tid, "nope")
+    with pytest.raises(NotFound):
+        store.get_policy(str(uuid.uuid4()), "web")
+
+
+def test_replace_policy_gives_a_new_etag_each_write(store: Store, tid: str) -> None:
+    created = store.create_policy(a_policy(tid), an_entry(tid, T0))
+    seen = {created.etag}
+    current = created
+    for i in range(3):  # the same content written again still changes the ETag
+        entry = an_entry(tid, T0 + 1 + i, "policy.changed", policy_id="web")
+        current = store.replace_policy(replace(current, name="Renamed", audit_head=entry.hash), current.etag, entry)
+        assert current.etag not in seen
+        seen.add(current.etag)
+        got = store.get_policy(tid, "web")
+        assert got.etag == current.etag and got.name == "Renamed" and got.audit_head == entry.hash
+    assert len(audit_of(store, tid)) == 4
+
+
+def test_replace_policy_with_stale_etag_is_precondition_failed(store: Store, tid: str) -> None:
+    created = store.create_policy(a_policy(tid), an_entry(tid, T0))
+    newer = store.replace_policy(replace(created, name="B"), created.etag, an_entry(tid, T0 + 1))
+    with pytest.raises(PreconditionFailed):
+        store.replace_policy(replace(created, name="C"), created.etag, an_entry(tid, T0 + 2, "lost"))
+    got = store.get_policy(tid, "web")
+    assert got.name == "B" and got.etag == newer.etag
+    assert "lost" not in [e.action for e in audit_of(store, tid)]
+
+
+def test_replace_policy_missing_is_not_found(store: Store, tid: str) -> None:
+    created = store.create_policy(a_policy(tid), an_entry(tid, T0))
+    with pytest.raises(NotFound):
+        store.replace_policy(a_policy(tid, "other"), created.etag, an_entry(tid, T0 + 1, "lost"))
+    with pytest.raises(NotFound):  # the same id in another tenant is another policy
+        store.replace_policy(replace(created, tenant_id=str(uuid.uuid4())), created.etag, an_entry(tid, T0 + 2))
+    assert [e.action for e in audit_of(store, tid)] == ["test.event"]
+
+
+def test_replace_policy_etag_matching(store: Store, tid: str) -> None:
+    """If-Match semantics of both backends: `*` matches any ETag; an empty one is refused outright.
+    (The service compares the client's If-Match with the stored ETag itself before it writes.)"""
+    created = store.create_policy(a_policy(tid), an_entry(tid, T0))
+    with pytest.raises(ValueError):
+        store.replace_policy(replace(created, name="Empty"), "", an_entry(tid, T0 + 1))
+    assert store.get_policy(tid, "web").etag == created.etag
+    star = store.replace_policy(replace(created, name="Star"), "*", an_entry(tid, T0 + 2))
+    assert star.etag != created.etag and store.get_policy(tid, "web").name == "Star"
+
+
+def test_replace_policy_race_has_one_winner(store: Store, tid: str) -> None:
+    created = store.create_policy(a_policy(tid), an_entry(tid, T0))
+    results = race(6, lambda i: store.replace_policy(
+        replace(created, name=f"n{i}"), created.etag, an_entry(tid, T0 + 1 + i, f"w{i}")))
+    winners = [r for r in results if isinstance(r, Policy)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, PreconditionFailed) for r in results if r is not winners[0])
+    got = store.get_policy(tid, "web")
+    assert got.name == winners[0].name and got.etag == winners[0].etag
+    assert len(audit_of(store, tid)) == 2
+
+
+def test_list_policies_is_per_tenant_sorted_and_includes_deleted(store: Store, tid: str) -> None:
+    for pid in ("web-prod", "db", "web"):
+        store.create_policy(a_policy(tid, pid), an_entry(tid, T0))
+    gone = store.get_policy(tid, "db")
+    store.replace_policy(replace(gone, deleted=True), gone.etag, an_entry(tid, T0 + 1))
+    other = str(uuid.uuid4())
+    store.create_policy(a_policy(other, "elsewhere"), an_entry(other, T0))
+    listed = store.list_policies(tid)
+    assert [p.id for p in listed] == ["db", "web", "web-prod"]
+    assert [p.deleted for p in listed] == [True, False, False]
+    assert all(p.etag == store.get_policy(tid, p.id).etag for p in listed)
+    assert [p.id for p in store.list_policies(other)] == ["elsewhere"]
+    assert store.list_policies(str(uuid.uuid4())) == []
+
+
+# ---- requests -----------------------------------------------------------------------------------
+
+
+def test_request_round_trip(store: Store, tid: str) -> None:
+    rec = a_request(tid, approvals=(Approval("oid-bob", tid, "bob@example.com", int(T0) + 5, "ok"),),
+                    decided_by="bob@example.com", decided_at=int(T0) + 5, comment="fine", key_id="k")
+    entry = an_entry(tid, T0, "request.created", request_id=rec.id)
+    created = store.create_request(rec, entry)
+    assert created == rec and created.etag
+    got = store.get_request(tid, rec.id)
+    assert got == rec and got.etag == created.etag
+    assert audit_of(store, tid) == [entry]
+
+
+def test_create_request_twice_is_conflict(store: Store, tid: str) -> None:
+    rec = a_request(tid)
+    created = store.create_request(rec, an_entry(tid, T0))
+    with pytest.raises(Conflict):
+        store.create_request(replace(rec, host="other"), an_entry(tid, T0 + 1, "lost"))
+    got = store.get_request(tid, rec.id)
+    assert got.host == rec.host and got.etag == created.etag
+    assert [e.action for e in audit_of(store, tid)] == ["test.event"]
+
+
+def test_get_request_missing_or_other_tenant_is_not_found(store: Store, tid: str) -> None:
+    rec = a_request(tid)
+    store.create_request(rec, an_entry(tid, T0))
+    with pytest.raises(NotFound):
+        store.get_request(tid, str(uuid.uuid4()))
+    with pytest.raises(NotFound):
+        store.get_request(str(uuid.uuid4()), rec.id)
+
+
+def test_update_request_is_conditional(store: Store, tid: str) -> None:
+    created = store.create_request(a_request(tid), an_entry(tid, T0))
+    entry = an_entry(tid, T0 + 1, "request.approved", request_id=created.id)
+    approved = store.update_request(replace(created, state="approved", audit_head=entry.hash), created.etag, entry)
+    assert approved.etag and approved.etag != created.etag
+    got = store.get_request(tid, created.id)
+    assert got == approved and got.etag == approved.etag and got.state == "approved"
+    with pytest.raises(Conflict):  # the loser of a race read the row before the winner wrote it
+        store.update_request(replace(created, state="denied"), created.etag, an_entry(tid, T0 + 2, "lost"))
+    assert store.get_request(tid, created.id).state == "approved"
+    assert [e.action for e in audit_of(store, tid)] == ["test.event", "request.approved"]
+    with pytest.raises(NotFound):
+        store.update_request(a_request(tid), approved.etag, an_entry(tid, T0 + 3, "lost"))
+
+
+def test_update_request_race_has_one_winner(store: Store, tid: str) -> None:
+    created = store.create_request(a_request(tid), an_entry(tid, T0))
+    results = race(8, lambda i: store.update_request(
+        replace(created, state="approved" if i % 2 else "denied", comment=str(i)), created.etag,
+        an_entry(tid, T0 + 1 + i, f"w{i}", request_id=created.id)))
+    winners = [r for r in results if isinstance(r, RequestRecord)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, Conflict) for r in results if r is not winners[0])
+    got = store.get_request(tid, created.id)
+    assert got == winners[0] and got.etag == winners[0].etag
+    assert [e.action for e in audit_of(store, tid, request_id=created.id)] == [f"w{winners[0].comment}"]
+
+
+def test_list_requests_by_state_and_tenant(store: Store, tid: str) -> None:
+    ids = sorted(str(uuid.uuid4()) for _ in range(4))
+    states = ["pending", "approved", "pending", "denied"]
+    for rid, state in zip(reversed(ids), reversed(states)):
+        store.create_request(a_request(tid, rid, state), an_entry(tid, T0))
+    other = str(uuid.uuid4())
+    store.create_request(a_request(other, state="pending"), an_entry(other, T0))
+    assert [r.id for r in store.list_requests(tid)] == ids
+    assert [r.id for r in store.list_requests(tid, "pending")] == [ids[0], ids[2]]
+    assert [r.id for r in store.list_requests(tid, "denied")] == [ids[3]]
+    assert store.list_requests(tid, "issued") == []
+    assert all(r.etag == store.get_request(tid, r.id).etag for r in store.list_requests(tid))
+    assert len(store.list_requests(other)) == 1
+
+
+# ---- issuance -----------------------------------------------------------------------------------
+
+
+def test_issuance_with_a_new_request_row(store: Store, tid: str) -> None:
+    rec = a_request(tid, state="issued", serial=2**63 - 1, key_id="ezssh/web/x/alice")
+    created = an_entry(tid, T0, "request.created", request_id=rec.id)
+    issued = an_entry(tid, T0 + 0.5, "certificate.issued", request_id=rec.id, serial=str(rec.serial))
+    cert = a_cert(rec, 2**63 - 1)
+    assert store.record_issuance(rec, None, cert, [created, issued]) is None
+    got = store.get_request(tid, rec.id)
+    assert got == rec and got.etag
+    stored = store.get_certificate(tid, "web", 2**63 - 1)
+    assert replace(stored, etag=None) == cert and stored.etag
+    assert audit_of(store, tid) == [created, issued]
+
+
+def test_issuance_for_an_approved_request(store: Store, tid: str) -> None:
+    approved = store.create_request(a_request(tid, state="approved"), an_entry(tid, T0))
+    issued_rec = replace(approved, state="issued", serial=42, key_id="k")
+    entry = an_entry(tid, T0 + 1, "certificate.issued", request_id=approved.id)
+    store.record_issuance(issued_rec, approved.etag, a_cert(issued_rec, 42), [entry])
+    got = store.get_request(tid, approved.id)
+    assert got == issued_rec and got.etag != approved.etag
+    assert store.get_certificate(tid, "web", 42).request_id == approved.id
+    assert audit_of(store, tid, request_id=approved.id) == [entry]
+
+
+def assert_untouched(store: Store, tid: str, before: list[AuditEntry], *certs: tuple[str, int]) -> None:
+    assert audit_of(store, tid) == before
+    for pid, serial in certs:
+        with pytest.raises(NotFound):
+            store.get_certificate(tid, pid, serial)
+
+
+def test_issuance_with_stale_etag_writes_nothing(store: Store, tid: str) -> None:
+    created = store.create_request(a_request(tid), an_entry(tid, T0))
+    approved = store.update_request(replace(created, state="approved"), created.etag, an_entry(tid, T0 + 1))
+    before = audit_of(store, tid)
+    issued_rec = replace(approved, state="issued", serial=7)
+    with pytest.raises(Conflict):
+        store.record_issuance(issued_rec, created.etag, a_cert(issued_rec, 7), [an_entry(tid, T0 + 2)])
+    assert store.get_request(tid, created.id).etag == approved.etag
+    assert_untouched(store, tid, before, ("web", 7))
+
+
+def test_issuance_race_has_one_winner(store: Store, tid: str) -> None:
+    approved = store.create_request(a_request(tid, state="approved"), an_entry(tid, T0))
+
+    def issue(i: int) -> int:
+        rec = replace(approved, state="issued", serial=100 + i)
+        store.record_issuance(rec, approved.etag, a_cert(rec, 100 + i), [an_entry(tid, T0 + 1 + i)])
+        return 100 + i
+
+    results = race(6, issue)
+    winners = [r for r in results if isinstance(r, int)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, Conflict) for r in results if r != winners[0])
+    assert store.get_request(tid, approved.id).serial == winners[0]
+    for i in range(6):
+        if 100 + i != winners[0]:
+            with pytest.raises(NotFound):
+                store.get_certificate(tid, "web", 100 + i)
+    assert len(audit_of(store, tid)) == 2
+
+
+def test_issuance_with_a_reused_serial_writes_nothing_new_row(store: Store, tid: str) -> None:
+    first = a_request(tid, state="issued", serial=5)
+    store.record_issuance(first, None, a_cert(first, 5), [an_entry(tid, T0)])
+    before = audit_of(store, tid)
+    second = a_request(tid, state="issued", serial=5)
+    with pytest.raises(Conflict):
+        store.record_issuance(second, None, a_cert(second, 5), [an_entry(tid, T0 + 1), an_entry(tid, T0 + 2)])
+    with pytest.raises(NotFound):
+        store.get_request(tid, second.id)
+    assert store.get_certificate(tid, "web", 5).request_id == first.id
+    assert_untouched(store, tid, before)
+
+
+def test_issuance_with_a_reused_serial_writes_nothing_existing_row(store: Store, tid: str) -> None:
+    first = a_request(tid, state="issued", serial=5)
+    store.record_issuance(first, None, a_cert(first, 5), [an_entry(tid, T0)])
+    approved = store.create_request(a_request(tid, state="approved"), an_entry(tid, T0 + 1))
+    before = audit_of(store, tid)
+    issued_rec = replace(approved, state="issued", serial=5)
+    with pytest.raises(Conflict):
+        store.record_issuance(issued_rec, approved.etag, a_cert(issued_rec, 5), [an_entry(tid, T0 + 2)])
+    got = store.get_request(tid, approved.id)  # still approved: the user can fetch a certificate again
+    assert got.state == "approved" and got.serial is None and got.etag == approved.etag
+    assert store.get_certificate(tid, "web", 5).request_id == first.id
+    assert_untouched(store, tid, before)
+
+
+def test_issuance_with_a_reused_request_id_writes_nothing(store: Store, tid: str) -> None:
+    existing = store.create_request(a_request(tid, state="approved"), an_entry(tid, T0))
+    before = audit_of(store, tid)
+    again = replace(existing, state="issued", serial=9, etag=None)
+    with pytest.raises(Conflict):
+        store.record_issuance(again, None, a_cert(again, 9), [an_entry(tid, T0 + 1)])
+    assert store.get_request(tid, existing.id).etag == existing.etag
+    assert_untouched(store, tid, before, ("web", 9))
+
+
+def test_issuance_for_a_missing_request_is_not_found(store: Store, tid: str) -> None:
+    other = store.create_request(a_request(tid), an_entry(tid, T0))
+    before = audit_of(store, tid)
+    ghost = a_request(tid, state="issued", serial=11)
+    with pytest.raises(NotFound):
+        store.record_issuance(ghost, other.etag, a_cert(ghost, 11), [an_entry(tid, T0 + 1)])
+    assert_untouched(store, tid, before, ("web", 11))
+
+
+def test_serials_are_unique_per_policy_not_per_tenant(store: Store, tid: str) -> None:
+    a = a_request(tid, state="issued", serial=77)
+    b = a_request(tid, state="issued", serial=77, policy_id="web-prod")
+    store.record_issuance(a, None, a_cert(a, 77), [an_entry(tid, T0)])
+    store.record_issuance(b, None, a_cert(b, 77), [an_entry(tid, T0 + 1)])
+    assert store.get_certificate(tid, "web", 77).request_id == a.id
+    assert store.get_certificate(tid, "web-prod", 77).request_id == b.id
+
+
+# ---- certificates -------------------------------------------------------------------------------
+
+
+def test_get_certificate_is_scoped_by_tenant_and_policy(store: Store, tid: str) -> None:
+    rec = a_request(tid, state="issued", serial=3)
+    cert = a_cert(rec, 3, principals=("alice", "deploy"))
+    store.record_issuance(rec, None, cert, [an_entry(tid, T0)])
+    got = store.get_certificate(tid, "web", 3)
+    assert got.etag and replace(got, etag=None) == cert and got.principals == ("alice", "deploy") and got.revoked_at is None
+    for args in ((tid, "web", 4), (tid, "web-prod", 3), (str(uuid.uuid4()), "web", 3)):
+        with pytest.raises(NotFound):
+            store.get_certificate(*args)
+
+
+# ---- audit --------------------------------------------------------------------------------------
+
+
+def test_audit_is_ordered_by_time_not_by_insertion(store: Store, tid: str) -> None:
+    offsets = [5, 1, 3, 0, 4, 2]
+    entries = {o: an_entry(tid, T0 + o, f"e{o}", details={"n": o, "nested": {"k": [1, 2]}}) for o in offsets}
+    for o in offsets:
+        store.add_audit(entries[o])
+    got = audit_of(store, tid)
+    assert got == [entries[o] for o in sorted(offsets)]
+    assert all(e.verify() for e in got)  # hashes survive the round trip
+
+
+def test_audit_since_until_are_inclusive(store: Store, tid: str) -> None:
+    for o in range(6):
+        store.add_audit(an_entry(tid, T0 + o, f"e{o}"))
+    actions = lambda **kw: [e.action for e in audit_of(store, tid, **kw)]  # noqa: E731
+    assert actions(since=T0 + 2) == ["e2", "e3", "e4", "e5"]
+    assert actions(until=T0 + 2) == ["e0", "e1", "e2"]
+    assert actions(since=T0 + 1, until=T0 + 3) == ["e1", "e2", "e3"]
+    assert actions(since=T0 + 1.5, until=T0 + 3.5) == ["e2", "e3"]
+    assert actions(since=T0 + 6) == []
+    assert actions(until=T0 - 1) == []
+
+
+def test_audit_filter_by_request_and_limit(store: Store, tid: str) -> None:
+    r1, r2 = str(uuid.uuid4()), str(uuid.uuid4())
+    for o in range(8):
+        store.add_audit(an_entry(tid, T0 + o, f"e{o}", request_id=r1 if o % 2 else r2))
+    assert [e.action for e in audit_of(store, tid, request_id=r1)] == ["e1", "e3", "e5", "e7"]
+    assert [e.action for e in audit_of(store, tid, request_id=r2, limit=2)] == ["e0", "e2"]
+    assert [e.action for e in audit_of(store, tid, limit=3)] == ["e0", "e1", "e2"]
+    assert [e.action for e in audit_of(store, tid, request_id=r1, since=T0 + 2, until=T0 + 5)] == ["e3", "e5"]
+    assert audit_of(store, tid, request_id=str(uuid.uuid4())) == []
+
+
+def test_audit_is_per_tenant_and_unauthenticated_has_its_own_partition(store: Store, tid: str) -> None:
+    other = str(uuid.uuid4())
+    mine, theirs = an_entry(tid, T0, "mine"), an_entry(other, T0, "theirs")
+    marker = uuid.uuid4().hex
+    anonymous = an_entry(None, T0, "request.refused", message=marker)
+    for e in (mine, theirs, anonymous):
+        store.add_audit(e)
+    assert audit_of(store, tid) == [mine]
+    assert audit_of(store, other) == [theirs]
+    assert anonymous in [e for e in store.list_audit("_unauthenticated", since=T0, until=T0) if e.message == marker]
+
+
+def test_a_request_chain_verifies_after_the_round_trip(store: Store, tid: str) -> None:
+    rec = a_request(tid)
+    created = an_entry(tid, T0, "request.created", request_id=rec.id, chain=f"req:{rec.id}")
+    saved = store.create_request(replace(rec, audit_head=created.hash), created)
+    from functions.core.audit import link
+
+    approved = link(an_entry(tid, T0 + 1, "request.approved", request_id=rec.id, chain=f"req:{rec.id}"), created)
+    saved = store.update_request(replace(saved, state="approved", audit_head=approved.hash), saved.etag, approved)
+    chain = audit_of(store, tid, request_id=rec.id)
+    assert chain == [created, approved]
+    assert verify_chain(chain, store.get_request(tid, rec.id).audit_head)
+
+
+# ---- revocation ---------------------------------------------------------------------------------
+
+
+def issued(store: Store, tid: str, serial: int, policy_id: str = "web") -> CertificateRecord:
+    rec = a_request(tid, state="issued", serial=serial, policy_id=policy_id)
+    store.record_issuance(rec, None, a_cert(rec, serial), [an_entry(tid, T0 + serial / 1000)])
+    return store.get_certificate(tid, policy_id, serial)
+
+
+def test_revoke_is_conditional_and_audited(store: Store, tid: str) -> None:
+    cert = issued(store, tid, 21)
+    entry = an_entry(tid, T0 + 10, "certificate.revoked", serial="21")
+    revoked = store.revoke_certificate(replace(cert, revoked_at=int(T0) + 10, revoked_by="carol@x"), cert.etag, entry)
+    assert revoked.revoked_at == int(T0) + 10 and revoked.etag and revoked.etag != cert.etag
+    got = store.get_certificate(tid, "web", 21)
+    assert got == revoked and got.etag == revoked.etag and got.certificate == cert.certificate
+    assert entry in audit_of(store, tid)
+    with pytest.raises(Conflict):
+        store.revoke_certificate(replace(cert, revoked_at=int(T0) + 99, revoked_by="eve@x"), cert.etag,
+                                 an_entry(tid, T0 + 11, "lost"))
+    got = store.get_certificate(tid, "web", 21)
+    assert got.revoked_by == "carol@x" and got.etag == revoked.etag
+    assert "lost" not in [e.action for e in audit_of(store, tid)]
+
+
+def test_revoke_missing_certificate_is_not_found(store: Store, tid: str) -> None:
+    cert = issued(store, tid, 22)
+    before = audit_of(store, tid)
+    for ghost in (replace(cert, serial=23), replace(cert, policy_id="web-prod"), replace(cert, tenant_id=str(uuid.uuid4()))):
+        with pytest.raises(NotFound):
+            store.revoke_certificate(replace(ghost, revoked_at=int(T0), revoked_by="c"), cert.etag, an_entry(tid, T0 + 5))
+    assert audit_of(store, tid) == before
+
+
+def test_list_revoked_per_policy_and_tenant(store: Store, tid: str) -> None:
+    certs = {s: issued(store, tid, s) for s in (31, 1000, 32, 33)}
+    prod = issued(store, tid, 31, "web-prod")
+    other = str(uuid.uuid4())
+    theirs = issued(store, other, 31)
+    assert store.list_revoked(tid, "web") == []
+    for c in (certs[1000], certs[31], prod, theirs):
+        store.revoke_certificate(replace(c, revoked_at=int(T0) + 1, revoked_by="carol"), c.etag, an_entry(c.tenant_id, T0 + 5))
+    listed = store.list_revoked(tid, "web")
+    assert [c.serial for c in listed] == [31, 1000]
+    assert all(c.revoked_by == "carol" and c.etag == store.get_certificate(tid, "web", c.serial).etag for c in listed)
+    assert [c.serial for c in store.list_revoked(tid, "web-prod")] == [31]
+    assert [c.tenant_id for c in store.list_revoked(other, "web")] == [other]
+    assert store.list_revoked(tid, "we") == []
+
+
+# ---- host tokens --------------------------------------------------------------------------------
+
+
+def test_host_token_first_writer_wins(store: Store, tid: str) -> None:
+    assert store.get_host_token(tid, "web") is None
+    assert store.ensure_host_token(tid, "web", "first") == "first"
+    assert store.ensure_host_token(tid, "web", "second") == "first"
+    assert store.get_host_token(tid, "web") == "first"
+    assert store.get_host_token(tid, "web-prod") is None
+    assert store.get_host_token(str(uuid.uuid4()), "web") is None
+
+
+def test_host_token_race_agrees_on_one(store: Store, tid: str) -> None:
+    results = race(6, lambda i: store.ensure_host_token(tid, "web", f"candidate-{i}"))
+    assert len(set(results)) == 1 and str(results[0]).startswith("candidate-"), results
+    assert store.get_host_token(tid, "web") == results[0]
+
+
+def test_host_token_never_shows_in_policy_reads(store: Store, tid: str) -> None:
+    store.create_policy(a_policy(tid), an_entry(tid, T0))
+    token = f"tok-{uuid.uuid4().hex}"
+    store.ensure_host_token(tid, "web", token)
+    assert token not in repr(store.list_policies(tid)) + repr(store.get_policy(tid, "web"))
+    assert token not in repr(audit_of(store, tid))
+
+
+def test_memory_store_is_a_store() -> None:
+    """Every method of the protocol exists on the memory store with the same parameters."""
+    import inspect
+
+    from functions.storage.tables import TableStore
+
+    names = [n for n, v in vars(Store).items() if callable(v) and not n.startswith("_")]
+    assert len(names) >= 17
+    for n in names:
+        proto = inspect.signature(getattr(Store, n))
+        assert inspect.signature(getattr(MemoryStore, n)).parameters.keys() == proto.parameters.keys(), n
+        assert inspect.signature(getattr(TableStore, n)).parameters.keys() == proto.parameters.keys(), n

@@ -1,0 +1,256 @@
+"""An in-memory Store (functions/storage/base.py) for fast service tests.
+
+It passes the same contract test as Table Storage (tests/contract/test_store.py) and copies what that
+test pins down about Table Storage: every write gives the row a new ETag and the returned object
+carries it; conditional writes compare the ETag exactly (`*` matches anything, as If-Match does, and
+an empty one is refused with ValueError as the Azure SDK refuses it); a write that fails changes
+nothing, including its audit entries; audit entries are ordered by their time in milliseconds, then by
+entry id, and their `since`/`until` bounds are inclusive at millisecond resolution; policies and audit
+entries come back through JSON, as they do from a table row.
+
+Test code only: production code builds TableStore in functions/wiring.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from functions.core.approval import RequestRecord
+from functions.core.audit import AuditEntry
+from functions.core.errors import Conflict, NotFound, PreconditionFailed
+from functions.core.policy import Policy, policy_from_row
+from functions.storage.base import CertificateRecord
+
+UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant
+
+
+@dataclass
+class _Row:
+    value: object
+    etag: str
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._etags = itertools.count(1)
+        self._policies: dict[tuple[str, str], _Row] = {}  # value: (policy JSON, audit head)
+        self._requests: dict[tuple[str, str], _Row] = {}  # value: RequestRecord (frozen)
+        self._certs: dict[tuple[str, str, int], _Row] = {}  # value: CertificateRecord (frozen)
+        self._audit: dict[str, dict[tuple[int, str], str]] = {}  # partition -> (ms, entry id) -> JSON
+        self._host_tokens: dict[tuple[str, str], str] = {}
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _etag(self) -> str:
+        return f'W/"mem-{next(self._etags)}"'
+
+    @staticmethod
+    def _matches(row: _Row, etag: str) -> bool:
+        if not etag:
+            raise ValueError("IfNotModified must be specified with etag.")
+        return etag == "*" or etag == row.etag
+
+    @staticmethod
+    def _audit_key(entry: AuditEntry) -> tuple[str, tuple[int, str]]:
+        return entry.tenant_id or UNAUTHENTICATED, (int(entry.at * 1000), entry.entry_id)
+
+    def _check_new_audit(self, entries: Sequence[AuditEntry]) -> None:
+        keys = [self._audit_key(a) for a in entries]
+        if len(set(keys)) != len(keys) or any(k in self._audit.get(p, {}) for p, k in keys):
+            raise Conflict("An audit entry with that id already exists.")
+
+    def _put_audit(self, entries: Sequence[AuditEntry]) -> None:
+        for a in entries:
+            partition, key = self._audit_key(a)
+            doc = json.dumps(a.body() | {"hash": a.hash}, separators=(",", ":"), default=str)
+            self._audit.setdefault(partition, {})[key] = doc
+
+    # ---- Store --------------------------------------------------------------------------------
+    def health(self) -> None:
+        return None
+
+    # policies
+    @staticmethod
+    def _policy(row: _Row) -> Policy:
+        doc, head = row.value  # type: ignore[misc]
+        return policy_from_row(json.loads(doc), etag=row.etag, audit_head=head)
+
+    @staticmethod
+    def _policy_value(policy: Policy) -> tuple[str, str]:
+        return json.dumps(policy.to_dict(), separators=(",", ":")), policy.audit_head
+
+    def list_policies(self, tenant_id: str) -> list[Policy]:
+        with self._lock:
+            return [self._policy(r) for (t, _), r in sorted(self._policies.items()) if t == tenant_id]
+
+    def get_policy(self, tenant_id: str, policy_id: str) -> Policy:
+        with self._lock:
+            row = self._policies.get((tenant_id, policy_id))
+            if row is None:
+                raise NotFound(f"Policy {policy_id!r} was not found.")
+            return self._policy(row)
+
+    def create_policy(self, policy: Policy, audit: AuditEntry) -> Policy:
+        with self._lock:
+            if (policy.tenant_id, policy.id) in self._policies:
+                raise Conflict(f"A policy with id {policy.id!r} already exists.")
+            self._check_new_audit([audit])
+            row = self._policies[(policy.tenant_id, policy.id)] = _Row(self._policy_value(policy), self._etag())
+            self._put_audit([audit])
+            return replace(policy, etag=row.etag)
+
+    def replace_policy(self, policy: Policy, etag: str, audit: AuditEntry) -> Policy:
+        with self._lock:
+            row = self._policies.get((policy.tenant_id, policy.id))
+            if row is None:
+                raise NotFound(f"Policy {policy.id!r} was not found.")
+            if not self._matches(row, etag):
+                raise PreconditionFailed(
+                    f"Policy {policy.id!r} changed since you read it (ETag mismatch); read it again and retry.")
+            self._check_new_audit([audit])
+            row.value, row.etag = self._policy_value(policy), self._etag()
+            self._put_audit([audit])
+            return replace(policy, etag=row.etag)
+
+    # requests
+    def get_request(self, tenant_id: str, request_id: str) -> RequestRecord:
+        with self._lock:
+            row = self._requests.get((tenant_id, request_id))
+            if row is None:
+                raise NotFound(f"Request {request_id!r} was not found.")
+            return replace(row.value, etag=row.etag)  # type: ignore[type-var]
+
+    def list_requests(self, tenant_id: str, state: str | None = None) -> list[RequestRecord]:
+        with self._lock:
+            return [
+                replace(r.value, etag=r.etag)  # type: ignore[type-var]
+                for (t, _), r in sorted(self._requests.items(), key=lambda kv: kv[0])
+                if t == tenant_id and (not state or r.value.state == state)  # type: ignore[attr-defined]
+            ]
+
+    def create_request(self, rec: RequestRecord, audit: AuditEntry) -> RequestRecord:
+        with self._lock:
+            if (rec.tenant_id, rec.id) in self._requests:
+                raise Conflict("That request already exists.")
+            self._check_new_audit([audit])
+            row = self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None), self._etag())
+            self._put_audit([audit])
+            return replace(rec, etag=row.etag)
+
+    def _claim_request(self, rec: RequestRecord, etag: str) -> _Row:
+        row = self._requests.get((rec.tenant_id, rec.id))
+        if row is None:
+            raise NotFound(f"Request {rec.id!r} was not found.")
+        if not self._matches(row, etag):
+            raise Conflict(f"Request {rec.id} changed at the same time; read it again.")
+        return row
+
+    def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord:
+        with self._lock:
+            row = self._claim_request(rec, etag)
+            self._check_new_audit([audit])
+            row.value, row.etag = replace(rec, etag=None), self._etag()
+            self._put_audit([audit])
+            return replace(rec, etag=row.etag)
+
+    # issuance: all or nothing
+    def record_issuance(
+        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry]
+    ) -> None:
+        with self._lock:
+            row = None
+            if etag is None:
+                if (rec.tenant_id, rec.id) in self._requests:
+                    raise Conflict("The certificate could not be recorded (serial or request already used); retry.")
+            else:
+                row = self._claim_request(rec, etag)
+            if (cert.tenant_id, cert.policy_id, cert.serial) in self._certs:
+                raise Conflict("The certificate could not be recorded (serial or request already used); retry.")
+            self._check_new_audit(audit)
+            if row is None:
+                self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None), self._etag())
+            else:
+                row.value, row.etag = replace(rec, etag=None), self._etag()
+            self._certs[(cert.tenant_id, cert.policy_id, cert.serial)] = _Row(replace(cert, etag=None), self._etag())
+            self._put_audit(audit)
+
+    def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord:
+        with self._lock:
+            row = self._certs.get((tenant_id, policy_id, serial))
+            if row is None:
+                raise NotFound(f"No certificate with serial {serial} was issued under policy {policy_id!r}.")
+            return replace(row.value, etag=row.etag)  # type: ignore[type-var]
+
+    # audit
+    def add_audit(self, entry: AuditEntry) -> None:
+        with self._lock:
+            self._check_new_audit([entry])
+            self._put_audit([entry])
+
+    def list_audit(
+        self,
+        tenant_id: str,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        request_id: str | None = None,
+        limit: int = 200,
+    ) -> list[AuditEntry]:
+        lo = int((since or 0) * 1000)
+        hi = int(until * 1000) if until is not None else None
+        with self._lock:
+            docs = sorted(self._audit.get(tenant_id, {}).items())
+        out: list[AuditEntry] = []
+        for (ms, _), doc in docs:
+            if ms < lo or (hi is not None and ms > hi):
+                continue
+            entry = AuditEntry(**json.loads(doc))
+            if request_id and entry.request_id != request_id:
+                continue
+            out.append(entry)
+            if len(out) >= limit:
+                break
+        return out
+
+    # revocation and hosts
+    def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:
+        with self._lock:
+            row = self._certs.get((cert.tenant_id, cert.policy_id, cert.serial))
+            if row is None:
+                raise NotFound(
+                    f"No certificate with serial {cert.serial} was issued under policy {cert.policy_id!r}.")
+            if not self._matches(row, etag):
+                raise Conflict(f"Certificate {cert.serial} changed at the same time; read it again.")
+            self._check_new_audit([audit])
+            stored: CertificateRecord = row.value  # type: ignore[assignment]
+            # A merge of the two revocation fields, as on the table (a None there leaves the old value).
+            row.value = replace(
+                stored,
+                revoked_at=cert.revoked_at if cert.revoked_at is not None else stored.revoked_at,
+                revoked_by=cert.revoked_by if cert.revoked_by is not None else stored.revoked_by,
+            )
+            row.etag = self._etag()
+            self._put_audit([audit])
+            return replace(cert, etag=row.etag)
+
+    def list_revoked(self, tenant_id: str, policy_id: str) -> list[CertificateRecord]:
+        with self._lock:
+            return [
+                replace(r.value, etag=r.etag)  # type: ignore[type-var]
+                for (t, p, _), r in sorted(self._certs.items(), key=lambda kv: kv[0])
+                if t == tenant_id and p == policy_id and (r.value.revoked_at or 0) > 0  # type: ignore[attr-defined]
+            ]
+
+    def get_host_token(self, tenant_id: str, policy_id: str) -> str | None:
+        with self._lock:
+            return self._host_tokens.get((tenant_id, policy_id))
+
+    def ensure_host_token(self, tenant_id: str, policy_id: str, candidate: str) -> str:
+        with self._lock:
+            if (tenant_id, policy_id) not in self._host_tokens:
+                self._host_tokens[(tenant_id, policy_id)] = candidate
+            return self._host_tokens[(tenant_id, policy_id)]
