@@ -34,28 +34,28 @@ def softhsm_token(state_dir):
         unavailable(str(exc))
 
 
+def _stand_in(start: Callable, state_dir: Path) -> Iterator:
+    """Start a stand-in on a free port for the session (or skip/fail by the one rule), stop it after."""
+    try:
+        part = start(state_dir, free_port())
+    except StandInError as exc:
+        unavailable(str(exc))
+    yield part
+    part.stop()
+
+
 @pytest.fixture(scope="session")
 def azurite(state_dir) -> Iterator:
     from devstack.azurite import start_azurite
 
-    try:
-        a = start_azurite(state_dir, free_port())
-    except StandInError as exc:
-        unavailable(str(exc))
-    yield a
-    a.stop()
+    yield from _stand_in(start_azurite, state_dir)
 
 
 @pytest.fixture(scope="session")
 def oidc(state_dir) -> Iterator:
     from devstack.oidc import start_oidc
 
-    try:
-        o = start_oidc(state_dir, free_port())
-    except StandInError as exc:
-        unavailable(str(exc))
-    yield o
-    o.stop()
+    yield from _stand_in(start_oidc, state_dir)
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +125,18 @@ def token_for(oidc) -> Callable[[str], str]:
             return cache[username]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def client(api_server) -> Iterator:
+    """An HTTP client on the API server."""
+    import httpx
+
+    with httpx.Client(base_url=api_server, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def auth(token_for) -> Callable[[str], dict]:
+    """The Authorization header of a dev user: auth("alice")."""
+    return lambda user: {"Authorization": f"Bearer {token_for(user)}"}

@@ -191,15 +191,8 @@ class MemoryStore:
             self._check_new_audit([entry])
             self._put_audit([entry])
 
-    def list_audit(
-        self,
-        tenant_id: str,
-        *,
-        since: float | None = None,
-        until: float | None = None,
-        request_id: str | None = None,
-        limit: int = 200,
-    ) -> list[AuditEntry]:
+    def list_audit(self, tenant_id: str, *, since: float | None = None, until: float | None = None,
+                   request_id: str | None = None, limit: int = 200) -> list[AuditEntry]:
         lo = int((since or 0) * 1000)
         hi = int(until * 1000) if until is not None else None
         with self._lock:

@@ -7,10 +7,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from devstack.proc import free_port
 from devstack.stack import identity_of
@@ -67,16 +64,6 @@ def receiver():
     r.server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def client(api_server):
-    with httpx.Client(base_url=api_server, timeout=30) as c:
-        yield c
-
-
-def auth(token_for, user: str) -> dict:
-    return {"Authorization": f"Bearer {token_for(user)}"}
-
-
 def gated_doc(oidc, pid: str, n: int = 1, webhook: str | None = None) -> dict:
     doc = {
         "id": pid,
@@ -103,21 +90,16 @@ def gated(context, oidc, receiver):
     }
 
 
-def pub() -> str:
-    return ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-
-
-def ask(client, token_for, user: str, policy: str, **extra) -> dict:
+def ask(client, auth, user: str, policy: str, **extra) -> dict:
     body = {"host": "gated-1", "principal": user, "policy": policy, "ttl_seconds": 1800, "reason": "incident 42"}
     body.update(extra)
-    r = client.post("/api/requests", headers=auth(token_for, user), json=body)
+    r = client.post("/api/requests", headers=auth(user), json=body)
     assert r.status_code == 202, r.text
     return r.json()
 
 
-def test_a_pending_request_says_who_may_approve_and_notifies_them(client, token_for, oidc, gated, receiver):
-    req = ask(client, token_for, "alice", "gated")
+def test_a_pending_request_says_who_may_approve_and_notifies_them(client, oidc, gated, receiver, auth):
+    req = ask(client, auth, "alice", "gated")
     assert req["status"] == "pending" and req["approvals_required"] == 1
     assert req["approvers"] == {"users": [], "groups": [oidc.group_id("contoso", "ezssh-approvers")]}
     assert req["expires_at"] > time.time() + 500
@@ -126,82 +108,82 @@ def test_a_pending_request_says_who_may_approve_and_notifies_them(client, token_
     for fact in ("alice@contoso.test", "gated-1", "alice", "30 min", "incident 42"):
         assert fact in text
     listed = client.get("/api/requests", params={"state": "pending", "role": "approver"},
-                        headers=auth(token_for, "bob")).json()["requests"]
+                        headers=auth("bob")).json()["requests"]
     assert req["id"] in {r["id"] for r in listed}
     mine = client.get("/api/requests", params={"state": "pending", "role": "approver"},
-                      headers=auth(token_for, "alice")).json()["requests"]
+                      headers=auth("alice")).json()["requests"]
     assert req["id"] not in {r["id"] for r in mine}
 
 
-def test_dual_key_approval_then_exactly_one_certificate(client, token_for, gated, receiver):
-    req = ask(client, token_for, "alice", "gated")
+def test_dual_key_approval_then_exactly_one_certificate(client, gated, receiver, auth, pub):
+    req = ask(client, auth, "alice", "gated")
     rid = req["id"]
-    early = client.post(f"/api/requests/{rid}/certificate", headers=auth(token_for, "alice"), json={"public_key": pub()})
+    early = client.post(f"/api/requests/{rid}/certificate", headers=auth("alice"), json={"public_key": pub()})
     assert early.status_code == 409
-    ok = client.post(f"/api/requests/{rid}/approve", headers=auth(token_for, "bob"), json={"comment": "go"})
+    ok = client.post(f"/api/requests/{rid}/approve", headers=auth("bob"), json={"comment": "go"})
     assert ok.status_code == 200 and ok.json()["status"] == "approved", ok.text
     told = receiver.wait_for("request was approved by bob@contoso.test")  # the requester is told
     assert rid in told["text"] and "Comment: go" in told["text"]
-    cert = client.post(f"/api/requests/{rid}/certificate", headers=auth(token_for, "alice"), json={"public_key": pub()})
+    cert = client.post(f"/api/requests/{rid}/certificate", headers=auth("alice"), json={"public_key": pub()})
     assert cert.status_code == 201, cert.text
     assert cert.json()["principals"] == ["alice"]
     assert cert.json()["valid_before"] - cert.json()["valid_after"] == 1800 + 60  # bound to the TTL asked for
-    again = client.post(f"/api/requests/{rid}/certificate", headers=auth(token_for, "alice"), json={"public_key": pub()})
+    again = client.post(f"/api/requests/{rid}/certificate", headers=auth("alice"), json={"public_key": pub()})
     assert again.status_code == 409
-    not_hers = client.post(f"/api/requests/{rid}/certificate", headers=auth(token_for, "bob"), json={"public_key": pub()})
+    not_hers = client.post(f"/api/requests/{rid}/certificate", headers=auth("bob"), json={"public_key": pub()})
     assert not_hers.status_code in (403, 409)
 
 
-def test_nobody_approves_their_own_request_and_only_approvers_approve(client, token_for, gated):
-    bobs = ask(client, token_for, "bob", "gated")  # bob is an approver, but not for himself
-    r = client.post(f"/api/requests/{bobs['id']}/approve", headers=auth(token_for, "bob"), json={})
+def test_nobody_approves_their_own_request_and_only_approvers_approve(client, gated, auth):
+    bobs = ask(client, auth, "bob", "gated")  # bob is an approver, but not for himself
+    r = client.post(f"/api/requests/{bobs['id']}/approve", headers=auth("bob"), json={})
     assert r.status_code == 403 and "own request" in r.json()["message"]
-    alices = ask(client, token_for, "alice", "gated")
-    assert client.post(f"/api/requests/{alices['id']}/approve", headers=auth(token_for, "alice"), json={}).status_code == 403
-    carol = client.post(f"/api/requests/{alices['id']}/approve", headers=auth(token_for, "carol"), json={})
+    alices = ask(client, auth, "alice", "gated")
+    assert client.post(f"/api/requests/{alices['id']}/approve", headers=auth("alice"), json={}).status_code == 403
+    carol = client.post(f"/api/requests/{alices['id']}/approve", headers=auth("carol"), json={})
     assert carol.status_code == 403  # tenant admin, but not an approver of this policy
-    erin = client.post(f"/api/requests/{alices['id']}/approve", headers=auth(token_for, "erin"), json={})
+    erin = client.post(f"/api/requests/{alices['id']}/approve", headers=auth("erin"), json={})
     assert erin.status_code == 404  # another tenant does not even see it
-    assert client.get(f"/api/requests/{alices['id']}", headers=auth(token_for, "alice")).json()["status"] == "pending"
+    assert client.get(f"/api/requests/{alices['id']}", headers=auth("alice")).json()["status"] == "pending"
 
 
-def test_deny_ends_the_request(client, token_for, gated):
-    req = ask(client, token_for, "alice", "gated")
-    r = client.post(f"/api/requests/{req['id']}/deny", headers=auth(token_for, "dave"), json={"comment": "not now"})
+def test_deny_ends_the_request(client, gated, auth, pub):
+    req = ask(client, auth, "alice", "gated")
+    r = client.post(f"/api/requests/{req['id']}/deny", headers=auth("dave"), json={"comment": "not now"})
     assert r.status_code == 200 and r.json()["status"] == "denied" and r.json()["comment"] == "not now"
-    assert client.post(f"/api/requests/{req['id']}/approve", headers=auth(token_for, "bob"), json={}).status_code == 409
-    assert client.post(f"/api/requests/{req['id']}/certificate", headers=auth(token_for, "alice"),
+    assert client.post(f"/api/requests/{req['id']}/approve", headers=auth("bob"), json={}).status_code == 409
+    assert client.post(f"/api/requests/{req['id']}/certificate", headers=auth("alice"),
                        json={"public_key": pub()}).status_code == 409
 
 
-def test_requester_cancels(client, token_for, gated):
-    req = ask(client, token_for, "alice", "gated")
-    assert client.post(f"/api/requests/{req['id']}/cancel", headers=auth(token_for, "bob"), json={}).status_code == 403
-    r = client.post(f"/api/requests/{req['id']}/cancel", headers=auth(token_for, "alice"), json={})
+def test_requester_cancels(client, gated, auth):
+    req = ask(client, auth, "alice", "gated")
+    assert client.post(f"/api/requests/{req['id']}/cancel", headers=auth("bob"), json={}).status_code == 403
+    r = client.post(f"/api/requests/{req['id']}/cancel", headers=auth("alice"), json={})
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
 
 
-def test_two_of_m_needs_two_different_approvers(client, token_for, gated):
-    req = ask(client, token_for, "alice", "gated-two")
+def test_two_of_m_needs_two_different_approvers(client, gated, auth):
+    req = ask(client, auth, "alice", "gated-two")
     rid = req["id"]
-    first = client.post(f"/api/requests/{rid}/approve", headers=auth(token_for, "bob"), json={})
+    first = client.post(f"/api/requests/{rid}/approve", headers=auth("bob"), json={})
     assert first.status_code == 200 and first.json()["status"] == "pending"
-    twice = client.post(f"/api/requests/{rid}/approve", headers=auth(token_for, "bob"), json={})
+    twice = client.post(f"/api/requests/{rid}/approve", headers=auth("bob"), json={})
     assert twice.status_code == 409 and "counts once" in twice.json()["message"]
-    second = client.post(f"/api/requests/{rid}/approve", headers=auth(token_for, "dave"), json={})
+    second = client.post(f"/api/requests/{rid}/approve", headers=auth("dave"), json={})
     assert second.status_code == 200 and second.json()["status"] == "approved"
     assert [a["upn"] for a in second.json()["approvals"]] == ["bob@contoso.test", "dave@contoso.test"]
 
 
-def test_expiry_by_the_sweep_and_on_every_read(client, token_for, gated, context, oidc):
-    req = ask(client, token_for, "alice", "gated")
+def test_expiry_by_the_sweep_and_on_every_read(client, gated, context, oidc, auth):
+    req = ask(client, auth, "alice", "gated")
     s = context.service
     later = Service(s.store, s.keys, s.config, clock=lambda: time.time() + 601)
     assert later.get_request(identity_of(oidc, "alice"), req["id"]).effective_state(int(later.clock())) == "expired"
     assert req["id"] in later.expire_requests(oidc.tenant_id("contoso"))
-    shown = client.get(f"/api/requests/{req['id']}", headers=auth(token_for, "alice")).json()
+    shown = client.get(f"/api/requests/{req['id']}", headers=auth("alice")).json()
     assert shown["status"] == "expired"
-    assert client.post(f"/api/requests/{req['id']}/approve", headers=auth(token_for, "bob"), json={}).status_code == 409
+    assert client.post(f"/api/requests/{req['id']}/approve", headers=auth("bob"), json={}).status_code == 409
     actions = [e.action for e in s.store.list_audit(oidc.tenant_id("contoso"), request_id=req["id"])]
     assert [a for a in actions if a in ("request.created", "request.expired", "request.approved")] == \
         ["request.created", "request.expired"]
@@ -269,9 +251,9 @@ def test_two_approvals_racing_past_n_count_once_each(context, oidc, gated):
         assert final.state == "approved" and [a.upn for a in final.approvals] == wins
 
 
-def test_a_failing_webhook_is_retried_recorded_and_never_blocks(client, token_for, gated, receiver, context, oidc):
+def test_a_failing_webhook_is_retried_recorded_and_never_blocks(client, gated, receiver, context, oidc, auth):
     receiver.fail_marker, receiver.fail_first = "flaky hook", 2
-    req = ask(client, token_for, "alice", "gated", reason="flaky hook")
+    req = ask(client, auth, "alice", "gated", reason="flaky hook")
     receiver.wait_for(req["id"])  # delivered on the third attempt
     tid = oidc.tenant_id("contoso")
     deadline = time.time() + 10
@@ -282,14 +264,14 @@ def test_a_failing_webhook_is_retried_recorded_and_never_blocks(client, token_fo
     assert sent and sent[0].details["attempts"] == 3
 
 
-def test_an_unreachable_webhook_is_recorded_as_failed(client, token_for, context, oidc):
+def test_an_unreachable_webhook_is_recorded_as_failed(client, context, oidc, auth):
     from functions.service import ensure_policy
 
     dead = f"http://127.0.0.1:{free_port()}/nobody-listens"
     ensure_policy(context.service, identity_of(oidc, "carol"), gated_doc(oidc, "gated-dead", 1, dead))
-    req = ask(client, token_for, "alice", "gated-dead")
+    req = ask(client, auth, "alice", "gated-dead")
     # the request exists and can be decided while delivery fails in the background
-    assert client.post(f"/api/requests/{req['id']}/approve", headers=auth(token_for, "bob"), json={}).status_code == 200
+    assert client.post(f"/api/requests/{req['id']}/approve", headers=auth("bob"), json={}).status_code == 200
     tid = oidc.tenant_id("contoso")
     deadline = time.time() + 20
     failed = []

@@ -6,54 +6,37 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from devstack.demo import cli_env, run_cli
 
 
 @pytest.fixture(scope="module")
-def client(api_server):
-    with httpx.Client(base_url=api_server, timeout=30) as c:
-        yield c
-
-
-def auth(token_for, user: str) -> dict:
-    return {"Authorization": f"Bearer {token_for(user)}"}
-
-
-@pytest.fixture(scope="module")
-def issued(client, token_for) -> dict:
-    pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    r = client.post("/api/requests", headers=auth(token_for, "alice"),
-                    json={"host": "127.0.0.1", "principal": "alice", "public_key": pub, "reason": "audit me"})
+def issued(client, auth, pub) -> dict:
+    r = client.post("/api/requests", headers=auth("alice"),
+                    json={"host": "127.0.0.1", "principal": "alice", "public_key": pub(), "reason": "audit me"})
     assert r.status_code == 201, r.text
     return r.json()
 
 
-def test_from_the_sshd_log_line_to_the_request(client, token_for, issued):
-    r = client.get("/api/audit", headers=auth(token_for, "carol"),
+def test_from_the_sshd_log_line_to_the_request(client, issued, auth):
+    r = client.get("/api/audit", headers=auth("carol"),
                    params={"key_id": issued["key_id"], "serial": issued["serial"]})
     assert r.status_code == 200, r.text
     entries = r.json()["entries"]
     assert [e["action"] for e in entries] == ["certificate.issued"]
     assert entries[0]["intact"] and entries[0]["request_id"] == issued["id"]
-    story = client.get("/api/audit", headers=auth(token_for, "carol"),
+    story = client.get("/api/audit", headers=auth("carol"),
                        params={"request_id": issued["id"]}).json()["entries"]
     assert [e["action"] for e in story] == ["request.created", "certificate.issued"]
     assert story[0]["details"]["reason"] == "audit me" and story[1]["prev_hash"] == story[0]["hash"]
 
 
-def test_a_deleted_audit_entry_breaks_the_chain(client, token_for, context, oidc):
-    pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    r = client.post("/api/requests", headers=auth(token_for, "alice"),
-                    json={"host": "127.0.0.1", "principal": "alice", "public_key": pub})
+def test_a_deleted_audit_entry_breaks_the_chain(client, context, oidc, auth, pub):
+    r = client.post("/api/requests", headers=auth("alice"),
+                    json={"host": "127.0.0.1", "principal": "alice", "public_key": pub()})
     rid = r.json()["id"]
-    carol = auth(token_for, "carol")
+    carol = auth("carol")
     assert client.get("/api/audit", headers=carol, params={"request_id": rid}).json()["chain_intact"] is True
     tid = oidc.tenant_id("contoso")
     table = context.service.store._table  # someone with storage access removes the issuance entry
@@ -64,11 +47,11 @@ def test_a_deleted_audit_entry_breaks_the_chain(client, token_for, context, oidc
     assert body["chain_intact"] is False and [e["action"] for e in body["entries"]] == ["request.created"]
 
 
-def test_only_admins_read_it_and_only_their_own(client, token_for, issued, oidc):
-    assert client.get("/api/audit", headers=auth(token_for, "alice")).status_code == 403
-    mallory = client.get("/api/audit", headers=auth(token_for, "mallory"), params={"key_id": issued["key_id"]})
+def test_only_admins_read_it_and_only_their_own(client, issued, oidc, auth):
+    assert client.get("/api/audit", headers=auth("alice")).status_code == 403
+    mallory = client.get("/api/audit", headers=auth("mallory"), params={"key_id": issued["key_id"]})
     assert mallory.status_code == 200 and mallory.json()["entries"] == []  # another tenant sees nothing of it
-    assert client.get("/api/audit", headers=auth(token_for, "carol"), params={"serial": "12x"}).status_code == 400
+    assert client.get("/api/audit", headers=auth("carol"), params={"serial": "12x"}).status_code == 400
     assert client.get("/api/audit").status_code == 401
 
 

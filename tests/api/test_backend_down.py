@@ -7,19 +7,12 @@ import time
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from devstack.azurite import start_azurite
 from devstack.proc import StandInError, free_port
 from devstack.stack import api_env as make_env
 from devstack.stack import demo_policy_document, seed_policy, start_api
 from tests.realparts import unavailable
-
-
-def pub() -> str:
-    return ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def fragile_api(tmp_path_factory, state_dir, oidc, softhsm_token):
     azurite.stop()
 
 
-def test_storage_going_away_is_a_503_with_no_certificate(fragile_api, token_for):
+def test_storage_going_away_is_a_503_with_no_certificate(fragile_api, token_for, pub):
     azurite, url = fragile_api
     alice = {"Authorization": f"Bearer {token_for('alice')}"}
     with httpx.Client(base_url=url, timeout=60) as c:

@@ -7,8 +7,6 @@ the HTTPS stand-in in tests/standins/keyvault.py) and the real Azurite store."""
 from __future__ import annotations
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from devstack.stack import identity_of
 from functions.core.errors import Forbidden, InvalidRequest, NotFound
@@ -37,12 +35,7 @@ def doc(oidc, pid: str, kid: str) -> dict:
             "hosts": ["byok-*"], "principals": ["{username}"], "ca_key_id": kid}
 
 
-def pub() -> str:
-    return ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-
-
-def test_a_policy_signs_with_the_customers_own_key(kv, kv_service, oidc):
+def test_a_policy_signs_with_the_customers_own_key(kv, kv_service, oidc, pub):
     kid = kv.add_key("customer-ca")
     carol, alice = identity_of(oidc, "carol"), identity_of(oidc, "alice")
     p = kv_service.create_policy(carol, doc(oidc, "byok-ok", kid))
@@ -83,7 +76,7 @@ def test_bring_your_own_key_needs_the_key_vault_backend(context, oidc, kv):
     assert "Key Vault" in err.value.message
 
 
-def test_deleting_a_byok_policy_stops_issuance_but_leaves_the_customers_key(kv, kv_service, oidc):
+def test_deleting_a_byok_policy_stops_issuance_but_leaves_the_customers_key(kv, kv_service, oidc, pub):
     kid = kv.add_key("customer-keep")
     carol, alice = identity_of(oidc, "carol"), identity_of(oidc, "alice")
     p = kv_service.create_policy(carol, doc(oidc, "byok-del", kid))

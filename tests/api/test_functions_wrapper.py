@@ -10,8 +10,6 @@ import types
 
 import azure.functions as func
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.functions_host import user_functions
 
@@ -43,10 +41,8 @@ def test_health_through_the_functions_wrapper(http):
     assert json.loads(r.get_body()) == {"status": "ok", "checks": {"storage": "ok", "signer": "ok"}}
 
 
-def test_issuance_and_a_refusal_through_the_functions_wrapper(http, token_for, demo_policy):
-    pub = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    ok = http("POST", "/api/requests", {"host": "127.0.0.1", "principal": "alice", "public_key": pub},
+def test_issuance_and_a_refusal_through_the_functions_wrapper(http, token_for, demo_policy, pub):
+    ok = http("POST", "/api/requests", {"host": "127.0.0.1", "principal": "alice", "public_key": pub()},
               token_for("alice"))
     assert ok.status_code == 201, ok.get_body()
     body = json.loads(ok.get_body())

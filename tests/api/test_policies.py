@@ -16,16 +16,6 @@ from functions.core.errors import CaKeyNotFound
 from functions.service import Service
 
 
-def auth(token_for, user: str) -> dict:
-    return {"Authorization": f"Bearer {token_for(user)}"}
-
-
-@pytest.fixture(scope="module")
-def client(api_server):
-    with httpx.Client(base_url=api_server, timeout=30) as c:
-        yield c
-
-
 def ops_doc(oidc, pid: str = "ops") -> dict:
     return {
         "id": pid,
@@ -40,39 +30,34 @@ def ops_doc(oidc, pid: str = "ops") -> dict:
     }
 
 
-def create(client, token_for, doc: dict, user: str = "carol") -> httpx.Response:
-    return client.post("/api/policies", headers=auth(token_for, user), json=doc)
+def create(client, auth, doc: dict, user: str = "carol") -> httpx.Response:
+    return client.post("/api/policies", headers=auth(user), json=doc)
 
 
-def pubkey() -> tuple[ed25519.Ed25519PrivateKey, str]:
-    k = ed25519.Ed25519PrivateKey.generate()
-    return k, k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-
-
-def test_tenant_admin_creates_a_policy_with_its_own_ca(client, token_for, oidc, context):
-    r = create(client, token_for, ops_doc(oidc, "ops-create"))
+def test_tenant_admin_creates_a_policy_with_its_own_ca(client, oidc, context, auth):
+    r = create(client, auth, ops_doc(oidc, "ops-create"))
     assert r.status_code == 201, r.text
     body = r.json()
     assert r.headers["etag"] == body["etag"]
     assert [c["state"] for c in body["ca"]] == ["current"]
-    ca_line = client.get("/api/policies/ops-create/ca", headers=auth(token_for, "alice")).text.strip()
+    ca_line = client.get("/api/policies/ops-create/ca", headers=auth("alice")).text.strip()
     assert ca_line == body["ca"][0]["public_key"]
-    demo_ca = client.get("/api/policies/demo/ca", headers=auth(token_for, "alice")).text.strip()
+    demo_ca = client.get("/api/policies/demo/ca", headers=auth("alice")).text.strip()
     assert ca_line.split()[1] != demo_ca.split()[1], "each policy has its own CA key"
     # the key lives in the HSM and signs
     signer = context.service.keys.get_signer(body["ca"][0]["key_ref"])
     assert signer.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                             serialization.PublicFormat.OpenSSH).decode() == " ".join(ca_line.split()[:2])
     # a second create with the same id is a conflict, not an overwrite
-    again = create(client, token_for, ops_doc(oidc, "ops-create"))
+    again = create(client, auth, ops_doc(oidc, "ops-create"))
     assert again.status_code == 409 and again.json()["error"] == "conflict"
 
 
-def test_only_tenant_admins_create_policies(client, token_for, oidc):
+def test_only_tenant_admins_create_policies(client, oidc, auth):
     for user in ("alice", "dave"):
-        r = create(client, token_for, ops_doc(oidc, f"nope-{user}"), user=user)
+        r = create(client, auth, ops_doc(oidc, f"nope-{user}"), user=user)
         assert r.status_code == 403 and r.json()["error"] == "forbidden"
-    assert client.get("/api/policies/nope-alice", headers=auth(token_for, "carol")).status_code == 404
+    assert client.get("/api/policies/nope-alice", headers=auth("carol")).status_code == 404
 
 
 BAD_DOCS = [
@@ -90,36 +75,36 @@ BAD_DOCS = [
 
 
 @pytest.mark.parametrize("name,change,needle", BAD_DOCS, ids=[b[0] for b in BAD_DOCS])
-def test_malformed_policy_documents_are_refused_and_change_nothing(client, token_for, oidc, name, change, needle):
+def test_malformed_policy_documents_are_refused_and_change_nothing(client, oidc, name, change, needle, auth):
     doc = {**ops_doc(oidc, "bad-doc"), **change}
-    r = create(client, token_for, doc)
+    r = create(client, auth, doc)
     assert r.status_code == 400, r.text
     assert r.json()["error"] == "invalid_request" and needle in r.json()["message"]
-    assert client.get("/api/policies/bad-doc", headers=auth(token_for, "carol")).status_code == 404
+    assert client.get("/api/policies/bad-doc", headers=auth("carol")).status_code == 404
 
 
-def test_not_json_is_refused(client, token_for):
-    r = client.post("/api/policies", headers={**auth(token_for, "carol"), "content-type": "application/json"},
+def test_not_json_is_refused(client, auth):
+    r = client.post("/api/policies", headers={**auth("carol"), "content-type": "application/json"},
                     content=b"{not json")
     assert r.status_code == 400 and r.json()["error"] == "invalid_request"
 
 
-def test_members_see_only_their_policies_and_approvers_theirs(client, token_for, oidc):
-    assert create(client, token_for, ops_doc(oidc, "ops-visible")).status_code == 201
+def test_members_see_only_their_policies_and_approvers_theirs(client, oidc, auth):
+    assert create(client, auth, ops_doc(oidc, "ops-visible")).status_code == 201
     hidden = {**ops_doc(oidc, "ops-hidden"), "rules": [{"users": ["nobody@contoso.test"], "action": "auto"}],
               "approvers": {"users": ["nobody@contoso.test"]}, "admins": {}}
-    assert create(client, token_for, hidden).status_code == 201
-    ids = lambda user: {p["id"] for p in client.get("/api/policies", headers=auth(token_for, user)).json()["policies"]}  # noqa: E731
+    assert create(client, auth, hidden).status_code == 201
+    ids = lambda user: {p["id"] for p in client.get("/api/policies", headers=auth(user)).json()["policies"]}  # noqa: E731
     assert {"demo", "ops-visible"} <= ids("alice") and "ops-hidden" not in ids("alice")
     assert "ops-visible" in ids("bob") and "ops-hidden" not in ids("bob")
     assert "ops-hidden" in ids("carol")  # tenant admin sees all
-    assert client.get("/api/policies/ops-hidden", headers=auth(token_for, "alice")).status_code == 404
+    assert client.get("/api/policies/ops-hidden", headers=auth("alice")).status_code == 404
 
 
-def test_patch_needs_the_current_etag_and_audits_what_changed(client, token_for, oidc, context):
-    r = create(client, token_for, ops_doc(oidc, "ops-patch"))
+def test_patch_needs_the_current_etag_and_audits_what_changed(client, oidc, context, auth):
+    r = create(client, auth, ops_doc(oidc, "ops-patch"))
     etag = r.headers["etag"]
-    hdr = auth(token_for, "dave")  # a policy admin, not a tenant admin
+    hdr = auth("dave")  # a policy admin, not a tenant admin
     assert client.patch("/api/policies/ops-patch", headers=hdr, json={"max_ttl": 3600}).status_code == 428
     ok = client.patch("/api/policies/ops-patch", headers={**hdr, "If-Match": etag}, json={"max_ttl": 3600})
     assert ok.status_code == 200, ok.text
@@ -128,7 +113,7 @@ def test_patch_needs_the_current_etag_and_audits_what_changed(client, token_for,
     assert stale.status_code == 412 and stale.json()["error"] == "precondition_failed"
     assert client.get("/api/policies/ops-patch", headers=hdr).json()["max_ttl"] == 3600
     members_cant = client.patch("/api/policies/ops-patch",
-                                headers={**auth(token_for, "alice"), "If-Match": ok.headers["etag"]},
+                                headers={**auth("alice"), "If-Match": ok.headers["etag"]},
                                 json={"max_ttl": 60})
     assert members_cant.status_code == 403
     unknown = client.patch("/api/policies/ops-patch", headers={**hdr, "If-Match": ok.headers["etag"]},
@@ -141,9 +126,9 @@ def test_patch_needs_the_current_etag_and_audits_what_changed(client, token_for,
     assert entries[0].details["changed"]["max_ttl"] == {"from": 7200, "to": 3600}
 
 
-def test_concurrent_edits_one_wins_the_other_gets_412(client, token_for, oidc):
-    etag = create(client, token_for, ops_doc(oidc, "ops-race")).headers["etag"]
-    hdr = {**auth(token_for, "carol"), "If-Match": etag}
+def test_concurrent_edits_one_wins_the_other_gets_412(client, oidc, auth):
+    etag = create(client, auth, ops_doc(oidc, "ops-race")).headers["etag"]
+    hdr = {**auth("carol"), "If-Match": etag}
     results: list[int] = []
 
     def patch(ttl: int) -> None:
@@ -158,19 +143,19 @@ def test_concurrent_edits_one_wins_the_other_gets_412(client, token_for, oidc):
     assert sorted(results).count(200) == 1 and results.count(412) == 5, results
 
 
-def test_delete_stops_issuance_disables_the_ca_and_keeps_records(client, token_for, oidc, context):
-    r = create(client, token_for, ops_doc(oidc, "ops-delete"))
+def test_delete_stops_issuance_disables_the_ca_and_keeps_records(client, oidc, context, auth, keypair):
+    r = create(client, auth, ops_doc(oidc, "ops-delete"))
     etag, key_ref = r.headers["etag"], r.json()["ca"][0]["key_ref"]
-    _, pub = pubkey()
-    issued = client.post("/api/requests", headers=auth(token_for, "alice"),
+    _, pub = keypair()
+    issued = client.post("/api/requests", headers=auth("alice"),
                          json={"host": "ops-1", "principal": "alice", "public_key": pub, "policy": "ops-delete"})
     assert issued.status_code == 201, issued.text
-    assert client.delete("/api/policies/ops-delete", headers={**auth(token_for, "dave"), "If-Match": etag}).status_code == 403
-    assert client.delete("/api/policies/ops-delete", headers=auth(token_for, "carol")).status_code == 428
-    assert client.delete("/api/policies/ops-delete", headers={**auth(token_for, "carol"), "If-Match": etag}).status_code == 204
-    assert client.get("/api/policies/ops-delete", headers=auth(token_for, "carol")).status_code == 404
-    again = client.post("/api/requests", headers=auth(token_for, "alice"),
-                        json={"host": "ops-1", "principal": "alice", "public_key": pubkey()[1], "policy": "ops-delete"})
+    assert client.delete("/api/policies/ops-delete", headers={**auth("dave"), "If-Match": etag}).status_code == 403
+    assert client.delete("/api/policies/ops-delete", headers=auth("carol")).status_code == 428
+    assert client.delete("/api/policies/ops-delete", headers={**auth("carol"), "If-Match": etag}).status_code == 204
+    assert client.get("/api/policies/ops-delete", headers=auth("carol")).status_code == 404
+    again = client.post("/api/requests", headers=auth("alice"),
+                        json={"host": "ops-1", "principal": "alice", "public_key": keypair()[1], "policy": "ops-delete"})
     assert again.status_code == 403 and again.json()["error"] == "no_policy_for_host"
     with pytest.raises(CaKeyNotFound):
         context.service.keys.get_signer(key_ref).sign(b"x", __import__("cryptography.hazmat.primitives.hashes",
@@ -181,10 +166,10 @@ def test_delete_stops_issuance_disables_the_ca_and_keeps_records(client, token_f
     assert "policy.created" in actions and "certificate.issued" in actions and "policy.deleted" in actions
 
 
-def test_another_tenant_cannot_see_change_or_sign_with_a_policy(client, token_for, oidc):
-    r = create(client, token_for, ops_doc(oidc, "ops-private"))
+def test_another_tenant_cannot_see_change_or_sign_with_a_policy(client, oidc, auth, keypair):
+    r = create(client, auth, ops_doc(oidc, "ops-private"))
     etag = r.headers["etag"]
-    mallory = auth(token_for, "mallory")  # tenant admin of fabrikam
+    mallory = auth("mallory")  # tenant admin of fabrikam
     assert "ops-private" not in {p["id"] for p in client.get("/api/policies", headers=mallory).json()["policies"]}
     assert client.get("/api/policies/ops-private", headers=mallory).status_code == 404
     assert client.get("/api/policies/ops-private/ca", headers=mallory).status_code == 404
@@ -193,7 +178,7 @@ def test_another_tenant_cannot_see_change_or_sign_with_a_policy(client, token_fo
     assert client.post("/api/policies/ops-private/rotate-ca", headers=mallory).status_code == 404
     assert client.delete("/api/policies/ops-private", headers={**mallory, "If-Match": etag}).status_code == 404
     signed = client.post("/api/requests", headers=mallory, json={"host": "ops-1", "principal": "mallory",
-                                                                 "public_key": pubkey()[1], "policy": "ops-private"})
+                                                                 "public_key": keypair()[1], "policy": "ops-private"})
     assert signed.status_code == 403 and "certificate" not in signed.json()
     # the same id in fabrikam is a different policy with a different CA
     fab = {"id": "ops-private", "rules": [{"users": ["*"], "action": "auto"}], "hosts": ["ops-*"],
@@ -201,7 +186,7 @@ def test_another_tenant_cannot_see_change_or_sign_with_a_policy(client, token_fo
     mine = client.post("/api/policies", headers=mallory, json=fab)
     assert mine.status_code == 201, mine.text
     assert mine.json()["ca"][0]["public_key"] != r.json()["ca"][0]["public_key"]
-    assert client.get("/api/policies/ops-private", headers=auth(token_for, "carol")).json()["ca"] == r.json()["ca"]
+    assert client.get("/api/policies/ops-private", headers=auth("carol")).json()["ca"] == r.json()["ca"]
 
 
 def _login(sshd, key: ed25519.Ed25519PrivateKey, cert_line: str, tmp_path, name: str) -> subprocess.CompletedProcess:
@@ -217,14 +202,14 @@ def _login(sshd, key: ed25519.Ed25519PrivateKey, cert_line: str, tmp_path, name:
                            "alice@127.0.0.1", "whoami"], capture_output=True, text=True, timeout=30)
 
 
-def test_rotation_keeps_old_certificates_valid_until_retirement(client, token_for, oidc, context, sshd, demo_policy,
-                                                                tmp_path):
-    r = create(client, token_for, ops_doc(oidc, "ops-rotate"))
+def test_rotation_keeps_old_certificates_valid_until_retirement(client, oidc, context, sshd, demo_policy,
+                                                                tmp_path, auth, keypair):
+    r = create(client, auth, ops_doc(oidc, "ops-rotate"))
     old_ca = r.json()["ca"][0]
-    alice = auth(token_for, "alice")
+    alice = auth("alice")
 
     def issue() -> tuple[ed25519.Ed25519PrivateKey, dict]:
-        k, pub = pubkey()
+        k, pub = keypair()
         resp = client.post("/api/requests", headers=alice,
                            json={"host": "127.0.0.1", "principal": "alice", "public_key": pub, "policy": "ops-rotate"})
         assert resp.status_code == 201, resp.text
@@ -232,7 +217,7 @@ def test_rotation_keeps_old_certificates_valid_until_retirement(client, token_fo
 
     old_key, old_cert = issue()
     assert old_cert["ca_fingerprint"] == old_ca["fingerprint"]
-    rot = client.post("/api/policies/ops-rotate/rotate-ca", headers=auth(token_for, "dave"))
+    rot = client.post("/api/policies/ops-rotate/rotate-ca", headers=auth("dave"))
     assert rot.status_code == 200, rot.text
     states = [(c["state"], c["fingerprint"]) for c in rot.json()["ca"]]
     assert states[0][0] == "current" and states[1] == ("previous", old_ca["fingerprint"])
@@ -262,11 +247,11 @@ def test_rotation_keeps_old_certificates_valid_until_retirement(client, token_fo
     assert issue()[1]["ca_fingerprint"] == states[0][1]
 
 
-def test_rotation_needs_an_admin(client, token_for, oidc):
-    assert create(client, token_for, ops_doc(oidc, "ops-rot2")).status_code == 201
-    r = client.post("/api/policies/ops-rot2/rotate-ca", headers=auth(token_for, "alice"))
+def test_rotation_needs_an_admin(client, oidc, auth):
+    assert create(client, auth, ops_doc(oidc, "ops-rot2")).status_code == 201
+    r = client.post("/api/policies/ops-rot2/rotate-ca", headers=auth("alice"))
     assert r.status_code == 403
-    stale = client.post("/api/policies/ops-rot2/rotate-ca", headers={**auth(token_for, "carol"), "If-Match": 'W/"x"'})
+    stale = client.post("/api/policies/ops-rot2/rotate-ca", headers={**auth("carol"), "If-Match": 'W/"x"'})
     assert stale.status_code == 412
 
 

@@ -6,11 +6,10 @@ import json
 import subprocess
 import time
 
-import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 
 from devstack.stack import identity_of
 
@@ -19,19 +18,9 @@ def openssh(key) -> str:
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
-def ed25519_pub() -> str:
-    return openssh(ed25519.Ed25519PrivateKey.generate())
-
-
 @pytest.fixture(scope="module")
-def client(api_server):
-    with httpx.Client(base_url=api_server, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def alice(token_for):
-    return {"Authorization": f"Bearer {token_for('alice')}"}
+def alice(auth):
+    return auth("alice")
 
 
 def audit_entries(context, tid: str, since: float) -> list:
@@ -55,9 +44,10 @@ def test_client_config_tells_the_cli_how_to_sign_in(client, oidc):
     assert body["scopes"] == ["api://ezssh/access_as_user"]
 
 
-def test_auto_approved_request_returns_a_certificate_recorded_and_audited(client, alice, oidc, context, tmp_path):
+def test_auto_approved_request_returns_a_certificate_recorded_and_audited(client, alice, oidc, context,
+                                                                          tmp_path, pub):
     started = time.time()
-    key = ed25519_pub()
+    key = pub()
     r = client.post("/api/requests", headers=alice,
                     json={"host": "127.0.0.1", "principal": "alice", "public_key": key, "reason": "deploy"})
     assert r.status_code == 201, r.text
@@ -89,15 +79,15 @@ def test_auto_approved_request_returns_a_certificate_recorded_and_audited(client
     assert context.service.store.get_request(tid, body["id"]).state == "issued"
 
 
-def test_auto_approved_request_without_a_key_waits_for_one(client, alice):
+def test_auto_approved_request_without_a_key_waits_for_one(client, alice, pub):
     r = client.post("/api/requests", headers=alice, json={"host": "web1", "principal": "alice"})
     assert r.status_code == 200, r.text
     rid = r.json()["id"]
     assert r.json()["status"] == "approved"
-    r2 = client.post(f"/api/requests/{rid}/certificate", headers=alice, json={"public_key": ed25519_pub()})
+    r2 = client.post(f"/api/requests/{rid}/certificate", headers=alice, json={"public_key": pub()})
     assert r2.status_code == 201, r2.text
     # One approved request yields one certificate.
-    r3 = client.post(f"/api/requests/{rid}/certificate", headers=alice, json={"public_key": ed25519_pub()})
+    r3 = client.post(f"/api/requests/{rid}/certificate", headers=alice, json={"public_key": pub()})
     assert r3.status_code == 409 and r3.json()["error"] == "conflict"
 
 
@@ -126,8 +116,8 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("name,change,status,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_input_is_refused_clearly_audited_and_issues_nothing(client, alice, oidc, context, name, change,
-                                                                 status, code, tmp_path):
-    body = {"host": "127.0.0.1", "principal": "alice", "public_key": ed25519_pub()}
+                                                                 status, code, tmp_path, pub):
+    body = {"host": "127.0.0.1", "principal": "alice", "public_key": pub()}
     body.update(change)
     if body["public_key"] == "DSA":
         body["public_key"] = _dsa_line()
@@ -135,7 +125,7 @@ def test_bad_input_is_refused_clearly_audited_and_issues_nothing(client, alice, 
         body["public_key"] = _rsa_line(1024)
     elif body["public_key"] == "CERT":
         ok = client.post("/api/requests", headers=alice, json={"host": "127.0.0.1", "principal": "alice",
-                                                               "public_key": ed25519_pub()})
+                                                               "public_key": pub()})
         body["public_key"] = ok.json()["certificate"]
     tid = oidc.tenant_id("contoso")
     before = time.time()
@@ -167,7 +157,7 @@ def _claims_from(token: str) -> dict:
 
 
 @pytest.mark.parametrize("case", ["missing", "garbage", "expired", "forged", "other audience", "alg none"])
-def test_bad_tokens_are_refused_with_401_and_audited(client, token_for, state_dir, context, case):
+def test_bad_tokens_are_refused_with_401_and_audited(client, token_for, state_dir, context, case, pub):
     good = token_for("alice")
     claims = _claims_from(good)
     jwk = _signing_jwk(state_dir)
@@ -191,7 +181,7 @@ def test_bad_tokens_are_refused_with_401_and_audited(client, token_for, state_di
         auth = "Bearer " + jwt.encode(claims, None, algorithm="none")  # type: ignore[arg-type]
     before = time.time()
     r = client.post("/api/requests", headers={"Authorization": auth} if auth else {},
-                    json={"host": "127.0.0.1", "principal": "alice", "public_key": ed25519_pub()})
+                    json={"host": "127.0.0.1", "principal": "alice", "public_key": pub()})
     assert r.status_code == 401, r.text
     assert r.json()["error"] == "unauthenticated"
     assert "certificate" not in r.json()
@@ -199,10 +189,10 @@ def test_bad_tokens_are_refused_with_401_and_audited(client, token_for, state_di
     assert any(e.action == "auth.refused" and e.error_code == "unauthenticated" for e in anon)
 
 
-def test_a_tenant_never_uses_another_tenants_policy(client, token_for):
+def test_a_tenant_never_uses_another_tenants_policy(client, token_for, pub):
     erin = {"Authorization": f"Bearer {token_for('erin')}"}
     r = client.post("/api/requests", headers=erin,
-                    json={"host": "127.0.0.1", "principal": "erin", "public_key": ed25519_pub(), "policy": "demo"})
+                    json={"host": "127.0.0.1", "principal": "erin", "public_key": pub(), "policy": "demo"})
     assert r.status_code == 403 and r.json()["error"] == "no_policy_for_host"
 
 
@@ -228,9 +218,9 @@ def test_identity_matches_what_the_api_derives(context, token_for, oidc):
     assert who == identity_of(oidc, "bob")
 
 
-def test_issuance_is_logged_with_request_id_key_id_and_serial(client, alice, state_dir):
+def test_issuance_is_logged_with_request_id_key_id_and_serial(client, alice, state_dir, pub):
     r = client.post("/api/requests", headers=alice,
-                    json={"host": "127.0.0.1", "principal": "alice", "public_key": ed25519_pub()})
+                    json={"host": "127.0.0.1", "principal": "alice", "public_key": pub()})
     assert r.status_code == 201
     body, rid = r.json(), r.headers["x-request-id"]
     deadline = time.time() + 5

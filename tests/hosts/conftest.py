@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import httpx
 import pytest
 
 from devstack.proc import StandInError
@@ -36,17 +35,6 @@ def make_host(tmp_path, sshd):
     yield make
     for h in hosts:
         h.stop()
-
-
-@pytest.fixture(scope="session")
-def client(api_server):
-    with httpx.Client(base_url=api_server, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="session")
-def auth(token_for):
-    return lambda user: {"Authorization": f"Bearer {token_for(user)}"}
 
 
 def _doc(oidc, pid: str, tenant: str) -> dict:
