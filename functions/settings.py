@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .core.errors import EzsshError
+from .core.ids import is_guid
 from .core.policy import TTL_CEILING
 
-GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 ENTRA_ISSUER = "https://login.microsoftonline.com/{tid}/v2.0"
 
 # name -> meaning. Keep in step with local.settings.example.json and infra/modules/functionapp.bicep.
@@ -129,7 +129,7 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     tenants = tuple(t.strip() for t in _need(env, "EZSSH_TENANTS").split(",") if t.strip())
-    bad = [t for t in tenants if not GUID_RE.match(t)]
+    bad = [t for t in tenants if not is_guid(t)]
     if bad or not tenants:
         raise SettingsError(f"Setting EZSSH_TENANTS must list tenant id GUIDs; not GUIDs: {', '.join(bad) or '(none)'}.")
     issuer_template = _get(env, "EZSSH_ISSUER_TEMPLATE") or ENTRA_ISSUER

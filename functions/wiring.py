@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
+from typing import Any
 
-from .api.deps import Context
 from .identity import TokenValidator
 from .service import Service, ServiceConfig
 from .settings import Settings, load_settings
 
 log = logging.getLogger("ezssh.wiring")
+
+
+@dataclass
+class Context:
+    """One worker's settings and the objects built from them, shared by the HTTP app and the
+    timer, Event Grid and queue functions."""
+
+    settings: Settings
+    service: Service
+    validator: TokenValidator
+    enrolments: Any = None  # functions.hosts.enrolment.EnrolmentService (push to Azure VMs)
 
 
 def _credential(settings: Settings):  # type: ignore[no-untyped-def]
@@ -147,7 +159,7 @@ def build_compute_client_factory(settings: Settings, credential=None, connection
 
 
 def build_enrolments(settings: Settings, service, store, *, credential=None, connection_verify=None,  # type: ignore[no-untyped-def]
-                     polling_interval: float | None = None, **config):
+                     polling_interval: float | None = None):
     """The enrolment service; its compute client (and credential) are built on first use."""
     from .hosts.azure_vms import AzureVms
     from .hosts.enrolment import EnrolConfig, EnrolmentService
@@ -155,7 +167,7 @@ def build_enrolments(settings: Settings, service, store, *, credential=None, con
 
     factory = build_compute_client_factory(settings, credential, connection_verify)
     return EnrolmentService(
-        service, EnrolmentStore(store), lambda: AzureVms(factory, polling_interval=polling_interval),
-        EnrolConfig(scopes=settings.enrol_scopes, tenants=settings.tenants, public_url=settings.public_url, **config),
+        service.hosts, EnrolmentStore(store), lambda: AzureVms(factory, polling_interval=polling_interval),
+        EnrolConfig(scopes=settings.enrol_scopes, tenants=settings.tenants, public_url=settings.public_url),
         clock=service.clock,
     )

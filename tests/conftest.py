@@ -77,7 +77,7 @@ def context(api_env):
 @pytest.fixture(scope="session")
 def demo_policy(api_env, oidc, context):
     from devstack.stack import demo_policy_document, identity_of
-    from functions.service import ensure_policy
+    from devstack.stack import ensure_policy
 
     return ensure_policy(context.service, identity_of(oidc, "carol"), demo_policy_document(oidc))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Callable
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 
@@ -12,12 +12,11 @@ from .. import observability
 from . import audit, errors, meta, policies, requests
 from . import hosts
 from . import enrolments
-from .deps import Context
 
 log = logging.getLogger("ezssh.api")
 
 
-def create_app(context: Callable[[], Context]) -> FastAPI:
+def create_app(context: Callable[[], Any]) -> FastAPI:
     """`context()` returns the worker's one Context (settings, adapters, service), built on first
     use and the same object on every call afterwards: functions.wiring.shared_context."""
     app = FastAPI(title="ezssh", version="0.1.0", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")

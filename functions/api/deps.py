@@ -1,31 +1,25 @@
-"""Shared request plumbing: the per-worker context, the caller's identity, strict body parsing."""
+"""Shared request plumbing: the worker's context, the caller's identity, and the one body parser.
+
+Handlers are plain `def` functions (FastAPI runs them in its thread pool, where storage and HSM
+calls may block); what needs the event loop (reading the body) happens in these dependencies.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from fastapi import Request
+from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
 
-from ..core.errors import EzsshError, InvalidRequest, Unauthenticated
+from ..core.errors import InvalidRequest
 from ..core.policy import Identity
-from ..identity import TokenValidator
 from ..service import Service
-from ..settings import Settings
 from .errors import describe
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 64 * 1024
-
-
-@dataclass
-class Context:
-    settings: Settings
-    service: Service
-    validator: TokenValidator
-    enrolments: Any = None  # functions.hosts.enrolment.EnrolmentService (push to Azure VMs)
 
 
 class Strict(BaseModel):
@@ -34,7 +28,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def context(request: Request) -> Context:
+def context(request: Request) -> Any:
+    """The worker's one functions.wiring.Context (settings, service, validator, enrolments)."""
     return request.app.state.context()
 
 
@@ -44,33 +39,43 @@ def service(request: Request) -> Service:
 
 def caller(request: Request) -> Identity:
     ctx = context(request)
-    try:
+    with ctx.service.base.refusing(None, "auth.refused", details={"path": request.url.path}):
         return ctx.validator.validate(request.headers.get("authorization"))
-    except Unauthenticated as exc:
-        ctx.service.refuse(None, exc, "auth.refused", details={"path": request.url.path})
-        raise
 
 
-async def parse_body(request: Request, model: type[M], who: Identity | None, action: str) -> M:
-    """Parse a JSON body into `model`; a bad body is refused (and audited) with a clear message."""
-    svc = service(request)
+def _decode(raw: bytes, *, what: str = "request body") -> object:
+    if len(raw) > MAX_BODY:
+        raise InvalidRequest(f"The {what} is too large.")
     try:
+        return json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidRequest(f"The {what} is not valid JSON.") from None
+
+
+def body(model: type[M] | None, action: str) -> Any:
+    """The one dependency for JSON bodies: `doc = body(Model, "x.refused")` in a handler's
+    signature. With a model, the body must be an object that validates against it (unknown fields
+    refused); with None, any JSON document (the policy routes validate it in the service). A bad
+    body is refused through the service's one refusal path."""
+
+    def validate(request: Request, who: Identity, raw: bytes) -> Any:
+        with service(request).base.refusing(who, action, details={"path": request.url.path}):
+            if model is None:
+                return _decode(raw, what="document")
+            data = _decode(raw or b"{}")
+            if not isinstance(data, dict):
+                raise InvalidRequest("The request body must be a JSON object.")
+            try:
+                return model.model_validate(data)
+            except ValidationError as exc:
+                raise InvalidRequest(describe(exc.errors())) from None
+
+    async def parse(request: Request, who: Identity = Depends(caller)) -> Any:
         raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise InvalidRequest("The request body is too large.")
-        try:
-            data = json.loads(raw or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidRequest("The request body is not valid JSON.") from None
-        if not isinstance(data, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        try:
-            return model.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidRequest(describe(exc.errors())) from None
-    except EzsshError as exc:
-        svc.refuse(who, exc, action, details={"path": request.url.path})
-        raise
+        # a refusal writes its audit entry: off the event loop, like the handlers
+        return await run_in_threadpool(validate, request, who, raw)
+
+    return Depends(parse)
 
 
-Factory = Callable[[], Context]
+Factory = Callable[[], Any]

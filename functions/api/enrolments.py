@@ -18,11 +18,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
-from starlette.concurrency import run_in_threadpool
 
 from ..core.errors import BackendUnavailable
 from ..core.policy import Identity
-from .deps import Strict, caller, context, parse_body
+from .deps import Strict, body, caller, context
 
 router = APIRouter(prefix="/api/policies", tags=["enrolments"])
 
@@ -41,18 +40,15 @@ def _enrolments(request: Request):  # type: ignore[no-untyped-def]
 
 
 @router.post("/{policy_id}/enrolments")
-async def enrol(request: Request, policy_id: str, who: Identity = Depends(caller)) -> JSONResponse:
-    body = await parse_body(request, EnrolBody, who, "enrolment.refused")
+def enrol(request: Request, policy_id: str, who: Identity = Depends(caller),
+          eb: EnrolBody = body(EnrolBody, "enrolment.refused")) -> JSONResponse:
     svc = _enrolments(request)
     api_url = str(request.base_url).rstrip("/")
-    recs = await run_in_threadpool(lambda: svc.enrol(who, policy_id, vm_id=body.vm_id,
-                                                      resource_group=body.resource_group, tag=body.tag,
-                                                      api_url=api_url))
+    recs = svc.enrol(who, policy_id, vm_id=eb.vm_id, resource_group=eb.resource_group, tag=eb.tag, api_url=api_url)
     return JSONResponse({"enrolments": [r.to_dict() for r in recs]})
 
 
 @router.get("/{policy_id}/enrolments")
-async def list_(request: Request, policy_id: str, who: Identity = Depends(caller)) -> JSONResponse:
-    svc = _enrolments(request)
-    recs = await run_in_threadpool(svc.list, who, policy_id)
+def list_(request: Request, policy_id: str, who: Identity = Depends(caller)) -> JSONResponse:
+    recs = _enrolments(request).list(who, policy_id)
     return JSONResponse({"enrolments": [r.to_dict() for r in recs]})

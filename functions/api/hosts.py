@@ -12,12 +12,11 @@ import re
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from starlette.concurrency import run_in_threadpool
 
-from ..core.errors import EzsshError, InvalidRequest
+from ..core.errors import InvalidRequest
 from ..core.krl import krl_version_of
 from ..core.policy import Identity
-from .deps import Strict, caller, parse_body, service
+from .deps import Strict, body, caller, service
 
 router = APIRouter(prefix="/api", tags=["hosts"])
 HOST_TOKEN_HEADER = "x-ezssh-host-token"
@@ -41,35 +40,31 @@ def _krl_response(data: bytes, policy_id: str) -> Response:
 
 
 @router.get("/policies/{policy_id}/krl")
-async def krl(request: Request, policy_id: str, tenant: str | None = Query(None)) -> Response:
+def krl(request: Request, policy_id: str, tenant: str | None = Query(None)) -> Response:
     svc = service(request)
     host_token = request.headers.get(HOST_TOKEN_HEADER)
     if host_token and not request.headers.get("authorization"):
-        data = await run_in_threadpool(svc.krl_for_host, tenant, policy_id, host_token)
+        data = svc.hosts.krl_for_host(tenant, policy_id, host_token)
     else:
-        who = caller(request)
-        data = await run_in_threadpool(svc.krl_for, who, policy_id)
+        data = svc.hosts.krl_for(caller(request), policy_id)
     return _krl_response(data, policy_id)
 
 
 @router.get("/policies/{policy_id}/host-setup")
-async def host_setup(request: Request, policy_id: str, who: Identity = Depends(caller)) -> PlainTextResponse:
+def host_setup(request: Request, policy_id: str, who: Identity = Depends(caller)) -> PlainTextResponse:
     api_url = str(request.base_url).rstrip("/")
-    script = await run_in_threadpool(service(request).host_setup_script, who, policy_id, api_url)
+    script = service(request).hosts.host_setup_script(who, policy_id, api_url)
     return PlainTextResponse(script, media_type="text/x-shellscript",
                              headers={"Content-Disposition": f'attachment; filename="ezssh-host-setup-{policy_id}.sh"'})
 
 
 @router.post("/certificates/{policy_id}/{serial}/revoke")
-async def revoke(request: Request, policy_id: str, serial: str, who: Identity = Depends(caller)) -> JSONResponse:
+def revoke(request: Request, policy_id: str, serial: str, who: Identity = Depends(caller),
+           rb: RevokeBody = body(RevokeBody, "certificate.revoke.refused")) -> JSONResponse:
     svc = service(request)
-    body = await parse_body(request, RevokeBody, who, "certificate.revoke.refused")
-    try:
+    with svc.base.refusing(who, "certificate.revoke.refused", policy_id=policy_id):
         number = _serial(serial)
-    except EzsshError as exc:
-        svc.refuse(who, exc, "certificate.revoke.refused", policy_id=policy_id)
-        raise
-    rec = await run_in_threadpool(svc.revoke_certificate, who, policy_id, number, body.reason)
+    rec = svc.hosts.revoke_certificate(who, policy_id, number, rb.reason)
     return JSONResponse({"policy": rec.policy_id, "serial": str(rec.serial), "key_id": rec.key_id,
                          "revoked_at": rec.revoked_at, "revoked_by": rec.revoked_by,
                          "valid_before": rec.valid_before})

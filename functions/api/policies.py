@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.concurrency import run_in_threadpool
 
-from ..core.errors import InvalidRequest
 from ..core.policy import Identity, Policy
-from .deps import MAX_BODY, caller, service
+from .deps import body, caller, service
 
 router = APIRouter(prefix="/api/policies", tags=["policies"])
 SERVER_ONLY_FIELDS = ("host_token",)
@@ -32,61 +28,42 @@ def _respond(p: Policy, who: Identity, status: int = 200) -> JSONResponse:
     return JSONResponse(view(p, who), status_code=status, headers=headers)
 
 
-async def _document(request: Request, who: Identity, action: str) -> object:
-    raw = await request.body()
-    try:
-        if len(raw) > MAX_BODY:
-            raise InvalidRequest("The policy document is too large.")
-        try:
-            return json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidRequest("The policy document is not valid JSON.") from None
-    except InvalidRequest as exc:
-        service(request).refuse(who, exc, action)
-        raise
-
-
 @router.get("")
-async def list_(request: Request, who: Identity = Depends(caller)) -> dict:
-    policies = await run_in_threadpool(service(request).list_policies, who)
-    return {"policies": [view(p, who) for p in policies]}
+def list_(request: Request, who: Identity = Depends(caller)) -> dict:
+    return {"policies": [view(p, who) for p in service(request).policies.list(who)]}
 
 
 @router.post("")
-async def create(request: Request, who: Identity = Depends(caller)) -> JSONResponse:
-    doc = await _document(request, who, "policy.create.refused")
-    p = await run_in_threadpool(service(request).create_policy, who, doc)
-    return _respond(p, who, 201)
+def create(request: Request, who: Identity = Depends(caller),
+           doc: object = body(None, "policy.create.refused")) -> JSONResponse:
+    return _respond(service(request).policies.create(who, doc), who, 201)
 
 
 @router.get("/{policy_id}")
-async def get(request: Request, policy_id: str, who: Identity = Depends(caller)) -> JSONResponse:
-    return _respond(await run_in_threadpool(service(request).get_policy, who, policy_id), who)
+def get(request: Request, policy_id: str, who: Identity = Depends(caller)) -> JSONResponse:
+    return _respond(service(request).policies.get(who, policy_id), who)
 
 
 @router.patch("/{policy_id}")
-async def update(request: Request, policy_id: str, who: Identity = Depends(caller),
-                 if_match: str | None = Header(None)) -> JSONResponse:
-    doc = await _document(request, who, "policy.update.refused")
-    p = await run_in_threadpool(service(request).update_policy, who, policy_id, doc, if_match)
-    return _respond(p, who)
+def update(request: Request, policy_id: str, who: Identity = Depends(caller),
+           if_match: str | None = Header(None), doc: object = body(None, "policy.update.refused")) -> JSONResponse:
+    return _respond(service(request).policies.update(who, policy_id, doc, if_match), who)
 
 
 @router.delete("/{policy_id}")
-async def delete(request: Request, policy_id: str, who: Identity = Depends(caller),
-                 if_match: str | None = Header(None)) -> Response:
-    await run_in_threadpool(service(request).delete_policy, who, policy_id, if_match)
+def delete(request: Request, policy_id: str, who: Identity = Depends(caller),
+           if_match: str | None = Header(None)) -> Response:
+    service(request).policies.delete(who, policy_id, if_match)
     return Response(status_code=204)
 
 
 @router.post("/{policy_id}/rotate-ca")
-async def rotate(request: Request, policy_id: str, who: Identity = Depends(caller),
-                 if_match: str | None = Header(None)) -> JSONResponse:
-    p = await run_in_threadpool(service(request).rotate_ca, who, policy_id, if_match)
-    return _respond(p, who)
+def rotate(request: Request, policy_id: str, who: Identity = Depends(caller),
+           if_match: str | None = Header(None)) -> JSONResponse:
+    return _respond(service(request).policies.rotate_ca(who, policy_id, if_match), who)
 
 
 @router.get("/{policy_id}/ca")
-async def ca(request: Request, policy_id: str, who: Identity = Depends(caller)) -> PlainTextResponse:
-    keys = await run_in_threadpool(service(request).ca_public_keys, who, policy_id)
+def ca(request: Request, policy_id: str, who: Identity = Depends(caller)) -> PlainTextResponse:
+    keys = service(request).policies.ca_public_keys(who, policy_id)
     return PlainTextResponse("".join(k.public_key + "\n" for k in keys))

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from ..core.approval import RequestRecord
+from ..core.errors import NotFound
 from ..core.policy import AccessRequest, Identity
 from ..service import Outcome
-from .deps import Strict, caller, parse_body, service
+from .deps import Strict, body, caller, service
 
 router = APIRouter(prefix="/api/requests", tags=["requests"])
 
@@ -23,7 +23,7 @@ class NewRequest(Strict):
     public_key: str | None = None
 
 
-class Decision(Strict):
+class DecisionBody(Strict):
     comment: str | None = Field(None, max_length=1000)
 
 
@@ -32,10 +32,10 @@ class CertificateBody(Strict):
 
 
 def render(outcome: Outcome, now: int) -> JSONResponse:
-    body = outcome.request.to_public(now)
+    out = outcome.request.to_public(now)
     if outcome.certificate is not None:
         c = outcome.certificate
-        body.update(
+        out.update(
             status="issued",
             certificate=c.openssh,
             serial=str(c.serial),
@@ -45,62 +45,57 @@ def render(outcome: Outcome, now: int) -> JSONResponse:
             valid_before=c.valid_before,
             ca_fingerprint=c.ca_fingerprint,
         )
-        return JSONResponse(body, status_code=201)
+        return JSONResponse(out, status_code=201)
     if outcome.status == "pending":
-        body["approvers_needed"] = outcome.approvers_needed
-        body["approvers"] = outcome.approvers
-        return JSONResponse(body, status_code=202)
-    return JSONResponse(body, status_code=200)
+        out["approvers_needed"] = outcome.approvers_needed
+        out["approvers"] = outcome.approvers
+        return JSONResponse(out, status_code=202)
+    return JSONResponse(out, status_code=200)
 
 
 @router.post("")
-async def create(request: Request, who: Identity = Depends(caller)) -> JSONResponse:
-    body = await parse_body(request, NewRequest, who, "request.refused")
+def create(request: Request, who: Identity = Depends(caller),
+           new: NewRequest = body(NewRequest, "request.refused")) -> JSONResponse:
     svc = service(request)
-    req = AccessRequest(host=body.host.strip(), principal=body.principal.strip(), ttl_seconds=body.ttl_seconds,
-                        policy_id=body.policy, reason=body.reason)
-    outcome = await _run(svc.request_access, who, req, body.public_key)
-    return render(outcome, int(svc.clock()))
+    req = AccessRequest(host=new.host.strip(), principal=new.principal.strip(), ttl_seconds=new.ttl_seconds,
+                        policy_id=new.policy, reason=new.reason)
+    return render(svc.issuance.request_access(who, req, new.public_key), int(svc.clock()))
 
 
 @router.get("")
-async def list_(request: Request, state: str | None = Query(None), role: str | None = Query(None),
-                who: Identity = Depends(caller)) -> dict:
+def list_(request: Request, state: str | None = Query(None), role: str | None = Query(None),
+          who: Identity = Depends(caller)) -> dict:
     svc = service(request)
-    recs: list[RequestRecord] = await _run(svc.list_requests, who, state=state, role=role)
     now = int(svc.clock())
-    return {"requests": [r.to_public(now) for r in recs]}
+    return {"requests": [r.to_public(now) for r in svc.requests.list(who, state=state, role=role)]}
 
 
 @router.get("/{request_id}")
-async def get(request: Request, request_id: str, who: Identity = Depends(caller)) -> dict:
+def get(request: Request, request_id: str, who: Identity = Depends(caller)) -> dict:
     svc = service(request)
-    rec = await _run(svc.get_request, who, request_id)
-    return rec.to_public(int(svc.clock()))
+    return svc.requests.get(who, request_id).to_public(int(svc.clock()))
 
 
 @router.post("/{request_id}/certificate")
-async def certificate(request: Request, request_id: str, who: Identity = Depends(caller)) -> JSONResponse:
-    body = await parse_body(request, CertificateBody, who, "certificate.refused")
+def certificate(request: Request, request_id: str, who: Identity = Depends(caller),
+                cert: CertificateBody = body(CertificateBody, "certificate.refused")) -> JSONResponse:
     svc = service(request)
-    outcome = await _run(svc.issue_for_request, who, request_id, body.public_key)
-    return render(outcome, int(svc.clock()))
+    return render(svc.issuance.issue_for_request(who, request_id, cert.public_key), int(svc.clock()))
+
+
+def _decide(action: str):  # type: ignore[no-untyped-def]
+    def handler(request: Request, request_id: str, who: Identity = Depends(caller),
+                decision: DecisionBody = body(DecisionBody, f"request.{action}.refused")) -> dict:
+        svc = service(request)
+        rec = getattr(svc.requests, action)(who, request_id, decision.comment)
+        return rec.to_public(int(svc.clock()))
+    return handler
+
+
+for _action in ("approve", "deny", "cancel"):
+    router.add_api_route(f"/{{request_id}}/{_action}", _decide(_action), methods=["POST"], name=_action)
 
 
 @router.post("/{request_id}/{action}")
-async def decide(request: Request, request_id: str, action: str, who: Identity = Depends(caller)) -> dict:
-    from ..core.errors import NotFound
-
-    if action not in ("approve", "deny", "cancel"):
-        raise NotFound(f"Unknown action {action!r}; use approve, deny or cancel.")
-    body = await parse_body(request, Decision, who, f"request.{action}.refused")
-    svc = service(request)
-    rec = await _run(getattr(svc, action), who, request_id, body.comment)
-    return rec.to_public(int(svc.clock()))
-
-
-async def _run(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    """Run blocking service code (storage, HSM) in the worker thread pool."""
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(fn, *args, **kwargs)
+def unknown_action(request_id: str, action: str) -> None:
+    raise NotFound(f"Unknown action {action!r}; use approve, deny or cancel.")

@@ -7,11 +7,9 @@ against the grant before anything is stored or returned.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -76,34 +74,6 @@ def new_serial() -> int:
             return serial
 
 
-# cryptography draws the certificate nonce from os.urandom inside SSHCertificateBuilder.sign.
-# Golden tests need byte-stable output, so a caller may pin the nonce; the swap is serialised.
-_nonce_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _pinned_nonce(nonce: bytes) -> Iterator[None]:
-    class _FixedOs:
-        def __getattr__(self, name: str) -> object:
-            import os
-
-            return getattr(os, name)
-
-        @staticmethod
-        def urandom(n: int) -> bytes:
-            if n != len(nonce):
-                raise ValueError("pinned nonce has the wrong length")
-            return nonce
-
-    with _nonce_lock:
-        original = ssh.os
-        ssh.os = _FixedOs()  # type: ignore[assignment]
-        try:
-            yield
-        finally:
-            ssh.os = original
-
-
 def build_certificate(
     grant: Grant,
     user_key: VettedKey,
@@ -111,7 +81,6 @@ def build_certificate(
     *,
     now: int,
     serial: int,
-    nonce: bytes | None = None,
 ) -> IssuedCertificate:
     if not grant.principals:
         raise InvalidRequest("A certificate must name at least one principal.")
@@ -134,9 +103,7 @@ def build_certificate(
     for name in grant.extensions:
         builder = builder.add_extension(name.encode(), b"")
 
-    ctx = _pinned_nonce(nonce) if nonce is not None else contextlib.nullcontext()
-    with ctx:
-        cert = builder.sign(ca_private_key)
+    cert = builder.sign(ca_private_key)
     ca_fp = fingerprint(ca_private_key.public_key())
     line = cert.public_bytes().decode() + f" {grant.key_id}"
     return IssuedCertificate(

@@ -97,6 +97,8 @@ class CaKeyRef:
     state: str = "current"
     created_at: int = 0
     retire_after: int | None = None
+    # A customer's own key (bring your own key): ezssh signs with it but never disables it.
+    customer_owned: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -107,13 +109,18 @@ class CaKeyRef:
             "state": self.state,
             "created_at": self.created_at,
             "retire_after": self.retire_after,
+            "customer_owned": self.customer_owned,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "CaKeyRef":
-        return cls(**{k: d.get(k) for k in ("key_ref", "backend", "public_key", "fingerprint")},
-                   state=d.get("state", "current"), created_at=int(d.get("created_at") or 0),
-                   retire_after=d.get("retire_after"))
+        backend = d.get("backend") or ""
+        # Rows written before `customer_owned` existed marked such keys with a "-byok" backend.
+        legacy_customer = backend.endswith("-byok")
+        return cls(key_ref=d["key_ref"], backend=backend.removesuffix("-byok"), public_key=d["public_key"],
+                   fingerprint=d["fingerprint"], state=d.get("state", "current"),
+                   created_at=int(d.get("created_at") or 0), retire_after=d.get("retire_after"),
+                   customer_owned=bool(d.get("customer_owned", legacy_customer)))
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,11 @@ class Policy:
     @property
     def current_ca(self) -> CaKeyRef | None:
         return next((c for c in self.ca if c.state == "current"), None)
+
+    @property
+    def trusted_ca(self) -> tuple[CaKeyRef, ...]:
+        """The CA keys hosts trust: the current one first, then previous ones still in their window."""
+        return tuple(c for c in self.ca if c.state == "current") + tuple(c for c in self.ca if c.state == "previous")
 
     def critical_options(self) -> tuple[tuple[str, str], ...]:
         opts = []
@@ -475,9 +487,6 @@ class Decision:
     policy: Policy
     action: Action  # auto | approval
     ttl_seconds: int
-
-    def grant(self, request_id: str, who: Identity, principal: str) -> Grant:
-        return make_grant(self.policy, request_id, who.upn, principal, self.ttl_seconds)
 
 
 def allowed_principals(principals: Iterable[str], upn: str) -> tuple[str, ...]:

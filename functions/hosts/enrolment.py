@@ -23,7 +23,6 @@ Only VMs inside the configured scopes (EZSSH_ENROL_SCOPES) are ever touched.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -95,9 +94,9 @@ class _Desired:
 
 
 class EnrolmentService:
-    def __init__(self, service: Any, store: EnrolmentStore, vms: AzureVms | Callable[[], AzureVms],
+    def __init__(self, hosts: Any, store: EnrolmentStore, vms: AzureVms | Callable[[], AzureVms],
                  config: EnrolConfig, clock: Callable[[], float] = time.time) -> None:
-        self.service = service  # functions.service.Service: policies, KRL, host tokens, audit
+        self.hosts = hosts  # functions.service.hosts.Hosts: policies, KRL, host tokens, audit
         self.store = store
         self._vms = vms
         self.config = config
@@ -112,10 +111,9 @@ class EnrolmentService:
     # ---- what a policy wants on its hosts --------------------------------------------------
     def _desired(self, policy: Policy, api_url: str | None = None) -> _Desired:
         from ..core.krl import krl_version_of
-        from .setup import HostSetup, render_setup_script
 
-        keys = [c for c in policy.ca if c.state == "current"] + [c for c in policy.ca if c.state == "previous"]
-        krl = self.service.build_krl(policy)
+        keys = list(policy.trusted_ca)
+        krl = self.hosts.build_krl(policy)
 
         def render() -> str:
             url = self.config.public_url or api_url
@@ -124,10 +122,7 @@ class EnrolmentService:
                                                   "host where to fetch the KRL.", transient=False)
             if not keys:
                 raise PushError("no_ca", f"Policy {policy.id!r} has no CA key to trust.", transient=False)
-            token = self.service.store.ensure_host_token(policy.tenant_id, policy.id, secrets.token_urlsafe(32))
-            return render_setup_script(HostSetup(api_url=url, tenant_id=policy.tenant_id, policy_id=policy.id,
-                                                 ca_public_keys=tuple(c.public_key for c in keys),
-                                                 host_token=token, krl=krl))
+            return self.hosts.render_setup(policy, url, krl)
 
         return _Desired(tuple(c.fingerprint for c in keys), krl_version_of(krl), render)
 
@@ -141,7 +136,7 @@ class EnrolmentService:
                            details={"state": rec.state, "attempts": rec.attempts, "source": rec.source,
                                     **details}).sealed()
         try:
-            self.service.store.add_audit(entry)
+            self.hosts.record(entry)
         except Exception:  # noqa: BLE001 - the record holds the outcome; the log says the audit failed
             log.exception("could not audit %s for %s", action, rec.vm_id)
 
@@ -256,7 +251,7 @@ class EnrolmentService:
         return subs.pop() if len(subs) == 1 else None
 
     def _admin_policy(self, who: Identity, policy_id: str) -> Policy:
-        policy = self.service.get_policy(who, policy_id)  # NotFound for other tenants and invisible ones
+        policy = self.hosts.policy(who, policy_id)  # NotFound for other tenants and invisible ones
         if not policy.is_admin(who):
             raise Forbidden(f"Only tenant admins and admins of policy {policy_id!r} may enrol hosts in it.")
         return policy
@@ -289,7 +284,7 @@ class EnrolmentService:
                 raise self._as_api_error(exc) from None
             return policy, [vm.ref for vm in vms if _tag(vm.tags, k) == v]
         except EzsshError as exc:
-            self.service.refuse(who, exc, "enrolment.refused", policy_id=policy_id,
+            self.hosts.refuse(who, exc, "enrolment.refused", policy_id=policy_id,
                                 details={"vm_id": str(vm_id)[:300] if vm_id is not None else None,
                                          "resource_group": str(resource_group)[:300] if resource_group else None})
             raise
@@ -329,7 +324,7 @@ class EnrolmentService:
         try:
             policy = self._admin_policy(who, policy_id)
         except EzsshError as exc:
-            self.service.refuse(who, exc, "enrolment.list.refused", policy_id=policy_id)
+            self.hosts.refuse(who, exc, "enrolment.list.refused", policy_id=policy_id)
             raise
         return sorted(self.store.list(policy.tenant_id, policy.id), key=lambda e: (e.vm_id.lower()))
 
@@ -337,7 +332,7 @@ class EnrolmentService:
     def _policies(self, tenant_ids: Iterable[str]) -> list[Policy]:
         out = []
         for tid in tenant_ids:
-            out += [p for p in self.service.store.list_policies(tid) if not p.deleted and p.current_ca is not None]
+            out += self.hosts.policies_with_ca(tid)
         return out
 
     def covering(self, vm: Vm, policies: list[Policy], tenant_hint: str | None = None) -> list[Policy]:

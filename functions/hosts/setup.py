@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.ids import is_guid
 from ..core.krl import MAGIC
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "setup.sh"
 HELPER = HERE / "krl_update.sh"
 
-TENANT_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 POLICY_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 URL_RE = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(?::[0-9]+)?(?:/[A-Za-z0-9._~\-/]*)?$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,128}$")
@@ -43,7 +43,7 @@ class HostSetup:
 def _check(s: HostSetup) -> None:
     if not URL_RE.match(s.api_url.rstrip("/")):
         raise RenderError(f"API URL {s.api_url!r} cannot go into the setup script.")
-    if not TENANT_RE.match(s.tenant_id):
+    if not is_guid(s.tenant_id):
         raise RenderError("The tenant id must be a GUID.")
     if not POLICY_RE.match(s.policy_id):
         raise RenderError(f"Policy id {s.policy_id!r} is not valid.")

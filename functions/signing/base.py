@@ -78,6 +78,11 @@ class KeyStore(Protocol):
         """Afterwards the key signs nothing: get_signer and sign raise CaKeyNotFound."""
         ...
 
+    def verify_key(self, key_ref: str) -> Signer:
+        """A customer's own existing key (bring your own key), proved to be readable and to sign.
+        Raises a client error (4xx) naming what is missing; backends that can't do this say so."""
+        ...
+
     def health(self) -> None:
         """Returns if the backend answers; raises SignerUnavailable otherwise."""
         ...

@@ -54,7 +54,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as px
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from functions.core.errors import CaKeyNotFound, SignerUnavailable
+from functions.core.errors import CaKeyNotFound, InvalidRequest, SignerUnavailable
 from functions.signing.base import (
     DEFAULT_KIND,
     EC_CURVES,
@@ -484,6 +484,10 @@ class Pkcs11KeyStore:
         with self._lock:
             self._signers.pop(key_ref, None)
         self._run(destroy, "disable a key")
+
+    def verify_key(self, key_ref: str) -> Pkcs11Signer:
+        raise InvalidRequest("Bring-your-own-key needs the Key Vault signer backend; this deployment signs "
+                             "with a PKCS#11 HSM.")
 
     def health(self) -> None:
         def probe(lease: _Lease) -> None:

@@ -81,7 +81,7 @@ def gated_doc(oidc, pid: str, n: int = 1, webhook: str | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def gated(context, oidc, receiver):
-    from functions.service import ensure_policy
+    from devstack.stack import ensure_policy
 
     carol = identity_of(oidc, "carol")
     return {
@@ -178,9 +178,9 @@ def test_two_of_m_needs_two_different_approvers(client, gated, auth):
 def test_expiry_by_the_sweep_and_on_every_read(client, gated, context, oidc, auth):
     req = ask(client, auth, "alice", "gated")
     s = context.service
-    later = Service(s.store, s.keys, s.config, clock=lambda: time.time() + 601)
-    assert later.get_request(identity_of(oidc, "alice"), req["id"]).effective_state(int(later.clock())) == "expired"
-    assert req["id"] in later.expire_requests(oidc.tenant_id("contoso"))
+    later = Service(s.store, s.keys, s.base.config, clock=lambda: time.time() + 601)
+    assert later.requests.get(identity_of(oidc, "alice"), req["id"]).effective_state(int(later.clock())) == "expired"
+    assert req["id"] in later.requests.expire(oidc.tenant_id("contoso"))
     shown = client.get(f"/api/requests/{req['id']}", headers=auth("alice")).json()
     assert shown["status"] == "expired"
     assert client.post(f"/api/requests/{req['id']}/approve", headers=auth("bob"), json={}).status_code == 409
@@ -195,7 +195,7 @@ def test_approve_and_deny_racing_yield_exactly_one_outcome(context, oidc, gated)
     alice, bob, dave = (identity_of(oidc, u) for u in ("alice", "bob", "dave"))
     outcomes = {"approved": 0, "denied": 0}
     for _ in range(25):
-        rec = s.request_access(alice, AccessRequest(host="gated-1", principal="alice", policy_id="gated"), None).request
+        rec = s.issuance.request_access(alice, AccessRequest(host="gated-1", principal="alice", policy_id="gated"), None).request
         barrier = threading.Barrier(2)
         results: dict[str, object] = {}
 
@@ -206,8 +206,8 @@ def test_approve_and_deny_racing_yield_exactly_one_outcome(context, oidc, gated)
             except (Conflict, Forbidden) as exc:
                 results[name] = exc
 
-        ts = [threading.Thread(target=act, args=("approve", lambda: s.approve(bob, rec.id))),
-              threading.Thread(target=act, args=("deny", lambda: s.deny(dave, rec.id)))]
+        ts = [threading.Thread(target=act, args=("approve", lambda: s.requests.approve(bob, rec.id))),
+              threading.Thread(target=act, args=("deny", lambda: s.requests.deny(dave, rec.id)))]
         for t in ts:
             t.start()
         for t in ts:
@@ -228,7 +228,7 @@ def test_two_approvals_racing_past_n_count_once_each(context, oidc, gated):
     s = context.service
     alice, bob, dave = (identity_of(oidc, u) for u in ("alice", "bob", "dave"))
     for _ in range(15):
-        rec = s.request_access(alice, AccessRequest(host="gated-1", principal="alice", policy_id="gated"), None).request
+        rec = s.issuance.request_access(alice, AccessRequest(host="gated-1", principal="alice", policy_id="gated"), None).request
         barrier = threading.Barrier(2)
         wins: list[str] = []
         losses: list[Exception] = []
@@ -236,7 +236,7 @@ def test_two_approvals_racing_past_n_count_once_each(context, oidc, gated):
         def approve(who) -> None:  # type: ignore[no-untyped-def]
             barrier.wait()
             try:
-                s.approve(who, rec.id)
+                s.requests.approve(who, rec.id)
                 wins.append(who.upn)
             except Conflict as exc:
                 losses.append(exc)
@@ -265,7 +265,7 @@ def test_a_failing_webhook_is_retried_recorded_and_never_blocks(client, gated, r
 
 
 def test_an_unreachable_webhook_is_recorded_as_failed(client, context, oidc, auth):
-    from functions.service import ensure_policy
+    from devstack.stack import ensure_policy
 
     dead = f"http://127.0.0.1:{free_port()}/nobody-listens"
     ensure_policy(context.service, identity_of(oidc, "carol"), gated_doc(oidc, "gated-dead", 1, dead))

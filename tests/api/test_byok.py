@@ -38,10 +38,10 @@ def doc(oidc, pid: str, kid: str) -> dict:
 def test_a_policy_signs_with_the_customers_own_key(kv, kv_service, oidc, pub):
     kid = kv.add_key("customer-ca")
     carol, alice = identity_of(oidc, "carol"), identity_of(oidc, "alice")
-    p = kv_service.create_policy(carol, doc(oidc, "byok-ok", kid))
-    assert p.current_ca.key_ref == kid and p.current_ca.backend == "keyvault-byok"
+    p = kv_service.policies.create(carol, doc(oidc, "byok-ok", kid))
+    assert p.current_ca.key_ref == kid and p.current_ca.backend == "keyvault" and p.current_ca.customer_owned
     signs_before = kv.count("POST", "/sign")
-    out = kv_service.request_access(alice, AccessRequest(host="byok-1", principal="alice"), pub())
+    out = kv_service.issuance.request_access(alice, AccessRequest(host="byok-1", principal="alice"), pub())
     assert out.status == "issued" and out.certificate.ca_fingerprint == p.current_ca.fingerprint
     assert kv.count("POST", "/sign") == signs_before + 1  # exactly one Key Vault call per certificate
 
@@ -53,7 +53,7 @@ def test_a_missing_permission_is_named_and_nothing_is_saved(kv, kv_service, oidc
     kv.deny(op, name)
     try:
         with pytest.raises(Forbidden) as err:
-            kv_service.create_policy(identity_of(oidc, "carol"), doc(oidc, f"byok-no-{op}", kid))
+            kv_service.policies.create(identity_of(oidc, "carol"), doc(oidc, f"byok-no-{op}", kid))
         assert needle in err.value.message
     finally:
         kv.allow(op, name)
@@ -64,25 +64,25 @@ def test_a_missing_permission_is_named_and_nothing_is_saved(kv, kv_service, oidc
 def test_a_disabled_or_unknown_key_is_refused(kv, kv_service, oidc):
     disabled = kv.add_key("customer-disabled", enabled=False)
     with pytest.raises(InvalidRequest):
-        kv_service.create_policy(identity_of(oidc, "carol"), doc(oidc, "byok-disabled", disabled))
+        kv_service.policies.create(identity_of(oidc, "carol"), doc(oidc, "byok-disabled", disabled))
     with pytest.raises(InvalidRequest):
-        kv_service.create_policy(identity_of(oidc, "carol"), doc(oidc, "byok-missing",
+        kv_service.policies.create(identity_of(oidc, "carol"), doc(oidc, "byok-missing",
                                                                   f"{kv.url}/keys/nope/" + "0" * 32))
 
 
 def test_bring_your_own_key_needs_the_key_vault_backend(context, oidc, kv):
     with pytest.raises(InvalidRequest) as err:
-        context.service.create_policy(identity_of(oidc, "carol"), doc(oidc, "byok-pkcs11", kv.add_key("x")))
+        context.service.policies.create(identity_of(oidc, "carol"), doc(oidc, "byok-pkcs11", kv.add_key("x")))
     assert "Key Vault" in err.value.message
 
 
 def test_deleting_a_byok_policy_stops_issuance_but_leaves_the_customers_key(kv, kv_service, oidc, pub):
     kid = kv.add_key("customer-keep")
     carol, alice = identity_of(oidc, "carol"), identity_of(oidc, "alice")
-    p = kv_service.create_policy(carol, doc(oidc, "byok-del", kid))
-    kv_service.delete_policy(carol, "byok-del", p.etag)
+    p = kv_service.policies.create(carol, doc(oidc, "byok-del", kid))
+    kv_service.policies.delete(carol, "byok-del", p.etag)
     from functions.core.errors import NoPolicyForHost
 
     with pytest.raises(NoPolicyForHost):
-        kv_service.request_access(alice, AccessRequest(host="byok-1", principal="alice", policy_id="byok-del"), pub())
+        kv_service.issuance.request_access(alice, AccessRequest(host="byok-1", principal="alice", policy_id="byok-del"), pub())
     assert kv_service.keys.verify_key(kid).key_ref == kid  # still enabled: it is the customer's key

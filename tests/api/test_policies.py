@@ -236,10 +236,10 @@ def test_rotation_keeps_old_certificates_valid_until_retirement(client, oidc, co
 
     # Retirement: once max_ttl has passed, the housekeeping sweep disables the old key.
     s = context.service
-    early = Service(s.store, s.keys, s.config, clock=time.time)
-    assert early.retire_due_ca_keys(oidc.tenant_id("contoso")) == []
-    later = Service(s.store, s.keys, s.config, clock=lambda: time.time() + 7200 + 120)
-    assert old_ca["fingerprint"] in later.retire_due_ca_keys(oidc.tenant_id("contoso"))
+    early = Service(s.store, s.keys, s.base.config, clock=time.time)
+    assert early.policies.retire_due_ca_keys(oidc.tenant_id("contoso")) == []
+    later = Service(s.store, s.keys, s.base.config, clock=lambda: time.time() + 7200 + 120)
+    assert old_ca["fingerprint"] in later.policies.retire_due_ca_keys(oidc.tenant_id("contoso"))
     with pytest.raises(CaKeyNotFound):
         s.keys.get_signer(old_ca["key_ref"])
     listed = client.get("/api/policies/ops-rotate/ca", headers=alice).text.strip().splitlines()

@@ -11,7 +11,7 @@ import pytest
 
 from devstack.demo import cli_env, run_cli
 from devstack.stack import identity_of
-from functions.service import ensure_policy
+from devstack.stack import ensure_policy
 
 
 @pytest.fixture(scope="module")

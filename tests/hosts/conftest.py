@@ -55,7 +55,7 @@ def _doc(oidc, pid: str, tenant: str) -> dict:
 def second_policy(context, oidc, demo_policy):
     """A second contoso policy with its own CA, covering the same hosts as the demo policy."""
     from devstack.stack import identity_of
-    from functions.service import ensure_policy
+    from devstack.stack import ensure_policy
 
     return ensure_policy(context.service, identity_of(oidc, "carol"), _doc(oidc, "hosts-b", "contoso"))
 
@@ -64,6 +64,6 @@ def second_policy(context, oidc, demo_policy):
 def fabrikam_policy(context, oidc):
     """A policy of another tenant (fabrikam), created by its admin mallory."""
     from devstack.stack import identity_of
-    from functions.service import ensure_policy
+    from devstack.stack import ensure_policy
 
     return ensure_policy(context.service, identity_of(oidc, "mallory"), _doc(oidc, "fab-hosts", "fabrikam"))

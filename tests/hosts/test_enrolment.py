@@ -5,6 +5,8 @@ the CLI (`ezssh hosts enrol|list`) against the real API over HTTP."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import statistics
 import threading
 import time
@@ -67,7 +69,7 @@ def _policy_doc(oidc, pid: str) -> dict:
 @pytest.fixture(scope="module")
 def policy(context, oidc):
     from devstack.stack import identity_of
-    from functions.service import ensure_policy
+    from devstack.stack import ensure_policy
 
     return ensure_policy(context.service, identity_of(oidc, "carol"), _policy_doc(oidc, "vm-push"))
 
@@ -80,7 +82,7 @@ def clock():
 @pytest.fixture(scope="module")
 def enrol_ctx(api_env, context, arm, clock, policy):
     """The service's context with enrolment wired to the ARM stand-in (static token, its CA)."""
-    from functions.api.deps import Context
+    from functions.wiring import Context
     from functions.settings import load_settings
     from functions.wiring import build_enrolments
 
@@ -88,7 +90,9 @@ def enrol_ctx(api_env, context, arm, clock, policy):
                               "EZSSH_PUBLIC_URL": "https://ezssh.contoso.test"})
     enrolments = build_enrolments(settings, context.service, context.service.store,
                                   credential=StaticTokenCredential(arm.token), connection_verify=arm.ca_path,
-                                  polling_interval=0, backoff_base=BACKOFF, backoff_cap=3600, max_attempts=4)
+                                  polling_interval=0)
+    # this module's pace: short backoff, few attempts
+    enrolments.config = replace(enrolments.config, backoff_base=BACKOFF, backoff_cap=3600, max_attempts=4)
     enrolments.clock = clock
     return Context(settings=settings, service=context.service, validator=context.validator, enrolments=enrolments)
 
@@ -129,7 +133,7 @@ def cert_for(context, oidc, policy_id: str, tmp_path, name: str = "id_ed25519"):
     from functions.core.policy import AccessRequest
 
     key, pub = user_key(tmp_path, name)
-    out = context.service.request_access(identity_of(oidc, "alice"),
+    out = context.service.issuance.request_access(identity_of(oidc, "alice"),
                                          AccessRequest(host="127.0.0.1", principal="alice", policy_id=policy_id), pub)
     assert out.status == "issued"
     return key, out.certificate.openssh, out.certificate.serial

@@ -4,6 +4,8 @@ whose Run Command runs the setup script into sandbox roots with a real sshd."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import time
 import uuid
@@ -95,7 +97,7 @@ def clock():
 @pytest.fixture(scope="module")
 def ev_policy(context, oidc):
     from devstack.stack import identity_of
-    from functions.service import ensure_policy
+    from devstack.stack import ensure_policy
 
     return ensure_policy(context.service, identity_of(oidc, "carol"), {
         "id": "vm-ev",
@@ -111,14 +113,15 @@ def ev_policy(context, oidc):
 def wired(monkeypatch, api_env, context, arm, clock, ev_policy):
     """function_app's shared_context() answers with the service wired to this module's stand-in."""
     from functions import wiring
-    from functions.api.deps import Context
+    from functions.wiring import Context
     from functions.settings import load_settings
 
     settings = load_settings({**api_env, "EZSSH_ENROL_SCOPES": SCOPES, "EZSSH_ARM_ENDPOINT": arm.url,
                               "EZSSH_PUBLIC_URL": "https://ezssh.contoso.test"})
     enrolments = wiring.build_enrolments(settings, context.service, context.service.store,
                                          credential=StaticTokenCredential(arm.token), connection_verify=arm.ca_path,
-                                         polling_interval=0, backoff_base=BACKOFF)
+                                         polling_interval=0)
+    enrolments.config = replace(enrolments.config, backoff_base=BACKOFF)
     enrolments.clock = clock
     ctx = Context(settings=settings, service=context.service, validator=context.validator, enrolments=enrolments)
     monkeypatch.setattr(wiring, "_context", [ctx])
@@ -207,7 +210,7 @@ def test_reconcile_enrols_missing_vms_and_repushes_after_rotation_and_revocation
 
     svc = context.service
     carol = identity_of(oidc, "carol")
-    policy = svc.get_policy(carol, "vm-ev")
+    policy = svc.policies.get(carol, "vm-ev")
     # a VM that appeared without an event (e.g. created before the subscription existed)
     quiet, host = host_vm(arm, make_host, RG_PATTERN, "rc-quiet")
     timer_tick()
@@ -218,7 +221,7 @@ def test_reconcile_enrols_missing_vms_and_repushes_after_rotation_and_revocation
     assert {v: len(arm.runs_on(v)) for v in enrolled} == runs_before
 
     # a CA rotation: every enrolled VM gets the new key (and keeps the previous one during the window)
-    rotated = svc.rotate_ca(carol, "vm-ev", policy.etag)
+    rotated = svc.policies.rotate_ca(carol, "vm-ev", policy.etag)
     timer_tick()
     assert {v: len(arm.runs_on(v)) for v in enrolled} == {v: n + 1 for v, n in runs_before.items()}
     rec = rec_of(wired, "vm-ev", quiet)
@@ -230,7 +233,7 @@ def test_reconcile_enrols_missing_vms_and_repushes_after_rotation_and_revocation
 
     # a revocation: the KRL version moves, the timer re-pushes, sshd refuses that certificate
     other_key, other_cert, _ = cert_for(context, oidc, "vm-ev", tmp_path, "other-key")
-    svc.revoke_certificate(carol, "vm-ev", serial, "test")
+    svc.hosts.revoke_certificate(carol, "vm-ev", serial, "test")
     timer_tick()
     rec2 = rec_of(wired, "vm-ev", quiet)
     assert rec2.krl_version > (rec.krl_version or 0) and len(arm.runs_on(quiet)) == 3

@@ -12,6 +12,8 @@ the file deliberately, from the repository root, and review the diff:
 
 from __future__ import annotations
 
+import contextlib
+
 import base64
 import os
 import shutil
@@ -87,9 +89,30 @@ def golden_grant() -> Grant:
     return make_grant(policy, GOLDEN_REQUEST, GOLDEN_UPN, GOLDEN_PRINCIPAL, GOLDEN_TTL)
 
 
+@contextlib.contextmanager
+def pinned_nonce(nonce: bytes):
+    """cryptography draws the certificate nonce from `os.urandom` inside SSHCertificateBuilder.sign;
+    the golden tests pin it by swapping that module's `os` for the duration (the test's own patch)."""
+
+    class FixedOs:
+        def __getattr__(self, name: str):
+            return getattr(os, name)
+
+        @staticmethod
+        def urandom(n: int) -> bytes:
+            if n != len(nonce):
+                raise ValueError("pinned nonce has the wrong length")
+            return nonce
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ssh, "os", FixedOs())
+        yield
+
+
 def golden_certificate() -> IssuedCertificate:
-    return build_certificate(golden_grant(), golden_user_key(), golden_ca(), now=GOLDEN_NOW,
-                             serial=GOLDEN_SERIAL, nonce=GOLDEN_NONCE)
+    with pinned_nonce(GOLDEN_NONCE):
+        return build_certificate(golden_grant(), golden_user_key(), golden_ca(), now=GOLDEN_NOW,
+                                 serial=GOLDEN_SERIAL)
 
 
 def regenerate_golden() -> Path:
@@ -280,8 +303,9 @@ def test_new_serial_draws_again_on_zero(monkeypatch):
 
 def test_pinned_nonce_makes_output_stable_and_random_nonce_does_not():
     args = (grant(), user_key(), fixed_ed25519(3))
-    a = build_certificate(*args, now=NOW, serial=9, nonce=b"\x07" * 32)
-    b = build_certificate(*args, now=NOW, serial=9, nonce=b"\x07" * 32)
+    with pinned_nonce(b"\x07" * 32):
+        a = build_certificate(*args, now=NOW, serial=9)
+        b = build_certificate(*args, now=NOW, serial=9)
     c = build_certificate(*args, now=NOW, serial=9)
     d = build_certificate(*args, now=NOW, serial=9)
     assert a.openssh == b.openssh
@@ -291,8 +315,8 @@ def test_pinned_nonce_makes_output_stable_and_random_nonce_does_not():
 
 
 def test_wrong_nonce_length_fails_and_restores_os():
-    with pytest.raises(ValueError):
-        build_certificate(grant(), user_key(), fixed_ed25519(3), now=NOW, serial=9, nonce=b"\x07" * 16)
+    with pytest.raises(ValueError), pinned_nonce(b"\x07" * 16):
+        build_certificate(grant(), user_key(), fixed_ed25519(3), now=NOW, serial=9)
     assert ssh.os is os
 
 

@@ -634,7 +634,7 @@ def test_decision_grant_carries_the_policy_and_one_principal():
     p = make(extensions=["permit-pty", "permit-agent-forwarding"], force_command="/bin/rbash",
              source_address=["10.0.0.0/8"], default_ttl=900)
     d = evaluate(ALICE, req(principal="deploy"), p)
-    g = d.grant("req-1", ALICE, "deploy")
+    g = make_grant(d.policy, "req-1", ALICE.upn, "deploy", d.ttl_seconds)
     assert g.tenant_id == TID and g.policy_id == "web" and g.request_id == "req-1"
     assert g.upn == "Alice@Contoso.example"
     assert g.principals == ("deploy",)
@@ -665,7 +665,7 @@ def test_username_principal_is_the_requesters_upn_local_part():
     assert p.principals == ("{username}", "deploy")
     assert allowed_principals(p.principals, ALICE.upn) == ("alice", "deploy")
     d = evaluate(ALICE, req(principal="alice"), p)
-    assert d.grant("r1", ALICE, "alice").principals == ("alice",)
+    assert make_grant(d.policy, "r1", ALICE.upn, "alice", d.ttl_seconds).principals == ("alice",)
     with pytest.raises(PrincipalNotAllowed) as info:
         evaluate(BOB, req(principal="alice"), p)  # alice's login is not bob's
     assert "bob, deploy" in info.value.message

@@ -100,13 +100,22 @@ def identity_of(oidc: OidcStandIn, username: str):  # type: ignore[no-untyped-de
 
 def seed_policy(env: dict[str, str], oidc: OidcStandIn, doc: dict, admin: str = "carol"):  # type: ignore[no-untyped-def]
     """Create a policy through the service layer (as a tenant admin), unless it exists."""
-    from functions.service import ensure_policy
     from functions.settings import load_settings
     from functions.wiring import build_context
 
     who = identity_of(oidc, admin)
     ctx = build_context(load_settings(env))
     return ensure_policy(ctx.service, who, doc)
+
+
+def ensure_policy(service, who: Identity, doc: dict):  # type: ignore[no-untyped-def]
+    """Create a policy unless one with that id exists (seeding the local stack and test fixtures)."""
+    from functions.core.errors import NotFound
+
+    try:
+        return service.store.get_policy(who.tid, doc["id"])
+    except NotFound:
+        return service.policies.create(who, doc)
 
 
 @dataclass

@@ -1,0 +1,12 @@
+"""Identifier shapes shared across the service."""
+
+from __future__ import annotations
+
+import re
+
+GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def is_guid(s: object) -> bool:
+    """A tenant, object or group id as Entra ID writes it."""
+    return isinstance(s, str) and GUID_RE.match(s) is not None

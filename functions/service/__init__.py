@@ -1,0 +1,77 @@
+"""The use cases, one module per concern over one small base (base.py):
+
+    issuance   ask for access, get the certificate      (Issuance)
+    requests   look, list, approve, deny, cancel, expire (Requests)
+    policies   CRUD, CA rotation and retirement, BYO key (Policies)
+    hosts      revocation, KRL, setup script             (Hosts)
+    audit      audit queries and chain checks            (AuditLog)
+
+Each takes the caller's Identity, checks what it may do, and leaves an audit entry; refusals go
+through `Base.refusing()`. The service knows storage and signing only through their interfaces
+(storage.base.Store, signing.base.KeyStore); wiring.py hands it the concrete adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+from ..signing.base import KeyStore
+from ..storage.base import Store
+from .audit import AuditLog
+from .base import Base, Notifier, ServiceConfig
+from .hosts import Hosts
+from .issuance import Issuance, Outcome
+from .policies import Policies
+from .requests import Requests
+
+log = logging.getLogger("ezssh.service")
+
+
+class Service:
+    """One worker's use cases, sharing one Base."""
+
+    def __init__(self, store: Store, keys: KeyStore, config: ServiceConfig,
+                 clock: Callable[[], float] = time.time, notifier: Notifier | None = None) -> None:
+        self.base = Base(store, keys, config, clock, notifier)
+        self.requests = Requests(self.base)
+        self.issuance = Issuance(self.base, self.requests)
+        self.policies = Policies(self.base)
+        self.hosts = Hosts(self.base)
+        self.audit = AuditLog(self.base, self.requests)
+
+    # the dependencies, for the wiring and the timers
+    @property
+    def store(self) -> Store:
+        return self.base.store
+
+    @property
+    def keys(self) -> KeyStore:
+        return self.base.keys
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.base.clock
+
+    def housekeeping(self, tenant_ids: Sequence[str]) -> dict[str, int]:
+        """The timer's work: expire stale requests and retire CA keys past their window."""
+        expired = retired = 0
+        for tid in tenant_ids:
+            expired += len(self.requests.expire(tid))
+            retired += len(self.policies.retire_due_ca_keys(tid))
+        return {"expired_requests": expired, "retired_ca_keys": retired}
+
+    def health(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        for name, fn in (("storage", self.store.health), ("signer", self.keys.health)):
+            try:
+                fn()
+                checks[name] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                log.warning("health check %s failed: %s", name, exc)
+                checks[name] = "unavailable"
+        return checks
+
+
+__all__: Sequence[str] = ["Service", "ServiceConfig", "Outcome", "Base"]

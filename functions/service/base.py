@@ -1,0 +1,151 @@
+"""What every use case shares: its dependencies, the policy reader, and the one way to refuse.
+
+A use-case module (issuance, requests, policies, hosts, audit) takes a `Base` and nothing else that
+reaches storage or signing. Refusals go through `Base.refusing()` only: a user error (4xx) is
+recorded as an audit entry and re-raised; a system error (5xx: storage or signer down) is a log
+event, never recorded as the caller's refusal.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+from ..core.audit import AuditEntry
+from ..core.errors import EzsshError, NotFound, StorageUnavailable
+from ..core.policy import Identity, Policy
+from ..notify import Message
+from ..observability import event
+from ..signing.base import KeyStore
+from ..storage.base import Store
+
+log = logging.getLogger("ezssh.service")
+
+
+class Notifier(Protocol):
+    def send(self, msg: Message) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    signer_backend: str
+    ca_key_kind: str = "EC-P256"
+    max_ttl_ceiling: int = 24 * 3600
+    backdate_seconds: int = 60
+    # How long a worker may reuse a tenant's policy list on the issuance path. Changes made through
+    # this worker apply at once; other workers see them within this many seconds. A deleted policy
+    # issues nothing even from a stale cache: its CA keys are disabled at deletion.
+    policy_cache_seconds: float = 5.0
+
+
+class PolicyReader:
+    """Reads a tenant's policies: fresh for decisions that change state, from a short per-worker
+    cache on the issuance path (`cached`)."""
+
+    def __init__(self, store: Store, cache_seconds: float) -> None:
+        self._store = store
+        self._ttl = cache_seconds
+        self._cache: dict[str, tuple[float, list[Policy]]] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, tid: str) -> list[Policy]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(tid)
+        if self._ttl > 0 and hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        policies = self._store.list_policies(tid)
+        with self._lock:
+            self._cache[tid] = (now, policies)
+        return policies
+
+    def changed(self, tid: str) -> None:
+        with self._lock:
+            self._cache.pop(tid, None)
+
+    def all(self, tid: str) -> list[Policy]:
+        return self._store.list_policies(tid)
+
+    def get(self, tid: str, pid: str) -> Policy:
+        return self._store.get_policy(tid, pid)
+
+    def get_or_none(self, tid: str, pid: str) -> Policy | None:
+        try:
+            return self._store.get_policy(tid, pid)
+        except NotFound:
+            return None
+
+    @staticmethod
+    def can_see(who: Identity, p: Policy) -> bool:
+        return p.is_admin(who) or p.is_member(who) or p.is_approver(who)
+
+    def visible(self, who: Identity, policy_id: str) -> Policy:
+        """The policy if `who` may see it; NotFound otherwise (the same answer for other tenants)."""
+        p = self.get_or_none(who.tid, policy_id)
+        if p is None or p.deleted or not self.can_see(who, p):
+            raise NotFound(f"Policy {policy_id!r} was not found.")
+        return p
+
+
+class Base:
+    """The dependencies of one worker's use cases."""
+
+    def __init__(self, store: Store, keys: KeyStore, config: ServiceConfig,
+                 clock: Callable[[], float] = time.time, notifier: Notifier | None = None) -> None:
+        self.store = store
+        self.keys = keys
+        self.config = config
+        self.clock = clock
+        self.notifier = notifier
+        self.policies = PolicyReader(store, config.policy_cache_seconds)
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def audit_entry(self, who: Identity | None, action: str, outcome: str = "ok", **fields: object) -> AuditEntry:
+        return AuditEntry(
+            tenant_id=who.tid if who else "",
+            at=self.clock(),
+            action=action,
+            outcome=outcome,
+            actor_oid=who.oid if who else None,
+            actor_upn=who.upn if who else None,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def refuse(self, who: Identity | None, exc: EzsshError, action: str, **fields: object) -> None:
+        """Record a refusal. Never lets a storage failure hide the original error."""
+        if isinstance(exc, StorageUnavailable):
+            # Storage is down: nothing can be recorded, and it is no decision about the caller.
+            # A log event (no traceback) says what happened.
+            event(log, action, error=exc.code, outcome="failed", actor=who.upn if who else None,
+                  tenant=who.tid if who else None, policy=fields.get("policy_id"),
+                  request=fields.get("request_id"), detail=exc.message)
+            return
+        # A user error is a refusal; a system error (e.g. the HSM is away) is a failure on record.
+        outcome = "refused" if exc.status < 500 else "failed"
+        entry = self.audit_entry(who, action, outcome, error_code=exc.code, message=exc.message, **fields).sealed()
+        try:
+            self.store.add_audit(entry)
+        except Exception as store_exc:  # noqa: BLE001
+            log.warning("could not record refusal %s for %s: %s", exc.code, who.oid if who else "-", store_exc)
+        event(log, action, error=exc.code, actor=who.upn if who else None, tenant=who.tid if who else None,
+              policy=fields.get("policy_id"), request=fields.get("request_id"), detail=exc.message)
+
+    @contextmanager
+    def refusing(self, who: Identity | None, action: str, **fields: object) -> Iterator[None]:
+        """`with base.refusing(who, "request.refused", host=...):` - the one refusal path."""
+        try:
+            yield
+        except EzsshError as exc:
+            self.refuse(who, exc, action, **fields)
+            raise
+
+    def notify(self, policy: Policy | None, msg: Message) -> None:
+        if self.notifier is None or policy is None or not policy.webhook_url:
+            return
+        self.notifier.send(msg)

@@ -1,0 +1,132 @@
+"""Hosts: revocation, the KRL they fetch, and the setup script that makes them trust a policy."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from dataclasses import replace
+
+from ..core.audit import AuditEntry, link
+from ..core.errors import CaKeyNotFound, EzsshError, Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
+from ..core.ids import is_guid
+from ..core.keys import fingerprint_of_blob
+from ..core.krl import CaRevocations, ca_key_blob, encode_krl
+from ..core.policy import Identity, Policy
+from ..observability import event
+from ..storage.base import CertificateRecord
+from .base import Base
+
+log = logging.getLogger("ezssh.service")
+
+# Certificates stay in the KRL this long past their valid_before, for hosts whose clock lags.
+KRL_EXPIRY_GRACE = 3600
+
+
+class Hosts:
+    def __init__(self, base: Base) -> None:
+        self.base = base
+
+    # ---- revocation ---------------------------------------------------------------------------
+    def revoke_certificate(self, who: Identity, policy_id: str, serial: int,
+                           reason: str | None = None) -> CertificateRecord:
+        """Tenant admins, the policy's admins, or the certificate's own requester revoke it."""
+        b = self.base
+        with b.refusing(who, "certificate.revoke.refused", policy_id=policy_id, serial=str(serial)):
+            if reason is not None and (len(reason) > 1000 or "\n" in reason):
+                raise InvalidRequest("'reason' must be one line of at most 1000 characters.")
+            policy = b.policies.get_or_none(who.tid, policy_id)
+            if policy is None:
+                raise NotFound(f"Policy {policy_id!r} was not found.")
+            cert = b.store.get_certificate(who.tid, policy_id, serial)
+            own = cert.requester_oid == who.oid and cert.tenant_id == who.tid
+            if not (own or policy.is_admin(who)):
+                if not b.policies.can_see(who, policy):
+                    raise NotFound(f"No certificate with serial {serial} was issued under policy {policy_id!r}.")
+                raise Forbidden("Only admins of this policy, or the certificate's own requester, may revoke it.")
+            if cert.revoked_at is not None:
+                raise Conflict(f"Certificate {serial} of policy {policy_id!r} was already revoked.",
+                               revoked_at=cert.revoked_at)
+        revoked = replace(cert, revoked_at=b.now(), revoked_by=who.upn)
+        entry = link(b.audit_entry(who, "certificate.revoked", request_id=cert.request_id, policy_id=policy_id,
+                                   key_id=cert.key_id, serial=str(serial), host=cert.host,
+                                   chain=f"crt:{policy_id}:{serial}",
+                                   details={"reason": reason, "requester_upn": cert.requester_upn,
+                                            "valid_before": cert.valid_before, "own": own}), None)
+        saved = b.store.revoke_certificate(revoked, cert.etag or "", entry)
+        event(log, "certificate.revoked", key_id=cert.key_id, serial=serial, policy=policy_id, actor=who.upn,
+              tenant=who.tid)
+        return saved
+
+    # ---- the KRL ------------------------------------------------------------------------------
+    def build_krl(self, policy: Policy) -> bytes:
+        """The policy's KRL: every revoked serial per CA key still trusted (current, previous).
+
+        Byte-stable for the same revocations: krl_version and generated_date are the latest
+        revocation time, so hosts replace their copy only when something was revoked (or expired
+        out of it, KRL_EXPIRY_GRACE after its valid_before).
+        """
+        keys = {fingerprint_of_blob(ca_key_blob(c.public_key)): c.public_key for c in policy.trusted_ca}
+        revoked = self.base.store.list_revoked(policy.tenant_id, policy.id)
+        latest = max((r.revoked_at or 0 for r in revoked), default=0)
+        cutoff = self.base.now() - KRL_EXPIRY_GRACE
+        serials: dict[str, set[int]] = {fp: set() for fp in keys}
+        for r in revoked:
+            if r.ca_fingerprint in serials and r.valid_before > cutoff:
+                serials[r.ca_fingerprint].add(r.serial)
+        return encode_krl([CaRevocations(keys[fp], frozenset(s)) for fp, s in serials.items()],
+                          krl_version=latest, generated_date=latest,
+                          comment=f"ezssh policy {policy.id} tenant {policy.tenant_id}")
+
+    def krl_for(self, who: Identity, policy_id: str) -> bytes:
+        return self.build_krl(self.base.policies.visible(who, policy_id))
+
+    def krl_for_host(self, tenant_id: str | None, policy_id: str, host_token: str) -> bytes:
+        """A host's unauthenticated fetch: the policy's host token is the capability."""
+        b = self.base
+        with b.refusing(None, "krl.refused", policy_id=policy_id, details={"tenant": (tenant_id or "")[:64]}):
+            if not tenant_id:
+                raise InvalidRequest("A host token fetch needs the 'tenant' query parameter.")
+            stored = b.store.get_host_token(tenant_id, policy_id) if is_guid(tenant_id) else None
+            # compare even when nothing is stored, so timing says nothing about which part was wrong
+            ok = hmac.compare_digest((stored or "\0" * 43).encode(), host_token.encode())
+            policy = b.policies.get_or_none(tenant_id, policy_id) if ok and stored else None
+            if policy is None:
+                raise Unauthenticated("The host token is not valid for this tenant and policy.")
+        return self.build_krl(policy)
+
+    # ---- setup script -------------------------------------------------------------------------
+    def host_token(self, policy: Policy) -> str:
+        """The policy's host token (made on first use; the first writer wins)."""
+        return self.base.store.ensure_host_token(policy.tenant_id, policy.id, secrets.token_urlsafe(32))
+
+    def render_setup(self, policy: Policy, api_url: str, krl: bytes | None = None) -> str:
+        from ..hosts.setup import HostSetup, render_setup_script
+
+        keys = tuple(c.public_key for c in policy.trusted_ca)
+        if not keys:
+            raise CaKeyNotFound(f"Policy {policy.id!r} has no CA key to trust.")
+        return render_setup_script(HostSetup(api_url=api_url, tenant_id=policy.tenant_id, policy_id=policy.id,
+                                             ca_public_keys=keys, host_token=self.host_token(policy),
+                                             krl=krl if krl is not None else self.build_krl(policy)))
+
+    def host_setup_script(self, who: Identity, policy_id: str, api_url: str) -> str:
+        """The setup script for a policy (its CA keys, host token and current KRL rendered in)."""
+        policy = self.base.policies.visible(who, policy_id)
+        script = self.render_setup(policy, api_url)
+        self.record(self.base.audit_entry(who, "policy.host_setup", policy_id=policy.id,
+                                          details={"api_url": api_url}).sealed())
+        return script
+
+    def policy(self, who: Identity, policy_id: str) -> Policy:
+        return self.base.policies.visible(who, policy_id)
+
+    def refuse(self, who: Identity | None, exc: EzsshError, action: str, **fields: object) -> None:
+        self.base.refuse(who, exc, action, **fields)
+
+    def record(self, entry: AuditEntry) -> None:
+        """An audit entry about a host (setup handed out, enrolment outcome)."""
+        self.base.store.add_audit(entry)
+
+    def policies_with_ca(self, tenant_id: str) -> list[Policy]:
+        return [p for p in self.base.policies.all(tenant_id) if not p.deleted and p.current_ca is not None]
