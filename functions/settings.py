@@ -197,6 +197,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
 
 
+# Azure AD Graph (retired; Bicep's environment().graph) in the global, US Government, China and Germany
+# clouds. Microsoft Graph lives elsewhere: graph.microsoft.com, graph.microsoft.us, ...
+AZURE_AD_GRAPH_HOSTS = frozenset({"graph.windows.net", "graph.chinacloudapi.cn", "graph.cloudapi.de",
+                                  "graph.microsoftazure.de"})
+
 ENROL_SCOPE_RE = re.compile(
     r"^/subscriptions/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
     r"(?:/resourceGroups/[-\w.()]{1,90})?$",
@@ -241,4 +246,9 @@ def _enrolment_settings(env: Mapping[str, str], tenants: tuple[str, ...] = ()) -
     graph = (_get(env, "EZSSH_GRAPH_ENDPOINT") or "https://graph.microsoft.com").rstrip("/")
     if not graph.startswith("https://"):
         raise SettingsError("Setting EZSSH_GRAPH_ENDPOINT must be an https URL.")
+    host = graph[len("https://"):].split("/", 1)[0].split(":", 1)[0].lower()
+    if host in AZURE_AD_GRAPH_HOSTS:
+        raise SettingsError(
+            f"Setting EZSSH_GRAPH_ENDPOINT names {host}, the retired Azure AD Graph (what Bicep's environment().graph "
+            "returns); use the Microsoft Graph root of your cloud, e.g. https://graph.microsoft.com.")
     return {"enrol_scopes": scopes, "arm_endpoint": arm, "public_url": public, "graph_endpoint": graph}

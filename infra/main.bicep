@@ -69,7 +69,7 @@ param managedHsmUrl string = ''
 @description('Scopes whose VMs ezssh may enrol: resource group ids (/subscriptions/<sub>/resourceGroups/<rg>) or subscription ids (/subscriptions/<sub>).')
 param vmScopes array = []
 
-@description('Role the identity gets on vmScopes: the built-in Virtual Machine Contributor, or a custom role limited to reading VMs and Run Command.')
+@description('Role the identity gets on vmScopes: a custom role limited to reading VMs and Run Command (assignable on vmScopes only), or the built-in Virtual Machine Contributor. Either is assigned on vmScopes only.')
 @allowed([
   'VirtualMachineContributor'
   'RunCommandOnly'
@@ -81,6 +81,18 @@ param publicUrl string = ''
 
 @description('Subscribe the enrol_vm_event function to VM writes in this subscription. Needs the code published first (see docs/DEPLOY.md).')
 param enableVmEvents bool = false
+
+@description('Name of the Event Grid system topic this subscription already has (a source may have only one). Empty: create one in resourceGroupName.')
+param existingVmEventsTopicName string = ''
+
+@description('Resource group of existingVmEventsTopicName. Empty: resourceGroupName.')
+param existingVmEventsTopicResourceGroup string = ''
+
+@description('Changes the Key Vault name. A removed vault stays soft-deleted (purge protection) and keeps its name; to deploy again with a new vault, change this (e.g. 2), or recover the old vault instead (docs/DEPLOY.md).')
+param keyVaultGeneration string = '1'
+
+@description('Microsoft Graph root for groups overage. Empty: the Microsoft Graph service of this cloud (environment().graph is the retired Azure AD Graph, so it is not used).')
+param graphEndpoint string = ''
 
 @description('Upper bound of Flex Consumption instances.')
 @minValue(40)
@@ -102,6 +114,15 @@ param tags object = {
 
 var suffix = uniqueString(subscription().id, resourceGroupName, namePrefix)
 var useManagedHsm = !empty(managedHsmUrl)
+
+// Microsoft Graph service roots by cloud (environment().name), from Microsoft Graph's "national cloud
+// deployments" page. US Government L5 (DOD) uses https://dod-graph.microsoft.us: set graphEndpoint.
+var microsoftGraphByCloud = {
+  AzureCloud: 'https://graph.microsoft.com'
+  AzureUSGovernment: 'https://graph.microsoft.us'
+  AzureChinaCloud: 'https://microsoftgraph.chinacloudapi.cn'
+}
+var microsoftGraphEndpoint = empty(graphEndpoint) ? microsoftGraphByCloud[environment().name] : graphEndpoint
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: resourceGroupName
@@ -145,7 +166,7 @@ module keyVault 'modules/keyvault.bicep' = if (!useManagedHsm) {
   scope: rg
   name: 'ezssh-keyvault'
   params: {
-    name: 'kv-${namePrefix}-${take(suffix, 10)}'
+    name: 'kv-${namePrefix}-${take(uniqueString(subscription().id, resourceGroupName, namePrefix, keyVaultGeneration), 11)}'
     location: location
     tags: tags
   }
@@ -182,7 +203,15 @@ module functionApp 'modules/functionapp.bicep' = {
     publicUrl: publicUrl
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
+    graphEndpoint: microsoftGraphEndpoint
   }
+  // The app starts (and its host reaches storage and the vault with the identity) only after the
+  // identity holds its roles there and on the VMs.
+  dependsOn: [
+    rbac
+    vmAccessResourceGroups
+    vmAccessSubscriptions
+  ]
 }
 
 // The service's own resources: storage (host + tables), the vault, telemetry.
@@ -200,27 +229,34 @@ module rbac 'modules/rbac.bicep' = {
 // The VMs ezssh may enrol (Run Command pushes the host setup script).
 var vmSubscriptionScopes = filter(vmScopes, s => length(split(s, '/')) == 3)
 var vmResourceGroupScopes = filter(vmScopes, s => length(split(s, '/')) == 5)
-var vmRoleSubscriptions = union(map(vmScopes, s => '/subscriptions/${split(s, '/')[2]}'), [subscription().id])
+// One custom role per subscription named in vmScopes, assignable exactly on the vmScopes in that
+// subscription: creating it needs rights on those scopes only, never on a whole subscription that
+// vmScopes does not name.
+var useRunCommandRole = vmRole == 'RunCommandOnly'
+var runCommandRoleSubscriptions = useRunCommandRole ? union(map(vmScopes, s => toLower(split(s, '/')[2])), []) : []
 
-module runCommandRole 'modules/vm-role.bicep' = if (vmRole == 'RunCommandOnly') {
-  name: 'ezssh-vm-role'
+module runCommandRoles 'modules/vm-role.bicep' = [for sub in runCommandRoleSubscriptions: {
+  scope: subscription(sub)
+  name: 'ezssh-vm-role-${uniqueString(sub, namePrefix)}'
   params: {
     namePrefix: namePrefix
-    assignableScopes: vmRoleSubscriptions
+    assignableScopes: filter(vmScopes, s => toLower(split(s, '/')[2]) == sub)
   }
-}
+}]
 
 // Virtual Machine Contributor (built in).
 var virtualMachineContributorRoleId = '9980e02c-c2be-4d73-94e8-173b1dc7cf3c'
-var vmRoleDefinitionGuid = vmRole == 'RunCommandOnly' ? runCommandRole.outputs.roleGuid : virtualMachineContributorRoleId
 
 module vmAccessResourceGroups 'modules/rbac-vm-rg.bicep' = [for s in vmResourceGroupScopes: {
   scope: resourceGroup(split(s, '/')[2], split(s, '/')[4])
   name: 'ezssh-vm-${uniqueString(s)}'
   params: {
     principalId: identity.outputs.principalId
-    roleDefinitionGuid: vmRoleDefinitionGuid
+    roleDefinitionGuid: useRunCommandRole ? guid('/subscriptions/${toLower(split(s, '/')[2])}', 'ezssh-vm-run-command', namePrefix) : virtualMachineContributorRoleId
   }
+  dependsOn: [
+    runCommandRoles
+  ]
 }]
 
 module vmAccessSubscriptions 'modules/rbac-vm-sub.bicep' = [for s in vmSubscriptionScopes: {
@@ -228,19 +264,38 @@ module vmAccessSubscriptions 'modules/rbac-vm-sub.bicep' = [for s in vmSubscript
   name: 'ezssh-vm-${uniqueString(s)}'
   params: {
     principalId: identity.outputs.principalId
-    roleDefinitionGuid: vmRoleDefinitionGuid
+    roleDefinitionGuid: useRunCommandRole ? guid('/subscriptions/${toLower(split(s, '/')[2])}', 'ezssh-vm-run-command', namePrefix) : virtualMachineContributorRoleId
   }
+  dependsOn: [
+    runCommandRoles
+  ]
 }]
 
 // Auto-enrolment: VM writes anywhere in this subscription reach the enrol_vm_event function.
-module events 'modules/events.bicep' = if (enableVmEvents) {
+// A source (this subscription) may have only one Event Grid system topic: reuse it when it exists.
+var createVmEventsTopic = enableVmEvents && empty(existingVmEventsTopicName)
+var vmEventsTopicName = empty(existingVmEventsTopicName) ? 'evgt-${namePrefix}-${suffix}' : existingVmEventsTopicName
+var vmEventsTopicResourceGroup = empty(existingVmEventsTopicResourceGroup) ? resourceGroupName : existingVmEventsTopicResourceGroup
+
+module eventsTopic 'modules/events-topic.bicep' = if (createVmEventsTopic) {
   scope: rg
-  name: 'ezssh-events'
+  name: 'ezssh-events-topic'
   params: {
-    topicName: 'evgt-${namePrefix}-${suffix}'
-    functionAppId: functionApp.outputs.id
+    topicName: vmEventsTopicName
     tags: tags
   }
+}
+
+module events 'modules/events.bicep' = if (enableVmEvents) {
+  scope: resourceGroup(vmEventsTopicResourceGroup)
+  name: 'ezssh-events'
+  params: {
+    topicName: vmEventsTopicName
+    functionAppId: functionApp.outputs.id
+  }
+  dependsOn: [
+    eventsTopic
+  ]
 }
 
 @description('The service URL: hand `ezssh configure --server <apiUrl>` to users.')
@@ -265,3 +320,5 @@ output storageAccountName string = storage.outputs.name
 output keyvaultUrl string = keyvaultUrl
 output managedIdentityClientId string = identity.outputs.clientId
 output managedIdentityPrincipalId string = identity.outputs.principalId
+output managedIdentityName string = identity.outputs.name
+output keyVaultName string = useManagedHsm ? '' : keyVault.outputs.name

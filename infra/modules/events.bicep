@@ -1,22 +1,16 @@
-// Auto-enrolment: an Event Grid system topic on this resource group's subscription (a system topic
-// is a resource-group resource with location 'global' whose source is the subscription), and an
-// event subscription that hands each successful VM write to the enrol_vm_event function.
+// Auto-enrolment: an event subscription on the subscription's Event Grid system topic (created by
+// events-topic.bicep, or the one the subscription already had) that hands each successful VM write
+// to the enrol_vm_event function. That function only queues an enrolment job and returns, so
+// Event Grid gets its answer at once and does not deliver again.
 // Deploy it only after the code is published: Event Grid checks that the function exists.
 param topicName string
 param functionAppId string
-param tags object = {}
 
 @description('Name of the Event Grid trigger function in function_app.py.')
 param functionName string = 'enrol_vm_event'
 
-resource topic 'Microsoft.EventGrid/systemTopics@2022-06-15' = {
+resource topic 'Microsoft.EventGrid/systemTopics@2022-06-15' existing = {
   name: topicName
-  location: 'global'
-  tags: tags
-  properties: {
-    source: subscription().id
-    topicType: 'Microsoft.Resources.Subscriptions'
-  }
 }
 
 resource vmWrites 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-15' = {
@@ -53,4 +47,4 @@ resource vmWrites 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-1
   }
 }
 
-output topicId string = topic.id
+output subscriptionId string = vmWrites.id

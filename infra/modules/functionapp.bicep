@@ -33,6 +33,8 @@ param publicUrl string = ''
 
 param maximumInstanceCount int = 40
 param instanceMemoryMB int = 2048
+@description('Microsoft Graph root of this cloud (main.bicep derives it; never the retired Azure AD Graph, environment().graph).')
+param graphEndpoint string
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   name: planName
@@ -150,7 +152,7 @@ var appSettings = [
   }
   {
     name: 'EZSSH_GRAPH_ENDPOINT'
-    value: environment().graph
+    value: graphEndpoint
   }
 ]
 

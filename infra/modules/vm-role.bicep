@@ -1,9 +1,13 @@
 // A custom role with only what enrolment needs: read and list VMs, and Run Command (v1, the
 // RunShellScript action that pushes the host setup script), with its long-running-operation status.
+// main.bicep deploys one per subscription named in vmScopes, assignable exactly on the vmScopes in
+// that subscription (resource groups, or the subscription only when vmScopes names it), so creating
+// it needs Microsoft.Authorization/roleDefinitions/write on those scopes and nowhere else.
 targetScope = 'subscription'
 
 param namePrefix string
-@description('Subscriptions (/subscriptions/<id>) where the role may be assigned.')
+@description('The vmScopes in this subscription (/subscriptions/<id>/resourceGroups/<rg> or /subscriptions/<id>).')
+@minLength(1)
 param assignableScopes array
 
 resource runCommandRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {

@@ -192,9 +192,11 @@ def test_application_insights_uses_entra_auth_only():
 
 
 def test_event_grid_subscription_reaches_enrol_vm_event_for_vm_writes_only():
+    topic = Bicep(MODULES / "events-topic.bicep").code
+    assert "topicType: 'Microsoft.Resources.Subscriptions'" in topic and "source: subscription().id" in topic
     events = Bicep(MODULES / "events.bicep")
     code = events.code
-    assert "topicType: 'Microsoft.Resources.Subscriptions'" in code and "source: subscription().id" in code
+    assert re.search(r"resource topic 'Microsoft.EventGrid/systemTopics@[\d-]+' existing", code)
     assert "endpointType: 'AzureFunction'" in code
     assert "resourceId: '${functionAppId}/functions/${functionName}'" in code
     assert re.search(r"^param functionName string = 'enrol_vm_event'$", code, re.M)

@@ -1,0 +1,182 @@
+"""What a deployment would actually set, computed from the Bicep (pycep-parser + bicep_eval.py)
+and checked against Azure's documentation (data/azure-clouds.json) and the service's own settings.
+
+Each test here failed on the template before its fix:
+- the Graph endpoint was environment().graph: the retired Azure AD Graph;
+- a second Event Grid system topic was created on a subscription that already had one;
+- the custom VM role was assignable on whole subscriptions, not only the scopes ezssh enrols in;
+- the Key Vault name was fixed, so a redeploy collided with the soft-deleted vault;
+- nothing ordered the role assignments before the Function App.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from functions.settings import SettingsError, load_settings
+
+from . import FUNCTIONAPP_BICEP, MAIN_BICEP, MODULES, app_settings
+from .bicep_eval import Scope, module_config
+from .bicep_types import parse_bicep
+
+CLOUDS = json.loads((Path(__file__).parent / "data" / "azure-clouds.json").read_text())
+AZURE_CLOUD = CLOUDS["environment"]["AzureCloud"]
+GRAPH_ROOTS = {k: v for k, v in CLOUDS["microsoftGraph"].items() if not k.startswith("_")}
+SUB_A, SUB_B, SUB_DEPLOY = ("aaaaaaaa-0000-4000-8000-00000000000a", "bbbbbbbb-0000-4000-8000-00000000000b",
+                            "dddddddd-0000-4000-8000-00000000000d")
+REQUIRED = {"location": "westeurope", "tenantIds": ["72f988bf-86f1-41af-91ab-2d7cd011db47"],
+            "apiClientId": "11111111-2222-3333-4444-555555555555", "cliClientId": "66666666-7777-8888-9999-000000000000"}
+
+
+def main_scope(**params) -> Scope:
+    return Scope.of(MAIN_BICEP, params={**REQUIRED, **params}, environment=AZURE_CLOUD)
+
+
+def base_env(**over: str) -> dict[str, str]:
+    env = {
+        "EZSSH_TENANTS": "72f988bf-86f1-41af-91ab-2d7cd011db47", "EZSSH_API_CLIENT_ID": "x", "EZSSH_CLI_CLIENT_ID": "y",
+        "EZSSH_STORAGE_ACCOUNT_URL": "https://st.table.core.windows.net/", "EZSSH_SIGNER_BACKEND": "keyvault",
+        "EZSSH_KEYVAULT_URL": "https://kv.vault.azure.net/",
+    }
+    env.update(over)
+    return env
+
+
+def deployed_setting(name: str, **params) -> str:
+    """The value the Function App gets for an app setting, as main.bicep + functionapp.bicep compute it."""
+    expr = parse_bicep(FUNCTIONAPP_BICEP)
+    entry = next(e for e in expr["variables"]["appSettings"]["value"] if e["name"] == name)
+    value = entry["value"]
+    fa = parse_bicep(FUNCTIONAPP_BICEP)
+    main = main_scope(**params)
+    if isinstance(value, str) and value in (fa.get("parameters") or {}):
+        cfg, _, _ = module_config(main.doc, "functionApp")
+        return main.eval(cfg["params"][value])
+    return Scope(fa, environment=AZURE_CLOUD).eval(value)
+
+
+# ---- Microsoft Graph, not the retired Azure AD Graph ------------------------------------------------
+
+
+def test_settings_refuse_the_azure_ad_graph_that_environment_graph_names():
+    retired = AZURE_CLOUD["graph"]  # what the documentation says environment().graph is
+    with pytest.raises(SettingsError) as err:
+        load_settings(base_env(EZSSH_GRAPH_ENDPOINT=retired))
+    assert "EZSSH_GRAPH_ENDPOINT" in err.value.message and "Azure AD Graph" in err.value.message
+    for root in GRAPH_ROOTS.values():  # every documented Microsoft Graph root is accepted
+        assert load_settings(base_env(EZSSH_GRAPH_ENDPOINT=root)).graph_endpoint == root
+
+
+def test_the_deployed_graph_endpoint_is_microsoft_graph_of_the_cloud():
+    value = deployed_setting("EZSSH_GRAPH_ENDPOINT")
+    assert value != AZURE_CLOUD["graph"]
+    expected = GRAPH_ROOTS[CLOUDS["microsoftGraphOfCloud"][AZURE_CLOUD["name"]]]
+    assert value.rstrip("/") == expected
+    assert load_settings(base_env(EZSSH_GRAPH_ENDPOINT=value)).graph_endpoint == expected
+    # an explicit parameter wins (US Government L5 has its own root)
+    assert deployed_setting("EZSSH_GRAPH_ENDPOINT", graphEndpoint=GRAPH_ROOTS["usGovL5"]) == GRAPH_ROOTS["usGovL5"]
+
+
+def test_each_cloud_the_template_knows_maps_to_its_documented_graph_root():
+    table = main_scope().var("microsoftGraphByCloud")
+    documented = {cloud: GRAPH_ROOTS[key] for cloud, key in CLOUDS["microsoftGraphOfCloud"].items()
+                  if not cloud.startswith("_")}
+    assert table == documented
+
+
+def test_the_arm_endpoint_setting_is_the_documented_resource_manager():
+    value = deployed_setting("EZSSH_ARM_ENDPOINT")
+    assert value == AZURE_CLOUD["resourceManager"]
+    assert load_settings(base_env(EZSSH_ARM_ENDPOINT=value)).arm_endpoint == value.rstrip("/")
+
+
+# ---- Event Grid: one system topic per source --------------------------------------------------------
+
+
+def test_an_existing_system_topic_is_reused_not_created_again():
+    events = parse_bicep(MODULES / "events.bicep")
+    [topic] = [r for r in events["resources"].values() if r["type"] == "Microsoft.EventGrid/systemTopics"]
+    assert topic["existing"], "events.bicep subscribes on a topic it does not create"
+    doc = main_scope().doc
+    _, _, create_cond = module_config(doc, "eventsTopic")
+    cfg, _, sub_cond = module_config(doc, "events")
+    creates = [m for m, d in doc["modules"].items()
+               if d["detail"]["path"] != "modules/events-topic.bicep"
+               and any(r["type"] == "Microsoft.EventGrid/systemTopics" and not r["existing"]
+                       for r in parse_bicep(MAIN_BICEP.parent / d["detail"]["path"]).get("resources", {}).values())]
+    assert creates == [], f"only events-topic.bicep may create a system topic: {creates}"
+
+    reuse = main_scope(enableVmEvents=True, existingVmEventsTopicName="evgt-already-there",
+                       existingVmEventsTopicResourceGroup="rg-platform")
+    assert reuse.eval(create_cond) is False and reuse.eval(sub_cond) is True
+    assert reuse.eval(cfg["params"]["topicName"]) == "evgt-already-there"
+    assert reuse.eval(cfg["scope"]["function"]["parameters"]["resource_group_name"]) == "rg-platform"
+
+    fresh = main_scope(enableVmEvents=True)
+    topic_cfg, _, _ = module_config(doc, "eventsTopic")
+    assert fresh.eval(create_cond) is True
+    assert cfg["params"]["topicName"] == topic_cfg["params"]["topicName"] == "vmEventsTopicName"  # the one it creates
+    assert fresh.eval(cfg["scope"]["function"]["parameters"]["resource_group_name"]) == fresh.name("resourceGroupName")
+    off = main_scope()
+    assert off.eval(create_cond) is False and off.eval(sub_cond) is False
+
+
+# ---- the VM role: assignable where ezssh enrols, nowhere else --------------------------------------
+
+
+VM_SCOPES = [f"/subscriptions/{SUB_A}/resourceGroups/rg-web", f"/subscriptions/{SUB_A}/resourceGroups/rg-db",
+             f"/subscriptions/{SUB_B}"]
+
+
+def test_the_custom_vm_role_is_assignable_only_on_vm_scopes():
+    main = main_scope(vmScopes=VM_SCOPES)
+    cfg, loop, cond = module_config(main.doc, "runCommandRoles")
+    assert cond is None and loop is not None
+    subs = main.eval(loop["array_name"])
+    assert sorted(subs) == sorted({SUB_A, SUB_B})
+    granted = {}
+    for sub in subs:
+        one = main.with_(**{loop["item_name"]: sub})
+        assert one.eval(cfg["scope"]["function"]["parameters"]["subscription_id"]) == sub
+        granted[sub] = one.eval(cfg["params"]["assignableScopes"])
+    assert granted == {SUB_A: VM_SCOPES[:2], SUB_B: VM_SCOPES[2:]}
+    assert not any(s == f"/subscriptions/{SUB_A}" for s in granted[SUB_A]), "a resource group scope never widens"
+    role = parse_bicep(MODULES / "vm-role.bicep")
+    assert role["resources"]["runCommandRole"]["config"]["properties"]["assignableScopes"] == "assignableScopes"
+    # the built-in role instead: no custom role at all, assignments still only on vmScopes
+    builtin = main_scope(vmScopes=VM_SCOPES, vmRole="VirtualMachineContributor")
+    assert builtin.eval(loop["array_name"]) == []
+    _, rg_loop, _ = module_config(main.doc, "vmAccessResourceGroups")
+    _, sub_loop, _ = module_config(main.doc, "vmAccessSubscriptions")
+    assert builtin.eval(rg_loop["array_name"]) + builtin.eval(sub_loop["array_name"]) == VM_SCOPES
+    assert main_scope().eval(loop["array_name"]) == [], "no vmScopes: no role definition"
+
+
+# ---- the Key Vault: a new name per generation, recoverable removal ---------------------------------
+
+
+def test_the_key_vault_name_changes_with_a_parameter():
+    cfg, _, _ = module_config(main_scope().doc, "keyVault")
+    name = cfg["params"]["name"]
+    assert "uniqueString(" in name and "keyVaultGeneration" in name, name
+    assert "keyVaultGeneration" in parse_bicep(MAIN_BICEP)["parameters"]
+    assert len("kv-") + 9 + len("-") + 11 <= 24, "Key Vault names are at most 24 characters"
+
+
+# ---- ordering: role assignments before the Function App starts -------------------------------------
+
+
+def test_the_function_app_is_deployed_after_the_role_assignments():
+    doc = parse_bicep(MAIN_BICEP)
+    cfg, _, _ = module_config(doc, "functionApp")
+    depends = set(cfg.get("dependsOn") or [])
+    assignments = {m for m, d in doc["modules"].items() if d["detail"]["path"].startswith("modules/rbac")}
+    assert assignments == {"rbac", "vmAccessResourceGroups", "vmAccessSubscriptions"}
+    assert assignments <= depends, f"functionApp must dependOn {sorted(assignments - depends)}"
+
+
+def test_app_settings_name_the_graph_endpoint_from_a_parameter():
+    assert app_settings()["EZSSH_GRAPH_ENDPOINT"] == "graphEndpoint"
