@@ -122,6 +122,9 @@ var microsoftGraphByCloud = {
   AzureUSGovernment: 'https://graph.microsoft.us'
   AzureChinaCloud: 'https://microsoftgraph.chinacloudapi.cn'
 }
+// EZSSH_ENROL_SCOPES: the VMs in vmScopes belong to this subscription's tenant (the managed identity
+// reaches ARM there only). With several tenants each scope must say whose policies may push to it.
+var enrolScopes = length(tenantIds) > 1 ? map(vmScopes, s => '${subscription().tenantId}=${s}') : vmScopes
 var microsoftGraphEndpoint = empty(graphEndpoint) ? microsoftGraphByCloud[environment().name] : graphEndpoint
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
@@ -199,7 +202,7 @@ module functionApp 'modules/functionapp.bicep' = {
     caKeyKind: caKeyKind
     maxTtlCeiling: maxTtlCeiling
     backdateSeconds: backdateSeconds
-    enrolScopes: vmScopes
+    enrolScopes: enrolScopes
     publicUrl: publicUrl
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
