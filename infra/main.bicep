@@ -124,7 +124,7 @@ var microsoftGraphByCloud = {
 }
 // EZSSH_ENROL_SCOPES: the VMs in vmScopes belong to this subscription's tenant (the managed identity
 // reaches ARM there only). With several tenants each scope must say whose policies may push to it.
-var enrolScopes = length(tenantIds) > 1 ? map(vmScopes, s => '${subscription().tenantId}=${s}') : vmScopes
+var enrolScopes = (length(tenantIds) > 1) ? map(vmScopes, s => '${subscription().tenantId}=${s}') : vmScopes
 var microsoftGraphEndpoint = empty(graphEndpoint) ? microsoftGraphByCloud[environment().name] : graphEndpoint
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {

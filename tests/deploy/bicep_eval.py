@@ -101,6 +101,12 @@ class Scope:
             return bool(self.eval(o["operand_1"])) and bool(self.eval(o["operand_2"]))
         if t == "or":
             return bool(self.eval(o["operand_1"])) or bool(self.eval(o["operand_2"]))
+        if t in ("greater_than", "greater_than_or_equals", "less_than", "less_than_or_equals"):
+            a, b = self.eval(o["operand_1"]), self.eval(o["operand_2"])
+            return {"greater_than": a > b, "greater_than_or_equals": a >= b, "less_than": a < b,
+                    "less_than_or_equals": a <= b}[t]
+        if t == "parentheses":
+            return self.eval(o.get("expression", o.get("operand_1")))
         if t == "not":
             return not self.eval(o["bool_value"])
         if t == "index_accessor":

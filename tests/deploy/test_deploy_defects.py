@@ -180,3 +180,17 @@ def test_the_function_app_is_deployed_after_the_role_assignments():
 
 def test_app_settings_name_the_graph_endpoint_from_a_parameter():
     assert app_settings()["EZSSH_GRAPH_ENDPOINT"] == "graphEndpoint"
+
+
+def test_several_tenants_get_enrolment_scopes_qualified_with_the_home_tenant():
+    """Settings refuse unqualified EZSSH_ENROL_SCOPES when several tenants sign in; the VMs in
+    vmScopes belong to the deployment's own tenant (the identity reaches ARM there only)."""
+    doc = parse_bicep(MAIN_BICEP)
+    cfg, _, _ = module_config(doc, "functionApp")
+    assert cfg["params"]["enrolScopes"] == "enrolScopes"
+    single = main_scope(vmScopes=VM_SCOPES)
+    assert single.var("enrolScopes") == VM_SCOPES
+    expr = doc["variables"]["enrolScopes"]["value"]["operator"]["operands"]
+    assert Scope(doc, {**REQUIRED, "tenantIds": ["a", "b"]}).eval(expr["condition"]) is True
+    lam = expr["true_value"]["function"]["parameters"]["arg_2"]["detail"]["expression"]
+    assert lam == "${subscription().tenantId}=${s}", lam
