@@ -1,0 +1,79 @@
+"""The world of the fast service tests: a tenant and its people, policy documents, a movable clock,
+and OpenSSH's ssh-keygen as the independent reader of certificates and KRLs."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from functions.core.policy import ADMIN_ROLE, Identity
+from tests.realparts import in_ci
+
+TENANT = str(uuid.UUID(int=0xC0))
+OTHER_TENANT = str(uuid.UUID(int=0xFA))
+USERS, APPROVERS, ADMINS = "g-users", "g-approvers", "g-admins"  # group object ids of this tenant
+T0 = 1_780_000_000.0
+
+
+class Clock:
+    """The service's clock. Tests move it on; each reading also moves it by `step` (1 ms unless told),
+    as a real clock moves between two readings."""
+
+    def __init__(self, now: float = T0, step: float = 0.001) -> None:
+        self.now = now
+        self.step = step
+
+    def __call__(self) -> float:
+        now = self.now
+        self.now += self.step
+        return now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def person(name: str, *groups: str, tid: str = TENANT, admin: bool = False) -> Identity:
+    return Identity(oid=str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{name}.{tid}")), tid=tid, upn=f"{name}@contoso.test",
+                    name=name.title(), groups=frozenset(groups), roles=frozenset({ADMIN_ROLE} if admin else ()))
+
+
+ALICE = person("alice", USERS)  # a member
+BOB = person("bob", USERS, APPROVERS)  # a member who approves
+DAVE = person("dave", APPROVERS)  # approves
+PAT = person("pat", ADMINS)  # a policy admin, not a tenant admin
+CAROL = person("carol", admin=True)  # tenant admin
+ERIN = person("erin", USERS, APPROVERS, ADMINS, tid=OTHER_TENANT, admin=True)  # same group names, other tenant
+
+
+def policy_doc(pid: str, action: str = "auto", **kw: object) -> dict:
+    doc: dict = {
+        "id": pid,
+        "rules": [{"users": [ALICE.oid], "action": action}, {"groups": [USERS], "action": action}],
+        "hosts": ["web*", "10.0.0.0/8"],
+        "principals": ["{username}", "deploy"],
+        "approvers": {"groups": [APPROVERS]},
+        "admins": {"groups": [ADMINS]},
+        "default_ttl": 3600,
+        "max_ttl": 8 * 3600,
+    }
+    doc.update(kw)
+    return doc
+
+
+def ssh_keygen(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["ssh-keygen", *args], capture_output=True, text=True, timeout=10, check=check)
+    except FileNotFoundError:
+        if in_ci():
+            raise
+        pytest.skip("ssh-keygen is not installed")
+
+
+def cert_fields(cert: str, tmp: Path) -> str:
+    """`ssh-keygen -L` of a certificate: OpenSSH's own reading (it also checks the CA signature)."""
+    f = tmp / f"c{uuid.uuid4().hex[:8]}-cert.pub"
+    f.write_text(cert + "\n")
+    return ssh_keygen("-L", "-f", str(f)).stdout

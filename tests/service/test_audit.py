@@ -1,0 +1,76 @@
+"""Audit queries: who reads which entries, the filters an operator uses from sshd's log line (key id,
+serial), the default window, and whether a request's chain is whole."""
+
+from __future__ import annotations
+
+import pytest
+
+from functions.core.errors import Forbidden, NotFound
+from functions.core.policy import AccessRequest
+
+from .helpers import ALICE, CAROL, ERIN, PAT, T0, policy_doc
+
+
+@pytest.fixture
+def two_policies(service, clock, user_key):
+    """'web' (pat administers it) and 'db' (nobody but tenant admins), one certificate under each."""
+    service.policies.create(CAROL, policy_doc("web"))
+    service.policies.create(CAROL, policy_doc("db", hosts=["db*"], admins={"users": [], "groups": []}))
+    clock.advance(1)
+    web = service.issuance.request_access(ALICE, AccessRequest(host="web1", principal="alice"), user_key())
+    clock.advance(1)
+    db = service.issuance.request_access(ALICE, AccessRequest(host="db1", principal="alice"), user_key())
+    clock.advance(1)
+    return web, db
+
+
+def test_tenant_admins_read_everything_of_their_tenant_only(service, two_policies):
+    web, db = two_policies
+    entries = service.audit.query(CAROL)
+    assert {e.policy_id for e in entries} == {"web", "db"}
+    assert [e.at for e in entries] == sorted(e.at for e in entries)
+    assert service.audit.query(ERIN) == []  # a tenant admin elsewhere
+
+
+def test_policy_admins_read_their_policies_only_and_members_nothing(service, two_policies):
+    entries = service.audit.query(PAT)
+    assert entries and {e.policy_id for e in entries} == {"web"}
+    with pytest.raises(NotFound):
+        service.audit.query(PAT, policy_id="db")
+    with pytest.raises(Forbidden):
+        service.audit.query(ALICE)
+
+
+def test_from_the_sshd_log_line_to_the_request(service, two_policies):
+    web, _ = two_policies
+    cert = web.certificate
+    hits = service.audit.query(CAROL, key_id=cert.key_id, serial=str(cert.serial))
+    assert [(e.action, e.request_id) for e in hits] == [("certificate.issued", web.request.id)]
+    story = service.audit.query(CAROL, request_id=web.request.id)
+    assert [e.action for e in story] == ["request.created", "certificate.issued"]
+    assert story[1].prev_hash == story[0].hash
+    assert service.audit.query(CAROL, serial="1") == []
+
+
+def test_the_default_window_is_the_last_day_and_limit_keeps_the_newest(service, two_policies, clock):
+    everything = service.audit.query(CAROL, since=0)
+    assert len(everything) >= 6  # two policies created, two requests with their certificates
+    assert service.audit.query(CAROL, limit=2) == everything[-2:]
+    clock.now = T0 + 24 * 3600 + 10
+    assert service.audit.query(CAROL) == []  # all of it is older than a day
+    assert service.audit.query(CAROL, since=0) == everything
+    assert service.audit.query(CAROL, until=T0 + 1.5) == [e for e in everything if e.at <= T0 + 1.5]
+
+
+def test_a_request_chain_is_whole_until_an_entry_goes(service, store, two_policies):
+    web, _ = two_policies
+    rid = web.request.id
+    assert service.audit.request_chain_intact(CAROL, rid)
+    assert service.audit.request_chain_intact(ALICE, rid)  # the requester may check their own
+    with pytest.raises(NotFound):
+        service.audit.request_chain_intact(ERIN, rid)
+    # someone with storage access removes the last entry of the chain
+    partition = store._audit[ALICE.tid]
+    last = max((k for k, doc in partition.items() if rid in doc and "certificate.issued" in doc))
+    del partition[last]
+    assert not service.audit.request_chain_intact(CAROL, rid)
