@@ -13,7 +13,7 @@ import hashlib
 import json
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 GENESIS = "0" * 64
 
@@ -75,3 +75,42 @@ def verify_chain(entries: Iterable[AuditEntry], head: str | None = None) -> bool
             return False
         prev = e.hash
     return head is None or prev == head
+
+
+def in_link_order(entries: Sequence[AuditEntry]) -> list[AuditEntry]:
+    """`entries` as given (storage's time order), except that the entries of each chain take the
+    places that chain holds in link order, each after the entry whose hash it carries.
+
+    Storage orders audit entries by their time in milliseconds, so two entries of one chain written
+    within the same millisecond (a request and its certificate) come back in either order. Only
+    links decide: an entry whose predecessor is not among `entries` starts a run of its own, so a
+    removed or edited entry still fails `verify_chain`.
+    """
+    out = list(entries)
+    places: dict[str, list[int]] = {}
+    for i, e in enumerate(out):
+        if e.chain:
+            places.setdefault(e.chain, []).append(i)
+    for idx in places.values():
+        if len(idx) > 1:
+            for i, e in zip(idx, _follow_links([out[i] for i in idx])):
+                out[i] = e
+    return out
+
+
+def _follow_links(entries: list[AuditEntry]) -> list[AuditEntry]:
+    hashes = {e.hash for e in entries}
+    after: dict[str, list[AuditEntry]] = {}
+    for e in entries:
+        after.setdefault(e.prev_hash, []).append(e)
+    out: list[AuditEntry] = []
+    placed: set[int] = set()
+    for start in entries:
+        if start.prev_hash in hashes or id(start) in placed:
+            continue
+        e: AuditEntry | None = start
+        while e is not None:
+            out.append(e)
+            placed.add(id(e))
+            e = next((n for n in after.get(e.hash, ()) if id(n) not in placed), None)
+    return out + [e for e in entries if id(e) not in placed]  # a second successor of one entry (a fork)

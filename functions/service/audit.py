@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core.audit import AuditEntry, verify_chain
+from ..core.audit import AuditEntry, in_link_order, verify_chain
 from ..core.errors import Forbidden, NotFound
 from ..core.policy import Identity
 from .base import Base
@@ -37,7 +37,7 @@ class AuditLog:
                     (serial and e.serial != serial):
                 continue
             out.append(e)
-        return out[-limit:]
+        return in_link_order(out)[-limit:]
 
     def request_chain_intact(self, who: Identity, request_id: str) -> bool:
         """The request's audit chain is whole: every entry intact, linked, and ending at the head
@@ -45,4 +45,4 @@ class AuditLog:
         rec = self.requests.visible(who, request_id)[0]
         chain = [e for e in self.base.store.list_audit(who.tid, request_id=request_id, limit=100_000)
                  if e.chain == f"req:{request_id}"]
-        return verify_chain(chain, head=rec.audit_head)
+        return verify_chain(in_link_order(chain), head=rec.audit_head)

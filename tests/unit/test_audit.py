@@ -184,3 +184,35 @@ def test_the_head_kept_on_the_row_detects_a_dropped_last_entry():
     assert verify_chain([a, b], head=b.hash)
     assert verify_chain([a], head=None)  # without the head a shortened chain still looks whole
     assert not verify_chain([a], head=b.hash)  # with it, the missing last entry shows
+
+
+# ---- reading a chain in link order ---------------------------------------------------------------
+
+
+def test_entries_of_one_millisecond_are_put_back_in_link_order():
+    from functions.core.audit import in_link_order
+
+    chain = chain_of(*(entry(a, at=1_700_000_000.5) for a in ("request.created", "request.approved",
+                                                               "certificate.issued")))
+    other = chain_of(entry("request.created", request_id="req-2", chain="req:req-2", at=1_700_000_000.5),
+                     entry("request.denied", request_id="req-2", chain="req:req-2", at=1_700_000_000.5))
+    unchained = entry("request.refused", chain=None, at=1_700_000_000.5).sealed()
+    # storage returns entries of one millisecond in the order of their random ids
+    stored = [chain[2], other[1], unchained, chain[0], other[0], chain[1]]
+    ordered = in_link_order(stored)
+    assert ordered == [chain[0], other[0], unchained, chain[1], other[1], chain[2]]  # each chain in its own places
+    assert verify_chain([e for e in ordered if e.chain == "req:req-1"], head=chain[2].hash)
+    assert in_link_order(chain) == chain and in_link_order([]) == []
+
+
+def test_link_order_still_shows_a_removed_or_edited_entry():
+    from functions.core.audit import in_link_order
+
+    chain = request_chain()
+    for i in range(len(chain) - 1):
+        gone = chain[:i] + chain[i + 1:]
+        assert not verify_chain(in_link_order(list(reversed(gone)))), f"removing entry {i} went unnoticed"
+    forged = replace(chain[1], action="request.denied").sealed()  # re-sealed: its successor no longer links
+    assert not verify_chain(in_link_order([chain[3], forged, chain[2], chain[0]]))
+    twice = [chain[0], chain[1], link(entry("request.denied"), chain[0])]  # two successors of one entry
+    assert not verify_chain(in_link_order(twice))
