@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the local stack and the tests need. Idempotent; safe to run again.
-#   Debian packages: openssh-server, softhsm2 (apt-get when root; otherwise says what to install)
+#   Debian packages: openssh-server, softhsm2, rsync, git (apt-get when root; otherwise says what to install)
 #   npm packages:    azurite, oidc-provider (npm ci, from package-lock.json)
 #   Python:          .venv with requirements-dev.txt and the CLI (./client) installed editable
 set -euo pipefail
@@ -11,6 +11,8 @@ command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-
 command -v softhsm2-util >/dev/null 2>&1 || need_pkgs+=(softhsm2)
 command -v ssh >/dev/null 2>&1 || need_pkgs+=(openssh-client)
 command -v node >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
+command -v rsync >/dev/null 2>&1 || need_pkgs+=(rsync)  # tests/e2e: rsync -e ssh with ezssh certificates
+command -v git >/dev/null 2>&1 || need_pkgs+=(git)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need_pkgs[*]} with apt-get" >&2

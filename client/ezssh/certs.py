@@ -127,6 +127,19 @@ def sweep(home: Path, now: float | None = None) -> list[Path]:
     return removed
 
 
+def slots(home: Path):
+    """Every slot directory (complete or not) under certs/, all servers."""
+    try:
+        servers = [s for s in certs_root(home).iterdir() if s.is_dir()]
+    except OSError:
+        return
+    for srv in servers:
+        try:
+            yield from (d for d in srv.iterdir() if d.is_dir() and not d.name.startswith("."))
+        except OSError:
+            continue
+
+
 def remove_all(home: Path) -> None:
     """Every cached key and certificate, of every server (sign-out)."""
     remove(certs_root(home))

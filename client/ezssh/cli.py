@@ -53,6 +53,8 @@ def dispatch(argv: list[str]) -> int:
         return 0
     if first == "ssh":
         return _module("ssh").run(argv[1:])
+    if first in ("cert", "certs") and argv[1:2] == ["ensure"]:  # ssh_config runs this before each connection
+        return _module("certs").ensure(argv[2:])
     parser = build_parser(first)
     if not argv:
         parser.print_help(sys.stderr)

@@ -1,6 +1,6 @@
 """`ezssh ssh` argument handling and the ssh command line. Stdlib only.
 
-    ezssh ssh [-e] [--policy P] [--ttl SECONDS] [--reason TEXT] [--new] [ssh options] [user@]host [ssh args...]
+    ezssh ssh [-e] [--policy P] [--ttl DURATION] [--reason TEXT] [--new] [--agent] [ssh options] [user@]host [ssh args...]
 
 ezssh's own options come first. Everything after the destination goes to ssh verbatim (OpenSSH reads
 options after the host too: `ezssh ssh alice@h -p 2222 whoami`). ssh options placed before the
@@ -14,6 +14,7 @@ import getpass
 import os
 import shlex
 
+from .durations import parse_duration
 from .errors import USAGE, EzsshError
 
 # ssh(1) options that take an argument (OpenSSH 9.x getopt string, letters followed by ':').
@@ -21,21 +22,23 @@ SSH_OPTS_WITH_ARG = set("bceilmopBDEFIJLOPQRSwW")
 SSH_FLAGS = set("1246afgknqstvxyACGKMNTVXY")
 
 SSH_HELP = """\
-usage: ezssh ssh [-e] [--policy ID] [--ttl SECONDS] [--reason TEXT] [--new] [user@]host [ssh args...]
+usage: ezssh ssh [-e] [--policy ID] [--ttl DURATION] [--reason TEXT] [--new] [--agent] [user@]host [ssh args...]
 
 Get (or reuse) a short-lived certificate for user@host and run ssh with it.
 
 options:
-  -e, --explain      print policy, principal, key id, serial, validity and the ssh command line to stderr
+  -e, --explain      print policy, login, key id, serial, validity and the ssh command line to stderr
   --policy ID        ask under this access policy (default: the service picks the matching one)
-  --ttl SECONDS      ask for this certificate lifetime (refused by the service above the policy maximum)
+  --ttl DURATION     certificate lifetime, e.g. 30m, 1h, 90s (above the policy maximum it is refused)
   --reason TEXT      reason recorded with the request (shown to approvers)
   --new              do not reuse a cached certificate
+  --agent            also add the key and certificate to ssh-agent until it expires (so -A forwards it)
   -h, --help         show this help
 
 Everything after the host goes to ssh unchanged, e.g. `ezssh ssh alice@web1 -p 2222 uptime`.
-The login (certificate principal) is the user part of user@host, else `-l login` / `-o User=login`,
-else your local user name. $EZSSH_SSH names the ssh program (default: ssh).
+Host and login are what ssh itself would use (`ssh -G`): an alias in ~/.ssh/config becomes its
+HostName, and its `User` the login; else user@host, `-l login`, `-o User=login`, or your local user
+name. $EZSSH_SSH names the ssh program (default: ssh).
 """
 
 
@@ -44,7 +47,8 @@ class SshInvocation:
 
     def __init__(self, destination: str, host: str, principal: str, ssh_args: list[str] | None = None,
                  pre_args: list[str] | None = None, explain: bool = False, policy: str | None = None,
-                 ttl: int | None = None, reason: str | None = None, new: bool = False) -> None:
+                 ttl: int | None = None, reason: str | None = None, new: bool = False,
+                 agent: bool = False) -> None:
         self.destination = destination  # as typed: [user@]host
         self.host = host
         self.principal = principal
@@ -55,14 +59,15 @@ class SshInvocation:
         self.ttl = ttl
         self.reason = reason
         self.new = new
+        self.agent = agent
 
     def __repr__(self) -> str:
         return f"SshInvocation({self.__dict__!r})"
 
 
 def _usage(msg: str) -> EzsshError:
-    return EzsshError(f"{msg}\nusage: ezssh ssh [-e] [--policy ID] [--ttl SECONDS] [--reason TEXT] [--new] "
-                      "[user@]host [ssh args...]", USAGE)
+    return EzsshError(f"{msg}\nusage: ezssh ssh [-e] [--policy ID] [--ttl DURATION] [--reason TEXT] [--new] "
+                      "[--agent] [user@]host [ssh args...]", USAGE)
 
 
 def _ssh_option(tokens: list[str], i: int) -> tuple[list[str], int]:
@@ -112,7 +117,7 @@ def login_from_ssh_options(tokens: list[str]) -> str | None:
 
 def parse(argv: list[str], *, local_user: str | None = None) -> SshInvocation | None:
     """Parse `ezssh ssh` arguments; None means help was asked for."""
-    explain = new = False
+    explain = new = agent = False
     policy = reason = None
     ttl: int | None = None
     pre: list[str] = []
@@ -137,6 +142,8 @@ def parse(argv: list[str], *, local_user: str | None = None) -> SshInvocation | 
             explain, i = True, i + 1
         elif tok == "--new":
             new, i = True, i + 1
+        elif tok == "--agent":
+            agent, i = True, i + 1
         elif tok == "--policy" or tok.startswith("--policy="):
             policy = value("--policy")
         elif tok == "--reason" or tok.startswith("--reason="):
@@ -144,11 +151,9 @@ def parse(argv: list[str], *, local_user: str | None = None) -> SshInvocation | 
         elif tok == "--ttl" or tok.startswith("--ttl="):
             raw = value("--ttl")
             try:
-                ttl = int(raw)
-            except ValueError:
-                raise _usage(f"--ttl wants a number of seconds, not {raw!r}") from None
-            if ttl <= 0:
-                raise _usage("--ttl must be a positive number of seconds")
+                ttl = parse_duration(raw)
+            except ValueError as exc:
+                raise _usage(f"--ttl: {exc}") from None
         elif tok == "--":
             i += 1
             break
@@ -177,7 +182,8 @@ def parse(argv: list[str], *, local_user: str | None = None) -> SshInvocation | 
     if any(c.isspace() or c in "/\0" for c in principal):
         raise _usage(f"{principal!r} is not a valid login name")
     return SshInvocation(destination=destination, host=host, principal=principal, ssh_args=rest,
-                         pre_args=pre, explain=explain, policy=policy, ttl=ttl, reason=reason, new=new)
+                         pre_args=pre, explain=explain, policy=policy, ttl=ttl, reason=reason, new=new,
+                         agent=agent)
 
 
 def ssh_program() -> list[str]:
@@ -185,13 +191,15 @@ def ssh_program() -> list[str]:
     return shlex.split(raw) if raw else ["ssh"]
 
 
-def ssh_argv(inv: SshInvocation, key: str, cert: str) -> list[str]:
+def ssh_argv(inv: SshInvocation, key: str, cert: str, *, agent: bool = False) -> list[str]:
+    """The ssh command line. Without agent mode ssh is kept off any agent (`IdentityAgent=none`);
+    in agent mode the agent holds this key and certificate, so `-A` forwards them."""
     return [
         *ssh_program(),
         "-i", key,
         "-o", f"CertificateFile={cert}",
         "-o", "IdentitiesOnly=yes",
-        "-o", "IdentityAgent=none",
+        *(() if agent else ("-o", "IdentityAgent=none")),
         *inv.pre_args,
         inv.destination,
         *inv.ssh_args,
@@ -207,11 +215,14 @@ def run_ssh(argv: list[str]) -> int:
     import signal
     import subprocess
 
+    from .sshconfig import IN_SSH_ENV
+
+    env = {**os.environ, IN_SSH_ENV: "1"}  # ezssh's ssh_config block: the certificate is given already
     old_int = signal.signal(signal.SIGINT, lambda *_: None)
     old_quit = signal.signal(signal.SIGQUIT, lambda *_: None)
     try:
         try:
-            proc = subprocess.Popen(argv)
+            proc = subprocess.Popen(argv, env=env)
         except FileNotFoundError:
             raise EzsshError(f"ssh program not found: {argv[0]!r} (set $EZSSH_SSH or install OpenSSH)") from None
         rc = proc.wait()

@@ -12,9 +12,11 @@ COMMANDS = {
     "logout": "account",
     "whoami": "account",
     "ssh": "ssh",
+    "config": "config",
     "requests": "requests",
     "policy": "policy",
     "certs": "certs",
+    "cert": "certs",
     "hosts": "hosts",
     "audit": "audit",
 }

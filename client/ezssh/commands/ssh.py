@@ -1,7 +1,8 @@
 """`ezssh ssh`: reuse or obtain a certificate, then run ssh with it.
 
-Its arguments are ssh's, so it has its own small parser (sshargs) instead of argparse. The cached path
-imports no msal, requests or cryptography.
+Its arguments are ssh's, so it has its own small parser (sshargs) instead of argparse. Host and login
+are resolved the way ssh resolves them (`ssh -G`: aliases, HostName, User). The cached path imports
+no msal, requests or cryptography.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import shlex
 import sys
 
-from .. import certs, sshargs
+from .. import agent, certs, sshargs, sshconfig
+from ..access import certificate_for
 from ..errors import OK
 from ..home import home_dir, load_config
 from ..output import err, fmt_left, fmt_time
@@ -22,26 +24,25 @@ def run(argv: list[str]) -> int:
         return OK
     home = home_dir()
     cfg = load_config(home)
-    server = cfg["server"]
-    certs.sweep(home)
-    cached = None if inv.new else certs.find_valid(home, server, inv.principal, inv.host, policy=inv.policy)
-    source = "cached certificate"
-    if cached is None:
-        from ..context import Ctx
-        from ..issue import obtain  # slow path: requests, msal, cryptography
-
-        cached, issued = obtain(cfg, home, inv, Ctx().api)
-        source = f"new certificate (request {issued.get('id')})"
-    argv_ssh = sshargs.ssh_argv(inv, str(cached.key), str(cached.cert))
+    resolved = sshconfig.resolve(sshargs.ssh_program(), inv.pre_args, inv.destination, inv.ssh_args)
+    if resolved:
+        inv.host, inv.principal = resolved["hostname"], resolved["user"]
+    cached, source = certificate_for(cfg, home, inv.principal, inv.host, policy=inv.policy, ttl=inv.ttl,
+                                     reason=inv.reason, new=inv.new)
+    use_agent = agent.wanted(cfg, inv.agent)
+    if use_agent:
+        agent.add(cached)
+    argv_ssh = sshargs.ssh_argv(inv, str(cached.key), str(cached.cert), agent=use_agent)
     if inv.explain:
         m = cached.meta
         err(f"policy:     {m.get('policy') or '-'}\n"
+            f"host:       {inv.host}" + (f" (from {inv.destination})" if inv.host not in inv.destination else "") + "\n"
             f"principal:  {inv.principal}\n"
             f"key id:     {m.get('key_id') or '-'}\n"
             f"serial:     {m.get('serial') or '-'}\n"
             f"valid:      {fmt_time(m.get('valid_after'))} .. {fmt_time(m.get('valid_before'))} "
             f"(expires in {fmt_left(m.get('valid_before'))})\n"
-            f"source:     {source}\n"
+            f"source:     {source}" + (" (also in ssh-agent)" if use_agent else "") + "\n"
             f"command:    {shlex.join(argv_ssh)}")
     rc = sshargs.run_ssh(argv_ssh)
     certs.remove_if_expired(cached.dir)

@@ -106,6 +106,7 @@ def start_sshd(state_dir: Path, port: int, *, name: str = "sshd", users: list[st
 TrustedUserCAKeys {trusted}
 RevokedKeys {krl}
 AuthorizedPrincipalsFile none
+Subsystem sftp internal-sftp
 """
         + loopback_options(port, host_key, d / "sshd.pid")
     )

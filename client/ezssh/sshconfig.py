@@ -1,0 +1,193 @@
+"""ssh_config, both ways. Stdlib only.
+
+- `resolve()` asks OpenSSH itself (`ssh -G`) what a command line means after ~/.ssh/config: the real
+  host name (an alias's HostName), the login (`User`) and the port. `ezssh ssh` asks the service for
+  that host and login, as plain ssh would connect.
+- `render_block()` / `install()` / `uninstall()`: `ezssh config` writes an ssh_config file it owns
+  ($EZSSH_HOME/ssh_config) and one `Include` of it at the top of ~/.ssh/config, so plain ssh, scp,
+  sftp, rsync, git and VS Code get a certificate before they connect; `--remove` takes exactly those
+  lines out again.
+
+The block is a `Match final host PATTERNS exec "... ezssh cert ensure %r@%h -p %p"`: `final` makes ssh
+evaluate it after the whole configuration, so %h is the HostName an alias points to and %r the User
+it sets, whichever file sets them. The exec is skipped for hosts the patterns do not name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+from pathlib import Path
+
+from .errors import USAGE, EzsshError
+
+IN_SSH_ENV = "EZSSH_IN_SSH"  # set for the ssh that `ezssh ssh` runs: its certificate is given already
+OWNED_FILE = "ssh_config"
+KNOWN_HOSTS = "known_hosts"  # ezssh's own known-hosts file (host CAs, as @cert-authority lines)
+MARK = "# ezssh: the Include below was added by `ezssh config`; `ezssh config --remove` takes it out."
+MAX_CIDR_PATTERNS = 64
+_GLOB_OK = re.compile(r"^[A-Za-z0-9.*?_:\[\]-]+$")
+
+
+# ---- ssh -G ---------------------------------------------------------------------------------------
+
+
+def resolve(ssh: list[str], pre_args: list[str], destination: str, post_args: list[str]) -> dict | None:
+    """{hostname, user, port, ...} as `ssh -G` prints them for this command line, or None when the
+    program gives no such answer (it is not OpenSSH, or the options are not valid)."""
+    import subprocess
+
+    env = dict(os.environ)
+    env[IN_SSH_ENV] = "1"  # our own Match block need not run `cert ensure` for this
+    try:
+        r = subprocess.run([*ssh, "-G", *pre_args, destination, *post_args], env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    opts: dict[str, str] = {}
+    for line in r.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        opts.setdefault(key.lower(), value)
+    if not opts.get("hostname") or not opts.get("user"):
+        return None
+    return opts
+
+
+# ---- the owned block --------------------------------------------------------------------------------
+
+
+def host_patterns(policy_hosts: list[str]) -> tuple[list[str], list[str]]:
+    """(ssh_config `Match host` patterns, policy patterns that ssh cannot express).
+
+    Name globs pass as they are; IPv4 CIDRs become octet globs (10.1.0.0/16 -> 10.1.*), enumerated
+    when the prefix is not on an octet boundary (at most 64); tags, Azure resource ids and IPv6
+    ranges have no ssh_config form (name their hosts with --host)."""
+    out: list[str] = []
+    skipped: list[str] = []
+    for raw in policy_hosts:
+        p = raw.strip()
+        if not p:
+            continue
+        if "/" in p and not p.startswith("/"):
+            try:
+                net = ipaddress.ip_network(p, strict=False)
+            except ValueError:
+                skipped.append(p)
+                continue
+            if net.version != 4:
+                skipped.append(p)
+                continue
+            octets = net.prefixlen // 8 + (1 if net.prefixlen % 8 else 0)
+            subnets = list(net.subnets(new_prefix=octets * 8)) if net.prefixlen % 8 else [net]
+            if len(subnets) > MAX_CIDR_PATTERNS:
+                skipped.append(p)
+                continue
+            for sn in subnets:
+                parts = str(sn.network_address).split(".")[:octets]
+                out.append(".".join(parts) if octets == 4 else ".".join(parts + ["*"]))
+        elif _GLOB_OK.match(p):
+            out.append(p.lower())
+        else:
+            skipped.append(p)
+    return list(dict.fromkeys(out)), skipped
+
+
+def _cfg_quote(value: str) -> str:
+    """A value for an ssh_config line: %-tokens kept only where we put them, spaces in double quotes."""
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
+def _esc(path: str) -> str:
+    return path.replace("%", "%%")
+
+
+def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: list[str], server: str,
+                 agent: bool = False) -> str:
+    """The content of $EZSSH_HOME/ssh_config."""
+    ensure = (f"EZSSH_HOME={shlex.quote(_esc(str(home)))} " + " ".join(shlex.quote(_esc(c)) for c in command)
+              + " cert ensure" + (" --agent" if agent else ""))
+    exec_cmd = f"test x${{{IN_SSH_ENV}}} = x1 || {ensure} %r@%h -p %p"
+    if '"' in exec_cmd:
+        raise EzsshError(f"The ezssh command {command!r} cannot go into ssh_config (it holds a double quote).", USAGE)
+    slot = _esc(str(slot_root)) + "/%r@%h"
+    known = _esc(str(home / KNOWN_HOSTS))
+    return (
+        f"# Written by `ezssh config` for {server}. ezssh rewrites this file; edit the patterns with\n"
+        f"# `ezssh config --host PATTERN` instead. `ezssh config --remove` takes it out of ~/.ssh/config.\n"
+        f"#\n"
+        f"# For these hosts ssh first runs `ezssh cert ensure`, which reuses or obtains a short-lived\n"
+        f"# certificate for the login (%r) and the real host name (%h) after aliases, then offers it.\n"
+        f"Match final host {','.join(patterns)} exec \"{exec_cmd}\"\n"
+        f"    IdentityFile {_cfg_quote(slot + '/id_ed25519')}\n"
+        f"    CertificateFile {_cfg_quote(slot + '/id_ed25519-cert.pub')}\n"
+        f"    UserKnownHostsFile ~/.ssh/known_hosts ~/.ssh/known_hosts2 {_cfg_quote(known)}\n"
+    )
+
+
+# ---- ~/.ssh/config --------------------------------------------------------------------------------
+
+
+def include_lines(owned: Path) -> str:
+    return f"{MARK}\nInclude {_cfg_quote(_esc(str(owned)))}\n"
+
+
+def install(user_config: Path, owned: Path) -> tuple[bool, bool]:
+    """Put the Include of `owned` at the top of `user_config` (before any Host or Match line, where it
+    applies to every host). Returns (changed, created). Idempotent: an existing Include stays."""
+    lines = include_lines(owned)
+    try:
+        before = user_config.read_bytes()
+    except FileNotFoundError:
+        before = None
+    if before is not None and lines.encode() in before:
+        return False, False
+    created = before is None
+    if created:
+        user_config.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = lines.encode() + (before or b"")
+    _write_like(user_config, data)
+    return True, created
+
+
+def uninstall(user_config: Path, owned: Path, created: bool) -> bool:
+    """Take exactly the lines `install` added out of `user_config`; delete the file if `install` made it
+    and nothing else is in it. Returns whether anything changed."""
+    lines = include_lines(owned).encode()
+    try:
+        before = user_config.read_bytes()
+    except FileNotFoundError:
+        return False
+    if lines not in before:
+        return False
+    after = before.replace(lines, b"", 1)
+    if created and not after:
+        user_config.unlink()
+    else:
+        _write_like(user_config, after)
+    return True
+
+
+def _write_like(path: Path, data: bytes) -> None:
+    """Replace `path` atomically, keeping its mode (0600 for a new file)."""
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o600
+    target = path.resolve() if path.is_symlink() else path
+    tmp = target.with_name(f".{target.name}.ezssh-{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

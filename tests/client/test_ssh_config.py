@@ -1,0 +1,188 @@
+"""`ezssh config`'s pieces without the service: host patterns, the block as OpenSSH reads it (`ssh -G`
+with the real parser), the Include added and removed byte for byte, `cert ensure` on a cached
+certificate, `certs list|prune`, and start-up cost of `--version` and `cert ensure`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ezssh import certs, sshconfig
+from ezssh.home import server_hash
+
+from .conftest import cli_env, run_cli
+from .test_ssh import SERVER, fake_ssh_out, heavy, imported_modules, make_cached
+
+
+@pytest.mark.parametrize("hosts, patterns, skipped", [
+    (["web*", "localhost", "DB-1"], ["web*", "localhost", "db-1"], []),
+    (["127.0.0.0/8", "10.1.0.0/16", "192.168.1.0/24", "10.0.0.4/32"], ["127.*", "10.1.*", "192.168.1.*", "10.0.0.4"], []),
+    (["10.2.0.0/23"], ["10.2.0.*", "10.2.1.*"], []),
+    (["tag:env=prod", "/subscriptions/x/resourceGroups/rg", "fd00::/8", "10.0.0.0/1"], [],
+     ["tag:env=prod", "/subscriptions/x/resourceGroups/rg", "fd00::/8", "10.0.0.0/1"]),
+])
+def test_host_patterns(hosts, patterns, skipped):
+    assert sshconfig.host_patterns(hosts) == (patterns, skipped)
+
+
+def test_install_and_uninstall_are_exact(tmp_path):
+    cfg = tmp_path / "config"
+    original = b"Host a\n  User x\n# no newline at the end"
+    cfg.write_bytes(original)
+    cfg.chmod(0o604)
+    owned = tmp_path / "ezssh home" / "ssh_config"
+    assert sshconfig.install(cfg, owned) == (True, False)
+    text = cfg.read_bytes()
+    assert text.endswith(original) and b'Include "' in text  # quoted: the path has a space
+    assert sshconfig.install(cfg, owned) == (False, False) and cfg.read_bytes() == text
+    assert cfg.stat().st_mode & 0o777 == 0o604
+    assert sshconfig.uninstall(cfg, owned, created=False)
+    assert cfg.read_bytes() == original
+    assert not sshconfig.uninstall(cfg, owned, created=False)
+    missing = tmp_path / "new" / "config"
+    assert sshconfig.install(missing, owned) == (True, True)
+    assert missing.stat().st_mode & 0o777 == 0o600
+    assert sshconfig.uninstall(missing, owned, created=True) and not missing.exists()
+
+
+def ssh_g(config: Path, dest: str, **env: str) -> dict:
+    r = subprocess.run(["ssh", "-G", "-F", str(config), dest], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", **env}, timeout=30)
+    assert r.returncode == 0, r.stderr
+    out: dict = {}
+    for line in r.stdout.splitlines():
+        k, _, v = line.partition(" ")
+        out.setdefault(k, []).append(v)
+    return out
+
+
+def test_openssh_applies_the_block_after_aliases(tmp_path):
+    """The real ssh parser: the block matches the alias's HostName, runs `cert ensure` with the final
+    login and host, and offers that slot's key and certificate; other hosts are left alone."""
+    home = tmp_path / "ez"
+    slot_root = home / "certs" / "abc"
+    log = tmp_path / "ensure.log"
+    ensure = tmp_path / "fake-ezssh"
+    ensure.write_text(f"#!/bin/sh\necho \"$EZSSH_HOME $*\" >> {log}\nexit 0\n")
+    ensure.chmod(0o755)
+    owned = tmp_path / "ssh_config.ezssh"
+    owned.write_text(sshconfig.render_block(home=home, slot_root=slot_root, patterns=["10.9.*", "web*"],
+                                            command=[str(ensure)], server=SERVER))
+    cfg = tmp_path / "config"
+    cfg.write_text("Host box\n    HostName 10.9.8.7\n    User deploy\n    Port 2200\n")
+    sshconfig.install(cfg, owned)
+    got = ssh_g(cfg, "box")
+    assert got["hostname"] == ["10.9.8.7"] and got["user"] == ["deploy"]
+    # (ssh -G prints them before expanding %r and %h; ssh expands them to the login and host above)
+    assert got["identityfile"] == [f"{slot_root}/%r@%h/id_ed25519"]
+    assert got["certificatefile"] == [f"{slot_root}/%r@%h/id_ed25519-cert.pub"]
+    assert got["userknownhostsfile"][0].split()[-1] == str(home / "known_hosts")
+    assert log.read_text().splitlines() == [f"{home} cert ensure deploy@10.9.8.7 -p 2200"]
+    # a host the patterns do not name: no exec, no certificate
+    other = ssh_g(cfg, "elsewhere.example")
+    assert "certificatefile" not in other and log.read_text().count("\n") == 1
+    # under `ezssh ssh` (EZSSH_IN_SSH=1) the certificate is given already: no second exec
+    ssh_g(cfg, "box", EZSSH_IN_SSH="1")
+    assert log.read_text().count("\n") == 1
+    # a failing ensure: the block does not apply
+    ensure.write_text("#!/bin/sh\nexit 1\n")
+    assert "certificatefile" not in ssh_g(cfg, "box")
+
+
+@pytest.fixture()
+def home(tmp_path):
+    from ezssh.home import save_config
+
+    h = tmp_path / "home"
+    h.mkdir(mode=0o700)
+    save_config({"server": SERVER, "authority": "https://127.0.0.1:1/none", "authority_type": "oidc",
+                 "client_id": "x", "scopes": ["api://ezssh/access_as_user"]}, h)
+    return h
+
+
+def test_cert_ensure_uses_the_cache_and_stays_light(home):
+    make_cached(home, "alice", "web1", int(time.time()) + 600)
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "ezssh", "cert", "ensure", "alice@web1", "-p", "22"],
+                       env=cli_env(home), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    mods = imported_modules(r.stderr)
+    assert heavy(mods) == set() and "argparse" not in mods
+    # no cached certificate and no sign-in: it fails (exit 3), saying why
+    r = run_cli(home, "cert", "ensure", "alice@web2")
+    assert r.returncode == 3 and "ezssh login" in r.stderr
+    r = run_cli(home, "cert", "ensure", "web2")
+    assert r.returncode == 2 and "login@host" in r.stderr
+
+
+def test_version_builds_no_parser(tmp_path):
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "ezssh", "--version"],
+                       env=cli_env(tmp_path / "h"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("ezssh ")
+    assert "argparse" not in imported_modules(r.stderr)
+
+
+def test_certs_list_and_prune(home):
+    now = int(time.time())
+    make_cached(home, "alice", "web1", now + 600)
+    make_cached(home, "bob", "web2", now - 5)
+    r = run_cli(home, "certs", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(x["login"], x["host"], x["expired"]) for x in rows] == [("alice", "web1", False), ("bob", "web2", True)]
+    r = run_cli(home, "certs", "list")
+    assert "alice@web1" in r.stdout and "SERIAL" in r.stdout
+    r = run_cli(home, "certs", "prune")
+    assert r.returncode == 0 and "Removed 1 expired" in r.stderr
+    assert [d.name for d in certs.slots(home)] == ["alice@web1"]
+    r = run_cli(home, "cert", "prune", "--all")
+    assert r.returncode == 0 and list(certs.slots(home)) == []
+
+
+def test_ezssh_ssh_takes_durations(home, tmp_path):
+    from ezssh import sshargs
+
+    assert sshargs.parse(["--ttl", "30m", "h"], local_user="me").ttl == 1800
+    assert sshargs.parse(["--ttl=1h", "h"], local_user="me").ttl == 3600
+    r = run_cli(home, "ssh", "--ttl", "10x", "h")
+    assert r.returncode == 2 and "not a duration" in r.stderr
+
+
+def test_ezssh_ssh_asks_for_the_host_and_login_ssh_resolves(home, tmp_path):
+    """An alias in the ssh_config: the cached slot of its HostName and User is used."""
+    c = make_cached(home, "deploy", "10.9.8.7", int(time.time()) + 600)
+    cfg = tmp_path / "config"
+    cfg.write_text("Host box\n    HostName 10.9.8.7\n    User deploy\n")
+    r = run_cli(home, "ssh", "-e", "box", "uptime", EZSSH_SSH=f"ssh -F {cfg} -G")
+    assert r.returncode == 0, r.stderr
+    assert f"identityfile {c.key}" in r.stdout and "hostname 10.9.8.7" in r.stdout
+    assert "host:       10.9.8.7 (from box)" in r.stderr and "principal:  deploy" in r.stderr
+    assert server_hash(SERVER) in str(c.dir)
+
+
+def test_agent_mode_leaves_the_agent_reachable(home, tmp_path):
+    """Agent mode: ssh-add -t gets the key and certificate for their time left; ssh may use the agent."""
+    c = make_cached(home, "alice", "127.0.0.1", int(time.time()) + 600)
+    agent = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    env = dict(line.split(";")[0].split("=", 1) for line in agent.splitlines() if line.startswith("SSH_"))
+    try:
+        fake = tmp_path / "fake-ssh"
+        fake.write_text("#!" + sys.executable + "\nimport json,sys\nprint('FAKE-SSH ' + json.dumps({'argv': sys.argv[1:]}))\n")
+        fake.chmod(0o755)
+        r = run_cli(home, "ssh", "--agent", "alice@127.0.0.1", "true", EZSSH_SSH=str(fake), **env)
+        assert r.returncode == 0, r.stderr
+        argv = fake_ssh_out(r.stdout)["argv"]
+        assert "IdentityAgent=none" not in argv
+        listed = subprocess.run(["ssh-add", "-l"], env={**env, "PATH": "/usr/bin:/bin"}, capture_output=True,
+                                text=True).stdout
+        keygen = subprocess.run(["ssh-keygen", "-l", "-f", str(c.cert)], capture_output=True, text=True).stdout
+        fingerprint = keygen.split()[1]
+        assert listed.count(fingerprint) == 2, listed  # the key and its certificate
+        assert "CERT" in listed
+        assert json.loads((c.dir / "meta.json").read_text())["agent_sock"] == env["SSH_AUTH_SOCK"]
+    finally:
+        subprocess.run(["ssh-agent", "-k"], env={**env, "PATH": "/usr/bin:/bin"}, capture_output=True)
