@@ -1,6 +1,6 @@
 # The two commands: `make demo` (local stack, then a real SSH login with an ezssh certificate)
 # and `make test` (the test suite). Both install what they need first.
-.PHONY: setup demo up down status test test-fast bench package clean
+.PHONY: setup demo up down status test test-fast bench bench-cli package clean
 
 PY := .venv/bin/python
 DEVSTACK := cd infra/local && ../../$(PY) -m devstack
@@ -28,6 +28,9 @@ test-fast: setup
 
 bench: setup
 	@$(PY) bench/issue.py $(BENCH_ARGS)
+
+bench-cli: setup
+	@$(PY) bench/cli.py $(BENCH_ARGS)
 
 clean: down
 	rm -rf .local

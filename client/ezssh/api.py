@@ -1,21 +1,23 @@
-"""HTTP to the ezssh service (requests). Imported only by commands that talk to the network.
+"""HTTP to the ezssh service, over the standard library's http.client (requests costs ~60 ms to import;
+it is loaded only for MSAL, and for the service when a proxy applies to it).
 
 Every failure is mapped here, once, to an EzsshError with a documented exit code:
 401 (after one forced token refresh) -> 3, 403 -> 4, 5xx / connection / timeout -> 6, other -> 1.
-The service's error body `{error, message, request_id}` is shown as it came.
+The service's error body `{error, message, request_id}` is shown in the CLI's words.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import json
+import os
+import re
 from typing import Any, Callable
-from urllib.parse import urlparse
+from urllib.parse import urlencode, urlsplit
 
-import requests
+from .errors import DENIED, ERROR, NOT_SIGNED_IN, UNAVAILABLE, USAGE, EzsshError
 
-from .errors import DENIED, ERROR, NOT_SIGNED_IN, UNAVAILABLE, EzsshError
-
-TIMEOUT = (5, 30)  # connect, read
+TIMEOUT = 30.0
+CONNECT_TIMEOUT = 5.0
 USER_AGENT = "ezssh-cli"
 
 
@@ -24,6 +26,8 @@ def is_loopback(host: str | None) -> bool:
         return False
     if host.lower() == "localhost":
         return True
+    import ipaddress
+
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -31,37 +35,163 @@ def is_loopback(host: str | None) -> bool:
 
 
 def check_server_url(url: str) -> str:
-    """Normalise a server URL; refuse plain http:// unless the host is loopback."""
+    """Normalise a server URL; refuse plain http:// unless the host is loopback, and a path ending in /api."""
     url = url.strip().rstrip("/")
-    u = urlparse(url)
+    u = urlsplit(url)
     if u.scheme not in ("https", "http") or not u.hostname:
-        raise EzsshError(f"{url!r} is not an http(s) URL.", 2)
+        raise EzsshError(f"{url!r} is not an http(s) URL.", USAGE,
+                         hint="Give the service's address, e.g. https://ezssh.example.com")
     if u.scheme == "http" and not is_loopback(u.hostname):
-        raise EzsshError(f"Refusing plain http:// for {u.hostname}: use https:// (http is allowed only on loopback).", 2)
+        raise EzsshError(f"Refusing plain http:// for {u.hostname}: use https:// (http is allowed only on loopback).",
+                         USAGE)
     if u.query or u.fragment:
-        raise EzsshError(f"{url!r}: the server URL takes no query or fragment.", 2)
+        raise EzsshError(f"{url!r}: the server URL takes no query or fragment.", USAGE)
+    if u.path.rstrip("/").endswith("/api"):
+        base = url[: -len("/api")]
+        raise EzsshError(f"{url!r} ends in /api, but ezssh adds /api itself.", USAGE,
+                         hint=f"Use the service's base URL: ezssh configure --server {base}")
     return url
 
 
-def make_session(ca_bundle: str | None, server: str | None = None) -> requests.Session:
-    """One Session for the service and the identity provider.
+# ---- transport -------------------------------------------------------------------------------------
+
+
+class Response:
+    """What callers read of an answer: status_code, reason, headers (case-insensitive get), text, json()."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str], content: bytes) -> None:
+        self.status_code = status
+        self.reason = reason
+        self.headers = _Headers(headers)
+        self.content = content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content or b"null")
+
+
+class _Headers(dict):
+    def __init__(self, items: dict[str, str]) -> None:
+        super().__init__({k.lower(): v for k, v in items.items()})
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+
+def _proxied(url: str) -> bool:
+    """Whether a proxy variable applies to `url` (then requests, which honours them, carries it)."""
+    u = urlsplit(url)
+    if is_loopback(u.hostname):
+        return False
+    names = ("https_proxy", "all_proxy") if u.scheme == "https" else ("http_proxy", "all_proxy")
+    if not any(os.environ.get(n) or os.environ.get(n.upper()) for n in names):
+        return False
+    no_proxy = (os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or "").replace(" ", "")
+    host = (u.hostname or "").lower()
+    for entry in filter(None, no_proxy.split(",")):
+        entry = entry.lower().lstrip(".")
+        if entry == "*" or host == entry or host.endswith("." + entry):
+            return False
+    return True
+
+
+class Transport:
+    """One connection per call to the service over http.client; `ca_bundle`, when given, is the only
+    trust for https (as `ezssh configure --ca-bundle` promises)."""
+
+    def __init__(self, ca_bundle: str | None = None) -> None:
+        self.ca_bundle = ca_bundle
+        self._ssl = None
+        self._requests = None
+
+    def _context(self):
+        if self._ssl is None:
+            import ssl
+
+            self._ssl = ssl.create_default_context(cafile=self.ca_bundle) if self.ca_bundle \
+                else ssl.create_default_context()
+        return self._ssl
+
+    def request(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
+        if _proxied(url) and not self.ca_bundle:
+            return self._via_requests(method, url, headers, body)
+        import http.client
+
+        u = urlsplit(url)
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        if u.scheme == "https":
+            conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=CONNECT_TIMEOUT, context=self._context())
+        else:
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=CONNECT_TIMEOUT)
+        try:
+            conn.connect()
+            conn.sock.settimeout(TIMEOUT)
+            conn.request(method, path, body=body, headers={"User-Agent": USER_AGENT, **headers})
+            r = conn.getresponse()
+            return Response(r.status, r.reason, dict(r.getheaders()), r.read())
+        finally:
+            conn.close()
+
+    def _via_requests(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
+        import requests
+
+        if self._requests is None:
+            self._requests = requests.Session()
+            self._requests.headers["User-Agent"] = USER_AGENT
+        r = self._requests.request(method, url, headers=headers, data=body, timeout=(CONNECT_TIMEOUT, TIMEOUT))
+        return Response(r.status_code, r.reason or "", dict(r.headers), r.content)
+
+
+def make_session(ca_bundle: str | None, server: str | None = None):
+    """A requests Session for MSAL (the identity provider).
 
     With a CA bundle, the session trusts exactly that bundle and ignores the environment
     (REQUESTS_CA_BUNDLE would otherwise silently override `session.verify`, and proxies do not apply
     to loopback stand-ins). Without one, system trust and the usual proxy variables apply, except for
     a loopback server.
     """
+    import requests
+
     s = requests.Session()
     s.headers["User-Agent"] = USER_AGENT
     if ca_bundle:
         s.trust_env = False
         s.verify = ca_bundle
-    elif server and is_loopback(urlparse(server).hostname):
+    elif server and is_loopback(urlsplit(server).hostname):
         s.trust_env = False
     return s
 
 
-def _error_from(resp: requests.Response) -> EzsshError:
+# ---- errors in the CLI's words ----------------------------------------------------------------------
+
+
+def _fmt_seconds(m: re.Match) -> str:
+    from .durations import fmt_duration
+
+    return fmt_duration(int(m.group(1)))
+
+
+_WORDS = (
+    (re.compile(r"\bttl_seconds (\d+)"), lambda m: f"--ttl {_fmt_seconds(m)}"),
+    (re.compile(r"\bttl_seconds\b"), lambda m: "--ttl"),
+    (re.compile(r"\b(\d+) seconds\b"), _fmt_seconds),
+    (re.compile(r"'principal'"), lambda m: "the login"),
+    (re.compile(r"'public_key'"), lambda m: "the public key"),
+)
+
+
+def in_cli_words(message: str) -> str:
+    """The service speaks in API field names (ttl_seconds 90000 ... 28800 seconds); say it as the CLI
+    does (--ttl 1d1h ... 8h)."""
+    for rx, repl in _WORDS:
+        message = rx.sub(repl, message)
+    return message
+
+
+def _error_from(resp: Response) -> EzsshError:
     body: Any = None
     try:
         body = resp.json()
@@ -70,10 +200,13 @@ def _error_from(resp: requests.Response) -> EzsshError:
     code = body.get("error") if isinstance(body, dict) else None
     message = body.get("message") if isinstance(body, dict) else None
     rid = (body.get("request_id") if isinstance(body, dict) else None) or resp.headers.get("x-request-id")
+    status = resp.status_code
     if not message:
         text = (resp.text or "").strip().splitlines()
-        message = f"HTTP {resp.status_code} {resp.reason or ''}".strip() + (f": {text[0][:200]}" if text else "")
-    status = resp.status_code
+        message = f"HTTP {status} {resp.reason or ''}".strip() + (f": {text[0][:200]}" if text else "")
+    hint = "Run `ezssh login`." if status == 401 else None
+    if status == 404 and not code:
+        hint = "Is the server URL the service's base URL (`ezssh configure --server URL`, without /api)?"
     if status == 401:
         exit_code = NOT_SIGNED_IN
     elif status == 403:
@@ -82,30 +215,54 @@ def _error_from(resp: requests.Response) -> EzsshError:
         exit_code = UNAVAILABLE
     else:
         exit_code = ERROR
-    hint = "Run `ezssh login`." if status == 401 else None
-    return EzsshError(message, exit_code, request_id=rid, error=code, hint=hint)
+    return EzsshError(in_cli_words(message), exit_code, request_id=rid, error=code, hint=hint)
 
 
-def _send(session: requests.Session, method: str, url: str, **kw: Any) -> requests.Response:
+def send(transport: Transport, method: str, url: str, *, headers: dict | None = None, body: Any = None) -> Response:
+    data = None
+    hdrs = dict(headers or {})
+    if body is not None:
+        data = json.dumps(body).encode()
+        hdrs["Content-Type"] = "application/json"
     try:
-        return session.request(method, url, timeout=TIMEOUT, **kw)
-    except requests.exceptions.SSLError as exc:
-        raise EzsshError(f"TLS verification failed for {url}: {exc}", UNAVAILABLE,
-                         hint="Pass the service's CA with `ezssh configure --ca-bundle PEM`.") from None
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise EzsshError(f"Cannot reach {url}: {type(exc).__name__}.", UNAVAILABLE) from None
-    except requests.RequestException as exc:
-        raise EzsshError(f"Request to {url} failed: {exc}", UNAVAILABLE) from None
+        return transport.request(method, url, hdrs, data)
+    except EzsshError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one mapping for every transport failure
+        raise _connection_error(url, exc) from None
 
 
-def fetch_client_config(session: requests.Session, server: str) -> dict:
-    resp = _send(session, "GET", f"{server}/api/client-config")
+def _connection_error(url: str, exc: BaseException) -> EzsshError:
+    text = str(exc)
+    scheme = urlsplit(url).scheme
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        return EzsshError(f"{url} does not answer with TLS (the server speaks plain HTTP there).", UNAVAILABLE,
+                          hint="On loopback use http:// (`ezssh configure --server http://...`); elsewhere check "
+                               "the port.")
+    if "CERTIFICATE_VERIFY_FAILED" in text or type(exc).__name__ in ("SSLCertVerificationError", "SSLError"):
+        return EzsshError(f"TLS verification failed for {url}: {text.splitlines()[0] if text else type(exc).__name__}",
+                          UNAVAILABLE, hint="Pass the service's CA with `ezssh configure --ca-bundle PEM`.")
+    if scheme == "http" and type(exc).__name__ in ("RemoteDisconnected", "BadStatusLine", "ConnectionResetError"):
+        return EzsshError(f"{url} closed the connection without an HTTP answer.", UNAVAILABLE,
+                          hint="Does it speak https? Try `ezssh configure --server https://...`.")
+    if isinstance(exc, TimeoutError) or type(exc).__name__ in ("timeout", "Timeout", "ReadTimeout", "ConnectTimeout"):
+        return EzsshError(f"Cannot reach {url}: timed out.", UNAVAILABLE)
+    why = type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        why = exc.strerror.lower()
+    return EzsshError(f"Cannot reach {url}: {why}.", UNAVAILABLE)
+
+
+def fetch_client_config(transport: Transport, server: str) -> dict:
+    resp = send(transport, "GET", f"{server}/api/client-config")
     if resp.status_code != 200:
         raise _error_from(resp)
     try:
         cfg = resp.json()
     except ValueError:
         raise EzsshError(f"{server}/api/client-config did not return JSON; is this an ezssh service?") from None
+    if not isinstance(cfg, dict):
+        raise EzsshError(f"{server}/api/client-config did not return an object; is this an ezssh service?")
     missing = [k for k in ("authority", "client_id", "scopes") if not cfg.get(k)]
     if missing:
         raise EzsshError(f"{server}/api/client-config lacks {', '.join(missing)}.")
@@ -115,22 +272,19 @@ def fetch_client_config(session: requests.Session, server: str) -> dict:
 class Api:
     """Authenticated calls. `token(force_refresh)` returns a bearer token (signing in if allowed)."""
 
-    def __init__(self, server: str, session: requests.Session, token: Callable[[bool], str]) -> None:
+    def __init__(self, server: str, transport: Transport, token: Callable[[bool], str]) -> None:
         self.server = server.rstrip("/")
-        self.session = session
+        self.transport = transport
         self._token = token
 
     def call(self, method: str, path: str, *, body: dict | None = None, params: dict | None = None,
-             ok: tuple[int, ...] = (200, 201, 202), headers: dict | None = None) -> requests.Response:
+             ok: tuple[int, ...] = (200, 201, 202), headers: dict | None = None) -> Response:
         url = f"{self.server}{path}"
-        kw: dict[str, Any] = {}
-        if body is not None:
-            kw["json"] = body
         if params:
-            kw["params"] = params
+            url += ("&" if "?" in url else "?") + urlencode(params)
         for attempt in (0, 1):
             hdrs = {**(headers or {}), "Authorization": f"Bearer {self._token(attempt == 1)}"}
-            resp = _send(self.session, method, url, headers=hdrs, **kw)
+            resp = send(self.transport, method, url, headers=hdrs, body=body)
             if resp.status_code == 401 and attempt == 0:
                 continue  # one silent refresh, then give up with exit 3
             break

@@ -18,7 +18,7 @@ import msal
 import requests
 
 from .errors import NOT_SIGNED_IN, UNAVAILABLE, EzsshError, not_signed_in
-from .home import TOKEN_CACHE, save_config
+from .home import HTTP_CACHE, TOKEN_CACHE, save_config, write_private
 
 
 def token_cache(home: Path):
@@ -70,7 +70,7 @@ class Auth:
     @property
     def app(self) -> msal.PublicClientApplication:
         if self._app is None:
-            kw = dict(http_client=self.session, token_cache=self.cache)
+            kw = dict(http_client=self.session, token_cache=self.cache, http_cache=self._http_cache())
             try:
                 if self.cfg.get("authority_type", "entra") == "oidc":
                     self._app = msal.PublicClientApplication(self.cfg["client_id"],
@@ -85,6 +85,33 @@ class Auth:
                 raise EzsshError(f"Identity provider {self.cfg['authority']} is not usable: {exc}",
                                  UNAVAILABLE) from None
         return self._app
+
+    def _http_cache(self) -> dict:
+        """MSAL's HTTP cache (the identity provider's discovery documents), kept in the ezssh directory
+        so a token refresh does not fetch them again on every run."""
+        import atexit
+        import pickle
+
+        path = self.home / HTTP_CACHE
+        cache: dict = {}
+        try:
+            with open(path, "rb") as f:
+                loaded = pickle.load(f)  # our own 0600 file in the 0700 ezssh directory
+            if isinstance(loaded, dict):
+                cache = loaded
+        except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError, pickle.UnpicklingError):
+            pass
+        before = dict(cache)
+
+        def save() -> None:
+            if cache != before:
+                try:
+                    write_private(path, pickle.dumps(cache), 0o600)
+                except (OSError, TypeError, ValueError, pickle.PicklingError):
+                    pass
+
+        atexit.register(save)
+        return cache
 
     # ---- accounts and tokens -------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""The context a command that talks to the service works in: config, home, HTTP session, sign-in and
-API client, each built on first use (so a command pays only for what it touches). Stdlib only here."""
+"""The context a command that talks to the service works in: config, home, the HTTP transport to the
+service, the requests session and sign-in (MSAL) for the identity provider, and the API client, each
+built on first use (so a command pays only for what it touches). Stdlib only here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ class Ctx:
     def __init__(self) -> None:
         self.home = home_dir()
         self.cfg = load_config(self.home)
-        self._session = self._auth = self._api = None
+        self._session = self._auth = self._api = self._transport = None
 
     @property
     def server(self) -> str:
@@ -31,8 +32,26 @@ class Ctx:
         return self._auth
 
     @property
+    def transport(self):
+        if self._transport is None:
+            from .api import Transport
+            self._transport = Transport(self.cfg.get("ca_bundle"))
+        return self._transport
+
+    def token(self, force_refresh: bool = False) -> str:
+        """A bearer token: the cached one, read without MSAL, while it is good; else MSAL's (refresh or
+        sign-in)."""
+        if not force_refresh:
+            from .tokens import cached_access_token
+
+            token = cached_access_token(self.cfg, self.home)
+            if token:
+                return token
+        return self.auth.token(force_refresh)
+
+    @property
     def api(self):
         if self._api is None:
             from .api import Api
-            self._api = Api(self.cfg["server"], self.session, self.auth.token)
+            self._api = Api(self.cfg["server"], self.transport, self.token)
         return self._api

@@ -4,6 +4,9 @@ Layout of $EZSSH_HOME (default ~/.ezssh, mode 0700):
     config.json          server URL, CA bundle, identity provider settings (from /api/client-config)
     ca-bundle.pem        copy of --ca-bundle, when one was given
     token_cache.bin      MSAL token cache (msal-extensions; 0600 file, or a libsecret signal file)
+    msal_http_cache.bin  MSAL's HTTP cache (the identity provider's discovery documents)
+    ssh_config           the block `ezssh config` Includes from ~/.ssh/config
+    known_hosts          ezssh's own known hosts (host CAs), named by that block
     certs/<server hash>/<principal>@<host>/
         id_ed25519       private key, OpenSSH format, 0600
         id_ed25519.pub   public key
@@ -23,6 +26,7 @@ from .errors import not_configured
 CONFIG = "config.json"
 CA_BUNDLE = "ca-bundle.pem"
 TOKEN_CACHE = "token_cache.bin"
+HTTP_CACHE = "msal_http_cache.bin"  # MSAL's cache of the identity provider's discovery documents
 
 
 def home_dir(create: bool = True) -> Path:

@@ -16,7 +16,7 @@ from ..output import err, fmt_left, fmt_time, out_json
 
 
 def cmd_configure(args) -> int:
-    from ..api import check_server_url, fetch_client_config, make_session
+    from ..api import Transport, check_server_url, fetch_client_config
 
     server = check_server_url(args.server)
     home = home_dir()
@@ -31,8 +31,7 @@ def cmd_configure(args) -> int:
             raise EzsshError(f"--ca-bundle {src} holds no PEM certificate.", USAGE)
         bundle = pem
     # Fetch with the bundle at its own path first; keep a private copy only once it worked.
-    session = make_session(str(src) if bundle else None, server)
-    remote = fetch_client_config(session, server)
+    remote = fetch_client_config(Transport(str(src) if bundle else None), server)
     authority = remote["authority"].rstrip("/")
     tenant = remote.get("tenant_id")
     if args.tenant:
