@@ -23,7 +23,7 @@ from functions.core.approval import RequestRecord
 from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy, policy_from_row
-from functions.storage.base import CertificateRecord
+from functions.storage.base import CertificateRecord, IdempotencyRecord
 
 UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant
 
@@ -43,6 +43,7 @@ class MemoryStore:
         self._certs: dict[tuple[str, str, int], _Row] = {}  # value: CertificateRecord (frozen)
         self._audit: dict[str, dict[tuple[int, str], str]] = {}  # partition -> (ms, entry id) -> JSON
         self._host_tokens: dict[tuple[str, str], str] = {}
+        self._idempotency: dict[tuple[str, str, str], IdempotencyRecord] = {}
 
     # ---- helpers ------------------------------------------------------------------------------
     def _etag(self) -> str:
@@ -132,14 +133,34 @@ class MemoryStore:
                 if t == tenant_id and (not state or r.value.state == state)  # type: ignore[attr-defined]
             ]
 
-    def create_request(self, rec: RequestRecord, audit: AuditEntry) -> RequestRecord:
+    def create_request(self, rec: RequestRecord, audit: AuditEntry,
+                       idempotency: IdempotencyRecord | None = None) -> RequestRecord:
         with self._lock:
             if (rec.tenant_id, rec.id) in self._requests:
                 raise Conflict("That request already exists.")
             self._check_new_audit([audit])
+            self._check_idempotency(idempotency)
             row = self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None), self._etag())
             self._put_audit([audit])
+            self._put_idempotency(idempotency)
             return replace(rec, etag=row.etag)
+
+    # idempotency keys
+    @staticmethod
+    def _idk(i: IdempotencyRecord) -> tuple[str, str, str]:
+        return i.tenant_id, i.owner_oid, i.key_hash
+
+    def _check_idempotency(self, i: IdempotencyRecord | None) -> None:
+        if i is not None and self._idk(i) in self._idempotency:
+            raise Conflict("That request already exists.")
+
+    def _put_idempotency(self, i: IdempotencyRecord | None) -> None:
+        if i is not None:
+            self._idempotency[self._idk(i)] = i
+
+    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str) -> IdempotencyRecord | None:
+        with self._lock:
+            return self._idempotency.get((tenant_id, owner_oid, key_hash))
 
     def _claim_request(self, rec: RequestRecord, etag: str) -> _Row:
         row = self._requests.get((rec.tenant_id, rec.id))
@@ -159,7 +180,8 @@ class MemoryStore:
 
     # issuance: all or nothing
     def record_issuance(
-        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry]
+        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry],
+        idempotency: IdempotencyRecord | None = None,
     ) -> None:
         with self._lock:
             row = None
@@ -171,12 +193,15 @@ class MemoryStore:
             if (cert.tenant_id, cert.policy_id, cert.serial) in self._certs:
                 raise Conflict("The certificate could not be recorded (serial or request already used); retry.")
             self._check_new_audit(audit)
+            if idempotency is not None and self._idk(idempotency) in self._idempotency:
+                raise Conflict("The certificate could not be recorded (serial or request already used); retry.")
             if row is None:
                 self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None), self._etag())
             else:
                 row.value, row.etag = replace(rec, etag=None), self._etag()
             self._certs[(cert.tenant_id, cert.policy_id, cert.serial)] = _Row(replace(cert, etag=None), self._etag())
             self._put_audit(audit)
+            self._put_idempotency(idempotency)
 
     def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord:
         with self._lock:

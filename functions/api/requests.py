@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
@@ -55,11 +55,13 @@ def render(outcome: Outcome, now: int) -> JSONResponse:
 
 @router.post("")
 def create(request: Request, who: Identity = Depends(caller),
-           new: NewRequest = body(NewRequest, "request.refused")) -> JSONResponse:
+           new: NewRequest = body(NewRequest, "request.refused"),
+           idempotency_key: str | None = Header(None, max_length=200)) -> JSONResponse:
+    """`Idempotency-Key` (one per client attempt): a retry after a lost answer gets that answer."""
     svc = service(request)
     req = AccessRequest(host=new.host.strip(), principal=new.principal.strip(), ttl_seconds=new.ttl_seconds,
                         policy_id=new.policy, reason=new.reason)
-    return render(svc.issuance.request_access(who, req, new.public_key), int(svc.clock()))
+    return render(svc.issuance.request_access(who, req, new.public_key, idempotency_key), int(svc.clock()))
 
 
 @router.get("")

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import secrets
 from dataclasses import dataclass, replace
 
+from cryptography.hazmat.primitives.serialization import ssh
+
 from ..core import approval as sm
-from ..core.audit import AuditEntry, link
+from ..core.audit import AuditEntry, canonical_json, link
 from ..core.certificate import IssuedCertificate, build_certificate, new_serial, verify_issued
-from ..core.errors import CaKeyNotFound, Conflict, Denied, EzsshError, Forbidden, TtlTooLong
+from ..core.errors import CaKeyNotFound, Conflict, Denied, EzsshError, Forbidden, InvalidRequest, TtlTooLong
 from ..core.keys import VettedKey, parse_public_key
 from ..core.policy import AccessRequest, Identity, Policy, allowed_principals, choose_policy, make_grant, resolve_ttl
 from ..observability import event
 from ..signing.base import as_private_key
-from ..storage.base import CertificateRecord
+from ..storage.base import CertificateRecord, IdempotencyRecord
 from .base import Base
 from .requests import Requests, request_message
 
 log = logging.getLogger("ezssh.service")
+
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,56 @@ class Issuance:
         self.base = base
         self.requests = requests
 
-    def request_access(self, who: Identity, req: AccessRequest, public_key: str | None) -> Outcome:
-        return self._request_access(who, req, public_key, fresh=False)
+    def request_access(self, who: Identity, req: AccessRequest, public_key: str | None,
+                       idempotency_key: str | None = None) -> Outcome:
+        """Decide, and when auto-approved with a public key, issue. With an idempotency key (one per
+        client attempt), a retry of the same attempt gets the first answer: the same certificate or
+        the same pending request, never a second one."""
+        idem = None
+        if idempotency_key is not None:
+            with self.base.refusing(who, "request.refused", host=req.host, principal=req.principal):
+                idem = self._idempotency(who, req, public_key, idempotency_key)
+                replay = self._replay(who, idem)
+            if replay is not None:
+                return replay
+        try:
+            return self._request_access(who, req, public_key, idem, fresh=False)
+        except Conflict:
+            replay = self._replay(who, idem) if idem is not None else None
+            if replay is None:
+                raise
+            return replay  # a concurrent retry of the same attempt won the write
 
-    def _request_access(self, who: Identity, req: AccessRequest, public_key: str | None, *, fresh: bool) -> Outcome:
+    def _idempotency(self, who: Identity, req: AccessRequest, public_key: str | None, key: str) -> IdempotencyRecord:
+        if not IDEMPOTENCY_KEY_RE.match(key):
+            raise InvalidRequest("The Idempotency-Key header must be 8 to 128 letters, digits, '-' or '_'.")
+        fp = parse_public_key(public_key).fingerprint if public_key is not None else None
+        asked = canonical_json({"host": req.host, "principal": req.principal, "policy": req.policy_id,
+                                "ttl": req.ttl_seconds, "reason": req.reason, "key": fp})
+        return IdempotencyRecord(tenant_id=who.tid, owner_oid=who.oid,
+                                 key_hash=hashlib.sha256(key.encode()).hexdigest(), request_id=new_request_id(),
+                                 digest=hashlib.sha256(asked.encode()).hexdigest(), created_at=self.base.now())
+
+    def _replay(self, who: Identity, idem: IdempotencyRecord) -> Outcome | None:
+        """The answer an earlier attempt with this key got, if one was recorded."""
+        b = self.base
+        found = b.store.get_idempotency(who.tid, who.oid, idem.key_hash)
+        if found is None:
+            return None
+        if found.digest != idem.digest:
+            raise Conflict("This Idempotency-Key was already used for a different request; use a new key "
+                           "for each new attempt.")
+        rec = b.store.get_request(who.tid, found.request_id)
+        if rec.serial is not None:
+            cert = b.store.get_certificate(who.tid, rec.policy_id, rec.serial)
+            return Outcome("issued", rec, issued_from_record(cert))
+        policy = b.policies.get_or_none(who.tid, rec.policy_id)
+        pending = rec.state == sm.PENDING
+        return Outcome(rec.state, rec, approvers_needed=rec.approvals_required if pending else 0,
+                       approvers=policy.approvers.to_dict() if pending and policy is not None else None)
+
+    def _request_access(self, who: Identity, req: AccessRequest, public_key: str | None,
+                        idem: IdempotencyRecord | None, *, fresh: bool) -> Outcome:
         b = self.base
         refusing = b.refusing(who, "request.refused", host=req.host, principal=req.principal, policy_id=req.policy_id)
         with refusing:
@@ -58,7 +110,7 @@ class Issuance:
             vetted = parse_public_key(public_key) if public_key is not None else None
         policy = decision.policy
         now = b.now()
-        rid = new_request_id()
+        rid = idem.request_id if idem is not None else new_request_id()
         auto = decision.action == "auto"
         rec = sm.RequestRecord(
             id=rid, tenant_id=who.tid, policy_id=policy.id, requester_oid=who.oid, requester_upn=who.upn,
@@ -82,17 +134,17 @@ class Issuance:
                     # The cached policy may be stale (its CA rotated out or the policy deleted on
                     # another worker): decide once more on fresh data.
                     b.policies.changed(who.tid)
-                    return self._request_access(who, req, public_key, fresh=True)
+                    return self._request_access(who, req, public_key, idem, fresh=True)
                 b.refuse(who, exc, "request.refused", host=req.host, principal=req.principal, policy_id=policy.id)
                 raise
             final = replace(rec, state=sm.ISSUED, serial=issued.serial, key_id=issued.key_id)
             entry = link(self._issued_audit(who, final, issued, vetted), created)
             final = replace(final, audit_head=entry.hash)
-            b.store.record_issuance(final, None, cert_record(final, issued, vetted), [created, entry])
+            b.store.record_issuance(final, None, cert_record(final, issued, vetted), [created, entry], idem)
             event(log, "certificate.issued", key_id=issued.key_id, serial=issued.serial, request=rid,
                   policy=policy.id, tenant=who.tid)
             return Outcome("issued", final, issued)
-        rec = b.store.create_request(replace(rec, audit_head=created.hash), created)
+        rec = b.store.create_request(replace(rec, audit_head=created.hash), created, idem)
         event(log, f"request.{rec.state}", request=rid, policy=policy.id, actor=who.upn, tenant=who.tid)
         if rec.state == sm.PENDING:
             b.notify(policy, request_message(rec, policy, f"ezssh: {who.upn} asks for access to {rec.host}",
@@ -108,6 +160,11 @@ class Issuance:
                 raise Forbidden("Only the requester may fetch the certificate for a request.")
             vetted = parse_public_key(public_key)
             now = b.now()
+            if rec.state == sm.ISSUED and rec.serial is not None:
+                # A retry after a lost answer: the same certificate, to the same key, never a second one.
+                cert = b.store.get_certificate(who.tid, rec.policy_id, rec.serial)
+                if cert.public_key_fingerprint == vetted.fingerprint and cert.requester_oid == who.oid:
+                    return Outcome("issued", rec, issued_from_record(cert))
             if rec.effective_state(now) != sm.APPROVED:
                 raise Conflict(f"Request {rec.id} is {rec.effective_state(now)}; no certificate can be issued.",
                                state=rec.effective_state(now))
@@ -147,6 +204,14 @@ class Issuance:
                      "ca_fingerprint": issued.ca_fingerprint, "public_key_fingerprint": key.fingerprint,
                      "principals": list(issued.principals)},
         )
+
+
+def issued_from_record(c: CertificateRecord) -> IssuedCertificate:
+    """The certificate as first issued, from its record (for a retried request)."""
+    parsed = ssh.load_ssh_public_identity(c.certificate.encode())
+    return IssuedCertificate(certificate=parsed, openssh=c.certificate, serial=c.serial, key_id=c.key_id,  # type: ignore[arg-type]
+                             principals=c.principals, valid_after=c.valid_after, valid_before=c.valid_before,
+                             ca_fingerprint=c.ca_fingerprint)
 
 
 def cert_record(rec: sm.RequestRecord, issued: IssuedCertificate, key: VettedKey) -> CertificateRecord:

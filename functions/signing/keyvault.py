@@ -504,14 +504,24 @@ class KeyVaultKeyStore:
             kv_alg = _RSA_ALG[alg.name]
         if self._closed:
             raise SignerUnavailable(f"the Key Vault key store for {self.vault_url} is closed", key_ref=signer.key_ref)
-        try:
-            result = self._call(
-                lambda: signer._client.sign(kv_alg, digest),
-                op="sign", vault=signer.vault_url, name=signer.name, key_ref=signer.key_ref, byok=byok,
-            )  # fmt: skip
-        except CaKeyNotFound:
-            self._forget(signer.key_ref)
-            raise
+        for attempt in (0, 1):
+            try:
+                result = self._call(
+                    lambda: signer._client.sign(kv_alg, digest),
+                    op="sign", vault=signer.vault_url, name=signer.name, key_ref=signer.key_ref, byok=byok,
+                )  # fmt: skip
+                break
+            except CaKeyNotFound:
+                self._forget(signer.key_ref)
+                raise
+            except SignerUnavailable as e:
+                # A transient failure (connection, 5xx, token): a new client - new connections, a new
+                # token - and one more try. Throttling (429) is not retried here: its Retry-After goes
+                # back to the caller.
+                if attempt or e.details.get("retry_after") is not None or self._closed:
+                    raise
+                log.warning("Key Vault %s: %s; retrying the sign once with a new client", signer.vault_url, e.message)
+                signer._client = CryptographyClient(signer.key_ref, self._credential, **self._client_kwargs())
         raw = result.signature
         if isinstance(pub, rsa.RSAPublicKey):
             if len(raw) != (pub.key_size + 7) // 8:

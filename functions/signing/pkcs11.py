@@ -44,6 +44,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pkcs11
@@ -86,6 +87,14 @@ _DEAD = (
     px.GeneralError,
 )
 _STALE_KEY = (px.ObjectHandleInvalid, px.KeyHandleInvalid)
+# After the token went away and came back, SoftHSM keeps a stale view of it: objects look "missing"
+# and new sessions fail until C_Finalize + C_Initialize. At most this often, a store renews its
+# sessions on a missing key, and reinitialises the module when the token will not open.
+RECOVER_INTERVAL = 1.0
+
+
+class _KeyMissing(CaKeyNotFound):
+    """The key object is not found: disabled, or the token's view is stale (recover, then decide)."""
 _CKR_KEY_FUNCTION_NOT_PERMITTED = 0x68
 
 _DIGEST_INFO = {  # RFC 8017 section 9.2, note 1
@@ -197,6 +206,8 @@ def reinitialize_library(module_path: str) -> None:
     with _global_lock:
         if path in _libs:
             _threadsafe[path] = _initialize_with_os_locking(path)
+            for key in [k for k in _logins if k[0] == path]:
+                _logins.pop(key, None)  # C_Finalize ended every login
 
 
 def _call_lock(path: str) -> threading.Lock | contextlib.nullcontext:
@@ -385,6 +396,7 @@ class Pkcs11KeyStore:
         self._mechanisms: frozenset = frozenset()
         self._signers: dict[str, Pkcs11Signer] = {}
         self._closed = False
+        self._last_recovery = self._last_refresh = float("-inf")
         with self._lock:
             self._open_locked()
 
@@ -463,7 +475,13 @@ class Pkcs11KeyStore:
             public = _public_from(pubs[0]) if pubs else _public_from_private(priv)
             return Pkcs11Signer(self, key_ref, label, key_id, public)
 
-        signer = self._run(find, "find a key")
+        generation = self._generation
+        try:
+            signer = self._run(find, "find a key")
+        except _KeyMissing:
+            if not self._refresh(generation):
+                raise
+            signer = self._run(find, "find a key")
         with self._lock:
             return self._signers.setdefault(key_ref, signer)
 
@@ -544,8 +562,14 @@ class Pkcs11KeyStore:
                     raise
             raise AssertionError("unreachable")
 
+        generation = self._generation
         try:
-            raw = self._run(sign, "sign")
+            try:
+                raw = self._run(sign, "sign")
+            except _KeyMissing:
+                if not self._refresh(generation):
+                    raise
+                raw = self._run(sign, "sign")
         except CaKeyNotFound:
             self._forget_signer(signer.key_ref)
             raise
@@ -565,7 +589,7 @@ class Pkcs11KeyStore:
             if o.label == label
         ]
         if not found:
-            raise CaKeyNotFound(
+            raise _KeyMissing(
                 f"CA key {label!r} is not in PKCS#11 token {self.token_label!r} (missing or disabled)",
                 key_ref=make_key_ref(label, key_id),
             )
@@ -609,7 +633,12 @@ class Pkcs11KeyStore:
             if self._closed:
                 raise SignerUnavailable(f"PKCS#11 key store for token {self.token_label!r} is closed")
             if self._broken is not None:
-                self._open_locked()  # raises SignerUnavailable while the token stays unreachable
+                try:
+                    self._open_locked()
+                except SignerUnavailable:
+                    # raises SignerUnavailable while the token stays unreachable
+                    if not self._recover(self._generation, self._broken or "the token was unavailable"):
+                        raise
         lease = self._pool.get(self._acquire_timeout)
         if lease is None:
             raise SignerUnavailable(
@@ -631,7 +660,51 @@ class Pkcs11KeyStore:
                 return  # another thread already reopened (or the store was closed)
             self._drain_locked()
             _forget_login(self._lib_path, self._token)
-            self._open_locked()
+            try:
+                self._open_locked()
+            except SignerUnavailable:
+                if not self._recover(self._generation, self._broken or "reopening failed"):
+                    raise
+
+    def _refresh(self, seen_generation: int) -> bool:
+        """A key object is missing: new sessions (and, if the token will not open, a reinitialised
+        module) show whether it is really gone or the token's view was stale. At most once per
+        RECOVER_INTERVAL; True if the sessions were renewed."""
+        with self._lock:
+            if self._generation != seen_generation:
+                return True  # renewed meanwhile: look again
+            now = time.monotonic()
+            if self._closed or now - self._last_refresh < RECOVER_INTERVAL:
+                return False
+            self._last_refresh = now
+        try:
+            self._reopen(seen_generation)
+        except SignerUnavailable:
+            return False
+        return True
+
+    def _recover(self, seen_generation: int, why: str) -> bool:
+        """Reinitialise the module (C_Finalize, C_Initialize) and reopen: the way back from a token
+        that went away and came back. At most once per RECOVER_INTERVAL; True if the store was
+        reopened (by this call or by another thread since `seen_generation`)."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._generation != seen_generation and self._broken is None:
+                return True
+            now = time.monotonic()
+            if now - self._last_recovery < RECOVER_INTERVAL:
+                return False
+            self._last_recovery = now
+            log.warning("PKCS#11 token %r: %s; reinitialising the module", self.token_label, why)
+            self._drain_locked()
+            reinitialize_library(self.module_path)
+            try:
+                self._open_locked()
+            except SignerUnavailable as e:
+                log.warning("PKCS#11 token %r still unavailable: %s", self.token_label, e.message)
+                return False
+            return True
 
     def _drain_locked(self) -> None:
         self._generation += 1

@@ -31,6 +31,18 @@ class CertificateRecord:
     etag: str | None = None
 
 
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """A client's idempotency key for one attempt (stored hashed), and the request it made."""
+
+    tenant_id: str
+    owner_oid: str  # whose key: keys are per user, so one user's key never finds another's request
+    key_hash: str  # hex SHA-256 of the key the client sent
+    request_id: str
+    digest: str  # hex SHA-256 of what was asked (host, login, policy, TTL, key fingerprint)
+    created_at: int
+
+
 class Store(Protocol):
     def health(self) -> None: ...
 
@@ -43,14 +55,18 @@ class Store(Protocol):
     # requests
     def get_request(self, tenant_id: str, request_id: str) -> RequestRecord: ...
     def list_requests(self, tenant_id: str, state: str | None = None) -> list[RequestRecord]: ...
-    def create_request(self, rec: RequestRecord, audit: AuditEntry) -> RequestRecord: ...
+    # Every write below lands together with its audit entries (and idempotency key), or not at all.
+    def create_request(self, rec: RequestRecord, audit: AuditEntry,
+                       idempotency: IdempotencyRecord | None = None) -> RequestRecord: ...
     def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord: ...
 
     # issuance: the request's new state, the certificate record and the audit entry all land
     # before the certificate is returned. `etag` None means the request row is new.
     def record_issuance(
-        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry]
+        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry],
+        idempotency: IdempotencyRecord | None = None,
     ) -> None: ...
+    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str) -> IdempotencyRecord | None: ...
     def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord: ...
 
     # audit

@@ -38,7 +38,7 @@ from ..core.approval import Approval, RequestRecord
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed, StorageUnavailable
 from ..core.policy import Policy, policy_from_row
-from .base import CertificateRecord
+from .base import CertificateRecord, IdempotencyRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,6 +82,36 @@ def conditional_update(table: TableClient, op: str, entity: dict, etag: str, *, 
         raise NotFound(not_found) from None
     except (ResourceModifiedError, HttpResponseError):
         raise lost from None
+
+
+def _if_match(etag: str, mode: UpdateMode = UpdateMode.REPLACE) -> dict:
+    if not etag:
+        raise ValueError("IfNotModified must be specified with etag.")  # as the SDK's own single writes do
+    return {"mode": mode, "etag": etag, "match_condition": MatchConditions.IfNotModified}
+
+
+def transact(table: TableClient, op: str, ops: list, *, not_found: str, lost: EzsshError,
+             exists: EzsshError) -> list:
+    """One entity-group transaction (all rows in one partition): every write lands, or none.
+
+    A conditional row that changed meanwhile raises `lost` (409/412), a missing one NotFound, a row
+    that already exists `exists`; a storage outage StorageUnavailable. If-Match holds inside the
+    transaction on Table Storage and on Azurite alike (tests/contract/test_store.py)."""
+    try:
+        return _guard(op, lambda: table.submit_transaction(ops))
+    except TableTransactionError as exc:
+        status = exc.status_code
+        if status == 404:
+            raise NotFound(not_found) from None
+        if status == 412:
+            raise lost from None
+        if status == 409 or "EntityAlreadyExists" in str(exc):
+            raise exists from None
+        if status and (status >= 500 or status in (408, 429)):
+            log.warning("table storage %s failed: %s", op, exc)
+            raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
+        log.warning("table storage refused %s: %s", op, exc)
+        raise StorageUnavailable("Storage refused the write; try again.") from exc
 
 
 class TableStore:
@@ -148,23 +178,19 @@ class TableStore:
 
     def create_policy(self, policy: Policy, audit: AuditEntry) -> Policy:
         ops = [("create", self._policy_entity(policy)), ("create", self._audit_entity(audit))]
-        try:
-            resp = _guard("create policy", lambda: self._table.submit_transaction(ops))
-        except TableTransactionError as exc:
-            if exc.status_code == 409 or "EntityAlreadyExists" in str(exc):
-                raise Conflict(f"A policy with id {policy.id!r} already exists.") from None
-            raise StorageUnavailable("Storage refused the write; try again.") from exc
+        resp = transact(self._table, "create policy", ops, not_found=f"Policy {policy.id!r} was not found.",
+                        lost=Conflict(f"A policy with id {policy.id!r} already exists."),
+                        exists=Conflict(f"A policy with id {policy.id!r} already exists."))
         return self._with_etag(policy, resp[0].get("etag"))
 
     def replace_policy(self, policy: Policy, etag: str, audit: AuditEntry) -> Policy:
-        meta = conditional_update(
-            self._table, "update policy", self._policy_entity(policy), etag,
-            not_found=f"Policy {policy.id!r} was not found.",
-            lost=PreconditionFailed(
-                f"Policy {policy.id!r} changed since you read it (ETag mismatch); read it again and retry."),
-        )
-        self.add_audit(audit)
-        return self._with_etag(policy, meta.get("etag"))
+        """The policy row (only if still at `etag`) and its audit entry, in one transaction."""
+        ops = [("update", self._policy_entity(policy), _if_match(etag)), ("create", self._audit_entity(audit))]
+        resp = transact(self._table, "update policy", ops, not_found=f"Policy {policy.id!r} was not found.",
+                        lost=PreconditionFailed(f"Policy {policy.id!r} changed since you read it (ETag mismatch); "
+                                                "read it again and retry."),
+                        exists=Conflict("That audit entry was already written; read the policy again."))
+        return self._with_etag(policy, resp[0].get("etag"))
 
     @staticmethod
     def _with_etag(policy: Policy, etag: str | None) -> Policy:
@@ -239,25 +265,39 @@ class TableStore:
         rows = _guard("list requests", lambda: list(self._table.query_entities(flt, parameters=params)))
         return [self._request_from_entity(e) for e in rows]
 
-    def create_request(self, rec: RequestRecord, audit: AuditEntry) -> RequestRecord:
+    def create_request(self, rec: RequestRecord, audit: AuditEntry,
+                       idempotency: IdempotencyRecord | None = None) -> RequestRecord:
         ops = [("create", self._request_entity(rec)), ("create", self._audit_entity(audit))]
-        try:
-            resp = _guard("create request", lambda: self._table.submit_transaction(ops))
-        except TableTransactionError as exc:
-            raise Conflict("That request already exists.") from exc
+        if idempotency is not None:
+            ops.append(("create", self._idempotency_entity(idempotency)))
+        resp = transact(self._table, "create request", ops, not_found=f"Request {rec.id!r} was not found.",
+                        lost=Conflict("That request already exists."), exists=Conflict("That request already exists."))
         return replace(rec, etag=resp[0].get("etag"))
 
     def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord:
-        meta = self._conditional_request_update(rec, etag)
-        self.add_audit(audit)
-        return replace(rec, etag=meta.get("etag"))
+        """The request row (only if still at `etag`) and its audit entry, in one transaction."""
+        ops = [("update", self._request_entity(rec), _if_match(etag)), ("create", self._audit_entity(audit))]
+        resp = transact(self._table, "update request", ops, not_found=f"Request {rec.id!r} was not found.",
+                        lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
+                        exists=Conflict(f"Request {rec.id} changed at the same time; read it again."))
+        return replace(rec, etag=resp[0].get("etag"))
 
-    def _conditional_request_update(self, rec: RequestRecord, etag: str) -> dict:
-        return conditional_update(
-            self._table, "update request", self._request_entity(rec), etag,
-            not_found=f"Request {rec.id!r} was not found.",
-            lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
-        )
+    # ---- idempotency keys ---------------------------------------------------------------------
+    # Row idk|<requester oid>|<sha-256 of the client's key>: which request a client's attempt made,
+    # written in the same transaction as that request, so a retry finds the first answer.
+    @staticmethod
+    def _idempotency_entity(i: IdempotencyRecord) -> dict:
+        return {"PartitionKey": i.tenant_id, "RowKey": f"idk|{i.owner_oid}|{i.key_hash}", "Kind": "idempotency",
+                "RequestId": i.request_id, "Digest": i.digest, "CreatedAt": i.created_at}
+
+    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str) -> IdempotencyRecord | None:
+        try:
+            e = _guard("get idempotency key",
+                       lambda: self._table.get_entity(tenant_id, f"idk|{owner_oid}|{key_hash}"))
+        except ResourceNotFoundError:
+            return None
+        return IdempotencyRecord(tenant_id=tenant_id, owner_oid=owner_oid, key_hash=key_hash,
+                                 request_id=e["RequestId"], digest=e["Digest"], created_at=int(e["CreatedAt"]))
 
     # ---- certificates -----------------------------------------------------------------------
     @staticmethod
@@ -306,28 +346,23 @@ class TableStore:
         )
 
     def record_issuance(
-        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry]
+        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry],
+        idempotency: IdempotencyRecord | None = None,
     ) -> None:
         """One entity-group transaction: the request row (new, or replaced only if still at `etag`: the
-        claim that exactly one caller moves it to "issued"), the certificate record and the audit
-        entries. A lost race, a used serial or a used request id leaves all of them unwritten."""
+        claim that exactly one caller moves it to "issued"), the certificate record, the audit entries
+        and the client's idempotency key. A lost race, a used serial, request id or idempotency key
+        leaves all of them unwritten."""
         ops: list = [("create", self._cert_entity(cert))] + [("create", self._audit_entity(a)) for a in audit]
         if etag is None:
             ops.insert(0, ("create", self._request_entity(rec)))
         else:
-            ops.insert(0, ("update", self._request_entity(rec),
-                           {"mode": UpdateMode.REPLACE, "etag": etag, "match_condition": MatchConditions.IfNotModified}))
-        try:
-            _guard("record issuance", lambda: self._table.submit_transaction(ops))
-        except TableTransactionError as exc:
-            if exc.status_code == 404:
-                raise NotFound(f"Request {rec.id!r} was not found.") from None
-            if exc.status_code == 412:
-                raise Conflict(f"Request {rec.id} changed at the same time; read it again.") from None
-            if exc.status_code and (exc.status_code >= 500 or exc.status_code in (408, 429)):
-                log.warning("table storage record issuance failed: %s", exc)
-                raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
-            raise Conflict("The certificate could not be recorded (serial or request already used); retry.") from exc
+            ops.insert(0, ("update", self._request_entity(rec), _if_match(etag)))
+        if idempotency is not None:
+            ops.append(("create", self._idempotency_entity(idempotency)))
+        transact(self._table, "record issuance", ops, not_found=f"Request {rec.id!r} was not found.",
+                 lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
+                 exists=Conflict("The certificate could not be recorded (serial or request already used); retry."))
 
     def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord:
         try:
@@ -384,20 +419,20 @@ class TableStore:
 
     # ---- revocation -------------------------------------------------------------------------
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:
-        """Set RevokedAt/RevokedBy on the certificate row if it is unchanged since read, then audit."""
+        """Set RevokedAt/RevokedBy on the certificate row if it is unchanged since read, and write its
+        audit entry, in one transaction."""
         entity = {
             "PartitionKey": cert.tenant_id,
             "RowKey": f"crt|{cert.policy_id}|{_serial_key(cert.serial)}",
             "RevokedAt": cert.revoked_at,
             "RevokedBy": cert.revoked_by,
         }
-        meta = conditional_update(
-            self._table, "revoke certificate", entity, etag, mode=UpdateMode.MERGE,
-            not_found=f"No certificate with serial {cert.serial} was issued under policy {cert.policy_id!r}.",
-            lost=Conflict(f"Certificate {cert.serial} changed at the same time; read it again."),
-        )
-        self.add_audit(audit)
-        return replace(cert, etag=meta.get("etag"))
+        ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), ("create", self._audit_entity(audit))]
+        lost = Conflict(f"Certificate {cert.serial} changed at the same time; read it again.")
+        resp = transact(self._table, "revoke certificate", ops,
+                        not_found=f"No certificate with serial {cert.serial} was issued under policy {cert.policy_id!r}.",
+                        lost=lost, exists=lost)
+        return replace(cert, etag=resp[0].get("etag"))
 
     def list_revoked(self, tenant_id: str, policy_id: str) -> list[CertificateRecord]:
         """Every revoked certificate of a policy, expired or not (the caller decides what to drop)."""

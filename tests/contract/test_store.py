@@ -24,7 +24,7 @@ from functions.core.approval import Approval, RequestRecord
 from functions.core.audit import AuditEntry, verify_chain
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import CaKeyRef, Policy, Rule, Subjects
-from functions.storage.base import CertificateRecord, Store
+from functions.storage.base import CertificateRecord, IdempotencyRecord, Store
 from tests.memstore import MemoryStore
 
 BACKENDS = ["tables", "memory"]
@@ -187,8 +187,9 @@ def test_replace_policy_missing_is_not_found(store: Store, tid: str) -> None:
     created = store.create_policy(a_policy(tid), an_entry(tid, T0))
     with pytest.raises(NotFound):
         store.replace_policy(a_policy(tid, "other"), created.etag, an_entry(tid, T0 + 1, "lost"))
+    other = str(uuid.uuid4())
     with pytest.raises(NotFound):  # the same id in another tenant is another policy
-        store.replace_policy(replace(created, tenant_id=str(uuid.uuid4())), created.etag, an_entry(tid, T0 + 2))
+        store.replace_policy(replace(created, tenant_id=other), created.etag, an_entry(other, T0 + 2))
     assert [e.action for e in audit_of(store, tid)] == ["test.event"]
 
 
@@ -531,7 +532,8 @@ def test_revoke_missing_certificate_is_not_found(store: Store, tid: str) -> None
     before = audit_of(store, tid)
     for ghost in (replace(cert, serial=23), replace(cert, policy_id="web-prod"), replace(cert, tenant_id=str(uuid.uuid4()))):
         with pytest.raises(NotFound):
-            store.revoke_certificate(replace(ghost, revoked_at=int(T0), revoked_by="c"), cert.etag, an_entry(tid, T0 + 5))
+            store.revoke_certificate(replace(ghost, revoked_at=int(T0), revoked_by="c"), cert.etag,
+                                     an_entry(ghost.tenant_id, T0 + 5))  # the audit goes where the row is
     assert audit_of(store, tid) == before
 
 
@@ -589,3 +591,81 @@ def test_memory_store_is_a_store() -> None:
         proto = inspect.signature(getattr(Store, n))
         assert inspect.signature(getattr(MemoryStore, n)).parameters.keys() == proto.parameters.keys(), n
         assert inspect.signature(getattr(TableStore, n)).parameters.keys() == proto.parameters.keys(), n
+
+
+# ---- a state change and its audit land together (issue: no change without its audit) -----------
+# The audit entry below reuses an entry that is already stored, so the audit write of the change
+# fails; the change itself must then not land either.
+
+
+def test_a_request_update_whose_audit_fails_changes_nothing(store: Store, tid: str) -> None:
+    first = an_entry(tid, T0, "request.created")
+    created = store.create_request(a_request(tid), first)
+    with pytest.raises(Conflict):
+        store.update_request(replace(created, state="approved"), created.etag, first)
+    got = store.get_request(tid, created.id)
+    assert got.state == "pending" and got.etag == created.etag
+    assert audit_of(store, tid) == [first]
+
+
+def test_a_policy_replace_whose_audit_fails_changes_nothing(store: Store, tid: str) -> None:
+    first = an_entry(tid, T0, "policy.created")
+    created = store.create_policy(a_policy(tid), first)
+    with pytest.raises(Conflict):
+        store.replace_policy(replace(created, name="Changed"), created.etag, first)
+    got = store.get_policy(tid, created.id)
+    assert got.name == created.name and got.etag == created.etag
+    assert audit_of(store, tid) == [first]
+
+
+def test_a_revocation_whose_audit_fails_changes_nothing(store: Store, tid: str) -> None:
+    cert = issued(store, tid, 77)
+    before = audit_of(store, tid)
+    with pytest.raises(Conflict):
+        store.revoke_certificate(replace(cert, revoked_at=int(T0), revoked_by="carol"), cert.etag, before[0])
+    got = store.get_certificate(tid, cert.policy_id, 77)
+    assert got.revoked_at is None and got.etag == cert.etag
+    assert audit_of(store, tid) == before
+
+
+# ---- idempotency keys --------------------------------------------------------------------------
+
+
+def an_idempotency(tid: str, rid: str, key: str = "k1", owner: str = "oid-alice") -> IdempotencyRecord:
+    return IdempotencyRecord(tenant_id=tid, owner_oid=owner, key_hash=key * 4, request_id=rid,
+                             digest="d" * 64, created_at=int(T0))
+
+
+def test_an_idempotency_key_lands_with_its_request_and_is_found_again(store: Store, tid: str) -> None:
+    rec = a_request(tid)
+    assert store.get_idempotency(tid, "oid-alice", "k1" * 4) is None
+    store.create_request(rec, an_entry(tid, T0), an_idempotency(tid, rec.id))
+    got = store.get_idempotency(tid, "oid-alice", "k1" * 4)
+    assert got == an_idempotency(tid, rec.id)
+    # keys are per user and per tenant
+    assert store.get_idempotency(tid, "oid-bob", "k1" * 4) is None
+    assert store.get_idempotency(str(uuid.uuid4()), "oid-alice", "k1" * 4) is None
+
+
+def test_a_used_idempotency_key_writes_nothing_new(store: Store, tid: str) -> None:
+    rec = a_request(tid)
+    store.create_request(rec, an_entry(tid, T0), an_idempotency(tid, rec.id))
+    second = a_request(tid)
+    with pytest.raises(Conflict):
+        store.create_request(second, an_entry(tid, T0 + 1, "lost"), an_idempotency(tid, second.id))
+    with pytest.raises(NotFound):
+        store.get_request(tid, second.id)
+    third = a_request(tid, state="issued", serial=5)
+    with pytest.raises(Conflict):
+        store.record_issuance(third, None, a_cert(third, 5), [an_entry(tid, T0 + 2, "lost")],
+                              an_idempotency(tid, third.id))
+    with pytest.raises(NotFound):
+        store.get_certificate(tid, "web", 5)
+    assert [e.action for e in audit_of(store, tid)] == ["test.event"]
+    assert store.get_idempotency(tid, "oid-alice", "k1" * 4).request_id == rec.id
+
+
+def test_an_issuance_carries_its_idempotency_key(store: Store, tid: str) -> None:
+    rec = a_request(tid, state="issued", serial=9)
+    store.record_issuance(rec, None, a_cert(rec, 9), [an_entry(tid, T0)], an_idempotency(tid, rec.id, "k2"))
+    assert store.get_idempotency(tid, "oid-alice", "k2" * 4).request_id == rec.id

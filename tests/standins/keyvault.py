@@ -227,6 +227,10 @@ class KeyVaultStandIn(TlsStandIn):
         with self._lock:
             self._failures.extend([(status, dict(headers or {}), raw)] * times)
 
+    def clear_failures(self) -> None:
+        with self._lock:
+            self._failures.clear()
+
     def deny(self, op: str, key_name: str = "*") -> None:
         """Refuse `op` (get, list, create, sign, update) on `key_name` ("*": every key) with 403."""
         if op not in OPS:
