@@ -4,7 +4,8 @@ It passes the same contract test as Table Storage (tests/contract/test_store.py)
 test pins down about Table Storage: every write gives the row a new ETag and the returned object
 carries it; conditional writes compare the ETag exactly (`*` matches anything, as If-Match does, and
 an empty one is refused with ValueError as the Azure SDK refuses it); a write that fails changes
-nothing, including its audit entries; audit entries are ordered by their time in milliseconds, then by
+nothing, including its audit entries; a write whose audit entries (or certificate, or idempotency key)
+belong to another partition than its row is refused with ValueError, as the SDK refuses such a batch; audit entries are ordered by their time in milliseconds, then by
 entry id, and their `since`/`until` bounds are inclusive at millisecond resolution; policies and audit
 entries come back through JSON, as they do from a table row.
 
@@ -59,6 +60,13 @@ class MemoryStore:
     def _audit_key(entry: AuditEntry) -> tuple[str, tuple[int, str]]:
         return entry.tenant_id or UNAUTHENTICATED, (int(entry.at * 1000), entry.entry_id)
 
+    @staticmethod
+    def _one_partition(tenant_id: str, audit: Sequence[AuditEntry], *others: object) -> None:
+        """A write and its audit entries are one transaction, so one partition (the SDK refuses more)."""
+        if any((a.tenant_id or UNAUTHENTICATED) != tenant_id for a in audit) or \
+                any(o is not None and o.tenant_id != tenant_id for o in others):  # type: ignore[attr-defined]
+            raise ValueError("Partition Keys in the batch must all be the same.")
+
     def _check_new_audit(self, entries: Sequence[AuditEntry]) -> None:
         keys = [self._audit_key(a) for a in entries]
         if len(set(keys)) != len(keys) or any(k in self._audit.get(p, {}) for p, k in keys):
@@ -96,6 +104,7 @@ class MemoryStore:
             return self._policy(row)
 
     def create_policy(self, policy: Policy, audit: AuditEntry) -> Policy:
+        self._one_partition(policy.tenant_id, [audit])
         with self._lock:
             if (policy.tenant_id, policy.id) in self._policies:
                 raise Conflict(f"A policy with id {policy.id!r} already exists.")
@@ -105,6 +114,7 @@ class MemoryStore:
             return replace(policy, etag=row.etag)
 
     def replace_policy(self, policy: Policy, etag: str, audit: AuditEntry) -> Policy:
+        self._one_partition(policy.tenant_id, [audit])
         with self._lock:
             row = self._policies.get((policy.tenant_id, policy.id))
             if row is None:
@@ -135,6 +145,7 @@ class MemoryStore:
 
     def create_request(self, rec: RequestRecord, audit: AuditEntry,
                        idempotency: IdempotencyRecord | None = None) -> RequestRecord:
+        self._one_partition(rec.tenant_id, [audit], idempotency)
         with self._lock:
             if (rec.tenant_id, rec.id) in self._requests:
                 raise Conflict("That request already exists.")
@@ -171,6 +182,7 @@ class MemoryStore:
         return row
 
     def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord:
+        self._one_partition(rec.tenant_id, [audit])
         with self._lock:
             row = self._claim_request(rec, etag)
             self._check_new_audit([audit])
@@ -183,6 +195,7 @@ class MemoryStore:
         self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry],
         idempotency: IdempotencyRecord | None = None,
     ) -> None:
+        self._one_partition(rec.tenant_id, audit, cert, idempotency)
         with self._lock:
             row = None
             if etag is None:
@@ -236,6 +249,7 @@ class MemoryStore:
 
     # revocation and hosts
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:
+        self._one_partition(cert.tenant_id, [audit])
         with self._lock:
             row = self._certs.get((cert.tenant_id, cert.policy_id, cert.serial))
             if row is None:

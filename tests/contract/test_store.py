@@ -669,3 +669,38 @@ def test_an_issuance_carries_its_idempotency_key(store: Store, tid: str) -> None
     rec = a_request(tid, state="issued", serial=9)
     store.record_issuance(rec, None, a_cert(rec, 9), [an_entry(tid, T0)], an_idempotency(tid, rec.id, "k2"))
     assert store.get_idempotency(tid, "oid-alice", "k2" * 4).request_id == rec.id
+
+
+# ---- one partition per write ------------------------------------------------------------------
+# A row and its audit entries are one entity-group transaction, so they share the tenant's partition.
+# An entry for another tenant (or none: the unauthenticated partition) is a caller's mistake that the
+# Azure SDK refuses before sending (ValueError); the memory store refuses it the same way, so a fast
+# service test catches it too.
+
+
+def test_a_write_with_another_partitions_audit_entry_is_refused_and_writes_nothing(store: Store, tid: str) -> None:
+    other = str(uuid.uuid4())
+    policy = store.create_policy(a_policy(tid), an_entry(tid, T0))
+    rec = store.create_request(a_request(tid), an_entry(tid, T0))
+    cert = issued(store, tid, 41)
+    before = audit_of(store, tid)
+    fresh = a_request(tid, state="issued", serial=42)
+    writes = {
+        "create_policy": lambda e: store.create_policy(a_policy(tid, "db"), e),
+        "replace_policy": lambda e: store.replace_policy(replace(policy, name="X"), policy.etag, e),
+        "create_request": lambda e: store.create_request(a_request(tid), e),
+        "update_request": lambda e: store.update_request(replace(rec, state="denied"), rec.etag, e),
+        "record_issuance": lambda e: store.record_issuance(fresh, None, a_cert(fresh, 42), [e]),
+        "revoke_certificate": lambda e: store.revoke_certificate(replace(cert, revoked_at=1, revoked_by="c"),
+                                                                 cert.etag, e),
+    }
+    for name, write in writes.items():
+        for stranger in (an_entry(other, T0 + 1, "stray"), an_entry(None, T0 + 1, "stray")):
+            with pytest.raises(ValueError):
+                write(stranger)
+    assert [p.id for p in store.list_policies(tid)] == ["web"] and store.get_policy(tid, "web").etag == policy.etag
+    assert [r.id for r in store.list_requests(tid)] == sorted([rec.id, cert.request_id])
+    assert store.get_certificate(tid, "web", 41).revoked_at is None
+    with pytest.raises(NotFound):
+        store.get_certificate(tid, "web", 42)
+    assert audit_of(store, tid) == before and audit_of(store, other) == []

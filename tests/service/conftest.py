@@ -5,16 +5,19 @@ verification has its own tests."""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import pytest
 
-from functions.core.policy import Policy
+from functions.core.audit import AuditEntry, link
+from functions.core.policy import CaKeyRef, Policy, policy_from_document
 from functions.service import Service, ServiceConfig
 from tests.memstore import MemoryStore
 from tests.realparts import unavailable
 
-from .helpers import CAROL, Clock, policy_doc
+from .helpers import CAROL, T0, Clock, policy_doc
 
 
 @pytest.fixture(scope="session")
@@ -45,12 +48,28 @@ def service(store, keys, clock) -> Service:
     return Service(store, keys, ServiceConfig(signer_backend="pkcs11"), clock=clock)
 
 
+@pytest.fixture(scope="session")
+def shared_ca(keys) -> CaKeyRef:
+    """One CA key in the HSM for the policies of tests that are not about making, rotating or
+    disabling CA keys (those go through service.policies and make their own)."""
+    from functions.signing.base import ssh_fingerprint, ssh_public_key_line
+
+    signer = keys.create_key(f"ez-service-tests-{uuid.uuid4().hex[:8]}", "EC-P256")
+    return CaKeyRef(key_ref=signer.key_ref, backend="pkcs11", public_key=ssh_public_key_line(signer, "ezssh-ca:tests"),
+                    fingerprint=ssh_fingerprint(signer.public_key()), state="current", created_at=int(T0))
+
+
 @pytest.fixture
-def make_policy(service) -> Callable[..., Policy]:
-    """Create a policy as the tenant admin (a fresh CA key in the HSM)."""
+def make_policy(store, shared_ca, clock) -> Callable[..., Policy]:
+    """A policy stored as the tenant admin's create stores it (the validated document, its
+    policy.created audit entry), with the shared CA key instead of a new one."""
 
     def make(pid: str = "web", action: str = "auto", **kw: object) -> Policy:
-        return service.policies.create(CAROL, policy_doc(pid, action, **kw))
+        policy = replace(policy_from_document(policy_doc(pid, action, **kw), tenant_id=CAROL.tid), ca=(shared_ca,))
+        entry = link(AuditEntry(tenant_id=CAROL.tid, at=clock(), action="policy.created", outcome="ok",
+                                actor_oid=CAROL.oid, actor_upn=CAROL.upn, policy_id=pid, chain=f"pol:{pid}",
+                                details={"policy": policy.to_dict()}), None)
+        return store.create_policy(replace(policy, audit_head=entry.hash), entry)
 
     return make
 

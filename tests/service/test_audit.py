@@ -8,14 +8,14 @@ import pytest
 from functions.core.errors import Forbidden, NotFound
 from functions.core.policy import AccessRequest
 
-from .helpers import ALICE, CAROL, ERIN, PAT, T0, policy_doc
+from .helpers import ALICE, CAROL, ERIN, PAT, T0
 
 
 @pytest.fixture
-def two_policies(service, clock, user_key):
+def two_policies(service, make_policy, clock, user_key):
     """'web' (pat administers it) and 'db' (nobody but tenant admins), one certificate under each."""
-    service.policies.create(CAROL, policy_doc("web"))
-    service.policies.create(CAROL, policy_doc("db", hosts=["db*"], admins={"users": [], "groups": []}))
+    make_policy("web")
+    make_policy("db", hosts=["db*"], admins={"users": [], "groups": []})
     clock.advance(1)
     web = service.issuance.request_access(ALICE, AccessRequest(host="web1", principal="alice"), user_key())
     clock.advance(1)
