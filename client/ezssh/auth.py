@@ -7,7 +7,6 @@ it contact Microsoft) and the shared requests Session (trusting only the configu
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ import requests
 
 from .errors import NOT_SIGNED_IN, UNAVAILABLE, EzsshError, not_signed_in
 from .home import HTTP_CACHE, TOKEN_CACHE, save_config, write_private
+from .tokens import claims as jwt_claims
 
 
 def token_cache(home: Path):
@@ -46,16 +46,6 @@ def token_cache(home: Path):
     if os.path.exists(location):
         os.chmod(location, 0o600)
     return PersistedTokenCache(persistence), desc
-
-
-def decode_jwt_claims(token: str) -> dict:
-    """Claims of a JWT for DISPLAY only (no signature check: the service verifies tokens)."""
-    try:
-        payload = token.split(".")[1]
-        payload += "=" * (-len(payload) % 4)
-        return json.loads(base64.urlsafe_b64decode(payload))
-    except (IndexError, ValueError):
-        return {}
 
 
 class Auth:
@@ -218,7 +208,7 @@ class Auth:
         result = self.silent()
         if result is None:
             raise not_signed_in("You are not signed in (or the session has expired).")
-        claims = decode_jwt_claims(result["access_token"])
+        claims = jwt_claims(result["access_token"])
         exp = claims.get("exp")
         return {
             "upn": claims.get("preferred_username") or claims.get("upn") or claims.get("unique_name"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -91,6 +90,8 @@ def find_valid(home: Path, server: str, principal: str, host: str, *, policy: st
 
 
 def remove(d: Path) -> None:
+    import shutil
+
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -16,7 +16,6 @@ Layout of $EZSSH_HOME (default ~/.ezssh, mode 0700):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -87,4 +86,8 @@ def save_config(cfg: dict, home: Path | None = None) -> Path:
 
 def server_hash(server: str) -> str:
     """Short stable name for a server URL (the certificate cache is per server)."""
-    return hashlib.sha256(server.rstrip("/").lower().encode()).hexdigest()[:12]
+    try:
+        from _sha256 import sha256  # CPython's built-in: no OpenSSL to load on the fast path
+    except ImportError:
+        from hashlib import sha256
+    return sha256(server.rstrip("/").lower().encode()).hexdigest()[:12]

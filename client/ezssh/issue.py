@@ -121,7 +121,10 @@ def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
     from . import keys
 
     out = out or sys.stderr
-    private, public = keys.new_keypair(f"ezssh {inv.principal}@{inv.host}")
+    from .home import ensure_private_dir
+
+    workdir = ensure_private_dir(certs.certs_root(home))  # the private key never touches a shared /tmp
+    private, public = keys.new_keypair(f"ezssh {inv.principal}@{inv.host}", workdir=str(workdir))
     body: dict = {"host": inv.host, "principal": inv.principal, "public_key": public}
     if inv.policy:
         body["policy"] = inv.policy

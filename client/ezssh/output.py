@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Iterable, Sequence
 
 
 def err(msg: str) -> None:
@@ -14,20 +13,20 @@ def err(msg: str) -> None:
     sys.stderr.flush()
 
 
-def out_json(data: Any) -> None:
+def out_json(data: object) -> None:
     """Data for scripts, on stdout: stable key order."""
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
     sys.stdout.flush()
 
 
-def fmt_time(t: Any, *, seconds: bool = True) -> str:
+def fmt_time(t: object, *, seconds: bool = True) -> str:
     """A UNIX time as `2026-01-31 12:00:00 UTC`; `-` for anything that is not a time."""
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not t:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC", time.gmtime(t))
 
 
-def fmt_left(t: Any, now: float | None = None) -> str:
+def fmt_left(t: object, now: float | None = None) -> str:
     """Time left until `t`: `1h05m`, `4m09s`, `expired`."""
     if not isinstance(t, (int, float)) or isinstance(t, bool):
         return "-"
@@ -37,7 +36,7 @@ def fmt_left(t: Any, now: float | None = None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def print_table(cols: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def print_table(cols: tuple | list, rows) -> None:
     """Left-aligned columns separated by two spaces, header first, no trailing blanks."""
     rows = [tuple(str(v) for v in r) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]

@@ -10,11 +10,8 @@ is ezssh's --explain here; ssh's escape character option still works after the d
 
 from __future__ import annotations
 
-import getpass
 import os
-import shlex
 
-from .durations import parse_duration
 from .errors import USAGE, EzsshError
 
 # ssh(1) options that take an argument (OpenSSH 9.x getopt string, letters followed by ':').
@@ -151,6 +148,8 @@ def parse(argv: list[str], *, local_user: str | None = None) -> SshInvocation | 
         elif tok == "--ttl" or tok.startswith("--ttl="):
             raw = value("--ttl")
             try:
+                from .durations import parse_duration
+
                 ttl = parse_duration(raw)
             except ValueError as exc:
                 raise _usage(f"--ttl: {exc}") from None
@@ -178,7 +177,11 @@ def parse(argv: list[str], *, local_user: str | None = None) -> SshInvocation | 
     # ssh's own precedence: the first of -l before the host, user@host, -l after the host wins.
     principal = login_from_ssh_options(pre) or (user if at else None) or login_from_ssh_options(rest)
     if not principal:
-        principal = local_user or getpass.getuser()
+        if not local_user:
+            import getpass
+
+            local_user = getpass.getuser()
+        principal = local_user
     if any(c.isspace() or c in "/\0" for c in principal):
         raise _usage(f"{principal!r} is not a valid login name")
     return SshInvocation(destination=destination, host=host, principal=principal, ssh_args=rest,
@@ -188,7 +191,11 @@ def parse(argv: list[str], *, local_user: str | None = None) -> SshInvocation | 
 
 def ssh_program() -> list[str]:
     raw = os.environ.get("EZSSH_SSH", "").strip()
-    return shlex.split(raw) if raw else ["ssh"]
+    if not raw:
+        return ["ssh"]
+    import shlex
+
+    return shlex.split(raw)
 
 
 def ssh_argv(inv: SshInvocation, key: str, cert: str, *, agent: bool = False) -> list[str]:
@@ -213,8 +220,8 @@ def run_ssh(argv: list[str]) -> int:
     SIGINT would be inherited across exec, and ssh keeps it ignored) so ssh alone handles Ctrl-C.
     """
     import signal
-    import subprocess
 
+    from .spawn import run
     from .sshconfig import IN_SSH_ENV
 
     env = {**os.environ, IN_SSH_ENV: "1"}  # ezssh's ssh_config block: the certificate is given already
@@ -222,10 +229,9 @@ def run_ssh(argv: list[str]) -> int:
     old_quit = signal.signal(signal.SIGQUIT, lambda *_: None)
     try:
         try:
-            proc = subprocess.Popen(argv, env=env)
+            rc, _ = run(argv, env)
         except FileNotFoundError:
             raise EzsshError(f"ssh program not found: {argv[0]!r} (set $EZSSH_SSH or install OpenSSH)") from None
-        rc = proc.wait()
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGQUIT, old_quit)

@@ -15,10 +15,8 @@ it sets, whichever file sets them. The exec is skipped for hosts the patterns do
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-import shlex
 from pathlib import Path
 
 from .errors import USAGE, EzsshError
@@ -37,19 +35,18 @@ _GLOB_OK = re.compile(r"^[A-Za-z0-9.*?_:\[\]-]+$")
 def resolve(ssh: list[str], pre_args: list[str], destination: str, post_args: list[str]) -> dict | None:
     """{hostname, user, port, ...} as `ssh -G` prints them for this command line, or None when the
     program gives no such answer (it is not OpenSSH, or the options are not valid)."""
-    import subprocess
+    from .spawn import run
 
     env = dict(os.environ)
     env[IN_SSH_ENV] = "1"  # our own Match block need not run `cert ensure` for this
     try:
-        r = subprocess.run([*ssh, "-G", *pre_args, destination, *post_args], env=env, stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
+        rc, out = run([*ssh, "-G", *pre_args, destination, *post_args], env, capture=True)
+    except OSError:
         return None
-    if r.returncode != 0:
+    if rc != 0:
         return None
     opts: dict[str, str] = {}
-    for line in r.stdout.splitlines():
+    for line in out.decode(errors="replace").splitlines():
         key, _, value = line.partition(" ")
         opts.setdefault(key.lower(), value)
     if not opts.get("hostname") or not opts.get("user"):
@@ -66,6 +63,8 @@ def host_patterns(policy_hosts: list[str]) -> tuple[list[str], list[str]]:
     Name globs pass as they are; IPv4 CIDRs become octet globs (10.1.0.0/16 -> 10.1.*), enumerated
     when the prefix is not on an octet boundary (at most 64); tags, Azure resource ids and IPv6
     ranges have no ssh_config form (name their hosts with --host)."""
+    import ipaddress
+
     out: list[str] = []
     skipped: list[str] = []
     for raw in policy_hosts:
@@ -108,6 +107,8 @@ def _esc(path: str) -> str:
 def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: list[str], server: str,
                  agent: bool = False) -> str:
     """The content of $EZSSH_HOME/ssh_config."""
+    import shlex
+
     ensure = (f"EZSSH_HOME={shlex.quote(_esc(str(home)))} " + " ".join(shlex.quote(_esc(c)) for c in command)
               + " cert ensure" + (" --agent" if agent else ""))
     exec_cmd = f"test x${{{IN_SSH_ENV}}} = x1 || {ensure} %r@%h -p %p"

@@ -7,6 +7,7 @@ and the caller signs in / refreshes through MSAL as before. Stdlib only.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -43,3 +44,14 @@ def cached_access_token(cfg: dict, home: Path, now: float | None = None) -> str 
         if expires - MARGIN > now and (best is None or expires > best[0]):
             best = (expires, at["secret"])
     return best[1] if best else None
+
+
+def claims(token: str) -> dict:
+    """Claims of a JWT for DISPLAY only (no signature check: the service verifies tokens)."""
+    try:
+        payload = token.split(".")[1]
+        payload += "=" * (-len(payload) % 4)
+        data = json.loads(base64.urlsafe_b64decode(payload))
+        return data if isinstance(data, dict) else {}
+    except (IndexError, ValueError):
+        return {}

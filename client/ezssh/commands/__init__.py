@@ -19,4 +19,7 @@ COMMANDS = {
     "cert": "certs",
     "hosts": "hosts",
     "audit": "audit",
+    "ls": "ls",
+    "doctor": "doctor",
+    "completion": "completion",
 }

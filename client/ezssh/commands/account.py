@@ -18,8 +18,17 @@ from ..output import err, fmt_left, fmt_time, out_json
 def cmd_configure(args) -> int:
     from ..api import Transport, check_server_url, fetch_client_config
 
-    server = check_server_url(args.server)
     home = home_dir()
+    if not args.server:
+        if args.agent is None:
+            raise EzsshError("Give --server URL (or --agent on|off to change that setting only).", USAGE)
+        cfg = load_config(home)
+        cfg["agent"] = args.agent == "on"
+        save_config(cfg, home)
+        err(f"Agent mode is {args.agent}: " + ("certificates also go to ssh-agent (ssh-add -t <time left>)."
+                                               if args.agent == "on" else "ssh is kept off the agent."))
+        return OK
+    server = check_server_url(args.server)
     bundle = None
     if args.ca_bundle:
         src = Path(args.ca_bundle).expanduser()
@@ -58,6 +67,11 @@ def cmd_configure(args) -> int:
     old = load_config(home, required=False) or {}
     if old.get("account") and (old.get("authority"), old.get("client_id")) == (cfg["authority"], cfg["client_id"]):
         cfg["account"] = old["account"]
+    for kept in ("ssh_config", "agent"):
+        if kept in old:
+            cfg[kept] = old[kept]
+    if args.agent is not None:
+        cfg["agent"] = args.agent == "on"
     path = save_config(cfg, home)
     if args.json:
         out_json(cfg)
@@ -136,9 +150,12 @@ def cmd_whoami(args) -> int:
 def register(sub, fmt) -> None:
     c = sub.add_parser("configure", help="point ezssh at a service (fetches its client configuration)",
                        formatter_class=fmt, epilog=EXIT_CODES_HELP)
-    c.add_argument("--server", required=True, metavar="URL", help="service URL, e.g. https://ezssh.example.com")
+    c.add_argument("--server", metavar="URL", help="service URL, e.g. https://ezssh.example.com (its base, without /api)")
     c.add_argument("--ca-bundle", metavar="PEM", help="trust only these CA certificates for the service and the identity provider")
     c.add_argument("--tenant", metavar="TID", help="sign in to this tenant (one of those the service serves)")
+    c.add_argument("--agent", choices=("on", "off"),
+                   help="agent mode: also add each certificate to ssh-agent for its lifetime (so ssh -A forwards "
+                        "it); alone, without --server, changes just this setting")
     c.add_argument("--json", action="store_true", help="print the saved configuration as JSON")
     c.set_defaults(func=cmd_configure)
 

@@ -7,7 +7,6 @@ no msal, requests or cryptography.
 
 from __future__ import annotations
 
-import shlex
 import sys
 
 from .. import agent, certs, sshargs, sshconfig
@@ -34,6 +33,8 @@ def run(argv: list[str]) -> int:
         agent.add(cached)
     argv_ssh = sshargs.ssh_argv(inv, str(cached.key), str(cached.cert), agent=use_agent)
     if inv.explain:
+        import shlex
+
         m = cached.meta
         err(f"policy:     {m.get('policy') or '-'}\n"
             f"host:       {inv.host}" + (f" (from {inv.destination})" if inv.host not in inv.destination else "") + "\n"
