@@ -38,7 +38,8 @@ itself Succeeded); whether real 202s carry both headers.
 
 Test knobs and figures: `.requests` (method, path, query), `.runs` (one RunRecord per script run),
 `agent_not_ready()`, `forbid()`, `remove_vm()`, `set_tags()`, `in_progress_polls`, `page_size`,
-`run_delay` (seconds a run takes at least).
+`run_delay` (seconds a run takes at least), `latency` (seconds added to every answer, as a real
+region's round trip would: ARM answers in tens of milliseconds).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class ArmStandIn(TlsStandIn):
         self.in_progress_polls = 1
         self.page_size = 100
         self.run_delay = 0.0
+        self.latency = 0.0
         self._vms: dict[tuple[str, str, str], StandInVm] = {}
         self._ops: dict[str, RunRecord] = {}
         self._lock = threading.RLock()
@@ -352,6 +354,8 @@ class _Handler(BaseHTTPRequestHandler):
             u = urlsplit(self.path)
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n) if n else b""
+            if self.owner.latency > 0:
+                time.sleep(self.owner.latency)  # this connection's thread only: answers overlap
             status, headers, data = self.owner.handle(self.command, u.path, u.query,
                                                       self.headers.get("Authorization"), body)
             self.send_response(status)

@@ -31,7 +31,10 @@ leave it: no route returns or exports them.
 
 Test knobs: `.requests` (a log of (method, path, has_auth)), `.statuses` (the status answered to
 each), `fail_next_with(status, headers, body, times=1)`, `deny(op, key_name)` / `allow(...)`,
-`add_key(...)` (a key made "out of band", e.g. a customer's own key for bring-your-own-key tests).
+`add_key(...)` (a key made "out of band", e.g. a customer's own key for bring-your-own-key tests),
+`latency` / `sign_latency` (seconds added before every authenticated answer / before a sign answer,
+as a real vault's round trip would be: each connection has its own thread, so delayed answers
+overlap the way they do against the real service). `KeyVaultStandIn(latency=..., sign_latency=...)`.
 """
 
 from __future__ import annotations
@@ -188,8 +191,11 @@ def _disabled(op: str) -> _HttpError:
 class KeyVaultStandIn(TlsStandIn):
     """A threaded HTTPS server on 127.0.0.1 that answers like Key Vault's keys API."""
 
-    def __init__(self, token: str = "standin-token", vault_name: str = "ezssh-standin") -> None:
+    def __init__(self, token: str = "standin-token", vault_name: str = "ezssh-standin", *,
+                 latency: float = 0.0, sign_latency: float = 0.0) -> None:
         self.token = token
+        self.latency = latency
+        self.sign_latency = sign_latency
         self.vault_name = vault_name
         self.requests: list[Request] = []
         self.statuses: list[int] = []
@@ -466,6 +472,9 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers, raw = failure
             self._answer(status, raw, headers)
             return
+        delay = owner.latency + (owner.sign_latency if split.path.endswith("/sign") else 0.0)
+        if delay > 0:
+            time.sleep(delay)  # this connection's thread only
         vault = f"https://{self.headers.get('Host') or f'127.0.0.1:{owner.port}'}"
         try:
             status, payload = owner.handle(self.command, split.path, parse_qs(split.query), body, vault)
