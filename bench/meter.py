@@ -1,8 +1,10 @@
 """Measure where one issuance spends its CPU, in-process, without touching production code.
 
 `Meter.wrap(owner, "name", "label")` replaces a function or method on its owner (a module or a class)
-by a wrapper that adds the call's CPU time (time.thread_time: user + system of the calling thread)
-and wall time to `label`. Time spent in a wrapped callee is the callee's, not the caller's
+by a wrapper that adds the call's CPU time and wall time to `label`. The CPU clock is the whole
+process's (time.process_time, user + system): azure-core prepares the parts of a batch request in a
+thread pool of its own, which a per-thread clock would miss. So measure from one thread, with
+nothing else running in the process. Time spent in a wrapped callee is the callee's, not the caller's
 (exclusive attribution), so "certificate build" excludes the HSM signature that happens inside it.
 `restore()` puts the originals back.
 
@@ -20,7 +22,8 @@ from urllib.parse import urlsplit
 
 
 class Meter:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.process_time) -> None:
+        self.clock = clock
         self.cpu: dict[str, float] = defaultdict(float)
         self.wall: dict[str, float] = defaultdict(float)
         self.calls: Counter[str] = Counter()
@@ -42,11 +45,12 @@ class Meter:
             stack = meter._stack()
             frame = [0.0, 0.0]
             stack.append(frame)
-            c0, w0 = time.thread_time(), time.perf_counter()
+            clock = meter.clock
+            c0, w0 = clock(), time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                dc, dw = time.thread_time() - c0, time.perf_counter() - w0
+                dc, dw = clock() - c0, time.perf_counter() - w0
                 stack.pop()
                 meter.cpu[label] += dc - frame[0]
                 meter.wall[label] += dw - frame[1]
