@@ -5,17 +5,28 @@ on the allow-list. Then the signature against the issuer's JWKS (cached; refresh
 kid appears, at most once per REFRESH_FLOOR seconds so forged kids can't make us hammer the issuer),
 issuer, audience, expiry and not-before with a small leeway, and a delegated user token (oid, tid,
 and the API scope in scp).
+
+A token that verified is remembered until its own `exp` (ValidatedTokens: keyed by the token's
+SHA-256, bounded in size), so a client that sends the same token on every call is checked once per
+worker, not once per call. The cache never extends a token's life: an entry dies at `exp` itself,
+without the leeway the first check allows. What it does not notice, within that life, is a signing
+key the identity provider has withdrawn from its JWKS meanwhile; the JWKS cache has the same blind
+spot for a day (PyJWKClient keeps keys 24 h), and Entra ID access tokens live about an hour. Tokens
+whose groups come from Microsoft Graph (groups overage) are not cached: their groups follow the
+Graph cache's own lifetime.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import ssl
 import threading
 import time
 import urllib.request
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Callable
 
 import jwt
 
@@ -82,6 +93,60 @@ class _IssuerKeys:
         return keys[kid].key
 
 
+class ValidatedTokens:
+    """Identities of tokens that verified, each until its token's `exp`; at most `size` of them (the
+    least recently used go first). Keyed by the SHA-256 of the token, so no token is kept in memory."""
+
+    def __init__(self, size: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+        self._size = size
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
+
+    @staticmethod
+    def _key(token: str) -> bytes:
+        return hashlib.sha256(token.encode()).digest()
+
+    def get(self, token: str) -> Identity | None:
+        key = self._key(token)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                return None
+            if self._clock() >= hit[0]:
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return hit[1]
+
+    def put(self, token: str, exp: float, identity: Identity) -> None:
+        if self._size <= 0 or self._clock() >= exp:
+            return
+        key = self._key(token)
+        with self._lock:
+            self._entries[key] = (exp, identity)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+def _cacheable_exp(token: str) -> float | None:
+    """The `exp` of a token that just verified, unless its groups came from Graph (overage)."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    exp = claims.get("exp")
+    names = claims.get("_claim_names")
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or (isinstance(names, dict) and "groups" in names):
+        return None
+    return float(exp)
+
+
 class TokenValidator:
     def __init__(self, settings: Settings, groups: Any = None) -> None:
         """`groups` (a functions.graph.GraphGroups) resolves groups overage; without it such tokens
@@ -92,6 +157,7 @@ class TokenValidator:
             else ssl.create_default_context()
         self._issuers: dict[str, _IssuerKeys] = {}
         self._lock = threading.Lock()
+        self.tokens = ValidatedTokens()
 
     def _keys(self, issuer: str) -> _IssuerKeys:
         with self._lock:
@@ -109,6 +175,20 @@ class TokenValidator:
                 pass
 
     def validate(self, authorization: str | None) -> Identity:
+        """The caller's Identity; from the cache of verified tokens when this token verified before."""
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and token:
+            hit = self.tokens.get(token)
+            if hit is not None:
+                return hit
+        identity = self._verify(authorization)
+        exp = _cacheable_exp(token)
+        if exp is not None:
+            self.tokens.put(token, exp, identity)
+        return identity
+
+    def _verify(self, authorization: str | None) -> Identity:
         if not authorization:
             raise Unauthenticated("Sign in first: no bearer token was sent.")
         scheme, _, token = authorization.partition(" ")
