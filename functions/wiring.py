@@ -31,6 +31,18 @@ def _credential(settings: Settings):  # type: ignore[no-untyped-def]
     return DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
 
 
+# azure-core logs every request's and response's headers at INFO through this logger; under the
+# Functions host the root logger is at INFO, so each storage and Key Vault call would format and
+# ship a multi-line record. Quiet unless somebody set its level on purpose.
+HTTP_LOGGER = "azure.core.pipeline.policies.http_logging_policy"
+
+
+def quiet_sdk_http_logging() -> None:
+    lg = logging.getLogger(HTTP_LOGGER)
+    if lg.level == logging.NOTSET:
+        lg.setLevel(logging.WARNING)
+
+
 def build_store(settings: Settings):  # type: ignore[no-untyped-def]
     from .storage.tables import TableStore
 
@@ -71,6 +83,7 @@ def build_graph_groups(settings: Settings, credential=None, verify: bool | str =
 
 def build_context(settings: Settings | None = None) -> Context:
     settings = settings or load_settings()
+    quiet_sdk_http_logging()
     store = build_store(settings)
     from .notify import WebhookNotifier
 

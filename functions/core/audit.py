@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
 GENESIS = "0" * 64
@@ -41,16 +41,25 @@ class AuditEntry:
     hash: str = ""
 
     def body(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("hash")
+        """Every field but the hash (what the hash covers). `details` is a copy of its top level;
+        its values are JSON-like data nobody changes in place."""
+        d = {name: getattr(self, name) for name in _BODY_FIELDS}
+        d["details"] = dict(self.details)
         return d
 
     def sealed(self) -> "AuditEntry":
-        digest = hashlib.sha256(canonical_json(self.body()).encode()).hexdigest()
-        return AuditEntry(**{**self.body(), "hash": digest})
+        body = self.body()
+        return AuditEntry(**body, hash=_digest(body))
 
     def verify(self) -> bool:
         return self.sealed().hash == self.hash
+
+
+_BODY_FIELDS = tuple(f.name for f in fields(AuditEntry) if f.name != "hash")
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 def canonical_json(obj: Any) -> str:
@@ -63,7 +72,9 @@ def link(entry: AuditEntry, previous: AuditEntry | str | None) -> AuditEntry:
         prev = previous
     else:
         prev = previous.hash if previous is not None else GENESIS
-    return AuditEntry(**{**entry.body(), "prev_hash": prev}).sealed()
+    body = entry.body()
+    body["prev_hash"] = prev
+    return AuditEntry(**body, hash=_digest(body))
 
 
 def verify_chain(entries: Iterable[AuditEntry], head: str | None = None) -> bool:

@@ -39,6 +39,7 @@ from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed, StorageUnavailable
 from ..core.policy import Policy, policy_from_row
 from .base import CertificateRecord, IdempotencyRecord
+from .transport import client_options, endpoint_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,11 +123,13 @@ class TableStore:
 
     @classmethod
     def from_connection_string(cls, conn: str, table_name: str = "ezssh") -> "TableStore":
-        return cls(TableServiceClient.from_connection_string(conn, **CLIENT_OPTIONS), table_name)
+        return cls(TableServiceClient.from_connection_string(conn, **client_options(endpoint_of(conn), CLIENT_OPTIONS)),
+                   table_name)
 
     @classmethod
     def from_account_url(cls, url: str, credential: Any, table_name: str = "ezssh") -> "TableStore":
-        return cls(TableServiceClient(endpoint=url, credential=credential, **CLIENT_OPTIONS), table_name)
+        return cls(TableServiceClient(endpoint=url, credential=credential, **client_options(url, CLIENT_OPTIONS)),
+                   table_name)
 
     def ensure_table(self) -> None:
         def create() -> None:
