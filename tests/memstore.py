@@ -24,7 +24,7 @@ from functions.core.approval import RequestRecord
 from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy, policy_from_row
-from functions.storage.base import CertificateRecord, IdempotencyRecord
+from functions.storage.base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, IdempotencyRecord
 
 UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant
 
@@ -45,6 +45,9 @@ class MemoryStore:
         self._audit: dict[str, dict[tuple[int, str], str]] = {}  # partition -> (ms, entry id) -> JSON
         self._host_tokens: dict[tuple[str, str], str] = {}
         self._idempotency: dict[tuple[str, str, str], IdempotencyRecord] = {}
+        self._enrol_tokens: dict[tuple[str, str], _Row] = {}  # value: HostEnrolmentToken
+        self._challenges: dict[tuple[str, str], _Row] = {}  # value: HostChallenge
+        self._host_keys: dict[tuple[str, str, str], _Row] = {}  # value: HostKeyRecord
 
     # ---- helpers ------------------------------------------------------------------------------
     def _etag(self) -> str:
@@ -286,3 +289,70 @@ class MemoryStore:
             if (tenant_id, policy_id) not in self._host_tokens:
                 self._host_tokens[(tenant_id, policy_id)] = candidate
             return self._host_tokens[(tenant_id, policy_id)]
+
+    # host certificates
+    def create_host_enrolment_token(self, token: HostEnrolmentToken, audit: AuditEntry) -> HostEnrolmentToken:
+        with self._lock:
+            if (token.tenant_id, token.token_hash) in self._enrol_tokens:
+                raise Conflict("That enrolment token already exists; mint another.")
+            self._check_new_audit([audit])
+            row = self._enrol_tokens[(token.tenant_id, token.token_hash)] = _Row(replace(token, etag=None), self._etag())
+            self._put_audit([audit])
+            return replace(token, etag=row.etag)
+
+    def get_host_enrolment_token(self, tenant_id: str, token_hash: str) -> HostEnrolmentToken:
+        with self._lock:
+            row = self._enrol_tokens.get((tenant_id, token_hash))
+            if row is None:
+                raise NotFound("No such enrolment token.")
+            return replace(row.value, etag=row.etag)  # type: ignore[type-var]
+
+    def create_host_challenge(self, challenge: HostChallenge) -> HostChallenge:
+        with self._lock:
+            if (challenge.tenant_id, challenge.id) in self._challenges:
+                raise Conflict("That challenge already exists; ask again.")
+            row = self._challenges[(challenge.tenant_id, challenge.id)] = _Row(replace(challenge, etag=None),
+                                                                              self._etag())
+            return replace(challenge, etag=row.etag)
+
+    def get_host_challenge(self, tenant_id: str, challenge_id: str) -> HostChallenge:
+        with self._lock:
+            row = self._challenges.get((tenant_id, challenge_id))
+            if row is None:
+                raise NotFound("No such challenge.")
+            return replace(row.value, etag=row.etag)  # type: ignore[type-var]
+
+    def get_host_key(self, tenant_id: str, policy_id: str, fingerprint: str) -> HostKeyRecord | None:
+        with self._lock:
+            row = self._host_keys.get((tenant_id, policy_id, fingerprint))
+            return None if row is None else replace(row.value, etag=row.etag)  # type: ignore[type-var]
+
+    def list_host_keys(self, tenant_id: str, policy_id: str, subject: str | None = None) -> list[HostKeyRecord]:
+        with self._lock:
+            return [replace(r.value, etag=r.etag)  # type: ignore[type-var]
+                    for (t, p, _), r in sorted(self._host_keys.items(), key=lambda kv: kv[0])
+                    if t == tenant_id and p == policy_id
+                    and (subject is None or r.value.subject == subject)]  # type: ignore[attr-defined]
+
+    def record_host_issuance(self, certs: Sequence[CertificateRecord], keys: Sequence[HostKeyRecord],
+                             audit: Sequence[AuditEntry],
+                             used: HostEnrolmentToken | HostChallenge | None = None) -> None:
+        with self._lock:
+            used_row = None
+            if used is not None:
+                table = self._enrol_tokens if isinstance(used, HostEnrolmentToken) else self._challenges
+                key = (used.tenant_id, used.token_hash if isinstance(used, HostEnrolmentToken) else used.id)
+                used_row = table.get(key)
+                if used_row is None or not self._matches(used_row, used.etag or ""):
+                    raise Conflict("That token or challenge was used at the same time; nothing was issued.")
+            if any((c.tenant_id, c.policy_id, c.serial) in self._certs for c in certs) or \
+                    len({c.serial for c in certs}) != len(certs):
+                raise Conflict("The host certificate could not be recorded (serial already used); retry.")
+            self._check_new_audit(audit)
+            if used_row is not None:
+                used_row.value, used_row.etag = replace(used, etag=None), self._etag()  # type: ignore[type-var]
+            for c in certs:
+                self._certs[(c.tenant_id, c.policy_id, c.serial)] = _Row(replace(c, etag=None), self._etag())
+            for k in keys:
+                self._host_keys[(k.tenant_id, k.policy_id, k.fingerprint)] = _Row(replace(k, etag=None), self._etag())
+            self._put_audit(audit)

@@ -18,7 +18,7 @@ EDITABLE_FIELDS = (
     "webhook_url", "webhook_format",
 )
 # What `policy show --json` adds that the service sets itself: dropped from documents read with -f.
-READ_ONLY_FIELDS = ("etag", "you", "ca", "tenant_id", "deleted", "host_token")
+READ_ONLY_FIELDS = ("etag", "you", "ca", "host_ca", "tenant_id", "deleted", "host_token")
 TTL_FIELDS = ("default_ttl", "max_ttl", "request_ttl")
 LIST_FIELDS = ("hosts", "principals", "extensions", "source_address")
 SUBJECT_FIELDS = ("approvers", "admins")

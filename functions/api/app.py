@@ -12,6 +12,7 @@ from .. import observability
 from . import audit, errors, meta, policies, requests
 from . import hosts
 from . import enrolments
+from . import hostcerts
 
 log = logging.getLogger("ezssh.api")
 
@@ -42,4 +43,5 @@ def create_app(context: Callable[[], Any]) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(hosts.router)
     app.include_router(enrolments.router)
+    app.include_router(hostcerts.router)
     return app

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from ..core.errors import InvalidRequest
 from ..core.policy import Identity, Policy
 from .deps import body, caller, service
 
@@ -59,11 +60,24 @@ def delete(request: Request, policy_id: str, who: Identity = Depends(caller),
 
 @router.post("/{policy_id}/rotate-ca")
 def rotate(request: Request, policy_id: str, who: Identity = Depends(caller),
-           if_match: str | None = Header(None)) -> JSONResponse:
-    return _respond(service(request).policies.rotate_ca(who, policy_id, if_match), who)
+           if_match: str | None = Header(None), kind: str = Query("user")) -> JSONResponse:
+    return _respond(service(request).policies.rotate_ca(who, policy_id, if_match, kind=kind), who)
 
 
 @router.get("/{policy_id}/ca")
-def ca(request: Request, policy_id: str, who: Identity = Depends(caller)) -> PlainTextResponse:
-    keys = service(request).policies.ca_public_keys(who, policy_id)
+def ca(request: Request, policy_id: str, who: Identity = Depends(caller), kind: str = Query("user"),
+       format: str = Query("text")) -> Response:
+    """The CA public keys, current first: `?kind=user` (the default, what old clients read) or
+    `?kind=host`, as text lines, or `?format=json` with both kinds and their states."""
+    svc = service(request)
+    with svc.base.refusing(who, "policy.ca.refused", policy_id=policy_id):
+        if kind not in ("user", "host") or format not in ("text", "json"):
+            raise InvalidRequest("'kind' must be user or host, and 'format' text or json.")
+    if format == "json":
+        out = {k: [c.to_dict() for c in svc.policies.ca_public_keys(who, policy_id, k)] for k in ("user", "host")}
+        for keys in out.values():
+            for c in keys:
+                c.pop("key_ref", None)
+        return JSONResponse({"policy": policy_id, **out})
+    keys = svc.policies.ca_public_keys(who, policy_id, kind)
     return PlainTextResponse("".join(k.public_key + "\n" for k in keys))

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Literal
 
 from .certificate import DEFAULT_BACKDATE, KNOWN_EXTENSIONS, Grant
 from .errors import Denied, InvalidRequest, NoPolicyForHost, PrincipalNotAllowed, TtlTooLong
+from .hostcert import DEFAULT_HOST_CERT_TTL, MAX_HOST_CERT_TTL, MIN_HOST_CERT_TTL
 
 Action = Literal["auto", "approval", "deny"]
 ACTIONS = ("auto", "approval", "deny")
@@ -143,6 +144,9 @@ class Policy:
     webhook_url: str | None = None
     webhook_format: str | None = None  # teams | slack | None (guess from the URL's host)
     ca: tuple[CaKeyRef, ...] = ()
+    # The host CA: a separate key that signs host certificates (current + previous during rotation).
+    host_ca: tuple[CaKeyRef, ...] = ()
+    host_cert_ttl: int = DEFAULT_HOST_CERT_TTL
     deleted: bool = False
     audit_head: str = field(default="0" * 64, compare=False)  # last entry of this policy's audit chain
     etag: str | None = field(default=None, compare=False)
@@ -156,6 +160,20 @@ class Policy:
     def trusted_ca(self) -> tuple[CaKeyRef, ...]:
         """The CA keys hosts trust: the current one first, then previous ones still in their window."""
         return tuple(c for c in self.ca if c.state == "current") + tuple(c for c in self.ca if c.state == "previous")
+
+    @property
+    def current_host_ca(self) -> CaKeyRef | None:
+        return next((c for c in self.host_ca if c.state == "current"), None)
+
+    @property
+    def trusted_host_ca(self) -> tuple[CaKeyRef, ...]:
+        """The host CA keys clients trust: current first, then previous ones in their window."""
+        return (tuple(c for c in self.host_ca if c.state == "current")
+                + tuple(c for c in self.host_ca if c.state == "previous"))
+
+    def ca_keys(self, kind: str) -> tuple[CaKeyRef, ...]:
+        """All keys of one kind: "user" (signs user certificates) or "host"."""
+        return self.host_ca if kind == "host" else self.ca
 
     def critical_options(self) -> tuple[tuple[str, str], ...]:
         opts = []
@@ -202,6 +220,8 @@ class Policy:
             "webhook_url": self.webhook_url,
             "webhook_format": self.webhook_format,
             "ca": [c.to_dict() for c in self.ca],
+            "host_ca": [c.to_dict() for c in self.host_ca],
+            "host_cert_ttl": self.host_cert_ttl,
             "deleted": self.deleted,
         }
 
@@ -226,6 +246,7 @@ EDITABLE_FIELDS = frozenset(
         "source_address",
         "webhook_url",
         "webhook_format",
+        "host_cert_ttl",
     }
 )
 
@@ -396,6 +417,7 @@ def policy_from_document(
     webhook_format = doc.get("webhook_format")
     if webhook_format not in (None, "teams", "slack"):
         raise InvalidRequest("'webhook_format' must be teams, slack or null (guess from the URL).")
+    host_cert_ttl = _int(doc, "host_cert_ttl", DEFAULT_HOST_CERT_TTL, MIN_HOST_CERT_TTL, MAX_HOST_CERT_TTL)
 
     fields = dict(
         id=pid,
@@ -415,6 +437,7 @@ def policy_from_document(
         source_address=source_address,
         webhook_url=webhook_url,
         webhook_format=webhook_format,
+        host_cert_ttl=host_cert_ttl,
     )
     if base is not None:
         return replace(base, **fields)
@@ -444,6 +467,8 @@ def policy_from_row(d: dict, etag: str | None = None, audit_head: str | None = N
         webhook_url=d.get("webhook_url"),
         webhook_format=d.get("webhook_format"),
         ca=tuple(CaKeyRef.from_dict(c) for c in d.get("ca", ())),
+        host_ca=tuple(CaKeyRef.from_dict(c) for c in d.get("host_ca", ())),
+        host_cert_ttl=int(d.get("host_cert_ttl") or DEFAULT_HOST_CERT_TTL),
         deleted=bool(d.get("deleted", False)),
         audit_head=audit_head or "0" * 64,
         etag=etag,

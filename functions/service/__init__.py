@@ -4,6 +4,7 @@
     requests   look, list, approve, deny, cancel, expire (Requests)
     policies   CRUD, CA rotation and retirement, BYO key (Policies)
     hosts      revocation, KRL, setup script             (Hosts)
+    hostcerts  host certificates: tokens, ARM, renewal   (HostCerts)
     audit      audit queries and chain checks            (AuditLog)
 
 Each takes the caller's Identity, checks what it may do, and leaves an audit entry; refusals go
@@ -21,6 +22,7 @@ from ..signing.base import KeyStore
 from ..storage.base import Store
 from .audit import AuditLog
 from .base import Base, Notifier, ServiceConfig
+from .hostcerts import HostCerts
 from .hosts import Hosts
 from .issuance import Issuance, Outcome
 from .policies import Policies
@@ -39,6 +41,7 @@ class Service:
         self.issuance = Issuance(self.base, self.requests)
         self.policies = Policies(self.base)
         self.hosts = Hosts(self.base)
+        self.hostcerts = HostCerts(self.base, self.policies, self.hosts)
         self.audit = AuditLog(self.base, self.requests)
 
     # the dependencies, for the wiring and the timers

@@ -59,14 +59,11 @@ class Hosts:
         return saved
 
     # ---- the KRL ------------------------------------------------------------------------------
-    def build_krl(self, policy: Policy) -> bytes:
-        """The policy's KRL: every revoked serial per CA key still trusted (current, previous).
-
-        Byte-stable for the same revocations: krl_version and generated_date are the latest
-        revocation time, so hosts replace their copy only when something was revoked (or expired
-        out of it, KRL_EXPIRY_GRACE after its valid_before).
-        """
-        keys = {fingerprint_of_blob(ca_key_blob(c.public_key)): c.public_key for c in policy.trusted_ca}
+    def revocations(self, policy: Policy, kinds: tuple[str, ...] = ("user", "host")) -> tuple[list[CaRevocations], int]:
+        """Every revoked serial per CA key still trusted (current, previous) of the given kinds, and
+        the latest revocation time. Certificates drop out KRL_EXPIRY_GRACE after their valid_before."""
+        trusted = (policy.trusted_ca if "user" in kinds else ()) + (policy.trusted_host_ca if "host" in kinds else ())
+        keys = {fingerprint_of_blob(ca_key_blob(c.public_key)): c.public_key for c in trusted}
         revoked = self.base.store.list_revoked(policy.tenant_id, policy.id)
         latest = max((r.revoked_at or 0 for r in revoked), default=0)
         cutoff = self.base.now() - KRL_EXPIRY_GRACE
@@ -74,8 +71,17 @@ class Hosts:
         for r in revoked:
             if r.ca_fingerprint in serials and r.valid_before > cutoff:
                 serials[r.ca_fingerprint].add(r.serial)
-        return encode_krl([CaRevocations(keys[fp], frozenset(s)) for fp, s in serials.items()],
-                          krl_version=latest, generated_date=latest,
+        return [CaRevocations(keys[fp], frozenset(s)) for fp, s in serials.items()], latest
+
+    def build_krl(self, policy: Policy) -> bytes:
+        """The policy's KRL: every revoked serial per CA key still trusted, user and host CAs alike.
+
+        Byte-stable for the same revocations: krl_version and generated_date are the latest
+        revocation time, so hosts replace their copy only when something was revoked (or expired
+        out of it, KRL_EXPIRY_GRACE after its valid_before).
+        """
+        revs, latest = self.revocations(policy)
+        return encode_krl(revs, krl_version=latest, generated_date=latest,
                           comment=f"ezssh policy {policy.id} tenant {policy.tenant_id}")
 
     def krl_for(self, who: Identity, policy_id: str) -> bytes:

@@ -32,9 +32,13 @@ class Policies:
     def get(self, who: Identity, policy_id: str) -> Policy:
         return self.base.policies.visible(who, policy_id)
 
-    def ca_public_keys(self, who: Identity, policy_id: str) -> list[CaKeyRef]:
-        """Current first, then previous keys still inside their retirement window."""
-        return list(self.get(who, policy_id).trusted_ca)
+    def ca_public_keys(self, who: Identity, policy_id: str, kind: str = "user") -> list[CaKeyRef]:
+        """Current first, then previous keys still inside their retirement window. `kind` "host" is
+        the host CA (made on this first need for policies created before host CAs existed)."""
+        p = self.get(who, policy_id)
+        if kind == "host":
+            return list(self.ensure_host_ca(p, who).trusted_host_ca)
+        return list(p.trusted_ca)
 
     # ---- changing -------------------------------------------------------------------------------
     def create(self, who: Identity, doc: object) -> Policy:
@@ -45,11 +49,16 @@ class Policies:
             if not who.is_tenant_admin:
                 raise Forbidden("Only tenant admins (app role EZSSH.Admin) create policies.")
             customer_key: str | None = None
-            if isinstance(doc, dict) and "ca_key_id" in doc:
+            customer_host_key: str | None = None
+            if isinstance(doc, dict) and ("ca_key_id" in doc or "host_ca_key_id" in doc):
                 doc = dict(doc)
-                customer_key = doc.pop("ca_key_id")
-                if not isinstance(customer_key, str) or not customer_key.startswith("https://"):
-                    raise InvalidRequest("'ca_key_id' must be the https key id of a Key Vault key.")
+                customer_key = doc.pop("ca_key_id", None)
+                customer_host_key = doc.pop("host_ca_key_id", None)
+                for name, value in (("ca_key_id", customer_key), ("host_ca_key_id", customer_host_key)):
+                    if value is not None and (not isinstance(value, str) or not value.startswith("https://")):
+                        raise InvalidRequest(f"'{name}' must be the https key id of a Key Vault key.")
+                if customer_key and customer_key == customer_host_key:
+                    raise InvalidRequest("The host CA must be another key than the user CA.")
             policy = policy_from_document(doc, tenant_id=who.tid, ttl_ceiling=b.config.max_ttl_ceiling)
             if b.policies.get_or_none(who.tid, policy.id) is not None:
                 raise Conflict(f"A policy with id {policy.id!r} already exists.")
@@ -58,12 +67,22 @@ class Policies:
                 ca = self._ca_ref(b.keys.verify_key(customer_key), policy.id, now, customer_owned=True)
             else:
                 ca = self._new_ca(policy.id, who.tid, now)
-        policy = replace(policy, ca=(ca,))
+            try:
+                if customer_host_key:
+                    host_ca = self._ca_ref(b.keys.verify_key(customer_host_key), policy.id, now,
+                                           customer_owned=True, kind="host")
+                else:
+                    host_ca = self._new_ca(policy.id, who.tid, now, kind="host")
+            except Exception:
+                self.disable_ca(ca)
+                raise
+        policy = replace(policy, ca=(ca,), host_ca=(host_ca,))
         entry = self._audit(who, "policy.created", policy, None, {"policy": policy.to_dict()})
         try:
             return self._write(lambda: b.store.create_policy(replace(policy, audit_head=entry.hash), entry), policy)
         except Exception:
             self._discard_unless_saved(who.tid, policy.id, ca)
+            self._discard_unless_saved(who.tid, policy.id, host_ca)
             raise
 
     def update(self, who: Identity, policy_id: str, patch: object, if_match: str | None) -> Policy:
@@ -73,10 +92,40 @@ class Policies:
                 raise PreconditionRequired("Send If-Match with the policy's ETag to change it.")
             base = self._admin_policy(who, policy_id, "change", if_match)
             new = policy_from_document(patch, tenant_id=who.tid, ttl_ceiling=b.config.max_ttl_ceiling, base=base)
+        added = None
+        if new.current_host_ca is None:  # created before host CAs existed: it gets one with this edit
+            added = self._new_ca(new.id, who.tid, b.now(), kind="host")
+            new = replace(new, host_ca=(added,) + new.host_ca)
         before, after = base.to_dict(), new.to_dict()
         changed = {k: {"from": before[k], "to": after[k]} for k in after if before.get(k) != after[k]}
         entry = self._audit(who, "policy.updated", new, base.audit_head, {"changed": changed})
-        return self._write(lambda: b.store.replace_policy(replace(new, audit_head=entry.hash), if_match, entry), new)
+        try:
+            return self._write(lambda: b.store.replace_policy(replace(new, audit_head=entry.hash), if_match, entry), new)
+        except Exception:
+            if added is not None:
+                self._discard_unless_saved(who.tid, new.id, added)
+            raise
+
+    def ensure_host_ca(self, p: Policy, who: Identity | None = None) -> Policy:
+        """The policy with a host CA: one is made (ETag-guarded, audited) if it has none yet. When
+        another worker adds one first, theirs is kept and ours disabled."""
+        b = self.base
+        if p.current_host_ca is not None or p.deleted:
+            return p
+        new = self._new_ca(p.id, p.tenant_id, b.now(), kind="host")
+        with_ca = replace(p, host_ca=(new,) + p.host_ca)
+        entry = link(replace(b.audit_entry(who, "policy.host_ca_created", policy_id=p.id, chain=f"pol:{p.id}",
+                                           details={"host_ca": new.fingerprint, "reason": "first need"}),
+                             tenant_id=p.tenant_id), p.audit_head)
+        try:
+            return self._write(lambda: b.store.replace_policy(replace(with_ca, audit_head=entry.hash), p.etag or "",
+                                                              entry), p)
+        except (Conflict, PreconditionFailed):
+            self._discard_unless_saved(p.tenant_id, p.id, new)
+            fresh = b.policies.get(p.tenant_id, p.id)
+            if fresh.current_host_ca is None:
+                raise Conflict(f"Policy {p.id!r} changed at the same time; retry.") from None
+            return fresh
 
     def delete(self, who: Identity, policy_id: str, if_match: str | None) -> Policy:
         """Stop issuance at once and disable the policy's CA keys; its records and audit stay."""
@@ -87,31 +136,36 @@ class Policies:
             p = self._admin_policy(who, policy_id, "delete", if_match, tenant_admin_only=True)
         now = b.now()
         retired = tuple(replace(c, state="retired", retire_after=now) for c in p.ca)
-        gone = replace(p, deleted=True, ca=retired)
+        host_retired = tuple(replace(c, state="retired", retire_after=now) for c in p.host_ca)
+        gone = replace(p, deleted=True, ca=retired, host_ca=host_retired)
         entry = self._audit(who, "policy.deleted", gone, p.audit_head,
-                            {"ca_disabled": [c.fingerprint for c in p.ca if c.state != "retired"]})
+                            {"ca_disabled": [c.fingerprint for c in p.ca + p.host_ca if c.state != "retired"]})
         saved = self._write(lambda: b.store.replace_policy(replace(gone, audit_head=entry.hash), if_match, entry), gone)
-        for c in p.ca:
+        for c in p.ca + p.host_ca:
             if c.state != "retired":
                 self.disable_ca(c)
         return saved
 
-    def rotate_ca(self, who: Identity, policy_id: str, if_match: str | None = None) -> Policy:
-        """A new current key; the old one stays trusted (listed second) until max_ttl has passed."""
+    def rotate_ca(self, who: Identity, policy_id: str, if_match: str | None = None, kind: str = "user") -> Policy:
+        """A new current key; the old one stays trusted (listed second) until every certificate it
+        signed has expired: max_ttl for the user CA, host_cert_ttl for the host CA."""
         b = self.base
-        with b.refusing(who, "policy.rotate.refused", policy_id=policy_id):
+        with b.refusing(who, "policy.rotate.refused", policy_id=policy_id, details={"kind": kind}):
+            if kind not in ("user", "host"):
+                raise InvalidRequest("'kind' must be user or host.")
             p = self._admin_policy(who, policy_id, "rotate the CA of", if_match)
         now = b.now()
-        new = self._new_ca(p.id, who.tid, now)
+        new = self._new_ca(p.id, who.tid, now, kind=kind)
+        window = p.host_cert_ttl if kind == "host" else p.max_ttl
         keys = tuple(
-            replace(c, state="previous", retire_after=now + p.max_ttl + b.config.backdate_seconds)
+            replace(c, state="previous", retire_after=now + window + b.config.backdate_seconds)
             if c.state == "current" else c
-            for c in p.ca
+            for c in p.ca_keys(kind)
         )
-        rotated = replace(p, ca=(new,) + keys)
-        entry = self._audit(who, "policy.ca_rotated", rotated, p.audit_head,
-                            {"new": new.fingerprint,
-                             "previous": [c.fingerprint for c in keys if c.state == "previous"]})
+        rotated = replace(p, host_ca=(new,) + keys) if kind == "host" else replace(p, ca=(new,) + keys)
+        entry = self._audit(who, "policy.host_ca_rotated" if kind == "host" else "policy.ca_rotated", rotated,
+                            p.audit_head, {"new": new.fingerprint,
+                                           "previous": [c.fingerprint for c in keys if c.state == "previous"]})
         try:
             return self._write(lambda: b.store.replace_policy(replace(rotated, audit_head=entry.hash), p.etag or "", entry),
                                rotated)
@@ -125,15 +179,18 @@ class Policies:
         now = b.now()
         done: list[str] = []
         for p in b.policies.all(tenant_id):
-            due = [c for c in p.ca if c.state == "previous" and c.retire_after is not None and c.retire_after <= now]
+            due = [c for c in p.ca + p.host_ca
+                   if c.state == "previous" and c.retire_after is not None and c.retire_after <= now]
             if not due:
                 continue
             keys = tuple(replace(c, state="retired") if c in due else c for c in p.ca)
+            host_keys = tuple(replace(c, state="retired") if c in due else c for c in p.host_ca)
             entry = link(replace(b.audit_entry(None, "policy.ca_retired", policy_id=p.id, chain=f"pol:{p.id}",
                                                details={"retired": [c.fingerprint for c in due]}),
                                  tenant_id=tenant_id), p.audit_head)
             try:
-                self._write(lambda: b.store.replace_policy(replace(p, ca=keys, audit_head=entry.hash), p.etag or "", entry), p)
+                self._write(lambda: b.store.replace_policy(replace(p, ca=keys, host_ca=host_keys, audit_head=entry.hash),
+                                                          p.etag or "", entry), p)
             except (Conflict, PreconditionFailed):
                 continue  # changed meanwhile; the next sweep retries
             for c in due:
@@ -157,7 +214,7 @@ class Policies:
             stored = self.base.policies.get_or_none(tid, policy_id)
         except Exception:  # noqa: BLE001 - storage still away: keep the key; retiring is cheaper than a lost CA
             return
-        if stored is None or all(c.key_ref != ca.key_ref for c in stored.ca):
+        if stored is None or all(c.key_ref != ca.key_ref for c in stored.ca + stored.host_ca):
             self.disable_ca(ca)
 
     def _write(self, write, policy: Policy) -> Policy:  # type: ignore[no-untyped-def]
@@ -166,16 +223,18 @@ class Policies:
         finally:
             self.base.policies.changed(policy.tenant_id)
 
-    def _new_ca(self, policy_id: str, tid: str, now: int) -> CaKeyRef:
-        name = f"ez-{tid[:8]}-{policy_id[:30]}-{secrets.token_hex(4)}"
+    def _new_ca(self, policy_id: str, tid: str, now: int, kind: str = "user") -> CaKeyRef:
+        prefix = "ezh" if kind == "host" else "ez"
+        name = f"{prefix}-{tid[:8]}-{policy_id[:30]}-{secrets.token_hex(4)}"
         signer = self.base.keys.create_key(name, self.base.config.ca_key_kind)  # type: ignore[arg-type]
-        return self._ca_ref(signer, policy_id, now, customer_owned=False)
+        return self._ca_ref(signer, policy_id, now, customer_owned=False, kind=kind)
 
-    def _ca_ref(self, signer: Signer, policy_id: str, now: int, *, customer_owned: bool) -> CaKeyRef:
+    def _ca_ref(self, signer: Signer, policy_id: str, now: int, *, customer_owned: bool,
+                kind: str = "user") -> CaKeyRef:
         return CaKeyRef(
             key_ref=signer.key_ref,
             backend=self.base.config.signer_backend,
-            public_key=ssh_public_key_line(signer, f"ezssh-ca:{policy_id}"),
+            public_key=ssh_public_key_line(signer, f"ezssh-{'host-ca' if kind == 'host' else 'ca'}:{policy_id}"),
             fingerprint=ssh_fingerprint(signer.public_key()),
             state="current",
             created_at=now,

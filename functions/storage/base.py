@@ -43,6 +43,62 @@ class IdempotencyRecord:
     created_at: int
 
 
+@dataclass(frozen=True)
+class HostEnrolmentToken:
+    """A one-time, short-lived token an admin mints for named hosts. Only its SHA-256 is stored."""
+
+    tenant_id: str
+    policy_id: str
+    token_hash: str  # sha256 hex of the token
+    hosts: tuple[str, ...]
+    created_at: int
+    expires_at: int
+    created_by_oid: str
+    created_by_upn: str
+    used_at: int | None = None
+    used_by: str | None = None  # the host key fingerprints it was used for
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class HostChallenge:
+    """A server-issued nonce a host signs with its current host key(s) to renew. Single use."""
+
+    tenant_id: str
+    policy_id: str
+    id: str
+    nonce: str
+    fingerprints: tuple[str, ...]
+    created_at: int
+    expires_at: int
+    used_at: int | None = None
+    etag: str | None = None
+
+    @property
+    def message(self) -> bytes:
+        """What the host signs (ssh-keygen -Y sign -n ezssh-host-renew)."""
+        return f"ezssh host renewal\ntenant {self.tenant_id}\npolicy {self.policy_id}\nchallenge {self.id}\n" \
+               f"nonce {self.nonce}\n".encode()
+
+
+@dataclass(frozen=True)
+class HostKeyRecord:
+    """The latest host certificate of one host key under one policy (what renewal looks up)."""
+
+    tenant_id: str
+    policy_id: str
+    fingerprint: str
+    public_key: str
+    principals: tuple[str, ...]
+    serial: int
+    valid_after: int
+    valid_before: int
+    proof: str  # token:<hash prefix> | arm:<vm id> | renewal:<serial>
+    subject: str  # the VM resource id, or the token's first host name
+    updated_at: int
+    etag: str | None = None
+
+
 class Store(Protocol):
     def health(self) -> None: ...
 
@@ -90,4 +146,23 @@ class Store(Protocol):
     def get_host_token(self, tenant_id: str, policy_id: str) -> str | None: ...
     def ensure_host_token(self, tenant_id: str, policy_id: str, candidate: str) -> str:
         """The policy's host token; stores `candidate` if it has none yet (the first writer wins)."""
+        ...
+
+    # host certificates
+    def create_host_enrolment_token(self, token: HostEnrolmentToken, audit: AuditEntry) -> HostEnrolmentToken: ...
+    def get_host_enrolment_token(self, tenant_id: str, token_hash: str) -> HostEnrolmentToken:
+        """NotFound if there is none."""
+        ...
+    def create_host_challenge(self, challenge: HostChallenge) -> HostChallenge: ...
+    def get_host_challenge(self, tenant_id: str, challenge_id: str) -> HostChallenge:
+        """NotFound if there is none."""
+        ...
+    def get_host_key(self, tenant_id: str, policy_id: str, fingerprint: str) -> HostKeyRecord | None: ...
+    def list_host_keys(self, tenant_id: str, policy_id: str, subject: str | None = None) -> list[HostKeyRecord]: ...
+    def record_host_issuance(self, certs: Sequence[CertificateRecord], keys: Sequence[HostKeyRecord],
+                             audit: Sequence[AuditEntry],
+                             used: HostEnrolmentToken | HostChallenge | None = None) -> None:
+        """One transaction: the certificate records, the host key records (upserted), the audit
+        entries, and `used` (a token or challenge with used_at set) marked used only if it is still
+        at its ETag. A lost race (the token used meanwhile) raises Conflict and writes nothing."""
         ...

@@ -8,6 +8,8 @@ its audit entry can be written in one atomic entity-group transaction:
                    req|<request id>             an access request
                    crt|<policy id>|<serial>     an issued certificate (serial zero-padded to 19 digits)
                    aud|<ms since epoch>|<id>    an audit entry (ascending by time)
+                   htk| hch| hky|               host enrolment tokens, renewal challenges, host keys
+                                                (hostrecords.py)
 
 Refusals from callers whose token did not verify have no trustworthy tenant; their audit entries go
 to the partition `_unauthenticated`.
@@ -40,6 +42,7 @@ from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed, St
 from ..core.policy import Policy, policy_from_row
 from .base import CertificateRecord, IdempotencyRecord
 from .transport import client_options, endpoint_of
+from .hostrecords import HostRecords
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,7 +118,7 @@ def transact(table: TableClient, op: str, ops: list, *, not_found: str, lost: Ez
         raise StorageUnavailable("Storage refused the write; try again.") from exc
 
 
-class TableStore:
+class TableStore(HostRecords):
     def __init__(self, service: TableServiceClient, table_name: str = "ezssh") -> None:
         self._service = service
         self._table_name = table_name

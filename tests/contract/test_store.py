@@ -24,7 +24,8 @@ from functions.core.approval import Approval, RequestRecord
 from functions.core.audit import AuditEntry, verify_chain
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import CaKeyRef, Policy, Rule, Subjects
-from functions.storage.base import CertificateRecord, IdempotencyRecord, Store
+from functions.storage.base import (CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord,
+                                     IdempotencyRecord, Store)
 from tests.memstore import MemoryStore
 
 BACKENDS = ["tables", "memory"]
@@ -577,6 +578,103 @@ def test_host_token_never_shows_in_policy_reads(store: Store, tid: str) -> None:
     store.ensure_host_token(tid, "web", token)
     assert token not in repr(store.list_policies(tid)) + repr(store.get_policy(tid, "web"))
     assert token not in repr(audit_of(store, tid))
+
+
+# ---- host certificates ---------------------------------------------------------------------------
+
+
+def a_token(tid: str, **kw) -> HostEnrolmentToken:
+    fields = dict(tenant_id=tid, policy_id="web", token_hash=uuid.uuid4().hex * 2, hosts=("web1.example.com",),
+                  created_at=int(T0), expires_at=int(T0) + 900, created_by_oid="oid-carol",
+                  created_by_upn="carol@example.com")
+    fields.update(kw)
+    return HostEnrolmentToken(**fields)
+
+
+def a_host_cert(tid: str, serial: int, fp: str = "SHA256:hostkey") -> tuple[CertificateRecord, HostKeyRecord]:
+    cert = CertificateRecord(tenant_id=tid, policy_id="web", serial=serial, key_id="ezssh-host/web/web1.example.com",
+                             request_id="", requester_oid="oid-carol", requester_upn="carol@example.com",
+                             principals=("web1.example.com",), host="web1.example.com", valid_after=int(T0),
+                             valid_before=int(T0) + 86400, ca_fingerprint="SHA256:hostca", public_key_fingerprint=fp,
+                             certificate="ssh-ed25519-cert-v01@openssh.com AAAA")
+    key = HostKeyRecord(tenant_id=tid, policy_id="web", fingerprint=fp, public_key="ssh-ed25519 AAAA",
+                        principals=("web1.example.com",), serial=serial, valid_after=int(T0),
+                        valid_before=int(T0) + 86400, proof="token:abc", subject="web1.example.com",
+                        updated_at=int(T0))
+    return cert, key
+
+
+def test_enrolment_token_round_trip_and_single_use(store: Store, tid: str) -> None:
+    tok = store.create_host_enrolment_token(a_token(tid), an_entry(tid, T0, "host.token_created"))
+    assert tok.etag
+    got = store.get_host_enrolment_token(tid, tok.token_hash)
+    assert (got.hosts, got.used_at, got.expires_at) == (("web1.example.com",), None, int(T0) + 900)
+    with pytest.raises(NotFound):
+        store.get_host_enrolment_token(str(uuid.uuid4()), tok.token_hash)
+    cert, key = a_host_cert(tid, 7)
+    used = replace(got, used_at=int(T0) + 5, used_by="SHA256:hostkey")
+    store.record_host_issuance([cert], [key], [an_entry(tid, T0 + 1, "host_certificate.issued")], used)
+    after = store.get_host_enrolment_token(tid, tok.token_hash)
+    assert after.used_at == int(T0) + 5 and after.etag != got.etag
+    assert store.get_certificate(tid, "web", 7).public_key_fingerprint == "SHA256:hostkey"
+    assert store.get_host_key(tid, "web", "SHA256:hostkey").serial == 7
+    # the same read used again (a second host racing with the same token) writes nothing
+    cert2, key2 = a_host_cert(tid, 8, "SHA256:other")
+    before = audit_of(store, tid)
+    with pytest.raises(Conflict):
+        store.record_host_issuance([cert2], [key2], [an_entry(tid, T0 + 2, "host_certificate.issued")], used)
+    with pytest.raises(NotFound):
+        store.get_certificate(tid, "web", 8)
+    assert store.get_host_key(tid, "web", "SHA256:other") is None
+    assert audit_of(store, tid) == before
+
+
+def test_enrolment_token_race_has_one_winner(store: Store, tid: str) -> None:
+    tok = store.create_host_enrolment_token(a_token(tid), an_entry(tid, T0, "host.token_created"))
+    got = store.get_host_enrolment_token(tid, tok.token_hash)
+
+    def use(i: int) -> object:
+        cert, key = a_host_cert(tid, 100 + i, f"SHA256:k{i}")
+        return store.record_host_issuance([cert], [key], [an_entry(tid, T0 + 1 + i, "host_certificate.issued")],
+                                          replace(got, used_at=int(T0) + 1))
+
+    results = race(4, use)
+    assert sum(r is None for r in results) == 1, results
+    assert all(isinstance(r, Conflict) for r in results if r is not None)
+    assert len(store.list_host_keys(tid, "web")) == 1
+
+
+def test_host_keys_upsert_and_list_by_subject(store: Store, tid: str) -> None:
+    c1, k1 = a_host_cert(tid, 1, "SHA256:a")
+    c2, k2 = a_host_cert(tid, 2, "SHA256:b")
+    store.record_host_issuance([c1, c2], [k1, replace(k2, subject="/subscriptions/x/vm")], [])
+    c3, k3 = a_host_cert(tid, 3, "SHA256:a")
+    store.record_host_issuance([c3], [k3], [])
+    assert store.get_host_key(tid, "web", "SHA256:a").serial == 3
+    assert [k.fingerprint for k in store.list_host_keys(tid, "web", "/subscriptions/x/vm")] == ["SHA256:b"]
+    assert len(store.list_host_keys(tid, "web")) == 2
+    assert store.list_host_keys(tid, "other") == [] and store.get_host_key(tid, "other", "SHA256:a") is None
+    # a reused serial writes nothing
+    c4, k4 = a_host_cert(tid, 3, "SHA256:c")
+    with pytest.raises(Conflict):
+        store.record_host_issuance([c4], [k4], [])
+    assert store.get_host_key(tid, "web", "SHA256:c") is None
+
+
+def test_host_challenge_single_use(store: Store, tid: str) -> None:
+    ch = store.create_host_challenge(HostChallenge(tenant_id=tid, policy_id="web", id=uuid.uuid4().hex, nonce="n1",
+                                                   fingerprints=("SHA256:a",), created_at=int(T0),
+                                                   expires_at=int(T0) + 300))
+    got = store.get_host_challenge(tid, ch.id)
+    assert got.fingerprints == ("SHA256:a",) and got.used_at is None and b"nonce n1" in got.message
+    with pytest.raises(NotFound):
+        store.get_host_challenge(tid, "nope")
+    c, k = a_host_cert(tid, 11, "SHA256:a")
+    store.record_host_issuance([c], [k], [], replace(got, used_at=int(T0) + 3))
+    assert store.get_host_challenge(tid, ch.id).used_at == int(T0) + 3
+    c2, k2 = a_host_cert(tid, 12, "SHA256:a")
+    with pytest.raises(Conflict):
+        store.record_host_issuance([c2], [k2], [], replace(got, used_at=int(T0) + 4))
 
 
 def test_memory_store_is_a_store() -> None:

@@ -95,7 +95,7 @@ def test_full_document_round_trips_through_storage():
     assert policy_from_row(row, etag="W/1") == p
     assert policy_from_row(row, etag="W/1").etag == "W/1"
     # and an admin may send the stored document back unchanged (minus server-managed fields)
-    editable = {k: v for k, v in row.items() if k not in ("tenant_id", "ca", "deleted")}
+    editable = {k: v for k, v in row.items() if k not in ("tenant_id", "ca", "host_ca", "deleted")}
     assert policy_from_document(editable, tenant_id=TID) == p
 
 

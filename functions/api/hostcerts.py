@@ -1,0 +1,133 @@
+"""Host certificates.
+
+    POST /api/policies/{id}/host-tokens          {hosts: [...], ttl_seconds?}   policy admins
+      -> 201 {token, hosts, expires_at, tenant, policy}   (the token is shown once; only its hash is kept)
+    POST /api/host-certificates                  hosts, no Entra token:
+      {tenant, policy, token, host_keys: ["ssh-ed25519 AAAA...", ...]}                      first enrolment
+      {tenant, policy, challenge_id, host_keys: [{public_key, signature}, ...]}             renewal
+      -> 200 {policy, principals, renew_after, certificates: [...]}, or with `Accept: text/plain`
+         "# renew-after <epoch>" and one certificate line per host key (what the setup script reads)
+    POST /api/host-certificates/challenge        {tenant, policy, host_keys: [...]}
+      -> 200 {challenge_id, challenge, expires_at}; text/plain: the challenge text to sign
+         (`ssh-keygen -Y sign -n ezssh-host-renew`)
+    GET  /api/known-hosts                        signed-in users
+      -> 200 {known_hosts, krl (base64), policies}: `@cert-authority` lines of the host CAs of the
+         policies the caller may use, and the revoked host certificates of those CAs
+
+Bad input from hosts is refused with a 4xx and audited (in the unauthenticated partition).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from fastapi import Depends, Request
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from ..core.errors import InvalidRequest
+from ..core.policy import Identity
+from .deps import MAX_BODY, Strict, body, caller, service
+from .errors import describe
+
+router = APIRouter(prefix="/api", tags=["host certificates"])
+
+
+class TokenBody(Strict):
+    hosts: list[str] = Field(..., max_length=32)
+    ttl_seconds: int | None = None
+
+
+class SignedKey(Strict):
+    public_key: str = Field(..., max_length=16384)
+    signature: str = Field(..., max_length=8192)
+
+
+class HostCertBody(Strict):
+    tenant: str = Field(..., max_length=64)
+    policy: str = Field(..., max_length=64)
+    token: str | None = Field(None, max_length=200)
+    challenge_id: str | None = Field(None, max_length=64)
+    host_keys: list[Any] = Field(..., max_length=8)
+
+
+class ChallengeBody(Strict):
+    tenant: str = Field(..., max_length=64)
+    policy: str = Field(..., max_length=64)
+    host_keys: list[str] = Field(..., max_length=8)
+
+
+def host_body(model: type[BaseModel]) -> Any:
+    """A JSON body from a host (no caller identity); refusals audited like any host refusal."""
+
+    def validate(request: Request, raw: bytes) -> Any:
+        with service(request).base.refusing(None, "host_certificate.refused", details={"path": request.url.path}):
+            if len(raw) > MAX_BODY:
+                raise InvalidRequest("The request body is too large.")
+            try:
+                data = json.loads(raw or b"{}")
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise InvalidRequest("The request body is not valid JSON.") from None
+            if not isinstance(data, dict):
+                raise InvalidRequest("The request body must be a JSON object.")
+            try:
+                return model.model_validate(data)
+            except ValidationError as exc:
+                raise InvalidRequest(describe(exc.errors())) from None
+
+    async def parse(request: Request) -> Any:
+        return await run_in_threadpool(validate, request, await request.body())
+
+    return Depends(parse)
+
+
+def _wants_text(request: Request) -> bool:
+    return "text/plain" in request.headers.get("accept", "")
+
+
+@router.post("/policies/{policy_id}/host-tokens")
+def mint_token(request: Request, policy_id: str, who: Identity = Depends(caller),
+               tb: TokenBody = body(TokenBody, "host_token.refused")) -> JSONResponse:
+    token, rec = service(request).hostcerts.mint_token(who, policy_id, tb.hosts, tb.ttl_seconds)
+    return JSONResponse({"token": token, "hosts": list(rec.hosts), "expires_at": rec.expires_at,
+                         "tenant": rec.tenant_id, "policy": rec.policy_id}, status_code=201)
+
+
+@router.post("/host-certificates")
+def host_certificates(request: Request, hb: HostCertBody = host_body(HostCertBody)) -> Response:
+    svc = service(request).hostcerts
+    with service(request).base.refusing(None, "host_certificate.refused", policy_id=hb.policy[:64],
+                                        details={"tenant": hb.tenant[:64]}):
+        if (hb.token is None) == (hb.challenge_id is None):
+            raise InvalidRequest("Send either 'token' (first enrolment) or 'challenge_id' (renewal).")
+        if hb.challenge_id is not None:
+            try:
+                signed = [SignedKey.model_validate(k) for k in hb.host_keys]
+            except ValidationError as exc:
+                raise InvalidRequest("For a renewal each host key is {public_key, signature}: "
+                                     + describe(exc.errors())) from None
+    if hb.token is not None:
+        issued = svc.issue_with_token(hb.tenant, hb.policy, hb.token, hb.host_keys)
+    else:
+        issued = svc.renew(hb.tenant, hb.policy, hb.challenge_id, [(k.public_key, k.signature) for k in signed])
+    if _wants_text(request):
+        return PlainTextResponse(issued.to_text())
+    return JSONResponse(issued.to_dict())
+
+
+@router.post("/host-certificates/challenge")
+def challenge(request: Request, cb: ChallengeBody = host_body(ChallengeBody)) -> Response:
+    ch = service(request).hostcerts.challenge(cb.tenant, cb.policy, cb.host_keys)
+    if _wants_text(request):
+        return PlainTextResponse(ch.message.decode())
+    return JSONResponse({"challenge_id": ch.id, "challenge": ch.message.decode(), "expires_at": ch.expires_at})
+
+
+@router.get("/known-hosts")
+def known_hosts(request: Request, who: Identity = Depends(caller)) -> JSONResponse:
+    text, krl, ids = service(request).hostcerts.client_trust(who)
+    return JSONResponse({"known_hosts": text, "krl": base64.b64encode(krl).decode(), "policies": ids})

@@ -1,0 +1,370 @@
+"""Host certificates: vet a host's own host keys and names, turn a HostGrant into an OpenSSH host
+certificate, re-read what was signed, and check a host's proof of possession (an SSHSIG signature).
+
+Pure: stdlib + cryptography. The service decides who may ask (an enrolment token, ARM, or possession
+of the current host key); this module only checks shapes and signs what the grant says.
+
+    key   = parse_host_key("ssh-ed25519 AAAA...")        # ed25519, ECDSA, RSA >= 3072; never a cert
+    names = check_host_names(policy, ["web1.example.com", "10.0.0.4"])
+    grant = HostGrant(tenant, policy, names, ttl_seconds=30 * 86400, proof="token:...")
+    issued = build_host_certificate(grant, key, ca_private_key, now=now, serial=new_serial())
+    verify_host_issued(issued, grant, key, ca_public_key, now=now)
+    verify_sshsig(armored, message, "ezssh-host-renew", key)   # `ssh-keygen -Y sign -n ezssh-host-renew`
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ipaddress
+import re
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import ssh
+
+from .certificate import DEFAULT_BACKDATE, MAX_SERIAL, IssuedCertificate
+from .errors import EzsshError, IntegrityError, InvalidPublicKey, InvalidRequest, WeakPublicKey
+from .keys import VettedKey, fingerprint, parse_public_key
+
+MIN_HOST_RSA_BITS = 3072
+MAX_HOST_NAMES = 32
+DEFAULT_HOST_CERT_TTL = 30 * 86400
+MIN_HOST_CERT_TTL = 3600
+MAX_HOST_CERT_TTL = 366 * 86400
+RENEW_NAMESPACE = "ezssh-host-renew"
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
+WILDCARD_CHARS = set("*?[]!,")
+
+
+class HostNameRefused(EzsshError):
+    """A host name that is no valid principal, or one the policy's host patterns do not cover."""
+
+    status, code = 400, "host_name_refused"
+
+
+class ProofRefused(EzsshError):
+    """The host did not prove possession: a bad, reused or expired token, or a wrong signature."""
+
+    status, code = 403, "host_proof_refused"
+
+
+# ---- host keys ------------------------------------------------------------------------------
+
+
+def parse_host_key(text: object) -> VettedKey:
+    """A host's own public host key: ed25519, ECDSA, or RSA of at least 3072 bits. A certificate (a
+    user certificate sent in place of a host key, say) is refused."""
+    if isinstance(text, str) and "-cert-v01@openssh.com" in text.split(" ", 1)[0]:
+        raise InvalidPublicKey("That is a certificate, not a host key. Send the host's public host key "
+                               "(e.g. /etc/ssh/ssh_host_ed25519_key.pub).")
+    key = parse_public_key(text)
+    if isinstance(key.key, rsa.RSAPublicKey) and key.bits < MIN_HOST_RSA_BITS:
+        raise WeakPublicKey(f"RSA host keys must have at least {MIN_HOST_RSA_BITS} bits; this one has {key.bits}.")
+    return key
+
+
+def parse_host_keys(items: Iterable[object]) -> tuple[VettedKey, ...]:
+    keys = [parse_host_key(t) for t in items]
+    if not keys:
+        raise InvalidRequest("Send at least one host public key.")
+    if len(keys) > 8:
+        raise InvalidRequest("Send at most 8 host public keys.")
+    if len({k.fingerprint for k in keys}) != len(keys):
+        raise InvalidRequest("The same host key was sent twice.")
+    return tuple(keys)
+
+
+# ---- host names -----------------------------------------------------------------------------
+
+
+def normalise_host_name(raw: object) -> str:
+    """A host name or IP address as it goes into a certificate, or HostNameRefused."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise HostNameRefused("A host name is empty; a host certificate never has empty principals.")
+    name = raw.strip().lower().rstrip(".")
+    if WILDCARD_CHARS & set(name):
+        raise HostNameRefused(f"Host name {raw[:100]!r} has wildcard or list characters; a host certificate "
+                              "names each host exactly.")
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not HOSTNAME_RE.match(name):
+        raise HostNameRefused(f"{raw[:100]!r} is not a valid host name or IP address.")
+    return name
+
+
+def name_patterns(hosts: Iterable[str]) -> tuple[str, ...]:
+    """The policy patterns that can cover a host NAME: globs and CIDRs (not tags or resource ids)."""
+    return tuple(h for h in hosts if not h.startswith(("tag:", "/subscriptions/")))
+
+
+def check_host_names(policy: object, names: Iterable[object], *, arm_covered: bool = False) -> tuple[str, ...]:
+    """Normalise names and check each against the policy's host patterns.
+
+    `arm_covered`: the VM is covered by one of the policy's resource-id or tag patterns and its names
+    were read from ARM, so ARM vouches for them even where no name pattern covers them.
+    """
+    out: list[str] = []
+    for raw in names:
+        name = normalise_host_name(raw)
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise HostNameRefused("No host names: a host certificate never has empty principals.")
+    if len(out) > MAX_HOST_NAMES:
+        raise HostNameRefused(f"At most {MAX_HOST_NAMES} host names go into one certificate.")
+    if not arm_covered:
+        pats = name_patterns(policy.hosts)  # type: ignore[attr-defined]
+        from .policy import _host_matches  # the one matcher, shared with access requests
+
+        bad = [n for n in out if not any(_host_matches(p, n, {}) for p in pats)]
+        if bad:
+            raise HostNameRefused(f"Host name(s) {', '.join(bad)} are outside policy "
+                                  f"{policy.id!r}'s host patterns.")  # type: ignore[attr-defined]
+    return tuple(out)
+
+
+# ---- the certificate ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostGrant:
+    """What a host may get: its names (already checked) for this long. `proof` says how it proved
+    who it is: "token:<id>", "arm:<vm id>" or "renewal:<serial>"."""
+
+    tenant_id: str
+    policy_id: str
+    principals: tuple[str, ...]
+    ttl_seconds: int
+    proof: str
+    backdate_seconds: int = DEFAULT_BACKDATE
+
+    @property
+    def key_id(self) -> str:
+        return f"ezssh-host/{self.policy_id}/{self.principals[0] if self.principals else '-'}"
+
+
+def renew_after(valid_after: int, valid_before: int) -> int:
+    """When a host should renew: two thirds into the validity (10 days before expiry at 30 days)."""
+    return valid_after + (valid_before - valid_after) * 2 // 3
+
+
+def build_host_certificate(grant: HostGrant, host_key: VettedKey, ca_private_key: ssh.SSHCertPrivateKeyTypes,
+                           *, now: int, serial: int) -> IssuedCertificate:
+    if not grant.principals:
+        raise InvalidRequest("A host certificate must name at least one host.")
+    if any(WILDCARD_CHARS & set(p) for p in grant.principals):
+        raise InvalidRequest("A host certificate names each host exactly (no wildcards).")
+    if not 0 < serial <= MAX_SERIAL:
+        raise InvalidRequest("The serial must be a non-zero 63-bit number.")
+    if not MIN_HOST_CERT_TTL <= grant.ttl_seconds <= MAX_HOST_CERT_TTL:
+        raise InvalidRequest("The host certificate validity is out of range.")
+    valid_after = now - grant.backdate_seconds
+    valid_before = now + grant.ttl_seconds
+    cert = (
+        ssh.SSHCertificateBuilder()
+        .public_key(host_key.key)
+        .serial(serial)
+        .type(ssh.SSHCertificateType.HOST)
+        .key_id(grant.key_id.encode())
+        .valid_principals([p.encode() for p in grant.principals])
+        .valid_after(valid_after)
+        .valid_before(valid_before)
+        .sign(ca_private_key)
+    )
+    return IssuedCertificate(
+        certificate=cert,
+        openssh=cert.public_bytes().decode() + f" {grant.key_id}",
+        serial=serial,
+        key_id=grant.key_id,
+        principals=grant.principals,
+        valid_after=valid_after,
+        valid_before=valid_before,
+        ca_fingerprint=fingerprint(ca_private_key.public_key()),
+    )
+
+
+def verify_host_issued(issued: IssuedCertificate, grant: HostGrant, host_key: VettedKey, ca_public_key: object,
+                       *, now: int, verify_signature: Callable[[ssh.SSHCertificate], None] | None = None) -> None:
+    """Re-read the signed host certificate and check it against the grant. Raises IntegrityError."""
+    raw = ssh.load_ssh_public_identity(issued.openssh.encode())
+    if not isinstance(raw, ssh.SSHCertificate):
+        raise IntegrityError("issued host certificate does not parse as a certificate")
+    cert = raw
+    problems = []
+    principals = tuple(p.decode() for p in cert.valid_principals)
+    if not principals:
+        problems.append("no principals")
+    if principals != grant.principals:
+        problems.append("principals differ from the grant")
+    if any(WILDCARD_CHARS & set(p) for p in principals):
+        problems.append("wildcard principal")
+    if cert.type != ssh.SSHCertificateType.HOST:
+        problems.append("not a host certificate")
+    if cert.serial == 0:
+        problems.append("zero serial")
+    if (cert.serial, cert.valid_after, cert.valid_before) != (issued.serial, issued.valid_after, issued.valid_before):
+        problems.append("serial or validity differs from what will be recorded")
+    if not cert.valid_after < cert.valid_before:
+        problems.append("validity not ordered")
+    if cert.valid_before - now > grant.ttl_seconds:
+        problems.append("validity longer than the grant")
+    if cert.critical_options or cert.extensions:
+        problems.append("host certificates carry no options or extensions")
+    if cert.key_id.decode() != grant.key_id:
+        problems.append("key id differs from the grant")
+    pub = cert.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    if pub.split()[:2] != host_key.openssh.encode().split()[:2]:
+        problems.append("certified key is not the host's key")
+    sig_key = cert.signature_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    ca_pub = ca_public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    if sig_key != ca_pub:
+        problems.append("signed by an unexpected CA")
+    try:
+        (verify_signature or (lambda c: c.verify_cert_signature()))(cert)
+    except InvalidSignature:
+        problems.append("signature does not verify")
+    if problems:
+        raise IntegrityError("issued host certificate failed its final check: " + ", ".join(problems))
+
+
+# ---- proof of possession: SSHSIG (ssh-keygen -Y sign) ---------------------------------------
+
+SSHSIG_MAGIC = b"SSHSIG"
+_ARMOR_BEGIN = "-----BEGIN SSH SIGNATURE-----"
+_ARMOR_END = "-----END SSH SIGNATURE-----"
+
+
+def _read_string(buf: bytes, pos: int) -> tuple[bytes, int]:
+    if pos + 4 > len(buf):
+        raise ValueError("truncated")
+    (n,) = struct.unpack(">I", buf[pos:pos + 4])
+    if pos + 4 + n > len(buf):
+        raise ValueError("truncated")
+    return buf[pos + 4:pos + 4 + n], pos + 4 + n
+
+
+def _string(b: bytes) -> bytes:
+    return struct.pack(">I", len(b)) + b
+
+
+def _sshsig_blob(text: object) -> bytes:
+    if not isinstance(text, str) or not text.strip() or len(text) > 8192:
+        raise ProofRefused("The signature must be the output of `ssh-keygen -Y sign` (armored or its base64).")
+    body = text.strip()
+    if body.startswith(_ARMOR_BEGIN):
+        if _ARMOR_END not in body:
+            raise ProofRefused("The signature's armor is not closed.")
+        body = body[len(_ARMOR_BEGIN):body.index(_ARMOR_END)]
+    try:
+        return base64.b64decode("".join(body.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ProofRefused("The signature's base64 does not decode.") from None
+
+
+def verify_sshsig(signature: object, message: bytes, namespace: str, key: VettedKey) -> None:
+    """Check an SSHSIG signature (OpenSSH PROTOCOL.sshsig) by `key` over `message` in `namespace`.
+    Raises ProofRefused naming what is wrong; returns only for a good signature by that key."""
+    blob = _sshsig_blob(signature)
+    try:
+        if not blob.startswith(SSHSIG_MAGIC):
+            raise ValueError("not an SSHSIG blob")
+        pos = len(SSHSIG_MAGIC)
+        (version,) = struct.unpack(">I", blob[pos:pos + 4])
+        pos += 4
+        pubkey, pos = _read_string(blob, pos)
+        ns, pos = _read_string(blob, pos)
+        reserved, pos = _read_string(blob, pos)
+        hash_alg, pos = _read_string(blob, pos)
+        sig, pos = _read_string(blob, pos)
+        sig_type, spos = _read_string(sig, 0)
+        sig_bytes, _ = _read_string(sig, spos)
+    except (ValueError, struct.error):
+        raise ProofRefused("The signature is not an SSH signature (ssh-keygen -Y sign).") from None
+    if version != 1:
+        raise ProofRefused(f"SSH signature version {version} is not supported.")
+    if ns.decode(errors="replace") != namespace:
+        raise ProofRefused(f"The signature is for namespace {ns.decode(errors='replace')!r}, not {namespace!r}.")
+    if pubkey != base64.b64decode(key.openssh.split()[1]):
+        raise ProofRefused("The signature was made by another key than the host key it is sent for.")
+    algs = {b"sha256": hashes.SHA256(), b"sha512": hashes.SHA512()}
+    if hash_alg not in algs:
+        raise ProofRefused("The signature's hash algorithm must be sha256 or sha512.")
+    h = hashlib.new(hash_alg.decode(), message).digest()
+    signed = SSHSIG_MAGIC + _string(ns) + _string(reserved) + _string(hash_alg) + _string(h)
+    k = key.key
+    try:
+        if isinstance(k, ed25519.Ed25519PublicKey):
+            if sig_type != b"ssh-ed25519":
+                raise InvalidSignature
+            k.verify(sig_bytes, signed)
+        elif isinstance(k, ec.EllipticCurvePublicKey):
+            if sig_type != key.key_type.encode():
+                raise InvalidSignature
+            r, p2 = _read_string(sig_bytes, 0)
+            s, _ = _read_string(sig_bytes, p2)
+            curve_hash = {256: hashes.SHA256(), 384: hashes.SHA384(), 521: hashes.SHA512()}[k.curve.key_size]
+            k.verify(encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), signed,
+                     ec.ECDSA(curve_hash))
+        elif isinstance(k, rsa.RSAPublicKey):
+            rsa_hash = {b"rsa-sha2-512": hashes.SHA512(), b"rsa-sha2-256": hashes.SHA256()}.get(sig_type)
+            if rsa_hash is None:
+                raise InvalidSignature
+            k.verify(sig_bytes, signed, padding.PKCS1v15(), rsa_hash)
+        else:  # pragma: no cover - parse_host_key admits nothing else
+            raise InvalidSignature
+    except (InvalidSignature, ValueError, KeyError):
+        raise ProofRefused("The signature does not verify with the host key it is sent for.") from None
+
+
+# ---- clients: known_hosts patterns ----------------------------------------------------------
+
+
+def known_hosts_patterns(hosts: Iterable[str], *, limit: int = 256) -> tuple[str, ...]:
+    """ssh known_hosts patterns for a policy's host patterns (globs as they are, CIDRs as octet
+    globs; tag and resource-id patterns have no name form). Each also as `[pattern]:*`, the form ssh
+    looks up for a non-standard port. A CIDR that would need more than `limit` globs becomes the
+    glob of its widest whole octets (wider, never narrower: the CA signs only covered names)."""
+    out: list[str] = []
+    for h in hosts:
+        if h.startswith(("tag:", "/subscriptions/")):
+            continue
+        if "/" in h or re.match(r"^[0-9.]+$", h) or ":" in h:
+            try:
+                net = ipaddress.ip_network(h, strict=False)
+            except ValueError:
+                continue
+            out += _cidr_globs(net, limit)
+        else:
+            out.append(h.lower())
+    full: list[str] = []
+    for p in dict.fromkeys(out):
+        full += [p, f"[{p}]:*"]
+    return tuple(full)
+
+
+def _cidr_globs(net: ipaddress.IPv4Network | ipaddress.IPv6Network, limit: int) -> list[str]:
+    if net.version == 6:
+        return [str(net.network_address)] if net.prefixlen == 128 else ["*:*"]
+    if net.prefixlen == 32:
+        return [str(net.network_address)]
+    whole = net.prefixlen // 8
+    if net.prefixlen % 8 == 0:
+        octets = str(net.network_address).split(".")[:whole]
+        return [".".join(octets + ["*"])] if octets else ["*.*.*.*"]
+    # expand to the next whole octet, if that stays small
+    target = (whole + 1) * 8
+    if 2 ** (target - net.prefixlen) <= limit:
+        return [".".join(str(s.network_address).split(".")[:whole + 1] + ["*"]) if whole + 1 < 4
+                else str(s.network_address) for s in net.subnets(new_prefix=target)]
+    octets = str(net.network_address).split(".")[:whole]
+    return [".".join(octets + ["*"])] if octets else ["*.*.*.*"]

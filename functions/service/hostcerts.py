@@ -1,0 +1,334 @@
+"""Host certificates: a host's own host keys signed by its policy's host CA, so users never trust a
+host key on first use.
+
+How a host proves who it is, and what it gets:
+  - an admin mints a one-time, short-lived enrolment token bound to named hosts (`mint_token`); the
+    host presents it with its public host keys (`issue_with_token`); names = the token's names;
+  - an Azure VM: the enrolment service reads its names and host keys through ARM and Run Command and
+    calls `issue_for_vm` (proof: ARM itself);
+  - renewal: the host asks for a challenge (`challenge`) and signs it with each current host key
+    (`ssh-keygen -Y sign -n ezssh-host-renew`); `renew` checks every signature against a host key
+    that holds a current, unrevoked certificate of this policy, and issues for the same names.
+Every name is checked against the policy's host patterns again at each issuance. The per-policy
+KRL host token is no proof here. Every issuance and every refusal is audited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from ..core.certificate import IssuedCertificate, new_serial
+from ..core.errors import CaKeyNotFound, EzsshError, Forbidden, InvalidRequest, NotFound
+from ..core.hostcert import (
+    RENEW_NAMESPACE,
+    HostGrant,
+    ProofRefused,
+    build_host_certificate,
+    check_host_names,
+    known_hosts_patterns,
+    parse_host_key,
+    parse_host_keys,
+    renew_after,
+    verify_host_issued,
+    verify_sshsig,
+)
+from ..core.ids import is_guid
+from ..core.keys import VettedKey
+from ..core.krl import CaRevocations, encode_krl
+from ..core.policy import Identity, Policy
+from ..observability import event
+from ..signing.base import as_private_key
+from ..storage.base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord
+from .base import Base
+from .hosts import Hosts
+from .policies import Policies
+
+log = logging.getLogger("ezssh.service")
+
+TOKEN_PREFIX = "ezh_"
+TOKEN_RE = re.compile(r"^ezh_[A-Za-z0-9_-]{40,64}$")
+DEFAULT_TOKEN_TTL = 3600
+MAX_TOKEN_TTL = 7 * 86400
+CHALLENGE_TTL = 300
+
+
+@dataclass(frozen=True)
+class HostIssued:
+    """What a host gets: one certificate per host key, all naming the same hosts."""
+
+    policy_id: str
+    principals: tuple[str, ...]
+    certificates: tuple[tuple[IssuedCertificate, VettedKey], ...]
+    proof: str
+
+    @property
+    def renew_after(self) -> int:
+        return min(renew_after(c.valid_after, c.valid_before) for c, _ in self.certificates)
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy_id, "principals": list(self.principals), "renew_after": self.renew_after,
+                "certificates": [{"certificate": c.openssh, "serial": str(c.serial), "key_id": c.key_id,
+                                  "public_key_fingerprint": k.fingerprint, "valid_after": c.valid_after,
+                                  "valid_before": c.valid_before} for c, k in self.certificates]}
+
+    def to_text(self) -> str:
+        """For the setup script: a renew-after line, then one certificate line per host key."""
+        return f"# renew-after {self.renew_after}\n" + "".join(c.openssh + "\n" for c, _ in self.certificates)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class HostCerts:
+    def __init__(self, base: Base, policies: Policies, hosts: Hosts) -> None:
+        self.base = base
+        self.policies = policies
+        self.hosts = hosts
+
+    # ---- admins: enrolment tokens ------------------------------------------------------------
+    def mint_token(self, who: Identity, policy_id: str, hosts: object,
+                   ttl_seconds: int | None = None) -> tuple[str, HostEnrolmentToken]:
+        """A one-time token for the named hosts (policy admins). Only its hash is stored."""
+        b = self.base
+        with b.refusing(who, "host_token.refused", policy_id=policy_id, details={"hosts": str(hosts)[:300]}):
+            policy = b.policies.visible(who, policy_id)
+            if not policy.is_admin(who):
+                raise Forbidden(f"Only tenant admins and admins of policy {policy_id!r} mint host enrolment tokens.")
+            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+                raise InvalidRequest("'hosts' must be a list of host names.")
+            names = check_host_names(policy, hosts)
+            ttl = DEFAULT_TOKEN_TTL if ttl_seconds is None else ttl_seconds
+            if isinstance(ttl, bool) or not isinstance(ttl, int) or not 60 <= ttl <= MAX_TOKEN_TTL:
+                raise InvalidRequest(f"'ttl_seconds' must be between 60 and {MAX_TOKEN_TTL}.")
+            self.policies.ensure_host_ca(policy, who)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = b.now()
+        rec = HostEnrolmentToken(tenant_id=who.tid, policy_id=policy.id, token_hash=token_hash(token), hosts=names,
+                                 created_at=now, expires_at=now + ttl, created_by_oid=who.oid, created_by_upn=who.upn)
+        entry = b.audit_entry(who, "host_token.created", policy_id=policy.id, host=",".join(names),
+                              details={"hosts": list(names), "expires_at": rec.expires_at,
+                                       "token_id": rec.token_hash[:12]}).sealed()
+        saved = b.store.create_host_enrolment_token(rec, entry)
+        event(log, "host_token.created", policy=policy.id, tenant=who.tid, actor=who.upn, hosts=",".join(names))
+        return token, saved
+
+    # ---- hosts: enrolment with a token ---------------------------------------------------------
+    def issue_with_token(self, tenant_id: object, policy_id: object, token: object,
+                         host_keys: Sequence[object]) -> HostIssued:
+        b = self.base
+        with self._refusing_host(tenant_id, policy_id, "token"):
+            tid, pid = self._tenant_policy(tenant_id, policy_id)
+            if not isinstance(token, str) or not TOKEN_RE.match(token):
+                raise ProofRefused("The enrolment token is malformed.")
+            try:
+                tok = b.store.get_host_enrolment_token(tid, token_hash(token))
+            except NotFound:
+                raise ProofRefused("The enrolment token is not valid.") from None
+            now = b.now()
+            if tok.policy_id != pid:
+                raise ProofRefused("The enrolment token is not valid for this policy.")
+            if tok.used_at is not None:
+                raise ProofRefused("The enrolment token was already used; mint a new one.")
+            if tok.expires_at <= now:
+                raise ProofRefused("The enrolment token has expired; mint a new one.")
+            policy = self._policy(tid, pid)
+            names = check_host_names(policy, tok.hosts)
+            keys = parse_host_keys(host_keys)
+            issued = self._sign(policy, names, keys, f"token:{tok.token_hash[:12]}")
+            used = replace(tok, used_at=now, used_by=",".join(k.fingerprint for k in keys))
+            self._record(policy, issued, subject=names[0], used=used,
+                         details={"token_created_by": tok.created_by_upn, "token_id": tok.token_hash[:12]})
+        return issued
+
+    # ---- hosts: renewal by possession of the current host key ---------------------------------
+    def challenge(self, tenant_id: object, policy_id: object, public_keys: Sequence[object]) -> HostChallenge:
+        b = self.base
+        with self._refusing_host(tenant_id, policy_id, "challenge"):
+            tid, pid = self._tenant_policy(tenant_id, policy_id)
+            keys = parse_host_keys(public_keys)
+            now = b.now()
+            for k in keys:
+                self._current_record(tid, pid, k, now)
+            ch = HostChallenge(tenant_id=tid, policy_id=pid, id=secrets.token_hex(16),
+                               nonce=secrets.token_urlsafe(32), fingerprints=tuple(k.fingerprint for k in keys),
+                               created_at=now, expires_at=now + CHALLENGE_TTL)
+        return b.store.create_host_challenge(ch)
+
+    def renew(self, tenant_id: object, policy_id: object, challenge_id: object,
+              signed: Sequence[tuple[object, object]]) -> HostIssued:
+        b = self.base
+        with self._refusing_host(tenant_id, policy_id, "renewal"):
+            tid, pid = self._tenant_policy(tenant_id, policy_id)
+            if not isinstance(challenge_id, str) or not re.match(r"^[0-9a-f]{32}$", challenge_id):
+                raise ProofRefused("The challenge id is malformed.")
+            try:
+                ch = b.store.get_host_challenge(tid, challenge_id)
+            except NotFound:
+                raise ProofRefused("The challenge is not valid.") from None
+            now = b.now()
+            if ch.policy_id != pid:
+                raise ProofRefused("The challenge is not valid for this policy.")
+            if ch.used_at is not None:
+                raise ProofRefused("The challenge was already used; ask for a new one.")
+            if ch.expires_at <= now:
+                raise ProofRefused("The challenge has expired; ask for a new one.")
+            keys = parse_host_keys([pk for pk, _ in signed])
+            if sorted(k.fingerprint for k in keys) != sorted(ch.fingerprints):
+                raise ProofRefused("Sign the challenge with exactly the host keys it was issued for.")
+            records = []
+            for key, (_, sig) in zip(keys, signed):
+                verify_sshsig(sig, ch.message, RENEW_NAMESPACE, key)
+                records.append(self._current_record(tid, pid, key, now))
+            names_sets = {r.principals for r in records}
+            if len(names_sets) != 1:
+                raise ProofRefused("The host keys hold certificates for different names; renew them separately.")
+            policy = self._policy(tid, pid)
+            arm = all(r.proof.startswith("arm:") for r in records)
+            names = check_host_names(policy, records[0].principals, arm_covered=arm)
+            issued = self._sign(policy, names, keys, f"renewal:{','.join(str(r.serial) for r in records)}")
+            self._record(policy, issued, subject=records[0].subject, used=replace(ch, used_at=now),
+                         details={"renewal_of": [str(r.serial) for r in records],
+                                  "first_proof": records[0].proof})
+        return issued
+
+    # ---- Azure VMs: names and keys read through ARM -------------------------------------------
+    def issue_for_vm(self, policy: Policy, vm_id: str, names: Sequence[str], host_keys: Sequence[str],
+                     *, arm_covered: bool, who: Identity | None = None) -> HostIssued:
+        """Sign the host keys Run Command read from a VM, for the names ARM gave. Keys that are not
+        acceptable host keys (RSA under 3072 bits, DSA) are left out; none at all is refused."""
+        b = self.base
+        with b.refusing(who, "host_certificate.refused", policy_id=policy.id,
+                        details={"proof": "arm", "vm_id": vm_id[:300]}):
+            policy = self.policies.ensure_host_ca(policy, who)
+            checked = check_host_names(policy, names, arm_covered=arm_covered)
+            good: list[VettedKey] = []
+            for raw in host_keys:
+                try:
+                    good.append(parse_host_key(raw))
+                except EzsshError:
+                    continue
+            keys = parse_host_keys([k.openssh for k in good])
+            issued = self._sign(policy, checked, keys, f"arm:{vm_id}")
+            self._record(policy, issued, subject=vm_id, actor=who, details={"vm_id": vm_id})
+        return issued
+
+    def vm_renewal_due(self, policy: Policy, vm_id: str) -> bool:
+        """Does this VM need (new) host certificates: none yet, or one past its renewal time?"""
+        if policy.deleted:
+            return False
+        recs = self.base.store.list_host_keys(policy.tenant_id, policy.id, vm_id)
+        now = self.base.now()
+        return not recs or any(renew_after(r.valid_after, r.valid_before) <= now for r in recs)
+
+    # ---- clients: what to trust -----------------------------------------------------------------
+    def client_trust(self, who: Identity) -> tuple[str, bytes, list[str]]:
+        """(known_hosts text, combined KRL, policy ids) for the policies `who` may use: one
+        `@cert-authority <patterns> <host CA>` line per trusted host CA key, and every revoked
+        certificate of those CAs (for RevokedHostKeys)."""
+        lines = ["# ezssh: host CAs of the access policies you may use. Generated; do not edit."]
+        revs: list[CaRevocations] = []
+        ids: list[str] = []
+        latest = 0
+        for p in sorted(self.base.policies.all(who.tid), key=lambda p: p.id):
+            if p.deleted or not (p.is_member(who) or p.is_admin(who)):
+                continue
+            p = self.policies.ensure_host_ca(p, who)
+            patterns = known_hosts_patterns(p.hosts)
+            if not patterns:
+                continue
+            ids.append(p.id)
+            for c in p.trusted_host_ca:
+                lines.append(f"@cert-authority {','.join(patterns)} {' '.join(c.public_key.split()[:2])} "
+                             f"ezssh-host-ca:{p.id}")
+            policy_revs, when = self.hosts.revocations(p, kinds=("host",))
+            revs += policy_revs
+            latest = max(latest, when)
+        krl = encode_krl(revs, krl_version=latest, generated_date=latest, comment="ezssh host revocations")
+        return "\n".join(lines) + "\n", krl, ids
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _refusing_host(self, tenant_id: object, policy_id: object, proof: str):  # type: ignore[no-untyped-def]
+        """Hosts have no Entra identity: their refusals go to the unauthenticated partition."""
+        return self.base.refusing(None, "host_certificate.refused",
+                                  policy_id=str(policy_id)[:64] if policy_id is not None else None,
+                                  details={"tenant": str(tenant_id)[:64], "proof": proof})
+
+    @staticmethod
+    def _tenant_policy(tenant_id: object, policy_id: object) -> tuple[str, str]:
+        if not isinstance(tenant_id, str) or not is_guid(tenant_id):
+            raise InvalidRequest("'tenant' must be the tenant id (a GUID).")
+        if not isinstance(policy_id, str) or not re.match(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", policy_id):
+            raise InvalidRequest("'policy' must be a policy id.")
+        return tenant_id.lower(), policy_id
+
+    def _policy(self, tid: str, pid: str) -> Policy:
+        p = self.base.policies.get_or_none(tid, pid)
+        if p is None or p.deleted:
+            raise ProofRefused("The policy does not exist.")
+        return self.policies.ensure_host_ca(p)
+
+    def _current_record(self, tid: str, pid: str, key: VettedKey, now: int) -> HostKeyRecord:
+        rec = self.base.store.get_host_key(tid, pid, key.fingerprint)
+        if rec is None or rec.public_key.split()[:2] != key.openssh.split()[:2]:
+            raise ProofRefused(f"Host key {key.fingerprint} holds no certificate of this policy; enrol it with a token.")
+        if rec.valid_before <= now:
+            raise ProofRefused(f"The certificate of host key {key.fingerprint} has expired; enrol again with a token.")
+        try:
+            cert = self.base.store.get_certificate(tid, pid, rec.serial)
+        except NotFound:
+            raise ProofRefused(f"Host key {key.fingerprint} holds no certificate of this policy.") from None
+        if cert.revoked_at is not None:
+            raise ProofRefused(f"The certificate of host key {key.fingerprint} was revoked; enrol again with a token.")
+        return rec
+
+    def _sign(self, policy: Policy, names: tuple[str, ...], keys: Sequence[VettedKey], proof: str) -> HostIssued:
+        ca = policy.current_host_ca
+        if ca is None:
+            raise CaKeyNotFound(f"Policy {policy.id!r} has no host CA key.")
+        signer = self.base.keys.get_signer(ca.key_ref)
+        ca_key = as_private_key(signer)
+        grant = HostGrant(tenant_id=policy.tenant_id, policy_id=policy.id, principals=names,
+                          ttl_seconds=policy.host_cert_ttl, proof=proof,
+                          backdate_seconds=self.base.config.backdate_seconds)
+        now = self.base.now()
+        out = []
+        for k in keys:
+            issued = build_host_certificate(grant, k, ca_key, now=now, serial=new_serial())
+            verify_host_issued(issued, grant, k, signer.public_key(), now=now)
+            out.append((issued, k))
+        return HostIssued(policy.id, names, tuple(out), proof)
+
+    def _record(self, policy: Policy, issued: HostIssued, *, subject: str, used=None,  # type: ignore[no-untyped-def]
+                actor: Identity | None = None, details: dict | None = None) -> None:
+        b = self.base
+        now = b.now()
+        certs, keys, entries = [], [], []
+        for c, k in issued.certificates:
+            certs.append(CertificateRecord(
+                tenant_id=policy.tenant_id, policy_id=policy.id, serial=c.serial, key_id=c.key_id, request_id="",
+                requester_oid=actor.oid if actor else "", requester_upn=actor.upn if actor else f"host:{subject}"[:200],
+                principals=c.principals, host=",".join(c.principals), valid_after=c.valid_after,
+                valid_before=c.valid_before, ca_fingerprint=c.ca_fingerprint, public_key_fingerprint=k.fingerprint,
+                certificate=c.openssh))
+            keys.append(HostKeyRecord(
+                tenant_id=policy.tenant_id, policy_id=policy.id, fingerprint=k.fingerprint, public_key=k.openssh,
+                principals=c.principals, serial=c.serial, valid_after=c.valid_after, valid_before=c.valid_before,
+                proof=issued.proof, subject=subject, updated_at=now))
+            entry = b.audit_entry(actor, "host_certificate.issued", policy_id=policy.id, key_id=c.key_id,
+                                  serial=str(c.serial), host=",".join(c.principals),
+                                  details={"principals": list(c.principals), "public_key_fingerprint": k.fingerprint,
+                                           "key_type": k.key_type, "proof": issued.proof,
+                                           "renewal": issued.proof.startswith("renewal:"),
+                                           "ca_fingerprint": c.ca_fingerprint, "valid_after": c.valid_after,
+                                           "valid_before": c.valid_before, **(details or {})})
+            entries.append(replace(entry, tenant_id=policy.tenant_id).sealed())
+        b.store.record_host_issuance(certs, keys, entries, used)
+        for c, k in issued.certificates:
+            event(log, "host_certificate.issued", key_id=c.key_id, serial=c.serial, policy=policy.id,
+                  tenant=policy.tenant_id, proof=issued.proof, fingerprint=k.fingerprint)
