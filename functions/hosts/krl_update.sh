@@ -13,7 +13,8 @@
 #
 # A KRL is a header followed by self-contained sections, so the combined KRL is a fresh empty
 # header followed by the sections of each policy's KRL. A fetch that fails or does not parse
-# keeps the last good KRL. sshd re-reads RevokedKeys at each login: no reload is needed.
+# keeps the last good KRL. sshd re-reads RevokedKeys at each login: no reload is needed. Then it runs
+# ezssh-host-cert renew (host certificates past their renew-after time), where installed.
 set -eu
 umask 022
 
@@ -132,5 +133,9 @@ if ! cmp -s "$TMP/combined" "$EZ/revoked_keys"; then
     chmod 644 "$EZ/.revoked_keys.tmp"
     mv -f "$EZ/.revoked_keys.tmp" "$EZ/revoked_keys"
     say "updated $EZ/revoked_keys"
+fi
+# Host certificates renew themselves on the same timer, when their renew-after time has come.
+if [ "$FETCH" = 1 ] && [ -f "$EZ/bin/ezssh-host-cert" ]; then
+    EZSSH_ROOT=$ROOT sh "$EZ/bin/ezssh-host-cert" renew || status=1
 fi
 exit $status

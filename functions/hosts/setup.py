@@ -19,10 +19,13 @@ from ..core.krl import MAGIC
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "setup.sh"
 HELPER = HERE / "krl_update.sh"
+HOST_CERT_HELPER = HERE / "hostcert.sh"
 
 POLICY_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 URL_RE = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(?::[0-9]+)?(?:/[A-Za-z0-9._~\-/]*)?$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,128}$")
+HOST_CERT_LINE_RE = re.compile(r"^(?:# renew-after [0-9]{1,12}|[a-z0-9@.-]{3,64}-cert-v01@openssh\.com "
+                               r"[A-Za-z0-9+/]+={0,2} ezssh-host/[a-z0-9-]{1,63}/[a-z0-9.:-]{1,253})$")
 CA_LINE_RE = re.compile(r"^[a-z0-9@.-]{3,64} [A-Za-z0-9+/]+={0,2}(?: [\x21-\x26\x28-\x7e ]{0,200})?$")
 
 
@@ -38,6 +41,7 @@ class HostSetup:
     ca_public_keys: tuple[str, ...]  # OpenSSH lines: current and, during a rotation, previous
     host_token: str  # the policy's capability for unauthenticated KRL fetches
     krl: bytes  # the policy's current KRL, embedded so a first run needs no network
+    host_certs: str = ""  # host certificates for this host's keys (Azure VMs): "# renew-after N" + cert lines
 
 
 def _check(s: HostSetup) -> None:
@@ -56,6 +60,9 @@ def _check(s: HostSetup) -> None:
             raise RenderError("A CA public key line is malformed.")
     if not s.krl.startswith(MAGIC):
         raise RenderError("The KRL is not an OpenSSH KRL.")
+    for line in s.host_certs.splitlines():
+        if not HOST_CERT_LINE_RE.match(line):
+            raise RenderError("A host certificate line is malformed.")
 
 
 def _printf_lines(data: bytes, per_line: int = 48) -> str:
@@ -89,6 +96,16 @@ def rendered_values(s: HostSetup) -> str:
             "    cat <<'EZSSH_KRL_UPDATE'",
             helper.rstrip("\n"),
             "EZSSH_KRL_UPDATE",
+            "}",
+            "write_host_cert_helper() {",
+            "    cat <<'EZSSH_HOST_CERT'",
+            HOST_CERT_HELPER.read_text().rstrip("\n"),
+            "EZSSH_HOST_CERT",
+            "}",
+            "write_host_certs() {",
+            "    cat <<'EZSSH_HOST_CERTS'",
+            *s.host_certs.splitlines(),
+            "EZSSH_HOST_CERTS",
             "}",
         ]
     )

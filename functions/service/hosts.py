@@ -106,7 +106,7 @@ class Hosts:
         """The policy's host token (made on first use; the first writer wins)."""
         return self.base.store.ensure_host_token(policy.tenant_id, policy.id, secrets.token_urlsafe(32))
 
-    def render_setup(self, policy: Policy, api_url: str, krl: bytes | None = None) -> str:
+    def render_setup(self, policy: Policy, api_url: str, krl: bytes | None = None, host_certs: str = "") -> str:
         from ..hosts.setup import HostSetup, render_setup_script
 
         keys = tuple(c.public_key for c in policy.trusted_ca)
@@ -114,7 +114,8 @@ class Hosts:
             raise CaKeyNotFound(f"Policy {policy.id!r} has no CA key to trust.")
         return render_setup_script(HostSetup(api_url=api_url, tenant_id=policy.tenant_id, policy_id=policy.id,
                                              ca_public_keys=keys, host_token=self.host_token(policy),
-                                             krl=krl if krl is not None else self.build_krl(policy)))
+                                             krl=krl if krl is not None else self.build_krl(policy),
+                                             host_certs=host_certs))
 
     def host_setup_script(self, who: Identity, policy_id: str, api_url: str) -> str:
         """The setup script for a policy (its CA keys, host token and current KRL rendered in)."""
