@@ -60,7 +60,7 @@ def fp_of(line: str, tmp: Path) -> str:
 
 
 def refusals(context, since: float, code: str) -> list:
-    return [e for e in context.service.store.list_audit("_unauthenticated", since=since)
+    return [e for e in context.service.store.list_audit("_unauthenticated", since=since, limit=100000)
             if e.action == "host_certificate.refused" and e.error_code == code]
 
 
@@ -103,7 +103,7 @@ def test_a_policy_without_a_host_ca_gets_one_on_first_need_audited(client, auth,
     assert again.text == host.text  # made once
     stored = store.get_policy(tid, "old-hosts")
     assert stored.current_host_ca.public_key.split()[1] == host.text.split()[1]
-    made = [e for e in store.list_audit(tid, since=since) if e.action == "policy.host_ca_created"]
+    made = [e for e in store.list_audit(tid, since=since, limit=100000) if e.action == "policy.host_ca_created"]
     assert len(made) == 1 and made[0].policy_id == "old-hosts"
 
 
@@ -131,7 +131,7 @@ def test_token_enrolment_issues_host_certificates_for_the_token_names(client, au
     renew_after = int(lines[0].split()[-1])
     assert time.time() + 15 * 86400 < renew_after < time.time() + 21 * 86400  # two thirds into 30 days
     # audited: one issuance per key, with names, fingerprint and who proved it
-    issued = [e for e in context.service.store.list_audit(tenant, since=time.time() - 30)
+    issued = [e for e in context.service.store.list_audit(tenant, since=time.time() - 30, limit=100000)
               if e.action == "host_certificate.issued" and e.details.get("token_id") == tok_id(tok["token"])]
     assert len(issued) == 3
     assert {e.details["public_key_fingerprint"] for e in issued} == {fp_of(pub(p), tmp_path) for p in keys.values()}
@@ -161,7 +161,7 @@ def test_minting_is_for_admins_and_names_inside_the_patterns(client, auth, conte
         assert r.status_code == 400 and r.json()["error"] == code, (names, r.text)
         tid = oidc.tenant_id("contoso")
         assert any(e.action == "host_token.refused" and e.error_code == code
-                   for e in context.service.store.list_audit(tid, since=since))
+                   for e in context.service.store.list_audit(tid, since=since, limit=100000))
     assert mint(client, auth, ["web1"], ttl_seconds=30 * 86400).status_code == 400
 
 
@@ -236,7 +236,7 @@ def test_renewal_by_proof_of_possession(client, auth, tenant, tmp_path, context)
     assert {x["serial"] for x in renewed["certificates"]}.isdisjoint({x["serial"] for x in first["certificates"]})
     out = keygen_L(tmp_path, renewed["certificates"][0]["certificate"])
     assert "host certificate" in out and "web4" in out
-    entries = [e for e in context.service.store.list_audit(tenant, since=time.time() - 30)
+    entries = [e for e in context.service.store.list_audit(tenant, since=time.time() - 30, limit=100000)
                if e.action == "host_certificate.issued" and e.details.get("renewal")]
     assert {e.serial for e in entries} >= {x["serial"] for x in renewed["certificates"]}
     # the challenge is single use

@@ -77,7 +77,7 @@ def test_token_enrolment_gives_sshd_a_host_certificate_and_renews_it(make_host, 
     new_serial = cert_serial(certs / "ssh_host_ed25519_key-cert.pub")
     assert new_serial != serial and host.reloads() == reloads + 1
     tid = oidc.tenant_id("contoso")
-    entries = [e for e in context.service.store.list_audit(tid, since=time.time() - 60)
+    entries = [e for e in context.service.store.list_audit(tid, since=time.time() - 60, limit=100000)
                if e.action == "host_certificate.issued" and e.serial == new_serial]
     assert entries and entries[0].details["proof"] == f"renewal:{serial}"
     host.wait_reloaded()
