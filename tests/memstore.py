@@ -292,6 +292,7 @@ class MemoryStore:
 
     # host certificates
     def create_host_enrolment_token(self, token: HostEnrolmentToken, audit: AuditEntry) -> HostEnrolmentToken:
+        self._one_partition(token.tenant_id, [audit])
         with self._lock:
             if (token.tenant_id, token.token_hash) in self._enrol_tokens:
                 raise Conflict("That enrolment token already exists; mint another.")
@@ -337,13 +338,18 @@ class MemoryStore:
     def record_host_issuance(self, certs: Sequence[CertificateRecord], keys: Sequence[HostKeyRecord],
                              audit: Sequence[AuditEntry],
                              used: HostEnrolmentToken | HostChallenge | None = None) -> None:
+        rows = [*certs, *keys, *([used] if used is not None else [])]
+        if rows:
+            self._one_partition(rows[0].tenant_id, audit, *rows)
         with self._lock:
             used_row = None
             if used is not None:
                 table = self._enrol_tokens if isinstance(used, HostEnrolmentToken) else self._challenges
                 key = (used.tenant_id, used.token_hash if isinstance(used, HostEnrolmentToken) else used.id)
                 used_row = table.get(key)
-                if used_row is None or not self._matches(used_row, used.etag or ""):
+                if used_row is None:
+                    raise NotFound("That token or challenge is gone; nothing was issued.")
+                if not self._matches(used_row, used.etag or ""):
                     raise Conflict("That token or challenge was used at the same time; nothing was issued.")
             if any((c.tenant_id, c.policy_id, c.serial) in self._certs for c in certs) or \
                     len({c.serial for c in certs}) != len(certs):

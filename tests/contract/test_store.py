@@ -802,3 +802,26 @@ def test_a_write_with_another_partitions_audit_entry_is_refused_and_writes_nothi
     with pytest.raises(NotFound):
         store.get_certificate(tid, "web", 42)
     assert audit_of(store, tid) == before and audit_of(store, other) == []
+
+
+def test_host_writes_stay_in_one_partition_and_a_gone_token_is_not_found(store: Store, tid: str) -> None:
+    other = str(uuid.uuid4())
+    with pytest.raises(ValueError):
+        store.create_host_enrolment_token(a_token(tid), an_entry(other, T0, "stray"))
+    token = store.create_host_enrolment_token(a_token(tid), an_entry(tid, T0))
+    cert, key = a_host_cert(tid, 501)
+    theirs, _ = a_host_cert(other, 502)
+    used = replace(token, used_at=int(T0) + 1, used_by="SHA256:hostkey")
+    with pytest.raises(ValueError):  # the audit entry in another tenant's partition
+        store.record_host_issuance([cert], [key], [an_entry(other, T0 + 1, "stray")], used)
+    with pytest.raises(ValueError):  # a certificate of another tenant in the same write
+        store.record_host_issuance([cert, theirs], [key], [an_entry(tid, T0 + 1, "stray")], used)
+    ghost = replace(a_token(tid), etag=token.etag, used_at=int(T0) + 1)  # never stored
+    with pytest.raises(NotFound):
+        store.record_host_issuance([cert], [key], [an_entry(tid, T0 + 1, "stray")], ghost)
+    for serial, t in ((501, tid), (502, other)):
+        with pytest.raises(NotFound):
+            store.get_certificate(t, "web", serial)
+    assert store.get_host_key(tid, "web", "SHA256:hostkey") is None
+    assert store.get_host_enrolment_token(tid, token.token_hash).used_at is None
+    assert [e.action for e in audit_of(store, tid)] == ["test.event"] and audit_of(store, other) == []
