@@ -1,6 +1,6 @@
 # The two commands: `make demo` (local stack, then a real SSH login with an ezssh certificate)
 # and `make test` (the test suite). Both install what they need first.
-.PHONY: setup demo up down status test test-fast bench bench-cli package clean
+.PHONY: setup demo up down status login test test-fast bench bench-cli package clean
 
 PY := .venv/bin/python
 DEVSTACK := cd infra/local && ../../$(PY) -m devstack
@@ -19,6 +19,11 @@ down:
 
 status:
 	@$(DEVSTACK) status
+
+# Sign a dev user in to the running stack without a browser (DEV_USER=bob; the CLI's directory is
+# .local/my-home unless EZSSH_HOME is set).
+login:
+	@$(DEVSTACK) login --user $(or $(DEV_USER),alice) --home $(or $(EZSSH_HOME),$(CURDIR)/.local/my-home)
 
 test: setup
 	@$(PY) -m pytest -q $(PYTEST_ARGS)

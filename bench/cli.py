@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/cli.py [--runs 15] [--ezssh "CMD"]      (make bench-cli)
 
-Starts its own local stack on free ports in a temporary directory (identity provider, API, sshd),
-signs alice in once (device code, played by the bench), then runs, alternately, N times each:
+Installs ezssh as `pipx install ./client` would (its own venv, no editable-install import hook; pass
+--ezssh to time another), starts its own local stack on free ports in a temporary directory (identity
+provider, API, sshd), signs alice in once (device code, played by the bench), then runs, alternately,
+N times each:
 
   plain ssh         ssh -i KEY -o CertificateFile=CERT ... alice@127.0.0.1 true
                     (the very command line ezssh runs, with a certificate ezssh issued)
@@ -45,31 +47,55 @@ def timed(argv: list[str], env: dict) -> float:
     return dt
 
 
+def installed_like_pipx(venv: Path) -> list[str]:
+    """ezssh as `pipx install ./client` leaves it: its own venv, the package copied into site-packages
+    (not the development venv's editable install, whose import hook costs every start) and pip's
+    console script. Its dependencies come from this venv through a .pth line."""
+    import site
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    purelib = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
+                                   "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip())
+    shutil.copytree(REPO / "client" / "ezssh", purelib / "ezssh", ignore=shutil.ignore_patterns("__pycache__"))
+    deps = [p for p in site.getsitepackages() if Path(p).is_dir()] or [sysconfig.get_paths()["purelib"]]
+    (purelib / "ezssh-deps.pth").write_text("\n".join(deps) + "\n")
+    script = venv / "bin" / "ezssh"
+    script.write_text(f"#!{venv / 'bin' / 'python'}\n# -*- coding: utf-8 -*-\nimport re\nimport sys\n"
+                      "from ezssh.cli import main\nif __name__ == '__main__':\n"
+                      "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+                      "    sys.exit(main())\n")
+    script.chmod(0o755)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", str(purelib / "ezssh")], check=True)
+    return [str(script)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=15, help="rounds (default 15)")
-    ap.add_argument("--ezssh", help="how to run ezssh (default: the venv's console script `ezssh`)")
+    ap.add_argument("--ezssh", help="how to run ezssh (default: installed as pipx would, in its own venv)")
     args = ap.parse_args()
 
     from devstack.demo import cli_env, run_cli
     from devstack.proc import free_port
     from devstack.stack import Ports, up
 
-    ezssh = shlex.split(args.ezssh) if args.ezssh else [str(Path(sys.executable).with_name("ezssh"))]
-    if not args.ezssh and not Path(ezssh[0]).exists():
-        ezssh = [sys.executable, "-m", "ezssh"]
     work = Path(tempfile.mkdtemp(prefix="ezssh-bench-cli-"))
+    ezssh = shlex.split(args.ezssh) if args.ezssh else installed_like_pipx(work / "venv")
     stack = None
     try:
         print("bench-cli: starting the local stack (identity provider, API, sshd) ...", file=sys.stderr)
         stack = up(work / "state", Ports(free_port(), free_port(), free_port(), free_port()))
         port = stack.ports.sshd
         home = work / "home"
-        env = cli_env(home / ".ezssh", HOME=str(home), PYTHONPATH=str(REPO / "client"))
+        env = cli_env(home / ".ezssh", HOME=str(home))
+        env.pop("PYTHONPATH", None)
         env.pop("SSH_AUTH_SOCK", None)
         env["EZSSH_ALLOW_DEVICE_LOGIN"] = "0"
         for step in (["configure", "--server", stack.api_url, "--ca-bundle", str(stack.oidc.ca_path)], ["login"]):
-            r = run_cli(step, {**env, "EZSSH_ALLOW_DEVICE_LOGIN": "1"}, username="alice", ca_path=stack.oidc.ca_path)
+            r = run_cli(step, {**env, "EZSSH_ALLOW_DEVICE_LOGIN": "1"}, username="alice", ca_path=stack.oidc.ca_path,
+                        command=ezssh)
             if r.returncode != 0:
                 raise SystemExit(f"bench-cli: ezssh {step[0]} failed: {r.stderr}")
         known = work / "known_hosts"
@@ -83,7 +109,7 @@ def main() -> int:
                        f"    LogLevel ERROR\n    IdentityAgent none\n")
         # the first certificate, and the block for plain ssh
         timed([*ezssh, "ssh", "alice@127.0.0.1", *opts, "true"], env)
-        r = run_cli(["config", "--ssh-config", str(cfg), "--command", shlex.join(ezssh)], env)
+        r = run_cli(["config", "--ssh-config", str(cfg)], env, command=ezssh)
         if r.returncode != 0:
             raise SystemExit(f"bench-cli: ezssh config failed: {r.stderr}")
         slot = next((home / ".ezssh" / "certs").glob("*/alice@127.0.0.1"))

@@ -21,7 +21,9 @@ META = "meta.json"
 REUSE_MARGIN = 30  # seconds: a certificate is reused while valid_before - 30 s > now
 STALE_PARTIAL = 600  # seconds: a directory without meta.json older than this is debris
 
-_SAFE = re.compile(r"[^A-Za-z0-9._:@+-]")
+# Characters kept as they are in slot names; the rest are %XX. ':' (IPv6 hosts) is not a valid file
+# name character on Windows; elsewhere it stays, so ssh_config's %r@%h names the same directory.
+_SAFE = re.compile(r"[^A-Za-z0-9._@+-]" if os.name == "nt" else r"[^A-Za-z0-9._:@+-]")
 
 
 def _quote(part: str) -> str:

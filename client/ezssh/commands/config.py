@@ -21,7 +21,7 @@ def self_command() -> list[str]:
     """How ssh should run this ezssh: the console script if that is what runs, else `python -m ezssh`."""
     prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
     if prog is not None and prog.name in ("ezssh", "ezssh.exe") and prog.exists():
-        return [str(prog.resolve())]
+        return [os.path.abspath(prog)]
     return [sys.executable, "-m", "ezssh"]
 
 
@@ -43,7 +43,7 @@ def cmd_config(args) -> int:
     cfg = load_config(home)
     owned = home / sshconfig.OWNED_FILE
     state = cfg.get("ssh_config") or {}
-    user_config = Path(args.ssh_config or state.get("path") or Path.home() / ".ssh" / "config").expanduser()
+    user_config = Path(args.ssh_config or state.get("path") or Path.home() / ".ssh" / "config").expanduser().absolute()
 
     if args.remove:
         changed = sshconfig.uninstall(user_config, owned, bool(state.get("created")))

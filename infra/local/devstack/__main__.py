@@ -1,9 +1,16 @@
-"""python -m devstack up|down|status|demo [--state-dir DIR]  (run with infra/local on sys.path)."""
+"""python -m devstack up|down|status|demo|login [--state-dir DIR] [--ports SPEC] [--user NAME] [--home DIR]
+(run with infra/local on sys.path).
+
+Ports: --ports api=17071,sshd=12222 (or EZSSH_DEV_PORTS; names: azurite, oidc, api, sshd; defaults
+10002, 8443, 7071, 2222). `login` signs a dev user (default alice) in to the running stack with the
+CLI, playing the browser for the device code; the CLI's directory is --home (default .local/my-home).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,9 +18,15 @@ from . import stack
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="devstack", description=__doc__)
-    ap.add_argument("command", choices=["up", "down", "status", "demo"])
+    ap = argparse.ArgumentParser(prog="devstack", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["up", "down", "status", "demo", "login"])
     ap.add_argument("--state-dir", type=Path, default=stack.DEFAULT_STATE)
+    ap.add_argument("--ports", default=os.environ.get("EZSSH_DEV_PORTS"), metavar="SPEC",
+                    help="e.g. api=17071,sshd=12222 (default: $EZSSH_DEV_PORTS, else the fixed ports)")
+    ap.add_argument("--user", default="alice", help="login: the dev user to sign in (users.json)")
+    ap.add_argument("--home", type=Path, default=stack.DEFAULT_STATE / "my-home",
+                    help="login: the CLI's directory (EZSSH_HOME)")
     args = ap.parse_args(argv)
     if args.command == "down":
         stopped = stack.down(args.state_dir)
@@ -22,10 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         print(json.dumps(stack.status(args.state_dir), indent=2))
         return 0
-    if stack.status(args.state_dir).get("running", True) is not False:
-        stack.down(args.state_dir)
+    if args.command == "login":
+        home = args.home.resolve()
+        try:
+            rc = stack.login(args.state_dir, args.user, home)
+        except stack.StandInError as exc:
+            print(f"devstack: {exc}", file=sys.stderr)
+            return 1
+        if rc == 0:
+            print(f"\nSigned in as {args.user}. Use this CLI directory with:\n  export EZSSH_HOME={home}",
+                  file=sys.stderr)
+        return rc
     try:
-        s = stack.up(args.state_dir)
+        ports = stack.Ports.parse(args.ports)
+        if stack.status(args.state_dir).get("running", True) is not False:
+            stack.down(args.state_dir)
+        s = stack.up(args.state_dir, ports)
     except stack.StandInError as exc:
         print(f"devstack: {exc}", file=sys.stderr)
         return 1
@@ -36,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  Azurite       http://127.0.0.1:{s.ports.azurite}\n"
         f"  SoftHSM token {s.token.label} ({s.token.conf_path})\n"
         f"  sshd          127.0.0.1:{s.ports.sshd} trusting policy 'demo'\n"
-        f"stop it with: make down",
+        f"sign in: make login   stop: make down",
         file=sys.stderr,
     )
     if args.command == "demo":

@@ -37,9 +37,10 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def run_cli(args: list[str], env: dict[str, str], *, username: str | None = None, ca_path: Path | None = None,
-            timeout: float = 120, echo: bool = False) -> subprocess.CompletedProcess:
-    """Run `ezssh ARGS`. If it shows a device code, complete it in the browser stand-in as `username`."""
-    proc = subprocess.Popen(ezssh_command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            timeout: float = 120, echo: bool = False, command: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `ezssh ARGS` (or `command ARGS`). If it shows a device code, complete it in the browser
+    stand-in as `username`."""
+    proc = subprocess.Popen((command or ezssh_command()) + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True)
     err_lines: list[str] = []
     browser_errors: list[BaseException] = []
@@ -56,7 +57,7 @@ def run_cli(args: list[str], env: dict[str, str], *, username: str | None = None
                 try:
                     complete_device_code(m["uri"], m["code"], username, password_for(username), ca_path)
                     if echo:
-                        sys.stderr.write(f"(demo: signed in as {username} in the browser stand-in)\n")
+                        sys.stderr.write(f"(devstack: signed in as {username} in the browser stand-in)\n")
                 except BaseException as exc:  # noqa: BLE001
                     browser_errors.append(exc)
 

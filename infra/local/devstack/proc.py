@@ -94,9 +94,46 @@ def spawn(
     return Proc(name=name, popen=popen, log_path=log_path, stop_signal=stop_signal)
 
 
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP `port` (Linux: the socket's inode in /proc/net/tcp*, then the process whose
+    file descriptors hold it): "pid 1234 (cmdline)", or None when that cannot be seen."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(f[9])
+    if not inodes:
+        return None
+    wanted = {f"socket:[{i}]" for i in inodes}
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            fds = list((pid_dir / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in wanted:
+                    cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"pid {pid_dir.name} ({cmd[:120] or '?'})"
+            except OSError:
+                continue
+    return "a process this user cannot see"
+
+
 def require_free(port: int, name: str) -> None:
     if port_open(port):
-        raise StandInError(f"{name}: 127.0.0.1:{port} is already in use (is another stack running? `make down`)")
+        holder = port_holder(port)
+        raise StandInError(
+            f"{name}: 127.0.0.1:{port} is already in use" + (f" by {holder}" if holder else "") +
+            ". Stop it (`make down` if it is this project's stack), or pick other ports: "
+            "EZSSH_DEV_PORTS=api=17071,sshd=12222,oidc=18443,azurite=20002 make up")
 
 
 def wait_for_port(proc: Proc, port: int, timeout: float = 30.0) -> None:

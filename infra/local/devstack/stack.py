@@ -38,6 +38,18 @@ class Ports:
     api: int = 7071
     sshd: int = 2222
 
+    @classmethod
+    def parse(cls, spec: str | None) -> "Ports":
+        """`api=17071,sshd=12222` (any of azurite, oidc, api, sshd; the rest keep their defaults)."""
+        ports = cls()
+        for item in filter(None, (spec or "").replace(" ", "").split(",")):
+            name, _, value = item.partition("=")
+            if name not in cls.__dataclass_fields__ or not value.isdigit() or not 0 < int(value) < 65536:
+                raise StandInError(f"ports: {item!r} is not NAME=PORT with NAME one of "
+                                   f"{', '.join(cls.__dataclass_fields__)} (e.g. api=17071,sshd=12222)")
+            setattr(ports, name, int(value))
+        return ports
+
 
 def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHsmToken) -> dict[str, str]:
     """The settings the API reads (functions/settings.py), pointing at the local stand-ins."""
@@ -239,5 +251,22 @@ def status(state_dir: Path = DEFAULT_STATE) -> dict:
     return info
 
 
-__all__ = ["Ports", "Stack", "up", "down", "status", "api_env", "start_api", "seed_policy",
+def login(state_dir: Path, user: str, home: Path) -> int:
+    """Configure the CLI in `home` for the running stack and sign `user` in without a browser: the
+    device code the CLI prints is completed by devstack, as a browser would (devstack.oidc)."""
+    from .demo import cli_env, run_cli
+
+    info = status(state_dir)
+    if not info.get("api_url"):
+        raise StandInError("the local stack is not running: `make up` first")
+    env = cli_env(home)
+    ca = Path(info["ca_bundle"])
+    for args in (["configure", "--server", info["api_url"], "--ca-bundle", str(ca)], ["login", "--device"]):
+        r = run_cli(args, env, username=user, ca_path=ca, echo=True)
+        if r.returncode != 0:
+            return r.returncode
+    return 0
+
+
+__all__ = ["Ports", "Stack", "up", "down", "status", "login", "api_env", "start_api", "seed_policy",
            "demo_policy_document", "StandInError", "wait_for_port"]
