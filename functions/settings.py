@@ -29,6 +29,8 @@ SETTINGS: dict[str, str] = {
     "EZSSH_OIDC_CA_BUNDLE": "PEM file to trust when fetching the issuer's keys (local dev CA only)",
     "EZSSH_STORAGE_CONNECTION_STRING": "Table Storage connection string (Azurite locally); or use EZSSH_STORAGE_ACCOUNT_URL",
     "EZSSH_STORAGE_ACCOUNT_URL": "https://<account>.table.core.windows.net, reached with the managed identity",
+    "EZSSH_QUEUE_ACCOUNT_URL": "https://<account>.queue.core.windows.net: the enrolment job queue, reached with the "
+                               "managed identity (Azure); locally the QueueEndpoint of EZSSH_STORAGE_CONNECTION_STRING",
     "EZSSH_TABLE_NAME": "table name (default ezssh)",
     "EZSSH_SIGNER_BACKEND": "pkcs11 or keyvault",
     "EZSSH_PKCS11_MODULE": "path of the PKCS#11 module (pkcs11 backend)",
@@ -81,6 +83,13 @@ class Settings:
     arm_endpoint: str = "https://management.azure.com"
     graph_endpoint: str = "https://graph.microsoft.com"
     public_url: str | None = None
+    queue_account_url: str | None = None
+
+    @property
+    def queue_configured(self) -> bool:
+        """Enrolment jobs have a queue: an account URL (Azure), or a connection string naming one."""
+        conn = self.storage_connection_string or ""
+        return bool(self.queue_account_url) or "QueueEndpoint=" in conn or "UseDevelopmentStorage=true" in conn
 
     @property
     def authority_type(self) -> str:
@@ -147,6 +156,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     if account_url and not account_url.startswith("https://"):
         raise SettingsError("Setting EZSSH_STORAGE_ACCOUNT_URL must be an https URL.")
+    queue_url = _get(env, "EZSSH_QUEUE_ACCOUNT_URL")
+    if queue_url and not queue_url.startswith("https://"):
+        raise SettingsError("Setting EZSSH_QUEUE_ACCOUNT_URL must be an https URL.")
     table = _get(env, "EZSSH_TABLE_NAME") or "ezssh"
     if not re.match(r"^[A-Za-z][A-Za-z0-9]{2,62}$", table):
         raise SettingsError("Setting EZSSH_TABLE_NAME must be 3-63 letters and digits, starting with a letter.")
@@ -193,6 +205,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         backdate_seconds=_int(env, "EZSSH_BACKDATE_SECONDS", 60, 0, 600),
         managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
         appinsights_connection_string=_get(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
+        queue_account_url=queue_url,
         **_enrolment_settings(env, tenants),
     )
 

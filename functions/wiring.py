@@ -171,16 +171,31 @@ def build_compute_client_factory(settings: Settings, credential=None, connection
     return client_for
 
 
+def build_job_queue(settings: Settings, credential=None):  # type: ignore[no-untyped-def]
+    """The enrolment job queue (and its poison queue), or None when no queue is configured."""
+    from .storage.queue import JobQueue
+
+    if settings.queue_account_url:
+        queue = JobQueue.from_account_url(settings.queue_account_url, credential or _credential(settings))
+    elif settings.queue_configured and settings.storage_connection_string:
+        queue = JobQueue.from_connection_string(settings.storage_connection_string)
+    else:
+        log.warning("no enrolment job queue configured (EZSSH_QUEUE_ACCOUNT_URL): enrolment is off")
+        return None
+    queue.ensure()
+    return queue
+
+
 def build_enrolments(settings: Settings, service, store, *, credential=None, connection_verify=None,  # type: ignore[no-untyped-def]
-                     polling_interval: float | None = None):
+                     polling_interval: float | None = None, queue=None):
     """The enrolment service; its compute client (and credential) are built on first use."""
     from .hosts.azure_vms import AzureVms
     from .hosts.enrolment import EnrolConfig, EnrolmentService
-    from .storage.enrolments import EnrolmentStore
+    from .storage.enrolments import EnrolmentStore, JobStore
 
     factory = build_compute_client_factory(settings, credential, connection_verify)
     return EnrolmentService(
         service.hosts, EnrolmentStore(store), lambda: AzureVms(factory, polling_interval=polling_interval),
         EnrolConfig(scopes=settings.enrol_scopes, tenants=settings.tenants, public_url=settings.public_url),
-        clock=service.clock,
+        clock=service.clock, jobs=JobStore(store), queue=queue if queue is not None else build_job_queue(settings),
     )

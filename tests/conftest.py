@@ -62,7 +62,7 @@ def oidc(state_dir) -> Iterator:
 def api_env(state_dir, oidc, azurite, softhsm_token) -> dict[str, str]:
     from devstack.stack import api_env as make_env
 
-    return make_env(state_dir, oidc, azurite.port, softhsm_token)
+    return make_env(state_dir, oidc, azurite.port, softhsm_token, queue_port=azurite.queue_port)
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,24 @@ would. `app.get_functions()` may run only once per app object, so every test mod
 from __future__ import annotations
 
 _FUNCTIONS: dict = {}
+_TRIGGERS: dict = {}
 
 
-def user_functions() -> dict:
+def _load() -> None:
     if not _FUNCTIONS:
         import function_app
 
-        _FUNCTIONS.update({f.get_function_name(): f.get_user_function() for f in function_app.app.get_functions()})
+        for f in function_app.app.get_functions():
+            _FUNCTIONS[f.get_function_name()] = f.get_user_function()
+            _TRIGGERS[f.get_function_name()] = f.get_trigger().get_dict_repr()
+
+
+def user_functions() -> dict:
+    _load()
     return _FUNCTIONS
+
+
+def triggers() -> dict:
+    """function name -> its trigger binding as function.json would say it (type, queueName, ...)."""
+    _load()
+    return _TRIGGERS

@@ -3,10 +3,13 @@
     POST /api/policies/{id}/enrolments   {"vm_id": "/subscriptions/.../virtualMachines/web1"}
                                          {"resource_group": "rg1" | "/subscriptions/<id>/resourceGroups/rg1",
                                           "tag": "name=value"}
-      -> 200 {"enrolments": [...]}  (each: state succeeded | failed | retrying | pending, attempts,
-         output_tail, last_error, ...). The push runs before the answer for up to 20 VMs; more stay
-         pending and the reconcile timer takes them.
-    GET  /api/policies/{id}/enrolments   -> 200 {"enrolments": [...]}
+      -> 202 {"job": {id, state, done, counts, ...}, "items": [{vm_id, state, ...}]}, Location: the job.
+         Nothing is pushed before the answer: each VM is one queue message that the queue-triggered
+         function pushes. A tag that matches no VM gives a job with no items (done at once).
+    GET  /api/policies/{id}/enrolment-jobs/{job_id}
+      -> 200 the same shape: each item queued | running | retrying | succeeded | failed, with its
+         attempts, last error and output tail; job.done once every item is succeeded or failed.
+    GET  /api/policies/{id}/enrolments   -> 200 {"enrolments": [...]} (each VM's latest outcome)
 
 Policy admins and tenant admins only. A resource id that does not parse is 400; a VM or resource
 group outside EZSSH_ENROL_SCOPES is 403 (outside_enrolment_scopes); another tenant's policy is 404.
@@ -44,8 +47,17 @@ def enrol(request: Request, policy_id: str, who: Identity = Depends(caller),
           eb: EnrolBody = body(EnrolBody, "enrolment.refused")) -> JSONResponse:
     svc = _enrolments(request)
     api_url = str(request.base_url).rstrip("/")
-    recs = svc.enrol(who, policy_id, vm_id=eb.vm_id, resource_group=eb.resource_group, tag=eb.tag, api_url=api_url)
-    return JSONResponse({"enrolments": [r.to_dict() for r in recs]})
+    job, items = svc.enrol(who, policy_id, vm_id=eb.vm_id, resource_group=eb.resource_group, tag=eb.tag,
+                           api_url=api_url)
+    return JSONResponse(svc.describe(job, items), status_code=202,
+                        headers={"Location": f"/api/policies/{policy_id}/enrolment-jobs/{job.job_id}"})
+
+
+@router.get("/{policy_id}/enrolment-jobs/{job_id}")
+def job(request: Request, policy_id: str, job_id: str, who: Identity = Depends(caller)) -> JSONResponse:
+    svc = _enrolments(request)
+    found, items = svc.job(who, policy_id, job_id)
+    return JSONResponse(svc.describe(found, items))
 
 
 @router.get("/{policy_id}/enrolments")

@@ -203,7 +203,9 @@ def exit_status_of(stdout: str) -> int | None:
 class AzureVms:
     """VM reads and Run Command over `client_for(subscription) -> ComputeManagementClient`."""
 
-    def __init__(self, client_for: Callable[[str], Any], *, timeout: float = 900.0,
+    # Run Command poll timeout: below host.json functionTimeout (600 s), so a slow Run Command ends
+    # the push as a transient "timeout" inside the invocation instead of the host killing it.
+    def __init__(self, client_for: Callable[[str], Any], *, timeout: float = 480.0,
                  polling_interval: float | None = None) -> None:
         self._client_for = client_for
         self.timeout = timeout

@@ -1,11 +1,19 @@
 """Enrolment: push a policy's host setup script to Azure VMs, by hand, on VM events, and by reconcile.
 
+Nothing runs Run Command on a request's path. A request becomes a job (one item per VM, Table
+Storage) and one queue message per VM (Azure Storage Queue); the queue-triggered function runs the
+push (`run_message`). The HTTP call and the Event Grid delivery return as soon as the messages are
+queued; the job's state is read back with `job()`.
+
 Use cases (EnrolmentService):
-  enrol(who, policy, vm_id=... | resource_group=..., tag="k=v")   POST /api/policies/{id}/enrolments
+  enrol(who, policy, vm_id=... | resource_group=..., tag="k=v")   POST /api/policies/{id}/enrolments (202)
+  job(who, policy, job_id)                                          GET  /api/policies/{id}/enrolment-jobs/{job}
   list(who, policy)                                                 GET  /api/policies/{id}/enrolments
   handle_event(event)        Event Grid: Microsoft.Resources.ResourceWriteSuccess for a VM write
   reconcile()                timer: due retries, VMs in scope not yet enrolled, re-push after a CA
                              rotation or a revocation (pushed CA fingerprints / KRL version differ)
+  run_message(body)          queue trigger: one VM of one job
+  give_up(body)              poison queue trigger: the message failed every delivery
 
 A VM is covered by a policy (for events and reconcile) when its tag `ezssh-policy` names the policy
 (`<policy id>` or `<tenant id>/<policy id>`; several separated by commas), or when one of the
@@ -13,25 +21,47 @@ policy's host patterns is a resource id (the VM or its resource group) or a `tag
 VM carries. Name globs and CIDRs never enrol anything on their own.
 
 Each push is one attempt on an enrolment record (storage/enrolments.py): the record is claimed with
-an ETag-guarded update (state pending, a lease), the script runs through Run Command, and the
-outcome is written back: succeeded (with the CA fingerprints and KRL version pushed), retrying (a
+an ETag-guarded update (state pending, a lease longer than the function timeout), the script runs
+through Run Command, and the outcome is written back: succeeded (with the CA fingerprints and KRL version pushed), retrying (a
 transient failure: agent not ready, throttling, ARM unavailable; next attempt after an exponential
 backoff), or failed (VM gone, permission missing, the script exited non-zero, or too many attempts).
 Only VMs inside the configured scopes (EZSSH_ENROL_SCOPES) are ever touched.
+
+A worker that dies mid-push (killed, or past the function timeout) leaves its lease on the record; the
+message comes back after its visibility timeout, finds the lease, and is queued again to run when
+the lease ends, so a VM's script never runs twice at the same time. Retries are bounded: transient
+Run Command failures by `max_attempts` (the timer re-queues them after the backoff), crashes by the
+host's maxDequeueCount (then the poison queue, and `give_up` marks the item failed).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 from ..core.audit import AuditEntry
 from ..core.errors import BackendUnavailable, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound
 from ..core.policy import Identity, Policy
-from ..storage.enrolments import FAILED, PENDING, RETRYING, SUCCEEDED, Enrolment, EnrolmentStore, tail
+from ..storage.enrolments import (
+    FAILED,
+    PENDING,
+    QUEUED,
+    RETRYING,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    Enrolment,
+    EnrolmentStore,
+    Job,
+    JobItem,
+    JobStore,
+    job_dict,
+    tail,
+)
 from .azure_vms import (
     AzureVms,
     PushError,
@@ -66,9 +96,11 @@ class EnrolConfig:
     backoff_base: int = 60  # seconds before the 2nd attempt; doubles after each transient failure
     backoff_cap: int = 1800
     max_attempts: int = 8
-    lease_seconds: int = 1200  # a push not finished by then is considered dead
-    concurrency: int = 8
-    sync_limit: int = 20  # the API pushes at most this many VMs itself; the rest wait for the timer
+    # A push not finished by then ran in a worker that is gone: longer than host.json's functionTimeout
+    # (600 s), which is longer than Run Command's poll timeout (AzureVms.timeout, 480 s).
+    lease_seconds: int = 660
+    max_deferrals: int = 24  # a message waiting for another push's lease is queued again at most this often
+    max_job_vms: int = 500  # VMs one request may name (a resource group's tagged VMs)
 
     # A scope may name the one tenant whose policies may push into it: "<tenant id>=/subscriptions/...".
     # Settings insist on that when the deployment serves several tenants, so one tenant's admins can
@@ -95,9 +127,12 @@ class _Desired:
 
 class EnrolmentService:
     def __init__(self, hosts: Any, store: EnrolmentStore, vms: AzureVms | Callable[[], AzureVms],
-                 config: EnrolConfig, clock: Callable[[], float] = time.time) -> None:
+                 config: EnrolConfig, clock: Callable[[], float] = time.time, *,
+                 jobs: JobStore | None = None, queue: Any = None) -> None:
         self.hosts = hosts  # functions.service.hosts.Hosts: policies, KRL, host tokens, audit
         self.store = store
+        self.jobs = jobs  # job rows (storage/enrolments.py)
+        self.queue = queue  # storage.queue.JobQueue: one message per VM of a job
         self._vms = vms
         self.config = config
         self.clock = clock
@@ -155,7 +190,7 @@ class EnrolmentService:
             return rec.ca_fingerprints != desired.fingerprints or rec.krl_version != desired.krl_version
         return source == "event"  # failed: a new VM write is a reason to try again
 
-    def queue(self, policy: Policy, ref: VmRef, source: str, who: Identity | None = None) -> Enrolment:
+    def record_for(self, policy: Policy, ref: VmRef, source: str, who: Identity | None = None) -> Enrolment:
         """The VM's record for this policy, created as pending if there is none."""
         now = int(self.clock())
         rec = self.store.get(policy.tenant_id, policy.id, ref.id)
@@ -175,18 +210,27 @@ class EnrolmentService:
     def attempt(self, policy: Policy, ref: VmRef, *, source: str, who: Identity | None = None,
                 force: bool = False, desired: _Desired | None = None, api_url: str | None = None) -> Enrolment:
         """Push the policy's setup script to one VM if its record says it is due. Returns the record."""
+        return self._attempt(policy, ref, source=source, who=who, force=force, desired=desired, api_url=api_url)[0]
+
+    def _attempt(self, policy: Policy, ref: VmRef, *, source: str, who: Identity | None = None,
+                 force: bool = False, desired: _Desired | None = None, api_url: str | None = None,
+                 job_id: str | None = None) -> tuple[Enrolment, str]:
+        """(the record, what happened: ran | busy (another push holds the lease) | not_due)."""
         desired = desired or self._desired(policy, api_url)
-        rec = self.queue(policy, ref, source, who)
+        rec = self.record_for(policy, ref, source, who)
         now = int(self.clock())
+        if rec.lease_until > now:
+            return rec, "busy"
         if not self._due(rec, now, desired, source, force):
-            return rec
+            return rec, "not_due"
         claimed = replace(rec, state=PENDING, lease_until=now + self.config.lease_seconds, updated_at=now,
-                          source=source, requested_by=who.upn if who else rec.requested_by)
+                          source=source, requested_by=who.upn if who else rec.requested_by,
+                          job_id=job_id or rec.job_id)
         try:
             claimed = self.store.update(claimed, rec.etag or "")
         except (Conflict, NotFound):
             log.info("enrolment of %s in %s taken by another worker", ref.id, policy.id)
-            return self.store.get(policy.tenant_id, policy.id, ref.id) or rec
+            return self.store.get(policy.tenant_id, policy.id, ref.id) or rec, "busy"
         attempts = rec.attempts + 1 if rec.state in (PENDING, RETRYING) else 1
         details: dict[str, object] = {}
         try:
@@ -222,7 +266,7 @@ class EnrolmentService:
                     ca_fingerprints=list(desired.fingerprints), krl_version=desired.krl_version, **details)
         log.info("enrolment %s -> %s: %s (attempt %d)%s", policy.id, ref.id, final.state, final.attempts,
                  f" {final.error_code}: {final.last_error}" if final.error_code else "")
-        return final
+        return final, "ran"
 
     def _after_error(self, rec: Enrolment, attempts: int, exc: PushError) -> Enrolment:
         now = int(self.clock())
@@ -304,21 +348,152 @@ class EnrolmentService:
         return BackendUnavailable(exc.message)
 
     def enrol(self, who: Identity, policy_id: str, *, vm_id: object = None, resource_group: object = None,
-              tag: object = None, api_url: str | None = None) -> list[Enrolment]:
-        """Push now to the VMs named (at most `sync_limit`; others stay pending for the timer)."""
+              tag: object = None, api_url: str | None = None) -> tuple[Job, list[JobItem]]:
+        """Queue a push to the VMs named; returns the job at once (the queue worker does the pushing)."""
         policy, refs = self.resolve_targets(who, policy_id, vm_id=vm_id, resource_group=resource_group, tag=tag)
-        if not refs:
-            return []
-        desired = self._desired(policy, api_url)
-        now_refs, later = refs[: self.config.sync_limit], refs[self.config.sync_limit:]
-        queued = [self.queue(policy, r, "api", who) for r in later]
+        if len(refs) > self.config.max_job_vms:
+            exc = InvalidRequest(f"That names {len(refs)} VMs; one request may enrol at most "
+                                 f"{self.config.max_job_vms}. Use a narrower tag.")
+            self.hosts.refuse(who, exc, "enrolment.refused", policy_id=policy_id)
+            raise exc
+        return self.submit(policy, refs, source="api", who=who, api_url=api_url)
 
-        def one(r: VmRef) -> Enrolment:
-            return self.attempt(policy, r, source="api", who=who, force=True, desired=desired, api_url=api_url)
+    # ---- jobs: queue, run, read ------------------------------------------------------------------
+    def _need_queue(self) -> None:
+        if self.queue is None or self.jobs is None:
+            raise BackendUnavailable("Enrolment jobs need a queue: set EZSSH_QUEUE_ACCOUNT_URL (Azure) or a "
+                                     "storage connection string with a QueueEndpoint.")
 
-        with ThreadPoolExecutor(max_workers=max(1, min(self.config.concurrency, len(now_refs)))) as pool:
-            done = list(pool.map(one, now_refs))
-        return done + queued
+    @staticmethod
+    def _message(job: Job, vm_id: str, deferrals: int = 0, retry: bool = False) -> dict:
+        return {"v": 1, "tenant": job.tenant_id, "job": job.job_id, "policy": job.policy_id, "vm": vm_id,
+                "deferrals": deferrals, "retry": retry}
+
+    def submit(self, policy: Policy, refs: list[VmRef], *, source: str, who: Identity | None = None,
+               api_url: str | None = None) -> tuple[Job, list[JobItem]]:
+        """A job for these VMs, its items, and one queue message per VM."""
+        self._need_queue()
+        now = int(self.clock())
+        job = Job(tenant_id=policy.tenant_id, job_id=uuid.uuid4().hex, policy_id=policy.id, source=source,
+                  created_at=now, total=len(refs), requested_by=who.upn if who else None,
+                  requested_oid=who.oid if who else None, api_url=api_url)
+        items = [JobItem(tenant_id=job.tenant_id, job_id=job.job_id, policy_id=policy.id, vm_id=r.id,
+                         updated_at=now) for r in refs]
+        self.jobs.create(job, items)
+        for i, item in enumerate(items):
+            try:
+                self.queue.send(self._message(job, item.vm_id))
+            except BackendUnavailable:
+                for left in items[i:]:
+                    self._set_item(left, state=FAILED, error_code="queue_unavailable",
+                                   last_error="The job queue could not be reached; this VM was not queued.")
+                raise
+        entry = AuditEntry(tenant_id=policy.tenant_id, at=self.clock(), action="enrolment.queued", outcome="ok",
+                           actor_oid=who.oid if who else None, actor_upn=who.upn if who else None,
+                           policy_id=policy.id, chain=f"enr:{policy.id}",
+                           details={"job_id": job.job_id, "source": source, "total": len(refs),
+                                    "vms": [r.id for r in refs][:50]}).sealed()
+        try:
+            self.hosts.record(entry)
+        except Exception:  # noqa: BLE001 - the job row says what was asked; the log says the audit failed
+            log.exception("could not audit enrolment job %s", job.job_id)
+        log.info("enrolment job %s (%s) for policy %s: %d VMs queued", job.job_id, source, policy.id, len(refs))
+        return job, items
+
+    def job(self, who: Identity, policy_id: str, job_id: str) -> tuple[Job, list[JobItem]]:
+        """A job of this policy, for its admins (other tenants' jobs are never found)."""
+        try:
+            policy = self._admin_policy(who, policy_id)
+            found = None
+            if self.jobs is not None and len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id):
+                found = self.jobs.get(policy.tenant_id, job_id)
+            if found is None or found[0].policy_id != policy.id:
+                raise NotFound(f"No enrolment job {job_id[:64]!r} in policy {policy_id!r}.")
+        except EzsshError as exc:
+            self.hosts.refuse(who, exc, "enrolment.job.refused", policy_id=policy_id)
+            raise
+        return found
+
+    @staticmethod
+    def describe(job: Job, items: list[JobItem]) -> dict:
+        """The job as the API shows it."""
+        return {"job": job_dict(job, items), "items": [i.to_dict() for i in items]}
+
+    def _set_item(self, item: JobItem, **changes: Any) -> JobItem:
+        """Write an item's progress (its own message's handler is the only writer; retried on a race)."""
+        for _ in range(5):
+            try:
+                return self.jobs.update_item(replace(item, updated_at=int(self.clock()), **changes), item.etag or "")
+            except Conflict:
+                fresh = self.jobs.get_item(item.tenant_id, item.job_id, item.vm_id)
+                if fresh is None:
+                    return item
+                item = fresh
+        raise Conflict(f"Job {item.job_id}'s item for {item.vm_id} kept changing.")
+
+    def run_message(self, body: str | bytes) -> str:
+        """One queue message: push one VM of one job. Returns what happened (for the log).
+
+        Raises only for what a later delivery may fix (storage or the queue unreachable): the host
+        then delivers the message again, up to maxDequeueCount, then moves it to the poison queue.
+        """
+        msg = _parse_message(body)
+        if msg is None:
+            log.warning("enrolment queue: dropped a message that is not an ezssh job: %r", str(body)[:200])
+            return "dropped"
+        tid, job_id, vm_id = msg["tenant"], msg["job"], msg["vm"]
+        found = self.jobs.get(tid, job_id)
+        item = next((i for i in (found[1] if found else []) if i.vm_id.lower() == vm_id.lower()), None)
+        if found is None or item is None:
+            log.warning("enrolment queue: job %s has no item for %s; dropped", job_id, vm_id)
+            return "dropped"
+        job = found[0]
+        if item.state in TERMINAL:
+            return "already_done"  # a repeated delivery
+        policy = next((p for p in self._policies([tid]) if p.id == job.policy_id), None)
+        if policy is None or not in_scope(vm_id, self.config.scopes_for(tid)):
+            why = (f"Policy {job.policy_id!r} is gone or has no CA key." if policy is None
+                   else f"{vm_id} is no longer inside the enrolment scopes.")
+            self._set_item(item, state=FAILED, error_code="not_enrollable", last_error=why)
+            return "failed"
+        item = self._set_item(item, state=RUNNING, deliveries=item.deliveries + 1)
+        who = (Identity(oid=job.requested_oid or "", tid=tid, upn=job.requested_by or "")
+               if job.requested_by else None)
+        # a push asked for by hand runs even if the VM looks up to date; so does a retry the timer found due
+        force = (job.source == "api" and item.attempts == 0) or bool(msg.get("retry"))
+        rec, outcome = self._attempt(policy, parse_vm_id(vm_id), source=job.source, who=who, force=force,
+                                     api_url=job.api_url, job_id=job_id)
+        if outcome == "busy":
+            deferrals = int(msg.get("deferrals") or 0)
+            if deferrals >= self.config.max_deferrals:
+                self._set_item(item, state=FAILED, error_code="busy",
+                               last_error="Another push to this VM kept running; gave up waiting for it.")
+                return "failed"
+            wait = max(1, rec.lease_until - int(self.clock()) + 1)
+            self.queue.send(self._message(job, vm_id, deferrals + 1, bool(msg.get("retry"))), delay=wait)
+            self._set_item(item, state=QUEUED, last_error=f"Waiting {wait} s for another push to this VM to end.")
+            return "deferred"
+        state = {SUCCEEDED: SUCCEEDED, FAILED: FAILED, RETRYING: RETRYING}.get(rec.state, QUEUED)
+        if outcome == "not_due" and rec.state == PENDING:
+            state = RETRYING  # the timer sends it again when it is due
+        self._set_item(item, state=state, attempts=item.attempts + (1 if outcome == "ran" else 0),
+                       error_code=rec.error_code, last_error=rec.last_error, output_tail=rec.output_tail)
+        return state if outcome == "ran" else f"{state} (nothing to push)"
+
+    def give_up(self, body: str | bytes) -> str:
+        """A message from the poison queue: every delivery failed. The item says so; the record's
+        lease (if any) runs out by itself."""
+        msg = _parse_message(body)
+        if msg is None or self.jobs is None:
+            return "dropped"
+        item = self.jobs.get_item(msg["tenant"], msg["job"], msg["vm"])
+        if item is None or item.state in TERMINAL:
+            return "already_done"
+        self._set_item(item, state=FAILED, error_code="gave_up",
+                       last_error=f"The push was abandoned after {item.deliveries} deliveries that failed "
+                                  "(see the service's logs); the reconcile timer or a new request tries again.")
+        log.error("enrolment job %s: gave up on %s", msg["job"], msg["vm"])
+        return "failed"
 
     def list(self, who: Identity, policy_id: str) -> list[Enrolment]:
         try:
@@ -358,8 +533,9 @@ class EnrolmentService:
                 out[(p.tenant_id, p.id)] = p
         return list(out.values())
 
-    def handle_event(self, event_type: str, subject: str | None, data: dict | None) -> list[Enrolment]:
-        """One Event Grid event. Anything that is not a successful VM write in scope is ignored."""
+    def handle_event(self, event_type: str, subject: str | None, data: dict | None) -> list[Job]:
+        """One Event Grid event: queue a job per policy that covers the VM and is due there. Anything
+        that is not a successful VM write in scope is ignored. Returns the jobs queued."""
         data = data or {}
         op = str(data.get("operationName") or "")
         if event_type != WRITE_SUCCESS or op.lower() != VM_WRITE:
@@ -385,12 +561,21 @@ class EnrolmentService:
             return []
         tenant_hint = str(data.get("tenantId") or "") or None
         policies = self.covering(vm, self._policies(self.config.tenants), tenant_hint)
-        return [self.attempt(p, vm.ref, source="event") for p in policies
-                if in_scope(ref.id, self.config.scopes_for(p.tenant_id))]
+        jobs = []
+        now = int(self.clock())
+        for p in policies:
+            if not in_scope(ref.id, self.config.scopes_for(p.tenant_id)):
+                continue
+            rec = self.record_for(p, vm.ref, "event")
+            if self._due(rec, now, self._desired(p), "event", False):
+                jobs.append(self.submit(p, [vm.ref], source="event")[0])
+        return jobs
 
     def reconcile(self) -> dict[str, int]:
-        """Due retries, re-pushes after CA/KRL changes, and VMs in scope not enrolled yet."""
-        counts = {"vms_seen": 0, "attempted": 0, "succeeded": 0, "retrying": 0, "failed": 0, "scope_errors": 0}
+        """Queue due retries (on their own job), re-pushes after CA/KRL changes, and VMs in scope not
+        enrolled yet (one new job per policy)."""
+        counts = {"vms_seen": 0, "retries_queued": 0, "jobs": 0, "queued": 0, "scope_errors": 0}
+        self._need_queue()
         policies = self._policies(self.config.tenants)
         by_key = {(p.tenant_id, p.id): p for p in policies}
         desired = {k: self._desired(p) for k, p in by_key.items()}
@@ -400,8 +585,12 @@ class EnrolmentService:
             for rec in self.store.list(tid, pid):
                 if not in_scope(rec.vm_id, self.config.scopes_for(tid)):
                     continue
-                if self._due(rec, now, desired[(tid, pid)], "reconcile", False):
-                    work[(tid, pid, rec.vm_id.lower())] = (p, parse_vm_id(rec.vm_id))
+                if not self._due(rec, now, desired[(tid, pid)], "reconcile", False):
+                    continue
+                if rec.state in (PENDING, RETRYING) and rec.job_id and self._requeue(rec, now):
+                    counts["retries_queued"] += 1
+                    continue
+                work[(tid, pid, rec.vm_id.lower())] = (p, parse_vm_id(rec.vm_id))
         for scope in self.config.all_scopes:
             try:
                 vms = self.vms.list_vms(scope)
@@ -417,17 +606,40 @@ class EnrolmentService:
                     key = (p.tenant_id, p.id, vm.id.lower())
                     if key not in work and self.store.get(p.tenant_id, p.id, vm.id) is None:
                         work[key] = (p, vm.ref)
-
-        def one(item: tuple[Policy, VmRef]) -> Enrolment:
-            p, ref = item
-            return self.attempt(p, ref, source="reconcile", desired=desired[(p.tenant_id, p.id)])
-
-        if work:
-            with ThreadPoolExecutor(max_workers=max(1, min(self.config.concurrency, len(work)))) as pool:
-                for rec in pool.map(one, list(work.values())):
-                    counts["attempted"] += 1
-                    counts[rec.state] = counts.get(rec.state, 0) + 1
+        per_policy: dict[tuple[str, str], list[VmRef]] = {}
+        for (tid, pid, _), (_, ref) in work.items():
+            per_policy.setdefault((tid, pid), []).append(ref)
+        for key, refs in per_policy.items():
+            self.submit(by_key[key], refs, source="reconcile")
+            counts["jobs"] += 1
+            counts["queued"] += len(refs)
         return counts
+
+    def _requeue(self, rec: Enrolment, now: int) -> bool:
+        """Send a due retry to the job it belongs to; the record is marked (ETag-guarded) so the next
+        tick does not send it again while the message waits."""
+        found = self.jobs.get(rec.tenant_id, rec.job_id or "")
+        item = next((i for i in (found[1] if found else []) if i.vm_id.lower() == rec.vm_id.lower()), None)
+        if found is None or item is None or item.state in TERMINAL:
+            return False
+        try:
+            self.store.update(replace(rec, next_attempt_at=now + self.config.lease_seconds), rec.etag or "")
+        except (Conflict, NotFound):
+            return True  # someone else is on it
+        self.queue.send(self._message(found[0], item.vm_id, retry=True))
+        return True
+
+
+def _parse_message(body: str | bytes) -> dict | None:
+    try:
+        msg = json.loads(body.decode() if isinstance(body, bytes) else body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(msg, dict) or msg.get("v") != 1:
+        return None
+    if not all(isinstance(msg.get(k), str) and msg.get(k) for k in ("tenant", "job", "policy", "vm")):
+        return None
+    return msg
 
 
 def _tag(tags: dict[str, str], name: str) -> str | None:

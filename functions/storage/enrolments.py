@@ -1,8 +1,13 @@
-"""Enrolment records: which VM a policy's CA was pushed to, and how that went. Table Storage.
+"""Enrolment records and jobs: which VM a policy's CA was pushed to, and how that went. Table Storage.
 
 Rows live in the tenant's partition of the one ezssh table (see tables.py):
 
-    RowKey = enr|<policy id>|<sha256 of the lower-cased VM resource id, 32 hex>
+    RowKey = enr|<policy id>|<sha256 of the lower-cased VM resource id, 32 hex>   the VM's record
+    RowKey = job|<job id>                                                          a job (who asked, when)
+    RowKey = job|<job id>|<sha256 of the VM id, 32 hex>                            one VM of that job
+
+A job is what one request (the API, an Event Grid event, the reconcile timer) asked for; each of its
+VMs is one queue message and one item row, which only that message's handler changes.
 
 Resource ids are case-insensitive in Azure and may hold characters a RowKey cannot, hence the hash;
 the id itself is a property. Every change after the first insert is conditional on the ETag the
@@ -18,8 +23,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.data.tables import TableTransactionError
 
-from ..core.errors import Conflict
+from ..core.errors import Conflict, StorageUnavailable
 from .tables import TableStore, _guard, conditional_update
 
 PENDING, SUCCEEDED, FAILED, RETRYING = "pending", "succeeded", "failed", "retrying"
@@ -58,6 +64,7 @@ class Enrolment:
     requested_by: str | None = None
     duration_ms: int | None = None  # of the last push
     lro_polls: int | None = None  # operation-status polls of the last push
+    job_id: str | None = None  # the job whose message pushes (or will retry) this record
     etag: str | None = field(default=None, compare=False)
 
     @property
@@ -82,6 +89,7 @@ class Enrolment:
             "requested_by": self.requested_by,
             "duration_ms": self.duration_ms,
             "lro_polls": self.lro_polls,
+            "job_id": self.job_id,
         }
 
 
@@ -114,6 +122,7 @@ class EnrolmentStore:
             "RequestedBy": e.requested_by,
             "DurationMs": e.duration_ms,
             "LroPolls": e.lro_polls,
+            "JobId": e.job_id,
         }
 
     @staticmethod
@@ -137,6 +146,7 @@ class EnrolmentStore:
             requested_by=x.get("RequestedBy"),
             duration_ms=x.get("DurationMs"),
             lro_polls=x.get("LroPolls"),
+            job_id=x.get("JobId"),
             etag=x.metadata.get("etag"),
         )
 
@@ -171,3 +181,148 @@ class EnrolmentStore:
             lost=Conflict(f"The enrolment of {e.vm_id} changed at the same time."),
         )
         return replace(e, etag=meta.get("etag"))
+
+
+# ---- jobs -------------------------------------------------------------------------------------------
+
+QUEUED, RUNNING = "queued", "running"  # item states besides SUCCEEDED, FAILED, RETRYING
+TERMINAL = (SUCCEEDED, FAILED)
+
+
+@dataclass(frozen=True)
+class JobItem:
+    """One VM of a job: its message's progress."""
+
+    tenant_id: str
+    job_id: str
+    policy_id: str
+    vm_id: str
+    state: str = QUEUED  # queued | running | retrying | succeeded | failed
+    attempts: int = 0  # pushes tried for this job
+    deliveries: int = 0  # queue deliveries handled (a crash mid-push shows as deliveries > attempts)
+    error_code: str | None = None
+    last_error: str | None = None
+    output_tail: str = ""
+    updated_at: int = 0
+    etag: str | None = field(default=None, compare=False)
+
+    @property
+    def row_key(self) -> str:
+        return f"job|{self.job_id}|{vm_key(self.vm_id)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vm_id": self.vm_id, "state": self.state, "attempts": self.attempts, "deliveries": self.deliveries,
+                "error_code": self.error_code, "last_error": self.last_error, "output_tail": self.output_tail,
+                "updated_at": self.updated_at}
+
+
+@dataclass(frozen=True)
+class Job:
+    tenant_id: str
+    job_id: str
+    policy_id: str
+    source: str  # api | event | reconcile
+    created_at: int
+    total: int
+    requested_by: str | None = None
+    requested_oid: str | None = None
+    api_url: str | None = None  # where pushed scripts fetch KRLs when EZSSH_PUBLIC_URL is not set
+
+    @property
+    def row_key(self) -> str:
+        return f"job|{self.job_id}"
+
+
+def job_state(items: list[JobItem]) -> str:
+    states = {i.state for i in items}
+    if not items or states <= {SUCCEEDED}:
+        return SUCCEEDED
+    if states <= set(TERMINAL):
+        return FAILED
+    if RUNNING in states:
+        return RUNNING
+    if QUEUED in states:
+        return QUEUED if states == {QUEUED} else RUNNING
+    return RETRYING
+
+
+def job_dict(job: Job, items: list[JobItem]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for i in items:
+        counts[i.state] = counts.get(i.state, 0) + 1
+    return {"id": job.job_id, "policy": job.policy_id, "state": job_state(items),
+            "done": all(i.state in TERMINAL for i in items), "source": job.source, "requested_by": job.requested_by,
+            "created_at": job.created_at, "updated_at": max([job.created_at] + [i.updated_at for i in items]),
+            "total": job.total, "counts": counts}
+
+
+class JobStore:
+    """Job rows in the TableStore's table."""
+
+    BATCH = 100  # entities per transaction (Table Storage's limit)
+
+    def __init__(self, store: TableStore) -> None:
+        self._table = store._table  # noqa: SLF001 - one table, one client, by design
+
+    @staticmethod
+    def _item_entity(i: JobItem) -> dict:
+        return {"PartitionKey": i.tenant_id, "RowKey": i.row_key, "Kind": "enrolment-job-item", "JobId": i.job_id,
+                "PolicyId": i.policy_id, "VmId": i.vm_id, "State": i.state, "Attempts": i.attempts,
+                "Deliveries": i.deliveries, "ErrorCode": i.error_code,
+                "LastError": (i.last_error or "")[:ERROR_MAX] or None, "OutputTail": tail(i.output_tail),
+                "UpdatedAt": i.updated_at}
+
+    @staticmethod
+    def _item(x: Any) -> JobItem:
+        return JobItem(tenant_id=x["PartitionKey"], job_id=x["JobId"], policy_id=x["PolicyId"], vm_id=x["VmId"],
+                       state=x.get("State") or QUEUED, attempts=int(x.get("Attempts") or 0),
+                       deliveries=int(x.get("Deliveries") or 0), error_code=x.get("ErrorCode"),
+                       last_error=x.get("LastError"), output_tail=x.get("OutputTail") or "",
+                       updated_at=int(x.get("UpdatedAt") or 0), etag=x.metadata.get("etag"))
+
+    @staticmethod
+    def _job_entity(j: Job) -> dict:
+        return {"PartitionKey": j.tenant_id, "RowKey": j.row_key, "Kind": "enrolment-job", "JobId": j.job_id,
+                "PolicyId": j.policy_id, "Source": j.source, "CreatedAt": j.created_at, "Total": j.total,
+                "RequestedBy": j.requested_by, "RequestedOid": j.requested_oid, "ApiUrl": j.api_url}
+
+    @staticmethod
+    def _job(x: Any) -> Job:
+        return Job(tenant_id=x["PartitionKey"], job_id=x["JobId"], policy_id=x["PolicyId"], source=x.get("Source") or "api",
+                   created_at=int(x.get("CreatedAt") or 0), total=int(x.get("Total") or 0),
+                   requested_by=x.get("RequestedBy"), requested_oid=x.get("RequestedOid"), api_url=x.get("ApiUrl"))
+
+    def create(self, job: Job, items: list[JobItem]) -> None:
+        """The job and its items, in transactions of at most 100 rows (the job row first)."""
+        rows = [self._job_entity(job)] + [self._item_entity(i) for i in items]
+        for k in range(0, len(rows), self.BATCH):
+            ops = [("create", r) for r in rows[k: k + self.BATCH]]
+            try:
+                _guard("create enrolment job", lambda ops=ops: self._table.submit_transaction(ops))
+            except TableTransactionError as exc:
+                raise StorageUnavailable("Storage refused the enrolment job; nothing was queued.") from exc
+
+    def get(self, tenant_id: str, job_id: str) -> tuple[Job, list[JobItem]] | None:
+        rows = _guard("get enrolment job", lambda: list(self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+            parameters={"pk": tenant_id, "lo": f"job|{job_id}", "hi": f"job|{job_id}}}"})))
+        head = next((r for r in rows if r["RowKey"] == f"job|{job_id}"), None)
+        if head is None:
+            return None
+        items = [self._item(r) for r in rows if r["RowKey"].startswith(f"job|{job_id}|")]
+        return self._job(head), sorted(items, key=lambda i: i.vm_id.lower())
+
+    def get_item(self, tenant_id: str, job_id: str, vm_id: str) -> JobItem | None:
+        try:
+            x = _guard("get enrolment job item", lambda: self._table.get_entity(tenant_id, f"job|{job_id}|{vm_key(vm_id)}"))
+        except ResourceNotFoundError:
+            return None
+        return self._item(x)
+
+    def update_item(self, item: JobItem, etag: str) -> JobItem:
+        meta = conditional_update(
+            self._table, "update enrolment job item", self._item_entity(item), etag,
+            not_found=f"Job {item.job_id} has no item for {item.vm_id}.",
+            lost=Conflict(f"Job {item.job_id}'s item for {item.vm_id} changed at the same time."),
+        )
+        return replace(item, etag=meta.get("etag"))

@@ -1,16 +1,16 @@
-"""Push to Azure VMs (issue 5, item 2): the real azure-mgmt-compute client against the HTTPS ARM
-stand-in, whose Run Command really runs the setup script into a sandbox root; a login through that
-root's sshd then works. Retries with backoff, failures shown clearly, bad input changes nothing, and
-the CLI (`ezssh hosts enrol|list`) against the real API over HTTP."""
+"""Push to Azure VMs: the real azure-mgmt-compute client against the HTTPS ARM stand-in, whose Run
+Command really runs the setup script into a sandbox root; a login through that root's sshd then
+works. The API only queues a job (202); the queue-triggered function in function_app.py, driven by
+tests/queue_host.py against Azurite's queue service, does the push. Retries with backoff, failures
+shown clearly, bad input changes nothing, and the CLI (`ezssh hosts enrol|list`) over real HTTP."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import httpx
 import pytest
@@ -98,7 +98,60 @@ def enrol_ctx(api_env, context, arm, clock, policy):
 
 
 @pytest.fixture(scope="module")
-def enrol_api(enrol_ctx):
+def worker(enrol_ctx, azurite):
+    """The Functions host's queue listener for enrol_job, serving in a thread, with function_app's
+    shared context answering with this module's wiring."""
+    with queue_worker(enrol_ctx, azurite) as host:
+        yield host
+
+
+@contextmanager
+def queue_worker(ctx, azurite, *, invisible_for: float = 600):
+    from functions import wiring
+    from tests.queue_host import QueueHost
+
+    ctx.enrolments.queue.ensure()
+    ctx.enrolments.queue._client.clear_messages()  # noqa: SLF001 - a clean queue per module
+    host = QueueHost(azurite.connection_string, "enrol_job", invisible_for=invisible_for)
+    stop = threading.Event()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wiring, "_context", [ctx])
+        t = threading.Thread(target=host.serve, args=(stop,), daemon=True, name="queue-host")
+        t.start()
+        try:
+            yield host
+        finally:
+            stop.set()
+            t.join(timeout=30)
+            ctx.enrolments.queue._client.clear_messages()  # noqa: SLF001
+
+
+def wait_job(client, auth_header, policy_id: str, job_id: str, *, until=None, timeout: float = 60) -> dict:
+    """GET the job until `until(body)` (default: the job is done)."""
+    until = until or (lambda b: b["job"]["done"])
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.get(f"/api/policies/{policy_id}/enrolment-jobs/{job_id}", headers=auth_header)
+        assert r.status_code == 200, r.text
+        if until(r.json()):
+            return r.json()
+        assert time.monotonic() < deadline, f"job {job_id} not there in {timeout} s: {r.json()}"
+        time.sleep(0.05)
+
+
+def enrol_and_wait(client, auth_header, policy_id: str, body: dict, **kw) -> dict:
+    r = client.post(f"/api/policies/{policy_id}/enrolments", headers=auth_header, json=body)
+    assert r.status_code == 202, r.text
+    assert r.headers["Location"] == f"/api/policies/{policy_id}/enrolment-jobs/{r.json()['job']['id']}"
+    return wait_job(client, auth_header, policy_id, r.json()["job"]["id"], **kw)
+
+
+def item_of(body: dict, vid: str) -> dict:
+    return next(i for i in body["items"] if i["vm_id"] == vid)
+
+
+@pytest.fixture(scope="module")
+def enrol_api(enrol_ctx, worker):
     """The real API app over real HTTP (uvicorn in a thread), with enrolment wired to the stand-in."""
     import uvicorn
 
@@ -175,10 +228,16 @@ def test_enrol_a_vm_by_id_runs_the_script_in_its_root_and_a_login_works(
 
     started = time.perf_counter()
     r = enrol_api.post("/api/policies/vm-push/enrolments", headers=auth("carol"), json={"vm_id": vid})
+    answered = time.perf_counter() - started
+    assert r.status_code == 202, r.text
+    assert r.json()["job"]["total"] == 1 and r.json()["items"][0]["vm_id"] == vid
+    job = wait_job(enrol_api, auth("carol"), "vm-push", r.json()["job"]["id"])
     took = time.perf_counter() - started
-    assert r.status_code == 200, r.text
-    [rec] = r.json()["enrolments"]
+    assert job["job"]["state"] == "succeeded" and item_of(job, vid)["attempts"] == 1
+    [rec] = [e for e in enrol_api.get("/api/policies/vm-push/enrolments", headers=auth("carol")).json()["enrolments"]
+             if e["vm_id"] == vid]
     assert rec["state"] == "succeeded", rec
+    assert rec["job_id"] == job["job"]["id"]
     assert rec["vm_id"] == vid and rec["attempts"] == 1 and rec["last_error"] is None
     assert "this host now trusts policy vm-push" in rec["output_tail"]
     assert rec["output_tail"].rstrip().endswith("ezssh-exit-status: 0")
@@ -201,24 +260,21 @@ def test_enrol_a_vm_by_id_runs_the_script_in_its_root_and_a_login_works(
              if e.action == "enrolment.pushed" and e.host == vid]
     assert len(audit) == 1 and audit[0].actor_upn == "carol@contoso.test"
     assert audit[0].details["exit_status"] == 0
-    print(f"\npush through the ARM stand-in: {took:.3f}s end to end, {rec['duration_ms']} ms in Run Command, "
-          f"{rec['lro_polls']} polling GETs")
+    print(f"\npush through the ARM stand-in: HTTP answer {answered:.3f}s, job done {took:.3f}s, "
+          f"{rec['duration_ms']} ms in Run Command, {rec['lro_polls']} polling GETs")
 
 
 def test_enrol_by_resource_group_and_tag_pushes_only_the_tagged_vms(enrol_api, arm, make_host, auth):
     a, host_a = host_vm(arm, make_host, RG, "tagged-a", tags={"role": "web"})
     b, _ = host_vm(arm, make_host, RG, "tagged-b", tags={"role": "db"})
     before_b = len(arm.runs_on(b))
-    r = enrol_api.post("/api/policies/vm-push/enrolments", headers=auth("carol"),
-                       json={"resource_group": RG, "tag": "role=web"})
-    assert r.status_code == 200, r.text
-    recs = r.json()["enrolments"]
-    assert [(x["vm_id"], x["state"]) for x in recs] == [(a, "succeeded")]
+    job = enrol_and_wait(enrol_api, auth("carol"), "vm-push", {"resource_group": RG, "tag": "role=web"})
+    assert [(x["vm_id"], x["state"]) for x in job["items"]] == [(a, "succeeded")]
     assert len(arm.runs_on(a)) == 1 and len(arm.runs_on(b)) == before_b
-    # a tag no VM has: nothing to do, nothing pushed
+    # a tag no VM has: an empty job, done at once, nothing pushed
     r = enrol_api.post("/api/policies/vm-push/enrolments", headers=auth("carol"),
                        json={"resource_group": f"/subscriptions/{SUB}/resourceGroups/{RG}", "tag": "role=none"})
-    assert r.status_code == 200 and r.json()["enrolments"] == []
+    assert r.status_code == 202 and r.json()["items"] == [] and r.json()["job"]["done"]
 
 
 # ---- retries and failures ----------------------------------------------------------------------------
@@ -228,30 +284,42 @@ def test_agent_not_ready_is_retried_with_backoff_and_the_record_shows_it(
         enrol_api, enrol_ctx, arm, make_host, auth, clock, context, oidc, tmp_path):
     vid, host = host_vm(arm, make_host, RG, "slow-agent")
     arm.agent_not_ready(vid, 2)
-    r = enrol_api.post("/api/policies/vm-push/enrolments", headers=auth("carol"), json={"vm_id": vid})
-    assert r.status_code == 200, r.text
-    [rec] = r.json()["enrolments"]
-    assert rec["state"] == "retrying" and rec["attempts"] == 1 and rec["error_code"] == "agent_not_ready"
-    assert "agent is not ready" in rec["last_error"] and "next in 60 s" in rec["last_error"]
-    assert rec["next_attempt_at"] - rec["updated_at"] == BACKOFF
+    job = enrol_and_wait(enrol_api, auth("carol"), "vm-push", {"vm_id": vid},
+                         until=lambda b: b["items"][0]["state"] == "retrying")
+    job_id = job["job"]["id"]
+    assert not job["job"]["done"] and job["job"]["state"] == "retrying"
+    item = item_of(job, vid)
+    assert item["attempts"] == 1 and item["error_code"] == "agent_not_ready" and "next in 60 s" in item["last_error"]
+    rec = record(enrol_ctx, "vm-push", vid)
+    assert rec.state == "retrying" and rec.attempts == 1 and rec.error_code == "agent_not_ready"
+    assert "agent is not ready" in rec.last_error and rec.next_attempt_at - rec.updated_at == BACKOFF
     assert arm.runs_on(vid) == []
 
     svc = enrol_ctx.enrolments
+
+    def attempts(n: int) -> dict:
+        return wait_job(enrol_api, auth("carol"), "vm-push", job_id, until=lambda b: b["items"][0]["attempts"] == n
+                        and b["items"][0]["state"] != "running")
+
     posts = run_posts(arm)
-    svc.reconcile()  # not due yet: no new attempt
+    assert svc.reconcile()["retries_queued"] == 0  # not due yet: no new attempt
+    time.sleep(0.3)
     assert run_posts(arm) == posts and record(enrol_ctx, "vm-push", vid).attempts == 1
 
     clock.advance(BACKOFF)
-    svc.reconcile()
+    assert svc.reconcile()["retries_queued"] == 1  # due: sent to the same job
+    attempts(2)
     rec2 = record(enrol_ctx, "vm-push", vid)
     assert rec2.state == "retrying" and rec2.attempts == 2
     assert rec2.next_attempt_at - rec2.updated_at == 2 * BACKOFF  # exponential
 
     clock.advance(BACKOFF)
-    svc.reconcile()  # still not due (120 s backoff)
+    assert svc.reconcile()["retries_queued"] == 0  # still not due (120 s backoff)
     assert record(enrol_ctx, "vm-push", vid).attempts == 2
     clock.advance(BACKOFF)
     svc.reconcile()
+    done = wait_job(enrol_api, auth("carol"), "vm-push", job_id)
+    assert done["job"]["state"] == "succeeded" and item_of(done, vid)["attempts"] == 3
     rec3 = record(enrol_ctx, "vm-push", vid)
     assert rec3.state == "succeeded" and rec3.attempts == 3 and rec3.error_code is None
     assert "now trusts policy vm-push" in rec3.output_tail
@@ -271,11 +339,14 @@ def test_agent_not_ready_is_retried_with_backoff_and_the_record_shows_it(
 def test_an_agent_that_never_gets_ready_fails_after_max_attempts(enrol_api, enrol_ctx, arm, make_host, auth, clock):
     vid, _ = host_vm(arm, make_host, RG, "dead-agent")
     arm.agent_not_ready(vid, 100)
-    r = enrol_api.post("/api/policies/vm-push/enrolments", headers=auth("carol"), json={"vm_id": vid})
-    assert r.json()["enrolments"][0]["state"] == "retrying"
-    for _ in range(3):
+    job = enrol_and_wait(enrol_api, auth("carol"), "vm-push", {"vm_id": vid},
+                         until=lambda b: b["items"][0]["state"] == "retrying")
+    for n in (2, 3, 4):
         clock.advance(3600)
         enrol_ctx.enrolments.reconcile()
+        job = wait_job(enrol_api, auth("carol"), "vm-push", job["job"]["id"],
+                       until=lambda b, n=n: b["items"][0]["attempts"] == n and b["items"][0]["state"] != "running")
+    assert job["job"]["done"] and job["job"]["state"] == "failed"
     rec = record(enrol_ctx, "vm-push", vid)
     assert rec.state == "failed" and rec.attempts == 4
     assert rec.last_error.startswith("Gave up after 4 attempts:") and "agent is not ready" in rec.last_error
@@ -291,8 +362,7 @@ def test_a_failing_script_and_a_missing_permission_are_shown_clearly(
     empty_root = tmp_path / "bare" / "root"
     empty_root.mkdir(parents=True)
     bare = arm.add_vm(RG, "no-sshd", root=empty_root)
-    r = enrol_api.post("/api/policies/vm-push/enrolments", headers=auth("carol"), json={"vm_id": bare})
-    [rec] = r.json()["enrolments"]
+    [rec] = enrol_and_wait(enrol_api, auth("carol"), "vm-push", {"vm_id": bare})["items"]
     assert rec["state"] == "failed" and rec["error_code"] == "script_failed", rec
     assert "exited with status 1" in rec["last_error"]
     assert "sshd_config does not exist: is openssh-server installed?" in rec["output_tail"]
@@ -300,8 +370,7 @@ def test_a_failing_script_and_a_missing_permission_are_shown_clearly(
     # Run Command is forbidden for the service's identity: the record says which permission is missing
     vid, _ = host_vm(arm, make_host, RG, "locked")
     arm.forbid(vid, run_only=True)
-    r = enrol_api.post("/api/policies/vm-push/enrolments", headers=auth("carol"), json={"vm_id": vid})
-    [rec] = r.json()["enrolments"]
+    [rec] = enrol_and_wait(enrol_api, auth("carol"), "vm-push", {"vm_id": vid})["items"]
     assert rec["state"] == "failed" and rec["error_code"] == "forbidden"
     assert "runCommand/action" in rec["last_error"] and "lacks permission" in rec["last_error"]
     assert arm.runs_on(vid) == []

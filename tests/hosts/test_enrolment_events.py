@@ -1,5 +1,6 @@
-"""Auto-enrolment (issue 5, item 3): real-shaped Event Grid events (AZURE-REST.md section 3) fed
-through the Functions wrapper in function_app.py, and the reconcile timer, against the ARM stand-in
+"""Auto-enrolment: real-shaped Event Grid events (AZURE-REST.md section 3) fed through the Functions
+wrapper in function_app.py, and the reconcile timer; both only queue jobs, which the queue-triggered
+function (driven by tests/queue_host.py on Azurite's queue service) pushes through the ARM stand-in,
 whose Run Command runs the setup script into sandbox roots with a real sshd."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from tests.functions_host import user_functions
 from tests.standins.arm import ArmStandIn, StaticTokenCredential
 
-from .test_enrolment import Clock, cert_for, host_vm, login_ok, run_posts
+from .test_enrolment import Clock, cert_for, host_vm, login_ok, queue_worker, run_posts
 
 SUB = "5c0a3e9d-6f42-4b7e-9d1c-2a8f7e6b4c31"  # not the other module's: its records stay out of scope here
 RG_TAGS, RG_PATTERN, RG_OUT = "rg-events", "rg-pattern", "rg-elsewhere"
@@ -63,13 +64,25 @@ def event_for(vm_id: str, *, operation: str = "Microsoft.Compute/virtualMachines
             "topic": f"/subscriptions/{sub}/resourceGroups/{rg}"}
 
 
-def deliver(evt: dict) -> None:
-    """What the Functions host does for one array element: decode it, call enrol_vm_event."""
+WORKER: list = []  # this module's queue host
+
+
+def deliver(evt: dict) -> float:
+    """What the Functions host does for one array element: decode it, call enrol_vm_event. Then wait
+    for the queue worker to finish what it queued. Returns how long the Event Grid call took."""
     from azure.functions import meta
     from azure.functions.eventgrid import EventGridEventInConverter
 
     event = EventGridEventInConverter.decode(meta.Datum(json.dumps(evt), "json"), trigger_metadata=None)
-    functions_of_app()["enrol_vm_event"](event)
+    host, arm = WORKER
+    with host.paused():  # nothing else may push while the invocation runs
+        runs = len(arm.runs)
+        started = time.perf_counter()
+        functions_of_app()["enrol_vm_event"](event)
+        took = time.perf_counter() - started
+        assert len(arm.runs) == runs, "the Event Grid invocation ran Run Command itself; it must only queue"
+    host.drain()
+    return took
 
 
 def posts_to(arm, vm_name: str) -> int:
@@ -80,6 +93,7 @@ def timer_tick() -> None:
     from azure.functions.timer import TimerRequest
 
     functions_of_app()["reconcile_enrolments"](TimerRequest(past_due=False))
+    WORKER[0].drain()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +124,7 @@ def ev_policy(context, oidc):
 
 
 @pytest.fixture
-def wired(monkeypatch, api_env, context, arm, clock, ev_policy):
+def wired(api_env, azurite, context, arm, clock, ev_policy):
     """function_app's shared_context() answers with the service wired to this module's stand-in."""
     from functions import wiring
     from functions.wiring import Context
@@ -124,8 +138,10 @@ def wired(monkeypatch, api_env, context, arm, clock, ev_policy):
     enrolments.config = replace(enrolments.config, backoff_base=BACKOFF)
     enrolments.clock = clock
     ctx = Context(settings=settings, service=context.service, validator=context.validator, enrolments=enrolments)
-    monkeypatch.setattr(wiring, "_context", [ctx])
-    return ctx
+    with queue_worker(ctx, azurite) as host:  # also points function_app's shared context at ctx
+        WORKER[:] = [host, arm]
+        yield ctx
+    WORKER.clear()
 
 
 def rec_of(ctx, policy_id: str, vid: str):
@@ -135,9 +151,7 @@ def rec_of(ctx, policy_id: str, vid: str):
 def test_a_vm_create_event_enrols_the_tagged_vm_and_an_update_event_changes_nothing(
         wired, arm, make_host, context, oidc, tmp_path):
     vid, host = host_vm(arm, make_host, RG_TAGS, "ev-web1", tags={"ezssh-policy": "vm-ev", "env": "dev"})
-    started = time.perf_counter()
-    deliver(event_for(vid))
-    took = time.perf_counter() - started
+    took = deliver(event_for(vid))
     rec = rec_of(wired, "vm-ev", vid)
     assert rec is not None and rec.state == "succeeded" and rec.attempts == 1 and rec.source == "event"
     assert len(arm.runs_on(vid)) == 1
@@ -152,7 +166,8 @@ def test_a_vm_create_event_enrols_the_tagged_vm_and_an_update_event_changes_noth
     assert run_posts(arm) == posts and len(arm.runs_on(vid)) == 1
     again = rec_of(wired, "vm-ev", vid)
     assert again.attempts == 1 and again.updated_at == rec.updated_at
-    print(f"\nevent -> push through the Functions wrapper: {took:.3f}s, {rec.lro_polls} polling GETs")
+    print(f"\nevent -> Event Grid invocation {took:.3f}s (queues only); push {rec.duration_ms} ms, "
+          f"{rec.lro_polls} polling GETs")
 
 
 def test_a_vm_is_covered_by_resource_group_pattern_and_by_tag_pattern(wired, arm, make_host):

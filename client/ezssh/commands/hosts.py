@@ -1,14 +1,19 @@
-"""`ezssh hosts enrol` and `ezssh hosts list`: push a policy's CA to Azure VMs, and see how it went.
+"""`ezssh hosts enrol`, `ezssh hosts job` and `ezssh hosts list`: push a policy's CA to Azure VMs, and
+see how it went.
 
     ezssh hosts enrol --policy ID --vm /subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<vm>
-    ezssh hosts enrol --policy ID --resource-group RG --tag ezssh=yes
+    ezssh hosts enrol --policy ID --resource-group RG --tag ezssh=yes [--no-wait] [--wait SECONDS]
+    ezssh hosts job --policy ID JOB_ID [--wait SECONDS]
     ezssh hosts list --policy ID [--json]
 
-`enrol` exits 0 when every VM named succeeded, 1 when one failed (its output tail is shown), and 6
-when all that did not succeed are still being retried by the service.
+The service queues a job and answers at once; `enrol` follows the job (up to --wait seconds, 600 by
+default) and exits 0 when every VM named succeeded, 1 when one failed (its output tail is shown), and
+6 when some are still queued, running or being retried (follow them with `ezssh hosts job`).
 """
 
 from __future__ import annotations
+
+import time
 
 from ..context import Ctx
 from ..errors import ERROR, OK, UNAVAILABLE, USAGE, EzsshError
@@ -28,6 +33,40 @@ def _table(recs: list[dict]) -> None:
                            (r.get("last_error") or "")[:100]) for r in recs])
 
 
+def _follow(args, data: dict) -> dict:
+    """GET the job until it is done or --wait seconds have passed."""
+    deadline = time.monotonic() + max(0, args.wait)
+    path = f"/api/policies/{args.policy}/enrolment-jobs/{data['job']['id']}"
+    while not data["job"].get("done") and time.monotonic() < deadline:
+        time.sleep(1)
+        _, data = Ctx().api.json("GET", path)
+    return data
+
+
+def _report(args, data: dict) -> int:
+    items = data.get("items", [])
+    if args.json:
+        out_json(data)
+    elif items:
+        _table(items)
+    if not items:
+        err("ezssh: no VM matched; nothing was pushed.")
+        return OK
+    job = data["job"]
+    for r in items:
+        if r.get("state") == "failed":
+            err(f"\n{_vm_name(r['vm_id'])}: failed: {r.get('last_error')}")
+            if r.get("output_tail"):
+                err("--- output (tail) ---\n" + r["output_tail"].rstrip() + "\n---")
+        elif r.get("state") != "succeeded":
+            err(f"{_vm_name(r['vm_id'])}: {r['state']}: {r.get('last_error') or 'waiting for a worker'}")
+    if not job.get("done"):
+        err(f"ezssh: job {job['id']} is still {job['state']}; follow it with "
+            f"`ezssh hosts job --policy {args.policy} {job['id']}`.")
+        return UNAVAILABLE
+    return ERROR if job.get("state") == "failed" else OK
+
+
 def cmd_enrol(args) -> int:
     if bool(args.vm) == bool(args.resource_group):
         raise EzsshError("Give --vm VM_ID, or --resource-group RG with --tag NAME=VALUE.", USAGE)
@@ -36,30 +75,17 @@ def cmd_enrol(args) -> int:
     if args.vm and args.tag:
         raise EzsshError("--tag goes with --resource-group, not with --vm.", USAGE)
     body = {"vm_id": args.vm} if args.vm else {"resource_group": args.resource_group, "tag": args.tag}
-    err(f"ezssh: pushing policy {args.policy}'s host setup through Azure Run Command (this takes a while)...")
     _, data = Ctx().api.json("POST", f"/api/policies/{args.policy}/enrolments", body=body)
-    recs = data.get("enrolments", [])
-    if args.json:
-        out_json(data)
-    elif recs:
-        _table(recs)
-    if not recs:
-        err("ezssh: no VM matched; nothing was pushed.")
-        return OK
-    for r in recs:
-        if r.get("state") == "failed":
-            err(f"\n{_vm_name(r['vm_id'])}: failed: {r.get('last_error')}")
-            if r.get("output_tail"):
-                err("--- output (tail) ---\n" + r["output_tail"].rstrip() + "\n---")
-        elif r.get("state") in ("retrying", "pending"):
-            err(f"{_vm_name(r['vm_id'])}: {r['state']}: {r.get('last_error') or 'queued'}; the service retries "
-                f"(see `ezssh hosts list --policy {args.policy}`).")
-    states = {r.get("state") for r in recs}
-    if "failed" in states:
-        return ERROR
-    if states - {"succeeded"}:
-        return UNAVAILABLE
-    return OK
+    if data.get("items") and not args.no_wait:
+        err(f"ezssh: job {data['job']['id']} queued for {len(data['items'])} VM(s); pushing the host setup through "
+            "Azure Run Command (this takes a while)...")
+        data = _follow(args, data)
+    return _report(args, data)
+
+
+def cmd_job(args) -> int:
+    _, data = Ctx().api.json("GET", f"/api/policies/{args.policy}/enrolment-jobs/{args.job_id}")
+    return _report(args, _follow(args, data))
 
 
 def cmd_list(args) -> int:
@@ -84,8 +110,16 @@ def register(sub, fmt) -> None:
     c.add_argument("--vm", metavar="VM_ID", help="the VM's resource id")
     c.add_argument("--resource-group", metavar="RG", help="a resource group name or id")
     c.add_argument("--tag", metavar="NAME=VALUE", help="with --resource-group: only VMs with this tag")
-    c.add_argument("--json", action="store_true", help="print the enrolment records as JSON")
+    c.add_argument("--json", action="store_true", help="print the job as JSON")
+    c.add_argument("--no-wait", action="store_true", help="print the queued job and return")
+    c.add_argument("--wait", type=int, default=600, metavar="SECONDS", help="follow the job this long (600)")
     c.set_defaults(func=cmd_enrol)
+    c = hs.add_parser("job", help="an enrolment job: each VM's state, attempts, last error")
+    c.add_argument("--policy", required=True, metavar="ID")
+    c.add_argument("job_id", metavar="JOB_ID")
+    c.add_argument("--wait", type=int, default=0, metavar="SECONDS", help="follow the job until done, at most this long")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_job)
     c = hs.add_parser("list", help="the policy's enrolments: state, attempts, last error")
     c.add_argument("--policy", required=True, metavar="ID")
     c.add_argument("--json", action="store_true")

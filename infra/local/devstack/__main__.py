@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         f"local stack up (state in {args.state_dir}):\n"
         f"  API           {s.api_url}\n"
         f"  identity      {s.oidc.base_url}/<tenant>  (dev CA {s.oidc.ca_path})\n"
-        f"  Azurite       http://127.0.0.1:{s.ports.azurite}\n"
+        f"  Azurite       tables http://127.0.0.1:{s.ports.azurite}, queues http://127.0.0.1:{s.ports.azurite_queue}\n"
         f"  SoftHSM token {s.token.label} ({s.token.conf_path})\n"
         f"  sshd          127.0.0.1:{s.ports.sshd} trusting policy 'demo'\n"
         f"sign in: make login   stop: make down",

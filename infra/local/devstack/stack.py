@@ -34,6 +34,7 @@ DEMO_USERS = ["alice", "bob", "carol", "dave"]
 @dataclass
 class Ports:
     azurite: int = 10002
+    azurite_queue: int = 10001
     oidc: int = 8443
     api: int = 7071
     sshd: int = 2222
@@ -51,7 +52,8 @@ class Ports:
         return ports
 
 
-def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHsmToken) -> dict[str, str]:
+def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHsmToken,
+            queue_port: int | None = None) -> dict[str, str]:
     """The settings the API reads (functions/settings.py), pointing at the local stand-ins."""
     tenants = list(oidc.config["tenants"])
     return {
@@ -62,7 +64,7 @@ def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHs
         "EZSSH_API_SCOPE": oidc.config["api"]["scope"],
         "EZSSH_CLI_CLIENT_ID": oidc.cli_client_id,
         "EZSSH_OIDC_CA_BUNDLE": str(oidc.ca_path),
-        "EZSSH_STORAGE_CONNECTION_STRING": connection_string(azurite_port),
+        "EZSSH_STORAGE_CONNECTION_STRING": connection_string(azurite_port, queue_port),
         "EZSSH_TABLE_NAME": "ezssh",
         "EZSSH_SIGNER_BACKEND": "pkcs11",
         "EZSSH_PKCS11_MODULE": token.module_path,
@@ -148,7 +150,7 @@ class Stack:
         return f"http://127.0.0.1:{self.ports.api}"
 
     def procs(self) -> list[Proc]:
-        return [p for p in (self.sshd.proc if self.sshd else None, self.api, self.oidc.proc, self.azurite.proc) if p]
+        return [p for p in (self.sshd.proc if self.sshd else None, self.api, self.oidc.proc, *self.azurite.procs) if p]
 
     def stop(self) -> None:
         for p in self.procs():
@@ -161,12 +163,12 @@ def up(state_dir: Path = DEFAULT_STATE, ports: Ports | None = None, *, with_sshd
     state_dir.mkdir(parents=True, exist_ok=True)
     started: list = []
     try:
-        azurite = start_azurite(state_dir, ports.azurite)
+        azurite = start_azurite(state_dir, ports.azurite, queue_port=ports.azurite_queue)
         started.append(azurite)
         token = ensure_token(state_dir)
         oidc = start_oidc(state_dir, ports.oidc)
         started.append(oidc)
-        env = api_env(state_dir, oidc, ports.azurite, token)
+        env = api_env(state_dir, oidc, ports.azurite, token, queue_port=ports.azurite_queue)
         policy = seed_policy(env, oidc, demo_policy_document(oidc))
         api = start_api(state_dir, ports.api, env, workers=api_workers)
         started.append(api)
