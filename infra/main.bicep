@@ -190,6 +190,7 @@ module functionApp 'modules/functionapp.bicep' = {
     storageAccountName: storage.outputs.name
     deploymentContainerUrl: storage.outputs.deploymentContainerUrl
     tableEndpoint: storage.outputs.tableEndpoint
+    queueEndpoint: storage.outputs.queueEndpoint
     appInsightsConnectionString: monitoring.outputs.connectionString
     tenantIds: tenantIds
     issuerTemplate: issuerTemplate

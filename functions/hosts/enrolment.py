@@ -40,6 +40,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
@@ -101,6 +102,7 @@ class EnrolConfig:
     lease_seconds: int = 660
     max_deferrals: int = 24  # a message waiting for another push's lease is queued again at most this often
     max_job_vms: int = 500  # VMs one request may name (a resource group's tagged VMs)
+    send_concurrency: int = 8  # queue messages sent at once when a job is queued
 
     # A scope may name the one tenant whose policies may push into it: "<tenant id>=/subscriptions/...".
     # Settings insist on that when the deployment serves several tenants, so one tenant's admins can
@@ -380,14 +382,22 @@ class EnrolmentService:
         items = [JobItem(tenant_id=job.tenant_id, job_id=job.job_id, policy_id=policy.id, vm_id=r.id,
                          updated_at=now) for r in refs]
         self.jobs.create(job, items)
-        for i, item in enumerate(items):
+
+        def send(item: JobItem) -> JobItem | None:
             try:
                 self.queue.send(self._message(job, item.vm_id))
+                return None
             except BackendUnavailable:
-                for left in items[i:]:
-                    self._set_item(left, state=FAILED, error_code="queue_unavailable",
-                                   last_error="The job queue could not be reached; this VM was not queued.")
-                raise
+                return item
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.config.send_concurrency, len(items)))) as pool:
+            unsent = [i for i in pool.map(send, items) if i is not None]
+        if unsent:
+            for left in unsent:
+                self._set_item(left, state=FAILED, error_code="queue_unavailable",
+                               last_error="The job queue could not be reached; this VM was not queued.")
+            raise BackendUnavailable(f"The enrolment job queue could not be reached; {len(unsent)} of {len(items)} "
+                                     f"VMs were not queued (job {job.job_id} shows which).")
         entry = AuditEntry(tenant_id=policy.tenant_id, at=self.clock(), action="enrolment.queued", outcome="ok",
                            actor_oid=who.oid if who else None, actor_upn=who.upn if who else None,
                            policy_id=policy.id, chain=f"enr:{policy.id}",

@@ -13,6 +13,8 @@ param identityClientId string
 param storageAccountName string
 param deploymentContainerUrl string
 param tableEndpoint string
+@description('The storage account queue endpoint (enrolment jobs).')
+param queueEndpoint string
 param appInsightsConnectionString string
 
 param tenantIds array
@@ -113,6 +115,12 @@ var appSettings = [
   {
     name: 'EZSSH_TABLE_NAME'
     value: tableName
+  }
+  // Enrolment jobs: the queue the API, Event Grid and the timer write to (the host's queue trigger
+  // reads it through AzureWebJobsStorage, the same account and identity).
+  {
+    name: 'EZSSH_QUEUE_ACCOUNT_URL'
+    value: queueEndpoint
   }
   // CA keys: Key Vault (or Managed HSM) through the managed identity.
   {

@@ -23,6 +23,8 @@ EXPECTED_FUNCTIONS = {
     "expire_requests": "timerTrigger",  # approval expiry
     "enrol_vm_event": "eventGridTrigger",  # auto-enrolment of new VMs
     "reconcile_enrolments": "timerTrigger",  # enrolment reconciliation
+    "enrol_job": "queueTrigger",  # one VM of an enrolment job (Run Command)
+    "enrol_job_poison": "queueTrigger",  # an enrolment message that failed every delivery
 }
 TOP_LEVEL = {"function_app.py", "host.json", "requirements.txt"}
 

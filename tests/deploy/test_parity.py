@@ -100,3 +100,39 @@ def test_bicep_settings_validate_as_the_azure_combination():
     assert s.signer_backend == "keyvault" and s.keyvault_url
     assert s.storage_account_url and s.storage_connection_string is None
     assert s.managed_identity_client_id and s.appinsights_connection_string
+
+
+def test_the_queues_the_bicep_creates_are_the_ones_the_functions_read():
+    from tests.functions_host import triggers
+
+    from .bicep_types import parse_bicep
+    from . import MODULES
+
+    storage = parse_bicep(MODULES / "storage.bicep")
+    name = storage["parameters"]["enrolQueueName"]["default"]
+    queues = {r["config"]["name"] for r in storage["resources"].values()
+              if r["type"] == "Microsoft.Storage/storageAccounts/queueServices/queues"}
+    assert queues == {"enrolQueueName", "${enrolQueueName}-poison"}
+    t = triggers()
+    assert t["enrol_job"]["queueName"] == name
+    assert t["enrol_job_poison"]["queueName"] == f"{name}-poison"  # where the host moves failed messages
+    assert t["enrol_job"]["connection"] == "AzureWebJobsStorage"  # the identity-based host storage
+    assert "EZSSH_QUEUE_ACCOUNT_URL" in app_settings()
+
+
+def test_timeouts_agree_with_host_json():
+    """Run Command's poll ends inside the function timeout; a record's lease outlives it (a killed
+    worker's push is over before anyone else may push); HTTP and Event Grid only queue."""
+    import inspect
+
+    from functions.hosts.azure_vms import AzureVms
+    from functions.hosts.enrolment import EnrolConfig
+    from tests.queue_host import host_queue_settings
+
+    host = host_queue_settings()
+    poll = inspect.signature(AzureVms.__init__).parameters["timeout"].default
+    lease = EnrolConfig(scopes=(), tenants=()).lease_seconds
+    assert poll < host["function_timeout"] < lease, (poll, host["function_timeout"], lease)
+    assert host["function_timeout"] <= 600, "keep it within what every plan allows a queue function (10 min)"
+    assert 1 <= host["max_dequeue_count"] <= 10 and host["batch_size"] >= 1
+    assert host["encoding"] == "base64"  # what storage/queue.py writes (TextBase64EncodePolicy)

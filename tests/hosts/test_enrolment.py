@@ -106,12 +106,14 @@ def worker(enrol_ctx, azurite):
 
 
 @contextmanager
-def queue_worker(ctx, azurite, *, invisible_for: float = 600):
+def queue_worker(ctx, azurite, *, invisible_for: float = 600, clear: bool = True):
+    """The enrol_job queue trigger served in a thread, function_app's shared context answering with ctx."""
     from functions import wiring
     from tests.queue_host import QueueHost
 
     ctx.enrolments.queue.ensure()
-    ctx.enrolments.queue._client.clear_messages()  # noqa: SLF001 - a clean queue per module
+    if clear:
+        ctx.enrolments.queue._client.clear_messages()  # noqa: SLF001 - a clean queue per module
     host = QueueHost(azurite.connection_string, "enrol_job", invisible_for=invisible_for)
     stop = threading.Event()
     with pytest.MonkeyPatch.context() as mp:
@@ -123,7 +125,8 @@ def queue_worker(ctx, azurite, *, invisible_for: float = 600):
         finally:
             stop.set()
             t.join(timeout=30)
-            ctx.enrolments.queue._client.clear_messages()  # noqa: SLF001
+            if clear:
+                ctx.enrolments.queue._client.clear_messages()  # noqa: SLF001
 
 
 def wait_job(client, auth_header, policy_id: str, job_id: str, *, until=None, timeout: float = 60) -> dict:
@@ -153,13 +156,19 @@ def item_of(body: dict, vid: str) -> dict:
 @pytest.fixture(scope="module")
 def enrol_api(enrol_ctx, worker):
     """The real API app over real HTTP (uvicorn in a thread), with enrolment wired to the stand-in."""
+    with serve_api(enrol_ctx) as client:
+        yield client
+
+
+@contextmanager
+def serve_api(ctx):
     import uvicorn
 
     from devstack.proc import free_port
     from functions.api.app import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(lambda: enrol_ctx), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(lambda: ctx), host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
