@@ -1,8 +1,8 @@
 """python -m devstack up|down|status|demo|login [--state-dir DIR] [--ports SPEC] [--user NAME] [--home DIR]
 (run with infra/local on sys.path).
 
-Ports: --ports api=17071,sshd=12222 (or EZSSH_DEV_PORTS; names: azurite, oidc, api, sshd; defaults
-10002, 8443, 7071, 2222). `login` signs a dev user (default alice) in to the running stack with the
+Ports: --ports api=17071,sshd=12222 (or EZSSH_DEV_PORTS; names: azurite, azurite_queue, oidc, api, sshd; defaults
+10002, 10001, 8443, 7071, 2222). `login` signs a dev user (default alice) in to the running stack with the
 CLI, playing the browser for the device code; the CLI's directory is --home (default .local/my-home).
 """
 

@@ -41,7 +41,7 @@ class Ports:
 
     @classmethod
     def parse(cls, spec: str | None) -> "Ports":
-        """`api=17071,sshd=12222` (any of azurite, oidc, api, sshd; the rest keep their defaults)."""
+        """`api=17071,sshd=12222` (any of azurite, azurite_queue, oidc, api, sshd; the rest keep their defaults)."""
         ports = cls()
         for item in filter(None, (spec or "").replace(" ", "").split(",")):
             name, _, value = item.partition("=")
