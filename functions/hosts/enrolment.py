@@ -22,9 +22,9 @@ VM carries. Name globs and CIDRs never enrol anything on their own.
 
 Each push is one attempt on an enrolment record (storage/enrolments.py): the record is claimed with
 an ETag-guarded update (state pending, a lease longer than the function timeout), the script runs
-through Run Command, and the outcome is written back: succeeded (with the CA fingerprints and KRL version pushed), retrying (a
-transient failure: agent not ready, throttling, ARM unavailable; next attempt after an exponential
-backoff), or failed (VM gone, permission missing, the script exited non-zero, or too many attempts).
+through Run Command, and the outcome is written back: succeeded (with the CA fingerprints and KRL
+version pushed), retrying (a transient failure: agent not ready, throttling, ARM unavailable; next
+attempt after an exponential backoff), or failed (VM gone, permission missing, the script exited non-zero, or too many attempts).
 Only VMs inside the configured scopes (EZSSH_ENROL_SCOPES) are ever touched.
 
 A worker that dies mid-push (killed, or past the function timeout) leaves its lease on the record; the
@@ -452,12 +452,11 @@ class EnrolmentService:
             log.warning("enrolment queue: dropped a message that is not an ezssh job: %r", str(body)[:200])
             return "dropped"
         tid, job_id, vm_id = msg["tenant"], msg["job"], msg["vm"]
-        found = self.jobs.get(tid, job_id)
-        item = next((i for i in (found[1] if found else []) if i.vm_id.lower() == vm_id.lower()), None)
-        if found is None or item is None:
+        job = self.jobs.get_head(tid, job_id)
+        item = self.jobs.get_item(tid, job_id, vm_id) if job is not None else None
+        if job is None or item is None:
             log.warning("enrolment queue: job %s has no item for %s; dropped", job_id, vm_id)
             return "dropped"
-        job = found[0]
         if item.state in TERMINAL:
             return "already_done"  # a repeated delivery
         policy = next((p for p in self._policies([tid]) if p.id == job.policy_id), None)
@@ -628,15 +627,15 @@ class EnrolmentService:
     def _requeue(self, rec: Enrolment, now: int) -> bool:
         """Send a due retry to the job it belongs to; the record is marked (ETag-guarded) so the next
         tick does not send it again while the message waits."""
-        found = self.jobs.get(rec.tenant_id, rec.job_id or "")
-        item = next((i for i in (found[1] if found else []) if i.vm_id.lower() == rec.vm_id.lower()), None)
-        if found is None or item is None or item.state in TERMINAL:
+        job = self.jobs.get_head(rec.tenant_id, rec.job_id or "")
+        item = self.jobs.get_item(rec.tenant_id, job.job_id, rec.vm_id) if job is not None else None
+        if job is None or item is None or item.state in TERMINAL:
             return False
         try:
             self.store.update(replace(rec, next_attempt_at=now + self.config.lease_seconds), rec.etag or "")
         except (Conflict, NotFound):
             return True  # someone else is on it
-        self.queue.send(self._message(found[0], item.vm_id, retry=True))
+        self.queue.send(self._message(job, item.vm_id, retry=True))
         return True
 
 

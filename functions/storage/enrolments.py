@@ -312,6 +312,14 @@ class JobStore:
         items = [self._item(r) for r in rows if r["RowKey"].startswith(f"job|{job_id}|")]
         return self._job(head), sorted(items, key=lambda i: i.vm_id.lower())
 
+    def get_head(self, tenant_id: str, job_id: str) -> Job | None:
+        """The job row alone (one point read)."""
+        try:
+            x = _guard("get enrolment job", lambda: self._table.get_entity(tenant_id, f"job|{job_id}"))
+        except ResourceNotFoundError:
+            return None
+        return self._job(x)
+
     def get_item(self, tenant_id: str, job_id: str, vm_id: str) -> JobItem | None:
         try:
             x = _guard("get enrolment job item", lambda: self._table.get_entity(tenant_id, f"job|{job_id}|{vm_key(vm_id)}"))

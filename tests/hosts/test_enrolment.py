@@ -485,6 +485,17 @@ def test_cli_enrols_a_vm_and_lists_enrolments(carol_cli, arm, make_host, context
     assert r.returncode == 0, r.stderr
     mine = [e for e in json.loads(r.stdout)["enrolments"] if e["vm_id"] == vid]
     assert mine[0]["state"] == "succeeded" and mine[0]["attempts"] == 1
+    # --no-wait: the queued job at once; `hosts job` follows it to the end
+    r = run_cli(["hosts", "enrol", "--policy", "vm-push", "--vm", vid, "--no-wait", "--json"], carol_cli)
+    assert r.returncode == 6, r.stderr  # not done yet: the documented "still running" exit code
+    queued = json.loads(r.stdout)
+    assert queued["job"]["done"] is False and "ezssh hosts job --policy vm-push" in r.stderr
+    r = run_cli(["hosts", "job", "--policy", "vm-push", queued["job"]["id"], "--wait", "60", "--json"], carol_cli)
+    assert r.returncode == 0, r.stderr
+    followed = json.loads(r.stdout)
+    assert followed["job"]["state"] == "succeeded" and followed["items"][0]["vm_id"] == vid
+    r = run_cli(["hosts", "job", "--policy", "vm-push", "0" * 32], carol_cli)
+    assert r.returncode == 1 and "No enrolment job" in r.stderr
     host.wait_reloaded()
     key, cert, _ = cert_for(context, oidc, "vm-push", tmp_path)
     assert login_ok(host, key, cert)
