@@ -55,13 +55,20 @@ def build_store(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def build_keystore(settings: Settings):  # type: ignore[no-untyped-def]
-    if settings.signer_backend == "pkcs11":
-        from .signing.pkcs11 import Pkcs11KeyStore
+    """The CA key store, built on first use: a worker whose HSM login fails still starts (and
+    answers 503 signer_unavailable, audited) and tries the HSM again a moment later."""
+    from .signing.base import LateKeyStore
 
-        return Pkcs11KeyStore(settings.pkcs11_module, settings.pkcs11_token_label, settings.pkcs11_pin)
-    from .signing.keyvault import KeyVaultKeyStore  # type: ignore[import-not-found]
+    def build():  # type: ignore[no-untyped-def]
+        if settings.signer_backend == "pkcs11":
+            from .signing.pkcs11 import Pkcs11KeyStore
 
-    return KeyVaultKeyStore(settings.keyvault_url, _credential(settings))
+            return Pkcs11KeyStore(settings.pkcs11_module, settings.pkcs11_token_label, settings.pkcs11_pin)
+        from .signing.keyvault import KeyVaultKeyStore  # type: ignore[import-not-found]
+
+        return KeyVaultKeyStore(settings.keyvault_url, _credential(settings))
+
+    return LateKeyStore(build)
 
 
 def build_graph_groups(settings: Settings, credential=None, verify: bool | str = True):  # type: ignore[no-untyped-def]

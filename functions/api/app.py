@@ -8,13 +8,16 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 
-from .. import observability
+from .. import deadline, observability
 from . import audit, errors, meta, policies, requests
 from . import hosts
 from . import enrolments
 from . import hostcerts
 
 log = logging.getLogger("ezssh.api")
+# Every storage call of one request shares this many seconds (functions/deadline.py); well under
+# the Functions front end's HTTP limit (about 230 s) and a client's patience.
+REQUEST_DEADLINE = 10.0
 
 
 def create_app(context: Callable[[], Any]) -> FastAPI:
@@ -29,7 +32,8 @@ def create_app(context: Callable[[], Any]) -> FastAPI:
         request.state.request_id = rid
         token = observability.request_id.set(rid)
         try:
-            response = await call_next(request)
+            with deadline.within(REQUEST_DEADLINE):
+                response = await call_next(request)
         finally:
             observability.request_id.reset(token)
         response.headers["X-Request-Id"] = rid

@@ -15,6 +15,7 @@ through `Base.refusing()`. The service knows storage and signing only through th
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -29,6 +30,7 @@ from .policies import Policies
 from .requests import Requests
 
 log = logging.getLogger("ezssh.service")
+HEALTH_CACHE_SECONDS = 3.0
 
 
 class Service:
@@ -43,6 +45,9 @@ class Service:
         self.hosts = Hosts(self.base)
         self.hostcerts = HostCerts(self.base, self.policies, self.hosts)
         self.audit = AuditLog(self.base, self.requests)
+        self._health: tuple[float, dict] | None = None
+        self._health_lock = threading.Lock()
+        self._known_cas: list = []
 
     # the dependencies, for the wiring and the timers
     @property
@@ -65,16 +70,48 @@ class Service:
             retired += len(self.policies.retire_due_ca_keys(tid))
         return {"expired_requests": expired, "retired_ca_keys": retired}
 
-    def health(self) -> dict[str, str]:
-        checks: dict[str, str] = {}
-        for name, fn in (("storage", self.store.health), ("signer", self.keys.health)):
-            try:
-                fn()
-                checks[name] = "ok"
-            except Exception as exc:  # noqa: BLE001
-                log.warning("health check %s failed: %s", name, exc)
-                checks[name] = "unavailable"
-        return checks
+    def health(self, tenant_ids: Sequence[str] = ()) -> dict:
+        """Storage answers; every current CA key of the tenants' policies signs a probe (so a
+        token that is away shows, not only a module that answers). Cached for HEALTH_CACHE_SECONDS:
+        an unauthenticated caller can't make the service sign more often than that."""
+        now = time.monotonic()
+        with self._health_lock:
+            if self._health is not None and now - self._health[0] < HEALTH_CACHE_SECONDS:
+                return self._health[1]
+        checks: dict[str, str] = {"storage": self._check("storage", self.store.health)}
+        refs = self._current_cas(tenant_ids)
+        cas = {ca.fingerprint: self._check(f"CA {ca.fingerprint}", lambda ca=ca: self._probe(ca)) for ca in refs}
+        # The signer is red when no CA key signs (the HSM or vault is away). One policy's key that
+        # fails (a customer disabled their own key) shows in ca_keys without failing the service.
+        checks["signer"] = self._check("signer", self.keys.health) if not cas else \
+            ("ok" if any(v == "ok" for v in cas.values()) else "unavailable")
+        result = {"checks": checks, "ca_keys": cas}
+        with self._health_lock:
+            self._health = (time.monotonic(), result)
+        return result
+
+    def _current_cas(self, tenant_ids: Sequence[str]) -> list:
+        try:
+            refs = {p.current_ca.key_ref: p.current_ca for tid in tenant_ids for p in self.base.policies.cached(tid)
+                    if not p.deleted and p.current_ca is not None}
+            self._known_cas = list(refs.values())
+        except Exception as exc:  # noqa: BLE001 - storage is down: probe the keys known from before
+            log.warning("health: cannot list policies: %s", exc)
+        return self._known_cas
+
+    def _probe(self, ca) -> None:  # type: ignore[no-untyped-def]
+        from cryptography.hazmat.primitives import hashes
+
+        self.keys.get_signer(ca.key_ref).sign(b"ezssh health probe", hashes.SHA256())
+
+    @staticmethod
+    def _check(name: str, fn) -> str:  # type: ignore[no-untyped-def]
+        try:
+            fn()
+            return "ok"
+        except Exception as exc:  # noqa: BLE001
+            log.warning("health check %s failed: %s", name, exc)
+            return "unavailable"
 
 
 __all__: Sequence[str] = ["Service", "ServiceConfig", "Outcome", "Base"]

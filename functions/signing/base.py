@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Literal, NoReturn, Protocol, get_args, runtime_checkable
+from typing import Callable, Literal, NoReturn, Protocol, get_args, runtime_checkable
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -278,3 +278,58 @@ def ssh_fingerprint(public_key: CaPublicKey | Signer) -> str:
     line = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     blob = base64.b64decode(line.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+# ---- a key store that comes up late -------------------------------------------------------------
+
+
+class LateKeyStore:
+    """A KeyStore built on first use and again after a failed build (at most every `retry_seconds`).
+
+    A worker whose HSM login fails at start still starts: its storage, audit and refusals work,
+    every signing call answers SignerUnavailable (recorded as a failed request), and the backend
+    is tried again a moment later instead of on every request or never."""
+
+    def __init__(self, build: "Callable[[], KeyStore]", retry_seconds: float = 2.0) -> None:
+        import threading
+
+        self._build = build
+        self._retry = retry_seconds
+        self._store: KeyStore | None = None
+        self._failed_at = float("-inf")
+        self._error: Exception | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> KeyStore:
+        import time
+
+        store = self._store
+        if store is not None:
+            return store
+        with self._lock:
+            if self._store is not None:
+                return self._store
+            if self._error is not None and time.monotonic() - self._failed_at < self._retry:
+                raise self._error
+            try:
+                self._store = self._build()
+            except Exception as exc:
+                self._failed_at, self._error = time.monotonic(), exc
+                raise
+            self._error = None
+            return self._store
+
+    def create_key(self, name: str, kind: KeyKind = "EC-P256") -> Signer:
+        return self._get().create_key(name, kind)
+
+    def get_signer(self, key_ref: str) -> Signer:
+        return self._get().get_signer(key_ref)
+
+    def disable_key(self, key_ref: str) -> None:
+        self._get().disable_key(key_ref)
+
+    def verify_key(self, key_ref: str) -> Signer:
+        return self._get().verify_key(key_ref)
+
+    def health(self) -> None:
+        self._get().health()
