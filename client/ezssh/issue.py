@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from . import certs
@@ -115,6 +116,20 @@ def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | No
             out.flush()
 
 
+def post_retrying(api: Api, path: str, body: dict, *, key: str | None = None, tries: int = 3,
+                  pause: float = 0.5) -> tuple[int, dict]:
+    """POST, and again (same body, same idempotency key) while the service is unavailable."""
+    headers = {"Idempotency-Key": key} if key else None
+    for attempt in range(tries):
+        try:
+            return api.json("POST", path, body=body, headers=headers)
+        except EzsshError as exc:
+            if exc.code != UNAVAILABLE or attempt == tries - 1:
+                raise
+            time.sleep(pause * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
            interval: float | None = None) -> tuple[certs.Cached, dict]:
     """Get a new certificate for a new key; store it in the slot. Returns (cached, issuance body)."""
@@ -132,13 +147,15 @@ def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
         body["ttl_seconds"] = inv.ttl
     if inv.reason:
         body["reason"] = inv.reason
-    status, data = api.json("POST", "/api/requests", body=body)
+    # One idempotency key for this attempt: if an answer is lost (a 503 after the write landed, a
+    # dropped connection), the retry gets that same answer instead of a second request.
+    status, data = post_retrying(api, "/api/requests", body, key=uuid.uuid4().hex)
     state = data.get("status")
     if status == 202 or state == "pending":
         wait_for_approval(api, data, out=out, interval=interval)
         state = "approved"
     if state == "approved" and not data.get("certificate"):
-        _, data = api.json("POST", f"/api/requests/{data['id']}/certificate", body={"public_key": public})
+        _, data = post_retrying(api, f"/api/requests/{data['id']}/certificate", {"public_key": public})
         state = data.get("status")
     if state != "issued" or not data.get("certificate"):
         raise EzsshError(f"The service answered {state!r} without a certificate (request {data.get('id')}).")
