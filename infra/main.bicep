@@ -234,17 +234,39 @@ module rbac 'modules/rbac.bicep' = {
 var vmSubscriptionScopes = filter(vmScopes, s => length(split(s, '/')) == 3)
 var vmResourceGroupScopes = filter(vmScopes, s => length(split(s, '/')) == 5)
 // One custom role per subscription named in vmScopes, assignable exactly on the vmScopes in that
-// subscription: creating it needs rights on those scopes only, never on a whole subscription that
-// vmScopes does not name.
+// subscription. Where vmScopes names only resource groups of a subscription, the role is deployed
+// into the first of them: creating it needs rights on those resource groups only, none on the
+// subscription or on anything vmScopes does not name.
+var runCommandActions = [
+  'Microsoft.Compute/virtualMachines/read'
+  'Microsoft.Compute/virtualMachines/instanceView/read'
+  'Microsoft.Compute/virtualMachines/runCommand/action'
+  'Microsoft.Compute/locations/operations/read'
+  'Microsoft.Resources/subscriptions/resourceGroups/read'
+]
 var useRunCommandRole = vmRole == 'RunCommandOnly'
-var runCommandRoleSubscriptions = useRunCommandRole ? union(map(vmScopes, s => toLower(split(s, '/')[2])), []) : []
+var vmScopeSubscriptions = union(map(vmScopes, s => toLower(split(s, '/')[2])), [])
+var roleSubscriptionsWhole = useRunCommandRole ? union(map(vmSubscriptionScopes, s => toLower(split(s, '/')[2])), []) : []
+var roleSubscriptionsByGroup = useRunCommandRole ? filter(vmScopeSubscriptions, sub => !contains(roleSubscriptionsWhole, sub)) : []
+var roleHomeGroups = map(roleSubscriptionsByGroup, sub => filter(vmResourceGroupScopes, s => toLower(split(s, '/')[2]) == sub)[0])
 
-module runCommandRoles 'modules/vm-role.bicep' = [for sub in runCommandRoleSubscriptions: {
+module runCommandRoles 'modules/vm-role.bicep' = [for sub in roleSubscriptionsWhole: {
   scope: subscription(sub)
   name: 'ezssh-vm-role-${uniqueString(sub, namePrefix)}'
   params: {
     namePrefix: namePrefix
     assignableScopes: filter(vmScopes, s => toLower(split(s, '/')[2]) == sub)
+    actions: runCommandActions
+  }
+}]
+
+module runCommandRolesInGroups 'modules/vm-role-rg.bicep' = [for home in roleHomeGroups: {
+  scope: resourceGroup(split(home, '/')[2], split(home, '/')[4])
+  name: 'ezssh-vm-role-${uniqueString(toLower(split(home, '/')[2]), namePrefix)}'
+  params: {
+    namePrefix: namePrefix
+    assignableScopes: filter(vmScopes, s => toLower(split(s, '/')[2]) == toLower(split(home, '/')[2]))
+    actions: runCommandActions
   }
 }]
 
@@ -260,6 +282,7 @@ module vmAccessResourceGroups 'modules/rbac-vm-rg.bicep' = [for s in vmResourceG
   }
   dependsOn: [
     runCommandRoles
+    runCommandRolesInGroups
   ]
 }]
 
@@ -272,6 +295,7 @@ module vmAccessSubscriptions 'modules/rbac-vm-sub.bicep' = [for s in vmSubscript
   }
   dependsOn: [
     runCommandRoles
+    runCommandRolesInGroups
   ]
 }]
 

@@ -1,14 +1,16 @@
-// A custom role with only what enrolment needs: read and list VMs, and Run Command (v1, the
-// RunShellScript action that pushes the host setup script), with its long-running-operation status.
-// main.bicep deploys one per subscription named in vmScopes, assignable exactly on the vmScopes in
-// that subscription (resource groups, or the subscription only when vmScopes names it), so creating
-// it needs Microsoft.Authorization/roleDefinitions/write on those scopes and nowhere else.
+// The custom VM role (main.bicep's runCommandActions: read VMs, Run Command and its operation
+// status), for a subscription that vmScopes names as a whole: deployed at that subscription.
+// Assignable exactly on the vmScopes in that subscription. Its name (a GUID) is
+// guid(subscription().id, 'ezssh-vm-run-command', namePrefix), as in vm-role-rg.bicep.
 targetScope = 'subscription'
 
 param namePrefix string
 @description('The vmScopes in this subscription (/subscriptions/<id>/resourceGroups/<rg> or /subscriptions/<id>).')
 @minLength(1)
 param assignableScopes array
+@description('What the role allows: runCommandActions in main.bicep.')
+@minLength(1)
+param actions array
 
 resource runCommandRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
   name: guid(subscription().id, 'ezssh-vm-run-command', namePrefix)
@@ -18,13 +20,7 @@ resource runCommandRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
     type: 'CustomRole'
     permissions: [
       {
-        actions: [
-          'Microsoft.Compute/virtualMachines/read'
-          'Microsoft.Compute/virtualMachines/instanceView/read'
-          'Microsoft.Compute/virtualMachines/runCommand/action'
-          'Microsoft.Compute/locations/operations/read'
-          'Microsoft.Resources/subscriptions/resourceGroups/read'
-        ]
+        actions: actions
         notActions: []
         dataActions: []
         notDataActions: []

@@ -143,6 +143,8 @@ class Scope:
                     if x not in out:
                         out.append(x)
             return out
+        if t == "contains":
+            return self.eval(p["item_to_find"]) in self.eval(p["container"])
         if t == "filter":
             keep = self._lambda(p["expression"])
             return [x for x in self.eval(p["input_array"]) if keep(x)]

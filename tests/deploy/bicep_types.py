@@ -43,15 +43,19 @@ class TypeFile:
 
 
 @lru_cache(maxsize=None)
-def type_index(root: Path = TYPES_DIR) -> dict[str, tuple[TypeFile, dict]]:
-    """'type@version' (lower case) -> (its file, the body's ObjectType)."""
-    out: dict[str, tuple[TypeFile, dict]] = {}
+def type_index(root: Path = TYPES_DIR) -> dict[str, tuple[TypeFile, dict, dict]]:
+    """'type@version' (lower case) -> (its file, the body's ObjectType, the ResourceType node)."""
+    out: dict[str, tuple[TypeFile, dict, dict]] = {}
     for path in sorted(root.rglob("types.json")):
         tf = TypeFile(path, json.loads(path.read_text()))
         for n in tf.nodes:
             if n.get("$type") == "ResourceType":
-                out[n["name"].lower()] = (tf, tf.node(n["body"]))
+                out[n["name"].lower()] = (tf, tf.node(n["body"]), n)
     return out
+
+
+# ScopeType flags of the definitions (Azure/bicep-types, ScopeType.cs)
+SCOPE_BITS = {"tenant": 1, "managementGroup": 2, "subscription": 4, "resourceGroup": 8}
 
 
 # ---- the Bicep side ----------------------------------------------------------------------------------
@@ -235,6 +239,7 @@ def check_bicep(path: Path, types_root: Path = TYPES_DIR) -> list[str]:
     doc = parse_bicep(path)
     index = type_index(types_root)
     names = symbols(doc)
+    target = ((doc.get("globals") or {}).get("scope") or {}).get("value") or "resourceGroup"
     errors: list[str] = []
     for sym, res in (doc.get("resources") or {}).items():
         type_name = f"{res['type']}@{res['api_version']}"
@@ -245,8 +250,13 @@ def check_bicep(path: Path, types_root: Path = TYPES_DIR) -> list[str]:
             continue
         if res.get("existing"):
             continue  # only a reference: its body is the name (and scope)
-        tf, body_type = found
-        body = {k: v for k, v in unwrap(res.get("config") or {}).items() if k not in BICEP_KEYWORDS}
+        tf, body_type, rtype = found
+        config = unwrap(res.get("config") or {})
+        writable = rtype.get("writableScopes", 31)
+        if "scope" not in config and not writable & SCOPE_BITS.get(target, 0):
+            allowed = [n for n, b in SCOPE_BITS.items() if writable & b]
+            errors.append(f"{where}: cannot be deployed at {target} scope (targetScope); it can at {allowed}")
+        body = {k: v for k, v in config.items() if k not in BICEP_KEYWORDS}
         c = Checker(tf, names)
         c.check(body, body_type, where)
         errors += c.errors

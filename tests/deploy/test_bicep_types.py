@@ -73,3 +73,8 @@ def test_the_check_reads_nested_enums_discriminators_and_kinds(tmp_path):
     text = "\n".join(errors)
     assert "destination.endpointType: 'AzureFunctoin' is not one of" in text
     assert "advancedFilters[0].vaules: no such property" in text
+
+
+def test_the_check_knows_where_each_type_may_be_deployed(tmp_path):
+    errors = _broken(tmp_path, "events-topic.bicep", [("param topicName string", "targetScope = 'subscription'\nparam topicName string")])
+    assert len(errors) == 1 and "cannot be deployed at subscription scope" in errors[0] and "resourceGroup" in errors[0], errors

@@ -131,28 +131,52 @@ VM_SCOPES = [f"/subscriptions/{SUB_A}/resourceGroups/rg-web", f"/subscriptions/{
              f"/subscriptions/{SUB_B}"]
 
 
-def test_the_custom_vm_role_is_assignable_only_on_vm_scopes():
+def role_deployments(main: Scope) -> list[tuple[str, str, list[str]]]:
+    """(module, the scope it deploys at, the role's assignable scopes) for each custom VM role."""
+    out = []
+    for symbol in ("runCommandRoles", "runCommandRolesInGroups"):
+        cfg, loop, cond = module_config(main.doc, symbol)
+        assert cond is None and loop is not None
+        for x in main.eval(loop["array_name"]):
+            one = main.with_(**{loop["item_name"]: x})
+            fn = cfg["scope"]["function"]
+            args = fn["parameters"]
+            if fn["type"] == "subscription":
+                at = f"/subscriptions/{one.eval(args['subscription_id'])}"
+            else:
+                assert fn["type"] == "resource_group", fn
+                at = f"/subscriptions/{one.eval(args['subscription_id'])}/resourceGroups/{one.eval(args['resource_group_name'])}"
+            out.append((symbol, at, one.eval(cfg["params"]["assignableScopes"])))
+    return out
+
+
+def test_the_custom_vm_role_is_assignable_only_on_vm_scopes_and_created_there():
     main = main_scope(vmScopes=VM_SCOPES)
-    cfg, loop, cond = module_config(main.doc, "runCommandRoles")
-    assert cond is None and loop is not None
-    subs = main.eval(loop["array_name"])
-    assert sorted(subs) == sorted({SUB_A, SUB_B})
-    granted = {}
-    for sub in subs:
-        one = main.with_(**{loop["item_name"]: sub})
-        assert one.eval(cfg["scope"]["function"]["parameters"]["subscription_id"]) == sub
-        granted[sub] = one.eval(cfg["params"]["assignableScopes"])
-    assert granted == {SUB_A: VM_SCOPES[:2], SUB_B: VM_SCOPES[2:]}
-    assert not any(s == f"/subscriptions/{SUB_A}" for s in granted[SUB_A]), "a resource group scope never widens"
-    role = parse_bicep(MODULES / "vm-role.bicep")
-    assert role["resources"]["runCommandRole"]["config"]["properties"]["assignableScopes"] == "assignableScopes"
+    deployed = role_deployments(main)
+    # one role per subscription; each assignable exactly on that subscription's vmScopes
+    assert sorted((at.split("/")[2], tuple(scopes)) for _, at, scopes in deployed) == \
+        [(SUB_A, tuple(VM_SCOPES[:2])), (SUB_B, tuple(VM_SCOPES[2:]))]
+    for _, at, scopes in deployed:
+        assert at in scopes or at.rsplit("/resourceGroups/", 1)[0] in scopes, \
+            f"deployed at {at}, which vmScopes does not name: the deployer may have no rights there"
+    by_group = [d for d in deployed if d[0] == "runCommandRolesInGroups"]
+    assert [at for _, at, _ in by_group] == [VM_SCOPES[0]], "only resource groups named: deployed into one of them"
+    for symbol, path in (("runCommandRoles", "vm-role.bicep"), ("runCommandRolesInGroups", "vm-role-rg.bicep")):
+        role = parse_bicep(MODULES / path)
+        assert role["resources"]["runCommandRole"]["config"]["properties"]["assignableScopes"] == "assignableScopes"
+        assert module_config(main.doc, symbol)[0]["params"]["actions"] == "runCommandActions"
+    # a subscription named whole: deployed at it (vmScopes names it, so the deployer has rights there)
+    whole = main_scope(vmScopes=[f"/subscriptions/{SUB_B}", f"/subscriptions/{SUB_B}/resourceGroups/rg-x"])
+    assert [(s, at) for s, at, _ in role_deployments(whole)] == [("runCommandRoles", f"/subscriptions/{SUB_B}")]
     # the built-in role instead: no custom role at all, assignments still only on vmScopes
     builtin = main_scope(vmScopes=VM_SCOPES, vmRole="VirtualMachineContributor")
-    assert builtin.eval(loop["array_name"]) == []
+    assert role_deployments(builtin) == []
     _, rg_loop, _ = module_config(main.doc, "vmAccessResourceGroups")
     _, sub_loop, _ = module_config(main.doc, "vmAccessSubscriptions")
     assert builtin.eval(rg_loop["array_name"]) + builtin.eval(sub_loop["array_name"]) == VM_SCOPES
-    assert main_scope().eval(loop["array_name"]) == [], "no vmScopes: no role definition"
+    assert role_deployments(main_scope()) == [], "no vmScopes: no role definition"
+    cfg, _, _ = module_config(main.doc, "vmAccessResourceGroups")
+    assert {"runCommandRoles", "runCommandRolesInGroups"} <= set(cfg["dependsOn"])
 
 
 # ---- the Key Vault: a new name per generation, recoverable removal ---------------------------------
