@@ -1,6 +1,6 @@
 # The two commands: `make demo` (local stack, then a real SSH login with an ezssh certificate)
 # and `make test` (the test suite). Both install what they need first.
-.PHONY: setup demo up down status login test test-fast bench bench-cli package clean
+.PHONY: soak setup demo up down status login test test-fast bench bench-cli package clean
 
 PY := .venv/bin/python
 DEVSTACK := cd infra/local && ../../$(PY) -m devstack
@@ -30,6 +30,9 @@ test: setup
 
 test-fast: setup
 	@$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+soak: setup
+	@$(PY) bench/soak.py $(SOAK_ARGS)
 
 bench: setup
 	@$(PY) bench/issue.py $(BENCH_ARGS)
