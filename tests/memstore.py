@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from functions.core.approval import RequestRecord
+from functions.core.approval import RequestRecord, serial_of_request_id
 from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy, policy_from_row
@@ -199,6 +199,11 @@ class MemoryStore:
         idempotency: IdempotencyRecord | None = None,
     ) -> None:
         self._one_partition(rec.tenant_id, audit, cert, idempotency)
+        if (cert.tenant_id, cert.policy_id, cert.request_id, cert.serial) != \
+                (rec.tenant_id, rec.policy_id, rec.id, rec.serial):
+            raise ValueError("The certificate record does not belong to this request.")
+        if serial_of_request_id(rec.id) != cert.serial:
+            raise Conflict(f"The certificate's serial must be its request's own ({rec.id}); nothing was recorded.")
         with self._lock:
             row = None
             if etag is None:
@@ -275,7 +280,7 @@ class MemoryStore:
     def list_revoked(self, tenant_id: str, policy_id: str) -> list[CertificateRecord]:
         with self._lock:
             return [
-                replace(r.value, etag=r.etag)  # type: ignore[type-var]
+                replace(r.value, etag=None)  # type: ignore[type-var]
                 for (t, p, _), r in sorted(self._certs.items(), key=lambda kv: kv[0])
                 if t == tenant_id and p == policy_id and (r.value.revoked_at or 0) > 0  # type: ignore[attr-defined]
             ]

@@ -7,10 +7,18 @@
 
 Every function returns a new record; storage writes it conditionally on the ETag it was read with,
 so two racing transitions cannot both win.
+
+Request ids and serials: a request's certificate serial is fixed when the request is made, and the
+request id is that serial in 16 hex digits. The serial is the time in milliseconds (high 42 bits)
+and 21 random bits; storage creates the request row under its id, so a serial is unique in its
+tenant (hence per CA) by construction, request ids sort by time, and a certificate is found from its
+serial, or from the key id sshd logs, with one point read. The certificate's own 32-byte random
+nonce (OpenSSH puts it first in the signed data) keeps what is signed unpredictable.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field, replace
 
 from .errors import Conflict, Forbidden
@@ -26,6 +34,40 @@ PENDING, APPROVED, DENIED, EXPIRED, CANCELLED, ISSUED = (
 )
 FINAL_STATES = frozenset({DENIED, EXPIRED, CANCELLED, ISSUED})
 ISSUE_WINDOW = 15 * 60  # an approved request must be turned into a certificate within this
+SERIAL_RANDOM_BITS = 21
+_SERIAL_MS_LIMIT = 1 << (63 - SERIAL_RANDOM_BITS)  # milliseconds fit in 42 bits until the year 2109
+
+
+def request_serial(now: float) -> int:
+    """A new request's serial: milliseconds since the epoch, then 21 random bits (never zero)."""
+    ms = int(now * 1000)
+    if not 0 <= ms < _SERIAL_MS_LIMIT:
+        raise ValueError("the clock is outside the serial's time range")
+    return (ms << SERIAL_RANDOM_BITS) | (secrets.randbits(SERIAL_RANDOM_BITS) or 1)
+
+
+def request_id_of_serial(serial: int) -> str:
+    return f"{serial:016x}"
+
+
+def serial_of_request_id(request_id: str) -> int | None:
+    """The serial a request id stands for; None for an id of another shape."""
+    if len(request_id) != 16:
+        return None
+    try:
+        serial = int(request_id, 16)
+    except ValueError:
+        return None
+    return serial if 0 < serial < 1 << 63 and request_id == f"{serial:016x}" else None
+
+
+def new_request_id(now: float) -> str:
+    return request_id_of_serial(request_serial(now))
+
+
+def serial_floor(ms: int) -> int:
+    """The smallest serial (and so request id) of a request made at or after `ms` milliseconds."""
+    return max(0, ms) << SERIAL_RANDOM_BITS
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import secrets
 from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.serialization import ssh
 
 from ..core import approval as sm
 from ..core.audit import AuditEntry, canonical_json, link
-from ..core.certificate import IssuedCertificate, build_certificate, new_serial, verify_issued
+from ..core.certificate import IssuedCertificate, build_certificate, verify_issued
 from ..core.errors import CaKeyNotFound, Conflict, Denied, EzsshError, Forbidden, InvalidRequest, TtlTooLong
 from ..core.keys import VettedKey, parse_public_key
 from ..core.policy import AccessRequest, Identity, Policy, allowed_principals, choose_policy, make_grant, resolve_ttl
@@ -38,8 +37,9 @@ class Outcome:
     approvers: dict | None = None  # who may approve: {"users": [...], "groups": [...]}
 
 
-def new_request_id() -> str:
-    return secrets.token_hex(12)
+def new_request_id(now: float) -> str:
+    """A request id: the serial its certificate will carry, in hex (core.approval)."""
+    return sm.new_request_id(now)
 
 
 class Issuance:
@@ -74,7 +74,7 @@ class Issuance:
         asked = canonical_json({"host": req.host, "principal": req.principal, "policy": req.policy_id,
                                 "ttl": req.ttl_seconds, "reason": req.reason, "key": fp})
         return IdempotencyRecord(tenant_id=who.tid, owner_oid=who.oid,
-                                 key_hash=hashlib.sha256(key.encode()).hexdigest(), request_id=new_request_id(),
+                                 key_hash=hashlib.sha256(key.encode()).hexdigest(), request_id=new_request_id(self.base.clock()),
                                  digest=hashlib.sha256(asked.encode()).hexdigest(), created_at=self.base.now())
 
     def _replay(self, who: Identity, idem: IdempotencyRecord) -> Outcome | None:
@@ -110,7 +110,7 @@ class Issuance:
             vetted = parse_public_key(public_key) if public_key is not None else None
         policy = decision.policy
         now = b.now()
-        rid = idem.request_id if idem is not None else new_request_id()
+        rid = idem.request_id if idem is not None else new_request_id(b.clock())
         auto = decision.action == "auto"
         rec = sm.RequestRecord(
             id=rid, tenant_id=who.tid, policy_id=policy.id, requester_oid=who.oid, requester_upn=who.upn,
@@ -191,7 +191,11 @@ class Issuance:
         grant = make_grant(policy, rec.id, who.upn, rec.principal, rec.ttl_seconds, self.base.config.backdate_seconds)
         signer = self.base.keys.get_signer(ca.key_ref)
         now = self.base.now()
-        issued = build_certificate(grant, key, as_private_key(signer), now=now, serial=new_serial())
+        # The serial was fixed with the request: its id is that serial in hex (core.approval).
+        serial = sm.serial_of_request_id(rec.id)
+        if serial is None:
+            raise Conflict(f"Request {rec.id} has no serial of its own (an id from an older version); ask again.")
+        issued = build_certificate(grant, key, as_private_key(signer), now=now, serial=serial)
         verify_issued(issued, grant, key, signer.public_key(), now=now)
         return issued
 

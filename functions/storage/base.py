@@ -117,7 +117,9 @@ class Store(Protocol):
     def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord: ...
 
     # issuance: the request's new state, the certificate record and the audit entry all land
-    # before the certificate is returned. `etag` None means the request row is new.
+    # before the certificate is returned. `etag` None means the request row is new. The serial is
+    # the request's own (core.approval: the request id is the serial in hex), so a serial is unique
+    # in its tenant; any other serial is a Conflict and nothing is written.
     def record_issuance(
         self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry],
         idempotency: IdempotencyRecord | None = None,
@@ -142,7 +144,9 @@ class Store(Protocol):
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:
         """Mark a certificate revoked (cert carries revoked_at/revoked_by), conditional on `etag`."""
         ...
-    def list_revoked(self, tenant_id: str, policy_id: str) -> list[CertificateRecord]: ...
+    def list_revoked(self, tenant_id: str, policy_id: str) -> list[CertificateRecord]:
+        """Revoked certificates of a policy (for the KRL): records with etag None."""
+        ...
     def get_host_token(self, tenant_id: str, policy_id: str) -> str | None: ...
     def ensure_host_token(self, tenant_id: str, policy_id: str, candidate: str) -> str:
         """The policy's host token; stores `candidate` if it has none yet (the first writer wins)."""

@@ -1,22 +1,30 @@
 """Table Storage repositories (azure-data-tables). Azurite locally, a storage account in Azure.
 
-One table holds everything, partitioned by tenant id, so that a certificate record, its request and
-its audit entry can be written in one atomic entity-group transaction:
+One table holds everything, partitioned by tenant id, so that a change and its audit entries are
+written in one atomic write (one row, or one entity-group transaction in that partition):
 
     PartitionKey = <tid>
     RowKey       = pol|<policy id>              a policy (document as JSON)
-                   req|<request id>             an access request
-                   crt|<policy id>|<serial>     an issued certificate (serial zero-padded to 19 digits)
+                   req|<request id>             an access request; once issued also its certificate;
+                                                the audit entries written with it (Audit0, Audit1)
+                   rev|<policy id>|<serial>     a revoked certificate (serial zero-padded to 19 digits)
                    aud|<ms since epoch>|<id>    an audit entry (ascending by time)
+                   idk|<oid>|<key hash>         an idempotency key and the request it made
                    htk| hch| hky|               host enrolment tokens, renewal challenges, host keys
                                                 (hostrecords.py)
+
+A request id is the serial of its certificate in hex, time first (core.approval): request rows sort
+by time, a serial is unique in its tenant because the row is, and a certificate is one point read
+from its serial or key id. An auto-approved issuance is ONE insert of the request row.
 
 Refusals from callers whose token did not verify have no trustworthy tenant; their audit entries go
 to the partition `_unauthenticated`.
 
 Every state change on a policy or request is conditional on the ETag it was read with (If-Match). A
 lost race raises Conflict (409). If-Match holds inside a batch too (Table Storage and Azurite 3.37
-alike; tests/contract/test_store.py checks it), so an issuance is one transaction.
+alike; tests/contract/test_store.py checks it). A batch costs the client about 4 ms of CPU whatever
+its size (azure-core builds and parses it with the email package, in thread pools of its own) where
+a single insert costs about 1 ms (bench/issue.py): the hot path writes one row.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from azure.core.exceptions import (
 )
 from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
 
-from ..core.approval import Approval, RequestRecord
+from ..core.approval import Approval, RequestRecord, request_id_of_serial, serial_floor, serial_of_request_id
 from ..deadline import storage_hook
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed, StorageUnavailable
@@ -274,20 +282,35 @@ class TableStore(HostRecords):
 
     def create_request(self, rec: RequestRecord, audit: AuditEntry,
                        idempotency: IdempotencyRecord | None = None) -> RequestRecord:
-        ops = [("create", self._request_entity(rec)), ("create", self._audit_entity(audit))]
-        if idempotency is not None:
-            ops.append(("create", self._idempotency_entity(idempotency)))
+        """The request row carrying its first audit entry: one insert (with an idempotency key, one
+        transaction with the key's row)."""
+        entity = self._request_entity(rec) | self._embedded_audit(rec.tenant_id, [audit])
+        exists = Conflict("That request already exists.")
+        if idempotency is None:
+            meta = self._insert("create request", entity, exists)
+            return replace(rec, etag=meta.get("etag"))
+        ops = [("create", entity), ("create", self._idempotency_entity(idempotency))]
         resp = transact(self._table, "create request", ops, not_found=f"Request {rec.id!r} was not found.",
-                        lost=Conflict("That request already exists."), exists=Conflict("That request already exists."))
+                        lost=exists, exists=exists)
         return replace(rec, etag=resp[0].get("etag"))
 
     def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord:
-        """The request row (only if still at `etag`) and its audit entry, in one transaction."""
-        ops = [("update", self._request_entity(rec), _if_match(etag)), ("create", self._audit_entity(audit))]
+        """The request row (only if still at `etag`) and its audit entry, in one transaction. The row is
+        merged, so what it carries besides the request (its first audit entries) stays."""
+        ops = [("update", self._request_entity(rec), _if_match(etag, UpdateMode.MERGE)),
+               ("create", self._audit_entity(audit))]
         resp = transact(self._table, "update request", ops, not_found=f"Request {rec.id!r} was not found.",
                         lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
                         exists=Conflict(f"Request {rec.id} changed at the same time; read it again."))
         return replace(rec, etag=resp[0].get("etag"))
+
+    def _insert(self, op: str, entity: dict, exists: EzsshError) -> dict:
+        try:
+            return _guard(op, lambda: self._table.create_entity(entity))
+        except ResourceExistsError:
+            raise exists from None
+        except HttpResponseError as exc:  # 409/412 that the SDK did not map
+            raise exists from exc
 
     # ---- idempotency keys ---------------------------------------------------------------------
     # Row idk|<requester oid>|<sha-256 of the client's key>: which request a client's attempt made,
@@ -307,20 +330,15 @@ class TableStore(HostRecords):
                                  request_id=e["RequestId"], digest=e["Digest"], created_at=int(e["CreatedAt"]))
 
     # ---- certificates -----------------------------------------------------------------------
+    # A user certificate lives in its request's row (its serial is the request id: core.approval),
+    # so recording an issuance is one write and finding a certificate by serial one point read. Host
+    # certificates have rows crt|<policy id>|<serial> (hostrecords.py). Revoked certificates of
+    # either kind also get a row rev|<policy id>|<serial>, the KRL's index.
     @staticmethod
-    def _cert_entity(c: CertificateRecord) -> dict:
+    def _cert_fields(c: CertificateRecord) -> dict:
         return {
-            "PartitionKey": c.tenant_id,
-            "RowKey": f"crt|{c.policy_id}|{_serial_key(c.serial)}",
-            "Kind": "certificate",
-            "PolicyId": c.policy_id,
-            "Serial": str(c.serial),
-            "KeyId": c.key_id,
-            "RequestId": c.request_id,
-            "RequesterOid": c.requester_oid,
-            "RequesterUpn": c.requester_upn,
+            "CertKeyId": c.key_id,
             "Principals": json.dumps(list(c.principals)),
-            "Host": c.host,
             "ValidAfter": c.valid_after,
             "ValidBefore": c.valid_before,
             "CaFingerprint": c.ca_fingerprint,
@@ -330,14 +348,31 @@ class TableStore(HostRecords):
             "RevokedBy": c.revoked_by,
         }
 
+    @classmethod
+    def _cert_entity(cls, c: CertificateRecord, prefix: str = "crt") -> dict:
+        """A certificate's own row: crt| for host certificates (hostrecords.py; a user certificate
+        lives in its request's row), rev| for the KRL's copy of a revoked certificate."""
+        return {
+            "PartitionKey": c.tenant_id,
+            "RowKey": f"{prefix}|{c.policy_id}|{_serial_key(c.serial)}",
+            "Kind": "certificate" if prefix == "crt" else "revoked",
+            "PolicyId": c.policy_id,
+            "Serial": str(c.serial),
+            "RequestId": c.request_id,
+            "RequesterOid": c.requester_oid,
+            "RequesterUpn": c.requester_upn,
+            "Host": c.host,
+            **cls._cert_fields(c),
+        }
+
     @staticmethod
-    def _cert_from_entity(e: Any) -> CertificateRecord:
+    def _cert_from_entity(e: Any, request_id: str | None = None) -> CertificateRecord:
         return CertificateRecord(
             tenant_id=e["PartitionKey"],
             policy_id=e["PolicyId"],
             serial=int(e["Serial"]),
-            key_id=e["KeyId"],
-            request_id=e["RequestId"],
+            key_id=e["CertKeyId"] if "CertKeyId" in e else e["KeyId"],
+            request_id=request_id or e["RequestId"],
             requester_oid=e["RequesterOid"],
             requester_upn=e["RequesterUpn"],
             principals=tuple(json.loads(e["Principals"])),
@@ -352,38 +387,85 @@ class TableStore(HostRecords):
             etag=e.metadata.get("etag"),
         )
 
+    @staticmethod
+    def _check_issuance(rec: RequestRecord, cert: CertificateRecord) -> None:
+        if (cert.tenant_id, cert.policy_id, cert.request_id, cert.serial) != \
+                (rec.tenant_id, rec.policy_id, rec.id, rec.serial):
+            raise ValueError("The certificate record does not belong to this request.")
+        if serial_of_request_id(rec.id) != cert.serial:
+            raise Conflict(f"The certificate's serial must be its request's own ({rec.id}); nothing was recorded.")
+
     def record_issuance(
         self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry],
         idempotency: IdempotencyRecord | None = None,
     ) -> None:
-        """One entity-group transaction: the request row (new, or replaced only if still at `etag`: the
-        claim that exactly one caller moves it to "issued"), the certificate record, the audit entries
-        and the client's idempotency key. A lost race, a used serial, request id or idempotency key
-        leaves all of them unwritten."""
-        ops: list = [("create", self._cert_entity(cert))] + [("create", self._audit_entity(a)) for a in audit]
+        """The request in its "issued" state, its certificate and the audit entries, atomically.
+
+        A new request (etag None) is ONE insert of its row carrying the certificate and the audit
+        entries (with an idempotency key: one transaction with the key's row). An approved request
+        is one transaction: its row merged only if still at `etag` (the claim that exactly one caller
+        moves it to "issued") and the issuance's audit row. The serial is the request id's, so a used
+        serial is a used request id: a lost race or a used serial, request id or idempotency key
+        leaves everything unwritten."""
+        self._check_issuance(rec, cert)
+        entity = self._request_entity(rec) | self._cert_fields(cert)
+        exists = Conflict("The certificate could not be recorded (serial or request already used); retry.")
         if etag is None:
-            ops.insert(0, ("create", self._request_entity(rec)))
+            entity |= self._embedded_audit(rec.tenant_id, audit)
+            if idempotency is None:
+                self._insert("record issuance", entity, exists)
+                return
+            ops: list = [("create", entity), ("create", self._idempotency_entity(idempotency))]
         else:
-            ops.insert(0, ("update", self._request_entity(rec), _if_match(etag)))
-        if idempotency is not None:
-            ops.append(("create", self._idempotency_entity(idempotency)))
+            ops = [("update", entity, _if_match(etag, UpdateMode.MERGE))]
+            ops += [("create", self._audit_entity(a)) for a in audit]
+            if idempotency is not None:
+                ops.append(("create", self._idempotency_entity(idempotency)))
         transact(self._table, "record issuance", ops, not_found=f"Request {rec.id!r} was not found.",
-                 lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
-                 exists=Conflict("The certificate could not be recorded (serial or request already used); retry."))
+                 lost=Conflict(f"Request {rec.id} changed at the same time; read it again."), exists=exists)
 
     def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord:
-        try:
-            e = _guard(
-                "get certificate",
-                lambda: self._table.get_entity(tenant_id, f"crt|{policy_id}|{_serial_key(serial)}"),
-            )
-        except ResourceNotFoundError:
-            raise NotFound(f"No certificate with serial {serial} was issued under policy {policy_id!r}.") from None
-        return self._cert_from_entity(e)
+        return self._find_certificate(tenant_id, policy_id, serial)[0]
+
+    def _find_certificate(self, tenant_id: str, policy_id: str, serial: int) -> tuple[CertificateRecord, str]:
+        """The certificate and the row that holds it: its request's row (user certificates, one point
+        read), else its own crt| row (host certificates)."""
+        missing = NotFound(f"No certificate with serial {serial} was issued under policy {policy_id!r}.")
+        if not 0 < serial < 1 << 63:
+            raise missing
+        rid = request_id_of_serial(serial)
+        for row_key in (f"req|{rid}", f"crt|{policy_id}|{_serial_key(serial)}"):
+            try:
+                e = _guard("get certificate", lambda: self._table.get_entity(tenant_id, row_key))
+            except ResourceNotFoundError:
+                continue
+            if e.get("PolicyId") == policy_id and e.get("Certificate") and e.get("Serial") == str(serial):
+                return self._cert_from_entity(e, request_id=rid if row_key.startswith("req|") else None), row_key
+        raise missing
 
     # ---- audit ------------------------------------------------------------------------------
+    # Audit entries live in rows aud|<ms>|<entry id>, except the entries written with a new request
+    # (its creation, and its certificate when issued at once): those are properties Audit0, Audit1
+    # of the request's own row, so that row is the only write. Request ids sort by time
+    # (core.approval), so the entries of a time window are found by a range read of both kinds.
+    EMBEDDED = tuple(f"Audit{i}" for i in range(4))
+    EMBED_SLACK_MS = 300_000  # how much later than its request id's time an embedded entry may be
+
     @staticmethod
-    def _audit_entity(a: AuditEntry) -> dict:
+    def _entry_json(a: AuditEntry) -> str:
+        return json.dumps(a.body() | {"hash": a.hash}, separators=(",", ":"), default=str)
+
+    @classmethod
+    def _embedded_audit(cls, tenant_id: str, entries: Sequence[AuditEntry]) -> dict:
+        if len(entries) > len(cls.EMBEDDED):
+            raise ValueError("too many audit entries for one request row")
+        if any((a.tenant_id or UNAUTHENTICATED) != tenant_id for a in entries):
+            # what the SDK says of a batch across partitions: an entry belongs to its row's tenant
+            raise ValueError("Partition Keys in the batch must all be the same.")
+        return {name: cls._entry_json(a) for name, a in zip(cls.EMBEDDED, entries)}
+
+    @classmethod
+    def _audit_entity(cls, a: AuditEntry) -> dict:
         ms = int(a.at * 1000)
         return {
             "PartitionKey": a.tenant_id or UNAUTHENTICATED,
@@ -395,7 +477,7 @@ class TableStore(HostRecords):
             "PolicyId": a.policy_id,
             "KeyId": a.key_id,
             "Serial": a.serial,
-            "Entry": json.dumps(a.body() | {"hash": a.hash}, separators=(",", ":"), default=str),
+            "Entry": cls._entry_json(a),
         }
 
     def add_audit(self, entry: AuditEntry) -> None:
@@ -410,10 +492,12 @@ class TableStore(HostRecords):
         request_id: str | None = None,
         limit: int = 200,
     ) -> list[AuditEntry]:
-        lo = f"aud|{int((since or 0) * 1000):013d}"
-        hi = f"aud|{int(until * 1000):013d}}}" if until is not None else "aud}"
+        """Entries in time order (milliseconds, then entry id); `since`/`until` inclusive."""
+        lo_ms = int((since or 0) * 1000)
+        hi_ms = int(until * 1000) if until is not None else None
         flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
-        params: dict[str, Any] = {"pk": tenant_id, "lo": lo, "hi": hi}
+        params: dict[str, Any] = {"pk": tenant_id, "lo": f"aud|{lo_ms:013d}",
+                                  "hi": f"aud|{hi_ms:013d}}}" if hi_ms is not None else "aud}"}
         if request_id:
             flt += " and RequestId eq @rid"
             params["rid"] = request_id
@@ -422,19 +506,41 @@ class TableStore(HostRecords):
             out.append(AuditEntry(**json.loads(e["Entry"])))
             if len(out) >= limit:
                 break
-        return out
+        for entry in self._embedded_entries(tenant_id, lo_ms if since is not None else None, hi_ms, request_id):
+            ms = int(entry.at * 1000)
+            if ms >= lo_ms and (hi_ms is None or ms <= hi_ms) and (not request_id or entry.request_id == request_id):
+                out.append(entry)
+        out.sort(key=lambda a: (int(a.at * 1000), a.entry_id))
+        return out[:limit]
+
+    def _embedded_entries(self, tenant_id: str, lo_ms: int | None, hi_ms: int | None,
+                          request_id: str | None) -> list[AuditEntry]:
+        if request_id:
+            try:
+                rows = [_guard("list audit", lambda: self._table.get_entity(tenant_id, f"req|{request_id}",
+                                                                          select=list(self.EMBEDDED)))]
+            except ResourceNotFoundError:
+                return []
+        else:
+            lo = f"req|{serial_floor(lo_ms - self.EMBED_SLACK_MS):016x}" if lo_ms is not None else "req|"
+            hi = f"req|{serial_floor(hi_ms + 1):016x}" if hi_ms is not None else "req}"
+            rows = _guard("list audit", lambda: list(self._table.query_entities(
+                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                parameters={"pk": tenant_id, "lo": lo, "hi": hi}, select=list(self.EMBEDDED))))
+        return [AuditEntry(**json.loads(e[name])) for e in rows for name in self.EMBEDDED if e.get(name)]
 
     # ---- revocation -------------------------------------------------------------------------
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:
-        """Set RevokedAt/RevokedBy on the certificate row if it is unchanged since read, and write its
-        audit entry, in one transaction."""
-        entity = {
-            "PartitionKey": cert.tenant_id,
-            "RowKey": f"crt|{cert.policy_id}|{_serial_key(cert.serial)}",
-            "RevokedAt": cert.revoked_at,
-            "RevokedBy": cert.revoked_by,
-        }
-        ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), ("create", self._audit_entity(audit))]
+        """In one transaction: RevokedAt/RevokedBy on the row holding the certificate (its request's,
+        or its own crt| row for a host certificate) if unchanged since read, its audit entry, and the
+        rev| row the KRL is built from."""
+        if (audit.tenant_id or UNAUTHENTICATED) != cert.tenant_id:
+            raise ValueError("Partition Keys in the batch must all be the same.")
+        _, row_key = self._find_certificate(cert.tenant_id, cert.policy_id, cert.serial)  # NotFound unless this policy's
+        entity = {"PartitionKey": cert.tenant_id, "RowKey": row_key, "RevokedAt": cert.revoked_at,
+                  "RevokedBy": cert.revoked_by}
+        ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), ("create", self._audit_entity(audit)),
+               ("upsert", self._cert_entity(cert, "rev"), {"mode": UpdateMode.REPLACE})]
         lost = Conflict(f"Certificate {cert.serial} changed at the same time; read it again.")
         resp = transact(self._table, "revoke certificate", ops,
                         not_found=f"No certificate with serial {cert.serial} was issued under policy {cert.policy_id!r}.",
@@ -442,11 +548,13 @@ class TableStore(HostRecords):
         return replace(cert, etag=resp[0].get("etag"))
 
     def list_revoked(self, tenant_id: str, policy_id: str) -> list[CertificateRecord]:
-        """Every revoked certificate of a policy, expired or not (the caller decides what to drop)."""
-        flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and RevokedAt gt @zero"
-        params = {"pk": tenant_id, "lo": f"crt|{policy_id}|", "hi": f"crt|{policy_id}}}", "zero": 0}
+        """Every revoked certificate of a policy, expired or not (the caller decides what to drop), by
+        serial; records without an ETag."""
+        flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        params = {"pk": tenant_id, "lo": f"rev|{policy_id}|", "hi": f"rev|{policy_id}}}"}
         rows = _guard("list revoked", lambda: list(self._table.query_entities(flt, parameters=params)))
-        return [self._cert_from_entity(e) for e in rows]
+        # copies for the KRL: no ETag to write with (the certificate's own is its request row's)
+        return [replace(self._cert_from_entity(e), etag=None) for e in rows]
 
     # ---- host tokens ------------------------------------------------------------------------
     # Row hst|<policy id>: the per-policy capability hosts present to fetch the KRL without an

@@ -151,8 +151,9 @@ def test_bad_input_is_refused_clearly_audited_and_issues_nothing(client, alice, 
 
 def _count_certs(context, tid: str) -> int:
     table = context.service.store._table  # read-only peek to prove nothing was issued
-    return len(list(table.query_entities("PartitionKey eq @pk and RowKey ge 'crt|' and RowKey lt 'crt}'",
-                                         parameters={"pk": tid})))
+    rows = table.query_entities("PartitionKey eq @pk and RowKey ge 'req|' and RowKey lt 'req}'",
+                                parameters={"pk": tid})  # a certificate lives in its request's row
+    return sum(1 for e in rows if e.get("Certificate"))
 
 
 def _signing_jwk(state_dir):

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import pytest
 
-from functions.core.approval import Approval, RequestRecord
+from functions.core.approval import Approval, RequestRecord, new_request_id, request_id_of_serial, serial_of_request_id
 from functions.core.audit import AuditEntry, verify_chain
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import CaKeyRef, Policy, Rule, Subjects
@@ -74,8 +74,11 @@ def an_entry(tid: str | None, at: float, action: str = "test.event", **kw) -> Au
 
 
 def a_request(tid: str, rid: str | None = None, state: str = "pending", **kw) -> RequestRecord:
+    """A request whose id is its serial in hex (core.approval): the given serial's, or a new one."""
+    if rid is None:
+        rid = request_id_of_serial(kw["serial"]) if kw.get("serial") is not None else new_request_id(T0)
     fields = dict(
-        id=rid or str(uuid.uuid4()), tenant_id=tid, policy_id="web", requester_oid="oid-alice",
+        id=rid, tenant_id=tid, policy_id="web", requester_oid="oid-alice",
         requester_upn="alice@example.com", host="web1.example.com", principal="alice", ttl_seconds=3600,
         state=state, created_at=int(T0), expires_at=int(T0) + 3600, approvals_required=1, reason="deploy",
         audit_head="b" * 64,
@@ -326,12 +329,13 @@ def test_issuance_with_a_new_request_row(store: Store, tid: str) -> None:
 
 def test_issuance_for_an_approved_request(store: Store, tid: str) -> None:
     approved = store.create_request(a_request(tid, state="approved"), an_entry(tid, T0))
-    issued_rec = replace(approved, state="issued", serial=42, key_id="k")
+    own = serial_of_request_id(approved.id)
+    issued_rec = replace(approved, state="issued", serial=own, key_id="k")
     entry = an_entry(tid, T0 + 1, "certificate.issued", request_id=approved.id)
-    store.record_issuance(issued_rec, approved.etag, a_cert(issued_rec, 42), [entry])
+    store.record_issuance(issued_rec, approved.etag, a_cert(issued_rec, own), [entry])
     got = store.get_request(tid, approved.id)
     assert got == issued_rec and got.etag != approved.etag
-    assert store.get_certificate(tid, "web", 42).request_id == approved.id
+    assert store.get_certificate(tid, "web", own).request_id == approved.id
     assert audit_of(store, tid, request_id=approved.id) == [entry]
 
 
@@ -346,47 +350,47 @@ def test_issuance_with_stale_etag_writes_nothing(store: Store, tid: str) -> None
     created = store.create_request(a_request(tid), an_entry(tid, T0))
     approved = store.update_request(replace(created, state="approved"), created.etag, an_entry(tid, T0 + 1))
     before = audit_of(store, tid)
-    issued_rec = replace(approved, state="issued", serial=7)
+    own = serial_of_request_id(created.id)
+    issued_rec = replace(approved, state="issued", serial=own)
     with pytest.raises(Conflict):
-        store.record_issuance(issued_rec, created.etag, a_cert(issued_rec, 7), [an_entry(tid, T0 + 2)])
+        store.record_issuance(issued_rec, created.etag, a_cert(issued_rec, own), [an_entry(tid, T0 + 2)])
     assert store.get_request(tid, created.id).etag == approved.etag
-    assert_untouched(store, tid, before, ("web", 7))
+    assert_untouched(store, tid, before, ("web", own))
 
 
 def test_issuance_race_has_one_winner(store: Store, tid: str) -> None:
     approved = store.create_request(a_request(tid, state="approved"), an_entry(tid, T0))
 
+    own = serial_of_request_id(approved.id)
+
     def issue(i: int) -> int:
-        rec = replace(approved, state="issued", serial=100 + i)
-        store.record_issuance(rec, approved.etag, a_cert(rec, 100 + i), [an_entry(tid, T0 + 1 + i)])
-        return 100 + i
+        rec = replace(approved, state="issued", serial=own)
+        store.record_issuance(rec, approved.etag, a_cert(rec, own, certificate=f"cert-{i}"),
+                              [an_entry(tid, T0 + 1 + i, f"issued-{i}")])
+        return i
 
     results = race(6, issue)
     winners = [r for r in results if isinstance(r, int)]
     assert len(winners) == 1, results
     assert all(isinstance(r, Conflict) for r in results if r != winners[0])
-    assert store.get_request(tid, approved.id).serial == winners[0]
-    for i in range(6):
-        if 100 + i != winners[0]:
-            with pytest.raises(NotFound):
-                store.get_certificate(tid, "web", 100 + i)
-    assert len(audit_of(store, tid)) == 2
+    assert store.get_request(tid, approved.id).serial == own
+    assert store.get_certificate(tid, "web", own).certificate == f"cert-{winners[0]}"
+    assert [e.action for e in audit_of(store, tid)] == ["test.event", f"issued-{winners[0]}"]
 
 
 def test_issuance_with_a_reused_serial_writes_nothing_new_row(store: Store, tid: str) -> None:
     first = a_request(tid, state="issued", serial=5)
     store.record_issuance(first, None, a_cert(first, 5), [an_entry(tid, T0)])
     before = audit_of(store, tid)
-    second = a_request(tid, state="issued", serial=5)
+    second = a_request(tid, state="issued", serial=5, requester_upn="mallory@example.com")  # same serial, same id
     with pytest.raises(Conflict):
         store.record_issuance(second, None, a_cert(second, 5), [an_entry(tid, T0 + 1), an_entry(tid, T0 + 2)])
-    with pytest.raises(NotFound):
-        store.get_request(tid, second.id)
-    assert store.get_certificate(tid, "web", 5).request_id == first.id
+    assert store.get_request(tid, first.id).requester_upn == "alice@example.com"
+    assert store.get_certificate(tid, "web", 5).requester_upn == "alice@example.com"
     assert_untouched(store, tid, before)
 
 
-def test_issuance_with_a_reused_serial_writes_nothing_existing_row(store: Store, tid: str) -> None:
+def test_issuance_with_a_serial_not_its_requests_own_writes_nothing(store: Store, tid: str) -> None:
     first = a_request(tid, state="issued", serial=5)
     store.record_issuance(first, None, a_cert(first, 5), [an_entry(tid, T0)])
     approved = store.create_request(a_request(tid, state="approved"), an_entry(tid, T0 + 1))
@@ -403,11 +407,12 @@ def test_issuance_with_a_reused_serial_writes_nothing_existing_row(store: Store,
 def test_issuance_with_a_reused_request_id_writes_nothing(store: Store, tid: str) -> None:
     existing = store.create_request(a_request(tid, state="approved"), an_entry(tid, T0))
     before = audit_of(store, tid)
-    again = replace(existing, state="issued", serial=9, etag=None)
+    own = serial_of_request_id(existing.id)
+    again = replace(existing, state="issued", serial=own, etag=None)
     with pytest.raises(Conflict):
-        store.record_issuance(again, None, a_cert(again, 9), [an_entry(tid, T0 + 1)])
+        store.record_issuance(again, None, a_cert(again, own), [an_entry(tid, T0 + 1)])
     assert store.get_request(tid, existing.id).etag == existing.etag
-    assert_untouched(store, tid, before, ("web", 9))
+    assert_untouched(store, tid, before, ("web", own))
 
 
 def test_issuance_for_a_missing_request_is_not_found(store: Store, tid: str) -> None:
@@ -419,13 +424,19 @@ def test_issuance_for_a_missing_request_is_not_found(store: Store, tid: str) -> 
     assert_untouched(store, tid, before, ("web", 11))
 
 
-def test_serials_are_unique_per_policy_not_per_tenant(store: Store, tid: str) -> None:
+def test_serials_are_unique_per_tenant_across_policies(store: Store, tid: str) -> None:
     a = a_request(tid, state="issued", serial=77)
     b = a_request(tid, state="issued", serial=77, policy_id="web-prod")
     store.record_issuance(a, None, a_cert(a, 77), [an_entry(tid, T0)])
-    store.record_issuance(b, None, a_cert(b, 77), [an_entry(tid, T0 + 1)])
+    with pytest.raises(Conflict):
+        store.record_issuance(b, None, a_cert(b, 77), [an_entry(tid, T0 + 1)])
     assert store.get_certificate(tid, "web", 77).request_id == a.id
-    assert store.get_certificate(tid, "web-prod", 77).request_id == b.id
+    with pytest.raises(NotFound):
+        store.get_certificate(tid, "web-prod", 77)
+    other = str(uuid.uuid4())  # another tenant may hold the same serial
+    c = a_request(other, state="issued", serial=77, policy_id="web-prod")
+    store.record_issuance(c, None, a_cert(c, 77), [an_entry(other, T0 + 2)])
+    assert store.get_certificate(other, "web-prod", 77).tenant_id == other
 
 
 # ---- certificates -------------------------------------------------------------------------------
@@ -476,6 +487,28 @@ def test_audit_filter_by_request_and_limit(store: Store, tid: str) -> None:
     assert [e.action for e in audit_of(store, tid, limit=3)] == ["e0", "e1", "e2"]
     assert [e.action for e in audit_of(store, tid, request_id=r1, since=T0 + 2, until=T0 + 5)] == ["e3", "e5"]
     assert audit_of(store, tid, request_id=str(uuid.uuid4())) == []
+
+
+def test_entries_written_with_a_request_are_in_the_time_window_of_the_audit(store: Store, tid: str) -> None:
+    """Entries written with a new request (its creation, its certificate) are found by time like any."""
+    t = T0 + 500
+    rec = a_request(tid, new_request_id(t), state="issued")
+    rec = replace(rec, serial=serial_of_request_id(rec.id))
+    created = an_entry(tid, t, "request.created", request_id=rec.id)
+    issued = an_entry(tid, t + 0.25, "certificate.issued", request_id=rec.id, serial=str(rec.serial))
+    store.record_issuance(rec, None, a_cert(rec, rec.serial), [created, issued])
+    pending = a_request(tid, new_request_id(t + 2))
+    asked = an_entry(tid, t + 2, "request.created", request_id=pending.id)
+    store.create_request(pending, asked)
+    store.add_audit(between := an_entry(tid, t + 1, "other.event"))
+    actions = lambda **kw: [e.action for e in audit_of(store, tid, **kw)]  # noqa: E731
+    assert actions(since=t, until=t + 2) == ["request.created", "certificate.issued", "other.event", "request.created"]
+    assert actions(since=t + 0.25, until=t + 1) == ["certificate.issued", "other.event"]
+    assert actions(since=t + 0.251, until=t + 1.999) == ["other.event"]
+    assert actions(since=t + 2.001) == [] and actions(until=t - 0.001) == []
+    assert audit_of(store, tid, request_id=rec.id) == [created, issued]
+    assert audit_of(store, tid, since=t, limit=2) == [created, issued]
+    assert between in audit_of(store, tid)
 
 
 def test_audit_is_per_tenant_and_unauthenticated_has_its_own_partition(store: Store, tid: str) -> None:
@@ -540,7 +573,7 @@ def test_revoke_missing_certificate_is_not_found(store: Store, tid: str) -> None
 
 def test_list_revoked_per_policy_and_tenant(store: Store, tid: str) -> None:
     certs = {s: issued(store, tid, s) for s in (31, 1000, 32, 33)}
-    prod = issued(store, tid, 31, "web-prod")
+    prod = issued(store, tid, 34, "web-prod")
     other = str(uuid.uuid4())
     theirs = issued(store, other, 31)
     assert store.list_revoked(tid, "web") == []
@@ -548,8 +581,9 @@ def test_list_revoked_per_policy_and_tenant(store: Store, tid: str) -> None:
         store.revoke_certificate(replace(c, revoked_at=int(T0) + 1, revoked_by="carol"), c.etag, an_entry(c.tenant_id, T0 + 5))
     listed = store.list_revoked(tid, "web")
     assert [c.serial for c in listed] == [31, 1000]
-    assert all(c.revoked_by == "carol" and c.etag == store.get_certificate(tid, "web", c.serial).etag for c in listed)
-    assert [c.serial for c in store.list_revoked(tid, "web-prod")] == [31]
+    assert all(c.revoked_by == "carol" and c.etag is None and
+               c == replace(store.get_certificate(tid, "web", c.serial), etag=None) for c in listed)
+    assert [c.serial for c in store.list_revoked(tid, "web-prod")] == [34]
     assert [c.tenant_id for c in store.list_revoked(other, "web")] == [other]
     assert store.list_revoked(tid, "we") == []
 
@@ -699,11 +733,13 @@ def test_memory_store_is_a_store() -> None:
 def test_a_request_update_whose_audit_fails_changes_nothing(store: Store, tid: str) -> None:
     first = an_entry(tid, T0, "request.created")
     created = store.create_request(a_request(tid), first)
+    stored = an_entry(tid, T0 + 1, "other.event")
+    store.add_audit(stored)
     with pytest.raises(Conflict):
-        store.update_request(replace(created, state="approved"), created.etag, first)
+        store.update_request(replace(created, state="approved"), created.etag, stored)
     got = store.get_request(tid, created.id)
     assert got.state == "pending" and got.etag == created.etag
-    assert audit_of(store, tid) == [first]
+    assert audit_of(store, tid) == [first, stored]
 
 
 def test_a_policy_replace_whose_audit_fails_changes_nothing(store: Store, tid: str) -> None:
@@ -718,9 +754,11 @@ def test_a_policy_replace_whose_audit_fails_changes_nothing(store: Store, tid: s
 
 def test_a_revocation_whose_audit_fails_changes_nothing(store: Store, tid: str) -> None:
     cert = issued(store, tid, 77)
+    stored = an_entry(tid, T0 + 1, "other.event")
+    store.add_audit(stored)
     before = audit_of(store, tid)
     with pytest.raises(Conflict):
-        store.revoke_certificate(replace(cert, revoked_at=int(T0), revoked_by="carol"), cert.etag, before[0])
+        store.revoke_certificate(replace(cert, revoked_at=int(T0), revoked_by="carol"), cert.etag, stored)
     got = store.get_certificate(tid, cert.policy_id, 77)
     assert got.revoked_at is None and got.etag == cert.etag
     assert audit_of(store, tid) == before

@@ -259,3 +259,28 @@ def test_state_constants():
     assert FINAL_STATES == {DENIED, EXPIRED, CANCELLED, ISSUED}
     assert PENDING not in FINAL_STATES and APPROVED not in FINAL_STATES
     assert ISSUE_WINDOW == 15 * 60
+
+
+# ---- request ids are serials ---------------------------------------------------------------------
+
+def test_a_request_serial_is_its_time_then_random_bits_and_its_id_is_that_serial_in_hex():
+    from functions.core.approval import (SERIAL_RANDOM_BITS, new_request_id, request_id_of_serial, request_serial,
+                                         serial_floor, serial_of_request_id)
+
+    now = 1_780_000_000.123
+    serials = {request_serial(now) for _ in range(2000)}
+    assert len(serials) > 1990  # 21 random bits: a handful of repeats at most in 2000 draws
+    for s in serials:
+        assert 0 < s < 2**63 and s >> SERIAL_RANDOM_BITS == int(now * 1000)
+        rid = request_id_of_serial(s)
+        assert len(rid) == 16 and serial_of_request_id(rid) == s and int(rid, 16) == s
+    # ids sort by time, and serial_floor bounds them from below
+    earlier, later = new_request_id(now - 0.002), new_request_id(now)
+    assert earlier < later
+    ms = int(now * 1000)
+    assert request_id_of_serial(serial_floor(ms)) <= later < request_id_of_serial(serial_floor(ms + 1))
+    for other in ("", "0" * 16, "f" * 16, "ABCDEF0123456789", "0123456789abcdef0", "zz23456789abcdef",
+                  "0123456789abcde", "8000000000000000"):
+        assert serial_of_request_id(other) is None, other
+    with pytest.raises(ValueError):
+        request_serial(-1.0)
