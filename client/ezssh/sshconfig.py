@@ -126,6 +126,7 @@ def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: l
         f"    IdentityFile {_cfg_quote(slot + '/id_ed25519')}\n"
         f"    CertificateFile {_cfg_quote(slot + '/id_ed25519-cert.pub')}\n"
         f"    UserKnownHostsFile ~/.ssh/known_hosts ~/.ssh/known_hosts2 {_cfg_quote(known)}\n"
+        f"    RevokedHostKeys {_cfg_quote(known + '.krl')}\n"
     )
 
 

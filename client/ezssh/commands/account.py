@@ -107,9 +107,20 @@ def cmd_login(args) -> int:
         result = ctx.auth.device_login()
     claims = result.get("id_token_claims") or {}
     err(f"Signed in as {claims.get('preferred_username') or claims.get('upn') or claims.get('oid')}.")
+    _refresh_host_cas(ctx)
     if args.json:
         out_json(ctx.auth.whoami())
     return OK
+
+
+def _refresh_host_cas(ctx) -> None:  # type: ignore[no-untyped-def]
+    """The host CAs of the user's policies, so their hosts are checked by certificate from the start."""
+    from .. import knownhosts
+
+    try:
+        knownhosts.refresh(ctx.api, home_dir())
+    except EzsshError as exc:
+        err(f"ezssh: could not fetch the host CAs ({exc}); `ezssh ssh` tries again.")
 
 
 def cmd_logout(args) -> int:

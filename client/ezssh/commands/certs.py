@@ -65,6 +65,11 @@ def ensure(argv: list[str]) -> int:
     cached, source = certificate_for(cfg, home, login, host.lower(), policy=flags["policy"], ttl=flags["ttl"])
     if agent.wanted(cfg, flags["agent"]):
         agent.add(cached)
+    from .. import knownhosts
+
+    # ssh_config's block checks hosts with them
+    knownhosts.refresh_if_stale(home, knownhosts.full_api if source != "cached certificate"
+                                else knownhosts.api_if_signed_in)
     if not flags["quiet"] and source != "cached certificate":
         err(f"ezssh: {source} for {login}@{host}, valid until {fmt_time(cached.meta.get('valid_before'))}.")
     return OK

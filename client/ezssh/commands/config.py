@@ -77,9 +77,9 @@ def cmd_config(args) -> int:
         sys.stdout.write(block)
         return OK
     write_private(owned, block, 0o644)
-    known = home / sshconfig.KNOWN_HOSTS
-    if not known.exists():
-        write_private(known, "", 0o644)  # ezssh's own known hosts (host CAs), empty until there are some
+    from .. import knownhosts
+
+    knownhosts.ensure_files(home)  # ezssh's own known hosts (host CAs) and their KRL, empty until fetched
     changed, created = sshconfig.install(user_config, owned)
     if changed:
         cfg["ssh_config"] = {"path": str(user_config), "created": created}

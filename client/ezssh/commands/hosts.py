@@ -1,10 +1,12 @@
 """`ezssh hosts enrol`, `ezssh hosts job` and `ezssh hosts list`: push a policy's CA to Azure VMs, and
-see how it went.
+see how it went; `ezssh hosts token` and `ezssh hosts trust`: host certificates.
 
     ezssh hosts enrol --policy ID --vm /subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<vm>
     ezssh hosts enrol --policy ID --resource-group RG --tag ezssh=yes [--no-wait] [--wait SECONDS]
     ezssh hosts job --policy ID JOB_ID [--wait SECONDS]
     ezssh hosts list --policy ID [--json]
+    ezssh hosts token [--policy ID] [--ttl DURATION] NAME...   a one-time host enrolment token (admins)
+    ezssh hosts trust                                          refresh the host CAs ssh checks hosts with
 
 The service queues a job and answers at once; `enrol` follows the job (up to --wait seconds, 600 by
 default) and exits 0 when every VM named succeeded, 1 when one failed (its output tail is shown), and
@@ -101,8 +103,51 @@ def cmd_list(args) -> int:
     return OK
 
 
+def cmd_token(args) -> int:
+    """Mint a one-time enrolment token bound to the named hosts; print it (stdout) and how to use it."""
+    from ..durations import parse_duration
+
+    ctx = Ctx()
+    policy = args.policy
+    if not policy:
+        _, data = ctx.api.json("GET", "/api/policies")
+        mine = [p["id"] for p in data.get("policies", []) if (p.get("you") or {}).get("admin")]
+        if len(mine) != 1:
+            raise EzsshError("Name the policy with --policy ID" + (f" (you administer: {', '.join(mine)})." if mine
+                                                                   else "."), USAGE)
+        policy = mine[0]
+    body: dict = {"hosts": list(args.names)}
+    if args.ttl:
+        body["ttl_seconds"] = parse_duration(args.ttl)
+    _, tok = ctx.api.json("POST", f"/api/policies/{policy}/host-tokens", body=body)
+    if args.json:
+        out_json(tok)
+        return OK
+    print(tok["token"])
+    err(f"ezssh: a one-time token for {', '.join(tok['hosts'])} (policy {policy}), valid until "
+        f"{fmt_time(tok['expires_at'])}. On that host, as root:\n"
+        f"  ezssh policy host-setup {policy} > setup.sh   (or GET /api/policies/{policy}/host-setup)\n"
+        f"  EZSSH_ENROL_TOKEN=<the token> sh setup.sh\n"
+        "It gets host certificates for the host's own keys; they renew on their own.")
+    return OK
+
+
+def cmd_trust(args) -> int:
+    from .. import knownhosts
+    from ..home import home_dir
+
+    home = home_dir()
+    n = knownhosts.refresh(Ctx().api, home)
+    known, krl = knownhosts.paths(home)
+    if args.json:
+        out_json({"known_hosts": str(known), "krl": str(krl), "host_cas": n})
+    err(f"ezssh: {n} host CA line{'s' if n != 1 else ''} in {known}; revoked host certificates in {krl}.")
+    return OK
+
+
 def register(sub, fmt) -> None:
-    hosts = sub.add_parser("hosts", help="Azure VMs: push a policy's CA (Run Command) and list enrolments")
+    hosts = sub.add_parser("hosts", help="Azure VMs: push a policy's CA (Run Command) and list enrolments; "
+                                         "host certificates")
     hs = hosts.add_subparsers(dest="hosts_command", metavar="ACTION", required=True)
     c = hs.add_parser("enrol", help="push the policy's host setup script to a VM, or to the VMs of a resource "
                                     "group that carry a tag")
@@ -124,3 +169,14 @@ def register(sub, fmt) -> None:
     c.add_argument("--policy", required=True, metavar="ID")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_list)
+    c = hs.add_parser("token", help="mint a one-time enrolment token for named hosts (policy admins)",
+                      description="The host presents the token and its public host keys (the setup script does,\n"
+                                  "with EZSSH_ENROL_TOKEN) and gets host certificates naming exactly these hosts.")
+    c.add_argument("names", nargs="+", metavar="NAME", help="host names or IP addresses inside the policy's hosts")
+    c.add_argument("--policy", metavar="ID", help="the policy (default: the one you administer)")
+    c.add_argument("--ttl", metavar="DURATION", help="how long the token stays valid (default 1h)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_token)
+    c = hs.add_parser("trust", help="refresh the host CAs and host revocations ssh checks hosts with")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_trust)

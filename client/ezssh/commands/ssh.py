@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .. import agent, certs, sshargs, sshconfig
+from .. import agent, certs, knownhosts, sshargs, sshconfig
 from ..access import certificate_for
 from ..errors import OK
 from ..home import home_dir, load_config
@@ -32,6 +32,13 @@ def run(argv: list[str]) -> int:
     if use_agent:
         agent.add(cached)
     argv_ssh = sshargs.ssh_argv(inv, str(cached.key), str(cached.cert), agent=use_agent)
+    # Hosts of your policies are checked by their host certificates (no trust on first use); these
+    # options go before yours, so they hold.
+    knownhosts.refresh_if_stale(home, knownhosts.full_api if source != "cached certificate"
+                                else knownhosts.api_if_signed_in)
+    host_opts = knownhosts.ssh_options(home, inv.host)
+    n = len(sshargs.ssh_program())
+    argv_ssh = argv_ssh[:n] + host_opts + argv_ssh[n:]
     if inv.explain:
         import shlex
 
@@ -45,7 +52,15 @@ def run(argv: list[str]) -> int:
             f"(expires in {fmt_left(m.get('valid_before'))})\n"
             f"source:     {source}" + (" (also in ssh-agent)" if use_agent else "") + "\n"
             f"command:    {shlex.join(argv_ssh)}")
-    rc = sshargs.run_ssh(argv_ssh)
+    if host_opts:
+        import os
+
+        rc, stderr = knownhosts.run_ssh_watching(argv_ssh, {**os.environ, sshconfig.IN_SSH_ENV: "1"})
+        msg = knownhosts.refusal_message(stderr, inv.host, knownhosts.covering_policies(home, inv.host))
+        if rc == 255 and msg:
+            err(msg)
+    else:
+        rc = sshargs.run_ssh(argv_ssh)
     certs.remove_if_expired(cached.dir)
     return rc
 
