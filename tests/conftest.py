@@ -97,12 +97,15 @@ def api_server(state_dir, api_env, demo_policy) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def sshd(state_dir, demo_policy) -> Iterator:
-    from devstack.sshd import start_sshd
-    from devstack.stack import DEMO_USERS
+def sshd(state_dir, demo_policy, context, oidc) -> Iterator:
+    """The local "VM": trusts the demo policy's user CA and presents a host certificate of its host CA."""
+    from devstack.sshd import host_key_line, start_sshd
+    from devstack.stack import DEMO_USERS, host_certificate_for, identity_of
 
     try:
-        s = start_sshd(state_dir, free_port(), users=DEMO_USERS)
+        cert = host_certificate_for(context.service, identity_of(oidc, "carol"), "demo", host_key_line(state_dir))
+        s = start_sshd(state_dir, free_port(), users=DEMO_USERS, host_certificate=cert,
+                       host_ca=demo_policy.current_host_ca.public_key)
     except (StandInError, OSError) as exc:
         unavailable(str(exc))
     s.trust(*(c.public_key for c in demo_policy.ca if c.state in ("current", "previous")))

@@ -197,8 +197,8 @@ def _login(sshd, key: ed25519.Ed25519PrivateKey, cert_line: str, tmp_path, name:
     cf = tmp_path / f"{name}-cert.pub"
     cf.write_text(cert_line + "\n")
     return subprocess.run(["ssh", "-i", str(kf), "-o", f"CertificateFile={cf}", "-o", "IdentitiesOnly=yes",
-                           "-o", "IdentityAgent=none", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                           "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-p", str(sshd.port),
+                           "-o", "IdentityAgent=none", "-o", "BatchMode=yes", *sshd.client_options(),
+                           "-o", "LogLevel=ERROR", "-p", str(sshd.port),
                            "alice@127.0.0.1", "whoami"], capture_output=True, text=True, timeout=30)
 
 

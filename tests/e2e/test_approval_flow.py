@@ -56,7 +56,7 @@ def test_bob_approves_from_his_cli_and_alices_waiting_ssh_logs_in(tmp_path_facto
     bob = signed_in_home(tmp_path_factory, api_server, oidc, "bob")
     result: dict = {}
     ssh = ["ssh", "--policy", "gated-e2e", "--reason", "deploy hotfix", "alice@127.0.0.1", "-p", str(sshd.port),
-           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "whoami"]
+           "-o", "BatchMode=yes", "whoami"]
     t = threading.Thread(target=lambda: result.update(r=run_cli(ssh, alice, timeout=90)))
     t.start()
     rid = wait_pending(api_server, token_for("bob"), "alice", set())
@@ -79,7 +79,7 @@ def test_deny_ends_alices_wait_with_exit_code_5(tmp_path_factory, api_server, oi
     dave = signed_in_home(tmp_path_factory, api_server, oidc, "dave")
     result: dict = {}
     ssh = ["ssh", "--policy", "gated-e2e", "--new", "alice@127.0.0.1", "-p", str(sshd.port), "-o", "BatchMode=yes",
-           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "whoami"]
+           "whoami"]
     t = threading.Thread(target=lambda: result.update(r=run_cli(ssh, alice, timeout=90)))
     t.start()
     rid = wait_pending(api_server, token_for("dave"), "alice", set())

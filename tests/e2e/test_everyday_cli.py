@@ -23,7 +23,7 @@ def alice(tmp_path_factory, api_server, sshd, oidc):
 
 
 def ssh_opts(sshd) -> list[str]:
-    return ["-p", str(sshd.port), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+    return ["-p", str(sshd.port),
             "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
 
 

@@ -235,7 +235,7 @@ def test_each_policy_certificate_logs_in_only_where_its_ca_is_trusted(carol, ali
     ca_lines = run_cli(["policy", "ca", "cli-trust"], carol).stdout
     assert ca_lines.count("\n") == 1
     # The session sshd's host, asked for under this policy (the demo policy covers it too).
-    login = ["ssh", "--policy", "cli-trust", "alice@127.0.0.1", "-p", str(sshd.port), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+    login = ["ssh", "--policy", "cli-trust", "alice@127.0.0.1", "-p", str(sshd.port),
              "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "whoami"]
     original = sshd.trusted_ca_file.read_text()
     try:

@@ -35,7 +35,7 @@ def signed_in(tmp_path_factory, api_server, sshd, oidc):
 
 
 def ssh_opts(sshd) -> list[str]:
-    return ["-p", str(sshd.port), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+    return ["-p", str(sshd.port),
             "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
 
 
@@ -101,7 +101,8 @@ def _try_login(sshd, user: str, key: Path, cert_line: str) -> subprocess.Complet
     cert = key.with_name(key.name + "-cert.pub")
     cert.write_text(cert_line + "\n")
     return subprocess.run(["ssh", "-i", str(key), "-o", f"CertificateFile={cert}", "-o", "IdentitiesOnly=yes",
-                           "-o", "IdentityAgent=none", *ssh_opts(sshd), f"{user}@127.0.0.1", "whoami"],
+                           "-o", "IdentityAgent=none", *sshd.client_options(), *ssh_opts(sshd), f"{user}@127.0.0.1",
+                           "whoami"],
                           capture_output=True, text=True, timeout=30)
 
 

@@ -34,6 +34,16 @@ class Sshd:
         return self.dir / "revoked_keys"
 
     @property
+    def known_hosts_file(self) -> Path:
+        """`@cert-authority` line(s) of the CA that signed its host certificate (clients' side)."""
+        return self.dir / "known_hosts"
+
+    def client_options(self) -> list[str]:
+        """ssh options that check this sshd by its host certificate, with no trust on first use."""
+        return ["-o", f"UserKnownHostsFile={self.known_hosts_file}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "GlobalKnownHostsFile=/dev/null"]
+
+    @property
     def log_path(self) -> Path:
         return self.proc.log_path
 
@@ -80,8 +90,21 @@ def ensure_unix_users(names: list[str]) -> None:
             subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
 
 
+def host_key_line(state_dir: Path, name: str = "sshd") -> str:
+    """The public host key of the sshd `name` (made now if missing): what a host certificate certifies."""
+    d = state_dir / name
+    d.mkdir(parents=True, exist_ok=True)
+    host_key = d / "ssh_host_ed25519_key"
+    if not host_key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+    return " ".join((d / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+
+
 def start_sshd(state_dir: Path, port: int, *, name: str = "sshd", users: list[str] | None = None,
-               timeout: float = 15.0) -> Sshd:
+               timeout: float = 15.0, host_certificate: str | None = None, host_ca: str | None = None) -> Sshd:
+    """An sshd on 127.0.0.1:`port`. With `host_certificate` (an OpenSSH host certificate of its host
+    key, see host_key_line) it presents that certificate, as an enrolled host does; `host_ca` (the
+    signing CA's public key) goes into `known_hosts_file` as an @cert-authority line for clients."""
     if not os.path.exists(SSHD):
         raise StandInError("sshd is not installed: apt-get install openssh-server")
     if os.geteuid() != 0:
@@ -91,9 +114,14 @@ def start_sshd(state_dir: Path, port: int, *, name: str = "sshd", users: list[st
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     d = state_dir / name
     d.mkdir(parents=True, exist_ok=True)
+    host_key_line(state_dir, name)
     host_key = d / "ssh_host_ed25519_key"
-    if not host_key.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+    host_cert_line = ""
+    if host_certificate:
+        cert = d / "ssh_host_ed25519_key-cert.pub"
+        cert.write_text(host_certificate.strip() + "\n")
+        host_cert_line = f"HostCertificate {cert}\n"
+    (d / "known_hosts").write_text(f"@cert-authority 127.0.0.1,[127.0.0.1]:* {host_ca.strip()}\n" if host_ca else "")
     trusted = d / "trusted_user_ca_keys"
     if not trusted.exists():
         trusted.write_text("")
@@ -107,7 +135,7 @@ TrustedUserCAKeys {trusted}
 RevokedKeys {krl}
 AuthorizedPrincipalsFile none
 Subsystem sftp internal-sftp
-"""
+{host_cert_line}"""
         + loopback_options(port, host_key, d / "sshd.pid")
     )
     check = subprocess.run([SSHD, "-t", "-f", str(config)], capture_output=True, text=True)

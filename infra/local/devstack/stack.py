@@ -22,7 +22,7 @@ from .azurite import Azurite, connection_string, start_azurite
 from .oidc import OidcStandIn, start_oidc
 from .proc import REPO, Proc, StandInError, require_free, spawn, wait_for_port
 from .softhsm import SoftHsmToken, ensure_token
-from .sshd import Sshd, start_sshd
+from .sshd import Sshd, host_key_line, start_sshd
 
 DEFAULT_STATE = REPO / ".local"
 if str(REPO) not in sys.path:  # the service package, for seeding through the service layer
@@ -122,6 +122,24 @@ def seed_policy(env: dict[str, str], oidc: OidcStandIn, doc: dict, admin: str = 
     return ensure_policy(ctx.service, who, doc)
 
 
+def host_certificate_for(service, who: Identity, policy_id: str, host_key: str,  # type: ignore[no-untyped-def]
+                         names: tuple[str, ...] = ("127.0.0.1", "localhost")) -> str:
+    """A host certificate for a local sshd's host key, the way any host gets one: an admin mints a
+    one-time token for its names, and the host presents it with its host key."""
+    token, _ = service.hostcerts.mint_token(who, policy_id, list(names))
+    issued = service.hostcerts.issue_with_token(who.tid, policy_id, token, [host_key])
+    return issued.certificates[0][0].openssh
+
+
+def certify_host(env: dict[str, str], oidc: OidcStandIn, policy_id: str, host_key: str,  # type: ignore[no-untyped-def]
+                 admin: str = "carol") -> str:
+    from functions.settings import load_settings
+    from functions.wiring import build_context
+
+    ctx = build_context(load_settings(env))
+    return host_certificate_for(ctx.service, identity_of(oidc, admin), policy_id, host_key)
+
+
 def ensure_policy(service, who: Identity, doc: dict):  # type: ignore[no-untyped-def]
     """Create a policy unless one with that id exists (seeding the local stack and test fixtures)."""
     from functions.core.errors import NotFound
@@ -174,7 +192,11 @@ def up(state_dir: Path = DEFAULT_STATE, ports: Ports | None = None, *, with_sshd
         started.append(api)
         sshd = None
         if with_sshd:
-            sshd = start_sshd(state_dir, ports.sshd, users=DEMO_USERS)
+            # The demo sshd presents a host certificate of the demo policy: clients check it with the
+            # policy's host CA, no key is trusted on first use.
+            cert = certify_host(env, oidc, "demo", host_key_line(state_dir))
+            sshd = start_sshd(state_dir, ports.sshd, users=DEMO_USERS, host_certificate=cert,
+                              host_ca=policy.current_host_ca.public_key if policy.current_host_ca else None)
             sshd.trust(*(c.public_key for c in policy.ca if c.state in ("current", "previous")))
             started.append(sshd)
     except BaseException:

@@ -1,0 +1,108 @@
+"""End to end (issue 12): hosts are checked by their host certificates, never trusted on first use.
+
+- an sshd set up by the setup script with a one-time token presents a host certificate, and
+  `ezssh ssh` logs in with no known_hosts entry for it and StrictHostKeyChecking yes, with no prompt;
+- the same sshd with an uncertified host key is refused, with a clear message;
+- a host whose certificate was revoked is refused once the client has the new KRL.
+The sshds are real; the CLI is the installed `ezssh`; the service runs under uvicorn."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from devstack.demo import cli_env, run_cli
+from devstack.proc import free_port
+from devstack.sshd import host_key_line, start_sshd
+from devstack.stack import DEMO_USERS, host_certificate_for, identity_of
+from tests.hosts.conftest import make_host  # noqa: F401 - sandbox hosts for the setup script
+
+
+@pytest.fixture(scope="module")
+def alice(tmp_path_factory, api_server, sshd, oidc):
+    home = tmp_path_factory.mktemp("hostcert-alice")
+    env = cli_env(home)
+    assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env).returncode == 0
+    r = run_cli(["login"], env, username="alice", ca_path=oidc.ca_path)
+    assert r.returncode == 0, r.stderr
+    return env
+
+
+def own_known_hosts() -> Path:
+    """The ~/.ssh/known_hosts ssh reads (OpenSSH expands ~ from the password database, not $HOME)."""
+    return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh" / "known_hosts"
+
+
+def entries_for(port: int) -> list[str]:
+    try:
+        text = own_known_hosts().read_text()
+    except FileNotFoundError:
+        return []
+    return [line for line in text.splitlines() if f"]:{port} " in line or f"]:{port}," in line]
+
+
+def ssh_args(port: int) -> list[str]:
+    return ["alice@127.0.0.1", "-p", str(port), "-o", "BatchMode=yes", "whoami"]
+
+
+def test_a_host_set_up_with_a_token_is_trusted_by_its_certificate(make_host, alice, client, auth):
+    host = make_host()
+    script = client.get("/api/policies/demo/host-setup", headers=auth("carol")).text
+    token = client.post("/api/policies/demo/host-tokens", headers=auth("carol"),
+                        json={"hosts": ["127.0.0.1"]}).json()["token"]
+    done = host.run_setup(script, EZSSH_ENROL_TOKEN=token)
+    assert done.returncode == 0, done.stderr
+    host.wait_reloaded()
+    assert entries_for(host.port) == []
+    r = run_cli(["ssh", "-e", *ssh_args(host.port)], alice)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "alice"
+    assert "StrictHostKeyChecking=yes" in r.stderr  # -e shows the command ezssh ran
+    assert "authenticity of host" not in r.stderr and "Permanently added" not in r.stderr
+    assert entries_for(host.port) == []  # nothing learnt on first use
+    known = Path(alice["EZSSH_HOME"]) / "known_hosts"
+    demo_ca = client.get("/api/policies/demo/ca?kind=host", headers=auth("alice")).text.split()[1]
+    assert any(line.startswith("@cert-authority ") and demo_ca in line for line in known.read_text().splitlines())
+
+
+def test_the_session_sshd_is_trusted_by_its_certificate_too(alice, sshd):
+    r = run_cli(["ssh", *ssh_args(sshd.port)], alice)
+    assert r.returncode == 0 and r.stdout.strip() == "alice", r.stderr
+
+
+def test_an_uncertified_host_key_is_refused_clearly(alice, state_dir, demo_policy):
+    bare = start_sshd(state_dir, free_port(), name="sshd-uncertified", users=DEMO_USERS)
+    try:
+        bare.trust(*(c.public_key for c in demo_policy.trusted_ca))
+        r = run_cli(["ssh", *ssh_args(bare.port)], alice)
+        assert r.returncode == 255, r.stderr
+        assert "Host key verification failed" in r.stderr
+        assert "did not present a host certificate from the host CA of policy demo" in r.stderr
+        assert "Permission denied" not in r.stderr  # refused before any login was tried
+        assert entries_for(bare.port) == []
+    finally:
+        bare.stop()
+
+
+def test_a_revoked_host_certificate_is_refused(alice, state_dir, demo_policy, context, oidc, client, auth):
+    name = "sshd-revoked"
+    cert = host_certificate_for(context.service, identity_of(oidc, "carol"), "demo", host_key_line(state_dir, name))
+    box = start_sshd(state_dir, free_port(), name=name, users=DEMO_USERS, host_certificate=cert)
+    try:
+        box.trust(*(c.public_key for c in demo_policy.trusted_ca))
+        ok = run_cli(["ssh", *ssh_args(box.port)], alice)
+        assert ok.returncode == 0, ok.stderr
+        serial = subprocess.run(["ssh-keygen", "-L", "-f", "-"], input=cert + "\n", capture_output=True, text=True,
+                                check=True).stdout.split("Serial: ")[1].split()[0]
+        r = client.post(f"/api/certificates/demo/{serial}/revoke", headers=auth("carol"), json={"reason": "stolen"})
+        assert r.status_code == 200, r.text
+        assert run_cli(["hosts", "trust"], alice).returncode == 0
+        refused = run_cli(["ssh", *ssh_args(box.port)], alice)
+        assert refused.returncode == 255, refused.stderr
+        assert "revoked" in refused.stderr and "host certificate was revoked" in refused.stderr
+    finally:
+        box.stop()
