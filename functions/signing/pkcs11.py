@@ -475,13 +475,7 @@ class Pkcs11KeyStore:
             public = _public_from(pubs[0]) if pubs else _public_from_private(priv)
             return Pkcs11Signer(self, key_ref, label, key_id, public)
 
-        generation = self._generation
-        try:
-            signer = self._run(find, "find a key")
-        except _KeyMissing:
-            if not self._refresh(generation):
-                raise
-            signer = self._run(find, "find a key")
+        signer = self._run_refreshing(find, "find a key")
         with self._lock:
             return self._signers.setdefault(key_ref, signer)
 
@@ -562,14 +556,8 @@ class Pkcs11KeyStore:
                     raise
             raise AssertionError("unreachable")
 
-        generation = self._generation
         try:
-            try:
-                raw = self._run(sign, "sign")
-            except _KeyMissing:
-                if not self._refresh(generation):
-                    raise
-                raw = self._run(sign, "sign")
+            raw = self._run_refreshing(sign, "sign")
         except CaKeyNotFound:
             self._forget_signer(signer.key_ref)
             raise
@@ -665,6 +653,16 @@ class Pkcs11KeyStore:
             except SignerUnavailable:
                 if not self._recover(self._generation, self._broken or "reopening failed"):
                     raise
+
+    def _run_refreshing(self, op, what: str):  # type: ignore[no-untyped-def]
+        """_run, and once more after renewing the sessions if a key object looked missing."""
+        generation = self._generation
+        try:
+            return self._run(op, what)
+        except _KeyMissing:
+            if not self._refresh(generation):
+                raise
+            return self._run(op, what)
 
     def _refresh(self, seen_generation: int) -> bool:
         """A key object is missing: new sessions (and, if the token will not open, a reinitialised
