@@ -100,7 +100,10 @@ class EnrolConfig:
     # A push not finished by then ran in a worker that is gone: longer than host.json's functionTimeout
     # (600 s), which is longer than Run Command's poll timeout (AzureVms.timeout, 480 s).
     lease_seconds: int = 660
-    max_deferrals: int = 24  # a message waiting for another push's lease is queued again at most this often
+    # A message that finds another push's lease comes back every deferral_step seconds (or when the
+    # lease ends, if sooner), at most max_deferrals times: 48 x 30 s outlasts two leases.
+    deferral_step: int = 30
+    max_deferrals: int = 48
     max_job_vms: int = 500  # VMs one request may name (a resource group's tagged VMs)
     send_concurrency: int = 8  # queue messages sent at once when a job is queued
 
@@ -478,7 +481,7 @@ class EnrolmentService:
                 self._set_item(item, state=FAILED, error_code="busy",
                                last_error="Another push to this VM kept running; gave up waiting for it.")
                 return "failed"
-            wait = max(1, rec.lease_until - int(self.clock()) + 1)
+            wait = max(1, min(self.config.deferral_step, rec.lease_until - int(self.clock()) + 1))
             self.queue.send(self._message(job, vm_id, deferrals + 1, bool(msg.get("retry"))), delay=wait)
             self._set_item(item, state=QUEUED, last_error=f"Waiting {wait} s for another push to this VM to end.")
             return "deferred"

@@ -83,15 +83,20 @@ def test_twenty_vms_answer_at_once_and_complete_through_the_queue(api, jobs_ctx,
     fleet = [fleet_vm(arm, make_host, f"fleet-{n:02d}", tags={"fleet": "green"}) for n in range(FLEET)]
     other, _ = fleet_vm(arm, make_host, "not-green", tags={"fleet": "blue"})
     carol = auth("carol")  # signed in before the clock starts
-    with queue_worker(jobs_ctx, azurite) as host:
-        started = time.perf_counter()
-        r = api.post("/api/policies/vm-jobs/enrolments", headers=carol, json={"resource_group": RG, "tag": "fleet=green"})
-        answered = time.perf_counter() - started
-        assert r.status_code == 202, r.text
-        body = r.json()
-        assert answered < 1.0, f"the HTTP answer took {answered:.3f}s"
-        assert body["job"]["total"] == FLEET and body["job"]["source"] == "api"
-        assert sorted(i["vm_id"] for i in body["items"]) == sorted(v for v, _ in fleet)
+    jobs_ctx.enrolments.queue.ensure()
+    jobs_ctx.enrolments.queue._client.clear_messages()  # noqa: SLF001
+    # The workers run elsewhere in Azure (other instances); here they start once the API has answered,
+    # so that the answer's time is the API's own, not shared with 8 pushes in this process.
+    started = time.perf_counter()
+    r = api.post("/api/policies/vm-jobs/enrolments", headers=carol, json={"resource_group": RG, "tag": "fleet=green"})
+    answered = time.perf_counter() - started
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert answered < 1.0, f"the HTTP answer took {answered:.3f}s"
+    assert body["job"]["total"] == FLEET and body["job"]["source"] == "api"
+    assert sorted(i["vm_id"] for i in body["items"]) == sorted(v for v, _ in fleet)
+    assert arm.runs == [], "nothing ran on the request's path"
+    with queue_worker(jobs_ctx, azurite, clear=False) as host:
         job = wait_job(api, carol, "vm-jobs", body["job"]["id"], timeout=180)
         done = time.perf_counter() - started
     assert job["job"]["state"] == "succeeded" and job["job"]["counts"] == {"succeeded": FLEET}, job["job"]
