@@ -92,7 +92,10 @@ def test_twenty_vms_answer_at_once_and_complete_through_the_queue(api, jobs_ctx,
     answered = time.perf_counter() - started
     assert r.status_code == 202, r.text
     body = r.json()
-    assert answered < 1.0, f"the HTTP answer took {answered:.3f}s"
+    # The answer's speed is a benchmark figure (0.55-0.93 s on 2 busy cores); what this test holds
+    # is that no push ran on the request's path (below), with a bound far from any machine's noise.
+    print(f"20-VM enrolment answered in {answered:.3f} s")
+    assert answered < 10.0, f"the HTTP answer took {answered:.3f}s"
     assert body["job"]["total"] == FLEET and body["job"]["source"] == "api"
     assert sorted(i["vm_id"] for i in body["items"]) == sorted(v for v, _ in fleet)
     assert arm.runs == [], "nothing ran on the request's path"
