@@ -174,14 +174,21 @@ class TokenValidator:
             except Exception:  # noqa: BLE001 - warming is an optimisation only
                 pass
 
-    def validate(self, authorization: str | None) -> Identity:
-        """The caller's Identity; from the cache of verified tokens when this token verified before."""
+    def cached(self, authorization: str | None) -> Identity | None:
+        """The Identity of a bearer token that verified before and has not expired; None otherwise
+        (no I/O, no refusal: call validate for the answer)."""
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if scheme.lower() == "bearer" and token:
-            hit = self.tokens.get(token)
-            if hit is not None:
-                return hit
+            return self.tokens.get(token)
+        return None
+
+    def validate(self, authorization: str | None) -> Identity:
+        """The caller's Identity; from the cache of verified tokens when this token verified before."""
+        hit = self.cached(authorization)
+        if hit is not None:
+            return hit
+        token = (authorization or "").partition(" ")[2].strip()
         identity = self._verify(authorization)
         exp = _cacheable_exp(token)
         if exp is not None:

@@ -6,7 +6,9 @@ import logging
 import secrets
 from typing import Any, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import deadline, observability
 from . import audit, errors, meta, policies, requests
@@ -20,26 +22,44 @@ log = logging.getLogger("ezssh.api")
 REQUEST_DEADLINE = 10.0
 
 
+class RequestContext:
+    """Each request's id (X-Request-Id, the log events' request_id) and deadline, and no-store.
+
+    A plain ASGI middleware: FastAPI's @app.middleware("http") runs every request through an extra
+    task and memory streams, about 0.3 ms of CPU per request (bench/issue.py)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-Id"] = rid
+                headers["Cache-Control"] = "no-store"
+            await send(message)
+
+        token = observability.request_id.set(rid)
+        try:
+            with deadline.within(REQUEST_DEADLINE):
+                await self.app(scope, receive, send_with_headers)
+        finally:
+            observability.request_id.reset(token)
+
+
 def create_app(context: Callable[[], Any]) -> FastAPI:
     """`context()` returns the worker's one Context (settings, adapters, service), built on first
     use and the same object on every call afterwards: functions.wiring.shared_context."""
     app = FastAPI(title="ezssh", version="0.1.0", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.context = context
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):  # type: ignore[no-untyped-def]
-        rid = secrets.token_hex(8)
-        request.state.request_id = rid
-        token = observability.request_id.set(rid)
-        try:
-            with deadline.within(REQUEST_DEADLINE):
-                response = await call_next(request)
-        finally:
-            observability.request_id.reset(token)
-        response.headers["X-Request-Id"] = rid
-        response.headers["Cache-Control"] = "no-store"
-        return response
-
+    app.add_middleware(RequestContext)
     errors.install(app)
     app.include_router(meta.router)
     app.include_router(requests.router)

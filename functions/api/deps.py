@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ..core.errors import InvalidRequest
+from ..core.errors import EzsshError, InvalidRequest
 from ..core.policy import Identity
 from ..service import Service
 from .errors import describe
@@ -37,10 +37,24 @@ def service(request: Request) -> Service:
     return context(request).service
 
 
-def caller(request: Request) -> Identity:
+def identify(request: Request) -> Identity:
+    """The caller's Identity, from a plain `def` handler (blocking: runs where the handler runs)."""
     ctx = context(request)
+    request.app.state.ready = ctx
     with ctx.service.base.refusing(None, "auth.refused", details={"path": request.url.path}):
         return ctx.validator.validate(request.headers.get("authorization"))
+
+
+async def caller(request: Request) -> Identity:
+    """The caller's Identity. A token this worker verified before (functions.identity) is answered
+    on the event loop; anything else (first check, JWKS fetch, a refusal's audit write) in the
+    thread pool."""
+    ready = getattr(request.app.state, "ready", None)
+    if ready is not None:
+        hit = ready.validator.cached(request.headers.get("authorization"))
+        if hit is not None:
+            return hit
+    return await run_in_threadpool(identify, request)
 
 
 def _decode(raw: bytes, *, what: str = "request body") -> object:
@@ -58,22 +72,26 @@ def body(model: type[M] | None, action: str) -> Any:
     refused); with None, any JSON document (the policy routes validate it in the service). A bad
     body is refused through the service's one refusal path."""
 
-    def validate(request: Request, who: Identity, raw: bytes) -> Any:
-        with service(request).base.refusing(who, action, details={"path": request.url.path}):
-            if model is None:
-                return _decode(raw, what="document")
-            data = _decode(raw or b"{}")
-            if not isinstance(data, dict):
-                raise InvalidRequest("The request body must be a JSON object.")
-            try:
-                return model.model_validate(data)
-            except ValidationError as exc:
-                raise InvalidRequest(describe(exc.errors())) from None
+    def validate(raw: bytes) -> Any:  # no I/O: runs on the event loop
+        if model is None:
+            return _decode(raw, what="document")
+        data = _decode(raw or b"{}")
+        if not isinstance(data, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidRequest(describe(exc.errors())) from None
 
     async def parse(request: Request, who: Identity = Depends(caller)) -> Any:
         raw = await request.body()
-        # a refusal writes its audit entry: off the event loop, like the handlers
-        return await run_in_threadpool(validate, request, who, raw)
+        try:
+            return validate(raw)
+        except EzsshError as exc:
+            # a refusal writes its audit entry: off the event loop, like the handlers
+            await run_in_threadpool(service(request).base.refuse, who, exc, action,
+                                    details={"path": request.url.path})
+            raise
 
     return Depends(parse)
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ..core.errors import InvalidRequest
 from ..core.krl import krl_version_of
 from ..core.policy import Identity
-from .deps import Strict, body, caller, service
+from .deps import Strict, body, caller, identify, service
 
 router = APIRouter(prefix="/api", tags=["hosts"])
 HOST_TOKEN_HEADER = "x-ezssh-host-token"
@@ -46,7 +46,7 @@ def krl(request: Request, policy_id: str, tenant: str | None = Query(None)) -> R
     if host_token and not request.headers.get("authorization"):
         data = svc.hosts.krl_for_host(tenant, policy_id, host_token)
     else:
-        data = svc.hosts.krl_for(caller(request), policy_id)
+        data = svc.hosts.krl_for(identify(request), policy_id)
     return _krl_response(data, policy_id)
 
 
