@@ -24,7 +24,8 @@ How it works
   a longer digest is cut to its leftmost bytes, a shorter one is left-padded with zero bytes (same
   integer). The signature is the same ECDSA signature over hash(data) either way. Key Vault answers
   raw r||s, which becomes DER. RSA: RS256/RS384/RS512 by hash, PKCS#1 v1.5.
-- HTTP: one requests.Session per store shared by all its clients (connection reuse), TLS verified
+- HTTP: one requests.Session per store shared by all its clients (connection reuse; proxy settings
+  from the environment read once), TLS verified
   (`connection_verify` may name a CA bundle), connect/read timeouts, and azure-core's RetryPolicy
   with few retries and short backoff. A 429 (or 503) with Retry-After is retried after that many
   seconds, unless it asks for more than `max_retry_after` (then the caller gets SignerUnavailable
@@ -51,6 +52,7 @@ This module reads no environment; vault URL, credential and TLS trust come in th
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 import threading
@@ -339,6 +341,10 @@ class KeyVaultKeyStore:
             "max_retry_after": max_retry_after,
         }
         self._session = requests.Session()
+        # Proxy settings read from the environment once, not on every sign (requests walks the whole
+        # environment per call when trust_env is on); no ~/.netrc.
+        self._session.trust_env = False
+        self._session.proxies.update(requests.utils.get_environ_proxies(self.vault_url))
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("https://", adapter)
         transport_kwargs: dict[str, Any] = {
@@ -347,6 +353,8 @@ class KeyVaultKeyStore:
             "connection_timeout": connection_timeout,
             "read_timeout": read_timeout,
         }
+        if connection_verify is None:  # what requests would take from the environment, read once
+            connection_verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
         if connection_verify is not None:
             transport_kwargs["connection_verify"] = connection_verify
         self._transport = RequestsTransport(**transport_kwargs)

@@ -30,14 +30,13 @@ def table_transport(endpoint: str, *, connection_timeout: float, read_timeout: f
     session = requests.Session()
     session.trust_env = False
     session.proxies.update(requests.utils.get_environ_proxies(endpoint))
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if bundle:
-        session.verify = bundle
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    verify: dict[str, Any] = {"connection_verify": bundle} if bundle else {}
     return RequestsTransport(session=session, session_owner=True, connection_timeout=connection_timeout,
-                             read_timeout=read_timeout)
+                             read_timeout=read_timeout, **verify)
 
 
 def endpoint_of(connection_string: str) -> str:
