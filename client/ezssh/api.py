@@ -174,9 +174,17 @@ def _fmt_seconds(m: re.Match) -> str:
     return fmt_duration(int(m.group(1)))
 
 
+def _between(m: re.Match) -> str:
+    from .durations import fmt_duration
+
+    return f"--ttl must be between {fmt_duration(int(m.group(1)))} and {fmt_duration(int(m.group(2)))}"
+
+
 _WORDS = (
+    (re.compile(r"'?\bttl_seconds\b'? must be between (\d+) and (\d+)"), _between),
     (re.compile(r"\bttl_seconds (\d+)"), lambda m: f"--ttl {_fmt_seconds(m)}"),
-    (re.compile(r"\bttl_seconds\b"), lambda m: "--ttl"),
+    (re.compile(r"'?\bttl_seconds\b'?"), lambda m: "--ttl"),
+    (re.compile(r"^public_key must be"), lambda m: "The public key must be"),
     (re.compile(r"\b(\d+) seconds\b"), _fmt_seconds),
     (re.compile(r"'principal'"), lambda m: "the login"),
     (re.compile(r"'public_key'"), lambda m: "the public key"),

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import certs
 from .api import Api
 from .errors import INTERRUPTED, REQUEST_ENDED, UNAVAILABLE, EzsshError
+from .output import group_label
 from .sshargs import SshInvocation
 
 POLL_INTERVAL = 2.0
@@ -37,12 +38,12 @@ def _ended(rec: dict) -> EzsshError:
     return EzsshError(msg, REQUEST_ENDED)
 
 
-def describe_approvers(approvers: object, policy: str | None) -> str:
+def describe_approvers(approvers: object, policy: str | None, group_names: object = None) -> str:
     """' from bob@contoso.test or a member of group <id>' from the service's {users, groups}."""
     names: list[str] = []
     if isinstance(approvers, dict):
         names += [str(u) if u != "*" else "anyone in your tenant" for u in approvers.get("users") or []]
-        names += [f"a member of group {g}" for g in approvers.get("groups") or []]
+        names += [f"a member of group {group_label(g, group_names)}" for g in approvers.get("groups") or []]
     elif isinstance(approvers, list):
         names = [str(a) for a in approvers]
     if names:
@@ -60,7 +61,7 @@ def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | No
     interval = POLL_INTERVAL if interval is None else interval
     rid = pending["id"]
     need = pending.get("approvers_needed", pending.get("approvals_required", 1))
-    who = describe_approvers(pending.get("approvers"), pending.get("policy"))
+    who = describe_approvers(pending.get("approvers"), pending.get("policy"), pending.get("group_names"))
     expires_at = pending.get("expires_at")
     until = f", expires {time.strftime('%H:%M:%S', time.localtime(expires_at))}" if expires_at else ""
     out.write(f"Request {rid} needs {need} approval{'s' if need != 1 else ''}{who}{until}. "

@@ -42,3 +42,10 @@ def print_table(cols: tuple | list, rows) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
     for row in (tuple(cols), *rows):
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def group_label(gid: object, names: object = None) -> str:
+    """A group as people know it: `web-admins (<object id>)` where a display name is known (a
+    `group_names` map the service may send with a policy or request), else the object id."""
+    name = names.get(gid) if isinstance(names, dict) else None
+    return f"{name} ({gid})" if isinstance(name, str) and name and name != gid else str(gid)

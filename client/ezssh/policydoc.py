@@ -203,9 +203,12 @@ def document_from_flags(args) -> dict:
 # ---- rendering ------------------------------------------------------------------------------------
 
 
-def fmt_subjects(s: dict | None) -> list[str]:
+def fmt_subjects(s: dict | None, names: dict | None = None) -> list[str]:
+    """`user=...`/`group=...` as the flags take them; a group's display name, where known, as a comment."""
     s = s or {}
-    return [f"user={u}" for u in s.get("users") or []] + [f"group={g}" for g in s.get("groups") or []]
+    return [f"user={u}" for u in s.get("users") or []] + \
+        [f"group={g}" + (f"  # {names[g]}" if isinstance(names, dict) and names.get(g) else "")
+         for g in s.get("groups") or []]
 
 
 def fmt_rule(r: dict) -> str:
@@ -238,9 +241,9 @@ def render_policy(p: dict) -> str:
     items("hosts", list(p.get("hosts") or []))
     items("principals", list(p.get("principals") or []))
     items("rules", [fmt_rule(r) for r in p.get("rules") or []])
-    items("approvers", fmt_subjects(p.get("approvers")))
+    items("approvers", fmt_subjects(p.get("approvers"), p.get("group_names")))
     scalar("approvals_required", p.get("approvals_required"))
-    items("admins", fmt_subjects(p.get("admins")))
+    items("admins", fmt_subjects(p.get("admins"), p.get("group_names")))
     for f in TTL_FIELDS:
         v = p.get(f)
         scalar(f, f"{fmt_duration(v)} ({v} s)" if isinstance(v, int) else v)

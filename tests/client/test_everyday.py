@@ -51,6 +51,7 @@ def test_service_messages_in_the_cli_words():
         "--ttl 1d1h is over policy 'demo''s maximum of 8h."
     assert in_cli_words("ttl_seconds must be a whole number of at least 60.") == \
         "--ttl must be a whole number of at least 60."
+    assert in_cli_words("'ttl_seconds' must be between 60 and 86400.") == "--ttl must be between 1m and 1d."
 
 
 @pytest.mark.parametrize("url, hint", [
@@ -122,3 +123,14 @@ def test_agent_setting(tmp_path):
     assert r.returncode == 0 and load_config(home)["agent"] is False
     r = run_cli(home, "configure")
     assert r.returncode == 2 and "--server" in r.stderr
+
+
+def test_group_display_names_where_known():
+    from ezssh.issue import describe_approvers
+    from ezssh.policydoc import render_policy
+
+    names = {"g1": "web-admins"}
+    assert describe_approvers({"groups": ["g1", "g2"]}, "p", names) == \
+        " from a member of group web-admins (g1) or a member of group g2"
+    text = render_policy({"id": "p", "approvers": {"groups": ["g1"]}, "group_names": names})
+    assert "  - group=g1  # web-admins\n" in text
