@@ -18,6 +18,7 @@ KEY = "id_ed25519"
 PUB = "id_ed25519.pub"
 CERT = "id_ed25519-cert.pub"
 META = "meta.json"
+EXPIRES = "reuse-until"  # valid_before - REUSE_MARGIN as decimal seconds: ssh_config's block reads it in sh
 REUSE_MARGIN = 30  # seconds: a certificate is reused while valid_before - 30 s > now
 STALE_PARTIAL = 600  # seconds: a directory without meta.json older than this is debris
 
@@ -174,6 +175,7 @@ def store(home: Path, server: str, principal: str, host: str, private_openssh: b
         write_private(tmp / PUB, public_openssh.strip() + "\n", 0o644)
         write_private(tmp / CERT, certificate.strip() + "\n", 0o644)
         write_private(tmp / META, json.dumps(meta, indent=2, sort_keys=True) + "\n", 0o600)
+        write_private(tmp / EXPIRES, f"{int(meta['valid_before']) - REUSE_MARGIN}\n", 0o600)
         if target.exists():
             remove(target)
         os.rename(tmp, target)

@@ -19,6 +19,7 @@ import os
 import re
 from pathlib import Path
 
+from .certs import EXPIRES
 from .errors import USAGE, EzsshError
 
 IN_SSH_ENV = "EZSSH_IN_SSH"  # set for the ssh that `ezssh ssh` runs: its certificate is given already
@@ -111,10 +112,13 @@ def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: l
 
     ensure = (f"EZSSH_HOME={shlex.quote(_esc(str(home)))} " + " ".join(shlex.quote(_esc(c)) for c in command)
               + " cert ensure" + (" --agent" if agent else ""))
-    exec_cmd = f"test x${{{IN_SSH_ENV}}} = x1 || {ensure} %r@%h -p %p"
+    slot = _esc(str(slot_root)) + "/%r@%h"
+    # Before starting ezssh at all, sh reads the slot's reuse-until time: a cached certificate costs
+    # one `date`. (Not in agent mode: ezssh itself puts the certificate into the current agent.)
+    cached = "" if agent else f"{{ read t < {shlex.quote(slot)}/{EXPIRES} && test $t -gt $(date +%%s); }} 2>/dev/null || "
+    exec_cmd = f"test x${{{IN_SSH_ENV}}} = x1 || {cached}{ensure} %r@%h -p %p"
     if '"' in exec_cmd:
         raise EzsshError(f"The ezssh command {command!r} cannot go into ssh_config (it holds a double quote).", USAGE)
-    slot = _esc(str(slot_root)) + "/%r@%h"
     known = _esc(str(home / KNOWN_HOSTS))
     return (
         f"# Written by `ezssh config` for {server}. ezssh rewrites this file; edit the patterns with\n"
@@ -174,22 +178,11 @@ def uninstall(user_config: Path, owned: Path, created: bool) -> bool:
 
 
 def _write_like(path: Path, data: bytes) -> None:
-    """Replace `path` atomically, keeping its mode (0600 for a new file)."""
+    """Replace `path` atomically, keeping its mode (0600 for a new file); through a symlink, its target."""
+    from .home import write_private
+
     try:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = 0o600
-    target = path.resolve() if path.is_symlink() else path
-    tmp = target.with_name(f".{target.name}.ezssh-{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_private(path.resolve() if path.is_symlink() else path, data, mode)

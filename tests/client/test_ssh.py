@@ -131,7 +131,9 @@ def test_store_layout_and_modes(tmp_path):
     home.mkdir(mode=0o700)
     c = make_cached(home, "alice", "127.0.0.1", int(time.time()) + 600)
     assert c.dir == home / "certs" / server_hash(SERVER) / "alice@127.0.0.1"
-    assert sorted(p.name for p in c.dir.iterdir()) == ["id_ed25519", "id_ed25519-cert.pub", "id_ed25519.pub", "meta.json"]
+    assert sorted(p.name for p in c.dir.iterdir()) == ["id_ed25519", "id_ed25519-cert.pub", "id_ed25519.pub", "meta.json",
+                                                       "reuse-until"]
+    assert int((c.dir / "reuse-until").read_text()) == c.valid_before - certs.REUSE_MARGIN
     assert stat.S_IMODE(c.key.stat().st_mode) == 0o600
     assert stat.S_IMODE(c.dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((home / "certs").stat().st_mode) == 0o700

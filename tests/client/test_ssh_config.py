@@ -16,7 +16,7 @@ from ezssh import certs, sshconfig
 from ezssh.home import server_hash
 
 from .conftest import cli_env, run_cli
-from .test_ssh import SERVER, fake_ssh_out, heavy, imported_modules, make_cached
+from .test_ssh import SERVER, fake_ssh_out, fast_home, heavy, imported_modules, make_cached  # noqa: F401
 
 
 @pytest.mark.parametrize("hosts, patterns, skipped", [
@@ -89,20 +89,23 @@ def test_openssh_applies_the_block_after_aliases(tmp_path):
     # under `ezssh ssh` (EZSSH_IN_SSH=1) the certificate is given already: no second exec
     ssh_g(cfg, "box", EZSSH_IN_SSH="1")
     assert log.read_text().count("\n") == 1
+    # a cached certificate (its reuse-until time ahead): sh answers without starting ezssh
+    slot = slot_root / "deploy@10.9.8.7"
+    slot.mkdir(parents=True)
+    (slot / certs.EXPIRES).write_text(f"{int(time.time()) + 600}\n")
+    assert "certificatefile" in ssh_g(cfg, "box") and log.read_text().count("\n") == 1
+    (slot / certs.EXPIRES).write_text(f"{int(time.time()) - 1}\n")  # past: ezssh runs again
+    ssh_g(cfg, "box")
+    assert log.read_text().count("\n") == 2
+    (slot / certs.EXPIRES).unlink()
     # a failing ensure: the block does not apply
     ensure.write_text("#!/bin/sh\nexit 1\n")
     assert "certificatefile" not in ssh_g(cfg, "box")
 
 
 @pytest.fixture()
-def home(tmp_path):
-    from ezssh.home import save_config
-
-    h = tmp_path / "home"
-    h.mkdir(mode=0o700)
-    save_config({"server": SERVER, "authority": "https://127.0.0.1:1/none", "authority_type": "oidc",
-                 "client_id": "x", "scopes": ["api://ezssh/access_as_user"]}, h)
-    return h
+def home(fast_home):
+    return fast_home[0]
 
 
 def test_cert_ensure_uses_the_cache_and_stays_light(home):

@@ -10,21 +10,9 @@ import sys
 
 import pytest
 
-from devstack.demo import cli_env, run_cli
+from devstack.demo import run_cli
 
-
-@pytest.fixture(scope="module")
-def alice(tmp_path_factory, api_server, sshd, oidc):
-    env = cli_env(tmp_path_factory.mktemp("alice-everyday"))
-    assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env).returncode == 0
-    r = run_cli(["login"], env, username="alice", ca_path=oidc.ca_path)
-    assert r.returncode == 0, r.stderr
-    return env
-
-
-def ssh_opts(sshd) -> list[str]:
-    return ["-p", str(sshd.port),
-            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+from .test_ssh_login import signed_in as alice, ssh_opts  # noqa: F401 - the signed-in alice fixture
 
 
 def test_ls_shows_where_alice_may_log_in(alice, demo_policy):
