@@ -27,6 +27,7 @@ OWNED_FILE = "ssh_config"
 KNOWN_HOSTS = "known_hosts"  # ezssh's own known-hosts file (host CAs, as @cert-authority lines)
 MARK = "# ezssh: the Include below was added by `ezssh config`; `ezssh config --remove` takes it out."
 MAX_CIDR_PATTERNS = 64
+NO_QUOTE = "!*\\'*"  # an ssh_config pattern (the quote escaped for its tokenizer): no single quote in the name
 _GLOB_OK = re.compile(r"^[A-Za-z0-9.*?_:\[\]-]+$")
 
 
@@ -113,10 +114,14 @@ def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: l
     ensure = (f"EZSSH_HOME={shlex.quote(_esc(str(home)))} " + " ".join(shlex.quote(_esc(c)) for c in command)
               + " cert ensure" + (" --agent" if agent else ""))
     slot = _esc(str(slot_root)) + "/%r@%h"
+    if "'" in slot:
+        raise EzsshError(f"ezssh's directory {slot_root} holds a quote (') that ssh_config cannot carry.", USAGE)
+    # %r and %h go to sh inside single quotes, and the Match line leaves out any login or host with a
+    # single quote in it: whatever a name holds, sh reads it as one word.
     # Before starting ezssh at all, sh reads the slot's reuse-until time: a cached certificate costs
     # one `date`. (Not in agent mode: ezssh itself puts the certificate into the current agent.)
-    cached = "" if agent else f"{{ read t < {shlex.quote(slot)}/{EXPIRES} && test $t -gt $(date +%%s); }} 2>/dev/null || "
-    exec_cmd = f"test x${{{IN_SSH_ENV}}} = x1 || {cached}{ensure} %r@%h -p %p"
+    cached = "" if agent else f"{{ read t < '{slot}/{EXPIRES}' && test $t -gt $(date +%%s); }} 2>/dev/null || "
+    exec_cmd = f"test x${{{IN_SSH_ENV}}} = x1 || {cached}{ensure} '%r@%h' -p %p"
     if '"' in exec_cmd:
         raise EzsshError(f"The ezssh command {command!r} cannot go into ssh_config (it holds a double quote).", USAGE)
     known = _esc(str(home / KNOWN_HOSTS))
@@ -126,7 +131,7 @@ def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: l
         f"#\n"
         f"# For these hosts ssh first runs `ezssh cert ensure`, which reuses or obtains a short-lived\n"
         f"# certificate for the login (%r) and the real host name (%h) after aliases, then offers it.\n"
-        f"Match final host {','.join(patterns)} exec \"{exec_cmd}\"\n"
+        f"Match final host {','.join(patterns)},{NO_QUOTE} user *,{NO_QUOTE} exec \"{exec_cmd}\"\n"
         f"    IdentityFile {_cfg_quote(slot + '/id_ed25519')}\n"
         f"    CertificateFile {_cfg_quote(slot + '/id_ed25519-cert.pub')}\n"
         f"    UserKnownHostsFile ~/.ssh/known_hosts ~/.ssh/known_hosts2 {_cfg_quote(known)}\n"

@@ -98,6 +98,19 @@ def test_openssh_applies_the_block_after_aliases(tmp_path):
     ssh_g(cfg, "box")
     assert log.read_text().count("\n") == 2
     (slot / certs.EXPIRES).unlink()
+    # names from ssh_config reach sh as one quoted word: no command runs from a host name
+    marker = tmp_path / "ran"
+    cfg.write_text(f"Host odd\n    HostName web$(touch${{IFS}}{marker})\n    User deploy\n"
+                   f"Host quote\n    HostName \"web'x\"\n")
+    sshconfig.install(cfg, owned)
+    ssh_g(cfg, "odd")
+    assert not marker.exists()
+    # (ssh lowercases host names) the name arrived as it is, one word, and nothing ran
+    assert log.read_text().splitlines()[-1].lower() == f"{home} cert ensure deploy@web$(touch${{IFS}}{marker}) -p 22".lower()
+    lines = log.read_text().count("\n")
+    assert "certificatefile" not in ssh_g(cfg, "quote") and log.read_text().count("\n") == lines  # left out
+    cfg.write_text("Host box\n    HostName 10.9.8.7\n    User deploy\n    Port 2200\n")
+    sshconfig.install(cfg, owned)
     # a failing ensure: the block does not apply
     ensure.write_text("#!/bin/sh\nexit 1\n")
     assert "certificatefile" not in ssh_g(cfg, "box")

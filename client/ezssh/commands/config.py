@@ -32,8 +32,8 @@ def _policy_hosts() -> list[str]:
     hosts: list[str] = []
     for p in data.get("policies") or []:
         you = p.get("you") or {}
-        if you and not (you.get("member") or you.get("admin")):
-            continue
+        if you and not you.get("member"):
+            continue  # policies you only administer or approve for give you no logins
         hosts += list(p.get("hosts") or [])
     return hosts
 
