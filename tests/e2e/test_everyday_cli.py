@@ -8,8 +8,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from devstack.demo import run_cli
 
 from .test_ssh_login import signed_in as alice, ssh_opts  # noqa: F401 - the signed-in alice fixture
