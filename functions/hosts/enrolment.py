@@ -168,17 +168,13 @@ class EnrolmentService:
 
     # ---- audit -------------------------------------------------------------------------------
     def _audit(self, tenant_id: str, who: Identity | None, action: str, outcome: str, rec: Enrolment,
-               **details: object) -> None:
-        entry = AuditEntry(tenant_id=tenant_id, at=self.clock(), action=action, outcome=outcome,
-                           actor_oid=who.oid if who else None, actor_upn=who.upn if who else None,
-                           policy_id=rec.policy_id, host=rec.vm_id, error_code=rec.error_code,
-                           message=rec.last_error, chain=f"enr:{rec.policy_id}",
-                           details={"state": rec.state, "attempts": rec.attempts, "source": rec.source,
-                                    **details}).sealed()
-        try:
-            self.hosts.record(entry)
-        except Exception:  # noqa: BLE001 - the record holds the outcome; the log says the audit failed
-            log.exception("could not audit %s for %s", action, rec.vm_id)
+               **details: object) -> AuditEntry:
+        return AuditEntry(tenant_id=tenant_id, at=self.clock(), action=action, outcome=outcome,
+                          actor_oid=who.oid if who else None, actor_upn=who.upn if who else None,
+                          policy_id=rec.policy_id, host=rec.vm_id, error_code=rec.error_code,
+                          message=rec.last_error, chain=f"enr:{rec.policy_id}",
+                          details={"state": rec.state, "attempts": rec.attempts, "source": rec.source,
+                                   **details}).sealed()
 
     # ---- one attempt ------------------------------------------------------------------------
     def _backoff(self, attempts: int) -> int:
@@ -261,14 +257,14 @@ class EnrolmentService:
             final = self._after_error(claimed, attempts, PushError(exc.code, exc.message, transient=exc.status >= 500))
         except ValueError as exc:  # RenderError
             final = self._after_error(claimed, attempts, PushError("render_failed", str(exc), transient=False))
+        action = {SUCCEEDED: "enrolment.pushed", RETRYING: "enrolment.retrying"}.get(final.state, "enrolment.failed")
+        entry = self._audit(policy.tenant_id, who, action, "ok" if final.state == SUCCEEDED else "error", final,
+                            ca_fingerprints=list(desired.fingerprints), krl_version=desired.krl_version, **details)
         try:
-            final = self.store.update(final, claimed.etag or "")
+            final = self.store.update(final, claimed.etag or "", entry)  # the outcome and its audit, together
         except (Conflict, NotFound):  # pragma: no cover - someone broke our lease
             log.warning("enrolment of %s in %s changed during the push; outcome %s not saved",
                         ref.id, policy.id, final.state)
-        action = {SUCCEEDED: "enrolment.pushed", RETRYING: "enrolment.retrying"}.get(final.state, "enrolment.failed")
-        self._audit(policy.tenant_id, who, action, "ok" if final.state == SUCCEEDED else "error", final,
-                    ca_fingerprints=list(desired.fingerprints), krl_version=desired.krl_version, **details)
         log.info("enrolment %s -> %s: %s (attempt %d)%s", policy.id, ref.id, final.state, final.attempts,
                  f" {final.error_code}: {final.last_error}" if final.error_code else "")
         return final, "ran"
@@ -384,7 +380,12 @@ class EnrolmentService:
                   requested_oid=who.oid if who else None, api_url=api_url)
         items = [JobItem(tenant_id=job.tenant_id, job_id=job.job_id, policy_id=policy.id, vm_id=r.id,
                          updated_at=now) for r in refs]
-        self.jobs.create(job, items)
+        entry = AuditEntry(tenant_id=policy.tenant_id, at=self.clock(), action="enrolment.queued", outcome="ok",
+                           actor_oid=who.oid if who else None, actor_upn=who.upn if who else None,
+                           policy_id=policy.id, chain=f"enr:{policy.id}",
+                           details={"job_id": job.job_id, "source": source, "total": len(refs),
+                                    "vms": [r.id for r in refs][:50]}).sealed()
+        self.jobs.create(job, items, entry)  # the job and its audit entry, in one transaction
 
         def send(item: JobItem) -> JobItem | None:
             try:
@@ -401,15 +402,6 @@ class EnrolmentService:
                                last_error="The job queue could not be reached; this VM was not queued.")
             raise BackendUnavailable(f"The enrolment job queue could not be reached; {len(unsent)} of {len(items)} "
                                      f"VMs were not queued (job {job.job_id} shows which).")
-        entry = AuditEntry(tenant_id=policy.tenant_id, at=self.clock(), action="enrolment.queued", outcome="ok",
-                           actor_oid=who.oid if who else None, actor_upn=who.upn if who else None,
-                           policy_id=policy.id, chain=f"enr:{policy.id}",
-                           details={"job_id": job.job_id, "source": source, "total": len(refs),
-                                    "vms": [r.id for r in refs][:50]}).sealed()
-        try:
-            self.hosts.record(entry)
-        except Exception:  # noqa: BLE001 - the job row says what was asked; the log says the audit failed
-            log.exception("could not audit enrolment job %s", job.job_id)
         log.info("enrolment job %s (%s) for policy %s: %d VMs queued", job.job_id, source, policy.id, len(refs))
         return job, items
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TableTransactionError
 
-from ..core.errors import Conflict, StorageUnavailable
-from .tables import TableStore, _guard, conditional_update
+from ..core.errors import Conflict
+from ..core.audit import AuditEntry
+from .tables import TableStore, _guard, _if_match, conditional_update, transact
 
 PENDING, SUCCEEDED, FAILED, RETRYING = "pending", "succeeded", "failed", "retrying"
 STATES = (PENDING, SUCCEEDED, FAILED, RETRYING)
@@ -173,14 +173,18 @@ class EnrolmentStore:
             raise Conflict(f"VM {e.vm_id} already has an enrolment record for policy {e.policy_id!r}.") from None
         return replace(e, etag=meta.get("etag"))
 
-    def update(self, e: Enrolment, etag: str) -> Enrolment:
-        """Replace the record if it is unchanged since read (If-Match); Conflict otherwise."""
-        meta = conditional_update(
-            self._table, "update enrolment", self._entity(e), etag,
-            not_found=f"The enrolment of {e.vm_id} in policy {e.policy_id!r} is gone.",
-            lost=Conflict(f"The enrolment of {e.vm_id} changed at the same time."),
-        )
-        return replace(e, etag=meta.get("etag"))
+    def update(self, e: Enrolment, etag: str, audit: AuditEntry | None = None) -> Enrolment:
+        """Replace the record if it is unchanged since read (If-Match); Conflict otherwise. With an
+        audit entry, both land in one transaction or neither does."""
+        not_found = f"The enrolment of {e.vm_id} in policy {e.policy_id!r} is gone."
+        lost = Conflict(f"The enrolment of {e.vm_id} changed at the same time.")
+        if audit is None:
+            meta = conditional_update(self._table, "update enrolment", self._entity(e), etag,
+                                      not_found=not_found, lost=lost)
+            return replace(e, etag=meta.get("etag"))
+        ops = [("update", self._entity(e), _if_match(etag)), ("create", TableStore._audit_entity(audit))]
+        resp = transact(self._table, "update enrolment", ops, not_found=not_found, lost=lost, exists=lost)
+        return replace(e, etag=resp[0].get("etag"))
 
 
 # ---- jobs -------------------------------------------------------------------------------------------
@@ -292,15 +296,15 @@ class JobStore:
                    created_at=int(x.get("CreatedAt") or 0), total=int(x.get("Total") or 0),
                    requested_by=x.get("RequestedBy"), requested_oid=x.get("RequestedOid"), api_url=x.get("ApiUrl"))
 
-    def create(self, job: Job, items: list[JobItem]) -> None:
-        """The job and its items, in transactions of at most 100 rows (the job row first)."""
-        rows = [self._job_entity(job)] + [self._item_entity(i) for i in items]
+    def create(self, job: Job, items: list[JobItem], audit: AuditEntry | None = None) -> None:
+        """The job and its items, in transactions of at most 100 rows: the job row and its audit
+        entry first, in the same transaction."""
+        rows = [self._job_entity(job)] + ([TableStore._audit_entity(audit)] if audit is not None else []) + \
+            [self._item_entity(i) for i in items]
+        exists = Conflict(f"Enrolment job {job.job_id} (or its audit entry) already exists; nothing was queued.")
         for k in range(0, len(rows), self.BATCH):
-            ops = [("create", r) for r in rows[k: k + self.BATCH]]
-            try:
-                _guard("create enrolment job", lambda ops=ops: self._table.submit_transaction(ops))
-            except TableTransactionError as exc:
-                raise StorageUnavailable("Storage refused the enrolment job; nothing was queued.") from exc
+            transact(self._table, "create enrolment job", [("create", r) for r in rows[k: k + self.BATCH]],
+                     not_found=f"Enrolment job {job.job_id} was not found.", lost=exists, exists=exists)
 
     def get(self, tenant_id: str, job_id: str) -> tuple[Job, list[JobItem]] | None:
         rows = _guard("get enrolment job", lambda: list(self._table.query_entities(
