@@ -78,6 +78,16 @@ combine() {
     krl_ok "$1"
 }
 
+# replace_changed SRC DIR NAME: put SRC at DIR/NAME (mode 644, atomically) if it differs; true if it did.
+replace_changed() {
+    if cmp -s "$1" "$2/$3"; then
+        return 1
+    fi
+    cp "$1" "$2/.$3.tmp"
+    chmod 644 "$2/.$3.tmp"
+    mv -f "$2/.$3.tmp" "$2/$3"
+}
+
 fetch() {
     _conf=$1
     _name=$(basename "$_conf" .conf)
@@ -98,10 +108,7 @@ fetch() {
         say "policy $EZSSH_POLICY: the server's answer is not a valid KRL"
         return 1
     fi
-    if ! cmp -s "$TMP/new" "$EZ/krl.d/$_name.krl"; then
-        cp "$TMP/new" "$EZ/krl.d/.$_name.krl.tmp"
-        chmod 644 "$EZ/krl.d/.$_name.krl.tmp"
-        mv -f "$EZ/krl.d/.$_name.krl.tmp" "$EZ/krl.d/$_name.krl"
+    if replace_changed "$TMP/new" "$EZ/krl.d" "$_name.krl"; then
         say "policy $EZSSH_POLICY: new KRL"
     fi
 }
@@ -128,10 +135,7 @@ if ! combine "$TMP/combined"; then
     say "the combined KRL does not parse; keeping $EZ/revoked_keys"
     exit 1
 fi
-if ! cmp -s "$TMP/combined" "$EZ/revoked_keys"; then
-    cp "$TMP/combined" "$EZ/.revoked_keys.tmp"
-    chmod 644 "$EZ/.revoked_keys.tmp"
-    mv -f "$EZ/.revoked_keys.tmp" "$EZ/revoked_keys"
+if replace_changed "$TMP/combined" "$EZ" revoked_keys; then
     say "updated $EZ/revoked_keys"
 fi
 # Host certificates renew themselves on the same timer, when their renew-after time has come.

@@ -129,15 +129,10 @@ class Store(Protocol):
 
     # audit
     def add_audit(self, entry: AuditEntry) -> None: ...
-    def list_audit(
-        self,
-        tenant_id: str,
-        *,
-        since: float | None = None,
-        until: float | None = None,
-        request_id: str | None = None,
-        limit: int = 200,
-    ) -> list[AuditEntry]: ...
+    def list_audit(self, tenant_id: str, *, since: float | None = None, until: float | None = None,
+                   request_id: str | None = None, limit: int = 200) -> list[AuditEntry]:
+        """Entries in time order (milliseconds, then entry id); `since`/`until` inclusive."""
+        ...
 
 
     # revocation and hosts
