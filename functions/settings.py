@@ -50,6 +50,8 @@ SETTINGS: dict[str, str] = {
                             "(groups overage; default https://graph.microsoft.com)",
     "EZSSH_PUBLIC_URL": "the API's public base URL, rendered into pushed setup scripts for KRL fetches "
                         "(default https://$WEBSITE_HOSTNAME in Azure)",
+    "EZSSH_VM_HOST_CERTS": "on (default) or off: enrolled Azure VMs get host certificates (their host keys read "
+                           "with Run Command, their names from ARM) and renew them through the reconcile timer",
 }
 
 
@@ -84,6 +86,7 @@ class Settings:
     graph_endpoint: str = "https://graph.microsoft.com"
     public_url: str | None = None
     queue_account_url: str | None = None
+    vm_host_certs: bool = True
 
     @property
     def queue_configured(self) -> bool:
@@ -264,4 +267,8 @@ def _enrolment_settings(env: Mapping[str, str], tenants: tuple[str, ...] = ()) -
         raise SettingsError(
             f"Setting EZSSH_GRAPH_ENDPOINT names {host}, the retired Azure AD Graph (what Bicep's environment().graph "
             "returns); use the Microsoft Graph root of your cloud, e.g. https://graph.microsoft.com.")
-    return {"enrol_scopes": scopes, "arm_endpoint": arm, "public_url": public, "graph_endpoint": graph}
+    vm_host_certs = (_get(env, "EZSSH_VM_HOST_CERTS") or "on").strip().lower()
+    if vm_host_certs not in ("on", "off"):
+        raise SettingsError("Setting EZSSH_VM_HOST_CERTS must be on or off.")
+    return {"enrol_scopes": scopes, "arm_endpoint": arm, "public_url": public, "graph_endpoint": graph,
+            "vm_host_certs": vm_host_certs == "on"}

@@ -198,6 +198,7 @@ def build_enrolments(settings: Settings, service, store, *, credential=None, con
     """The enrolment service; its compute client (and credential) are built on first use."""
     from .hosts.azure_vms import AzureVms
     from .hosts.enrolment import EnrolConfig, EnrolmentService
+    from .hosts.vm_hostcerts import VmHostCerts
     from .storage.enrolments import EnrolmentStore, JobStore
 
     factory = build_compute_client_factory(settings, credential, connection_verify)
@@ -205,4 +206,5 @@ def build_enrolments(settings: Settings, service, store, *, credential=None, con
         service.hosts, EnrolmentStore(store), lambda: AzureVms(factory, polling_interval=polling_interval),
         EnrolConfig(scopes=settings.enrol_scopes, tenants=settings.tenants, public_url=settings.public_url),
         clock=service.clock, jobs=JobStore(store), queue=queue if queue is not None else build_job_queue(settings),
+        host_certs=VmHostCerts(service.hostcerts) if settings.vm_host_certs else None,
     )

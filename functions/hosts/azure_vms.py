@@ -284,3 +284,45 @@ class AzureVms:
         ok = status == 0 and not failed_code
         return RunResult(ok=ok, exit_status=status, output=out, stderr=err, message=message,
                          duration_ms=took, polls=polls[0])
+
+    # ---- names (host certificates) -----------------------------------------------------------
+    NETWORK_API = "2024-05-01"
+
+    def _arm_get(self, subscription: str, resource_id: str, what: str) -> dict:
+        """GET one ARM resource through the compute client's pipeline (same credential and TLS)."""
+        from azure.core.exceptions import HttpResponseError
+        from azure.core.rest import HttpRequest
+
+        try:
+            resp = self._client_for(subscription).send_request(
+                HttpRequest("GET", f"{resource_id}?api-version={self.NETWORK_API}"))
+            if resp.status_code != 200:
+                raise HttpResponseError(response=resp)
+            return resp.json()
+        except Exception as exc:  # noqa: BLE001 - mapped to one clear error
+            raise map_arm_error(exc, what) from None
+
+    def vm_names(self, ref: VmRef) -> list[str]:
+        """The names ARM knows a VM by: its name and computer name, the private and public IP
+        addresses of its network interfaces, and the DNS name of each public IP (lower-cased, in
+        that order, without repeats)."""
+        try:
+            raw = self._client_for(ref.subscription).virtual_machines.get(ref.resource_group, ref.name)
+        except Exception as exc:  # noqa: BLE001
+            raise map_arm_error(exc, f"VM {ref.id}") from None
+        names = [ref.name, getattr(getattr(raw, "os_profile", None), "computer_name", None)]
+        nics = getattr(getattr(raw, "network_profile", None), "network_interfaces", None) or []
+        for nic_ref in nics:
+            nic_id = getattr(nic_ref, "id", None)
+            if not nic_id:
+                continue
+            nic = self._arm_get(ref.subscription, nic_id, f"network interface of {ref.id}")
+            for ipc in (nic.get("properties") or {}).get("ipConfigurations") or []:
+                props = ipc.get("properties") or {}
+                names.append(props.get("privateIPAddress"))
+                pip_id = (props.get("publicIPAddress") or {}).get("id")
+                if pip_id:
+                    pip = (self._arm_get(ref.subscription, pip_id, f"public IP of {ref.id}").get("properties") or {})
+                    names.append(pip.get("ipAddress"))
+                    names.append((pip.get("dnsSettings") or {}).get("fqdn"))
+        return list(dict.fromkeys(n.strip().lower().rstrip(".") for n in names if isinstance(n, str) and n.strip()))

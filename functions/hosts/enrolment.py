@@ -127,13 +127,14 @@ def split_scope(entry: str) -> tuple[str | None, str]:
 class _Desired:
     fingerprints: tuple[str, ...]
     krl_version: int
-    render: Callable[[], str]
+    render: Callable[..., str]  # render(host_certs="") -> the setup script
+    host_certs_due: Callable[[str], bool] = lambda vm_id: False
 
 
 class EnrolmentService:
     def __init__(self, hosts: Any, store: EnrolmentStore, vms: AzureVms | Callable[[], AzureVms],
                  config: EnrolConfig, clock: Callable[[], float] = time.time, *,
-                 jobs: JobStore | None = None, queue: Any = None) -> None:
+                 jobs: JobStore | None = None, queue: Any = None, host_certs: Any = None) -> None:
         self.hosts = hosts  # functions.service.hosts.Hosts: policies, KRL, host tokens, audit
         self.store = store
         self.jobs = jobs  # job rows (storage/enrolments.py)
@@ -141,6 +142,7 @@ class EnrolmentService:
         self._vms = vms
         self.config = config
         self.clock = clock
+        self.host_certs = host_certs  # hosts.vm_hostcerts.VmHostCerts, or None: host keys left alone
 
     @property
     def vms(self) -> AzureVms:
@@ -155,16 +157,24 @@ class EnrolmentService:
         keys = list(policy.trusted_ca)
         krl = self.hosts.build_krl(policy)
 
-        def render() -> str:
+        def render(host_certs: str = "") -> str:
             url = self.config.public_url or api_url
             if not url:
                 raise PushError("not_configured", "EZSSH_PUBLIC_URL is not set, so the setup script cannot tell the "
                                                   "host where to fetch the KRL.", transient=False)
             if not keys:
                 raise PushError("no_ca", f"Policy {policy.id!r} has no CA key to trust.", transient=False)
-            return self.hosts.render_setup(policy, url, krl)
+            return self.hosts.render_setup(policy, url, krl, host_certs=host_certs)
 
-        return _Desired(tuple(c.fingerprint for c in keys), krl_version_of(krl), render)
+        return _Desired(tuple(c.fingerprint for c in keys), krl_version_of(krl), render,
+                        lambda vm_id: self._host_certs_due(policy, vm_id))
+
+    # ---- host certificates (hosts/vm_hostcerts.py) -------------------------------------------
+    def _host_certs_due(self, policy: Policy, vm_id: str) -> bool:
+        return self.host_certs is not None and self.host_certs.due(policy, vm_id)
+
+    def _host_certs_for(self, policy: Policy, ref: VmRef) -> str:
+        return self.host_certs.certs_for(policy, self.vms, ref) if self.host_certs is not None else ""
 
     # ---- audit -------------------------------------------------------------------------------
     def _audit(self, tenant_id: str, who: Identity | None, action: str, outcome: str, rec: Enrolment,
@@ -188,7 +198,8 @@ class EnrolmentService:
         if rec.state in (PENDING, RETRYING):
             return rec.next_attempt_at <= now
         if rec.state == SUCCEEDED:
-            return rec.ca_fingerprints != desired.fingerprints or rec.krl_version != desired.krl_version
+            return (rec.ca_fingerprints != desired.fingerprints or rec.krl_version != desired.krl_version
+                    or desired.host_certs_due(rec.vm_id))
         return source == "event"  # failed: a new VM write is a reason to try again
 
     def record_for(self, policy: Policy, ref: VmRef, source: str, who: Identity | None = None) -> Enrolment:
@@ -235,7 +246,7 @@ class EnrolmentService:
         attempts = rec.attempts + 1 if rec.state in (PENDING, RETRYING) else 1
         details: dict[str, object] = {}
         try:
-            lines = wrap_script(desired.render())
+            lines = wrap_script(desired.render(self._host_certs_for(policy, ref)))
             result = self.vms.run_shell_script(ref, lines)
             details = {"exit_status": result.exit_status, "duration_ms": result.duration_ms,
                        "lro_polls": result.polls}

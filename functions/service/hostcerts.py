@@ -19,8 +19,9 @@ import hashlib
 import logging
 import re
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..core.certificate import IssuedCertificate, new_serial
 from ..core.errors import CaKeyNotFound, EzsshError, Forbidden, InvalidRequest, NotFound
@@ -203,8 +204,8 @@ class HostCerts:
         """Sign the host keys Run Command read from a VM, for the names ARM gave. Keys that are not
         acceptable host keys (RSA under 3072 bits, DSA) are left out; none at all is refused."""
         b = self.base
-        with b.refusing(who, "host_certificate.refused", policy_id=policy.id,
-                        details={"proof": "arm", "vm_id": vm_id[:300]}):
+        with self._refusing_in(policy.tenant_id, who, details={"proof": "arm", "vm_id": vm_id[:300]},
+                               policy_id=policy.id):
             policy = self.policies.ensure_host_ca(policy, who)
             checked = check_host_names(policy, names, arm_covered=arm_covered)
             good: list[VettedKey] = []
@@ -218,13 +219,14 @@ class HostCerts:
             self._record(policy, issued, subject=vm_id, actor=who, details={"vm_id": vm_id})
         return issued
 
-    def vm_renewal_due(self, policy: Policy, vm_id: str) -> bool:
-        """Does this VM need (new) host certificates: none yet, or one past its renewal time?"""
+    def vm_renewal_due(self, policy: Policy, vm_id: str, *, first: bool = True) -> bool:
+        """Does this VM need (new) host certificates: one past its renewal time, or (with `first`)
+        none yet?"""
         if policy.deleted:
             return False
         recs = self.base.store.list_host_keys(policy.tenant_id, policy.id, vm_id)
         now = self.base.now()
-        return not recs or any(renew_after(r.valid_after, r.valid_before) <= now for r in recs)
+        return (first and not recs) or any(renew_after(r.valid_after, r.valid_before) <= now for r in recs)
 
     # ---- clients: what to trust -----------------------------------------------------------------
     def client_trust(self, who: Identity) -> tuple[str, bytes, list[str]]:
@@ -253,6 +255,28 @@ class HostCerts:
         return "\n".join(lines) + "\n", krl, ids
 
     # ---- helpers ------------------------------------------------------------------------------
+    @contextmanager
+    def _refusing_in(self, tenant_id: str, who: Identity | None, **fields: object) -> Iterator[None]:
+        """The one refusal path, recorded in the policy's tenant when the service itself asked (an
+        enrolment has no caller)."""
+        if who is not None:
+            with self.base.refusing(who, "host_certificate.refused", **fields):
+                yield
+            return
+        try:
+            yield
+        except EzsshError as exc:
+            if exc.status < 500:
+                entry = replace(self.base.audit_entry(None, "host_certificate.refused", "refused", error_code=exc.code,
+                                                      message=exc.message, **fields), tenant_id=tenant_id).sealed()
+                try:
+                    self.base.store.add_audit(entry)
+                except Exception:  # noqa: BLE001 - never hide the refusal behind a storage failure
+                    log.warning("could not record host certificate refusal %s", exc.code)
+            else:
+                self.base.refuse(None, exc, "host_certificate.refused", **fields)
+            raise
+
     def _refusing_host(self, tenant_id: object, policy_id: object, proof: str):  # type: ignore[no-untyped-def]
         """Hosts have no Entra identity: their refusals go to the unauthenticated partition."""
         return self.base.refusing(None, "host_certificate.refused",

@@ -159,6 +159,10 @@ var appSettings = [
     value: publicUrl
   }
   {
+    name: 'EZSSH_VM_HOST_CERTS'
+    value: 'on'
+  }
+  {
     name: 'EZSSH_GRAPH_ENDPOINT'
     value: graphEndpoint
   }

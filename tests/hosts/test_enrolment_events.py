@@ -89,6 +89,11 @@ def posts_to(arm, vm_name: str) -> int:
     return sum(1 for r in arm.requests if r.method == "POST" and r.path.split("/")[8:9] == [vm_name])
 
 
+def setup_runs(arm, vid: str) -> list:
+    """The setup-script pushes to a VM (not the Run Command that reads its host keys for host certificates)."""
+    return [r for r in arm.runs_on(vid) if "EZSSH_POLICY=" in r.script]
+
+
 def timer_tick() -> None:
     from azure.functions.timer import TimerRequest
 
@@ -229,16 +234,16 @@ def test_reconcile_enrols_missing_vms_and_repushes_after_rotation_and_revocation
     # a VM that appeared without an event (e.g. created before the subscription existed)
     quiet, host = host_vm(arm, make_host, RG_PATTERN, "rc-quiet")
     timer_tick()
-    assert rec_of(wired, "vm-ev", quiet).state == "succeeded" and len(arm.runs_on(quiet)) == 1
+    assert rec_of(wired, "vm-ev", quiet).state == "succeeded" and len(setup_runs(arm, quiet)) == 1
     enrolled = [r.vm_id for r in wired.enrolments.store.list(policy.tenant_id, "vm-ev") if r.state == "succeeded"]
-    runs_before = {v: len(arm.runs_on(v)) for v in enrolled}
+    runs_before = {v: len(setup_runs(arm, v)) for v in enrolled}
     timer_tick()  # nothing changed: nothing pushed
-    assert {v: len(arm.runs_on(v)) for v in enrolled} == runs_before
+    assert {v: len(setup_runs(arm, v)) for v in enrolled} == runs_before
 
     # a CA rotation: every enrolled VM gets the new key (and keeps the previous one during the window)
     rotated = svc.policies.rotate_ca(carol, "vm-ev", policy.etag)
     timer_tick()
-    assert {v: len(arm.runs_on(v)) for v in enrolled} == {v: n + 1 for v, n in runs_before.items()}
+    assert {v: len(setup_runs(arm, v)) for v in enrolled} == {v: n + 1 for v, n in runs_before.items()}
     rec = rec_of(wired, "vm-ev", quiet)
     assert rec.ca_fingerprints == (rotated.current_ca.fingerprint,
                                    next(c.fingerprint for c in rotated.ca if c.state == "previous"))
@@ -251,6 +256,6 @@ def test_reconcile_enrols_missing_vms_and_repushes_after_rotation_and_revocation
     svc.hosts.revoke_certificate(carol, "vm-ev", serial, "test")
     timer_tick()
     rec2 = rec_of(wired, "vm-ev", quiet)
-    assert rec2.krl_version > (rec.krl_version or 0) and len(arm.runs_on(quiet)) == 3
+    assert rec2.krl_version > (rec.krl_version or 0) and len(setup_runs(arm, quiet)) == 3
     assert host.login("alice", key, cert).returncode == 255
     assert login_ok(host, other_key, other_cert)

@@ -31,6 +31,15 @@ What it speaks (/work/shared/reference/AZURE-REST.md section 2):
   while the VM agent is "not ready" (`agent_not_ready(vm_id, times=N)`: the first N runCommand
   POSTs).
 
+- Names of a VM (host certificates): a VM added with `private_ip=` (and `public_ip=`, `dns_label=`,
+  `computer_name=`) has `properties.osProfile.computerName` and `properties.networkProfile.
+  networkInterfaces[].id`; `GET .../providers/Microsoft.Network/networkInterfaces/{vm}-nic` answers
+  `properties.ipConfigurations[].properties.{privateIPAddress, publicIPAddress.id}` and `GET
+  .../providers/Microsoft.Network/publicIPAddresses/{vm}-ip` answers `properties.{ipAddress,
+  dnsSettings.{domainNameLabel, fqdn}}`, the shapes of the public REST reference (learn.microsoft.com
+  /rest/api/virtualnetwork/network-interfaces/get and /public-ip-addresses/get), read by the service
+  with the compute client's `send_request`.
+
 Not verified against the real service (AZURE-REST.md section 7), so tests must not lean on it: the
 409 code and wording for an agent that is not ready; whether a non-zero exit reads "Enable failed"
 (modelled here as `Enable failed: ... exit status=N` with code ProvisioningState/failed, the LRO
@@ -84,6 +93,47 @@ class StandInVm:
     vm_uuid: str = field(default_factory=lambda: secrets.token_hex(16))
     not_ready: int = 0
     forbidden: str = ""  # "" | "all" (read and Run Command) | "run" (Run Command only)
+    private_ip: str | None = None
+    public_ip: str | None = None
+    dns_label: str | None = None
+    computer_name: str | None = None
+
+    @property
+    def rg_id(self) -> str:
+        return f"/subscriptions/{self.subscription}/resourceGroups/{self.resource_group}"
+
+    @property
+    def nic_id(self) -> str:
+        return f"{self.rg_id}/providers/Microsoft.Network/networkInterfaces/{self.name}-nic"
+
+    @property
+    def pip_id(self) -> str:
+        return f"{self.rg_id}/providers/Microsoft.Network/publicIPAddresses/{self.name}-ip"
+
+    @property
+    def fqdn(self) -> str | None:
+        return f"{self.dns_label}.{REGION}.cloudapp.azure.com" if self.dns_label else None
+
+    def nic_json(self) -> dict:
+        props: dict = {"privateIPAddress": self.private_ip, "privateIPAllocationMethod": "Dynamic",
+                       "privateIPAddressVersion": "IPv4", "primary": True,
+                       "subnet": {"id": f"{self.rg_id}/providers/Microsoft.Network/virtualNetworks/vnet/subnets/default"}}
+        if self.public_ip:
+            props["publicIPAddress"] = {"id": self.pip_id}
+        return {"name": f"{self.name}-nic", "id": self.nic_id, "type": "Microsoft.Network/networkInterfaces",
+                "location": REGION,
+                "properties": {"provisioningState": "Succeeded", "primary": True, "virtualMachine": {"id": self.id},
+                               "ipConfigurations": [{"name": "ipconfig1", "id": f"{self.nic_id}/ipConfigurations/ipconfig1",
+                                                     "properties": props}]}}
+
+    def pip_json(self) -> dict:
+        props: dict = {"provisioningState": "Succeeded", "ipAddress": self.public_ip, "publicIPAddressVersion": "IPv4",
+                       "publicIPAllocationMethod": "Static",
+                       "ipConfiguration": {"id": f"{self.nic_id}/ipConfigurations/ipconfig1"}}
+        if self.dns_label:
+            props["dnsSettings"] = {"domainNameLabel": self.dns_label, "fqdn": self.fqdn}
+        return {"name": f"{self.name}-ip", "id": self.pip_id, "type": "Microsoft.Network/publicIPAddresses",
+                "location": REGION, "sku": {"name": "Standard", "tier": "Regional"}, "properties": props}
 
     @property
     def id(self) -> str:
@@ -100,6 +150,10 @@ class StandInVm:
                 "hardwareProfile": {"vmSize": "Standard_B2s"},
                 "storageProfile": {"osDisk": {"osType": "Linux", "name": f"{self.name}-osdisk",
                                               "createOption": "FromImage"}},
+                **({"osProfile": {"computerName": self.computer_name or self.name, "adminUsername": "azureuser",
+                                  "linuxConfiguration": {"disablePasswordAuthentication": True}},
+                    "networkProfile": {"networkInterfaces": [{"id": self.nic_id, "properties": {"primary": True}}]}}
+                   if self.private_ip else {}),
             },
         }
 
@@ -166,9 +220,11 @@ class ArmStandIn(TlsStandIn):
 
     def add_vm(self, resource_group: str, name: str, *, tags: dict[str, str] | None = None,
                root: Path | None = None, env: dict[str, str] | None = None,
-               subscription: str | None = None) -> str:
+               subscription: str | None = None, private_ip: str | None = None, public_ip: str | None = None,
+               dns_label: str | None = None, computer_name: str | None = None) -> str:
         vm = StandInVm(subscription or self.subscription, resource_group, name, dict(tags or {}),
-                       Path(root) if root else None, dict(env or {}))
+                       Path(root) if root else None, dict(env or {}), private_ip=private_ip, public_ip=public_ip,
+                       dns_label=dns_label, computer_name=computer_name)
         with self._lock:
             self._vms[self._key(vm.subscription, resource_group, name)] = vm
         return vm.id
@@ -251,6 +307,10 @@ class ArmStandIn(TlsStandIn):
         # /subscriptions/{sub}/providers/Microsoft.Compute/virtualMachines
         if method == "GET" and len(p) == 5 and low[0] == "subscriptions" and low[2:] == ["providers", "microsoft.compute", "virtualmachines"]:
             return self._list(p[1], None, q)
+        # .../resourceGroups/{rg}/providers/Microsoft.Network/(networkInterfaces|publicIPAddresses)/{name}
+        if method == "GET" and len(p) == 8 and low[0] == "subscriptions" and low[2] == "resourcegroups" \
+                and low[4:6] == ["providers", "microsoft.network"] and low[6] in ("networkinterfaces", "publicipaddresses"):
+            return self._network(p[1], p[3], low[6], p[7])
         if len(p) >= 7 and low[0] == "subscriptions" and low[2] == "resourcegroups" \
                 and low[4:7] == ["providers", "microsoft.compute", "virtualmachines"]:
             sub, rg = p[1], p[3]
@@ -274,6 +334,20 @@ class ArmStandIn(TlsStandIn):
             if len(p) == 9 and low[8] == "runcommand" and method == "POST" and vm is not None:
                 return self._run_command(vm, body)
         return self._error(400, "InvalidRequestUri", f"The stand-in does not serve {method} {path}.")
+
+    def _network(self, sub: str, rg: str, kind: str, name: str) -> tuple[int, dict, bytes]:
+        with self._lock:
+            vms = [v for v in self._vms.values() if v.subscription.lower() == sub.lower()
+                   and v.resource_group.lower() == rg.lower() and v.private_ip]
+        for v in vms:
+            if kind == "networkinterfaces" and name.lower() == f"{v.name}-nic".lower():
+                return self._json(200, v.nic_json())
+            if kind == "publicipaddresses" and v.public_ip and name.lower() == f"{v.name}-ip".lower():
+                return self._json(200, v.pip_json())
+        rtype = "networkInterfaces" if kind == "networkinterfaces" else "publicIPAddresses"
+        return self._error(404, "ResourceNotFound", f"The Resource 'Microsoft.Network/{rtype}/{name}' under resource "
+                                                    f"group '{rg}' was not found. For more details please go to "
+                                                    "https://aka.ms/ARMResourceNotFoundFix")
 
     def _list(self, sub: str, rg: str | None, q: dict) -> tuple[int, dict, bytes]:
         with self._lock:

@@ -1,0 +1,83 @@
+"""Host certificates for Azure VMs: the service proves who the VM is through ARM itself.
+
+Its names come from ARM (VM name, computer name, private and public IPs, the public IP's DNS name);
+its public host keys are read with Run Command (`sshd -T` names the host keys sshd uses). The
+service signs them with the policy's host CA, and the enrolment push renders the certificates into
+the setup script, which installs them next to the policy's CA keys. The reconcile timer pushes
+again when a VM's certificates are due for renewal.
+
+Names: when one of the policy's resource-id or tag patterns covers the VM, ARM vouches for all its
+names; otherwise only the names inside the policy's name globs and CIDRs go into the certificate
+(none inside: the VM gets no host certificate, and the refusal is audited).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from ..core.errors import EzsshError
+from ..core.hostcert import name_patterns
+from ..core.policy import Policy
+from .azure_vms import AzureVms, PushError, VmRef, wrap_script
+
+log = logging.getLogger("ezssh.enrolment")
+
+KEY_MARK = "ezssh-host-key"
+# Prints one "ezssh-host-key <type> <base64>" line per host key sshd uses. Read-only.
+READ_KEYS_SCRIPT = f"""#!/bin/sh
+SSHD=$(command -v sshd 2>/dev/null || echo /usr/sbin/sshd)
+"$SSHD" -T -f "${{EZSSH_ROOT:-}}/etc/ssh/sshd_config" 2>/dev/null |
+    awk 'tolower($1) == "hostkey" {{ print $2 }}' | while IFS= read -r k; do
+        [ -f "$k.pub" ] && printf '{KEY_MARK} %s\\n' "$(cut -d' ' -f1,2 "$k.pub")"
+    done
+exit 0
+"""
+
+
+def parse_keys(output: str) -> list[str]:
+    return [line[len(KEY_MARK) + 1:].strip() for line in output.splitlines() if line.startswith(KEY_MARK + " ")]
+
+
+class VmHostCerts:
+    """What the enrolment service asks about host certificates (functions.service.hostcerts.HostCerts
+    does the signing, recording and auditing)."""
+
+    def __init__(self, hostcerts: Any) -> None:
+        self.hostcerts = hostcerts
+
+    def due(self, policy: Policy, vm_id: str) -> bool:
+        """For the reconcile timer: the VM holds host certificates that are due for renewal. (A VM
+        without any gets them at its next push; a VM whose names were refused is not pushed again
+        and again for that.)"""
+        return self.hostcerts.vm_renewal_due(policy, vm_id, first=False)
+
+    def certs_for(self, policy: Policy, vms: AzureVms, ref: VmRef) -> str:
+        """The certificates to render into this VM's setup script ("" to keep what it has)."""
+        if not self.hostcerts.vm_renewal_due(policy, ref.id):
+            return ""
+        vm = vms.get_vm(ref)
+        arm_patterns = tuple(h for h in policy.hosts if h.startswith(("/subscriptions/", "tag:")))
+        arm_covered = bool(arm_patterns) and replace(policy, hosts=arm_patterns).covers_host(
+            ref.name, {**vm.tags, "_resource_id": vm.id})
+        names = vms.vm_names(ref)
+        if not arm_covered:
+            pats = replace(policy, hosts=name_patterns(policy.hosts))
+            names = [n for n in names if pats.covers_host(n)]
+        try:
+            if not names:  # refused (and audited) by the service: a certificate never has empty principals
+                self.hostcerts.issue_for_vm(policy, ref.id, [], [], arm_covered=False)
+            result = vms.run_shell_script(ref, wrap_script(READ_KEYS_SCRIPT))
+            if not result.ok:
+                raise PushError("host_keys_unread", f"Reading {ref.name}'s host keys failed "
+                                                    f"(exit status {result.exit_status}).", transient=True)
+            issued = self.hostcerts.issue_for_vm(policy, ref.id, names, parse_keys(result.output),
+                                                 arm_covered=arm_covered)
+        except EzsshError as exc:
+            if exc.status >= 500:
+                raise
+            # refused and audited by the service: the CA push goes on without host certificates
+            log.warning("no host certificate for %s in %s: %s", ref.id, policy.id, exc.message)
+            return ""
+        return issued.to_text()
