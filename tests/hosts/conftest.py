@@ -67,3 +67,14 @@ def fabrikam_policy(context, oidc):
     from devstack.stack import ensure_policy
 
     return ensure_policy(context.service, identity_of(oidc, "mallory"), _doc(oidc, "fab-hosts", "fabrikam"))
+
+
+@pytest.fixture(scope="module")
+def arm(request):
+    """The ARM compute stand-in for one test module, serving that module's own subscription `SUB`
+    (so one module's VMs and records stay out of another's scopes)."""
+    from tests.standins.arm import ArmStandIn
+
+    a = ArmStandIn(subscription=request.module.SUB).start()
+    yield a
+    a.stop()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import httpx
 import pytest
 
-from tests.standins.arm import ArmStandIn, StaticTokenCredential
+from tests.standins.arm import StaticTokenCredential
 
 from .sandbox import SandboxHost, user_key
 
@@ -45,13 +45,6 @@ class Clock:
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def arm():
-    a = ArmStandIn(subscription=SUB).start()
-    yield a
-    a.stop()
 
 
 def _policy_doc(oidc, pid: str) -> dict:

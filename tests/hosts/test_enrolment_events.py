@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from tests.functions_host import user_functions
-from tests.standins.arm import ArmStandIn, StaticTokenCredential
+from tests.standins.arm import StaticTokenCredential
 
 from .test_enrolment import Clock, cert_for, host_vm, login_ok, queue_worker, run_posts
 
@@ -99,13 +99,6 @@ def timer_tick() -> None:
 
     functions_of_app()["reconcile_enrolments"](TimerRequest(past_due=False))
     WORKER[0].drain()
-
-
-@pytest.fixture(scope="module")
-def arm():
-    a = ArmStandIn(subscription=SUB).start()
-    yield a
-    a.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.standins.arm import ArmStandIn, StaticTokenCredential
+from tests.standins.arm import StaticTokenCredential
 
 from .test_enrolment import Clock, item_of, queue_worker, serve_api, wait_job
 
@@ -27,13 +27,6 @@ CONTOSO = "1ff8d19a-512a-4382-b7c7-72836fd919c4"  # infra/local/oidc/users.json
 SCOPES = f"{CONTOSO}=/subscriptions/{SUB}/resourceGroups/{RG}"
 FLEET = 20
 LEASE = 8  # seconds: longer than a push here takes (run_delay 3 s), as 660 s is longer than 600 s in Azure
-
-
-@pytest.fixture(scope="module")
-def arm():
-    a = ArmStandIn(subscription=SUB).start()
-    yield a
-    a.stop()
 
 
 @pytest.fixture(scope="module")
