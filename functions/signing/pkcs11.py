@@ -37,15 +37,11 @@ This module reads no environment: module path, label and PIN come in through the
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import ctypes
 import logging
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
 
 import pkcs11
 from cryptography.hazmat.primitives import hashes
@@ -56,6 +52,19 @@ from pkcs11 import exceptions as px
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from functions.core.errors import CaKeyNotFound, InvalidRequest, SignerUnavailable
+from functions.signing.pkcs11_module import (  # noqa: F401 - load_library, reinitialize_library: this module's API too
+    _FairPool,
+    _Lease,
+    _call_lock,
+    _close_quietly,
+    _describe,
+    _ensure_login,
+    _forget_login,
+    _is_dead,
+    _rv,
+    load_library,
+    reinitialize_library,
+)
 from functions.signing.base import (
     DEFAULT_KIND,
     EC_CURVES,
@@ -73,19 +82,6 @@ KEY_REF_PREFIX = "pkcs11:"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ID_BYTES = 16
 
-# Errors after which the session (or the whole token/library state) is not usable: reopen once.
-_DEAD = (
-    px.SessionHandleInvalid,
-    px.SessionClosed,
-    px.DeviceRemoved,
-    px.DeviceError,
-    px.DeviceMemory,
-    px.TokenNotPresent,
-    px.TokenNotRecognised,
-    px.UserNotLoggedIn,
-    px.SlotIDInvalid,
-    px.GeneralError,
-)
 _STALE_KEY = (px.ObjectHandleInvalid, px.KeyHandleInvalid)
 # After the token went away and came back, SoftHSM keeps a stale view of it: objects look "missing"
 # and new sessions fail until C_Finalize + C_Initialize. At most this often, a store renews its
@@ -108,176 +104,6 @@ _RSA_HASH_MECHS = {
     "sha512": Mechanism.SHA512_RSA_PKCS,
 }
 _CURVE_NAMES = {"EC-P256": "secp256r1", "EC-P384": "secp384r1", "EC-P521": "secp521r1"}
-
-
-# ---- process-wide state: one loaded module per path, one login per token -------------------------
-
-_libs: dict[str, pkcs11.lib] = {}
-_threadsafe: dict[str, bool] = {}
-_call_locks: dict[str, threading.Lock] = {}
-_logins: dict[tuple[str, bytes], pkcs11.Session] = {}
-_global_lock = threading.RLock()
-
-_CKF_OS_LOCKING_OK = 0x02
-
-
-class _InitArgs(ctypes.Structure):  # CK_C_INITIALIZE_ARGS
-    _fields_ = [
-        ("CreateMutex", ctypes.c_void_p),
-        ("DestroyMutex", ctypes.c_void_p),
-        ("LockMutex", ctypes.c_void_p),
-        ("UnlockMutex", ctypes.c_void_p),
-        ("flags", ctypes.c_ulong),
-        ("pReserved", ctypes.c_void_p),
-    ]
-
-
-class _FunctionListHead(ctypes.Structure):  # the first members of CK_FUNCTION_LIST
-    _fields_ = [
-        ("version", ctypes.c_ubyte * 2),
-        ("C_Initialize", ctypes.c_void_p),
-        ("C_Finalize", ctypes.c_void_p),
-    ]
-
-
-def _initialize_with_os_locking(path: str) -> bool:
-    """Re-run C_Initialize telling the module that this application is multi-threaded.
-
-    python-pkcs11 always calls C_Initialize(NULL), which per PKCS#11 lets a module assume it is never
-    called from two threads at once; SoftHSM then really switches its internal mutexes off and
-    crashes (SIGSEGV) under concurrent C_Sign. Called right after loading, before any session
-    exists: C_Finalize, then C_Initialize with CKF_OS_LOCKING_OK. Returns False if the module cannot
-    lock (CKR_CANT_LOCK) or this fails; the module is then initialised as before and every call into
-    it is serialised by the key store.
-    """
-    try:
-        dll = ctypes.CDLL(path)  # same handle as python-pkcs11's dlopen of the same file
-        get_list = dll.C_GetFunctionList
-        get_list.restype = ctypes.c_ulong
-        get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionListHead))]
-        flist = ctypes.POINTER(_FunctionListHead)()
-        if get_list(ctypes.byref(flist)) != 0 or not flist:
-            return False
-        init = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)(flist.contents.C_Initialize)
-        final = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)(flist.contents.C_Finalize)
-    except (OSError, AttributeError, ValueError):
-        return False
-    final(None)
-    args = _InitArgs(None, None, None, None, _CKF_OS_LOCKING_OK, None)
-    if init(ctypes.byref(args)) == 0:
-        return True
-    init(None)
-    return False
-
-
-def load_library(module_path: str) -> pkcs11.lib:
-    """The PKCS#11 module at `module_path`, loaded and initialised once per process.
-
-    SoftHSM reads SOFTHSM2_CONF here (at C_Initialize): set it before the first call.
-    """
-    path = os.path.realpath(module_path)
-    with _global_lock:
-        lib = _libs.get(path)
-        if lib is None:
-            if not os.path.isfile(path):
-                raise SignerUnavailable(f"PKCS#11 module {module_path} does not exist")
-            try:
-                lib = pkcs11.lib(path)
-            except px.PKCS11Error as e:
-                raise SignerUnavailable(f"PKCS#11 module {module_path} cannot be loaded: {_describe(e)}") from None
-            _libs[path] = lib
-            _call_locks[path] = threading.Lock()
-            _threadsafe[path] = _initialize_with_os_locking(path)
-            if not _threadsafe[path]:
-                log.warning("PKCS#11 module %s cannot lock for threads: calls into it are serialised", path)
-        elif not lib.initialized:
-            lib.initialize()
-            _threadsafe[path] = _initialize_with_os_locking(path)
-        return lib
-
-
-def reinitialize_library(module_path: str) -> None:
-    """C_Finalize + C_Initialize (with OS locking): every session and login of the process dies.
-
-    Key stores recover on their next call. Use this instead of python-pkcs11's lib.reinitialize(),
-    which re-initialises without locking.
-    """
-    path = os.path.realpath(module_path)
-    with _global_lock:
-        if path in _libs:
-            _threadsafe[path] = _initialize_with_os_locking(path)
-            for key in [k for k in _logins if k[0] == path]:
-                _logins.pop(key, None)  # C_Finalize ended every login
-
-
-def _call_lock(path: str) -> threading.Lock | contextlib.nullcontext:
-    return contextlib.nullcontext() if _threadsafe.get(path, False) else _call_locks[path]
-
-
-def is_loaded(module_path: str) -> bool:
-    with _global_lock:
-        return os.path.realpath(module_path) in _libs
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _rv(e: px.PKCS11Error) -> int | None:
-    """The CKR_ code of an error python-pkcs11 did not map to a class of its own ("Unmapped error code 0x68")."""
-    m = re.search(r"Unmapped error code (0x[0-9a-fA-F]+)", str(e))
-    return int(m.group(1), 16) if m else None
-
-
-def _is_dead(e: BaseException) -> bool:
-    """True if the error means the session/login/library state is gone (reopen), not a bad request."""
-    if isinstance(e, _DEAD):
-        return True
-    # python-pkcs11 maps CKR_CRYPTOKI_NOT_INITIALIZED to a bare PKCS11Error with this text
-    return type(e) is px.PKCS11Error and "not initialized" in str(e)
-
-
-def _session_alive(session: pkcs11.Session) -> bool:
-    try:
-        session.generate_random(64)
-        return True
-    except px.PKCS11Error:
-        return False
-
-
-def _ensure_login(lib_path: str, token: pkcs11.Token, pin: str) -> None:
-    """Log the application in to `token` once; the login session stays open for the process."""
-    key = (lib_path, bytes(token.serial))
-    with _global_lock:
-        sess = _logins.get(key)
-        if sess is not None:
-            if _session_alive(sess):
-                return
-            _logins.pop(key, None)
-        try:
-            _logins[key] = token.open(user_pin=pin)
-        except px.UserAlreadyLoggedIn:
-            # Somebody else in this process logged in with its own session; that login is ours too.
-            # (python-pkcs11 leaves the just-opened session open; it is closed at C_Finalize.)
-            log.info("PKCS#11 token %r: user already logged in", token.label)
-        except (px.PinIncorrect, px.PinInvalid, px.PinLenRange) as e:
-            raise SignerUnavailable(f"PKCS#11 token {token.label!r} rejected the PIN ({type(e).__name__})") from None
-        except (px.PinLocked, px.PinExpired) as e:
-            raise SignerUnavailable(f"PKCS#11 token {token.label!r}: user PIN is {type(e).__name__[3:].lower()}") from None
-
-
-def _forget_login(lib_path: str, token: pkcs11.Token | None) -> None:
-    if token is None:
-        return
-    with _global_lock:
-        try:
-            key = (lib_path, bytes(token.serial))
-        except Exception:  # noqa: BLE001 - the token object may be unusable itself
-            return
-        sess = _logins.get(key)
-        if sess is not None and not _session_alive(sess):
-            _logins.pop(key, None)
 
 
 # ---- key refs -----------------------------------------------------------------------------------
@@ -311,59 +137,6 @@ class Pkcs11Signer(StoreSigner):
         super().__init__(store, key_ref, public)
         self.label = label
         self.key_id = key_id
-
-
-class _Waiter:
-    __slots__ = ("event", "lease")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.lease: _Lease | None = None
-
-
-class _FairPool:
-    """Free sessions plus a FIFO of waiting threads; a released session goes straight to the
-    longest waiter. (queue.Queue lets the releasing thread grab it back at once, which starved
-    waiters for ~1 s at p99 with 16 threads on 4 sessions.)"""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._free: list[_Lease] = []
-        self._waiters: collections.deque[_Waiter] = collections.deque()
-
-    def put(self, lease: _Lease) -> None:
-        with self._lock:
-            if self._waiters:
-                w = self._waiters.popleft()
-                w.lease = lease
-                w.event.set()
-            else:
-                self._free.append(lease)
-
-    def get(self, timeout: float) -> _Lease | None:
-        with self._lock:
-            if self._free and not self._waiters:
-                return self._free.pop()
-            w = _Waiter()
-            self._waiters.append(w)
-        w.event.wait(timeout)
-        with self._lock:
-            if w.lease is not None:
-                return w.lease
-            self._waiters.remove(w)
-            return None
-
-    def drain(self) -> list[_Lease]:
-        with self._lock:
-            free, self._free = self._free, []
-            return free
-
-
-@dataclass(eq=False)
-class _Lease:
-    session: pkcs11.Session
-    generation: int
-    keys: dict[bytes, pkcs11.PrivateKey] = field(default_factory=dict)
 
 
 class Pkcs11KeyStore:
@@ -747,14 +520,6 @@ class Pkcs11KeyStore:
         for lease in leases:
             self._pool.put(lease)
         self._broken = None
-
-
-def _close_quietly(session: pkcs11.Session, lib_path: str) -> None:
-    try:
-        with _call_lock(lib_path):
-            session.close()
-    except Exception:  # noqa: BLE001 - a dead session may refuse to close; nothing to do about it
-        pass
 
 
 # ---- public keys out of PKCS#11 objects -------------------------------------------------------------

@@ -71,7 +71,7 @@ def find_module() -> str:
 
 def _module_loaded(module: str) -> bool:
     """Has this process already loaded (and so configured) the SoftHSM module?"""
-    signing = sys.modules.get("functions.signing.pkcs11")
+    signing = sys.modules.get("functions.signing.pkcs11_module")
     return True if signing is None and "pkcs11" in sys.modules else bool(signing and signing.is_loaded(module))
 
 
