@@ -27,18 +27,14 @@ def audit_entries(context, tid: str, since: float) -> list:
     return context.service.store.list_audit(tid, since=since - 1)
 
 
-def test_health_checks_storage_and_signs_with_every_current_ca(client, context, oidc):
+def test_health_checks_storage_and_signs_with_the_current_ca_keys(client, demo_policy):
     r = client.get("/api/health")
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["checks"] == {"storage": "ok", "signer": "ok"}
-    # every current CA key this deployment's HSM holds signed the probe (other modules' tests also
-    # store Key Vault policies in this tenant, which the SoftHSM-backed service cannot sign for)
-    ours = {p.current_ca.fingerprint for tid in context.settings.tenants
-            for p in context.service.store.list_policies(tid)
-            if not p.deleted and p.current_ca and p.current_ca.backend == context.settings.signer_backend}
-    probed = {fp: v for fp, v in body["ca_keys"].items() if fp in ours}
-    assert probed and set(probed.values()) == {"ok"}
+    # counts only (an unauthenticated caller learns no tenant's keys); the demo policy's key signed
+    assert set(body["ca_keys"]) == {"ok", "unavailable"} and body["ca_keys"]["ok"] >= 1
+    assert "SHA256:" not in r.text and demo_policy.id not in r.text
 
 
 def test_client_config_tells_the_cli_how_to_sign_in(client, oidc):
