@@ -32,6 +32,16 @@ def alice(tmp_path_factory, api_server, sshd, oidc):
     return env
 
 
+@pytest.fixture(scope="module")
+def carol(tmp_path_factory, api_server, oidc):
+    home = tmp_path_factory.mktemp("hostcert-carol")
+    env = cli_env(home)
+    assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env).returncode == 0
+    r = run_cli(["login"], env, username="carol", ca_path=oidc.ca_path)
+    assert r.returncode == 0, r.stderr
+    return env
+
+
 def own_known_hosts() -> Path:
     """The ~/.ssh/known_hosts ssh reads (OpenSSH expands ~ from the password database, not $HOME)."""
     return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh" / "known_hosts"
@@ -49,11 +59,15 @@ def ssh_args(port: int) -> list[str]:
     return ["alice@127.0.0.1", "-p", str(port), "-o", "BatchMode=yes", "whoami"]
 
 
-def test_a_host_set_up_with_a_token_is_trusted_by_its_certificate(make_host, alice, client, auth):
+def test_a_host_set_up_with_a_token_is_trusted_by_its_certificate(make_host, alice, carol, client, auth):
     host = make_host()
-    script = client.get("/api/policies/demo/host-setup", headers=auth("carol")).text
-    token = client.post("/api/policies/demo/host-tokens", headers=auth("carol"),
-                        json={"hosts": ["127.0.0.1"]}).json()["token"]
+    script = run_cli(["policy", "host-setup", "demo"], carol).stdout
+    minted = run_cli(["hosts", "token", "--policy", "demo", "--ttl", "10m", "127.0.0.1"], carol)
+    assert minted.returncode == 0, minted.stderr
+    token = minted.stdout.strip()
+    assert token.startswith("ezh_") and "EZSSH_ENROL_TOKEN=" in minted.stderr
+    refused = run_cli(["hosts", "token", "--policy", "demo", "db1.example.com"], carol)
+    assert refused.returncode != 0 and "outside" in refused.stderr
     done = host.run_setup(script, EZSSH_ENROL_TOKEN=token)
     assert done.returncode == 0, done.stderr
     host.wait_reloaded()
@@ -106,3 +120,18 @@ def test_a_revoked_host_certificate_is_refused(alice, state_dir, demo_policy, co
         assert "revoked" in refused.stderr and "host certificate was revoked" in refused.stderr
     finally:
         box.stop()
+
+
+def test_policy_ca_and_rotation_of_the_host_ca_from_the_cli(carol, client, auth, oidc):
+    doc = {"id": "hc-rotate", "rules": [{"groups": [oidc.group_id("contoso", "ezssh-users")], "action": "auto"}],
+           "hosts": ["rot-*"], "principals": ["{username}"]}
+    assert client.post("/api/policies", headers=auth("carol"), json=doc).status_code == 201
+    user_ca = run_cli(["policy", "ca", "hc-rotate"], carol).stdout
+    host_ca = run_cli(["policy", "ca", "--host", "hc-rotate"], carol).stdout
+    assert host_ca == client.get("/api/policies/hc-rotate/ca?kind=host", headers=auth("carol")).text
+    assert host_ca.split()[1] != user_ca.split()[1]
+    r = run_cli(["policy", "rotate-ca", "--host", "hc-rotate"], carol)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[1].split()[1] == host_ca.split()[1]  # the old one still trusted, second
+    assert run_cli(["policy", "ca", "hc-rotate"], carol).stdout == user_ca  # the user CA did not move

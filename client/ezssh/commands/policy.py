@@ -154,15 +154,22 @@ def cmd_delete(args) -> int:
 
 def cmd_rotate_ca(args) -> int:
     api = Ctx().api
-    p = _conditional(api, "POST", args.id, args.if_match or "", suffix="/rotate-ca").json()
-    trusted = [c for c in p.get("ca") or [] if c.get("state") == "current"] + \
-              [c for c in p.get("ca") or [] if c.get("state") == "previous"]
+    kind = "host_ca" if args.host else "ca"
+    p = _conditional(api, "POST", args.id, args.if_match or "",
+                     suffix="/rotate-ca" + ("?kind=host" if args.host else "")).json()
+    trusted = [c for c in p.get(kind) or [] if c.get("state") == "current"] + \
+              [c for c in p.get(kind) or [] if c.get("state") == "previous"]
     if args.json:
         out_json(p)
     else:
         sys.stdout.write("".join(c.get("public_key", "").strip() + "\n" for c in trusted))
     new = trusted[0] if trusted else {}
     prev = [f"{c.get('fingerprint')} (until {fmt_time(c.get('retire_after'))})" for c in trusted[1:]]
+    if args.host:
+        err(f"Rotated the host CA of policy {args.id}: new key {new.get('fingerprint', '?')} signs host certificates "
+            "from now on" + (f"; still trusted: {', '.join(prev)}" if prev else "") +
+            ". Clients pick the lines up with their next refresh (ezssh hosts trust).")
+        return OK
     err(f"Rotated the CA of policy {args.id}: new key {new.get('fingerprint', '?')} signs from now on"
          + (f"; still trusted: {', '.join(prev)}" if prev else "") +
          ". Give hosts all of these lines (`ezssh policy ca " + args.id + "`).")
@@ -209,7 +216,7 @@ def _add_field_flags(c, *, with_id: bool) -> None:
 
 
 def cmd_ca(args) -> int:
-    resp = Ctx().api.call("GET", f"{_path(args.id)}/ca", ok=(200,))
+    resp = Ctx().api.call("GET", f"{_path(args.id)}/ca", params={"kind": "host"} if args.host else None, ok=(200,))
     text = resp.text if resp.text.endswith("\n") or not resp.text else resp.text + "\n"
     sys.stdout.write(text)
     return OK
@@ -230,6 +237,7 @@ def register(sub, fmt) -> None:
     ps = pol.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
     c = ps.add_parser("ca", help="print the policy's CA public keys (one OpenSSH key per line)")
     c.add_argument("id", metavar="ID")
+    c.add_argument("--host", action="store_true", help="the host CA (what clients trust hosts by) instead")
     c.set_defaults(func=cmd_ca)
     c = ps.add_parser("host-setup", help="print the setup script that makes a host trust the policy")
     c.add_argument("id", metavar="ID")
@@ -276,5 +284,6 @@ def register(sub, fmt) -> None:
                       formatter_class=fmt, epilog="Prints the CA lines hosts should trust now (as `ezssh policy ca`).\n\n" + epilog)
     c.add_argument("id", metavar="ID")
     c.add_argument("--if-match", metavar="ETAG", help="rotate only if the policy still has this ETag")
+    c.add_argument("--host", action="store_true", help="rotate the host CA (signs host certificates) instead")
     c.add_argument("--json", action="store_true", help="print the policy as JSON instead of the CA lines")
     c.set_defaults(func=cmd_rotate_ca)
