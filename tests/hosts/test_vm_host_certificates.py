@@ -12,23 +12,16 @@ from dataclasses import replace
 
 import pytest
 
-from tests.standins.arm import ArmStandIn, StaticTokenCredential
+from tests.standins.arm import StaticTokenCredential
 
 from .sandbox import user_key
 from .test_enrolment import Clock, host_vm, queue_worker
 from .test_host_certificates import strict_login
 
-SUB = "9d2c71aa-3f0e-4c55-8b1a-6e0f5a4b3c21"  # this module's own subscription
+SUB = "9d2c71aa-3f0e-4c55-8b1a-6e0f5a4b3c21"  # this module's own subscription (the `arm` fixture serves it)
 RG, RG_NAMES = "rg-hostcerts", "rg-names"
 CONTOSO = "1ff8d19a-512a-4382-b7c7-72836fd919c4"  # infra/local/oidc/users.json
 SCOPES = ",".join(f"{CONTOSO}=/subscriptions/{SUB}/resourceGroups/{rg}" for rg in (RG, RG_NAMES))
-
-
-@pytest.fixture(scope="module")
-def arm():
-    a = ArmStandIn(subscription=SUB).start()
-    yield a
-    a.stop()
 
 
 @pytest.fixture(scope="module")
