@@ -1,9 +1,9 @@
 """One deadline per API request, shared by every storage and signer call the request makes.
 
-The API sets it (`within(seconds)`) around each request; the Table Storage pipeline reads it before
-each attempt (`storage_hook`, installed through azure-core's `raw_request_hook`): every attempt's
-connect and read timeouts are cut to what is left, and no attempt starts once it has passed. A hung
-store then costs a caller at most the deadline, not one read timeout per retry.
+The API sets it (`within(seconds)`) around each request; the Table Storage and Key Vault pipelines
+read it before each attempt (`deadline_hook`, installed through azure-core's `raw_request_hook`):
+every attempt's connect and read timeouts are cut to what is left, and no attempt starts once it has
+passed. A hung store or vault then costs a caller at most the deadline, not one read timeout per retry.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def remaining() -> float | None:
     return None if d is None else d - time.monotonic()
 
 
-def storage_hook(request: Any) -> None:
+def deadline_hook(request: Any) -> None:
     """azure-core raw_request_hook: fit this attempt into what is left of the deadline."""
     left = remaining()
     if left is None:

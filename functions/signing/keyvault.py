@@ -72,6 +72,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
 from functions.core.errors import CaKeyNotFound, InvalidRequest, SignerUnavailable
+from functions.deadline import deadline_hook
 from functions.signing.keyvault_errors import _one_line, _translate
 from functions.signing.base import (
     DEFAULT_KIND,
@@ -489,6 +490,7 @@ class KeyVaultKeyStore:
             "transport": self._transport,
             "retry_policy": _RetryPolicy(**self._retry),  # one per client: a pipeline links its policies
             "verify_challenge_resource": self._verify_challenge,
+            "raw_request_hook": deadline_hook,  # the API request's deadline bounds every attempt
         }
         if self._api_version:
             kwargs["api_version"] = self._api_version

@@ -45,7 +45,7 @@ from azure.core.exceptions import (
 from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
 
 from ..core.approval import Approval, RequestRecord, request_id_of_serial, serial_floor, serial_of_request_id
-from ..deadline import storage_hook
+from ..deadline import deadline_hook
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed, StorageUnavailable
 from ..core.policy import Policy, policy_from_row
@@ -59,7 +59,7 @@ UNAUTHENTICATED = "_unauthenticated"
 # A user waits on every call: retry briefly, then answer 503 rather than hang for azure-core's
 # default of ten retries with exponential backoff.
 CLIENT_OPTIONS = dict(retry_total=3, retry_backoff_factor=0.2, retry_backoff_max=2, connection_timeout=5,
-                      read_timeout=20, raw_request_hook=storage_hook)
+                      read_timeout=20, raw_request_hook=deadline_hook)
 
 
 def _serial_key(serial: int) -> str:
