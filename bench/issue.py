@@ -200,7 +200,8 @@ def _proc_cpu(pid: int) -> float:
 
 
 def http_load(port: int, token: str, n: int, conc: int, *, pid: int | None, name: str,
-              body: Callable[[int], dict] | None = None, path: str = "/api/requests", want: int = 201) -> Row:
+              body: Callable[[int], dict] | None = None, path: str = "/api/requests", want: int = 201,
+              keyed: bool = False) -> Row:
     """n POSTs over keep-alive HTTP/1.1 (http.client, one connection per client thread)."""
     keys = fresh_keys(n + 2 * conc)
     body = body or (lambda i: {"host": "127.0.0.1", "principal": "alice", "public_key": keys[i]})
@@ -215,8 +216,9 @@ def http_load(port: int, token: str, n: int, conc: int, *, pid: int | None, name
         if conn is None:
             conn = local.c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         data = json.dumps(body(i)).encode()
+        h = {**headers, "Idempotency-Key": secrets.token_hex(16)} if keyed else headers
         s = time.perf_counter()
-        conn.request("POST", path, data, headers)
+        conn.request("POST", path, data, h)
         r = conn.getresponse()
         text = r.read()
         d = time.perf_counter() - s
@@ -298,7 +300,7 @@ def _resolve(spec: str) -> Any:
 
 
 def inprocess(ctx: Any, token: str, n: int, *, storage_port: int, kv_port: int | None = None,
-              counter: HttpCounter) -> dict:
+              counter: HttpCounter, keyed: bool = False) -> dict:
     """n auto-approved issuances through the service (token -> certificate recorded), measured."""
     from functions.core.policy import AccessRequest
 
@@ -313,8 +315,9 @@ def inprocess(ctx: Any, token: str, n: int, *, storage_port: int, kv_port: int |
     req = AccessRequest(host="127.0.0.1", principal="alice")
     header = "Bearer " + token
     try:
+        idem = (lambda: secrets.token_hex(16)) if keyed else (lambda: None)
         for k in keys[n:]:  # warm
-            ctx.service.issuance.request_access(ctx.validator.validate(header), req, k)
+            ctx.service.issuance.request_access(ctx.validator.validate(header), req, k, idem())
         meter.reset()
         counter.reset()
         per: list[float] = []
@@ -323,7 +326,7 @@ def inprocess(ctx: Any, token: str, n: int, *, storage_port: int, kv_port: int |
         t0 = time.perf_counter()
         for k in keys[:n]:
             c0, w0 = time.process_time(), time.perf_counter()
-            out = ctx.service.issuance.request_access(ctx.validator.validate(header), req, k)
+            out = ctx.service.issuance.request_access(ctx.validator.validate(header), req, k, idem())
             per.append(time.process_time() - c0)
             wall.append(time.perf_counter() - w0)
             assert out.status == "issued", out.status
@@ -467,6 +470,7 @@ def main() -> int:
     ap.add_argument("--baseline", type=int, default=100, help="ssh-keygen -s processes")
     ap.add_argument("--approvals", type=int, default=40)
     ap.add_argument("--kv-latency", type=float, default=0.020, help="seconds the Key Vault stand-in waits per call")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes for the API")
     ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of in-process issuances, then stop")
     args = ap.parse_args()
@@ -484,7 +488,8 @@ def main() -> int:
     counter = HttpCounter()
     with tempfile.TemporaryDirectory(prefix="ezssh-bench-") as tmp:
         work = Path(tmp)
-        stack = up(work / "state", Ports(free_port(), free_port(), free_port(), free_port()), with_sshd=False)
+        stack = up(work / "state", Ports(free_port(), free_port(), free_port(), free_port()), with_sshd=False,
+                   api_workers=args.workers)
         procs = []
         kv = None
         try:
@@ -508,6 +513,10 @@ def main() -> int:
 
             ip = inprocess(ctx, alice, args.inproc, storage_port=stack.ports.azurite, counter=counter)
             print_inprocess("ezssh CPU per auto-approved issuance, in-process (SoftHSM CA)", ip, kp50)
+            ipk = inprocess(ctx, alice, max(20, args.inproc // 3), storage_port=stack.ports.azurite, counter=counter,
+                            keyed=True)
+            print(f"  with an Idempotency-Key: {ipk['cpu'] * 1000:.3f} ms CPU, storage writes "
+                  f"{ipk['storage_writes']:.2f}, reads {ipk['storage_reads']:.2f} per issuance")
             if args.profile:
                 profile(ctx, alice, args.inproc)
                 return 0
@@ -523,6 +532,8 @@ def main() -> int:
             for conc in (1, 16, 32):
                 http_rows.append(http_load(stack.ports.api, alice, args.requests, conc, pid=stack.api.pid,
                                            name="ezssh POST /api/requests"))
+            keyed_row = http_load(stack.ports.api, alice, args.requests, 16, pid=stack.api.pid,
+                                  name="ezssh POST, with Idempotency-Key", keyed=True)
             print(f"  HTTP runs done (load {load()})", flush=True)
             appr, steps = approval_path(stack.ports.api, alice, bob, args.approvals, "bench-approval")
 
@@ -562,7 +573,7 @@ def main() -> int:
     # ---- the table ----
     base_rate = keygen["rate"]
     print(f"\nResults ({os.cpu_count()} cores; load average at start {load_start}, at end {load_end}; "
-          f"API: uvicorn, 1 worker; Azurite; SoftHSM EC P-256 CA unless noted)")
+          f"API: uvicorn, {args.workers} worker(s); Azurite; SoftHSM EC P-256 CA unless noted)")
     print(f"{'what':42s} {'conc':>4s} {'n':>5s} {'p50 ms':>8s} {'p99 ms':>8s} {'per s':>8s} "
           f"{'p50/base':>8s} {'rate/base':>9s} {'srv CPU ms':>10s}")
 
@@ -573,7 +584,7 @@ def main() -> int:
               f"{p50 / (kp50 * 1000):7.2f}x {r['rate'] / base_rate:8.2f}x "
               f"{(f'{cpu * 1000:10.2f}' if cpu is not None else '')}")
 
-    for r in [keygen, *azure_rows, *http_rows, appr, *kv_rows]:
+    for r in [keygen, *azure_rows, *http_rows, keyed_row, appr, *kv_rows]:
         line(r)
     print(f"  approval steps p50: request {steps['request'] * 1000:.1f} ms, approve {steps['approve'] * 1000:.1f} ms, "
           f"certificate {steps['certificate'] * 1000:.1f} ms")
