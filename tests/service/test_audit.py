@@ -52,6 +52,20 @@ def test_from_the_sshd_log_line_to_the_request(service, two_policies):
     assert service.audit.query(CAROL, serial="1") == []
 
 
+def test_the_sshd_log_line_finds_its_certificate_at_any_age(service, two_policies, clock):
+    """The key id and the serial name the request (its id is the serial), so a login from last
+    month is found without a time window; unknown ones fall back to the last day and find nothing."""
+    web, db = two_policies
+    clock.now = T0 + 30 * 24 * 3600
+    for kw in (dict(key_id=web.certificate.key_id), dict(serial=str(web.certificate.serial)),
+               dict(key_id=web.certificate.key_id, serial=str(web.certificate.serial))):
+        hits = service.audit.query(CAROL, **kw)
+        assert [(e.action, e.request_id) for e in hits] == [("certificate.issued", web.request.id)], kw
+    assert service.audit.query(PAT, serial=str(db.certificate.serial)) == []  # not pat's policy
+    assert service.audit.query(CAROL, serial=str(web.certificate.serial + 1)) == []
+    assert service.audit.query(CAROL, key_id="ezssh/web/not-a-request/alice@contoso.test") == []
+
+
 def test_the_default_window_is_the_last_day_and_limit_keeps_the_newest(service, two_policies, clock):
     everything = service.audit.query(CAROL, since=0)
     assert len(everything) >= 6  # two policies created, two requests with their certificates
