@@ -366,6 +366,8 @@ def profile(ctx: Any, token: str, n: int, top: int = 30) -> None:
     print(f"\ncProfile, {n} in-process issuances (own time, then cumulative):")
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
     pstats.Stats(prof).sort_stats("cumulative").print_stats(top)
+    print("Regular expressions compiled during the run (should be none: compile once, at import):")
+    pstats.Stats(prof).print_callers(r"re/_compiler.py.*\(compile\)|re/__init__.py.*\(_compile\)")
 
 
 def print_inprocess(title: str, r: dict, keygen_p50: float) -> None:
