@@ -86,3 +86,28 @@ def test_deleting_a_byok_policy_stops_issuance_but_leaves_the_customers_key(kv, 
     with pytest.raises(NoPolicyForHost):
         kv_service.issuance.request_access(alice, AccessRequest(host="byok-1", principal="alice", policy_id="byok-del"), pub())
     assert kv_service.keys.verify_key(kid).key_ref == kid  # still enabled: it is the customer's key
+
+
+def test_the_host_ca_may_be_the_customers_own_key_too(kv, kv_service, oidc, tmp_path):
+    """`host_ca_key_id` names the customer's key for host certificates; it must differ from the user CA."""
+    import subprocess
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    carol = identity_of(oidc, "carol")
+    user_kid, host_kid = kv.add_key("customer-user-ca"), kv.add_key("customer-host-ca")
+    with pytest.raises(InvalidRequest, match="another key"):
+        kv_service.policies.create(carol, {**doc(oidc, "byok-same", user_kid), "host_ca_key_id": user_kid})
+    p = kv_service.policies.create(carol, {**doc(oidc, "byok-host", user_kid), "host_ca_key_id": host_kid})
+    assert p.current_host_ca.key_ref == host_kid and p.current_host_ca.customer_owned
+    token, _ = kv_service.hostcerts.mint_token(carol, "byok-host", ["byok-7"])
+    key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                          serialization.PublicFormat.OpenSSH).decode()
+    issued = kv_service.hostcerts.issue_with_token(carol.tid, "byok-host", token, [key])
+    cert = issued.certificates[0][0]
+    assert cert.ca_fingerprint == p.current_host_ca.fingerprint
+    f = tmp_path / "byok-7-cert.pub"
+    f.write_text(cert.openssh + "\n")
+    out = subprocess.run(["ssh-keygen", "-L", "-f", str(f)], capture_output=True, text=True, check=True).stdout
+    assert "host certificate" in out and "byok-7" in out
