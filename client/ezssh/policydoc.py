@@ -15,11 +15,11 @@ from .output import fmt_time
 EDITABLE_FIELDS = (
     "id", "name", "rules", "hosts", "principals", "approvers", "approvals_required", "admins",
     "default_ttl", "max_ttl", "request_ttl", "extensions", "force_command", "source_address",
-    "webhook_url", "webhook_format",
+    "webhook_url", "webhook_format", "host_cert_ttl",
 )
 # What `policy show --json` adds that the service sets itself: dropped from documents read with -f.
 READ_ONLY_FIELDS = ("etag", "you", "ca", "host_ca", "tenant_id", "deleted", "host_token")
-TTL_FIELDS = ("default_ttl", "max_ttl", "request_ttl")
+TTL_FIELDS = ("default_ttl", "max_ttl", "request_ttl", "host_cert_ttl")
 LIST_FIELDS = ("hosts", "principals", "extensions", "source_address")
 SUBJECT_FIELDS = ("approvers", "admins")
 STRING_FIELDS = ("name", "force_command", "webhook_url", "webhook_format")
@@ -253,11 +253,13 @@ def render_policy(p: dict) -> str:
     scalar("webhook_url", p.get("webhook_url"))
     if p.get("webhook_url"):
         scalar("webhook_format", p.get("webhook_format") or "guess from the URL")
-    cas = []
-    for c in p.get("ca") or []:
-        when = f"created {fmt_time(c.get('created_at'), seconds=False)}"
-        if c.get("state") == "previous" and c.get("retire_after"):
-            when += f", trusted until {fmt_time(c.get('retire_after'), seconds=False)}"
-        cas.append(f"{c.get('state', '?'):8}  {c.get('fingerprint', '?')}  ({when})")
-    items("ca", cas)
+    for field in ("ca", "host_ca"):
+        cas = []
+        for c in p.get(field) or []:
+            when = f"created {fmt_time(c.get('created_at'), seconds=False)}"
+            if c.get("state") == "previous" and c.get("retire_after"):
+                when += f", trusted until {fmt_time(c.get('retire_after'), seconds=False)}"
+            cas.append(f"{c.get('state', '?'):8}  {c.get('fingerprint', '?')}  ({when})")
+        if field == "ca" or cas:
+            items(field, cas)
     return "\n".join(lines) + "\n"
