@@ -56,16 +56,21 @@ class Issuance:
         if idempotency_key is not None:
             with self.base.refusing(who, "request.refused", host=req.host, principal=req.principal):
                 idem = self._idempotency(who, req, public_key, idempotency_key)
-                replay = self._replay(who, idem)
-            if replay is not None:
-                return replay
+        # Optimistic: the first attempt writes at once (its key in the same transaction); only a
+        # write that finds the key taken - a retry, or a concurrent twin - reads the first answer.
         try:
             return self._request_access(who, req, public_key, idem, fresh=False)
         except Conflict:
             replay = self._replay(who, idem) if idem is not None else None
             if replay is None:
                 raise
-            return replay  # a concurrent retry of the same attempt won the write
+            return replay
+        except EzsshError as exc:
+            # refused now (the policy changed since?) but answered before: the recorded answer stands
+            replay = self._replay(who, idem) if idem is not None and exc.status < 500 else None
+            if replay is None:
+                raise
+            return replay
 
     def _idempotency(self, who: Identity, req: AccessRequest, public_key: str | None, key: str) -> IdempotencyRecord:
         if not IDEMPOTENCY_KEY_RE.match(key):

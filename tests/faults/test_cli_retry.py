@@ -54,8 +54,8 @@ def _batch_plan(actions: list[str]):  # type: ignore[no-untyped-def]
     # the service's own 1 + 3 tries fail: 503; the CLI's second attempt writes
     ([FAIL] * 4, 5),
     # the first write lands but its answer is lost (a POST is not retried on a lost answer): 503;
-    # the CLI's retry is answered from the idempotency record, with no second write
-    ([LOSE] + [FAIL] * 3, 1),
+    # the CLI's retry writes again (1 + 3 tries), finds its key taken, and gets the first answer
+    ([LOSE] + [FAIL] * 3, 5),
 ], ids=["unavailable", "answer-lost"])
 def test_a_503_is_retried_with_the_same_key_and_yields_one_certificate(cli_via_proxy, azurite, oidc, actions, writes):
     proxy, home = cli_via_proxy
