@@ -131,6 +131,10 @@ class HostCerts:
                 tok = b.store.get_host_enrolment_token(tid, token_hash(token))
             except NotFound:
                 raise ProofRefused("The enrolment token is not valid.") from None
+        # A real token of this tenant: what happens from here on is the tenant's to read.
+        with self._refusing_in(tid, None, policy_id=pid,
+                               details={"proof": "token", "token_id": tok.token_hash[:12],
+                                        "token_created_by": tok.created_by_upn, "hosts": list(tok.hosts)}):
             now = b.now()
             if tok.policy_id != pid:
                 raise ProofRefused("The enrolment token is not valid for this policy.")
@@ -172,6 +176,10 @@ class HostCerts:
                 ch = b.store.get_host_challenge(tid, challenge_id)
             except NotFound:
                 raise ProofRefused("The challenge is not valid.") from None
+        # A challenge this tenant's service issued: a refusal from here on (a signature by another
+        # key, say) is the tenant's to read.
+        with self._refusing_in(tid, None, policy_id=pid,
+                               details={"proof": "renewal", "challenge": ch.id, "fingerprints": list(ch.fingerprints)}):
             now = b.now()
             if ch.policy_id != pid:
                 raise ProofRefused("The challenge is not valid for this policy.")
@@ -273,6 +281,8 @@ class HostCerts:
                     self.base.store.add_audit(entry)
                 except Exception:  # noqa: BLE001 - never hide the refusal behind a storage failure
                     log.warning("could not record host certificate refusal %s", exc.code)
+                event(log, "host_certificate.refused", error=exc.code, tenant=tenant_id,
+                      policy=fields.get("policy_id"), detail=exc.message)
             else:
                 self.base.refuse(None, exc, "host_certificate.refused", **fields)
             raise

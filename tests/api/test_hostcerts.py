@@ -59,8 +59,10 @@ def fp_of(line: str, tmp: Path) -> str:
     return subprocess.run(["ssh-keygen", "-l", "-f", str(f)], capture_output=True, text=True, check=True).stdout.split()[1]
 
 
-def refusals(context, since: float, code: str) -> list:
-    return [e for e in context.service.store.list_audit("_unauthenticated", since=since, limit=100000)
+def refusals(context, since: float, code: str, partition: str = "_unauthenticated") -> list:
+    """Host refusals: in the tenant's log once the host presented a real token or challenge of it,
+    else in the unauthenticated partition."""
+    return [e for e in context.service.store.list_audit(partition, since=since, limit=100000)
             if e.action == "host_certificate.refused" and e.error_code == code]
 
 
@@ -142,7 +144,9 @@ def test_token_enrolment_issues_host_certificates_for_the_token_names(client, au
     again = enrol(client, tenant, tok["token"], [pub(keys["ed25519"])])
     assert again.status_code == 403 and again.json()["error"] == "host_proof_refused"
     assert "already used" in again.json()["message"]
-    assert refusals(context, since, "host_proof_refused")
+    [reuse] = [e for e in refusals(context, since, "host_proof_refused", tenant)
+               if e.details.get("token_id") == tok_id(tok["token"])]
+    assert reuse.details["token_created_by"] == "carol@contoso.test" and reuse.policy_id == "demo"
 
 
 def tok_id(token: str) -> str:
@@ -181,12 +185,14 @@ def test_bad_host_input_is_refused_and_issues_nothing(client, auth, tenant, tmp_
         since = time.time() - 1
         r = enrol(client, tenant, tok, keys)
         assert r.status_code == 400 and r.json()["error"] == code, (code, r.text)
-        assert refusals(context, since, code)
+        assert refusals(context, since, code, tenant)  # a real token: the tenant's admins see it
     # the KRL host token of the policy is no enrolment token
     krl_token = context.service.hosts.host_token(context.service.store.get_policy(tenant, "demo"))
     good = host_keys(tmp_path / "h2", "ed25519")
+    since = time.time() - 1
     r = enrol(client, tenant, krl_token, [pub(good["ed25519"])])
     assert r.status_code == 403 and r.json()["error"] == "host_proof_refused"
+    assert refusals(context, since, "host_proof_refused")  # no real token: the unauthenticated partition
     # a token of this tenant under another policy, or under another tenant id, is refused
     assert enrol(client, tenant, tok, [pub(good["ed25519"])], policy="nope").status_code == 403
     other_tenant = "00000000-0000-0000-0000-000000000042"
@@ -261,7 +267,9 @@ def test_renewal_signed_by_another_key_is_refused(client, auth, tenant, tmp_path
     r = client.post("/api/host-certificates", json={"tenant": tenant, "policy": "demo",
                                                      "challenge_id": c["challenge_id"], "host_keys": forged})
     assert r.status_code == 403 and r.json()["error"] == "host_proof_refused"
-    assert refusals(context, since, "host_proof_refused")
+    [forged_entry] = [e for e in refusals(context, since, "host_proof_refused", tenant)
+                      if e.details.get("challenge") == c["challenge_id"]]
+    assert "does not verify" in forged_entry.message or "another key" in forged_entry.message
     # the right key still renews with that challenge: the forgery used nothing up
     good = [{"public_key": pub(keys["ed25519"]), "signature": sign(keys["ed25519"], c["challenge"], tmp_path)}]
     assert client.post("/api/host-certificates", json={"tenant": tenant, "policy": "demo",

@@ -142,5 +142,5 @@ def test_names_outside_the_patterns_get_no_certificate_and_the_push_goes_on(wire
     assert not (host.etc / "ezssh" / "host_certs").exists()
     assert [r for r in arm.runs_on(vid) if "EZSSH_POLICY=" not in r.script] == []  # host keys not even read
     refused = [e for e in ctx.service.store.list_audit(policy.tenant_id, since=since, limit=100000)
-               if e.action == "host_certificate.refused"]
-    assert refused and refused[0].error_code == "host_name_refused"
+               if e.action == "host_certificate.refused" and e.details.get("vm_id") == vid]
+    assert refused and refused[0].error_code == "host_name_refused" and refused[0].policy_id == "vm-hc"
