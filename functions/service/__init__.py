@@ -71,7 +71,7 @@ class Service:
         return {"expired_requests": expired, "retired_ca_keys": retired}
 
     def health(self, tenant_ids: Sequence[str] = ()) -> dict:
-        """Storage answers; every current CA key of the tenants' policies signs a probe (so a
+        """Storage answers; every current CA key (user and host) of the tenants' policies signs a probe (so a
         token that is away shows, not only a module that answers). Cached for HEALTH_CACHE_SECONDS:
         an unauthenticated caller can't make the service sign more often than that."""
         now = time.monotonic()
@@ -96,8 +96,8 @@ class Service:
 
     def _current_cas(self, tenant_ids: Sequence[str]) -> list:
         try:
-            refs = {p.current_ca.key_ref: p.current_ca for tid in tenant_ids for p in self.base.policies.cached(tid)
-                    if not p.deleted and p.current_ca is not None}
+            refs = {ca.key_ref: ca for tid in tenant_ids for p in self.base.policies.cached(tid)
+                    if not p.deleted for ca in (p.current_ca, p.current_host_ca) if ca is not None}
             self._known_cas = list(refs.values())
         except Exception as exc:  # noqa: BLE001 - storage is down: probe the keys known from before
             log.warning("health: cannot list policies: %s", exc)
