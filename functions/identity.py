@@ -31,7 +31,7 @@ from typing import Any, Callable
 import jwt
 
 from .core.errors import BackendUnavailable, Unauthenticated
-from .core.policy import Identity
+from .core.policy import Identity, upn_domain
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -248,12 +248,40 @@ class TokenValidator:
             if self._groups is None:
                 raise BackendUnavailable("Your token lists too many groups and this service cannot look them up.")
             groups = sorted(self._groups.member_groups(tid, oid))
-        upn = claims.get("preferred_username") or claims.get("upn") or claims.get("unique_name") or oid
+        upn = str(claims.get("preferred_username") or claims.get("upn") or claims.get("unique_name") or oid)
+        guest = is_guest(claims, issuer, tid)
         return Identity(
-            oid=oid,
-            tid=tid,
-            upn=str(upn),
+            oid=oid.lower(),
+            tid=tid.lower(),
+            upn=upn,
             name=str(claims.get("name") or ""),
-            groups=frozenset(g for g in groups if isinstance(g, str)),
+            groups=frozenset(g.lower() for g in groups if isinstance(g, str)),
             roles=frozenset(r for r in (claims.get("roles") or []) if isinstance(r, str)),
+            guest=guest,
+            domain_verified=not guest and upn_domain(upn) in self._s.verified_domains_for(tid),
         )
+
+
+def is_guest(claims: dict, issuer: str, tid: str) -> bool:
+    """Whether a verified token's subject is a guest (an account from outside the tenant).
+
+    Entra ID marks guests in three ways, any of which is enough here: the optional claim `acct`
+    is 1 (0 for members); the UPN (`upn`, or `preferred_username`) holds `#EXT#`, as B2B guests'
+    UPNs do; `idp` names an identity provider other than the tenant itself (a guest's home tenant,
+    a personal Microsoft account, a social provider). A member's token has no `idp`, or one equal to
+    the issuer. A guest token with none of these marks cannot be told apart: enable the `acct`
+    optional claim on the API's app registration."""
+    acct = claims.get("acct")
+    if acct is not None and str(acct).strip() != "0":
+        return True
+    for name in ("upn", "preferred_username", "unique_name", "email"):
+        v = claims.get(name)
+        if isinstance(v, str) and "#ext#" in v.lower():
+            return True
+    idp = claims.get("idp")
+    if idp is not None:
+        own = {issuer.rstrip("/").lower(), f"https://sts.windows.net/{tid}".lower(),
+               f"https://login.microsoftonline.com/{tid}/v2.0".lower()}
+        if not isinstance(idp, str) or idp.rstrip("/").lower() not in own:
+            return True
+    return False

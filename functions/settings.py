@@ -48,10 +48,18 @@ SETTINGS: dict[str, str] = {
     "EZSSH_ARM_ENDPOINT": "Azure Resource Manager endpoint (default https://management.azure.com)",
     "EZSSH_GRAPH_ENDPOINT": "Microsoft Graph endpoint for users in too many groups for their token "
                             "(groups overage; default https://graph.microsoft.com)",
-    "EZSSH_PUBLIC_URL": "the API's public base URL, rendered into pushed setup scripts for KRL fetches "
-                        "(default https://$WEBSITE_HOSTNAME in Azure)",
+    "EZSSH_PUBLIC_URL": "the API's public base URL, rendered into setup scripts (KRL fetches, host "
+                        "enrolment); default https://$WEBSITE_HOSTNAME in Azure",
     "EZSSH_VM_HOST_CERTS": "on (default) or off: enrolled Azure VMs get host certificates (their host keys read "
                            "with Run Command, their names from ARM) and renew them through the reconcile timer",
+    "EZSSH_VERIFIED_DOMAINS": "domains verified in each tenant, whose members' UPN local part {username} may "
+                              "stand for: <tenant id>=contoso.com,contoso.net;<tenant id>=...; with one tenant the "
+                              "<tenant id>= may be left out. Empty: {username} expands for nobody",
+    "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP": "1 lets webhooks use plain http to a loopback address (local "
+                                        "development only); default 0: https to public addresses only",
+    "EZSSH_MAX_PENDING_REQUESTS": "pending requests one user may have open per policy (default 5)",
+    "EZSSH_REQUEST_RATE": "access requests one user may make per minute on one worker (default 30; bursts "
+                          "up to this many)",
 }
 
 
@@ -93,6 +101,14 @@ class Settings:
         """Enrolment jobs have a queue: an account URL (Azure), or a connection string naming one."""
         conn = self.storage_connection_string or ""
         return bool(self.queue_account_url) or "QueueEndpoint=" in conn or "UseDevelopmentStorage=true" in conn
+    verified_domains: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (tid, domains) pairs
+    webhook_allow_loopback_http: bool = False
+    max_pending_requests: int = 5
+    request_rate: int = 30
+
+    def verified_domains_for(self, tid: str) -> tuple[str, ...]:
+        tid = tid.lower()
+        return next((d for t, d in self.verified_domains if t == tid), ())
 
     @property
     def authority_type(self) -> str:
@@ -125,14 +141,14 @@ def _need(env: Mapping[str, str], name: str, why: str = "") -> str:
     return v
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int, unit: str = "seconds") -> int:
     raw = _get(env, name)
     if raw is None:
         return default
     try:
         v = int(raw)
     except ValueError:
-        raise SettingsError(f"Setting {name} must be a whole number of seconds; got {raw!r}.") from None
+        raise SettingsError(f"Setting {name} must be a whole number of {unit}; got {raw!r}.") from None
     if not lo <= v <= hi:
         raise SettingsError(f"Setting {name} must be between {lo} and {hi}; got {v}.")
     return v
@@ -209,6 +225,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         managed_identity_client_id=_get(env, "AZURE_CLIENT_ID"),
         appinsights_connection_string=_get(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
         queue_account_url=queue_url,
+        verified_domains=_verified_domains(env, tenants),
+        webhook_allow_loopback_http=_flag(env, "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP"),
+        max_pending_requests=_int(env, "EZSSH_MAX_PENDING_REQUESTS", 5, 1, 1000, unit="requests"),
+        request_rate=_int(env, "EZSSH_REQUEST_RATE", 30, 1, 10000, unit="requests a minute"),
         **_enrolment_settings(env, tenants),
     )
 
@@ -217,6 +237,38 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 # clouds. Microsoft Graph lives elsewhere: graph.microsoft.com, graph.microsoft.us, ...
 AZURE_AD_GRAPH_HOSTS = frozenset({"graph.windows.net", "graph.chinacloudapi.cn", "graph.cloudapi.de",
                                   "graph.microsoftazure.de"})
+DOMAIN_RE = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (_get(env, name) or "0").lower()
+    if raw not in ("0", "1", "true", "false"):
+        raise SettingsError(f"Setting {name} must be 1 or 0; got {raw!r}.")
+    return raw in ("1", "true")
+
+
+def _verified_domains(env: Mapping[str, str], tenants: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """EZSSH_VERIFIED_DOMAINS: `<tid>=a.com,b.com;<tid>=c.com`, or `a.com,b.com` with one tenant."""
+    raw = _get(env, "EZSSH_VERIFIED_DOMAINS") or ""
+    known = {t.lower() for t in tenants}
+    out: dict[str, list[str]] = {}
+    for part in (p.strip() for p in raw.split(";") if p.strip()):
+        tid, sep, domains = part.partition("=")
+        if not sep:
+            if len(known) != 1:
+                raise SettingsError(
+                    "Setting EZSSH_VERIFIED_DOMAINS: this deployment serves several tenants, so each entry must "
+                    "name its tenant, as <tenant id>=contoso.com,contoso.net;<tenant id>=...")
+            tid, domains = next(iter(known)), tid
+        tid = tid.strip().lower()
+        if tid not in known:
+            raise SettingsError(f"Setting EZSSH_VERIFIED_DOMAINS names tenant {tid!r}, which is not in EZSSH_TENANTS.")
+        for d in (x.strip().lower().rstrip(".") for x in domains.split(",") if x.strip()):
+            if not DOMAIN_RE.match(d):
+                raise SettingsError(f"Setting EZSSH_VERIFIED_DOMAINS: {d!r} is not a domain name.")
+            out.setdefault(tid, []).append(d)
+    return tuple((t, tuple(dict.fromkeys(ds))) for t, ds in out.items())
+
 
 ENROL_SCOPE_RE = re.compile(
     r"^/subscriptions/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"

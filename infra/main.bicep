@@ -79,6 +79,15 @@ param vmRole string = 'RunCommandOnly'
 @description('Public base URL of the API if you front it with a custom domain. Empty: the app host name.')
 param publicUrl string = ''
 
+@description('Verified domains per tenant whose members {username} may stand for: <tenant id>=contoso.com,contoso.net;<tenant id>=... Empty: {username} expands for nobody.')
+param verifiedDomains string = ''
+
+@description('Pending access requests one user may have open per policy.')
+param maxPendingRequests int = 5
+
+@description('Access requests one user may make per minute on one instance.')
+param requestRate int = 30
+
 @description('Subscribe the enrol_vm_event function to VM writes in this subscription. Needs the code published first (see docs/DEPLOY.md).')
 param enableVmEvents bool = false
 
@@ -205,6 +214,9 @@ module functionApp 'modules/functionapp.bicep' = {
     backdateSeconds: backdateSeconds
     enrolScopes: enrolScopes
     publicUrl: publicUrl
+    verifiedDomains: verifiedDomains
+    maxPendingRequests: maxPendingRequests
+    requestRate: requestRate
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     graphEndpoint: microsoftGraphEndpoint

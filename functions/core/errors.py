@@ -60,6 +60,17 @@ class NoPolicyForHost(Denied):
     code = "no_policy_for_host"
 
 
+class PolicyNeedsUpdate(Denied):
+    """A stored policy names people by UPN (from before names were refused): it grants nothing until
+    an admin replaces them with object ids."""
+
+    code = "policy_needs_update"
+
+
+class TooManyRequests(EzsshError):
+    status, code = 429, "too_many_requests"
+
+
 class NotFound(EzsshError):
     status, code = 404, "not_found"
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal
 
 from .certificate import DEFAULT_BACKDATE, KNOWN_EXTENSIONS, Grant
-from .errors import Denied, InvalidRequest, NoPolicyForHost, PrincipalNotAllowed, TtlTooLong
+from .errors import Denied, InvalidRequest, NoPolicyForHost, PolicyNeedsUpdate, PrincipalNotAllowed, TtlTooLong
 from .hostcert import DEFAULT_HOST_CERT_TTL, MAX_HOST_CERT_TTL, MIN_HOST_CERT_TTL
+from .text import address_is_public, normalize_host, printable_text
 
 Action = Literal["auto", "approval", "deny"]
 ACTIONS = ("auto", "approval", "deny")
@@ -27,20 +28,64 @@ POLICY_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 PRINCIPAL_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
 GLOB_RE = re.compile(r"^[A-Za-z0-9*?.\-_\[\]!]{1,253}$")
 ADMIN_ROLE = "EZSSH.Admin"
-# A principal entry that stands for the requester's own login: the local part of their UPN.
+# A login entry that stands for the requester's own login: the local part of their UPN, but only
+# for members (not guests) whose UPN is in one of their tenant's verified domains.
 USERNAME_TEMPLATE = "{username}"
-# Accounts {username} never expands to, whatever a UPN says (root@..., sshd@...): a policy that
-# means to allow them must name them literally.
+# Object ids of users and groups: Entra ID GUIDs. People are matched by these, never by a name.
+OBJECT_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+# Accounts {username} never expands to, whatever a UPN says (root@..., ubuntu@...): operating system
+# accounts, service accounts and the default accounts of cloud images. A policy that means to allow
+# one must name it literally (an admin's explicit choice).
 RESERVED_LOGINS = frozenset({
-    "root", "toor", "admin", "administrator", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail",
-    "news", "uucp", "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "sshd", "messagebus",
-    "syslog", "_apt", "systemd-network", "systemd-resolve", "systemd-timesync", "polkitd", "omsagent",
+    # system and service accounts of common distributions
+    "root", "toor", "admin", "administrator", "adm", "daemon", "bin", "sys", "sync", "games", "man", "lp",
+    "mail", "news", "uucp", "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "nogroup",
+    "nfsnobody", "sshd", "messagebus", "syslog", "_apt", "polkitd", "omsagent", "operator", "halt",
+    "shutdown", "ftp", "tss", "dbus", "rpc", "rpcuser", "chrony", "ntp", "postfix", "uuidd", "tcpdump",
+    "landscape", "pollinate", "lxd", "dnsmasq", "usbmux", "avahi", "colord", "geoclue", "pulse",
+    "rtkit", "saned", "whoopsie", "kernoops", "hplip", "cups-pk-helper", "sssd", "unbound", "apache",
+    "nginx", "httpd", "mysql", "postgres", "redis", "mongodb", "docker", "git", "jenkins", "guest",
+    "wheel", "sudo", "staff", "users", "video", "disk", "kmem", "tty", "shadow", "utmp", "audio",
+    # default accounts of cloud and virtual machine images
+    "azureuser", "ubuntu", "ec2-user", "centos", "debian", "fedora", "opc", "cloud-user", "core",
+    "rocky", "almalinux", "alpine", "arch", "bitnami", "vagrant", "pi", "freebsd", "suse",
+    "oracle", "cloudadmin", "azureadmin", "clouduser", "linuxadmin",
 })
+# Prefixes reserved the same way (systemd-network, systemd-resolve, _chrony, ...).
+RESERVED_LOGIN_PREFIXES = ("systemd-", "_")
+
+
+def is_reserved_login(login: str) -> bool:
+    login = login.lower()
+    return login in RESERVED_LOGINS or login.startswith(RESERVED_LOGIN_PREFIXES)
+
+
+def upn_domain(upn: str) -> str:
+    """The domain of a UPN, lower-cased ("" when it has none)."""
+    local, at, domain = upn.rpartition("@")
+    return domain.strip().lower().rstrip(".") if at and local else ""
+
+
+def username_from_upn(upn: str) -> str | None:
+    """The login {username} would stand for: the UPN's local part, lower-cased, if it is a valid
+    unix login and not a reserved account. Whether it may be used at all is Identity.username's call."""
+    local, at, _ = upn.rpartition("@")
+    if not at or "#" in upn:
+        return None
+    local = local.lower()
+    if not PRINCIPAL_RE.match(local) or local.endswith("$") or is_reserved_login(local):
+        return None
+    return local
 
 
 @dataclass(frozen=True)
 class Identity:
-    """Who is calling, as the token says. `oid`+`tid` is the identity; names are for display."""
+    """Who is calling, as the token says. `oid`+`tid` is the identity; names are for display.
+
+    `guest`: an account from outside the tenant (Entra B2B: the `acct` claim is 1, the UPN carries
+    `#EXT#`, or the token's `idp` names another issuer). `domain_verified`: the UPN's domain is one
+    the tenant admin listed as verified (settings); only then may {username} stand for its local part.
+    """
 
     oid: str
     tid: str
@@ -48,34 +93,107 @@ class Identity:
     name: str = ""
     groups: frozenset[str] = frozenset()
     roles: frozenset[str] = frozenset()
+    guest: bool = False
+    domain_verified: bool = False
 
     @property
     def is_tenant_admin(self) -> bool:
         return ADMIN_ROLE in self.roles
 
+    @property
+    def upn_domain(self) -> str:
+        return upn_domain(self.upn)
+
+    @property
+    def username(self) -> str | None:
+        """The login {username} stands for, or None: never for guests, never for an unverified domain."""
+        if self.guest or not self.domain_verified:
+            return None
+        return username_from_upn(self.upn)
+
     def same_person(self, other: "Identity | tuple[str, str]") -> bool:
         oid, tid = (other.oid, other.tid) if isinstance(other, Identity) else other
-        return self.oid == oid and self.tid == tid
+        return self.oid.lower() == oid.lower() and self.tid.lower() == tid.lower()
 
 
 @dataclass(frozen=True)
 class Subjects:
-    """A set of users (by oid or UPN, or "*" for everyone in the tenant) and groups (by object id)."""
+    """A set of users (by object id, or "*" for every member of the tenant) and groups (by object id).
+
+    Guests match only where `guests` is true. `unresolved` holds entries of policies stored before
+    people were named by object id (UPNs): they never match anyone, and the policy is refused until an
+    admin replaces them (see Policy.unresolved_names)."""
 
     users: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    guests: bool = False
+    unresolved: tuple[str, ...] = ()
 
-    def matches(self, who: Identity) -> bool:
-        for u in self.users:
-            if u == "*" or u == who.oid or u.lower() == who.upn.lower():
-                return True
-        return any(g in who.groups for g in self.groups)
+    def matches(self, who: Identity, *, any_account: bool = False) -> bool:
+        """`any_account`: guests match too (deny rules deny guests whatever `guests` says)."""
+        if who.guest and not (self.guests or any_account):
+            return False
+        oid = who.oid.lower()
+        if any(u == "*" or u == oid for u in self.users):
+            return True
+        mine = {g.lower() for g in who.groups}
+        return any(g in mine for g in self.groups)
 
     def is_empty(self) -> bool:
         return not self.users and not self.groups
 
     def to_dict(self) -> dict:
-        return {"users": list(self.users), "groups": list(self.groups)}
+        d: dict = {"users": list(self.users) + list(self.unresolved), "groups": list(self.groups)}
+        if self.guests:
+            d["guests"] = True
+        return d
+
+    @classmethod
+    def from_row(cls, d: dict | None) -> "Subjects":
+        d = d or {}
+        users = [str(u) for u in d.get("users", ())]
+        good = tuple(u.lower() for u in users if u == "*" or OBJECT_ID_RE.match(u))
+        bad = tuple(u for u in users if not (u == "*" or OBJECT_ID_RE.match(u)))
+        groups = [str(g) for g in d.get("groups", ())]
+        bad += tuple(g for g in groups if not OBJECT_ID_RE.match(g))
+        return cls(good, tuple(g.lower() for g in groups if OBJECT_ID_RE.match(g)),
+                   bool(d.get("guests", False)), bad)
+
+
+@dataclass(frozen=True)
+class LoginMap:
+    """Logins for one user (object id), one group (object id), or every member the rules admit."""
+
+    logins: tuple[str, ...]
+    oid: str | None = None
+    group: str | None = None
+    members: bool = False
+    display: str | None = None  # a name for people reading the policy; never matched
+
+    def matches(self, who: Identity) -> bool:
+        if self.members:
+            return True
+        if self.oid is not None:
+            return self.oid == who.oid.lower()
+        return self.group is not None and self.group in {g.lower() for g in who.groups}
+
+    def to_dict(self) -> dict:
+        d: dict = {}
+        if self.oid is not None:
+            d["oid"] = self.oid
+        elif self.group is not None:
+            d["group"] = self.group
+        else:
+            d["members"] = True
+        d["logins"] = list(self.logins)
+        if self.display:
+            d["display"] = self.display
+        return d
+
+    @classmethod
+    def from_row(cls, d: dict) -> "LoginMap":
+        return cls(logins=tuple(d.get("logins", ())), oid=d.get("oid"), group=d.get("group"),
+                   members=bool(d.get("members", False)), display=d.get("display"))
 
 
 @dataclass(frozen=True)
@@ -131,7 +249,7 @@ class Policy:
     name: str
     rules: tuple[Rule, ...]
     hosts: tuple[str, ...]
-    principals: tuple[str, ...]
+    principals: tuple[str, ...]  # logins for every member the rules admit
     approvers: Subjects = Subjects()
     approvals_required: int = 1
     admins: Subjects = Subjects()
@@ -148,6 +266,7 @@ class Policy:
     host_ca: tuple[CaKeyRef, ...] = ()
     host_cert_ttl: int = DEFAULT_HOST_CERT_TTL
     deleted: bool = False
+    logins: tuple[LoginMap, ...] = ()  # logins by object id or group
     audit_head: str = field(default="0" * 64, compare=False)  # last entry of this policy's audit chain
     etag: str | None = field(default=None, compare=False)
 
@@ -187,7 +306,7 @@ class Policy:
         return any(_host_matches(pattern, host, tags or {}) for pattern in self.hosts)
 
     def rule_for(self, who: Identity) -> Rule | None:
-        return next((r for r in self.rules if r.subjects.matches(who)), None)
+        return next((r for r in self.rules if r.subjects.matches(who, any_account=r.action == "deny")), None)
 
     def is_member(self, who: Identity) -> bool:
         rule = self.rule_for(who)
@@ -199,6 +318,19 @@ class Policy:
     def is_admin(self, who: Identity) -> bool:
         return who.is_tenant_admin or self.admins.matches(who)
 
+    def unresolved_names(self) -> tuple[str, ...]:
+        """People named by something other than an object id (UPNs of policies stored before names
+        were refused). They never match; the policy grants nothing until an admin replaces them."""
+        out: list[str] = []
+        for s in (*(r.subjects for r in self.rules), self.approvers, self.admins):
+            out.extend(s.unresolved)
+        return tuple(dict.fromkeys(out))
+
+    def login_map(self) -> tuple[LoginMap, ...]:
+        """Every login mapping: `principals` (every member) first, then `logins`."""
+        everyone = (LoginMap(self.principals, members=True),) if self.principals else ()
+        return everyone + self.logins
+
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -208,6 +340,7 @@ class Policy:
             "rules": [r.to_dict() for r in self.rules],
             "hosts": list(self.hosts),
             "principals": list(self.principals),
+            "logins": [m.to_dict() for m in self.logins],
             "approvers": self.approvers.to_dict(),
             "approvals_required": self.approvals_required,
             "admins": self.admins.to_dict(),
@@ -235,6 +368,7 @@ EDITABLE_FIELDS = frozenset(
         "rules",
         "hosts",
         "principals",
+        "logins",
         "approvers",
         "approvals_required",
         "admins",
@@ -271,14 +405,88 @@ def _int(doc: dict, key: str, default: int, lo: int, hi: int) -> int:
     return value
 
 
+def _object_ids(values: tuple[str, ...], where: str, *, allow_everyone: bool) -> tuple[str, ...]:
+    out = []
+    for v in values:
+        if allow_everyone and v == "*":
+            out.append(v)
+        elif "@" in v:
+            raise InvalidRequest(
+                f"{where} names {v!r} by UPN. Name people by object id: a UPN can be renamed or reused, an "
+                f"object id cannot (find it with: az ad user show --id {v} --query id -o tsv).")
+        elif not OBJECT_ID_RE.match(v):
+            raise InvalidRequest(f"{where}: {v!r} is not an object id (a GUID such as "
+                                 "0e2d7f4c-6a1b-4c3e-9a57-5d2b8e0c1a01).")
+        else:
+            out.append(v.lower())
+    return tuple(dict.fromkeys(out))
+
+
+def _guests(value: dict, where: str) -> bool:
+    g = value.get("guests", False)
+    if not isinstance(g, bool):
+        raise InvalidRequest(f"{where}.guests must be true or false.")
+    return g
+
+
 def _subjects(doc: dict, key: str) -> Subjects:
     value = doc.get(key) or {}
     if not isinstance(value, dict):
         raise InvalidRequest(f"'{key}' must be an object with 'users' and/or 'groups'.")
-    unknown = set(value) - {"users", "groups"}
+    unknown = set(value) - {"users", "groups", "guests"}
     if unknown:
         raise InvalidRequest(f"'{key}' has unknown fields: {', '.join(sorted(unknown))}.")
-    return Subjects(users=_str_list(value, "users"), groups=_str_list(value, "groups"))
+    return Subjects(users=_object_ids(_str_list(value, "users"), f"{key}.users", allow_everyone=True),
+                    groups=_object_ids(_str_list(value, "groups"), f"{key}.groups", allow_everyone=False),
+                    guests=_guests(value, key))
+
+
+def _login_names(values: object, where: str) -> tuple[str, ...]:
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise InvalidRequest(f"{where} must be a non-empty list of logins.")
+    out = []
+    for v in values:
+        v = v.strip()
+        if v != USERNAME_TEMPLATE and not PRINCIPAL_RE.match(v):
+            raise InvalidRequest(f"Login {v!r} in {where} is not a valid unix login name.")
+        out.append(v)
+    return tuple(dict.fromkeys(out))
+
+
+def _login_maps(doc: dict) -> tuple[LoginMap, ...]:
+    raw = doc.get("logins", [])
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise InvalidRequest("'logins' must be a list of {\"oid\"|\"group\"|\"members\", \"logins\"} objects.")
+    out = []
+    for i, e in enumerate(raw):
+        where = f"logins[{i}]"
+        if not isinstance(e, dict):
+            raise InvalidRequest(f"{where} must be an object.")
+        unknown = set(e) - {"oid", "group", "members", "logins", "display"}
+        if unknown:
+            raise InvalidRequest(f"{where} has unknown fields: {', '.join(sorted(unknown))}.")
+        keys = [k for k in ("oid", "group", "members") if k in e]
+        if len(keys) != 1:
+            raise InvalidRequest(f"{where} must name exactly one of 'oid' (a user's object id), 'group' "
+                                 "(a group's object id) or 'members': true.")
+        logins = _login_names(e.get("logins"), f"{where}.logins")
+        display = e.get("display")
+        if display is not None:
+            display = printable_text(display, f"{where}.display", 200)
+        if keys[0] == "members":
+            if e["members"] is not True:
+                raise InvalidRequest(f"{where}.members must be true.")
+            out.append(LoginMap(logins, members=True, display=display))
+            continue
+        value = e[keys[0]]
+        if not isinstance(value, str):
+            raise InvalidRequest(f"{where}.{keys[0]} must be an object id.")
+        (oid,) = _object_ids((value.strip(),), f"{where}.{keys[0]}", allow_everyone=False)
+        out.append(LoginMap(logins, oid=oid, display=display) if keys[0] == "oid"
+                   else LoginMap(logins, group=oid, display=display))
+    return tuple(out)
 
 
 def validate_host_pattern(pattern: str) -> None:
@@ -312,6 +520,7 @@ def policy_from_document(
     tenant_id: str,
     ttl_ceiling: int = TTL_CEILING,
     base: Policy | None = None,
+    allow_loopback_http: bool = False,
 ) -> Policy:
     """Validate an admin's policy document (create, or a partial update over `base`)."""
     if not isinstance(doc, dict):
@@ -332,6 +541,7 @@ def policy_from_document(
     name = doc.get("name", pid)
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise InvalidRequest("'name' must be a non-empty string of at most 200 characters.")
+    name = printable_text(name, "name", 200)
 
     raw_rules = doc.get("rules")
     if not isinstance(raw_rules, list) or not raw_rules:
@@ -340,13 +550,17 @@ def policy_from_document(
     for i, r in enumerate(raw_rules):
         if not isinstance(r, dict):
             raise InvalidRequest(f"rules[{i}] must be an object.")
-        unknown = set(r) - {"users", "groups", "action"}
+        unknown = set(r) - {"users", "groups", "guests", "action"}
         if unknown:
             raise InvalidRequest(f"rules[{i}] has unknown fields: {', '.join(sorted(unknown))}.")
         action = r.get("action")
         if action not in ACTIONS:
             raise InvalidRequest(f"rules[{i}].action must be one of auto, approval, deny.")
-        subjects = Subjects(users=_str_list(r, "users"), groups=_str_list(r, "groups"))
+        subjects = Subjects(
+            users=_object_ids(_str_list(r, "users"), f"rules[{i}].users", allow_everyone=True),
+            groups=_object_ids(_str_list(r, "groups"), f"rules[{i}].groups", allow_everyone=False),
+            guests=_guests(r, f"rules[{i}]"),
+        )
         if subjects.is_empty():
             raise InvalidRequest(f"rules[{i}] names no users or groups.")
         rules.append(Rule(subjects, action))
@@ -357,12 +571,16 @@ def policy_from_document(
     for h in hosts:
         validate_host_pattern(h)
 
-    principals = _str_list(doc, "principals", required=True)
-    if not principals:
-        raise InvalidRequest("'principals' must name at least one login; a certificate never has empty principals.")
+    principals = _str_list(doc, "principals") if doc.get("principals") is not None else ()
     for p in principals:
         if p != USERNAME_TEMPLATE and not PRINCIPAL_RE.match(p):
             raise InvalidRequest(f"Principal {p!r} is not a valid unix login name.")
+    principals = tuple(dict.fromkeys(principals))
+    logins = _login_maps(doc)
+    if not principals and not logins:
+        raise InvalidRequest(
+            "A policy must map at least one login: 'logins' (by user or group object id) or 'principals' "
+            "(for every member); a certificate never has empty principals.")
 
     max_ttl = _int(doc, "max_ttl", min(8 * 3600, ttl_ceiling), MIN_TTL, ttl_ceiling)
     default_ttl = _int(doc, "default_ttl", min(3600, max_ttl), MIN_TTL, max_ttl)
@@ -412,8 +630,8 @@ def policy_from_document(
                 )
 
     webhook_url = doc.get("webhook_url")
-    if webhook_url is not None and (not isinstance(webhook_url, str) or not re.match(r"^https?://\S+$", webhook_url)):
-        raise InvalidRequest("'webhook_url' must be an http(s) URL or null.")
+    if webhook_url is not None:
+        webhook_url = validate_webhook_url(webhook_url, allow_loopback_http=allow_loopback_http)
     webhook_format = doc.get("webhook_format")
     if webhook_format not in (None, "teams", "slack"):
         raise InvalidRequest("'webhook_format' must be teams, slack or null (guess from the URL).")
@@ -426,6 +644,7 @@ def policy_from_document(
         rules=tuple(rules),
         hosts=hosts,
         principals=principals,
+        logins=logins,
         approvers=approvers,
         approvals_required=approvals_required,
         admins=admins,
@@ -445,19 +664,21 @@ def policy_from_document(
 
 
 def policy_from_row(d: dict, etag: str | None = None, audit_head: str | None = None) -> Policy:
-    """Rebuild a stored policy (already validated when written)."""
+    """Rebuild a stored policy (already validated when written). People stored by UPN (policies
+    written before names were refused) land in Subjects.unresolved: they match nobody."""
     return Policy(
         id=d["id"],
         tenant_id=d["tenant_id"],
         name=d["name"],
         rules=tuple(
-            Rule(Subjects(tuple(r.get("users", ())), tuple(r.get("groups", ()))), r["action"]) for r in d["rules"]
+            Rule(Subjects.from_row({**r, "guests": r.get("guests", False)}), r["action"]) for r in d["rules"]
         ),
         hosts=tuple(d["hosts"]),
-        principals=tuple(d["principals"]),
-        approvers=Subjects(tuple(d["approvers"].get("users", ())), tuple(d["approvers"].get("groups", ()))),
+        principals=tuple(d.get("principals", ())),
+        logins=tuple(LoginMap.from_row(m) for m in d.get("logins", ())),
+        approvers=Subjects.from_row(d.get("approvers")),
         approvals_required=d.get("approvals_required", 1),
-        admins=Subjects(tuple(d["admins"].get("users", ())), tuple(d["admins"].get("groups", ()))),
+        admins=Subjects.from_row(d.get("admins")),
         default_ttl=d["default_ttl"],
         max_ttl=d["max_ttl"],
         request_ttl=d.get("request_ttl", 3600),
@@ -475,11 +696,67 @@ def policy_from_row(d: dict, etag: str | None = None, audit_head: str | None = N
     )
 
 
+# ---- webhook destinations ----------------------------------------------------------------------
+
+
+def validate_webhook_url(url: object, *, allow_loopback_http: bool = False) -> str:
+    """A webhook URL an admin may store: https, a host name or a public IP, no user info. Plain http
+    only to a loopback address, and only where the deployment allows it (local development)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or not url.strip() or len(url) > 2048:
+        raise InvalidRequest("'webhook_url' must be an https URL of at most 2048 characters, or null.")
+    url = url.strip()
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F or ord(ch) > 0x7E for ch in url):
+        raise InvalidRequest("'webhook_url' must be a URL of printable ASCII characters without spaces.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise InvalidRequest("'webhook_url' is not a valid URL.") from None
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise InvalidRequest("'webhook_url' names no host.")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise InvalidRequest("'webhook_url' must not carry a user name or password.")
+    if parts.fragment:
+        raise InvalidRequest("'webhook_url' must not have a #fragment.")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    loopback = ip is not None and (ip.is_loopback or (isinstance(ip, ipaddress.IPv6Address)
+                                                      and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback))
+    if parts.scheme == "http":
+        if not (allow_loopback_http and loopback):
+            raise InvalidRequest("'webhook_url' must be an https URL.")
+        return url
+    if parts.scheme != "https":
+        raise InvalidRequest("'webhook_url' must be an https URL.")
+    if port == 0:
+        raise InvalidRequest("'webhook_url' has port 0.")
+    if ip is not None and not address_is_public(ip) and not (allow_loopback_http and loopback):
+        raise InvalidRequest("'webhook_url' points at a private, loopback or otherwise non-public address.")
+    if ip is None:
+        if host == "localhost" or host.endswith(".localhost") or host.endswith(".local") or "." not in host:
+            raise InvalidRequest("'webhook_url' must name a public host (a fully qualified domain name).")
+        try:
+            normalize_host(host)
+        except InvalidRequest:
+            raise InvalidRequest("'webhook_url' has an invalid host name.") from None
+    return url
+
+
 # ---- host matching ---------------------------------------------------------------------------
+
+
+_CANONICAL_HOST_RE = re.compile(r"^[a-z0-9.:-]{1,253}$")
 
 
 def _host_matches(pattern: str, host: str, tags: dict[str, str]) -> bool:
     host = host.strip().lower().rstrip(".")
+    if not _CANONICAL_HOST_RE.fullmatch(host.strip("[]")) and not pattern.startswith(("tag:", "/subscriptions/")):
+        return False  # only normalised names match (fnmatch's * would match a newline)
     if pattern.startswith("tag:"):
         k, _, v = pattern[4:].partition("=")
         return tags.get(k) == v
@@ -514,28 +791,34 @@ class Decision:
     ttl_seconds: int
 
 
-def allowed_principals(principals: Iterable[str], upn: str) -> tuple[str, ...]:
-    """The logins a policy allows this user: literal names, and {username} as their UPN's local part."""
+def allowed_logins(policy: Policy, who: Identity) -> tuple[str, ...]:
+    """The logins a policy maps to this caller: every `principals` entry (for every member), and the
+    `logins` entries for their object id or groups. {username} stands for Identity.username: only
+    members of a verified domain, never guests, never a reserved account."""
     out = []
-    for p in principals:
-        if p == USERNAME_TEMPLATE:
-            local = upn.split("@", 1)[0].lower()
-            if PRINCIPAL_RE.match(local) and local not in RESERVED_LOGINS:
-                out.append(local)
-        else:
-            out.append(p)
+    for m in policy.login_map():
+        if not m.matches(who):
+            continue
+        for login in m.logins:
+            if login == USERNAME_TEMPLATE:
+                if who.username is not None:
+                    out.append(who.username)
+            else:
+                out.append(login)
     return tuple(dict.fromkeys(out))
 
 
-def make_grant(policy: Policy, request_id: str, upn: str, principal: str, ttl_seconds: int,
+def make_grant(policy: Policy, request_id: str, who: Identity, principal: str, ttl_seconds: int,
                backdate: int = DEFAULT_BACKDATE) -> Grant:
-    if principal not in allowed_principals(policy.principals, upn):
+    if not isinstance(who, Identity):
+        raise TypeError("make_grant needs the requester's Identity")
+    if principal not in allowed_logins(policy, who):
         raise PrincipalNotAllowed(f"Policy {policy.id!r} does not allow the login {principal!r}.")
     return Grant(
         tenant_id=policy.tenant_id,
         policy_id=policy.id,
         request_id=request_id,
-        upn=upn,
+        upn=who.upn,
         principals=(principal,),
         ttl_seconds=ttl_seconds,
         extensions=tuple(sorted(policy.extensions)),
@@ -561,10 +844,19 @@ def evaluate(who: Identity, request: AccessRequest, policy: Policy) -> Decision:
     """One policy: does it let `who` in as `request.principal` on `request.host`?"""
     if policy.tenant_id != who.tid or policy.deleted:
         raise NoPolicyForHost(f"No access policy covers host {request.host!r}.")
+    unresolved = policy.unresolved_names()
+    if unresolved:
+        raise PolicyNeedsUpdate(
+            f"Policy {policy.id!r} names people by UPN ({', '.join(unresolved[:3])}"
+            f"{', ...' if len(unresolved) > 3 else ''}), which are never matched; it grants nothing until an "
+            "admin replaces them with object ids (ezssh policy resolve-names, or edit the policy).",
+            policy=policy.id)
     rule = policy.rule_for(who)
     if rule is None or rule.action == "deny":
+        if who.guest and any(r.action != "deny" and not r.subjects.guests for r in policy.rules):
+            raise Denied(f"Policy {policy.id!r} does not admit guest accounts.", policy=policy.id)
         raise Denied(f"Policy {policy.id!r} does not grant you access to {request.host!r}.", policy=policy.id)
-    allowed = allowed_principals(policy.principals, who.upn)
+    allowed = allowed_logins(policy, who)
     if request.principal not in allowed:
         raise PrincipalNotAllowed(
             f"Policy {policy.id!r} does not allow you the login {request.principal!r}; "

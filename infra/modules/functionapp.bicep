@@ -32,6 +32,12 @@ param backdateSeconds int
 param enrolScopes array = []
 @description('Public base URL of the API when it differs from the app host name (custom domain). Empty: https://$WEBSITE_HOSTNAME.')
 param publicUrl string = ''
+@description('Verified domains per tenant for {username}: <tenant id>=contoso.com,contoso.net;<tenant id>=...')
+param verifiedDomains string = ''
+@description('Pending access requests one user may have open per policy.')
+param maxPendingRequests int = 5
+@description('Access requests one user may make per minute on one instance.')
+param requestRate int = 30
 
 param maximumInstanceCount int = 40
 param instanceMemoryMB int = 2048
@@ -165,6 +171,19 @@ var appSettings = [
   {
     name: 'EZSSH_GRAPH_ENDPOINT'
     value: graphEndpoint
+  }
+  // Who may log in as whom, and how much one user may ask.
+  {
+    name: 'EZSSH_VERIFIED_DOMAINS'
+    value: verifiedDomains
+  }
+  {
+    name: 'EZSSH_MAX_PENDING_REQUESTS'
+    value: string(maxPendingRequests)
+  }
+  {
+    name: 'EZSSH_REQUEST_RATE'
+    value: string(requestRate)
   }
 ]
 

@@ -19,6 +19,7 @@ LOCAL_ONLY = {
     "EZSSH_PKCS11_TOKEN_LABEL": "PKCS#11 backend only (SoftHSM locally)",
     "EZSSH_PKCS11_PIN": "PKCS#11 backend only; a PIN would be a secret in app settings",
     "EZSSH_OIDC_CA_BUNDLE": "Entra ID's TLS chains to public roots; only the local OIDC stand-in's dev CA needs it",
+    "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP": "plain-http webhooks to loopback exist for a local receiver only",
 }
 
 

@@ -70,8 +70,15 @@ def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHs
         "EZSSH_PKCS11_MODULE": token.module_path,
         "EZSSH_PKCS11_TOKEN_LABEL": token.label,
         "EZSSH_PKCS11_PIN": token.pin,
+        "EZSSH_VERIFIED_DOMAINS": verified_domains(oidc),
+        "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP": "1",  # the local stack's webhook receivers listen on 127.0.0.1
         **token.env(),
     }
+
+
+def verified_domains(oidc: OidcStandIn) -> str:
+    """EZSSH_VERIFIED_DOMAINS for the dev tenants: each tenant's own domain (not subsidiary.test)."""
+    return ";".join(f"{tid}={t['domain']}" for tid, t in oidc.config["tenants"].items())
 
 
 def start_api(state_dir: Path, port: int, env: dict[str, str], *, workers: int = 1) -> Proc:
@@ -105,11 +112,16 @@ def demo_policy_document(oidc: OidcStandIn, tenant: str = "contoso") -> dict:
 
 def identity_of(oidc: OidcStandIn, username: str):  # type: ignore[no-untyped-def]
     """The Identity the API derives from this dev user's token (same claims as users.json)."""
-    from functions.core.policy import Identity
+    from functions.core.policy import Identity, upn_domain
+    from functions.identity import is_guest
 
     u = oidc.user(username)
+    claims = {"preferred_username": u["preferred_username"], **u.get("claims", {})}
+    guest = is_guest(claims, oidc.issuer(u["tid"]), u["tid"])
+    domain = oidc.config["tenants"][u["tid"]]["domain"]
     return Identity(oid=u["oid"], tid=u["tid"], upn=u["preferred_username"], name=u.get("name", ""),
-                    groups=frozenset(u.get("groups", ())), roles=frozenset(u.get("roles", ())))
+                    groups=frozenset(u.get("groups", ())), roles=frozenset(u.get("roles", ())),
+                    guest=guest, domain_verified=not guest and upn_domain(u["preferred_username"]) == domain)
 
 
 def seed_policy(env: dict[str, str], oidc: OidcStandIn, doc: dict, admin: str = "carol"):  # type: ignore[no-untyped-def]

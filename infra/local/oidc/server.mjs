@@ -42,6 +42,8 @@
 //     loopback redirect URIs of `native` clients ignoring the port, so registering
 //     http://localhost (and 127.0.0.1, [::1]) without a port accepts every port, as Entra does.
 //     Consent is granted without a page (admin consent), as for the device flow.
+// 10. A user's "claims" in users.json (acct, idp, upn: how Entra marks guests) are copied into the
+//     access token as they are, so tests get guest and second-domain tokens from the real provider.
 
 import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
@@ -368,6 +370,8 @@ function buildTenant(tid, tenant) {
           };
           if (u?.groups?.length) out.groups = [...u.groups];
           if (u?.roles?.length) out.roles = [...u.roles];
+          // Entra's optional and guest claims (acct, idp, upn, ...) for the dev users that have them.
+          if (u?.claims) Object.assign(out, u.claims);
           if (p.cnf) out.cnf = p.cnf;
           jwt.payload = out;
           jwt.header = { typ: 'JWT' };
