@@ -3,6 +3,13 @@
 Accepted: ssh-ed25519, ecdsa-sha2-nistp256/384/521, ssh-rsa with a modulus of 2048 to 16384 bits.
 Refused, each with its own clear message: DSA, RSA under 2048 bits, certificates sent in place of a
 key, FIDO (sk-) keys, anything that does not parse.
+
+The key blob is read field by field first, as OpenSSH's sshkey_from_blob and Go's x/crypto/ssh
+ParsePublicKey do: every field present, nothing after the last one, the ECDSA curve name agreeing
+with the key type, an uncompressed point of the curve's size, a 32-byte ed25519 key, RSA integers in
+canonical positive mpint form. Then RSA's numbers are vetted: the modulus odd, without a prime factor
+under 2000, of 2048 to 16384 bits; the exponent odd, at least 3 and below 2^32 and the modulus.
+cryptography then checks that an ECDSA point lies on its curve.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 
@@ -21,6 +29,27 @@ from .errors import InvalidPublicKey, WeakPublicKey
 MAX_KEY_TEXT = 16 * 1024
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 16384
+MAX_RSA_EXPONENT = 2**32
+
+
+def _primes_below(n: int) -> tuple[int, ...]:
+    sieve = bytearray([1]) * n
+    sieve[0:2] = b"\x00\x00"
+    for i in range(2, int(n**0.5) + 1):
+        if sieve[i]:
+            sieve[i * i :: i] = bytearray(len(sieve[i * i :: i]))
+    return tuple(i for i in range(n) if sieve[i])
+
+
+SMALL_PRIMES = _primes_below(2000)
+_SMALL_PRIMORIAL = 1
+for _p in SMALL_PRIMES:
+    _SMALL_PRIMORIAL *= _p
+EC_CURVES = {  # key type -> (curve name in the blob, coordinate bytes)
+    "ecdsa-sha2-nistp256": ("nistp256", 32),
+    "ecdsa-sha2-nistp384": ("nistp384", 48),
+    "ecdsa-sha2-nistp521": ("nistp521", 66),
+}
 
 UserPublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
@@ -51,6 +80,76 @@ def _blob_type(blob: bytes) -> str:
     if n > 64 or len(blob) < 4 + n:
         raise InvalidPublicKey("The public key is malformed.")
     return blob[4 : 4 + n].decode("ascii", "replace")
+
+
+class _Reader:
+    def __init__(self, blob: bytes) -> None:
+        self.blob, self.off = blob, 0
+
+    def string(self, what: str) -> bytes:
+        if len(self.blob) - self.off < 4:
+            raise InvalidPublicKey(f"The public key is truncated (no {what}).")
+        (n,) = struct.unpack(">I", self.blob[self.off : self.off + 4])
+        if n > len(self.blob) - self.off - 4:
+            raise InvalidPublicKey(f"The public key is truncated (its {what} is cut short).")
+        out = self.blob[self.off + 4 : self.off + 4 + n]
+        self.off += 4 + n
+        return out
+
+    def mpint(self, what: str) -> int:
+        raw = self.string(what)
+        if not raw:
+            return 0
+        if raw[0] & 0x80:
+            raise InvalidPublicKey(f"The RSA {what} is negative.")
+        if raw[0] == 0 and (len(raw) == 1 or not raw[1] & 0x80):
+            raise InvalidPublicKey(f"The RSA {what} is not in canonical form (a needless leading zero byte).")
+        return int.from_bytes(raw, "big")
+
+    def end(self) -> None:
+        if self.off != len(self.blob):
+            raise InvalidPublicKey(f"The public key has {len(self.blob) - self.off} bytes of trailing data.")
+
+
+def check_blob_structure(declared: str, blob: bytes) -> None:
+    """Field-by-field structure of a public key blob (see the module docstring)."""
+    r = _Reader(blob)
+    r.string("key type")
+    if declared == "ssh-ed25519":
+        pk = r.string("ed25519 key")
+        if len(pk) != 32:
+            raise InvalidPublicKey(f"An ed25519 public key is 32 bytes; this one is {len(pk)}.")
+    elif declared in EC_CURVES:
+        curve, size = EC_CURVES[declared]
+        name = r.string("curve name")
+        if name != curve.encode():
+            raise InvalidPublicKey(f"The key says it is {declared!r} but names the curve "
+                                   f"{name.decode('ascii', 'replace')!r}.")
+        point = r.string("curve point")
+        if len(point) != 1 + 2 * size or point[0] != 4:
+            raise InvalidPublicKey(f"The ECDSA point must be uncompressed and {1 + 2 * size} bytes for {curve}.")
+    elif declared == "ssh-rsa":
+        e = r.mpint("exponent")
+        n = r.mpint("modulus")
+        check_rsa_numbers(e, n)
+    r.end()
+
+
+def check_rsa_numbers(e: int, n: int) -> None:
+    bits = n.bit_length()
+    if bits < MIN_RSA_BITS:
+        raise WeakPublicKey(f"RSA keys must have at least {MIN_RSA_BITS} bits; this one has {bits}.")
+    if bits > MAX_RSA_BITS:
+        raise InvalidPublicKey(f"RSA keys over {MAX_RSA_BITS} bits are not accepted.")
+    if n % 2 == 0:
+        raise InvalidPublicKey("The RSA modulus is even, so it is not a product of two large primes.")
+    if math.gcd(n, _SMALL_PRIMORIAL) != 1:
+        p = next(p for p in SMALL_PRIMES if n % p == 0)
+        raise InvalidPublicKey(f"The RSA modulus is divisible by {p}, so it is not a product of two large primes.")
+    if e < 3 or e % 2 == 0:
+        raise WeakPublicKey("The RSA public exponent must be odd and at least 3.")
+    if e >= MAX_RSA_EXPONENT or e >= n:
+        raise InvalidPublicKey("The RSA public exponent is too large (it must be below 2^32).")
 
 
 def parse_public_key(text: object) -> VettedKey:
@@ -93,6 +192,7 @@ def parse_public_key(text: object) -> VettedKey:
         "ssh-rsa",
     ):
         raise InvalidPublicKey(f"Key type {declared!r} is not supported. Use ed25519, ECDSA or RSA.")
+    check_blob_structure(declared, blob)
     try:
         key = serialization.load_ssh_public_key(f"{declared} {b64}".encode())
     except (ValueError, TypeError) as exc:
@@ -102,12 +202,7 @@ def parse_public_key(text: object) -> VettedKey:
 
     if isinstance(key, rsa.RSAPublicKey):
         bits = key.key_size
-        if bits < MIN_RSA_BITS:
-            raise WeakPublicKey(f"RSA keys must have at least {MIN_RSA_BITS} bits; this one has {bits}.")
-        if bits > MAX_RSA_BITS:
-            raise InvalidPublicKey(f"RSA keys over {MAX_RSA_BITS} bits are not accepted.")
-        if key.public_numbers().e < 3 or key.public_numbers().e % 2 == 0:
-            raise WeakPublicKey("The RSA public exponent is not valid.")
+        check_rsa_numbers(key.public_numbers().e, key.public_numbers().n)
     elif isinstance(key, ec.EllipticCurvePublicKey):
         bits = key.curve.key_size
     elif isinstance(key, ed25519.Ed25519PublicKey):

@@ -266,7 +266,7 @@ def test_garbage_is_refused(text, needle):
 def test_right_type_but_broken_key_data_does_not_parse():
     blob = sshstr("ssh-ed25519") + sshstr(b"\x00" * 10)  # ed25519 keys are 32 bytes
     err = refused(line_of("ssh-ed25519", blob), InvalidPublicKey)
-    assert "does not parse" in err.message
+    assert "32 bytes" in err.message and "10" in err.message
 
 
 def test_trailing_bytes_after_the_key_do_not_parse():
@@ -340,3 +340,114 @@ def test_other_types_are_refused_as_unsupported(key_type):
 def test_error_classes_carry_http_status_and_stable_codes():
     assert (InvalidPublicKey.status, InvalidPublicKey.code) == (400, "invalid_public_key")
     assert (WeakPublicKey.status, WeakPublicKey.code) == (400, "weak_public_key")
+
+
+# ---- structure and RSA numbers, as OpenSSH and Go's x/crypto/ssh check them ----------------------
+
+
+def rsa_numbers(kind: str = "rsa2048") -> tuple[int, int]:
+    nums = private_key(kind).public_key().public_numbers()
+    return nums.e, nums.n
+
+
+def rsa_line(e: int, n: int, *, e_raw: bytes | None = None, n_raw: bytes | None = None, tail: bytes = b"") -> str:
+    blob = sshstr("ssh-rsa") + (sshstr(e_raw) if e_raw is not None else mpint(e)) + \
+        (sshstr(n_raw) if n_raw is not None else mpint(n)) + tail
+    return line_of("ssh-rsa", blob)
+
+
+def test_a_real_rsa_key_rebuilt_by_hand_is_accepted():
+    # the helpers below write the same bytes as cryptography: a refusal is the field we changed
+    e, n = rsa_numbers()
+    assert blob_of(rsa_line(e, n)) == blob_of(openssh_of(private_key("rsa2048").public_key()))
+    assert parse_public_key(rsa_line(e, n)).bits == 2048
+
+
+def test_rsa_with_an_even_modulus_is_refused():
+    e, n = rsa_numbers()
+    err = refused(rsa_line(e, n * 2), InvalidPublicKey)
+    assert "modulus is even" in err.message and err.status == 400
+
+
+@pytest.mark.parametrize("p", [3, 5, 7, 1999])
+def test_rsa_modulus_with_a_small_prime_factor_is_refused(p):
+    e, n = rsa_numbers()
+    err = refused(rsa_line(e, n * p), InvalidPublicKey)
+    assert f"divisible by {p}" in err.message
+
+
+def test_small_primes_are_the_primes_under_2000():
+    assert keys.SMALL_PRIMES[:5] == (2, 3, 5, 7, 11) and keys.SMALL_PRIMES[-1] == 1999
+    assert len(keys.SMALL_PRIMES) == 303  # pi(2000)
+
+
+@pytest.mark.parametrize("e,needle,cls", [(1, "odd and at least 3", WeakPublicKey),
+                                          (0, "odd and at least 3", WeakPublicKey),
+                                          (65536, "odd and at least 3", WeakPublicKey),
+                                          (2**32 + 1, "too large", InvalidPublicKey),
+                                          (2**64 + 1, "too large", InvalidPublicKey)])
+def test_rsa_exponent_bounds(e, needle, cls):
+    _, n = rsa_numbers()
+    err = refused(rsa_line(e, n), cls)
+    assert needle in err.message
+
+
+def test_rsa_exponent_three_is_accepted():
+    _, n = rsa_numbers()
+    assert parse_public_key(rsa_line(3, n)).key_type == "ssh-rsa"
+
+
+def test_rsa_mpints_must_be_canonical_and_positive():
+    e, n = rsa_numbers()
+    raw_n = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    assert raw_n[0] & 0x80  # a 2048-bit modulus needs its zero sign byte
+    err = refused(rsa_line(e, n, n_raw=raw_n), InvalidPublicKey)  # sign byte missing: negative
+    assert "negative" in err.message
+    err = refused(rsa_line(e, n, e_raw=b"\x00\x01\x00\x01"), InvalidPublicKey)  # a needless zero byte
+    assert "canonical" in err.message
+
+
+def test_rsa_trailing_data_and_truncation():
+    e, n = rsa_numbers()
+    err = refused(rsa_line(e, n, tail=b"\x00"), InvalidPublicKey)
+    assert "trailing data" in err.message
+    blob = sshstr("ssh-rsa") + mpint(e)
+    err = refused(line_of("ssh-rsa", blob), InvalidPublicKey)
+    assert "truncated" in err.message and "modulus" in err.message
+
+
+def test_ed25519_key_of_33_bytes_is_refused():
+    raw = blob_of(openssh_of(fixed_ed25519().public_key()))[-32:]
+    err = refused(line_of("ssh-ed25519", sshstr("ssh-ed25519") + sshstr(raw + b"\x00")), InvalidPublicKey)
+    assert "32 bytes" in err.message
+
+
+def _ec_parts(kind: str = "ecdsa256") -> tuple[str, bytes]:
+    line = openssh_of(private_key(kind).public_key())
+    r = keys._Reader(blob_of(line))
+    r.string("t"), r.string("c")
+    return line.split()[0], r.string("q")
+
+
+def test_ecdsa_point_not_on_the_curve_is_refused():
+    key_type, q = _ec_parts()
+    bad = q[:-1] + bytes([q[-1] ^ 1])
+    blob = sshstr(key_type) + sshstr("nistp256") + sshstr(bad)
+    err = refused(line_of(key_type, blob), InvalidPublicKey)
+    assert "does not parse" in err.message
+
+
+def test_ecdsa_compressed_or_wrong_size_point_is_refused():
+    key_type, q = _ec_parts()
+    compressed = bytes([2 + (q[-1] & 1)]) + q[1:33]
+    for point in (compressed, q + b"\x00", q[:-1]):
+        blob = sshstr(key_type) + sshstr("nistp256") + sshstr(point)
+        err = refused(line_of(key_type, blob), InvalidPublicKey)
+        assert "uncompressed" in err.message
+
+
+def test_ecdsa_key_type_and_curve_name_must_agree():
+    key_type, q = _ec_parts("ecdsa384")
+    blob = sshstr("ecdsa-sha2-nistp384") + sshstr("nistp521") + sshstr(q)
+    err = refused(line_of("ecdsa-sha2-nistp384", blob), InvalidPublicKey)
+    assert "'nistp521'" in err.message
