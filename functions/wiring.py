@@ -103,7 +103,7 @@ def build_context(settings: Settings | None = None) -> Context:
             max_ttl_ceiling=settings.max_ttl_ceiling,
             backdate_seconds=settings.backdate_seconds,
         ),
-        notifier=WebhookNotifier(store.add_audit),
+        notifier=WebhookNotifier(store.add_audit, allow_loopback_http=settings.webhook_allow_loopback_http),
     )
     validator = TokenValidator(settings, groups=build_graph_groups(settings))
     validator.warm()

@@ -14,7 +14,7 @@ from ..core.audit import AuditEntry, canonical_json, link
 from ..core.certificate import IssuedCertificate, build_certificate, verify_issued
 from ..core.errors import CaKeyNotFound, Conflict, Denied, EzsshError, Forbidden, InvalidRequest, TtlTooLong
 from ..core.keys import VettedKey, parse_public_key
-from ..core.policy import AccessRequest, Identity, Policy, allowed_principals, choose_policy, make_grant, resolve_ttl
+from ..core.policy import AccessRequest, Identity, Policy, allowed_logins, choose_policy, make_grant, resolve_ttl
 from ..observability import event
 from ..signing.base import as_private_key
 from ..storage.base import CertificateRecord, IdempotencyRecord
@@ -178,7 +178,7 @@ class Issuance:
             # The approval is bound to the host, principal and TTL asked for; the policy may have
             # tightened since, and then the tighter rule wins.
             resolve_ttl(policy, rec.ttl_seconds)
-            if not policy.covers_host(rec.host) or rec.principal not in allowed_principals(policy.principals, rec.requester_upn):
+            if not policy.covers_host(rec.host) or rec.principal not in allowed_logins(policy, who):
                 raise Denied(f"Policy {policy.id!r} no longer allows this host or login.")
             issued = self._sign(policy, rec, who, vetted)
         final = sm.mark_issued(rec, who, now, serial=issued.serial, key_id=issued.key_id)
@@ -193,7 +193,7 @@ class Issuance:
         ca = policy.current_ca
         if ca is None:
             raise CaKeyNotFound(f"Policy {policy.id!r} has no current CA key.")
-        grant = make_grant(policy, rec.id, who.upn, rec.principal, rec.ttl_seconds, self.base.config.backdate_seconds)
+        grant = make_grant(policy, rec.id, who, rec.principal, rec.ttl_seconds, self.base.config.backdate_seconds)
         signer = self.base.keys.get_signer(ca.key_ref)
         now = self.base.now()
         # The serial was fixed with the request: its id is that serial in hex (core.approval).
