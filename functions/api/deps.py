@@ -7,6 +7,7 @@ calls may block); what needs the event loop (reading the body) happens in these 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, TypeVar
 
 from fastapi import Depends, Request
@@ -20,6 +21,7 @@ from .errors import describe
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 64 * 1024
+MAX_DEPTH = 32  # nesting of JSON arrays and objects; every document we take needs fewer than 8
 
 
 class Strict(BaseModel):
@@ -57,13 +59,86 @@ async def caller(request: Request) -> Identity:
     return await run_in_threadpool(identify, request)
 
 
-def _decode(raw: bytes, *, what: str = "request body") -> object:
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays/objects in a JSON text, counted without parsing it (so a
+    hostile document is measured before any recursive decoder sees it)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for b in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise InvalidRequest("Numbers in the request must be finite.")
+    return v
+
+
+def _no_constants(name: str) -> float:
+    raise InvalidRequest(f"{name} is not a JSON number; numbers must be finite.")
+
+
+def _check_strings(value: object, where: str) -> None:
+    """Every string (and key) must be valid Unicode that storage can hold: no lone surrogates."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(f"A string in the {where} is not valid Unicode (a lone surrogate).") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def load_json(raw: bytes, *, what: str = "request body", empty: bytes = b"null") -> object:
+    """Decode a JSON body with bounds: size, nesting depth (measured before parsing), finite
+    numbers only (no NaN, Infinity or 1e400), strings storage can hold (no lone surrogates)."""
     if len(raw) > MAX_BODY:
         raise InvalidRequest(f"The {what} is too large.")
+    if json_depth(raw) > MAX_DEPTH:
+        raise InvalidRequest(f"The {what} nests deeper than {MAX_DEPTH} levels.")
     try:
-        return json.loads(raw or b"null")
+        data = json.loads(raw or empty, parse_float=_finite_float, parse_constant=_no_constants)
+    except InvalidRequest:
+        raise
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest(f"The {what} is not valid JSON.") from None
+    _check_strings(data, what)
+    return data
+
+
+def finite_number(value: str | None, name: str) -> float | None:
+    """A number from a query string: finite, or InvalidRequest (float() takes inf and nan)."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be a number.") from None
+    if not math.isfinite(v):
+        raise InvalidRequest(f"'{name}' must be a finite number.")
+    return v
 
 
 def body(model: type[M] | None, action: str) -> Any:
@@ -74,8 +149,8 @@ def body(model: type[M] | None, action: str) -> Any:
 
     def validate(raw: bytes) -> Any:  # no I/O: runs on the event loop
         if model is None:
-            return _decode(raw, what="document")
-        data = _decode(raw or b"{}")
+            return load_json(raw, what="document")
+        data = load_json(raw, empty=b"{}")
         if not isinstance(data, dict):
             raise InvalidRequest("The request body must be a JSON object.")
         try:
@@ -86,7 +161,8 @@ def body(model: type[M] | None, action: str) -> Any:
     async def parse(request: Request, who: Identity = Depends(caller)) -> Any:
         raw = await request.body()
         try:
-            return validate(raw)
+            # small bodies on the event loop; a large one (its depth scan is a few ms) off it
+            return validate(raw) if len(raw) <= 8192 else await run_in_threadpool(validate, raw)
         except EzsshError as exc:
             # a refusal writes its audit entry: off the event loop, like the handlers
             await run_in_threadpool(service(request).base.refuse, who, exc, action,

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from ..core.errors import NotFound
 from ..core.policy import AccessRequest, Identity
+from ..core.text import normalize_host, printable_text
 from ..service import Outcome
 from .deps import Strict, body, caller, service
 
@@ -59,8 +60,12 @@ def create(request: Request, who: Identity = Depends(caller),
            idempotency_key: str | None = Header(None, max_length=200)) -> JSONResponse:
     """`Idempotency-Key` (one per client attempt): a retry after a lost answer gets that answer."""
     svc = service(request)
-    req = AccessRequest(host=new.host.strip(), principal=new.principal.strip(), ttl_seconds=new.ttl_seconds,
-                        policy_id=new.policy, reason=new.reason)
+    with svc.base.refusing(who, "request.refused", details={"path": request.url.path}):
+        host = normalize_host(new.host)
+        principal = printable_text(new.principal, "principal", 64)
+        reason = printable_text(new.reason, "reason", 1000) or None if new.reason is not None else None
+    req = AccessRequest(host=host, principal=principal, ttl_seconds=new.ttl_seconds,
+                        policy_id=new.policy, reason=reason)
     return render(svc.issuance.request_access(who, req, new.public_key, idempotency_key), int(svc.clock()))
 
 
@@ -89,7 +94,10 @@ def _decide(action: str):  # type: ignore[no-untyped-def]
     def handler(request: Request, request_id: str, who: Identity = Depends(caller),
                 decision: DecisionBody = body(DecisionBody, f"request.{action}.refused")) -> dict:
         svc = service(request)
-        rec = getattr(svc.requests, action)(who, request_id, decision.comment)
+        with svc.base.refusing(who, f"request.{action}.refused", request_id=request_id[:64]):
+            comment = printable_text(decision.comment, "comment", 1000) or None \
+                if decision.comment is not None else None
+        rec = getattr(svc.requests, action)(who, request_id, comment)
         return rec.to_public(int(svc.clock()))
     return handler
 

@@ -55,10 +55,12 @@ def normalize_host(value: object) -> str:
     (xn--), without the trailing dot."""
     if not isinstance(value, str):
         raise InvalidRequest("'host' must be a string.")
-    raw = value.strip()
+    if any(unicodedata.category(ch) in ("Cc", "Cs", "Cf", "Zl", "Zp") for ch in value):
+        raise InvalidRequest("'host' must be a host name or IP address; it holds control characters.")
+    raw = value.strip(" ")
     if not raw or len(raw) > 253 + 2:
         raise InvalidRequest("'host' must be a host name or IP address of at most 253 characters.")
-    if any(unicodedata.category(ch) in ("Cc", "Cs", "Cf", "Zl", "Zp", "Zs") for ch in raw):
+    if any(unicodedata.category(ch) == "Zs" for ch in raw):
         raise InvalidRequest("'host' must be a host name or IP address; it holds spaces or control characters.")
     literal = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
     if ":" in literal or re.fullmatch(r"[0-9.]+", literal):

@@ -40,7 +40,7 @@ from functions.core.certificate import (
 )
 from functions.core.errors import IntegrityError, InvalidRequest
 from functions.core.keys import fingerprint, parse_public_key
-from functions.core.policy import make_grant, policy_from_document
+from functions.core.policy import Identity, make_grant, policy_from_document
 
 from tests.realparts import needs_tool
 
@@ -59,12 +59,13 @@ GOLDEN_SERIAL = 0x1234_5678_9ABC_DEF0
 GOLDEN_NONCE = b"\x01" * 32
 GOLDEN_REQUEST = "req-0001"
 GOLDEN_UPN = "alice@contoso.example"
+GOLDEN_OID = "a11ce000-0000-4000-8000-000000000001"
 GOLDEN_PRINCIPAL = "deploy"
 GOLDEN_TTL = 1800
 GOLDEN_POLICY_DOC = {
     "id": "prod-web",
     "name": "Production web servers",
-    "rules": [{"users": [GOLDEN_UPN], "action": "auto"}],
+    "rules": [{"users": [GOLDEN_OID], "action": "auto"}],
     "hosts": ["web*.contoso.example", "10.20.0.0/16"],
     "principals": ["deploy", "alice"],
     "default_ttl": 900,
@@ -86,7 +87,8 @@ def golden_user_key():
 
 def golden_grant() -> Grant:
     policy = policy_from_document(GOLDEN_POLICY_DOC, tenant_id=GOLDEN_TENANT)
-    return make_grant(policy, GOLDEN_REQUEST, GOLDEN_UPN, GOLDEN_PRINCIPAL, GOLDEN_TTL)
+    who = Identity(oid=GOLDEN_OID, tid=GOLDEN_TENANT, upn=GOLDEN_UPN)
+    return make_grant(policy, GOLDEN_REQUEST, who, GOLDEN_PRINCIPAL, GOLDEN_TTL)
 
 
 @contextlib.contextmanager
@@ -251,14 +253,14 @@ def test_critical_options_come_only_from_the_policy():
         "extensions": [],
     }
     policy = policy_from_document(doc, tenant_id="t")
-    g = make_grant(policy, "r1", "x@y", "ops", 600)
+    g = make_grant(policy, "r1", Identity(oid="o", tid="t", upn="x@y"), "ops", 600)
     issued = build_certificate(g, user_key(), fixed_ed25519(3), now=NOW, serial=5)
     assert issued.certificate.critical_options == {b"force-command": b"/usr/bin/rbash",
                                                    b"source-address": b"10.1.0.0/16"}
     assert issued.certificate.extensions == {}
 
     open_policy = replace(policy, force_command=None, source_address=())
-    issued = build_certificate(make_grant(open_policy, "r1", "x@y", "ops", 600), user_key(), fixed_ed25519(3),
+    issued = build_certificate(make_grant(open_policy, "r1", Identity(oid="o", tid="t", upn="x@y"), "ops", 600), user_key(), fixed_ed25519(3),
                                now=NOW, serial=5)
     assert issued.certificate.critical_options == {}
 
