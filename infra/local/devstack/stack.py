@@ -101,7 +101,10 @@ def demo_policy_document(oidc: OidcStandIn, tenant: str = "contoso") -> dict:
             {"groups": [oidc.group_id(tenant, "ezssh-users")], "action": "auto"},
         ],
         "hosts": ["127.0.0.0/8", "localhost", "web*"],
-        "principals": ["{username}"],
+        # members of ezssh-users log in as themselves: {username} is their UPN's local part, only for
+        # the tenant's verified domain (EZSSH_VERIFIED_DOMAINS), never for guests or system accounts
+        "logins": [{"group": oidc.group_id(tenant, "ezssh-users"), "logins": ["{username}"],
+                    "display": "ezssh-users"}],
         "approvers": {"groups": [oidc.group_id(tenant, "ezssh-approvers")]},
         "admins": {"groups": [oidc.group_id(tenant, "ezssh-admins")]},
         "default_ttl": 3600,
