@@ -104,7 +104,8 @@ def payload(msg: Message) -> dict:
         title = escape_slack(msg.title)
         facts = [f"{escape_slack(k)}: {_value(msg, k, v, escape_slack)}" for k, v in msg.facts]
         return {
-            "text": title,
+            # the notification text (and fallback): one escaped line per fact, rendered without markup
+            "text": "\n".join([title, *facts]),
             "mrkdwn": False,
             "blocks": [
                 {"type": "header", "text": {"type": "plain_text", "text": _one_line(msg.title, 150)}},
@@ -380,13 +381,13 @@ class WebhookNotifier:
 
 
 def digest(held: list[Message]) -> Message:
-    """Several messages to one destination as one: the first's title and a line per message."""
+    """Several messages to one destination as one: a line per message (its title and facts)."""
     first = held[0]
     facts = []
     for m in held[:20]:
-        f = dict(m.facts)
-        line = " · ".join(f"{k} {f[k]}" for k in ("Requester", "Host", "Login", "Request") if k in f)
-        facts.append(("Update", line or m.title))
+        quoted = set(m.quoted)
+        parts = [f"{k}: “{v}”" if k in quoted and v not in ("", "-") else f"{k}: {v}" for k, v in m.facts]
+        facts.append(("Update", f"{m.title.removeprefix('ezssh: ')}: " + "; ".join(parts)))
     if len(held) > 20:
         facts.append(("More", f"{len(held) - 20} more"))
     return replace(first, title=f"ezssh: {len(held)} updates on access requests", facts=tuple(facts),

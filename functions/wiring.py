@@ -102,6 +102,9 @@ def build_context(settings: Settings | None = None) -> Context:
             ca_key_kind=settings.ca_key_kind,
             max_ttl_ceiling=settings.max_ttl_ceiling,
             backdate_seconds=settings.backdate_seconds,
+            webhook_allow_loopback_http=settings.webhook_allow_loopback_http,
+            max_pending_requests=settings.max_pending_requests,
+            request_rate=settings.request_rate,
         ),
         notifier=WebhookNotifier(store.add_audit, allow_loopback_http=settings.webhook_allow_loopback_http),
     )

@@ -59,10 +59,17 @@ def oidc(state_dir) -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def api_env(state_dir, oidc, azurite, softhsm_token) -> dict[str, str]:
+def api_port() -> int:
+    """The API server's port, chosen first: the API's public URL (EZSSH_PUBLIC_URL) names it."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def api_env(state_dir, oidc, azurite, softhsm_token, api_port) -> dict[str, str]:
     from devstack.stack import api_env as make_env
 
-    return make_env(state_dir, oidc, azurite.port, softhsm_token, queue_port=azurite.queue_port)
+    return make_env(state_dir, oidc, azurite.port, softhsm_token, queue_port=azurite.queue_port,
+                    api_port=api_port)
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +90,11 @@ def demo_policy(api_env, oidc, context):
 
 
 @pytest.fixture(scope="session")
-def api_server(state_dir, api_env, demo_policy) -> Iterator[str]:
+def api_server(state_dir, api_env, demo_policy, api_port) -> Iterator[str]:
     """The API served by uvicorn as a real HTTP server: http://127.0.0.1:<port>."""
     from devstack.stack import start_api
 
-    port = free_port()
+    port = api_port
     try:
         proc = start_api(state_dir, port, api_env)
     except StandInError as exc:

@@ -13,7 +13,7 @@ from .output import fmt_time
 
 # Fields an admin may write (the service's own list is authoritative and rejects the rest).
 EDITABLE_FIELDS = (
-    "id", "name", "rules", "hosts", "principals", "approvers", "approvals_required", "admins",
+    "id", "name", "rules", "hosts", "principals", "logins", "approvers", "approvals_required", "admins",
     "default_ttl", "max_ttl", "request_ttl", "extensions", "force_command", "source_address",
     "webhook_url", "webhook_format", "host_cert_ttl",
 )
@@ -43,8 +43,8 @@ def _split(values: list[str] | str | None, sep: str = ",") -> list[str]:
 
 
 def parse_subject(spec: str) -> tuple[str, str]:
-    """`user=<upn|oid|*>` or `group=<object id>` -> ("users"|"groups", value). A bare value containing
-    `@`, or `*`, is a user."""
+    """`user=<object id|*>` or `group=<object id>` -> ("users"|"groups", value). A bare value containing
+    `@`, or `*`, is a user (the service refuses UPNs with a message saying how to find the object id)."""
     spec = spec.strip()
     kind, sep, value = spec.partition("=")
     if sep and kind.strip().lower() in SUBJECT_KINDS:
@@ -54,7 +54,7 @@ def parse_subject(spec: str) -> tuple[str, str]:
         return SUBJECT_KINDS[kind.strip().lower()], value
     if not sep and ("@" in spec or spec == "*"):
         return "users", spec
-    raise usage(f"{spec!r} is not a user or group: write user=<upn|object id|*> or group=<object id>.")
+    raise usage(f"{spec!r} is not a user or group: write user=<object id|*> or group=<object id>.")
 
 
 def parse_subjects(specs: list[str] | str | None) -> dict[str, list[str]]:

@@ -46,7 +46,7 @@ def _enrolments(request: Request):  # type: ignore[no-untyped-def]
 def enrol(request: Request, policy_id: str, who: Identity = Depends(caller),
           eb: EnrolBody = body(EnrolBody, "enrolment.refused")) -> JSONResponse:
     svc = _enrolments(request)
-    api_url = str(request.base_url).rstrip("/")
+    api_url = context(request).settings.public_url  # never the request's Host header
     job, items = svc.enrol(who, policy_id, vm_id=eb.vm_id, resource_group=eb.resource_group, tag=eb.tag,
                            api_url=api_url)
     return JSONResponse(svc.describe(job, items), status_code=202,

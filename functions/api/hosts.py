@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ..core.errors import InvalidRequest
 from ..core.krl import krl_version_of
 from ..core.policy import Identity
-from .deps import Strict, body, caller, identify, service
+from .deps import Strict, body, caller, context, identify, service
 
 router = APIRouter(prefix="/api", tags=["hosts"])
 HOST_TOKEN_HEADER = "x-ezssh-host-token"
@@ -52,8 +52,8 @@ def krl(request: Request, policy_id: str, tenant: str | None = Query(None)) -> R
 
 @router.get("/policies/{policy_id}/host-setup")
 def host_setup(request: Request, policy_id: str, who: Identity = Depends(caller)) -> PlainTextResponse:
-    api_url = str(request.base_url).rstrip("/")
-    script = service(request).hosts.host_setup_script(who, policy_id, api_url)
+    # where hosts reach this service: the deployment's setting, never the request's Host header
+    script = service(request).hosts.host_setup_script(who, policy_id, context(request).settings.public_url)
     return PlainTextResponse(script, media_type="text/x-shellscript",
                              headers={"Content-Disposition": f'attachment; filename="ezssh-host-setup-{policy_id}.sh"'})
 

@@ -6,21 +6,33 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ..core.errors import InvalidRequest
-from ..core.policy import Identity, Policy
+from ..core.policy import Identity, Policy, allowed_logins
 from .deps import body, caller, service
 
 router = APIRouter(prefix="/api/policies", tags=["policies"])
-SERVER_ONLY_FIELDS = ("host_token",)
+
+
+# What a member, an approver or anyone else who may see a policy needs to ask for access under it.
+MEMBER_FIELDS = ("id", "name", "tenant_id", "hosts", "approvals_required", "default_ttl", "max_ttl", "request_ttl",
+                 "extensions", "force_command", "source_address")
 
 
 def view(p: Policy, who: Identity) -> dict:
-    """What a caller sees of a policy. Capabilities (host tokens) only for its admins."""
-    d = p.to_dict()
+    """What a caller sees of a policy. Its admins see the whole document; everyone else what they
+    need to ask for access: hosts, their own logins, TTLs, and the CA public keys (no key references,
+    no webhook URL, no other people's object ids, no host token)."""
+    you = {"admin": p.is_admin(who), "member": p.is_member(who), "approver": p.is_approver(who),
+           "logins": list(allowed_logins(p, who)) if p.is_member(who) else []}
+    if you["admin"]:
+        d = p.to_dict()
+        d.pop("host_token", None)
+    else:
+        full = p.to_dict()
+        d = {k: full[k] for k in MEMBER_FIELDS}
+        d["ca"] = [{"public_key": c.public_key, "fingerprint": c.fingerprint, "state": c.state}
+                   for c in p.trusted_ca]
     d["etag"] = p.etag
-    d["you"] = {"admin": p.is_admin(who), "member": p.is_member(who), "approver": p.is_approver(who)}
-    if not p.is_admin(who):
-        for f in SERVER_ONLY_FIELDS:
-            d.pop(f, None)
+    d["you"] = you
     return d
 
 

@@ -71,6 +71,10 @@ class TooManyRequests(EzsshError):
     status, code = 429, "too_many_requests"
 
 
+class TooManyPending(TooManyRequests):
+    code = "too_many_pending"
+
+
 class NotFound(EzsshError):
     status, code = 404, "not_found"
 
@@ -104,6 +108,12 @@ class SignerUnavailable(BackendUnavailable):
 
 class StorageUnavailable(BackendUnavailable):
     code = "storage_unavailable"
+
+
+class NotConfigured(EzsshError):
+    """A feature needs a setting this deployment does not have."""
+
+    status, code = 503, "not_configured"
 
 
 class CaKeyNotFound(EzsshError):

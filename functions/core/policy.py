@@ -28,6 +28,12 @@ POLICY_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 PRINCIPAL_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
 GLOB_RE = re.compile(r"^[A-Za-z0-9*?.\-_\[\]!]{1,253}$")
 ADMIN_ROLE = "EZSSH.Admin"
+# Table Storage holds a policy as one string property (its JSON): at most 64 KiB, i.e. 32,768 UTF-16
+# code units, in an entity of at most 1 MiB. An update's audit entry holds the changed fields before
+# and after, and rotation adds CA keys, so a policy document may use less than half of that.
+STORED_PROPERTY_UNITS = 32 * 1024
+MAX_POLICY_UNITS = 14_000
+CA_RESERVE_UNITS = 3_000  # room for the CA keys (current, previous) a policy carries
 # A login entry that stands for the requester's own login: the local part of their UPN, but only
 # for members (not guests) whose UPN is in one of their tenant's verified domains.
 USERNAME_TEMPLATE = "{username}"
@@ -658,9 +664,30 @@ def policy_from_document(
         webhook_format=webhook_format,
         host_cert_ttl=host_cert_ttl,
     )
-    if base is not None:
-        return replace(base, **fields)
-    return Policy(**fields)
+    out = replace(base, **fields) if base is not None else Policy(**fields)
+    check_storage_limits(out)
+    return out
+
+
+def utf16_units(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def check_storage_limits(policy: Policy) -> None:
+    """Refuse a policy that storage could not hold (or could not audit) before anything is created
+    for it: its JSON must stay well under Table Storage's 64 KiB string property."""
+    import json
+
+    doc = policy.to_dict()
+    ca = doc.pop("ca")
+    size = utf16_units(json.dumps(doc, separators=(",", ":")))
+    ca_size = utf16_units(json.dumps(ca, separators=(",", ":")))
+    limit = MAX_POLICY_UNITS - max(CA_RESERVE_UNITS, ca_size)
+    if size > limit:
+        raise InvalidRequest(
+            f"The policy is {size} characters of JSON; a policy is stored as one Table Storage property (at most "
+            f"64 KiB), so it may be at most {limit}. Use groups instead of long lists of people, fewer host "
+            "patterns, or split it into several policies.")
 
 
 def policy_from_row(d: dict, etag: str | None = None, audit_head: str | None = None) -> Policy:

@@ -40,6 +40,68 @@ class ServiceConfig:
     # this worker apply at once; other workers see them within this many seconds. A deleted policy
     # issues nothing even from a stale cache: its CA keys are disabled at deletion.
     policy_cache_seconds: float = 5.0
+    # plain-http webhooks to loopback (local development only)
+    webhook_allow_loopback_http: bool = False
+    # how much one user may ask: open requests per policy, and requests per minute on this worker
+    max_pending_requests: int = 5
+    request_rate: int = 30
+
+
+class RefusalCounter:
+    """Refusals of callers without an identity (no or bad token). They are counted here and logged,
+    never written to storage one row per call: anyone can send junk tokens. Bounded: at most
+    MAX_CODES distinct error codes, the rest counted together."""
+
+    MAX_CODES = 32
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, code: str) -> int:
+        with self._lock:
+            self.total += 1
+            key = code if code in self._counts or len(self._counts) < self.MAX_CODES else "other"
+            self._counts[key] = self._counts.get(key, 0) + 1
+            return self.total
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class RateLimiter:
+    """A token bucket per user on this worker: `rate` requests a minute, bursts up to `rate`.
+    Bounded: past MAX_KEYS users the fullest buckets (idle users) are dropped."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, rate: int) -> None:
+        self._rate = max(1, rate)
+        self._lock = threading.Lock()
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def take(self, key: tuple[str, str], now: float) -> float:
+        """0 if allowed, else the seconds until the next request would be."""
+        per_second = self._rate / 60.0
+        with self._lock:
+            tokens, at = self._buckets.get(key, (float(self._rate), now))
+            tokens = min(float(self._rate), tokens + (now - at) * per_second)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                if len(self._buckets) > self.MAX_KEYS:
+                    self._prune(now, per_second)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / per_second
+
+    def _prune(self, now: float, per_second: float) -> None:
+        full = [k for k, (t, at) in self._buckets.items() if t + (now - at) * per_second >= self._rate]
+        for k in full:
+            del self._buckets[k]
+        while len(self._buckets) > self.MAX_KEYS:
+            self._buckets.pop(next(iter(self._buckets)))
 
 
 class PolicyReader:
@@ -102,6 +164,8 @@ class Base:
         self.clock = clock
         self.notifier = notifier
         self.policies = PolicyReader(store, config.policy_cache_seconds)
+        self.anonymous_refusals = RefusalCounter()
+        self.rate = RateLimiter(config.request_rate)
 
     def now(self) -> int:
         return int(self.clock())
@@ -119,6 +183,14 @@ class Base:
 
     def refuse(self, who: Identity | None, exc: EzsshError, action: str, **fields: object) -> None:
         """Record a refusal. Never lets a storage failure hide the original error."""
+        if who is None:
+            # No identity (a missing or bad token): a log event and a counter, not a storage row.
+            total = self.anonymous_refusals.add(exc.code)
+            # every one at INFO; the 1st, 2nd, 4th, 8th, ... also at WARNING, with the count so far
+            level = logging.WARNING if total & (total - 1) == 0 else logging.INFO
+            event(log, action, level, error=exc.code, outcome="refused", detail=exc.message,
+                  unauthenticated_refusals=total)
+            return
         if isinstance(exc, StorageUnavailable):
             # Storage is down: nothing can be recorded, and it is no decision about the caller.
             # A log event (no traceback) says what happened.

@@ -8,7 +8,16 @@ import secrets
 from dataclasses import replace
 
 from ..core.audit import AuditEntry, link
-from ..core.errors import CaKeyNotFound, EzsshError, Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
+from ..core.errors import (
+    CaKeyNotFound,
+    Conflict,
+    EzsshError,
+    Forbidden,
+    InvalidRequest,
+    NotConfigured,
+    NotFound,
+    Unauthenticated,
+)
 from ..core.ids import is_guid
 from ..core.keys import fingerprint_of_blob
 from ..core.krl import CaRevocations, ca_key_blob, encode_krl
@@ -117,10 +126,24 @@ class Hosts:
                                              krl=krl if krl is not None else self.build_krl(policy),
                                              host_certs=host_certs))
 
-    def host_setup_script(self, who: Identity, policy_id: str, api_url: str) -> str:
-        """The setup script for a policy (its CA keys, host token and current KRL rendered in)."""
-        policy = self.base.policies.visible(who, policy_id)
-        script = self.render_setup(policy, api_url)
+    def host_setup_script(self, who: Identity, policy_id: str, api_url: str | None) -> str:
+        """The setup script for a policy (its CA keys, host token and current KRL rendered in).
+        For the policy's admins only: the script carries the host token. `api_url` is the
+        deployment's EZSSH_PUBLIC_URL, never anything taken from the request."""
+        from ..hosts.setup import RenderError
+
+        with self.base.refusing(who, "policy.host_setup.refused", policy_id=policy_id):
+            policy = self.base.policies.visible(who, policy_id)
+            if not policy.is_admin(who):
+                raise Forbidden(f"Only tenant admins and admins of policy {policy_id!r} get its host setup script "
+                                "(it carries the policy's host token).")
+            if not api_url:
+                raise NotConfigured("EZSSH_PUBLIC_URL is not set, so the setup script cannot tell hosts where "
+                                    "this service is.")
+            try:
+                script = self.render_setup(policy, api_url)
+            except RenderError as exc:
+                raise NotConfigured(f"The setup script cannot be rendered: {exc}") from None
         self.record(self.base.audit_entry(who, "policy.host_setup", policy_id=policy.id,
                                           details={"api_url": api_url}).sealed())
         return script

@@ -12,7 +12,17 @@ from cryptography.hazmat.primitives.serialization import ssh
 from ..core import approval as sm
 from ..core.audit import AuditEntry, canonical_json, link
 from ..core.certificate import IssuedCertificate, build_certificate, verify_issued
-from ..core.errors import CaKeyNotFound, Conflict, Denied, EzsshError, Forbidden, InvalidRequest, TtlTooLong
+from ..core.errors import (
+    CaKeyNotFound,
+    Conflict,
+    Denied,
+    EzsshError,
+    Forbidden,
+    InvalidRequest,
+    TooManyPending,
+    TooManyRequests,
+    TtlTooLong,
+)
 from ..core.keys import VettedKey, parse_public_key
 from ..core.policy import AccessRequest, Identity, Policy, allowed_logins, choose_policy, make_grant, resolve_ttl
 from ..observability import event
@@ -105,6 +115,12 @@ class Issuance:
         b = self.base
         refusing = b.refusing(who, "request.refused", host=req.host, principal=req.principal, policy_id=req.policy_id)
         with refusing:
+            if not fresh:
+                wait = b.rate.take((who.tid, who.oid), b.clock())
+                if wait > 0:
+                    raise TooManyRequests(
+                        f"Too many access requests; at most {b.config.request_rate} a minute. "
+                        f"Try again in {int(wait) + 1} seconds.", retry_after=int(wait) + 1)
             try:
                 decision = choose_policy(who, req, b.policies.cached(who.tid))
             except (Denied, TtlTooLong):
@@ -113,6 +129,8 @@ class Issuance:
                 b.policies.changed(who.tid)
                 decision = choose_policy(who, req, b.policies.cached(who.tid))
             vetted = parse_public_key(public_key) if public_key is not None else None
+            if decision.action != "auto":
+                self._check_pending(who, decision.policy)
         policy = decision.policy
         now = b.now()
         rid = idem.request_id if idem is not None else new_request_id(b.clock())
@@ -152,10 +170,20 @@ class Issuance:
         rec = b.store.create_request(replace(rec, audit_head=created.hash), created, idem)
         event(log, f"request.{rec.state}", request=rid, policy=policy.id, actor=who.upn, tenant=who.tid)
         if rec.state == sm.PENDING:
-            b.notify(policy, request_message(rec, policy, f"ezssh: {who.upn} asks for access to {rec.host}",
+            b.notify(policy, request_message(rec, policy, "ezssh: access request waiting for approval",
                                              (("Approve with", f"ezssh requests approve {rec.id}"),)))
         return Outcome(rec.state, rec, approvers_needed=rec.approvals_required,
                        approvers=policy.approvers.to_dict() if rec.state == sm.PENDING else None)
+
+    def _check_pending(self, who: Identity, policy: Policy) -> None:
+        limit = self.base.config.max_pending_requests
+        now = self.base.now()
+        mine = [r for r in self.base.store.list_requests(who.tid, sm.PENDING)
+                if r.policy_id == policy.id and r.requester_is(who) and r.effective_state(now) == sm.PENDING]
+        if len(mine) >= limit:
+            raise TooManyPending(
+                f"You have {len(mine)} pending requests under policy {policy.id!r}, the most allowed; cancel one "
+                "(ezssh requests cancel <id>) or wait for a decision.", policy=policy.id, limit=limit)
 
     def issue_for_request(self, who: Identity, request_id: str, public_key: str) -> Outcome:
         b = self.base

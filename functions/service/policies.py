@@ -59,7 +59,8 @@ class Policies:
                         raise InvalidRequest(f"'{name}' must be the https key id of a Key Vault key.")
                 if customer_key and customer_key == customer_host_key:
                     raise InvalidRequest("The host CA must be another key than the user CA.")
-            policy = policy_from_document(doc, tenant_id=who.tid, ttl_ceiling=b.config.max_ttl_ceiling)
+            policy = policy_from_document(doc, tenant_id=who.tid, ttl_ceiling=b.config.max_ttl_ceiling,
+                                          allow_loopback_http=b.config.webhook_allow_loopback_http)
             if b.policies.get_or_none(who.tid, policy.id) is not None:
                 raise Conflict(f"A policy with id {policy.id!r} already exists.")
             now = b.now()
@@ -91,7 +92,12 @@ class Policies:
             if not if_match:
                 raise PreconditionRequired("Send If-Match with the policy's ETag to change it.")
             base = self._admin_policy(who, policy_id, "change", if_match)
-            new = policy_from_document(patch, tenant_id=who.tid, ttl_ceiling=b.config.max_ttl_ceiling, base=base)
+            new = policy_from_document(patch, tenant_id=who.tid, ttl_ceiling=b.config.max_ttl_ceiling, base=base,
+                                       allow_loopback_http=b.config.webhook_allow_loopback_http)
+            if not who.is_tenant_admin and (new.webhook_url, new.webhook_format) != (base.webhook_url,
+                                                                                     base.webhook_format):
+                # a webhook URL is a credential and a way out of the network
+                raise Forbidden("Only tenant admins set a policy's webhook_url and webhook_format.")
         added = None
         if new.current_host_ca is None:  # created before host CAs existed: it gets one with this edit
             added = self._new_ca(new.id, who.tid, b.now(), kind="host")

@@ -98,8 +98,8 @@ class Requests:
         if saved.state in (sm.APPROVED, sm.DENIED) and policy is not None:
             verdict = "approved" if saved.state == sm.APPROVED else "denied"
             self.base.notify(policy, request_message(
-                saved, policy, f"ezssh: {saved.requester_upn}'s request was {verdict} by {who.upn}",
-                (("Comment", comment or "-"),)))
+                saved, policy, f"ezssh: access request {verdict}",
+                (("Decided by", who.upn), ("Comment", comment or "-"))))
         return saved
 
     def expire(self, tenant_id: str) -> list[str]:
@@ -123,5 +123,5 @@ class Requests:
             done.append(rec.id)
             policy = self.base.policies.get_or_none(tenant_id, rec.policy_id)
             if policy is not None:
-                self.base.notify(policy, request_message(new, policy, f"ezssh: {rec.requester_upn}'s request expired"))
+                self.base.notify(policy, request_message(new, policy, "ezssh: access request expired"))
         return done

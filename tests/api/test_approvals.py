@@ -122,8 +122,8 @@ def test_dual_key_approval_then_exactly_one_certificate(client, gated, receiver,
     assert early.status_code == 409
     ok = client.post(f"/api/requests/{rid}/approve", headers=auth("bob"), json={"comment": "go"})
     assert ok.status_code == 200 and ok.json()["status"] == "approved", ok.text
-    told = receiver.wait_for("request was approved by bob@contoso.test")  # the requester is told
-    assert rid in told["text"] and "Comment: go" in told["text"]
+    told = receiver.wait_for("Decided by: bob@contoso.test")  # the requester is told
+    assert rid in told["text"] and "Comment: “go”" in told["text"] and "approved" in told["text"]
     cert = client.post(f"/api/requests/{rid}/certificate", headers=auth("alice"), json={"public_key": pub()})
     assert cert.status_code == 201, cert.text
     assert cert.json()["principals"] == ["alice"]

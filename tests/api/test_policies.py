@@ -3,6 +3,8 @@ over HTTP against uvicorn + Azurite + SoftHSM + the OIDC stand-in."""
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import threading
 import time
@@ -16,6 +18,10 @@ from functions.core.errors import CaKeyNotFound
 from functions.service import Service
 
 
+BOB_OID = "7385a7f7-71c4-4083-94b5-8cdfd3ae6fc9"  # bob in infra/local/oidc/users.json
+NOBODY_OID = "00000000-0000-4000-8000-00000000dead"  # no dev user has it
+
+
 def ops_doc(oidc, pid: str = "ops") -> dict:
     return {
         "id": pid,
@@ -25,13 +31,15 @@ def ops_doc(oidc, pid: str = "ops") -> dict:
         "hosts": ["ops-*", "10.1.0.0/16", "127.0.0.1"],
         "principals": ["{username}", "deploy"],
         "approvers": {"groups": [oidc.group_id("contoso", "ezssh-approvers")]},
-        "admins": {"users": ["dave@contoso.test"]},
+        "admins": {"users": [oidc.user("dave")["oid"]]},
         "max_ttl": 7200,
     }
 
 
 def create(client, auth, doc: dict, user: str = "carol") -> httpx.Response:
-    return client.post("/api/policies", headers=auth(user), json=doc)
+    # json.dumps escapes a lone surrogate as \ud800, as a hostile client would send it
+    return client.post("/api/policies", headers={**auth(user), "content-type": "application/json"},
+                       content=json.dumps(doc).encode())
 
 
 def test_tenant_admin_creates_a_policy_with_its_own_ca(client, oidc, context, auth):
@@ -69,8 +77,17 @@ BAD_DOCS = [
     ("malformed CIDR", {"hosts": ["10.0.0.1/8"]}, "CIDR"),
     ("bad glob", {"hosts": ["web/*"]}, "not a valid"),
     ("wrong type", {"max_ttl": "3600"}, "whole number"),
-    ("only the requester could approve", {"rules": [{"users": ["bob@contoso.test"], "action": "approval"}],
-                                          "approvers": {"users": ["bob@contoso.test"]}}, "approve their own"),
+    ("only the requester could approve", {"rules": [{"users": [BOB_OID], "action": "approval"}],
+                                          "approvers": {"users": [BOB_OID]}}, "approve their own"),
+    ("a person named by UPN", {"admins": {"users": ["dave@contoso.test"]}}, "by UPN"),
+    ("a name that is no object id", {"approvers": {"users": ["dave"]}}, "not an object id"),
+    ("a login for a UPN", {"logins": [{"oid": "bob@contoso.test", "logins": ["bob"]}]}, "by UPN"),
+    ("a lone surrogate in the name", {"name": "ops \ud800"}, "lone surrogate"),
+    ("a control character in the name", {"name": "ops\u0007"}, "control character"),
+    ("a webhook to a metadata address", {"webhook_url": "https://169.254.169.254/x"}, "non-public"),
+    ("a plain http webhook", {"webhook_url": "http://hooks.example.net/x"}, "https"),
+    ("more than storage holds", {"hosts": [f"h{i:05d}-" + "x" * 50 + ".example" for i in range(300)]},
+     "Table Storage"),
 ]
 
 
@@ -91,8 +108,8 @@ def test_not_json_is_refused(client, auth):
 
 def test_members_see_only_their_policies_and_approvers_theirs(client, oidc, auth):
     assert create(client, auth, ops_doc(oidc, "ops-visible")).status_code == 201
-    hidden = {**ops_doc(oidc, "ops-hidden"), "rules": [{"users": ["nobody@contoso.test"], "action": "auto"}],
-              "approvers": {"users": ["nobody@contoso.test"]}, "admins": {}}
+    hidden = {**ops_doc(oidc, "ops-hidden"), "rules": [{"users": [NOBODY_OID], "action": "auto"}],
+              "approvers": {"users": [NOBODY_OID]}, "admins": {}}
     assert create(client, auth, hidden).status_code == 201
     ids = lambda user: {p["id"] for p in client.get("/api/policies", headers=auth(user)).json()["policies"]}  # noqa: E731
     assert {"demo", "ops-visible"} <= ids("alice") and "ops-hidden" not in ids("alice")

@@ -53,9 +53,10 @@ class Ports:
 
 
 def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHsmToken,
-            queue_port: int | None = None) -> dict[str, str]:
+            queue_port: int | None = None, *, api_port: int | None = None) -> dict[str, str]:
     """The settings the API reads (functions/settings.py), pointing at the local stand-ins."""
     tenants = list(oidc.config["tenants"])
+    public = {"EZSSH_PUBLIC_URL": f"http://127.0.0.1:{api_port}"} if api_port else {}
     return {
         "EZSSH_TENANTS": ",".join(tenants),
         "EZSSH_ISSUER_TEMPLATE": f"{oidc.base_url}/{{tid}}",
@@ -72,6 +73,11 @@ def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHs
         "EZSSH_PKCS11_PIN": token.pin,
         "EZSSH_VERIFIED_DOMAINS": verified_domains(oidc),
         "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP": "1",  # the local stack's webhook receivers listen on 127.0.0.1
+        # The test suite asks as a handful of dev users many times a minute; production keeps the
+        # defaults (5 pending per policy, 30 a minute). The limit tests build a service with those.
+        "EZSSH_MAX_PENDING_REQUESTS": "50",
+        "EZSSH_REQUEST_RATE": "1000",
+        **public,
         **token.env(),
     }
 
@@ -201,7 +207,7 @@ def up(state_dir: Path = DEFAULT_STATE, ports: Ports | None = None, *, with_sshd
         token = ensure_token(state_dir)
         oidc = start_oidc(state_dir, ports.oidc)
         started.append(oidc)
-        env = api_env(state_dir, oidc, ports.azurite, token, queue_port=ports.azurite_queue)
+        env = api_env(state_dir, oidc, ports.azurite, token, queue_port=ports.azurite_queue, api_port=ports.api)
         policy = seed_policy(env, oidc, demo_policy_document(oidc))
         api = start_api(state_dir, ports.api, env, workers=api_workers)
         started.append(api)
