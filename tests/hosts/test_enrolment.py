@@ -54,7 +54,7 @@ def _policy_doc(oidc, pid: str) -> dict:
         "rules": [{"groups": [oidc.group_id("contoso", "ezssh-users")], "action": "auto"}],
         "hosts": ["127.0.0.0/8", f"/subscriptions/{SUB}/resourceGroups/{RG_AUTO}"],
         "principals": ["{username}"],
-        "admins": {"users": ["dave@contoso.test"]},
+        "admins": {"users": [oidc.user("dave")["oid"]]},
         "max_ttl": 3600,
     }
 

@@ -35,10 +35,11 @@ def script_for(client, headers, policy_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def demo_script(client, auth):
-    return script_for(client, auth("alice"), "demo")
+    return script_for(client, auth("carol"), "demo")
 
 
-def test_the_script_is_served_to_members_and_names_the_policy(client, auth, demo_script, demo_policy, oidc):
+def test_the_script_is_served_to_policy_admins_and_names_the_policy(client, auth, demo_script, demo_policy, oidc,
+                                                                    api_server):
     assert demo_script.startswith("#!/bin/sh\n")
     assert demo_policy.current_ca.public_key in demo_script
     assert f"EZSSH_TENANT='{oidc.tenant_id('contoso')}'" in demo_script
@@ -47,6 +48,15 @@ def test_the_script_is_served_to_members_and_names_the_policy(client, auth, demo
     token = demo_script.split("EZSSH_HOST_TOKEN='")[1].split("'")[0]
     assert len(token) >= 40
     assert script_for(client, auth("carol"), "demo").count(token) == 1
+    # the API address is the deployment's EZSSH_PUBLIC_URL, whatever Host header the request had
+    assert f"EZSSH_API='{api_server}'" in demo_script
+    forged = client.get("/api/policies/demo/host-setup", headers={**auth("carol"), "Host": "evil.example"})
+    assert forged.status_code == 200 and "evil.example" not in forged.text
+    quoted = client.get("/api/policies/demo/host-setup", headers={**auth("carol"), "Host": "a'b"})
+    assert quoted.status_code in (200, 400) and "a'b" not in quoted.text
+    # members ask for access; the script carries the host token, so it is for the policy's admins only
+    member = client.get("/api/policies/demo/host-setup", headers=auth("alice"))
+    assert member.status_code == 403 and member.json()["error"] == "forbidden" and token not in member.text
     assert subprocess.run(["sh", "-n"], input=demo_script, text=True).returncode == 0
 
 
@@ -97,7 +107,7 @@ def test_a_broken_config_is_rolled_back_and_sshd_keeps_serving(make_host, client
     before = host.snapshot()
     reloads = host.reloads()
 
-    r = host.run_setup(script_for(client, auth("alice"), "hosts-b"))
+    r = host.run_setup(script_for(client, auth("carol"), "hosts-b"))
     assert r.returncode == 1
     assert "ThisIsNotAnOption" in r.stderr and "rolled back" in r.stderr
     assert "fails without ezssh's changes too" in r.stderr
@@ -172,7 +182,7 @@ def test_two_policies_on_one_host_are_merged(make_host, client, auth, demo_scrip
     host = make_host()
     assert host.run_setup(demo_script).returncode == 0
     reloads = host.reloads()
-    r = host.run_setup(script_for(client, auth("alice"), "hosts-b"))
+    r = host.run_setup(script_for(client, auth("carol"), "hosts-b"))
     assert r.returncode == 0, r.stderr
     assert host.reloads() == reloads  # only CA and KRL files changed: sshd re-reads them at each login
     trusted = (host.etc / "ezssh" / "trusted_user_ca_keys").read_text()
