@@ -59,9 +59,9 @@ def tid() -> str:
 def a_policy(tid: str, pid: str = "web", **kw) -> Policy:
     fields = dict(
         id=pid, tenant_id=tid, name=f"Policy {pid}",
-        rules=(Rule(Subjects(users=("*",)), "auto"), Rule(Subjects(groups=("g-ops",)), "approval")),
+        rules=(Rule(Subjects(users=("*",)), "auto"), Rule(Subjects(groups=("0b7a0000-0000-4000-8000-00000000000a",)), "approval")),
         hosts=("*.example.com", "10.0.0.0/8"), principals=("alice", "{username}"),
-        approvers=Subjects(users=("0b7a-approver",)), approvals_required=2, admins=Subjects(groups=("g-adm",)),
+        approvers=Subjects(users=("0b7a0000-0000-4000-8000-00000000000b",)), approvals_required=2, admins=Subjects(groups=("0b7a0000-0000-4000-8000-00000000000c",)),
         ca=(CaKeyRef("pkcs11:ca-1", "pkcs11", "ecdsa-sha2-nistp256 AAAA ca-1", "SHA256:abc", "current", 1700),),
         audit_head="a" * 64,
     )

@@ -28,7 +28,7 @@ rules:
 approvers:
   groups: [{approvers}]
 admins:
-  users: [dave@contoso.test]
+  users: [{dave}]  # object ids, never UPNs
 default_ttl: 30m
 max_ttl: 4h
 extensions: [permit-pty]
@@ -57,7 +57,7 @@ def alice(tmp_path_factory, api_server, oidc):
 @pytest.fixture(scope="module")
 def yaml_policy(carol, oidc, tmp_path_factory):
     path = tmp_path_factory.mktemp("docs") / "web.yaml"
-    path.write_text(YAML_POLICY.format(users=oidc.group_id("contoso", "ezssh-users"),
+    path.write_text(YAML_POLICY.format(users=oidc.group_id("contoso", "ezssh-users"), dave=DAVE,
                                        approvers=oidc.group_id("contoso", "ezssh-approvers")))
     r = run_cli(["policy", "create", "-f", str(path), "--json"], carol)
     assert r.returncode == 0, r.stderr
@@ -68,9 +68,9 @@ def yaml_policy(carol, oidc, tmp_path_factory):
 def flags_create(env, pid: str, *extra: str) -> subprocess.CompletedProcess:
     return run_cli(["policy", "create", "--id", pid, "--name", "Made with flags", "--host", "cli-flags-*",
                     "--host", "10.30.0.0/16", "--principal", "{username}", "--principal", "ops",
-                    "--rule", "auto:user=alice@contoso.test", "--rule", "approval:group=" + GROUPS["users"],
-                    "--approver", "user=bob@contoso.test", "--approver", "user=dave@contoso.test",
-                    "--approvals-required", "1", "--admin", "user=dave@contoso.test",
+                    "--rule", f"auto:user={ALICE}", "--rule", "approval:group=" + GROUPS["users"],
+                    "--approver", f"user={BOB}", "--approver", f"user={DAVE}",
+                    "--approvals-required", "1", "--admin", f"user={DAVE}",
                     "--default-ttl", "15m", "--max-ttl", "2h", "--extension", "permit-pty",
                     "--extension", "permit-port-forwarding", "--force-command", "/usr/bin/true",
                     "--source-address", "10.0.0.0/8", "--webhook-url", "http://127.0.0.1:9/hooks/ops",
@@ -78,6 +78,10 @@ def flags_create(env, pid: str, *extra: str) -> subprocess.CompletedProcess:
 
 
 GROUPS: dict[str, str] = {}
+# object ids of the dev users (infra/local/oidc/users.json): policies name people by these
+ALICE = "ce6db6b2-527e-4502-bdc9-17a512aa3e03"
+BOB = "7385a7f7-71c4-4083-94b5-8cdfd3ae6fc9"
+DAVE = "25cadfc3-01ba-44cb-b834-75b5a5aceb88"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,10 +122,10 @@ def test_create_from_flags(carol):
     r = flags_create(carol, "cli-flags", "--json")
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)
-    assert p["rules"] == [{"users": ["alice@contoso.test"], "groups": [], "action": "auto"},
+    assert p["rules"] == [{"users": [ALICE], "groups": [], "action": "auto"},
                           {"users": [], "groups": [GROUPS["users"]], "action": "approval"}]
-    assert p["approvers"] == {"users": ["bob@contoso.test", "dave@contoso.test"], "groups": []}
-    assert p["admins"]["users"] == ["dave@contoso.test"]
+    assert p["approvers"] == {"users": [BOB, DAVE], "groups": []}
+    assert p["admins"]["users"] == [DAVE]
     assert (p["default_ttl"], p["max_ttl"], p["force_command"]) == (900, 7200, "/usr/bin/true")
     assert p["extensions"] == ["permit-pty", "permit-port-forwarding"] and p["source_address"] == ["10.0.0.0/8"]
     assert p["webhook_url"] == "http://127.0.0.1:9/hooks/ops"
@@ -132,7 +136,7 @@ def test_create_from_flags(carol):
 
 def test_a_refused_document_shows_the_service_message(carol):
     r = run_cli(["policy", "create", "--id", "cli-bad", "--host", "cli-x", "--principal", "x",
-                 "--rule", "auto:user=alice@contoso.test", "--extension", "permit-everything"], carol)
+                 "--rule", f"auto:user={ALICE}", "--extension", "permit-everything"], carol)
     assert r.returncode == 1 and "Unknown extension" in r.stderr and "invalid_request" in r.stderr
     assert "request id: " in r.stderr
 
@@ -230,7 +234,7 @@ def test_each_policy_certificate_logs_in_only_where_its_ca_is_trusted(carol, ali
     """The session sshd trusts only the demo policy's CA. A certificate from a new policy is refused
     there until that policy's CA lines are added to sshd's trust file."""
     r = run_cli(["policy", "create", "--id", "cli-trust", "--host", "127.0.0.1", "--principal", "{username}",
-                 "--rule", "auto:user=alice@contoso.test", "--max-ttl", "1h", "--default-ttl", "10m"], carol)
+                 "--rule", f"auto:user={ALICE}", "--max-ttl", "1h", "--default-ttl", "10m"], carol)
     assert r.returncode == 0, r.stderr
     ca_lines = run_cli(["policy", "ca", "cli-trust"], carol).stdout
     assert ca_lines.count("\n") == 1
