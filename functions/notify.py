@@ -272,7 +272,9 @@ class WebhookNotifier:
             self._ctx.verify_mode = ssl.CERT_NONE
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ezssh-notify")
         self._pending: set[Future] = set()
-        self._lock = threading.Lock()
+        # reentrant: a delivery that finishes before its done-callback is attached runs that
+        # callback (which takes this lock) in the thread that submitted it, still holding it
+        self._lock = threading.RLock()
         self._buckets: dict[str, _Bucket] = {}
         self._held: dict[str, list[Message]] = {}
         self._timers: dict[str, threading.Timer] = {}

@@ -9,4 +9,4 @@ GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 
 def is_guid(s: object) -> bool:
     """A tenant, object or group id as Entra ID writes it."""
-    return isinstance(s, str) and GUID_RE.match(s) is not None
+    return isinstance(s, str) and GUID_RE.fullmatch(s) is not None  # fullmatch: "$" would allow a final newline

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Literal
 from .certificate import DEFAULT_BACKDATE, KNOWN_EXTENSIONS, Grant
 from .errors import Denied, InvalidRequest, NoPolicyForHost, PolicyNeedsUpdate, PrincipalNotAllowed, TtlTooLong
 from .hostcert import DEFAULT_HOST_CERT_TTL, MAX_HOST_CERT_TTL, MIN_HOST_CERT_TTL
+from .ids import is_guid
 from .text import address_is_public, normalize_host, printable_text
 
 Action = Literal["auto", "approval", "deny"]
@@ -37,8 +38,6 @@ CA_RESERVE_UNITS = 3_000  # room for the CA keys (current, previous) a policy ca
 # A login entry that stands for the requester's own login: the local part of their UPN, but only
 # for members (not guests) whose UPN is in one of their tenant's verified domains.
 USERNAME_TEMPLATE = "{username}"
-# Object ids of users and groups: Entra ID GUIDs. People are matched by these, never by a name.
-OBJECT_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 # Accounts {username} never expands to, whatever a UPN says (root@..., ubuntu@...): operating system
 # accounts, service accounts and the default accounts of cloud images. A policy that means to allow
 # one must name it literally (an admin's explicit choice).
@@ -158,11 +157,11 @@ class Subjects:
     def from_row(cls, d: dict | None) -> "Subjects":
         d = d or {}
         users = [str(u) for u in d.get("users", ())]
-        good = tuple(u.lower() for u in users if u == "*" or OBJECT_ID_RE.match(u))
-        bad = tuple(u for u in users if not (u == "*" or OBJECT_ID_RE.match(u)))
+        good = tuple(u.lower() for u in users if u == "*" or is_guid(u))
+        bad = tuple(u for u in users if not (u == "*" or is_guid(u)))
         groups = [str(g) for g in d.get("groups", ())]
-        bad += tuple(g for g in groups if not OBJECT_ID_RE.match(g))
-        return cls(good, tuple(g.lower() for g in groups if OBJECT_ID_RE.match(g)),
+        bad += tuple(g for g in groups if not is_guid(g))
+        return cls(good, tuple(g.lower() for g in groups if is_guid(g)),
                    bool(d.get("guests", False)), bad)
 
 
@@ -420,7 +419,7 @@ def _object_ids(values: tuple[str, ...], where: str, *, allow_everyone: bool) ->
             raise InvalidRequest(
                 f"{where} names {v!r} by UPN. Name people by object id: a UPN can be renamed or reused, an "
                 f"object id cannot (find it with: az ad user show --id {v} --query id -o tsv).")
-        elif not OBJECT_ID_RE.match(v):
+        elif not is_guid(v):
             raise InvalidRequest(f"{where}: {v!r} is not an object id (a GUID such as "
                                  "0e2d7f4c-6a1b-4c3e-9a57-5d2b8e0c1a01).")
         else:

@@ -99,3 +99,25 @@ def test_a_public_literal_is_pinned_to_itself():
 def test_payload_is_json_serialisable():
     for fmt in ("slack", "teams"):
         json.dumps(payload(msg(fmt, "plain")))
+
+
+def test_a_delivery_finishing_at_once_does_not_deadlock_the_sender():
+    """A refused destination finishes before send() attaches its done-callback; the callback then
+    runs in the sending thread while it holds the notifier's lock."""
+    import threading
+
+    from functions.notify import WebhookNotifier
+
+    recorded = []
+    n = WebhookNotifier(recorded.append)
+    done = threading.Event()
+
+    def flood() -> None:
+        for i in range(200):
+            n.send(Message("t", f"ftp://refused{i}.example/x", "slack", "ezssh: test", (), request_id=f"r{i}"))
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(20), "send() deadlocked"
+    n.drain(20)
+    assert recorded and all(e.outcome == "refused" for e in recorded)

@@ -66,3 +66,45 @@ def test_with_several_tenants_every_enrolment_scope_names_its_tenant():
 
 def test_every_setting_read_is_documented():
     assert all(meaning.strip() for meaning in SETTINGS.values())
+
+
+# ---- who may log in as whom, and how much one user may ask ------------------------------------
+
+
+def test_verified_domains_per_tenant():
+    s = load_settings(env(EZSSH_TENANTS=f"{T1},{T2}",
+                          EZSSH_VERIFIED_DOMAINS=f"{T1}=Contoso.com, contoso.net.;{T2.upper()}=fabrikam.com"))
+    assert s.verified_domains_for(T1) == ("contoso.com", "contoso.net")
+    assert s.verified_domains_for(T2) == ("fabrikam.com",)
+    assert s.verified_domains_for("00000000-0000-0000-0000-000000000000") == ()
+
+
+def test_verified_domains_default_to_none_and_need_no_tenant_with_one_tenant():
+    assert load_settings(env()).verified_domains_for(T1) == ()
+    assert load_settings(env(EZSSH_VERIFIED_DOMAINS="contoso.com")).verified_domains_for(T1) == ("contoso.com",)
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("contoso.com", "several tenants"),  # two tenants: each entry names its tenant
+    (f"{SUB}=contoso.com", "not in EZSSH_TENANTS"),
+    (f"{T1}=contoso", "not a domain"),
+    (f"{T1}=*.contoso.com", "not a domain"),
+    (f"{T1}=contoso.com/x", "not a domain"),
+])
+def test_bad_verified_domains(value, needle):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env(EZSSH_TENANTS=f"{T1},{T2}", EZSSH_VERIFIED_DOMAINS=value))
+    assert "EZSSH_VERIFIED_DOMAINS" in info.value.message and needle in info.value.message
+
+
+def test_limits_and_the_loopback_webhook_flag():
+    s = load_settings(env())
+    assert (s.max_pending_requests, s.request_rate, s.webhook_allow_loopback_http) == (5, 30, False)
+    s = load_settings(env(EZSSH_MAX_PENDING_REQUESTS="2", EZSSH_REQUEST_RATE="100",
+                          EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP="1"))
+    assert (s.max_pending_requests, s.request_rate, s.webhook_allow_loopback_http) == (2, 100, True)
+    for name, bad in (("EZSSH_MAX_PENDING_REQUESTS", "0"), ("EZSSH_REQUEST_RATE", "x"),
+                      ("EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP", "yes")):
+        with pytest.raises(SettingsError) as info:
+            load_settings(env(**{name: bad}))
+        assert name in info.value.message
