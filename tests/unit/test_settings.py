@@ -108,3 +108,15 @@ def test_limits_and_the_loopback_webhook_flag():
         with pytest.raises(SettingsError) as info:
             load_settings(env(**{name: bad}))
         assert name in info.value.message
+
+
+@pytest.mark.parametrize("url", ["https://a'b.example", "https://ezssh.example/path", "ftp://x", "https://x y",
+                                 "https://x;rm -rf /", "https://$(id).example"])
+def test_public_url_cannot_break_a_setup_script(url):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env(EZSSH_PUBLIC_URL=url))
+    assert "EZSSH_PUBLIC_URL" in info.value.message
+
+
+def test_public_url_is_kept_without_its_trailing_slash():
+    assert load_settings(env(EZSSH_PUBLIC_URL="https://ezssh.example.net/")).public_url == "https://ezssh.example.net"
