@@ -21,8 +21,11 @@ def view(p: Policy, who: Identity) -> dict:
     """What a caller sees of a policy. Its admins see the whole document; everyone else what they
     need to ask for access: hosts, their own logins, TTLs, and the CA public keys (no key references,
     no webhook URL, no other people's object ids, no host token)."""
-    you = {"admin": p.is_admin(who), "member": p.is_member(who), "approver": p.is_approver(who),
-           "logins": list(allowed_logins(p, who)) if p.is_member(who) else []}
+    rule = p.rule_for(who)
+    member = rule is not None and rule.action != "deny"
+    you = {"admin": p.is_admin(who), "member": member, "approver": p.is_approver(who),
+           "access": rule.action if rule is not None else "deny",  # what asking for access would get
+           "logins": list(allowed_logins(p, who)) if member else []}
     if you["admin"]:
         d = p.to_dict()
         d.pop("host_token", None)

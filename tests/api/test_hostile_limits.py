@@ -120,7 +120,9 @@ def test_a_lost_create_race_leaves_exactly_one_ca_key(context, oidc, api_env):
     made = [r for r in results if not isinstance(r, Exception)]
     assert len(made) == 1, results
     assert all(getattr(r, "code", "") == "conflict" for r in results if isinstance(r, Exception))
-    assert private_keys_in_hsm(api_env) == before + 1  # the losers' keys were removed
+    winner = made[0]
+    kept = len(winner.ca) + len(getattr(winner, "host_ca", ()))  # its user CA (and host CA) keys
+    assert private_keys_in_hsm(api_env) == before + kept  # the losers' keys were removed
 
 
 @pytest.mark.parametrize("raw,needle", [

@@ -14,7 +14,8 @@ from tests.realparts import in_ci
 
 TENANT = str(uuid.UUID(int=0xC0))
 OTHER_TENANT = str(uuid.UUID(int=0xFA))
-USERS, APPROVERS, ADMINS = "g-users", "g-approvers", "g-admins"  # group object ids of this tenant
+# group object ids of this tenant (GUIDs, as Entra ID writes them; policies match nothing else)
+USERS, APPROVERS, ADMINS = (str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{g}.groups")) for g in ("users", "approvers", "admins"))
 T0 = 1_780_000_000.0
 
 
@@ -36,8 +37,10 @@ class Clock:
 
 
 def person(name: str, *groups: str, tid: str = TENANT, admin: bool = False) -> Identity:
+    """A member of the tenant whose UPN is in its verified domain contoso.test (so {username} is `name`)."""
     return Identity(oid=str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{name}.{tid}")), tid=tid, upn=f"{name}@contoso.test",
-                    name=name.title(), groups=frozenset(groups), roles=frozenset({ADMIN_ROLE} if admin else ()))
+                    name=name.title(), groups=frozenset(groups), roles=frozenset({ADMIN_ROLE} if admin else ()),
+                    domain_verified=True)
 
 
 ALICE = person("alice", USERS)  # a member

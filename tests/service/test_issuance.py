@@ -12,7 +12,7 @@ from functions.core.errors import (Conflict, Denied, Forbidden, InvalidPublicKey
                                    PrincipalNotAllowed, TtlTooLong)
 from functions.core.policy import AccessRequest
 
-from .helpers import ALICE, BOB, ERIN, T0, cert_fields
+from .helpers import ALICE, APPROVERS, BOB, ERIN, T0, cert_fields
 
 
 def ask(host: str = "web1", principal: str = "alice", **kw) -> AccessRequest:
@@ -62,7 +62,7 @@ def test_approval_rule_makes_a_pending_request_and_no_certificate(service, store
     make_policy("gated", "approval", approvals_required=2)
     out = service.issuance.request_access(ALICE, ask(), user_key())
     assert out.status == "pending" and out.certificate is None and out.approvers_needed == 2
-    assert out.approvers == {"users": [], "groups": ["g-approvers"]}
+    assert out.approvers == {"users": [], "groups": [APPROVERS]}
     rec = store.get_request(ALICE.tid, out.request.id)
     assert rec.state == "pending" and rec.expires_at == int(T0) + 3600  # the policy's request_ttl
     assert store.list_revoked(ALICE.tid, "gated") == []

@@ -1,8 +1,10 @@
 """`ezssh ls`: where you may log in. The policies you are a member of (from GET /api/policies), their
 host patterns, the logins they give you, and whether you get a certificate at once or need approval.
 
-Logins and the access column are worked out here from the policy and the claims of your own token
-(display only: the service decides every request). `{username}` is shown as your own login.
+Logins and the access column are what the service says of you (`you.logins`, `you.access`: matched by
+object id and groups, {username} only for your tenant's verified domains); with an older service
+they are worked out here from the policy and your token (display only: the service decides every
+request).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ def _me(ctx: Ctx) -> dict:
 
 def access_for(policy: dict, me: dict) -> str:
     """auto | approval | deny (the first rule naming you), as the service would decide for you."""
+    said = (policy.get("you") or {}).get("access")
+    if said in ("auto", "approval", "deny"):
+        return said
     for rule in policy.get("rules") or []:
         users = {str(u).lower() for u in rule.get("users") or []}
         if "*" in users or me["upn"] in users or (me["oid"] and me["oid"].lower() in users) \
@@ -32,6 +37,9 @@ def access_for(policy: dict, me: dict) -> str:
 
 
 def logins_for(policy: dict, me: dict) -> list[str]:
+    said = (policy.get("you") or {}).get("logins")
+    if isinstance(said, list):
+        return [str(x) for x in said]
     local = me["upn"].split("@", 1)[0] if me["upn"] else "{username}"
     return [local if p == "{username}" else p for p in policy.get("principals") or []]
 
