@@ -116,7 +116,8 @@ def load_json(raw: bytes, *, what: str = "request body", empty: bytes = b"null")
     numbers only (no NaN, Infinity or 1e400), strings storage can hold (no lone surrogates)."""
     if len(raw) > MAX_BODY:
         raise InvalidRequest(f"The {what} is too large.")
-    if json_depth(raw) > MAX_DEPTH:
+    # fewer opening brackets than the limit (most bodies) cannot nest deeper: no scan needed
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and json_depth(raw) > MAX_DEPTH:
         raise InvalidRequest(f"The {what} nests deeper than {MAX_DEPTH} levels.")
     try:
         data = json.loads(raw or empty, parse_float=_finite_float, parse_constant=_no_constants)
