@@ -26,7 +26,8 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from ..core.errors import Conflict
 from ..core.audit import AuditEntry
-from .tables import TableStore, _guard, _if_match, conditional_update, transact
+from .tablecalls import _guard, _if_match, conditional_update, transact
+from .tables import TableStore
 
 PENDING, SUCCEEDED, FAILED, RETRYING = "pending", "succeeded", "failed", "retrying"
 STATES = (PENDING, SUCCEEDED, FAILED, RETRYING)

@@ -24,6 +24,7 @@ from azure.data.tables import TableTransactionError, UpdateMode
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, NotFound
 from .base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord
+from .tablecalls import _guard, transact
 
 
 def host_key_row(policy_id: str, fingerprint: str) -> str:
@@ -53,7 +54,6 @@ class HostRecords:
             etag=e.metadata.get("etag"))
 
     def create_host_enrolment_token(self, token: HostEnrolmentToken, audit: AuditEntry) -> HostEnrolmentToken:
-        from .tables import _guard
 
         ops = [("create", self._token_entity(token)), ("create", self._audit_entity(audit))]  # type: ignore[attr-defined]
         try:
@@ -63,7 +63,6 @@ class HostRecords:
         return replace(token, etag=resp[0].get("etag"))
 
     def get_host_enrolment_token(self, tenant_id: str, token_hash: str) -> HostEnrolmentToken:
-        from .tables import _guard
 
         try:
             e = _guard("get host token", lambda: self._table.get_entity(tenant_id, f"htk|{token_hash}"))
@@ -79,7 +78,6 @@ class HostRecords:
                 "CreatedAt": c.created_at, "ExpiresAt": c.expires_at, "UsedAt": c.used_at}
 
     def create_host_challenge(self, challenge: HostChallenge) -> HostChallenge:
-        from .tables import _guard
 
         try:
             meta = _guard("create host challenge",
@@ -89,7 +87,6 @@ class HostRecords:
         return replace(challenge, etag=meta.get("etag"))
 
     def get_host_challenge(self, tenant_id: str, challenge_id: str) -> HostChallenge:
-        from .tables import _guard
 
         try:
             e = _guard("get host challenge", lambda: self._table.get_entity(tenant_id, f"hch|{challenge_id}"))
@@ -118,7 +115,6 @@ class HostRecords:
                              updated_at=int(e["UpdatedAt"]), etag=e.metadata.get("etag"))
 
     def get_host_key(self, tenant_id: str, policy_id: str, fingerprint: str) -> HostKeyRecord | None:
-        from .tables import _guard
 
         try:
             e = _guard("get host key", lambda: self._table.get_entity(tenant_id, host_key_row(policy_id, fingerprint)))
@@ -127,7 +123,6 @@ class HostRecords:
         return self._host_key_from(e)
 
     def list_host_keys(self, tenant_id: str, policy_id: str, subject: str | None = None) -> list[HostKeyRecord]:
-        from .tables import _guard
 
         flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
         params: dict[str, Any] = {"pk": tenant_id, "lo": f"hky|{policy_id}|", "hi": f"hky|{policy_id}}}"}
@@ -141,7 +136,6 @@ class HostRecords:
     def record_host_issuance(self, certs: Sequence[CertificateRecord], keys: Sequence[HostKeyRecord],
                              audit: Sequence[AuditEntry],
                              used: HostEnrolmentToken | HostChallenge | None = None) -> None:
-        from .tables import _guard
 
         ops: list = [("create", self._cert_entity(c)) for c in certs]  # type: ignore[attr-defined]
         ops += [("upsert", self._host_key_entity(k), {"mode": UpdateMode.REPLACE}) for k in keys]
@@ -151,7 +145,6 @@ class HostRecords:
                       else self._challenge_entity(used))
             ops.insert(0, ("update", entity, {"mode": UpdateMode.REPLACE, "etag": used.etag,
                                               "match_condition": MatchConditions.IfNotModified}))
-        from .tables import transact
 
         transact(self._table, "record host issuance", ops, not_found="That token or challenge is gone; nothing was issued.",
                  lost=Conflict("That token or challenge was used at the same time; nothing was issued."),

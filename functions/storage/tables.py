@@ -32,29 +32,22 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence
 
-from azure.core import MatchConditions
-from azure.core.exceptions import (
-    AzureError,
-    HttpResponseError,
-    ResourceExistsError,
-    ResourceModifiedError,
-    ResourceNotFoundError,
-)
-from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
 from ..core.approval import Approval, RequestRecord, request_id_of_serial, serial_floor, serial_of_request_id
 from ..deadline import deadline_hook
 from ..core.audit import AuditEntry
-from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed, StorageUnavailable
+from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed
 from ..core.policy import Policy, policy_from_row
 from .base import CertificateRecord, IdempotencyRecord
 from .transport import client_options, endpoint_of
 from .hostrecords import HostRecords
+from .tablecalls import _guard, _if_match, transact
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 UNAUTHENTICATED = "_unauthenticated"
 # A user waits on every call: retry briefly, then answer 503 rather than hang for azure-core's
 # default of ten retries with exponential backoff.
@@ -64,67 +57,6 @@ CLIENT_OPTIONS = dict(retry_total=3, retry_backoff_factor=0.2, retry_backoff_max
 
 def _serial_key(serial: int) -> str:
     return f"{serial:019d}"
-
-
-def _guard(op: str, fn: Callable[[], T]) -> T:
-    """Map transport failures to StorageUnavailable (503); let domain errors through."""
-    try:
-        return fn()
-    except (ResourceNotFoundError, ResourceModifiedError, ResourceExistsError, TableTransactionError):
-        raise
-    except HttpResponseError as exc:
-        if exc.status_code in (412, 409):
-            raise
-        if exc.status_code and exc.status_code < 500 and exc.status_code not in (403, 408, 429):
-            raise
-        log.warning("table storage %s failed: %s", op, exc)
-        raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
-    except AzureError as exc:
-        log.warning("table storage %s failed: %s", op, exc)
-        raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
-
-
-def conditional_update(table: TableClient, op: str, entity: dict, etag: str, *, not_found: str,
-                       lost: EzsshError, mode: UpdateMode = UpdateMode.REPLACE) -> dict:
-    """Write `entity` only if the row still has `etag` (If-Match). A missing row is NotFound; a
-    changed one raises `lost` (the caller's 409 or 412), never a silent overwrite."""
-    try:
-        return _guard(op, lambda: table.update_entity(entity, mode=mode, etag=etag,
-                                                      match_condition=MatchConditions.IfNotModified))
-    except ResourceNotFoundError:
-        raise NotFound(not_found) from None
-    except (ResourceModifiedError, HttpResponseError):
-        raise lost from None
-
-
-def _if_match(etag: str, mode: UpdateMode = UpdateMode.REPLACE) -> dict:
-    if not etag:
-        raise ValueError("IfNotModified must be specified with etag.")  # as the SDK's own single writes do
-    return {"mode": mode, "etag": etag, "match_condition": MatchConditions.IfNotModified}
-
-
-def transact(table: TableClient, op: str, ops: list, *, not_found: str, lost: EzsshError,
-             exists: EzsshError) -> list:
-    """One entity-group transaction (all rows in one partition): every write lands, or none.
-
-    A conditional row that changed meanwhile raises `lost` (409/412), a missing one NotFound, a row
-    that already exists `exists`; a storage outage StorageUnavailable. If-Match holds inside the
-    transaction on Table Storage and on Azurite alike (tests/contract/test_store.py)."""
-    try:
-        return _guard(op, lambda: table.submit_transaction(ops))
-    except TableTransactionError as exc:
-        status = exc.status_code
-        if status == 404:
-            raise NotFound(not_found) from None
-        if status == 412:
-            raise lost from None
-        if status == 409 or "EntityAlreadyExists" in str(exc):
-            raise exists from None
-        if status and (status >= 500 or status in (408, 429)):
-            log.warning("table storage %s failed: %s", op, exc)
-            raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
-        log.warning("table storage refused %s: %s", op, exc)
-        raise StorageUnavailable("Storage refused the write; try again.") from exc
 
 
 class TableStore(HostRecords):
