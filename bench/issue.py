@@ -302,7 +302,7 @@ def _resolve(spec: str) -> Any:
 def inprocess(ctx: Any, token: str, n: int, *, storage_port: int, kv_port: int | None = None,
               counter: HttpCounter, keyed: bool = False) -> dict:
     """n auto-approved issuances through the service (token -> certificate recorded), measured."""
-    from functions.core.policy import AccessRequest
+    from functions.core.evaluation import AccessRequest
 
     meter = Meter()
     for label, owner, attr in COMPONENTS:
@@ -354,7 +354,7 @@ def profile(ctx: Any, token: str, n: int, top: int = 30) -> None:
     import cProfile
     import pstats
 
-    from functions.core.policy import AccessRequest
+    from functions.core.evaluation import AccessRequest
 
     keys = fresh_keys(n)
     req = AccessRequest(host="127.0.0.1", principal="alice")

@@ -23,7 +23,8 @@ from typing import Sequence
 from functions.core.approval import RequestRecord, serial_of_request_id
 from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
-from functions.core.policy import Policy, policy_from_row
+from functions.core.policy import Policy
+from functions.core.policydoc import policy_from_row
 from functions.storage.base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, IdempotencyRecord
 
 UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ..core.errors import InvalidRequest
-from ..core.policy import Identity, Policy, allowed_logins
+from ..core.evaluation import allowed_logins
+from ..core.policy import Identity, Policy
 from .deps import body, caller, service
 
 router = APIRouter(prefix="/api/policies", tags=["policies"])

@@ -7,7 +7,8 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from ..core.errors import NotFound
-from ..core.policy import AccessRequest, Identity
+from ..core.evaluation import AccessRequest
+from ..core.policy import Identity
 from ..core.text import normalize_host, printable_text
 from ..service import Outcome
 from .deps import Strict, body, caller, service

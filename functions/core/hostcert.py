@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import ssh
 
 from .certificate import DEFAULT_BACKDATE, MAX_SERIAL, IssuedCertificate
 from .errors import EzsshError, IntegrityError, InvalidPublicKey, InvalidRequest, WeakPublicKey
+from .hostmatch import host_matches
 from .keys import VettedKey, fingerprint, parse_public_key
 
 MIN_HOST_RSA_BITS = 3072
@@ -123,9 +124,7 @@ def check_host_names(policy: object, names: Iterable[object], *, arm_covered: bo
         raise HostNameRefused(f"At most {MAX_HOST_NAMES} host names go into one certificate.")
     if not arm_covered:
         pats = name_patterns(policy.hosts)  # type: ignore[attr-defined]
-        from .policy import _host_matches  # the one matcher, shared with access requests
-
-        bad = [n for n in out if not any(_host_matches(p, n, {}) for p in pats)]
+        bad = [n for n in out if not any(host_matches(p, n, {}) for p in pats)]  # the one matcher
         if bad:
             raise HostNameRefused(f"Host name(s) {', '.join(bad)} are outside policy "
                                   f"{policy.id!r}'s host patterns.")  # type: ignore[attr-defined]

@@ -119,3 +119,54 @@ def address_is_public(addr: "ipaddress.IPv4Address | ipaddress.IPv6Address") -> 
                                                     or addr in ipaddress.ip_network("192.0.0.0/24")):
         return False
     return True
+
+
+# ---- webhook destinations ----------------------------------------------------------------------
+
+
+def validate_webhook_url(url: object, *, allow_loopback_http: bool = False) -> str:
+    """A webhook URL an admin may store: https, a host name or a public IP, no user info. Plain http
+    only to a loopback address, and only where the deployment allows it (local development)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or not url.strip() or len(url) > 2048:
+        raise InvalidRequest("'webhook_url' must be an https URL of at most 2048 characters, or null.")
+    url = url.strip()
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F or ord(ch) > 0x7E for ch in url):
+        raise InvalidRequest("'webhook_url' must be a URL of printable ASCII characters without spaces.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise InvalidRequest("'webhook_url' is not a valid URL.") from None
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise InvalidRequest("'webhook_url' names no host.")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise InvalidRequest("'webhook_url' must not carry a user name or password.")
+    if parts.fragment:
+        raise InvalidRequest("'webhook_url' must not have a #fragment.")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    loopback = ip is not None and (ip.is_loopback or (isinstance(ip, ipaddress.IPv6Address)
+                                                      and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback))
+    if parts.scheme == "http":
+        if not (allow_loopback_http and loopback):
+            raise InvalidRequest("'webhook_url' must be an https URL.")
+        return url
+    if parts.scheme != "https":
+        raise InvalidRequest("'webhook_url' must be an https URL.")
+    if port == 0:
+        raise InvalidRequest("'webhook_url' has port 0.")
+    if ip is not None and not address_is_public(ip) and not (allow_loopback_http and loopback):
+        raise InvalidRequest("'webhook_url' points at a private, loopback or otherwise non-public address.")
+    if ip is None:
+        if host == "localhost" or host.endswith(".localhost") or host.endswith(".local") or "." not in host:
+            raise InvalidRequest("'webhook_url' must name a public host (a fully qualified domain name).")
+        try:
+            normalize_host(host)
+        except InvalidRequest:
+            raise InvalidRequest("'webhook_url' has an invalid host name.") from None
+    return url

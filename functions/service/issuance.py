@@ -24,7 +24,8 @@ from ..core.errors import (
     TtlTooLong,
 )
 from ..core.keys import VettedKey, parse_public_key
-from ..core.policy import AccessRequest, Identity, Policy, allowed_logins, choose_policy, make_grant, resolve_ttl
+from ..core.evaluation import AccessRequest, allowed_logins, choose_policy, make_grant, resolve_ttl
+from ..core.policy import Identity, Policy
 from ..observability import event
 from ..signing.base import as_private_key
 from ..storage.base import CertificateRecord, IdempotencyRecord

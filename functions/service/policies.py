@@ -15,7 +15,8 @@ from ..core.errors import (
     PreconditionFailed,
     PreconditionRequired,
 )
-from ..core.policy import CaKeyRef, Identity, Policy, policy_from_document
+from ..core.policy import CaKeyRef, Identity, Policy
+from ..core.policydoc import policy_from_document
 from ..signing.base import Signer, ssh_fingerprint, ssh_public_key_line
 from .base import Base
 

@@ -41,7 +41,8 @@ from ..core.approval import Approval, RequestRecord, request_id_of_serial, seria
 from ..deadline import deadline_hook
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed
-from ..core.policy import Policy, policy_from_row
+from ..core.policy import Policy
+from ..core.policydoc import policy_from_row
 from .base import CertificateRecord, IdempotencyRecord
 from .transport import client_options, endpoint_of
 from .hostrecords import HostRecords

@@ -12,7 +12,7 @@ import pytest
 from devstack.proc import free_port
 from devstack.stack import identity_of
 from functions.core.errors import Conflict, Forbidden
-from functions.core.policy import AccessRequest
+from functions.core.evaluation import AccessRequest
 from functions.service import Service
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from devstack.stack import identity_of
 from functions.core.errors import Forbidden, InvalidRequest, NotFound
-from functions.core.policy import AccessRequest
+from functions.core.evaluation import AccessRequest
 from functions.service import Service, ServiceConfig
 from functions.signing.keyvault import KeyVaultKeyStore
 from tests.standins.keyvault import KeyVaultStandIn, StaticTokenCredential

@@ -126,7 +126,7 @@ def test_a_stored_policy_naming_people_by_upn_is_refused_until_fixed(client, aut
     """A row written before names were refused (as an older version stored it)."""
     import json
 
-    from functions.core.policy import policy_from_row
+    from functions.core.policydoc import policy_from_row
 
     carol = identity_of(oidc, "carol")
     p = ensure_policy(context.service, carol, {"id": "idn-legacy", "rules": [{"users": ["*"], "action": "auto"}],

@@ -13,7 +13,7 @@ import pytest
 
 from devstack.stack import ensure_policy, identity_of
 from functions.core.errors import TooManyPending, TooManyRequests
-from functions.core.policy import AccessRequest
+from functions.core.evaluation import AccessRequest
 from functions.service import Service, ServiceConfig
 
 

@@ -11,7 +11,7 @@ import jwt
 import pytest
 
 from functions.core.errors import BackendUnavailable
-from functions.core.policy import AccessRequest, choose_policy
+from functions.core.evaluation import AccessRequest, choose_policy
 from functions.graph import GraphGroups
 from functions.identity import TokenValidator
 from functions.settings import load_settings

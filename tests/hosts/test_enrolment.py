@@ -185,7 +185,7 @@ def host_vm(arm, make_host, rg: str, name: str, **kw) -> tuple[str, SandboxHost]
 def cert_for(context, oidc, policy_id: str, tmp_path, name: str = "id_ed25519"):
     """alice's key and a certificate issued to it by the service under `policy_id`."""
     from devstack.stack import identity_of
-    from functions.core.policy import AccessRequest
+    from functions.core.evaluation import AccessRequest
 
     key, pub = user_key(tmp_path, name)
     out = context.service.issuance.request_access(identity_of(oidc, "alice"),

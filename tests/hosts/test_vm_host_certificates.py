@@ -101,7 +101,7 @@ def test_an_enrolled_vm_gets_a_host_certificate_naming_its_arm_names_and_the_tim
     known = tmp_path / "known_hosts"
     known.write_text(f"@cert-authority 127.*,[127.*]:* {host_ca}\n")
     key, pub = user_key(tmp_path)
-    from functions.core.policy import AccessRequest
+    from functions.core.evaluation import AccessRequest
 
     out = svc.issuance.request_access(identity_of(oidc, "alice"),
                                       AccessRequest(host="127.0.0.1", principal="alice", policy_id="vm-hc"), pub)

@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 import pytest
 
 from functions.core.audit import AuditEntry, link
-from functions.core.policy import CaKeyRef, Policy, policy_from_document
+from functions.core.policy import CaKeyRef, Policy
+from functions.core.policydoc import policy_from_document
 from functions.service import Service, ServiceConfig
 from tests.memstore import MemoryStore
 from tests.realparts import unavailable

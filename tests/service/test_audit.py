@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from functions.core.errors import Forbidden, NotFound
-from functions.core.policy import AccessRequest
+from functions.core.evaluation import AccessRequest
 
 from .helpers import ALICE, CAROL, ERIN, PAT, T0
 

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from functions.core.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
-from functions.core.policy import AccessRequest
+from functions.core.evaluation import AccessRequest
 
 from .helpers import ALICE, BOB, CAROL, ERIN, PAT, T0, ssh_keygen
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from functions.core.errors import Conflict, Forbidden, InvalidRequest
-from functions.core.policy import AccessRequest
+from functions.core.evaluation import AccessRequest
 
 from .helpers import ALICE, BOB, CAROL
 

@@ -10,7 +10,7 @@ import pytest
 from functions.core.audit import verify_chain
 from functions.core.errors import (Conflict, Denied, Forbidden, InvalidPublicKey, NoPolicyForHost,
                                    PrincipalNotAllowed, TtlTooLong)
-from functions.core.policy import AccessRequest
+from functions.core.evaluation import AccessRequest
 
 from .helpers import ALICE, APPROVERS, BOB, ERIN, T0, cert_fields
 

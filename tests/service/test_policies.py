@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from functions.core.audit import GENESIS, verify_chain
 from functions.core.errors import (CaKeyNotFound, Conflict, Forbidden, InvalidRequest, NoPolicyForHost, NotFound,
                                    PreconditionFailed, PreconditionRequired, PrincipalNotAllowed)
-from functions.core.policy import AccessRequest
+from functions.core.evaluation import AccessRequest
 
 from .helpers import ALICE, CAROL, ERIN, PAT, T0, policy_doc
 

@@ -7,7 +7,7 @@ import pytest
 
 from functions.core.audit import GENESIS, verify_chain
 from functions.core.errors import Conflict, Forbidden, NotFound
-from functions.core.policy import AccessRequest
+from functions.core.evaluation import AccessRequest
 
 from .helpers import ALICE, BOB, CAROL, DAVE, ERIN, PAT, T0
 

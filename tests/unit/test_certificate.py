@@ -40,7 +40,9 @@ from functions.core.certificate import (
 )
 from functions.core.errors import IntegrityError, InvalidRequest
 from functions.core.keys import fingerprint, parse_public_key
-from functions.core.policy import Identity, make_grant, policy_from_document
+from functions.core.evaluation import make_grant
+from functions.core.policy import Identity
+from functions.core.policydoc import policy_from_document
 
 from tests.realparts import needs_tool
 

@@ -27,7 +27,7 @@ from functions.core.hostcert import (
     verify_host_issued,
     verify_sshsig,
 )
-from functions.core.policy import policy_from_document
+from functions.core.policydoc import policy_from_document
 
 from tests.realparts import needs_tool
 

@@ -9,21 +9,10 @@ import pytest
 
 from functions.core.certificate import KNOWN_EXTENSIONS
 from functions.core.errors import Denied, InvalidRequest, NoPolicyForHost, PrincipalNotAllowed, TtlTooLong
-from functions.core.policy import (
-    TTL_CEILING,
-    AccessRequest,
-    CaKeyRef,
-    Identity,
-    Policy,
-    Subjects,
-    choose_policy,
-    evaluate,
-    make_grant,
-    policy_from_document,
-    policy_from_row,
-    resolve_ttl,
-    validate_host_pattern,
-)
+from functions.core.evaluation import AccessRequest, choose_policy, evaluate, make_grant, resolve_ttl
+from functions.core.hostmatch import validate_host_pattern
+from functions.core.policy import TTL_CEILING, CaKeyRef, Identity, Policy, Subjects
+from functions.core.policydoc import policy_from_document, policy_from_row
 
 TID = "tenant-a"
 OTHER_TID = "tenant-b"
@@ -681,7 +670,8 @@ def test_make_grant_backdate():
 
 
 def test_username_principal_is_the_requesters_upn_local_part():
-    from functions.core.policy import USERNAME_TEMPLATE, allowed_logins
+    from functions.core.evaluation import allowed_logins
+    from functions.core.policy import USERNAME_TEMPLATE
 
     p = make(principals=[USERNAME_TEMPLATE, "deploy"])
     assert p.principals == ("{username}", "deploy")
@@ -698,7 +688,7 @@ def test_username_principal_is_the_requesters_upn_local_part():
 
 
 def test_username_principal_with_an_unusable_upn_allows_nothing():
-    from functions.core.policy import allowed_logins
+    from functions.core.evaluation import allowed_logins
 
     p = make(principals=["{username}"])
     ext = Identity(oid=G, tid=TID, upn="ann_fabrikam.com#EXT#@contoso.example", domain_verified=True)
@@ -717,7 +707,7 @@ def test_other_templates_are_not_principals():
                                    "admin", "nobody", "daemon", "bin", "sys", "centos", "debian", "fedora", "opc",
                                    "cloud-user", "systemd-network", "_apt"])
 def test_username_template_never_expands_to_a_system_account(login):
-    from functions.core.policy import allowed_logins
+    from functions.core.evaluation import allowed_logins
 
     who = replace(CAROL, upn=f"{login}@contoso.example")
     assert allowed_logins(make(principals=["{username}"]), who) == ()
@@ -726,7 +716,7 @@ def test_username_template_never_expands_to_a_system_account(login):
 
 
 def test_username_only_for_a_verified_domain_and_never_for_guests():
-    from functions.core.policy import allowed_logins
+    from functions.core.evaluation import allowed_logins
 
     p = make(principals=["{username}"], rules=[{"users": ["*"], "guests": True, "action": "auto"}])
     assert allowed_logins(p, ALICE) == ("alice",)
@@ -743,7 +733,7 @@ def test_username_only_for_a_verified_domain_and_never_for_guests():
 
 
 def test_logins_by_object_id_and_group():
-    from functions.core.policy import allowed_logins
+    from functions.core.evaluation import allowed_logins
 
     p = make(principals=[], logins=[{"oid": A, "logins": ["deploy"]},
                                     {"group": GDEV, "logins": ["{username}", "dev"]},
