@@ -86,37 +86,42 @@ def build_certificate(
         raise InvalidRequest("A certificate must name at least one principal.")
     if not 0 < serial <= MAX_SERIAL:
         raise InvalidRequest("The serial must be a non-zero 63-bit number.")
-    valid_after = now - grant.backdate_seconds
-    valid_before = now + grant.ttl_seconds
+    return sign_certificate(ssh.SSHCertificateType.USER, user_key, grant.key_id, grant.principals,
+                            now - grant.backdate_seconds, now + grant.ttl_seconds, ca_private_key, serial=serial,
+                            critical_options=grant.critical_options, extensions=grant.extensions)
+
+
+def sign_certificate(cert_type: ssh.SSHCertificateType, key: VettedKey, key_id: str, principals: tuple[str, ...],
+                     valid_after: int, valid_before: int, ca_private_key: ssh.SSHCertPrivateKeyTypes, *, serial: int,
+                     critical_options: tuple[tuple[str, str], ...] = (),
+                     extensions: tuple[str, ...] = ()) -> IssuedCertificate:
+    """The one place a certificate (user or host) is built and signed by SSHCertificateBuilder."""
     builder = (
         ssh.SSHCertificateBuilder()
-        .public_key(user_key.key)
+        .public_key(key.key)
         .serial(serial)
-        .type(ssh.SSHCertificateType.USER)
-        .key_id(grant.key_id.encode())
-        .valid_principals([p.encode() for p in grant.principals])
+        .type(cert_type)
+        .key_id(key_id.encode())
+        .valid_principals([p.encode() for p in principals])
         .valid_after(valid_after)
         .valid_before(valid_before)
     )
-    for name, value in grant.critical_options:
+    for name, value in critical_options:
         builder = builder.add_critical_option(name.encode(), value.encode())
-    for name in grant.extensions:
+    for name in extensions:
         builder = builder.add_extension(name.encode(), b"")
-
     cert = builder.sign(ca_private_key)
-    ca_fp = fingerprint(ca_private_key.public_key())
-    line = cert.public_bytes().decode() + f" {grant.key_id}"
     return IssuedCertificate(
         certificate=cert,
-        openssh=line,
+        openssh=cert.public_bytes().decode() + f" {key_id}",
         serial=serial,
-        key_id=grant.key_id,
-        principals=grant.principals,
+        key_id=key_id,
+        principals=principals,
         valid_after=valid_after,
         valid_before=valid_before,
-        ca_fingerprint=ca_fp,
-        extensions=tuple(sorted(grant.extensions)),
-        critical_options=tuple(sorted(grant.critical_options)),
+        ca_fingerprint=fingerprint(ca_private_key.public_key()),
+        extensions=tuple(sorted(extensions)),
+        critical_options=tuple(sorted(critical_options)),
     )
 
 
@@ -130,36 +135,51 @@ def verify_issued(
     verify_signature: Callable[[ssh.SSHCertificate], None] | None = None,
 ) -> None:
     """Re-read the signed certificate and check it against the grant. Raises IntegrityError."""
-    raw = ssh.load_ssh_public_identity(issued.openssh.encode())
-    if not isinstance(raw, ssh.SSHCertificate):
-        raise IntegrityError("issued certificate does not parse as a certificate")
-    cert = raw
-    problems = []
-    principals = tuple(p.decode() for p in cert.valid_principals)
-    if not principals:
-        problems.append("no principals")
-    if not set(principals) <= set(grant.principals):
+    cert, problems = read_back(issued, ssh.SSHCertificateType.USER, grant.key_id, grant.ttl_seconds, user_key,
+                               ca_public_key, now=now, verify_signature=verify_signature)
+    if not set(issued_principals(cert)) <= set(grant.principals):
         problems.append("principals outside the grant")
-    if cert.serial == 0:
-        problems.append("zero serial")
-    if (cert.serial, cert.valid_after, cert.valid_before) != (issued.serial, issued.valid_after, issued.valid_before):
-        problems.append("serial or validity differs from what will be recorded")
-    if cert.type != ssh.SSHCertificateType.USER:
-        problems.append("not a user certificate")
-    if not cert.valid_after < cert.valid_before:
-        problems.append("validity not ordered")
-    if cert.valid_before - now > grant.ttl_seconds:
-        problems.append("validity longer than the grant")
-    if cert.key_id.decode() != grant.key_id:
-        problems.append("key id differs from the grant")
     crit = {k.decode(): v.decode() for k, v in cert.critical_options.items()}
     if crit != dict(grant.critical_options):
         problems.append("critical options differ from the grant")
     if set(e.decode() for e in cert.extensions) - set(grant.extensions):
         problems.append("extensions outside the grant")
+    if problems:
+        raise IntegrityError("issued certificate failed its final check: " + ", ".join(problems))
+
+
+def issued_principals(cert: ssh.SSHCertificate) -> tuple[str, ...]:
+    return tuple(p.decode() for p in cert.valid_principals)
+
+
+def read_back(issued: IssuedCertificate, cert_type: ssh.SSHCertificateType, key_id: str, ttl_seconds: int,
+              key: VettedKey, ca_public_key: object, *, now: int,
+              verify_signature: Callable[[ssh.SSHCertificate], None] | None = None) -> tuple[ssh.SSHCertificate, list[str]]:
+    """Parse a signed certificate back and list what is wrong with it that every certificate shares:
+    type, principals present, serial and validity as recorded, validity ordered and within the TTL,
+    key id, certified key, signing CA and signature. The callers add their own kind's checks."""
+    raw = ssh.load_ssh_public_identity(issued.openssh.encode())
+    if not isinstance(raw, ssh.SSHCertificate):
+        raise IntegrityError("issued certificate does not parse as a certificate")
+    cert = raw
+    problems = []
+    if cert.type != cert_type:
+        problems.append(f"not a {'user' if cert_type == ssh.SSHCertificateType.USER else 'host'} certificate")
+    if not cert.valid_principals:
+        problems.append("no principals")
+    if cert.serial == 0:
+        problems.append("zero serial")
+    if (cert.serial, cert.valid_after, cert.valid_before) != (issued.serial, issued.valid_after, issued.valid_before):
+        problems.append("serial or validity differs from what will be recorded")
+    if not cert.valid_after < cert.valid_before:
+        problems.append("validity not ordered")
+    if cert.valid_before - now > ttl_seconds:
+        problems.append("validity longer than the grant")
+    if cert.key_id.decode() != key_id:
+        problems.append("key id differs from the grant")
     pub = cert.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    if pub.split()[:2] != user_key.openssh.encode().split()[:2]:
-        problems.append("certified key is not the user's key")
+    if pub.split()[:2] != key.openssh.encode().split()[:2]:
+        problems.append(f"certified key is not the {'user' if cert_type == ssh.SSHCertificateType.USER else 'host'}'s key")
     sig_key = cert.signature_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     ca_pub = ca_public_key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
@@ -170,5 +190,4 @@ def verify_issued(
         (verify_signature or (lambda c: c.verify_cert_signature()))(cert)
     except InvalidSignature:
         problems.append("signature does not verify")
-    if problems:
-        raise IntegrityError("issued certificate failed its final check: " + ", ".join(problems))
+    return cert, problems

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import ssh
 
-from .certificate import DEFAULT_BACKDATE, MAX_SERIAL, IssuedCertificate
+from .certificate import DEFAULT_BACKDATE, MAX_SERIAL, IssuedCertificate, issued_principals, read_back, sign_certificate
 from .errors import EzsshError, IntegrityError, InvalidPublicKey, InvalidRequest, WeakPublicKey
 from .hostmatch import host_matches
-from .keys import VettedKey, fingerprint, parse_public_key
+from .keys import VettedKey, parse_public_key
 
 MIN_HOST_RSA_BITS = 3072
 MAX_HOST_NAMES = 32
@@ -166,72 +166,22 @@ def build_host_certificate(grant: HostGrant, host_key: VettedKey, ca_private_key
         raise InvalidRequest("The serial must be a non-zero 63-bit number.")
     if not MIN_HOST_CERT_TTL <= grant.ttl_seconds <= MAX_HOST_CERT_TTL:
         raise InvalidRequest("The host certificate validity is out of range.")
-    valid_after = now - grant.backdate_seconds
-    valid_before = now + grant.ttl_seconds
-    cert = (
-        ssh.SSHCertificateBuilder()
-        .public_key(host_key.key)
-        .serial(serial)
-        .type(ssh.SSHCertificateType.HOST)
-        .key_id(grant.key_id.encode())
-        .valid_principals([p.encode() for p in grant.principals])
-        .valid_after(valid_after)
-        .valid_before(valid_before)
-        .sign(ca_private_key)
-    )
-    return IssuedCertificate(
-        certificate=cert,
-        openssh=cert.public_bytes().decode() + f" {grant.key_id}",
-        serial=serial,
-        key_id=grant.key_id,
-        principals=grant.principals,
-        valid_after=valid_after,
-        valid_before=valid_before,
-        ca_fingerprint=fingerprint(ca_private_key.public_key()),
-    )
+    return sign_certificate(ssh.SSHCertificateType.HOST, host_key, grant.key_id, grant.principals,
+                            now - grant.backdate_seconds, now + grant.ttl_seconds, ca_private_key, serial=serial)
 
 
 def verify_host_issued(issued: IssuedCertificate, grant: HostGrant, host_key: VettedKey, ca_public_key: object,
                        *, now: int, verify_signature: Callable[[ssh.SSHCertificate], None] | None = None) -> None:
     """Re-read the signed host certificate and check it against the grant. Raises IntegrityError."""
-    raw = ssh.load_ssh_public_identity(issued.openssh.encode())
-    if not isinstance(raw, ssh.SSHCertificate):
-        raise IntegrityError("issued host certificate does not parse as a certificate")
-    cert = raw
-    problems = []
-    principals = tuple(p.decode() for p in cert.valid_principals)
-    if not principals:
-        problems.append("no principals")
+    cert, problems = read_back(issued, ssh.SSHCertificateType.HOST, grant.key_id, grant.ttl_seconds, host_key,
+                               ca_public_key, now=now, verify_signature=verify_signature)
+    principals = issued_principals(cert)
     if principals != grant.principals:
         problems.append("principals differ from the grant")
     if any(WILDCARD_CHARS & set(p) for p in principals):
         problems.append("wildcard principal")
-    if cert.type != ssh.SSHCertificateType.HOST:
-        problems.append("not a host certificate")
-    if cert.serial == 0:
-        problems.append("zero serial")
-    if (cert.serial, cert.valid_after, cert.valid_before) != (issued.serial, issued.valid_after, issued.valid_before):
-        problems.append("serial or validity differs from what will be recorded")
-    if not cert.valid_after < cert.valid_before:
-        problems.append("validity not ordered")
-    if cert.valid_before - now > grant.ttl_seconds:
-        problems.append("validity longer than the grant")
     if cert.critical_options or cert.extensions:
         problems.append("host certificates carry no options or extensions")
-    if cert.key_id.decode() != grant.key_id:
-        problems.append("key id differs from the grant")
-    pub = cert.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    if pub.split()[:2] != host_key.openssh.encode().split()[:2]:
-        problems.append("certified key is not the host's key")
-    sig_key = cert.signature_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    ca_pub = ca_public_key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    if sig_key != ca_pub:
-        problems.append("signed by an unexpected CA")
-    try:
-        (verify_signature or (lambda c: c.verify_cert_signature()))(cert)
-    except InvalidSignature:
-        problems.append("signature does not verify")
     if problems:
         raise IntegrityError("issued host certificate failed its final check: " + ", ".join(problems))
 
