@@ -142,11 +142,12 @@ def finite_number(value: str | None, name: str) -> float | None:
     return v
 
 
-def body(model: type[M] | None, action: str) -> Any:
+def body(model: type[M] | None, action: str, *, host: bool = False) -> Any:
     """The one dependency for JSON bodies: `doc = body(Model, "x.refused")` in a handler's
     signature. With a model, the body must be an object that validates against it (unknown fields
     refused); with None, any JSON document (the policy routes validate it in the service). A bad
-    body is refused through the service's one refusal path."""
+    body is refused through the service's one refusal path. `host=True`: the caller is a host
+    proving itself in the body (no bearer token), so no identity is asked for."""
 
     def validate(raw: bytes) -> Any:  # no I/O: runs on the event loop
         if model is None:
@@ -159,7 +160,7 @@ def body(model: type[M] | None, action: str) -> Any:
         except ValidationError as exc:
             raise InvalidRequest(describe(exc.errors())) from None
 
-    async def parse(request: Request, who: Identity = Depends(caller)) -> Any:
+    async def parsed(request: Request, who: Identity | None) -> Any:
         raw = await request.body()
         try:
             # small bodies on the event loop; a large one (its depth scan is a few ms) off it
@@ -169,6 +170,15 @@ def body(model: type[M] | None, action: str) -> Any:
             await run_in_threadpool(service(request).base.refuse, who, exc, action,
                                     details={"path": request.url.path})
             raise
+
+    if host:
+        async def parse_from_host(request: Request) -> Any:
+            return await parsed(request, None)
+
+        return Depends(parse_from_host)
+
+    async def parse(request: Request, who: Identity = Depends(caller)) -> Any:
+        return await parsed(request, who)
 
     return Depends(parse)
 

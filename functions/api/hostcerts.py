@@ -20,18 +20,16 @@ Bad input from hosts is refused with a 4xx and audited (in the unauthenticated p
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 from fastapi import Depends, Request
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
+from pydantic import Field, ValidationError
 
 from ..core.errors import InvalidRequest
 from ..core.policy import Identity
-from .deps import MAX_BODY, Strict, body, caller, service
+from .deps import Strict, body, caller, service
 from .errors import describe
 
 router = APIRouter(prefix="/api", tags=["host certificates"])
@@ -61,30 +59,6 @@ class ChallengeBody(Strict):
     host_keys: list[str] = Field(..., max_length=8)
 
 
-def host_body(model: type[BaseModel]) -> Any:
-    """A JSON body from a host (no caller identity); refusals audited like any host refusal."""
-
-    def validate(request: Request, raw: bytes) -> Any:
-        with service(request).base.refusing(None, "host_certificate.refused", details={"path": request.url.path}):
-            if len(raw) > MAX_BODY:
-                raise InvalidRequest("The request body is too large.")
-            try:
-                data = json.loads(raw or b"{}")
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                raise InvalidRequest("The request body is not valid JSON.") from None
-            if not isinstance(data, dict):
-                raise InvalidRequest("The request body must be a JSON object.")
-            try:
-                return model.model_validate(data)
-            except ValidationError as exc:
-                raise InvalidRequest(describe(exc.errors())) from None
-
-    async def parse(request: Request) -> Any:
-        return await run_in_threadpool(validate, request, await request.body())
-
-    return Depends(parse)
-
-
 def _wants_text(request: Request) -> bool:
     return "text/plain" in request.headers.get("accept", "")
 
@@ -98,7 +72,7 @@ def mint_token(request: Request, policy_id: str, who: Identity = Depends(caller)
 
 
 @router.post("/host-certificates")
-def host_certificates(request: Request, hb: HostCertBody = host_body(HostCertBody)) -> Response:
+def host_certificates(request: Request, hb: HostCertBody = body(HostCertBody, "host_certificate.refused", host=True)) -> Response:
     svc = service(request).hostcerts
     with service(request).base.refusing(None, "host_certificate.refused", policy_id=hb.policy[:64],
                                         details={"tenant": hb.tenant[:64]}):
@@ -120,7 +94,7 @@ def host_certificates(request: Request, hb: HostCertBody = host_body(HostCertBod
 
 
 @router.post("/host-certificates/challenge")
-def challenge(request: Request, cb: ChallengeBody = host_body(ChallengeBody)) -> Response:
+def challenge(request: Request, cb: ChallengeBody = body(ChallengeBody, "host_certificate.refused", host=True)) -> Response:
     ch = service(request).hostcerts.challenge(cb.tenant, cb.policy, cb.host_keys)
     if _wants_text(request):
         return PlainTextResponse(ch.message.decode())

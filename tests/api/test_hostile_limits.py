@@ -146,6 +146,18 @@ def test_deep_policy_documents_are_refused(client, auth):
     assert r.status_code == 400 and "nests deeper" in r.json()["message"]
 
 
+@pytest.mark.parametrize("path", ["/api/host-certificates", "/api/host-certificates/challenge"])
+@pytest.mark.parametrize("raw,needle", [
+    (b"[" * 20_000, "nests deeper"),
+    (b'{"token": "x", "host_keys": [], "policy": "demo", "n": 1e400}', "finite"),
+])
+def test_hostile_bodies_from_hosts_are_refused_with_a_4xx(client, path, raw, needle):
+    """Hosts prove themselves in the body (no bearer token): the same body rules apply."""
+    r = client.post(path, headers={"content-type": "application/json"}, content=raw)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid_request" and needle in r.json()["message"]
+
+
 @pytest.mark.parametrize("query", ["since=inf", "since=nan", "until=-inf", "since=1e999", "since=x"])
 def test_audit_queries_need_finite_numbers(client, auth, query):
     r = client.get(f"/api/audit?{query}", headers=auth("carol"))
