@@ -9,7 +9,8 @@ import time
 import httpx
 import pytest
 
-from devstack.demo import cli_env, run_cli
+from tests.e2e.signin import signed_in_home
+from devstack.demo import run_cli
 from devstack.stack import identity_of
 from devstack.stack import ensure_policy
 
@@ -28,14 +29,6 @@ def gated_e2e(context, oidc, sshd, demo_policy):
     sshd.trust(*(c.public_key for c in demo_policy.ca), *(c.public_key for c in p.ca))
     yield p
     sshd.trusted_ca_file.write_text(original)
-
-
-def signed_in_home(tmp_path_factory, api_server, oidc, user: str) -> dict:
-    env = cli_env(tmp_path_factory.mktemp(f"{user}-home"))
-    assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env).returncode == 0
-    r = run_cli(["login"], env, username=user, ca_path=oidc.ca_path)
-    assert r.returncode == 0, r.stderr
-    return env
 
 
 def wait_pending(api_server: str, token: str, principal: str, seen: set[str], timeout: float = 30) -> str:

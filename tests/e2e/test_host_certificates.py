@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from devstack.demo import cli_env, run_cli
+from tests.e2e.signin import signed_in_home
+from devstack.demo import run_cli
 from devstack.proc import free_port
 from devstack.sshd import host_key_line, start_sshd
 from devstack.stack import DEMO_USERS, host_certificate_for, identity_of
@@ -24,22 +25,12 @@ from tests.hosts.conftest import make_host  # noqa: F401 - sandbox hosts for the
 
 @pytest.fixture(scope="module")
 def alice(tmp_path_factory, api_server, sshd, oidc):
-    home = tmp_path_factory.mktemp("hostcert-alice")
-    env = cli_env(home)
-    assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env).returncode == 0
-    r = run_cli(["login"], env, username="alice", ca_path=oidc.ca_path)
-    assert r.returncode == 0, r.stderr
-    return env
+    return signed_in_home(tmp_path_factory, api_server, oidc, "alice", "hostcert-alice")
 
 
 @pytest.fixture(scope="module")
 def carol(tmp_path_factory, api_server, oidc):
-    home = tmp_path_factory.mktemp("hostcert-carol")
-    env = cli_env(home)
-    assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env).returncode == 0
-    r = run_cli(["login"], env, username="carol", ca_path=oidc.ca_path)
-    assert r.returncode == 0, r.stderr
-    return env
+    return signed_in_home(tmp_path_factory, api_server, oidc, "carol", "hostcert-carol")
 
 
 def own_known_hosts() -> Path:

@@ -10,7 +10,8 @@ import subprocess
 import httpx
 import pytest
 
-from devstack.demo import cli_env, run_cli
+from tests.e2e.signin import signed_in_home
+from devstack.demo import run_cli
 
 YAML_POLICY = """\
 # a policy as an admin would write it
@@ -33,15 +34,6 @@ default_ttl: 30m
 max_ttl: 4h
 extensions: [permit-pty]
 """
-
-
-def signed_in_home(tmp_path_factory, api_server, oidc, user: str) -> dict:
-    env = cli_env(tmp_path_factory.mktemp(f"{user}-policy-home"))
-    r = run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env)
-    assert r.returncode == 0, r.stderr
-    r = run_cli(["login"], env, username=user, ca_path=oidc.ca_path)
-    assert r.returncode == 0, r.stderr
-    return env
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.signin import sign_in
 from devstack.demo import cli_env, run_cli
 
 pytestmark = pytest.mark.skipif(shutil.which("rsync") is None and os.environ.get("CI") != "true",
@@ -26,10 +27,7 @@ def user(tmp_path_factory, api_server, sshd, oidc):
     home = tmp_path_factory.mktemp("plain-ssh-home")
     env = cli_env(home / ".ezssh", HOME=str(home))
     env.pop("SSH_AUTH_SOCK", None)
-    r = run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env)
-    assert r.returncode == 0, r.stderr
-    r = run_cli(["login"], env, username="alice", ca_path=oidc.ca_path)
-    assert r.returncode == 0, r.stderr
+    sign_in(env, api_server, oidc, "alice")
     ssh_dir = home / ".ssh"
     ssh_dir.mkdir(mode=0o700)
     host_key = (sshd.dir / "ssh_host_ed25519_key.pub").read_text().split()

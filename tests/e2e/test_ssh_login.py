@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import ssh
 
-from devstack.demo import cli_env, run_cli
+from tests.e2e.signin import signed_in_home
+from devstack.demo import run_cli
 from functions.signing.base import as_private_key
 
 ACCEPTED = re.compile(r"Accepted publickey for (?P<user>\S+) from \S+ port \d+ ssh2: \S+ \S+ "
@@ -25,13 +26,7 @@ ACCEPTED = re.compile(r"Accepted publickey for (?P<user>\S+) from \S+ port \d+ s
 @pytest.fixture(scope="module")
 def signed_in(tmp_path_factory, api_server, sshd, oidc):
     """alice's CLI home after `ezssh configure` and `ezssh login`."""
-    home = tmp_path_factory.mktemp("alice-home")
-    env = cli_env(home)
-    r = run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], env)
-    assert r.returncode == 0, r.stderr
-    r = run_cli(["login"], env, username="alice", ca_path=oidc.ca_path)
-    assert r.returncode == 0, r.stderr
-    return env
+    return signed_in_home(tmp_path_factory, api_server, oidc, "alice")
 
 
 def ssh_opts(sshd) -> list[str]:
