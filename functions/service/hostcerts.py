@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 from ..core.certificate import IssuedCertificate, new_serial
-from ..core.errors import CaKeyNotFound, EzsshError, Forbidden, InvalidRequest, NotFound
+from ..core.errors import CaKeyNotFound, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound
 from ..core.hostcert import (
     RENEW_NAMESPACE,
     HostGrant,
@@ -160,10 +160,21 @@ class HostCerts:
             now = b.now()
             for k in keys:
                 self._current_record(tid, pid, k, now)
-            ch = HostChallenge(tenant_id=tid, policy_id=pid, id=secrets.token_hex(16),
-                               nonce=secrets.token_urlsafe(32), fingerprints=tuple(k.fingerprint for k in keys),
-                               created_at=now, expires_at=now + CHALLENGE_TTL)
-        return b.store.create_host_challenge(ch)
+            fps = tuple(k.fingerprint for k in keys)
+            # Anyone may ask (a host's public keys are public), so one key set gets one challenge row
+            # per CHALLENGE_TTL window: asking again returns that one, and storage can't be filled
+            # by repeating the call. The nonce it carries is random.
+            window = now // CHALLENGE_TTL
+            cid = hashlib.sha256(f"{tid}|{pid}|{','.join(sorted(fps))}|{window}".encode()).hexdigest()[:32]
+            ch = HostChallenge(tenant_id=tid, policy_id=pid, id=cid, nonce=secrets.token_urlsafe(32),
+                               fingerprints=fps, created_at=now, expires_at=(window + 2) * CHALLENGE_TTL)
+            try:
+                return b.store.create_host_challenge(ch)
+            except Conflict:
+                existing = b.store.get_host_challenge(tid, cid)
+                if existing.used_at is not None:
+                    raise ProofRefused("These host keys renewed a moment ago; ask again in a few minutes.") from None
+                return existing
 
     def renew(self, tenant_id: object, policy_id: object, challenge_id: object,
               signed: Sequence[tuple[object, object]]) -> HostIssued:

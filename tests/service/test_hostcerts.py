@@ -89,3 +89,19 @@ def test_a_token_is_checked_against_the_policy_as_it_is_at_issuance(service, sto
     clock.advance(601)
     with pytest.raises(ProofRefused, match="expired"):
         service.hostcerts.issue_with_token(CAROL.tid, "narrow", token2, [host_key()])
+
+
+def test_asking_for_a_challenge_again_returns_the_same_one_so_anonymous_calls_cant_fill_storage(
+        service, store, clock):
+    service.policies.create(CAROL, {"id": "renew", "rules": [{"users": ["*"], "action": "auto"}],
+                                    "hosts": ["web*"], "principals": ["deploy"]})
+    token, _ = service.hostcerts.mint_token(CAROL, "renew", ["web1"], 600)
+    key = host_key()
+    service.hostcerts.issue_with_token(CAROL.tid, "renew", token, [key])
+    first = service.hostcerts.challenge(CAROL.tid, "renew", [key])
+    again = [service.hostcerts.challenge(CAROL.tid, "renew", [key]) for _ in range(50)]
+    assert {c.id for c in again} == {first.id} and {c.nonce for c in again} == {first.nonce}
+    assert len(store._challenges) == 1  # noqa: SLF001 - one row, however often it is asked for
+    clock.advance(600)  # a later window: a new challenge
+    later = service.hostcerts.challenge(CAROL.tid, "renew", [key])
+    assert later.id != first.id and later.nonce != first.nonce and len(store._challenges) == 2  # noqa: SLF001
