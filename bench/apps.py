@@ -41,19 +41,17 @@ def trivial() -> FastAPI:
 def keyvault_context(env: dict[str, str], kv_url: str, kv_ca: str, kv_token: str):  # type: ignore[no-untyped-def]
     """A Context like functions.wiring.build_context, with a KeyVaultKeyStore on the stand-in."""
     from functions.identity import TokenValidator
-    from functions.service import Service, ServiceConfig
+    from functions.service import Service
     from functions.settings import load_settings
     from functions.signing.keyvault import KeyVaultKeyStore
-    from functions.wiring import Context, build_store
+    from functions.wiring import Context, build_store, service_config
     from tests.standins.keyvault import StaticTokenCredential
 
     settings = load_settings(env)
     store = build_store(settings)
     keys = KeyVaultKeyStore(kv_url, StaticTokenCredential(kv_token), connection_verify=kv_ca,
                             verify_challenge_resource=False)
-    service = Service(store, keys, ServiceConfig(signer_backend="keyvault", ca_key_kind=settings.ca_key_kind,
-                                                 max_ttl_ceiling=settings.max_ttl_ceiling,
-                                                 backdate_seconds=settings.backdate_seconds))
+    service = Service(store, keys, service_config(settings, signer_backend="keyvault"))
     validator = TokenValidator(settings)
     validator.warm()
     return Context(settings=settings, service=service, validator=validator)

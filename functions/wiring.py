@@ -88,6 +88,20 @@ def build_graph_groups(settings: Settings, credential=None, verify: bool | str =
     return GraphGroups(settings.graph_endpoint, _Lazy(), verify=verify)
 
 
+def service_config(settings: Settings, **overrides: object) -> ServiceConfig:
+    """The service's configuration from the settings (one place; `overrides` for another backend)."""
+    fields: dict = dict(
+        signer_backend=settings.signer_backend,
+        ca_key_kind=settings.ca_key_kind,
+        max_ttl_ceiling=settings.max_ttl_ceiling,
+        backdate_seconds=settings.backdate_seconds,
+        webhook_allow_loopback_http=settings.webhook_allow_loopback_http,
+        max_pending_requests=settings.max_pending_requests,
+        request_rate=settings.request_rate,
+    )
+    return ServiceConfig(**{**fields, **overrides})
+
+
 def build_context(settings: Settings | None = None) -> Context:
     settings = settings or load_settings()
     quiet_sdk_http_logging()
@@ -97,15 +111,7 @@ def build_context(settings: Settings | None = None) -> Context:
     service = Service(
         store,
         build_keystore(settings),
-        ServiceConfig(
-            signer_backend=settings.signer_backend,
-            ca_key_kind=settings.ca_key_kind,
-            max_ttl_ceiling=settings.max_ttl_ceiling,
-            backdate_seconds=settings.backdate_seconds,
-            webhook_allow_loopback_http=settings.webhook_allow_loopback_http,
-            max_pending_requests=settings.max_pending_requests,
-            request_rate=settings.request_rate,
-        ),
+        service_config(settings),
         notifier=WebhookNotifier(store.add_audit, allow_loopback_http=settings.webhook_allow_loopback_http),
     )
     validator = TokenValidator(settings, groups=build_graph_groups(settings))

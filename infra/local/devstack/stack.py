@@ -197,7 +197,9 @@ class Stack:
 
 
 def up(state_dir: Path = DEFAULT_STATE, ports: Ports | None = None, *, with_sshd: bool = True,
-       api_workers: int = 1) -> Stack:
+       api_workers: int = 1, settings: dict[str, str] | None = None) -> Stack:
+    """The local stack. `settings` override the API's settings (e.g. a benchmark lifts the per-user
+    request rate, which is what it would otherwise measure)."""
     ports = ports or Ports()
     state_dir.mkdir(parents=True, exist_ok=True)
     started: list = []
@@ -208,6 +210,7 @@ def up(state_dir: Path = DEFAULT_STATE, ports: Ports | None = None, *, with_sshd
         oidc = start_oidc(state_dir, ports.oidc)
         started.append(oidc)
         env = api_env(state_dir, oidc, ports.azurite, token, queue_port=ports.azurite_queue, api_port=ports.api)
+        env.update(settings or {})
         policy = seed_policy(env, oidc, demo_policy_document(oidc))
         api = start_api(state_dir, ports.api, env, workers=api_workers)
         started.append(api)
