@@ -322,6 +322,14 @@ class MemoryStore:
                                                                               self._etag())
             return replace(challenge, etag=row.etag)
 
+    def delete_expired_host_challenges(self, tenant_id: str, now: int) -> int:
+        with self._lock:
+            gone = [k for k, row in self._challenges.items()
+                    if k[0] == tenant_id and row.value.expires_at < now]  # type: ignore[attr-defined]
+            for k in gone:
+                del self._challenges[k]
+            return len(gone)
+
     def get_host_challenge(self, tenant_id: str, challenge_id: str) -> HostChallenge:
         with self._lock:
             row = self._challenges.get((tenant_id, challenge_id))

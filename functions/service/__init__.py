@@ -63,12 +63,14 @@ class Service:
         return self.base.clock
 
     def housekeeping(self, tenant_ids: Sequence[str]) -> dict[str, int]:
-        """The timer's work: expire stale requests and retire CA keys past their window."""
-        expired = retired = 0
+        """The timer's work: expire stale requests, retire CA keys past their window, and remove
+        host renewal challenges that expired (anyone may ask for one; none outlives its window)."""
+        expired = retired = challenges = 0
         for tid in tenant_ids:
             expired += len(self.requests.expire(tid))
             retired += len(self.policies.retire_due_ca_keys(tid))
-        return {"expired_requests": expired, "retired_ca_keys": retired}
+            challenges += self.store.delete_expired_host_challenges(tid, self.base.now())
+        return {"expired_requests": expired, "retired_ca_keys": retired, "expired_host_challenges": challenges}
 
     def refusal_counts(self) -> dict:
         """Refusals of callers without a valid token on this worker, by error code (not stored)."""

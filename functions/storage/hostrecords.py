@@ -86,6 +86,15 @@ class HostRecords:
             raise Conflict("That challenge already exists; ask again.") from None
         return replace(challenge, etag=meta.get("etag"))
 
+    def delete_expired_host_challenges(self, tenant_id: str, now: int) -> int:
+        rows = _guard("list host challenges", lambda: list(self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and ExpiresAt lt @now",
+            parameters={"pk": tenant_id, "lo": "hch|", "hi": "hch}", "now": now}, select=["PartitionKey", "RowKey"])))
+        for k in range(0, len(rows), 100):  # Table Storage's limit per transaction
+            batch = [("delete", {"PartitionKey": r["PartitionKey"], "RowKey": r["RowKey"]}) for r in rows[k:k + 100]]
+            _guard("delete host challenges", lambda batch=batch: self._table.submit_transaction(batch))
+        return len(rows)
+
     def get_host_challenge(self, tenant_id: str, challenge_id: str) -> HostChallenge:
 
         try:

@@ -863,3 +863,24 @@ def test_host_writes_stay_in_one_partition_and_a_gone_token_is_not_found(store: 
     assert store.get_host_key(tid, "web", "SHA256:hostkey") is None
     assert store.get_host_enrolment_token(tid, token.token_hash).used_at is None
     assert [e.action for e in audit_of(store, tid)] == ["test.event"] and audit_of(store, other) == []
+
+
+def test_expired_host_challenges_are_deleted_and_others_stay(store: Store, tid: str) -> None:
+    def challenge(expires: int) -> HostChallenge:
+        return store.create_host_challenge(HostChallenge(
+            tenant_id=tid, policy_id="web", id=uuid.uuid4().hex, nonce="n", fingerprints=("SHA256:a",),
+            created_at=int(T0), expires_at=expires))
+
+    old = [challenge(int(T0) + 10) for _ in range(3)]
+    live = challenge(int(T0) + 1000)
+    other_tenant = str(uuid.uuid4())
+    store.create_host_challenge(HostChallenge(tenant_id=other_tenant, policy_id="web", id=uuid.uuid4().hex,
+                                              nonce="n", fingerprints=("SHA256:a",), created_at=int(T0),
+                                              expires_at=int(T0) + 10))
+    assert store.delete_expired_host_challenges(tid, int(T0) + 500) == 3
+    for ch in old:
+        with pytest.raises(NotFound):
+            store.get_host_challenge(tid, ch.id)
+    assert store.get_host_challenge(tid, live.id).id == live.id
+    assert store.delete_expired_host_challenges(tid, int(T0) + 500) == 0  # nothing left to remove
+    assert store.delete_expired_host_challenges(other_tenant, int(T0) + 500) == 1  # per tenant

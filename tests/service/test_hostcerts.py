@@ -105,3 +105,6 @@ def test_asking_for_a_challenge_again_returns_the_same_one_so_anonymous_calls_ca
     clock.advance(600)  # a later window: a new challenge
     later = service.hostcerts.challenge(CAROL.tid, "renew", [key])
     assert later.id != first.id and later.nonce != first.nonce and len(store._challenges) == 2  # noqa: SLF001
+    clock.advance(1200)  # both have expired: the housekeeping timer removes them
+    assert service.housekeeping([CAROL.tid])["expired_host_challenges"] == 2
+    assert len(store._challenges) == 0  # noqa: SLF001
