@@ -7,7 +7,6 @@ import subprocess
 import uuid
 from pathlib import Path
 
-
 from functions.core.policy import ADMIN_ROLE, Identity
 from tests.realparts import unavailable
 
