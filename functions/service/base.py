@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Protocol
 
 from ..core.audit import AuditEntry
@@ -181,9 +181,13 @@ class Base:
             **fields,  # type: ignore[arg-type]
         )
 
-    def refuse(self, who: Identity | None, exc: EzsshError, action: str, **fields: object) -> None:
-        """Record a refusal. Never lets a storage failure hide the original error."""
-        if who is None:
+    def refuse(self, who: Identity | None, exc: EzsshError, action: str, *, tenant_id: str | None = None,
+               **fields: object) -> None:
+        """Record a refusal. Never lets a storage failure hide the original error. A caller without
+        an identity is counted, not stored, unless it proved it belongs to a tenant (`tenant_id`: a
+        host that presented that tenant's real token or challenge): then its refusal is the tenant's
+        to read."""
+        if who is None and (tenant_id is None or exc.status >= 500):
             # No identity (a missing or bad token): a log event and a counter, not a storage row.
             total = self.anonymous_refusals.add(exc.code)
             # every one at INFO; the 1st, 2nd, 4th, 8th, ... also at WARNING, with the count so far
@@ -200,21 +204,24 @@ class Base:
             return
         # A user error is a refusal; a system error (e.g. the HSM is away) is a failure on record.
         outcome = "refused" if exc.status < 500 else "failed"
-        entry = self.audit_entry(who, action, outcome, error_code=exc.code, message=exc.message, **fields).sealed()
+        entry = self.audit_entry(who, action, outcome, error_code=exc.code, message=exc.message, **fields)
+        if who is None:
+            entry = replace(entry, tenant_id=tenant_id or "")
         try:
-            self.store.add_audit(entry)
+            self.store.add_audit(entry.sealed())
         except Exception as store_exc:  # noqa: BLE001
             log.warning("could not record refusal %s for %s: %s", exc.code, who.oid if who else "-", store_exc)
-        event(log, action, error=exc.code, actor=who.upn if who else None, tenant=who.tid if who else None,
+        event(log, action, error=exc.code, actor=who.upn if who else None, tenant=who.tid if who else tenant_id,
               policy=fields.get("policy_id"), request=fields.get("request_id"), detail=exc.message)
 
     @contextmanager
-    def refusing(self, who: Identity | None, action: str, **fields: object) -> Iterator[None]:
+    def refusing(self, who: Identity | None, action: str, *, tenant_id: str | None = None,
+                 **fields: object) -> Iterator[None]:
         """`with base.refusing(who, "request.refused", host=...):` - the one refusal path."""
         try:
             yield
         except EzsshError as exc:
-            self.refuse(who, exc, action, **fields)
+            self.refuse(who, exc, action, tenant_id=tenant_id, **fields)
             raise
 
     def notify(self, policy: Policy | None, msg: Message) -> None:

@@ -19,9 +19,8 @@ import hashlib
 import logging
 import re
 import secrets
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from ..core.certificate import IssuedCertificate, new_serial
 from ..core.errors import CaKeyNotFound, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound
@@ -136,12 +135,7 @@ class HostCerts:
                                details={"proof": "token", "token_id": tok.token_hash[:12],
                                         "token_created_by": tok.created_by_upn, "hosts": list(tok.hosts)}):
             now = b.now()
-            if tok.policy_id != pid:
-                raise ProofRefused("The enrolment token is not valid for this policy.")
-            if tok.used_at is not None:
-                raise ProofRefused("The enrolment token was already used; mint a new one.")
-            if tok.expires_at <= now:
-                raise ProofRefused("The enrolment token has expired; mint a new one.")
+            self._usable(tok, pid, now, "enrolment token", "mint a new one")
             policy = self._policy(tid, pid)
             names = check_host_names(policy, tok.hosts)
             keys = parse_host_keys(host_keys)
@@ -192,12 +186,7 @@ class HostCerts:
         with self._refusing_in(tid, None, policy_id=pid,
                                details={"proof": "renewal", "challenge": ch.id, "fingerprints": list(ch.fingerprints)}):
             now = b.now()
-            if ch.policy_id != pid:
-                raise ProofRefused("The challenge is not valid for this policy.")
-            if ch.used_at is not None:
-                raise ProofRefused("The challenge was already used; ask for a new one.")
-            if ch.expires_at <= now:
-                raise ProofRefused("The challenge has expired; ask for a new one.")
+            self._usable(ch, pid, now, "challenge", "ask for a new one")
             keys = parse_host_keys([pk for pk, _ in signed])
             if sorted(k.fingerprint for k in keys) != sorted(ch.fingerprints):
                 raise ProofRefused("Sign the challenge with exactly the host keys it was issued for.")
@@ -222,7 +211,6 @@ class HostCerts:
                      *, arm_covered: bool, who: Identity | None = None) -> HostIssued:
         """Sign the host keys Run Command read from a VM, for the names ARM gave. Keys that are not
         acceptable host keys (RSA under 3072 bits, DSA) are left out; none at all is refused."""
-        b = self.base
         with self._refusing_in(policy.tenant_id, who, details={"proof": "arm", "vm_id": vm_id[:300]},
                                policy_id=policy.id):
             policy = self.policies.ensure_host_ca(policy, who)
@@ -274,35 +262,26 @@ class HostCerts:
         return "\n".join(lines) + "\n", krl, ids
 
     # ---- helpers ------------------------------------------------------------------------------
-    @contextmanager
-    def _refusing_in(self, tenant_id: str, who: Identity | None, **fields: object) -> Iterator[None]:
-        """The one refusal path, recorded in the policy's tenant when the service itself asked (an
-        enrolment has no caller)."""
-        if who is not None:
-            with self.base.refusing(who, "host_certificate.refused", **fields):
-                yield
-            return
-        try:
-            yield
-        except EzsshError as exc:
-            if exc.status < 500:
-                entry = replace(self.base.audit_entry(None, "host_certificate.refused", "refused", error_code=exc.code,
-                                                      message=exc.message, **fields), tenant_id=tenant_id).sealed()
-                try:
-                    self.base.store.add_audit(entry)
-                except Exception:  # noqa: BLE001 - never hide the refusal behind a storage failure
-                    log.warning("could not record host certificate refusal %s", exc.code)
-                event(log, "host_certificate.refused", error=exc.code, tenant=tenant_id,
-                      policy=fields.get("policy_id"), detail=exc.message)
-            else:
-                self.base.refuse(None, exc, "host_certificate.refused", **fields)
-            raise
+    def _refusing_in(self, tenant_id: str, who: Identity | None, **fields: object):  # type: ignore[no-untyped-def]
+        """Refusals recorded in the policy's tenant, also when the caller is a host that proved it
+        belongs there (a real token or challenge of that tenant)."""
+        return self.base.refusing(who, "host_certificate.refused", tenant_id=tenant_id, **fields)
 
     def _refusing_host(self, tenant_id: object, policy_id: object, proof: str):  # type: ignore[no-untyped-def]
         """Hosts have no Entra identity: their refusals go to the unauthenticated partition."""
         return self.base.refusing(None, "host_certificate.refused",
                                   policy_id=str(policy_id)[:64] if policy_id is not None else None,
                                   details={"tenant": str(tenant_id)[:64], "proof": proof})
+
+    @staticmethod
+    def _usable(proof: HostEnrolmentToken | HostChallenge, pid: str, now: int, what: str, again: str) -> None:
+        """A single-use proof (enrolment token or renewal challenge) that may still be used here."""
+        if proof.policy_id != pid:
+            raise ProofRefused(f"The {what} is not valid for this policy.")
+        if proof.used_at is not None:
+            raise ProofRefused(f"The {what} was already used; {again}.")
+        if proof.expires_at <= now:
+            raise ProofRefused(f"The {what} has expired; {again}.")
 
     @staticmethod
     def _tenant_policy(tenant_id: object, policy_id: object) -> tuple[str, str]:
