@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .core.errors import EzsshError
-from .core.ids import is_guid
+from .core.ids import GUID, is_guid
 from .core.policy import TTL_CEILING
 
 ENTRA_ISSUER = "https://login.microsoftonline.com/{tid}/v2.0"
@@ -271,7 +271,7 @@ def _verified_domains(env: Mapping[str, str], tenants: tuple[str, ...]) -> tuple
 
 
 ENROL_SCOPE_RE = re.compile(
-    r"^/subscriptions/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    rf"^/subscriptions/{GUID}"
     r"(?:/resourceGroups/[-\w.()]{1,90})?$",
     re.IGNORECASE,
 )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+GUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"  # to build larger patterns
+GUID_RE = re.compile(f"^{GUID}$")
 
 
 def is_guid(s: object) -> bool:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from ..core.errors import InvalidRequest
+from ..core.ids import GUID
 
-SUB = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+SUB = GUID
 RG = r"[-\w.()]{1,90}"
 VM = r"[A-Za-z0-9][-\w.]{0,63}"
 VM_ID_RE = re.compile(

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from ..core.ids import is_guid
 from ..core.krl import MAGIC
+from ..core.policy import POLICY_ID_RE
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "setup.sh"
 HELPER = HERE / "krl_update.sh"
 HOST_CERT_HELPER = HERE / "hostcert.sh"
 
-POLICY_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 URL_RE = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(?::[0-9]+)?(?:/[A-Za-z0-9._~\-/]*)?$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,128}$")
 HOST_CERT_LINE_RE = re.compile(r"^(?:# renew-after [0-9]{1,12}|[a-z0-9@.-]{3,64}-cert-v01@openssh\.com "
@@ -49,7 +49,7 @@ def _check(s: HostSetup) -> None:
         raise RenderError(f"API URL {s.api_url!r} cannot go into the setup script.")
     if not is_guid(s.tenant_id):
         raise RenderError("The tenant id must be a GUID.")
-    if not POLICY_RE.match(s.policy_id):
+    if not POLICY_ID_RE.match(s.policy_id):
         raise RenderError(f"Policy id {s.policy_id!r} is not valid.")
     if not TOKEN_RE.match(s.host_token):
         raise RenderError("The host token is malformed.")

@@ -40,7 +40,7 @@ from ..core.hostcert import (
 from ..core.ids import is_guid
 from ..core.keys import VettedKey
 from ..core.krl import CaRevocations, encode_krl
-from ..core.policy import Identity, Policy
+from ..core.policy import POLICY_ID_RE, Identity, Policy
 from ..observability import event
 from ..signing.base import as_private_key
 from ..storage.base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord
@@ -287,7 +287,7 @@ class HostCerts:
     def _tenant_policy(tenant_id: object, policy_id: object) -> tuple[str, str]:
         if not isinstance(tenant_id, str) or not is_guid(tenant_id):
             raise InvalidRequest("'tenant' must be the tenant id (a GUID).")
-        if not isinstance(policy_id, str) or not re.match(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", policy_id):
+        if not isinstance(policy_id, str) or not POLICY_ID_RE.match(policy_id):
             raise InvalidRequest("'policy' must be a policy id.")
         return tenant_id.lower(), policy_id
 
