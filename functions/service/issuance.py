@@ -86,9 +86,10 @@ class Issuance:
     def _idempotency(self, who: Identity, req: AccessRequest, public_key: str | None, key: str) -> IdempotencyRecord:
         if not IDEMPOTENCY_KEY_RE.match(key):
             raise InvalidRequest("The Idempotency-Key header must be 8 to 128 letters, digits, '-' or '_'.")
-        fp = parse_public_key(public_key).fingerprint if public_key is not None else None
+        # the key by its blob (the comment may differ between attempts); it is vetted once, on issuance
+        key_blob = (public_key.split() + ["", ""])[1] if public_key is not None else None
         asked = canonical_json({"host": req.host, "principal": req.principal, "policy": req.policy_id,
-                                "ttl": req.ttl_seconds, "reason": req.reason, "key": fp})
+                                "ttl": req.ttl_seconds, "reason": req.reason, "key": key_blob})
         return IdempotencyRecord(tenant_id=who.tid, owner_oid=who.oid,
                                  key_hash=hashlib.sha256(key.encode()).hexdigest(), request_id=new_request_id(self.base.clock()),
                                  digest=hashlib.sha256(asked.encode()).hexdigest(), created_at=self.base.now())
