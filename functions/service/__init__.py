@@ -72,11 +72,6 @@ class Service:
             challenges += self.store.delete_expired_host_challenges(tid, self.base.now())
         return {"expired_requests": expired, "retired_ca_keys": retired, "expired_host_challenges": challenges}
 
-    def refusal_counts(self) -> dict:
-        """Refusals of callers without a valid token on this worker, by error code (not stored)."""
-        c = self.base.anonymous_refusals
-        return {"total": c.total, "by_code": c.snapshot()}
-
     def health(self, tenant_ids: Sequence[str] = ()) -> dict:
         """Storage answers; every current CA key (user and host) of the tenants' policies signs a probe (so a
         token that is away shows, not only a module that answers). Cached for HEALTH_CACHE_SECONDS:

@@ -48,27 +48,17 @@ class ServiceConfig:
 
 
 class RefusalCounter:
-    """Refusals of callers without an identity (no or bad token). They are counted here and logged,
-    never written to storage one row per call: anyone can send junk tokens. Bounded: at most
-    MAX_CODES distinct error codes, the rest counted together."""
-
-    MAX_CODES = 32
+    """Refusals of callers without an identity (no or bad token). They are counted here and logged
+    with the running count, never written to storage one row per call: anyone can send junk tokens."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
         self.total = 0
 
-    def add(self, code: str) -> int:
+    def add(self) -> int:
         with self._lock:
             self.total += 1
-            key = code if code in self._counts or len(self._counts) < self.MAX_CODES else "other"
-            self._counts[key] = self._counts.get(key, 0) + 1
             return self.total
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
 
 
 class RateLimiter:
@@ -189,7 +179,7 @@ class Base:
         to read."""
         if who is None and (tenant_id is None or exc.status >= 500):
             # No identity (a missing or bad token): a log event and a counter, not a storage row.
-            total = self.anonymous_refusals.add(exc.code)
+            total = self.anonymous_refusals.add()
             # every one at INFO; the 1st, 2nd, 4th, 8th, ... also at WARNING, with the count so far
             level = logging.WARNING if total & (total - 1) == 0 else logging.INFO
             event(log, action, level, error=exc.code, outcome="refused", detail=exc.message,
