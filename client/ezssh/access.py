@@ -16,7 +16,8 @@ def certificate_for(cfg: dict, home: Path, principal: str, host: str, *, policy:
                     new: bool = False) -> tuple[certs.Cached, str]:
     """(cached slot, "cached certificate" | "new certificate (request ID)")."""
     certs.sweep(home)
-    cached = None if new else certs.find_valid(home, cfg["server"], principal, host, policy=policy)
+    cached = None if new else certs.find_valid(home, principal, host, server=cfg["server"], account=cfg.get("account"),
+                                               policy=policy, ttl=ttl)
     if cached is not None:
         return cached, "cached certificate"
     from .context import Ctx

@@ -284,6 +284,7 @@ class Api:
         self.server = server.rstrip("/")
         self.transport = transport
         self._token = token
+        self.bearer: str | None = None  # the token of the last call: whom the service answered
 
     def call(self, method: str, path: str, *, body: dict | None = None, params: dict | None = None,
              ok: tuple[int, ...] = (200, 201, 202), headers: dict | None = None) -> Response:
@@ -291,7 +292,8 @@ class Api:
         if params:
             url += ("&" if "?" in url else "?") + urlencode(params)
         for attempt in (0, 1):
-            hdrs = {**(headers or {}), "Authorization": f"Bearer {self._token(attempt == 1)}"}
+            self.bearer = self._token(attempt == 1)
+            hdrs = {**(headers or {}), "Authorization": f"Bearer {self.bearer}"}
             resp = send(self.transport, method, url, headers=hdrs, body=body)
             if resp.status_code == 401 and attempt == 0:
                 continue  # one silent refresh, then give up with exit 3

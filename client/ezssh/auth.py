@@ -199,9 +199,12 @@ class Auth:
         idc = result.get("id_token_claims") or {}
         if idc.get("oid") and idc.get("tid"):
             home_account_id = f"{idc['oid']}.{idc['tid']}"
-        if home_account_id and self.cfg.get("account") != home_account_id:
-            self.cfg["account"] = home_account_id
-            save_config(self.cfg, self.home)
+        if home_account_id:
+            from .issue import switch_account
+
+            # Another account's keys and certificates leave the agent and the disk before this one's
+            # first use: a cached certificate never serves anyone but whom it was issued to.
+            switch_account(self.cfg, self.home, home_account_id)
         return result
 
     def whoami(self) -> dict:

@@ -1,4 +1,11 @@
-"""Keys and certificates cached per (server, principal, host). Stdlib only at import time.
+"""Keys and certificates cached per (principal, host), each bound to the account that got it. Stdlib
+only at import time.
+
+A slot is `certs/<principal>@<host>/`: the same path whatever the server or the account, so the
+ssh_config block of `ezssh config` names no server and no account. Its meta.json records the server
+and the signed-in account (MSAL's home account id, `<oid>.<tid>`) it was issued to: `find_valid` uses
+a slot only for that server and account, and signing in as someone else or configuring another server
+removes the others' keys from disk and from ssh-agent (`forget_others`), before anything can use them.
 
 The fast path (`find_valid`, `sweep`) reads meta.json only, so a cached `ezssh ssh` never imports
 cryptography. Writing a new key + certificate (`store`) is the slow path and imports it lazily.
@@ -12,7 +19,7 @@ import re
 import time
 from pathlib import Path
 
-from .home import ensure_private_dir, server_hash, write_private
+from .home import ensure_private_dir, write_private
 
 KEY = "id_ed25519"
 PUB = "id_ed25519.pub"
@@ -21,6 +28,7 @@ META = "meta.json"
 EXPIRES = "reuse-until"  # valid_before - REUSE_MARGIN as decimal seconds: ssh_config's block reads it in sh
 REUSE_MARGIN = 30  # seconds: a certificate is reused while valid_before - 30 s > now
 STALE_PARTIAL = 600  # seconds: a directory without meta.json older than this is debris
+TTL_SLACK = 60  # seconds: the service's clock may run ahead of ours by this much
 
 # Characters kept as they are in slot names; the rest are %XX. ':' (IPv6 hosts) is not a valid file
 # name character on Windows; elsewhere it stays, so ssh_config's %r@%h names the same directory.
@@ -36,8 +44,12 @@ def certs_root(home: Path) -> Path:
     return home / "certs"
 
 
-def slot_dir(home: Path, server: str, principal: str, host: str) -> Path:
-    return certs_root(home) / server_hash(server) / f"{_quote(principal)}@{_quote(host)}"
+def slot_dir(home: Path, principal: str, host: str) -> Path:
+    return certs_root(home) / f"{_quote(principal)}@{_quote(host)}"
+
+
+def same_server(a: object, b: object) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and a.rstrip("/").lower() == b.rstrip("/").lower()
 
 
 class Cached:
@@ -71,15 +83,25 @@ def read_meta(d: Path) -> dict | None:
         return None
 
 
-def find_valid(home: Path, server: str, principal: str, host: str, *, policy: str | None = None,
-               now: float | None = None) -> Cached | None:
-    """The cached key + certificate for this slot if still good for more than REUSE_MARGIN seconds."""
-    d = slot_dir(home, server, principal, host)
+def find_valid(home: Path, principal: str, host: str, *, server: str, account: str | None,
+               policy: str | None = None, ttl: int | None = None, now: float | None = None) -> Cached | None:
+    """The cached key + certificate for this slot if it answers what is asked: issued to `account` on
+    `server` for exactly this principal and host (and `policy` when named), good for more than
+    REUSE_MARGIN seconds, and, with `ttl`, expiring no later than a new one would (now + ttl) with at
+    least half of `ttl` left."""
+    d = slot_dir(home, principal, host)
     meta = read_meta(d)
-    if meta is None:
+    if meta is None or not account:
+        return None
+    if meta.get("account") != account or not same_server(meta.get("server"), server):
+        return None
+    if meta.get("principal") != principal or meta.get("host") != host:
         return None
     now = time.time() if now is None else now
-    if meta["valid_before"] - REUSE_MARGIN <= now:
+    left = meta["valid_before"] - now
+    if left <= REUSE_MARGIN:
+        return None
+    if ttl is not None and not (ttl / 2 <= left <= ttl + TTL_SLACK):
         return None
     if policy is not None and meta.get("policy") != policy:
         return None
@@ -98,55 +120,79 @@ def remove(d: Path) -> None:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def discard(d: Path) -> None:
+    """Take a slot out of the ssh-agent it was added to (if any), then off the disk."""
+    meta = read_meta(d)
+    if meta is not None and meta.get("agent_sock"):
+        from .agent import delete
+
+        delete(d / PUB, d / CERT, meta["agent_sock"])
+    remove(d)
+
+
+def _legacy(d: Path) -> bool:
+    """A directory of the earlier layout (certs/<server hash>/<principal>@<host>/)."""
+    return "@" not in d.name and not d.name.startswith(".")
+
+
 def sweep(home: Path, now: float | None = None) -> list[Path]:
-    """Remove every expired key + certificate under certs/ (all servers), and leftover debris."""
+    """Remove every expired key + certificate under certs/, and leftover debris. (The agent drops an
+    expired one itself: it was added with `ssh-add -t <time left>`.)"""
     now = time.time() if now is None else now
-    root = certs_root(home)
     removed: list[Path] = []
     try:
-        servers = list(root.iterdir())
+        entries = [d for d in certs_root(home).iterdir() if d.is_dir()]
     except OSError:
         return removed
-    for srv in servers:
-        if not srv.is_dir():
-            continue
-        for d in list(srv.iterdir()):
-            if not d.is_dir():
-                continue
-            meta = read_meta(d)
-            if meta is not None:
-                dead = meta["valid_before"] <= now
-            else:
-                try:
-                    dead = now - d.stat().st_mtime > STALE_PARTIAL
-                except OSError:
-                    dead = False
-            if dead:
-                remove(d)
-                removed.append(d)
-        try:
-            srv.rmdir()  # only succeeds when empty
-        except OSError:
-            pass
+    for d in entries:
+        meta = read_meta(d)
+        if meta is not None:
+            dead = meta["valid_before"] <= now
+        elif _legacy(d):
+            dead = True
+        else:
+            try:
+                dead = now - d.stat().st_mtime > STALE_PARTIAL
+            except OSError:
+                dead = False
+        if dead:
+            if meta is None and _legacy(d):
+                for old in [c for c in d.iterdir() if c.is_dir()]:
+                    discard(old)  # out of the agent too: no later sign-out would find it
+            remove(d)
+            removed.append(d)
     return removed
 
 
 def slots(home: Path):
-    """Every slot directory (complete or not) under certs/, all servers."""
+    """Every slot directory (complete or not) under certs/."""
     try:
-        servers = [s for s in certs_root(home).iterdir() if s.is_dir()]
+        yield from (d for d in certs_root(home).iterdir()
+                    if d.is_dir() and not d.name.startswith(".") and not _legacy(d))
     except OSError:
         return
-    for srv in servers:
-        try:
-            yield from (d for d in srv.iterdir() if d.is_dir() and not d.name.startswith("."))
-        except OSError:
-            continue
 
 
-def remove_all(home: Path) -> None:
-    """Every cached key and certificate, of every server (sign-out)."""
+def remove_all(home: Path) -> int:
+    """Every cached key and certificate, from the agent and the disk (sign-out). Returns how many."""
+    n = 0
+    for d in list(slots(home)):
+        discard(d)
+        n += 1
     remove(certs_root(home))
+    return n
+
+
+def forget_others(home: Path, server: str, account: str | None) -> int:
+    """Remove (agent and disk) every slot not issued to `account` on `server`: after an account
+    switch or a change of server, nothing of the one before stays usable. Returns how many."""
+    n = 0
+    for d in list(slots(home)):
+        meta = read_meta(d) or {}
+        if not account or meta.get("account") != account or not same_server(meta.get("server"), server):
+            discard(d)
+            n += 1
+    return n
 
 
 def remove_if_expired(d: Path, now: float | None = None) -> bool:
@@ -158,15 +204,14 @@ def remove_if_expired(d: Path, now: float | None = None) -> bool:
     return False
 
 
-def store(home: Path, server: str, principal: str, host: str, private_openssh: bytes, public_openssh: str,
+def store(home: Path, principal: str, host: str, private_openssh: bytes, public_openssh: str,
           certificate: str, meta: dict) -> Cached:
     """Write key (0600), public key, certificate and meta.json into the slot, replacing what was there.
 
     Everything is written into a sibling temp directory first and renamed into place, so a slot is
     either complete or absent.
     """
-    target = slot_dir(home, server, principal, host)
-    ensure_private_dir(target.parent)
+    target = slot_dir(home, principal, host)
     ensure_private_dir(certs_root(home))
     tmp = target.parent / f".new-{os.getpid()}-{int(time.time() * 1000)}"
     ensure_private_dir(tmp)
@@ -177,7 +222,7 @@ def store(home: Path, server: str, principal: str, host: str, private_openssh: b
         write_private(tmp / META, json.dumps(meta, indent=2, sort_keys=True) + "\n", 0o600)
         write_private(tmp / EXPIRES, f"{int(meta['valid_before']) - REUSE_MARGIN}\n", 0o600)
         if target.exists():
-            remove(target)
+            discard(target)
         os.rename(tmp, target)
     except BaseException:
         remove(tmp)

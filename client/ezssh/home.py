@@ -7,11 +7,11 @@ Layout of $EZSSH_HOME (default ~/.ezssh, mode 0700):
     msal_http_cache.bin  MSAL's HTTP cache (the identity provider's discovery documents)
     ssh_config           the block `ezssh config` Includes from ~/.ssh/config
     known_hosts          ezssh's own known hosts (host CAs), named by that block
-    certs/<server hash>/<principal>@<host>/
+    certs/<principal>@<host>/  (one account's at a time: signing in as another removes them)
         id_ed25519       private key, OpenSSH format, 0600
         id_ed25519.pub   public key
         id_ed25519-cert.pub  the certificate
-        meta.json        valid_before, valid_after, serial, key_id, policy, ...
+        meta.json        valid_before, valid_after, serial, key_id, policy, server, account, ...
 """
 
 from __future__ import annotations
@@ -82,12 +82,3 @@ def save_config(cfg: dict, home: Path | None = None) -> Path:
     path = home / CONFIG
     write_private(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def server_hash(server: str) -> str:
-    """Short stable name for a server URL (the certificate cache is per server)."""
-    try:
-        from _sha256 import sha256  # CPython's built-in: no OpenSSL to load on the fast path
-    except ImportError:
-        from hashlib import sha256
-    return sha256(server.rstrip("/").lower().encode()).hexdigest()[:12]

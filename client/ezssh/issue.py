@@ -12,6 +12,7 @@ from .api import Api
 from .errors import INTERRUPTED, REQUEST_ENDED, UNAVAILABLE, EzsshError
 from .output import group_label
 from .sshargs import SshInvocation
+from .tokens import account_of
 
 POLL_INTERVAL = 2.0
 SPINNER = "|/-\\"
@@ -161,6 +162,7 @@ def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
     if state != "issued" or not data.get("certificate"):
         raise EzsshError(f"The service answered {state!r} without a certificate (request {data.get('id')}).")
     seen = keys.inspect_certificate(data["certificate"], public, inv.principal)
+    account = switch_account(cfg, home, account_of(api.bearer))
     meta = {
         **seen,
         "policy": data.get("policy"),
@@ -168,8 +170,21 @@ def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
         "host": inv.host,
         "principal": inv.principal,
         "server": cfg["server"],
+        "account": account,
         "ca_fingerprint": data.get("ca_fingerprint"),
         "created_at": int(time.time()),
     }
-    cached = certs.store(home, cfg["server"], inv.principal, inv.host, private, public, data["certificate"], meta)
+    cached = certs.store(home, inv.principal, inv.host, private, public, data["certificate"], meta)
     return cached, data
+
+
+def switch_account(cfg: dict, home: Path, account: str | None) -> str | None:
+    """Make `account` the signed-in one in config.json; when it was another, that account's keys and
+    certificates leave the agent and the disk first. Returns `account`."""
+    from .home import save_config
+
+    certs.forget_others(home, cfg["server"], account)
+    if account and cfg.get("account") != account:
+        cfg["account"] = account
+        save_config(cfg, home)
+    return account

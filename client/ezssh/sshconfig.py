@@ -139,6 +139,23 @@ def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: l
     )
 
 
+_WRITTEN_FOR = re.compile(r"^# Written by `ezssh config` for (\S+)\. ", re.M)
+
+
+def block_problem(block: str, home: Path, server: str) -> str | None:
+    """Why ezssh's block does not fit this configuration (None when it does): written for another
+    server, or naming key paths or an ezssh directory other than this one's."""
+    from .certs import certs_root, same_server
+
+    m = _WRITTEN_FOR.search(block)
+    if m is None or not same_server(m[1], server):
+        return f"it was written for {m[1] if m else 'an unknown server'}, but ezssh is configured for {server}"
+    want = f"IdentityFile {_cfg_quote(_esc(str(certs_root(home))) + '/%r@%h/id_ed25519')}"
+    if want not in block.splitlines() and f"    {want}" not in block.splitlines():
+        return f"its key paths are not {certs_root(home)}/%r@%h (an older ezssh, or another EZSSH_HOME)"
+    return None
+
+
 # ---- ~/.ssh/config --------------------------------------------------------------------------------
 
 

@@ -55,3 +55,10 @@ def claims(token: str) -> dict:
         return data if isinstance(data, dict) else {}
     except (IndexError, ValueError):
         return {}
+
+
+def account_of(token: str | None) -> str | None:
+    """`<oid>.<tid>` of an access token (the form of config.json's `account`), or None."""
+    c = claims(token) if token else {}
+    oid, tid = c.get("oid"), c.get("tid")
+    return f"{oid}.{tid}" if isinstance(oid, str) and isinstance(tid, str) and oid and tid else None

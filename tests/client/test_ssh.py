@@ -19,11 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ezssh import certs, keys, sshargs
 from ezssh.errors import EzsshError
-from ezssh.home import save_config, server_hash
+from ezssh.home import save_config
 
 from .conftest import cli_env, run_cli
 
 SERVER = "https://ezssh.test"
+ACCOUNT = "00000000-0000-4000-8000-0000000a11ce.11111111-1111-4111-8111-111111111111"  # <oid>.<tid>
+OTHER = "00000000-0000-4000-8000-000000000b0b.11111111-1111-4111-8111-111111111111"
 HEAVY = ("msal", "msal_extensions", "requests", "urllib3", "cryptography")
 
 
@@ -118,19 +120,19 @@ def sign_cert(public_line: str, principals: list[str], valid_before: int, serial
 
 
 def make_cached(home: Path, principal: str, host: str, valid_before: int, *, server: str = SERVER,
-                policy: str = "web") -> certs.Cached:
+                policy: str = "web", account: str = ACCOUNT) -> certs.Cached:
     private, public = keys.new_keypair()
     cert = sign_cert(public, [principal], valid_before)
     meta = {**keys.inspect_certificate(cert, public, principal), "policy": policy, "request_id": "req1",
-            "host": host, "principal": principal, "server": server}
-    return certs.store(home, server, principal, host, private, public, cert, meta)
+            "host": host, "principal": principal, "server": server, "account": account}
+    return certs.store(home, principal, host, private, public, cert, meta)
 
 
 def test_store_layout_and_modes(tmp_path):
     home = tmp_path / "h"
     home.mkdir(mode=0o700)
     c = make_cached(home, "alice", "127.0.0.1", int(time.time()) + 600)
-    assert c.dir == home / "certs" / server_hash(SERVER) / "alice@127.0.0.1"
+    assert c.dir == home / "certs" / "alice@127.0.0.1"  # no server, no account: ssh_config's block names it
     assert sorted(p.name for p in c.dir.iterdir()) == ["id_ed25519", "id_ed25519-cert.pub", "id_ed25519.pub", "meta.json",
                                                        "reuse-until"]
     assert int((c.dir / "reuse-until").read_text()) == c.valid_before - certs.REUSE_MARGIN
@@ -164,21 +166,62 @@ def test_inspect_certificate_refuses_foreign_key_and_wrong_principal():
         keys.inspect_certificate(mine, mine, "alice")
 
 
+def find(home, principal="alice", host="web1", **kw):
+    kw.setdefault("server", SERVER)
+    kw.setdefault("account", ACCOUNT)
+    return certs.find_valid(home, principal, host, **kw)
+
+
 def test_reuse_window_and_policy(tmp_path):
     home = tmp_path
     now = time.time()
     make_cached(home, "alice", "web1", int(now) + 100)
-    assert certs.find_valid(home, SERVER, "alice", "web1", now=now) is not None
-    assert certs.find_valid(home, SERVER, "alice", "web1", now=now + 69) is not None
-    assert certs.find_valid(home, SERVER, "alice", "web1", now=now + 71) is None  # within 30 s of expiry
-    assert certs.find_valid(home, SERVER, "alice", "web1", policy="web", now=now) is not None
-    assert certs.find_valid(home, SERVER, "alice", "web1", policy="other", now=now) is None
-    assert certs.find_valid(home, SERVER, "bob", "web1", now=now) is None
-    assert certs.find_valid(home, "https://other.test", "alice", "web1", now=now) is None
+    assert find(home, now=now) is not None
+    assert find(home, now=now + 69) is not None
+    assert find(home, now=now + 71) is None  # within 30 s of expiry
+    assert find(home, policy="web", now=now) is not None
+    assert find(home, policy="other", now=now) is None
+    assert find(home, "bob", now=now) is None
+    assert find(home, server="https://other.test", now=now) is None
     # a private key that others can read is never handed to ssh
-    c = certs.find_valid(home, SERVER, "alice", "web1", now=now)
+    c = find(home, now=now)
     os.chmod(c.key, 0o644)
-    assert certs.find_valid(home, SERVER, "alice", "web1", now=now) is None
+    assert find(home, now=now) is None
+
+
+def test_a_certificate_serves_only_the_account_that_got_it(tmp_path):
+    home = tmp_path
+    now = time.time()
+    c = make_cached(home, "alice", "web1", int(now) + 3600)
+    assert find(home, now=now) is not None
+    assert find(home, account=OTHER, now=now) is None
+    assert find(home, account=None, now=now) is None  # not signed in: nothing is anyone's
+    # a slot whose meta names another login or host than its directory is not used for this one
+    meta = json.loads((c.dir / "meta.json").read_text())
+    (c.dir / "meta.json").write_text(json.dumps({**meta, "principal": "root"}))
+    assert find(home, now=now) is None
+
+
+def test_a_cached_certificate_is_used_only_within_the_ttl_asked(tmp_path):
+    home = tmp_path
+    now = time.time()
+    make_cached(home, "alice", "web1", int(now) + 59 * 60)
+    assert find(home, now=now) is not None  # nothing asked: any time left will do
+    assert find(home, ttl=30 * 60, now=now) is None  # would outlive the 30 minutes asked
+    assert find(home, ttl=60 * 60, now=now) is not None
+    assert find(home, ttl=8 * 3600, now=now) is None  # far shorter than the 8 hours asked
+    assert find(home, ttl=59 * 60, now=now + 20 * 60) is not None  # 39 of 59 minutes left
+
+
+def test_forget_others_keeps_only_this_account_on_this_server(tmp_path):
+    home = tmp_path
+    now = int(time.time())
+    mine = make_cached(home, "alice", "web1", now + 600)
+    theirs = make_cached(home, "bob", "web1", now + 600, account=OTHER)
+    elsewhere = make_cached(home, "alice", "web2", now + 600, server="https://other.test")
+    assert certs.forget_others(home, SERVER + "/", ACCOUNT) == 2
+    assert mine.dir.exists() and not theirs.dir.exists() and not elsewhere.dir.exists()
+    assert certs.forget_others(home, SERVER, None) == 1 and not mine.dir.exists()
 
 
 def test_sweep_removes_expired_everywhere_and_keeps_valid(tmp_path):
@@ -187,22 +230,23 @@ def test_sweep_removes_expired_everywhere_and_keeps_valid(tmp_path):
     keep = make_cached(home, "alice", "web1", now + 600)
     gone1 = make_cached(home, "alice", "web2", now - 1)
     gone2 = make_cached(home, "root", "db", now - 5000, server="https://other.test")
-    debris = home / "certs" / server_hash(SERVER) / ".new-1-2"
+    debris = home / "certs" / ".new-1-2"
     debris.mkdir()
     os.utime(debris, (now - 3600, now - 3600))
-    fresh_partial = home / "certs" / server_hash(SERVER) / ".new-3-4"
+    fresh_partial = home / "certs" / ".new-3-4"
     fresh_partial.mkdir()
+    legacy = home / "certs" / "0123456789ab" / "alice@web1"  # the earlier per-server layout
+    legacy.mkdir(parents=True)
     removed = certs.sweep(home)
-    assert set(removed) == {gone1.dir, gone2.dir, debris}
+    assert set(removed) == {gone1.dir, gone2.dir, debris, legacy.parent}
     assert keep.dir.exists() and fresh_partial.exists()
-    assert not (home / "certs" / server_hash("https://other.test")).exists()
     assert not certs.remove_if_expired(keep.dir)
     assert certs.remove_if_expired(keep.dir, now=now + 601) and not keep.dir.exists()
 
 
 def test_slot_names_are_safe(tmp_path):
-    d = certs.slot_dir(tmp_path, SERVER, "../x", "a/b")
-    assert d.parent == tmp_path / "certs" / server_hash(SERVER)
+    d = certs.slot_dir(tmp_path, "../x", "a/b")
+    assert d.parent == tmp_path / "certs"
     assert "/" not in d.name and not d.name.startswith(".")
 
 
@@ -223,7 +267,7 @@ def fast_home(tmp_path):
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
     save_config({"server": SERVER, "authority": "https://127.0.0.1:1/none", "authority_type": "oidc",
-                 "client_id": "x", "scopes": ["api://ezssh/access_as_user"]}, home)
+                 "client_id": "x", "scopes": ["api://ezssh/access_as_user"], "account": ACCOUNT}, home)
     fake = tmp_path / "fake-ssh"
     fake.write_text(FAKE_SSH.format(python=sys.executable))
     fake.chmod(0o755)

@@ -5,6 +5,7 @@ certificate, `certs list|prune`, and start-up cost of `--version` and `cert ensu
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from ezssh import certs, sshconfig
-from ezssh.home import server_hash
 
 from .conftest import cli_env, run_cli
 from .test_ssh import SERVER, fake_ssh_out, fast_home, heavy, imported_modules, make_cached  # noqa: F401
@@ -177,7 +177,6 @@ def test_ezssh_ssh_asks_for_the_host_and_login_ssh_resolves(home, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"identityfile {c.key}" in r.stdout and "hostname 10.9.8.7" in r.stdout
     assert "host:       10.9.8.7 (from box)" in r.stderr and "principal:  deploy" in r.stderr
-    assert server_hash(SERVER) in str(c.dir)
 
 
 def test_agent_mode_leaves_the_agent_reachable(home, tmp_path):
@@ -200,5 +199,33 @@ def test_agent_mode_leaves_the_agent_reachable(home, tmp_path):
         assert listed.count(fingerprint) == 2, listed  # the key and its certificate
         assert "CERT" in listed
         assert json.loads((c.dir / "meta.json").read_text())["agent_sock"] == env["SSH_AUTH_SOCK"]
+        # prune --all takes them out of the agent too, from a shell with no agent of its own
+        r = run_cli(home, "certs", "prune", "--all")
+        assert r.returncode == 0 and "from ssh-agent too" in r.stderr, r.stderr
+        listed = subprocess.run(["ssh-add", "-l"], env={**env, "PATH": "/usr/bin:/bin"}, capture_output=True,
+                                text=True).stdout
+        assert fingerprint not in listed, listed
     finally:
         subprocess.run(["ssh-agent", "-k"], env={**env, "PATH": "/usr/bin:/bin"}, capture_output=True)
+
+
+@pytest.mark.parametrize("how", [["logout"], ["certs", "prune", "--all"]])
+def test_signing_out_and_pruning_empty_the_agent_they_were_added_to(home, tmp_path, how):
+    """Two slots in an agent; the command runs without SSH_AUTH_SOCK and still empties that agent."""
+    agent = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    env = dict(line.split(";")[0].split("=", 1) for line in agent.splitlines() if line.startswith("SSH_"))
+    plain = {**env, "PATH": "/usr/bin:/bin"}
+    try:
+        for login in ("alice", "bob"):
+            c = make_cached(home, login, "127.0.0.1", int(time.time()) + 600)
+            r = run_cli(home, "cert", "ensure", "--agent", f"{login}@127.0.0.1", **env)
+            assert r.returncode == 0, r.stderr
+        before = subprocess.run(["ssh-add", "-l"], env=plain, capture_output=True, text=True).stdout
+        assert before.count("CERT") == 2, before
+        r = run_cli(home, *how, EZSSH_PLAINTEXT_TOKEN_CACHE="1")
+        assert r.returncode == 0 and re.search(r"[Rr]emoved (all )?2 cached", r.stderr) and "ssh-agent" in r.stderr, r.stderr
+        after = subprocess.run(["ssh-add", "-l"], env=plain, capture_output=True, text=True)
+        assert after.returncode == 1 and "no identities" in after.stdout, after.stdout
+        assert list(certs.slots(home)) == [] and not c.dir.exists()
+    finally:
+        subprocess.run(["ssh-agent", "-k"], env=plain, capture_output=True)

@@ -70,9 +70,16 @@ def cmd_configure(args) -> int:
     for kept in ("ssh_config", "agent"):
         if kept in old:
             cfg[kept] = old[kept]
+    if old.get("ssh_config") and old.get("server") and not certs.same_server(old["server"], server):
+        err("ezssh's ssh_config block is written again for this server at `ezssh login`.")
     if args.agent is not None:
         cfg["agent"] = args.agent == "on"
     path = save_config(cfg, home)
+    # Keys and certificates of another server, or of an account not kept, go (agent and disk).
+    gone = certs.forget_others(home, server, cfg.get("account"))
+    if gone:
+        err(f"Removed {gone} cached key{'s' if gone != 1 else ''} and certificate{'s' if gone != 1 else ''} "
+            "of the previous server or account.")
     if args.json:
         out_json(cfg)
     err(f"Configured {server} (identity provider {authority}, {cfg['authority_type']}); saved {path}.")
@@ -108,6 +115,7 @@ def cmd_login(args) -> int:
     claims = result.get("id_token_claims") or {}
     err(f"Signed in as {claims.get('preferred_username') or claims.get('upn') or claims.get('oid')}.")
     _refresh_host_cas(ctx)
+    _follow_server(ctx)
     if args.json:
         out_json(ctx.auth.whoami())
     return OK
@@ -123,6 +131,20 @@ def _refresh_host_cas(ctx) -> None:  # type: ignore[no-untyped-def]
         err(f"ezssh: could not fetch the host CAs ({exc}); `ezssh ssh` tries again.")
 
 
+def _follow_server(ctx) -> None:  # type: ignore[no-untyped-def]
+    """ezssh's ssh_config block, written again when it was made for another server."""
+    from .config import fix_command, follow_server
+
+    try:
+        done = follow_server(ctx.cfg, ctx.home)
+    except EzsshError as exc:
+        err(f"ezssh: the ssh_config block is for another server and could not be rewritten ({exc}); run: "
+            f"{fix_command(ctx.cfg.get('ssh_config') or {})}")
+        return
+    if done:
+        err(f"ezssh: {done}.")
+
+
 def cmd_logout(args) -> int:
     home = home_dir()
     cfg = load_config(home, required=False)
@@ -135,9 +157,10 @@ def cmd_logout(args) -> int:
         cache._persistence.save("{}")  # noqa: SLF001 - forget every account without network
         cfg.pop("account", None)
         save_config(cfg, home)
-    # Certificates belong to the signed-in user: they go too.
-    certs.remove_all(home)
-    err(f"Signed out{' ' + ', '.join(names) if names else ''}; removed cached keys and certificates.")
+    # Certificates belong to the signed-in user: they go too, from the agent as well.
+    n = certs.remove_all(home)
+    err(f"Signed out{' ' + ', '.join(names) if names else ''}; removed {n} cached key{'s' if n != 1 else ''} "
+        f"and certificate{'s' if n != 1 else ''} (from ssh-agent too).")
     return OK
 
 

@@ -110,9 +110,9 @@ def cmd_prune(args) -> int:
 
     home = home_dir()
     if args.all:
-        n = len(list(certs.slots(home)))
-        certs.remove_all(home)
-        err(f"Removed all {n} cached key{'s' if n != 1 else ''} and certificate{'s' if n != 1 else ''}.")
+        n = certs.remove_all(home)
+        err(f"Removed all {n} cached key{'s' if n != 1 else ''} and certificate{'s' if n != 1 else ''} "
+            "(from ssh-agent too).")
         return OK
     removed = certs.sweep(home)
     err(f"Removed {len(removed)} expired key{'s' if len(removed) != 1 else ''} and certificate"

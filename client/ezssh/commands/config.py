@@ -57,10 +57,38 @@ def cmd_config(args) -> int:
             f"{user_config} holds no Include of ezssh's; nothing to remove there.")
         return OK
 
-    if args.host:
-        patterns, skipped = sshconfig.host_patterns([h for item in args.host for h in item.split(",")])
-    else:
-        patterns, skipped = sshconfig.host_patterns(_policy_hosts())
+    hosts = [h for item in args.host for h in item.split(",")] if args.host else None
+    command = args.command.split() if args.command else self_command()
+    block, patterns, skipped = write_block(cfg, home, hosts=hosts, command=command, agent=args.agent,
+                                           dry_run=args.print)
+    if args.print:
+        sys.stdout.write(block)
+        return OK
+    changed, created = sshconfig.install(user_config, owned)
+    cfg["ssh_config"] = {"path": str(user_config), "created": created if changed else bool(state.get("created")),
+                         "hosts": hosts, "command": command, "agent": args.agent}
+    save_config(cfg, home)
+    if args.json:
+        out_json({"ssh_config": str(user_config), "include": str(owned), "patterns": patterns, "skipped": skipped,
+                  "changed": changed})
+    default_config = os.path.realpath(Path(_account_home() or Path.home()) / ".ssh" / "config")
+    plain = "ssh" if os.path.realpath(user_config) == default_config else f"ssh -F {user_config}"
+    err(f"ssh now gets ezssh certificates for: {' '.join(patterns)}\n"
+        f"  {owned} (ezssh's block){'' if changed else ' rewritten'}; "
+        f"{'added its Include to' if changed else 'already included by'} {user_config}.\n"
+        f"Try: {plain} <login>@<host>   (undo: ezssh config --remove)")
+    account_home = _account_home()
+    if account_home and not args.ssh_config and os.path.realpath(Path.home()) != os.path.realpath(account_home):
+        err(f"Note: ssh reads ~/.ssh/config from your account's home ({account_home}), not from $HOME: "
+            f"give ssh `-F {user_config}`, or run `ezssh config --ssh-config {account_home}/.ssh/config`.")
+    return OK
+
+
+def write_block(cfg: dict, home: Path, *, hosts: list[str] | None, command: list[str], agent: bool,
+                dry_run: bool = False) -> tuple[str, list[str], list[str]]:
+    """Render $EZSSH_HOME/ssh_config for the configured server (its policies' hosts unless `hosts`
+    names them) and write it unless `dry_run`. Returns (block, patterns, skipped)."""
+    patterns, skipped = sshconfig.host_patterns(hosts if hosts is not None else _policy_hosts())
     if skipped:
         err("ezssh: these host patterns have no ssh_config form and are left out (name such hosts with "
             f"--host): {', '.join(skipped)}")
@@ -68,37 +96,42 @@ def cmd_config(args) -> int:
         raise EzsshError("No host patterns to configure: your policies name none that ssh_config can match.",
                          USAGE, hint="Name them: ezssh config --host 'web-*' --host 10.0.0.4")
     from ..certs import certs_root
-    from ..home import server_hash
 
-    block = sshconfig.render_block(home=home, slot_root=certs_root(home) / server_hash(cfg["server"]),
-                                   patterns=patterns, command=args.command.split() if args.command else self_command(),
-                                   server=cfg["server"], agent=args.agent)
-    if args.print:
-        sys.stdout.write(block)
-        return OK
-    write_private(owned, block, 0o644)
-    from .. import knownhosts
+    block = sshconfig.render_block(home=home, slot_root=certs_root(home), patterns=patterns, command=command,
+                                   server=cfg["server"], agent=agent)
+    if not dry_run:
+        write_private(home / sshconfig.OWNED_FILE, block, 0o644)
+        from .. import knownhosts
 
-    knownhosts.ensure_files(home)  # ezssh's own known hosts (host CAs) and their KRL, empty until fetched
-    changed, created = sshconfig.install(user_config, owned)
-    if changed:
-        cfg["ssh_config"] = {"path": str(user_config), "created": created}
-        save_config(cfg, home)
-    elif "ssh_config" not in cfg:
-        cfg["ssh_config"] = {"path": str(user_config), "created": False}
-        save_config(cfg, home)
-    if args.json:
-        out_json({"ssh_config": str(user_config), "include": str(owned), "patterns": patterns, "skipped": skipped,
-                  "changed": changed})
-    err(f"ssh now gets ezssh certificates for: {' '.join(patterns)}\n"
-        f"  {owned} (ezssh's block){'' if changed else ' rewritten'}; "
-        f"{'added its Include to' if changed else 'already included by'} {user_config}.\n"
-        f"Try: ssh <login>@<host>   (undo: ezssh config --remove)")
-    account_home = _account_home()
-    if account_home and not args.ssh_config and os.path.realpath(Path.home()) != os.path.realpath(account_home):
-        err(f"Note: ssh reads ~/.ssh/config from your account's home ({account_home}), not from $HOME: "
-            f"give ssh `-F {user_config}`, or run `ezssh config --ssh-config {account_home}/.ssh/config`.")
-    return OK
+        knownhosts.ensure_files(home)  # ezssh's own known hosts (host CAs) and their KRL, empty until fetched
+    return block, patterns, skipped
+
+
+def fix_command(state: dict) -> str:
+    """The `ezssh config` command line that writes the block again with the options it was made with."""
+    import shlex
+
+    parts = ["ezssh", "config"] + [a for h in state.get("hosts") or [] for a in ("--host", h)]
+    if state.get("agent"):
+        parts.append("--agent")
+    default = str(Path.home() / ".ssh" / "config")
+    if state.get("path") and os.path.realpath(state["path"]) != os.path.realpath(default):
+        parts += ["--ssh-config", state["path"]]
+    return shlex.join(parts)
+
+
+def follow_server(cfg: dict, home: Path) -> str | None:
+    """After a sign-in: if ezssh's block was written for another server (or an older layout), write it
+    again for this one, with the options it was made with. Returns what was done, or None."""
+    state = cfg.get("ssh_config")
+    owned = home / sshconfig.OWNED_FILE
+    if not state or not owned.exists():
+        return None
+    if sshconfig.block_problem(owned.read_text(errors="replace"), home, cfg["server"]) is None:
+        return None
+    command = state.get("command") or self_command()
+    write_block(cfg, home, hosts=state.get("hosts"), command=command, agent=bool(state.get("agent")))
+    return f"rewrote {owned} for {cfg['server']}"
 
 
 def _account_home() -> str | None:
@@ -122,8 +155,8 @@ def register(sub, fmt) -> None:
                     "resolve as ssh resolves them. Running it again rewrites the block; --remove undoes it.",
         epilog="The block:\n"
                "  Match final host PATTERNS exec \"... ezssh cert ensure %r@%h -p %p\"\n"
-               "      IdentityFile     $EZSSH_HOME/certs/<server>/%r@%h/id_ed25519\n"
-               "      CertificateFile  $EZSSH_HOME/certs/<server>/%r@%h/id_ed25519-cert.pub\n"
+               "      IdentityFile     $EZSSH_HOME/certs/%r@%h/id_ed25519\n"
+               "      CertificateFile  $EZSSH_HOME/certs/%r@%h/id_ed25519-cert.pub\n"
                "      UserKnownHostsFile ~/.ssh/known_hosts ~/.ssh/known_hosts2 $EZSSH_HOME/known_hosts")
     c.add_argument("--host", action="append", metavar="PATTERN",
                    help="host name glob or IPv4 CIDR to cover (repeatable; default: your policies' hosts)")

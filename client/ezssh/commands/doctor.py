@@ -147,10 +147,17 @@ def _ssh_config(r: Report, cfg: dict, home) -> None:
             included = sshconfig.include_lines(owned) in path.read_text()
         except OSError:
             included = False
-        if included and owned.exists():
-            r.add("ssh_config", "ok", f"{path} includes {owned}")
+        from .config import fix_command
+
+        problem = sshconfig.block_problem(owned.read_text(errors="replace"), home, cfg["server"]) \
+            if owned.exists() else f"{owned} is missing"
+        if not included:
+            r.add("ssh_config", "fail", f"{path} no longer includes {owned}", fix_command(state))
+        elif problem:
+            r.add("ssh_config", "fail", f"ezssh's block ({owned}) does not fit this configuration: {problem}; "
+                                        "plain ssh would offer keys that are not there", fix_command(state))
         else:
-            r.add("ssh_config", "fail", f"{path} no longer includes {owned}", "ezssh config")
+            r.add("ssh_config", "ok", f"{path} includes {owned}, written for {cfg['server']}")
     try:
         cas = sum(1 for line in known.read_text().splitlines() if line.startswith("@cert-authority"))
         r.add("known-hosts", "ok", f"{known}: {cas} host CA line{'s' if cas != 1 else ''}")
@@ -160,12 +167,18 @@ def _ssh_config(r: Report, cfg: dict, home) -> None:
         r.add("known-hosts", "warn", f"{known}: {exc.strerror}")
 
 
-def _certs(r: Report, home) -> None:
+def _certs(r: Report, home, cfg: dict | None) -> None:
     from .. import certs
 
     now = time.time()
     metas = [m for m in (certs.read_meta(d) for d in certs.slots(home)) if m]
     live = [m for m in metas if m["valid_before"] > now]
+    foreign = [m for m in metas if not cfg or m.get("account") != cfg.get("account")
+               or not certs.same_server(m.get("server"), cfg.get("server"))]
+    if foreign:
+        r.add("certificates", "warn", f"{len(foreign)} cached certificate{'s' if len(foreign) != 1 else ''} of "
+                                      "another account or server (never used for this one)", "ezssh certs prune --all")
+        return
     r.add("certificates", "ok", f"{len(live)} valid, {len(metas) - len(live)} expired (removed at the next run, "
                                 f"or `ezssh certs prune`)")
 
@@ -181,7 +194,7 @@ def cmd_doctor(args) -> int:
     if cfg:
         _agent(r, cfg)
         _ssh_config(r, cfg, home)
-    _certs(r, home)
+    _certs(r, home, cfg)
     if args.json:
         out_json(r.rows)
     else:
