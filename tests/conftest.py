@@ -55,7 +55,8 @@ def azurite(state_dir) -> Iterator:
 def oidc(state_dir) -> Iterator:
     from devstack.oidc import start_oidc
 
-    yield from _stand_in(start_oidc, state_dir)
+    # with the managed identity endpoint (App Service protocol) for workload tests
+    yield from _stand_in(lambda d, port: start_oidc(d, port, mi_port=free_port()), state_dir)
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,8 @@ class OidcStandIn:
     ca: DevCA
     config: dict = field(repr=False)
     started_in: float = 0.0
+    state_dir: Path = Path(".")
+    mi_port: int = 0
 
     @property
     def ca_path(self) -> Path:
@@ -76,6 +78,35 @@ class OidcStandIn:
     @property
     def base_url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def mi_endpoint(self) -> str | None:
+        """The managed identity endpoint (App Service protocol) for IDENTITY_ENDPOINT, if started."""
+        return f"http://127.0.0.1:{self.mi_port}/msi/token" if self.mi_port else None
+
+    @property
+    def mi_header(self) -> str:
+        """The secret for IDENTITY_HEADER."""
+        return self.config["managed_identity"]["header"]
+
+    def app(self, name: str) -> dict:
+        """A workload identity's users.json entry plus "tid" (see infra/local/oidc/workloads.mjs)."""
+        for tid, tenant in self.config["tenants"].items():
+            for a in tenant.get("apps", ()):
+                if a["name"] == name:
+                    return {**a, "tid": tid}
+        raise KeyError(f"no dev app {name!r}")
+
+    def app_certificate(self, name: str) -> Path:
+        """The PEM (private key and certificate) of an app registered with a certificate."""
+        return app_cert_dir(self.state_dir) / f"{self.app(name)['client_id']}.key.pem"
+
+    def ci_token(self, subject: str, audience: str = "api://AzureADTokenExchange") -> str:
+        """A token from the dev CI issuer (https://127.0.0.1:<port>/ci), as a CI system hands one to a job."""
+        r = self.session().post(f"{self.base_url}/ci/token", data={"subject": subject, "audience": audience},
+                                headers={"Authorization": f"Bearer {self.config['ci']['request_token']}"}, timeout=10)
+        r.raise_for_status()
+        return r.json()["value"]
 
     @property
     def api_client_id(self) -> str:
@@ -123,13 +154,57 @@ def _discovery_ok(session: requests.Session, issuer: str) -> bool:
     return r.status_code == 200 and r.json().get("issuer") == issuer
 
 
-def start_oidc(state_dir: Path, port: int, *, timeout: float = 30.0, env: dict | None = None) -> OidcStandIn:
-    """Start the Entra ID stand-in on https://127.0.0.1:<port>/<tid>; returns once discovery answers."""
+def app_cert_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / "oidc" / "app-certs"
+
+
+def ensure_app_certificates(state_dir: Path, config: dict) -> None:
+    """For each dev app registered with a certificate: a self-signed RSA certificate (what an admin
+    uploads to the app registration: <client_id>.pem, read by the stand-in) and its private key with
+    the certificate (<client_id>.key.pem, what the workload holds). Made once, kept in the state dir."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    d = app_cert_dir(state_dir)
+    for tenant in config["tenants"].values():
+        for app in tenant.get("apps", ()):
+            if not app.get("certificate"):
+                continue
+            cert_path, key_path = d / f"{app['client_id']}.pem", d / f"{app['client_id']}.key.pem"
+            if cert_path.exists() and key_path.exists():
+                continue
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, app["name"])])
+            now = dt.datetime.now(dt.timezone.utc)
+            cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                    .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                    .not_valid_after(now + dt.timedelta(days=365)).sign(key, hashes.SHA256()))
+            pem = cert.public_bytes(serialization.Encoding.PEM)
+            key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key_pem + pem)
+            cert_path.write_bytes(pem)
+
+
+def start_oidc(state_dir: Path, port: int, *, timeout: float = 30.0, env: dict | None = None,
+               mi_port: int = 0) -> OidcStandIn:
+    """Start the Entra ID stand-in on https://127.0.0.1:<port>/<tid>; returns once discovery answers.
+    With `mi_port`, it also serves the managed identity endpoint on http://127.0.0.1:<mi_port>/msi/token."""
     t0 = time.monotonic()
     require_free(port, "oidc-provider")
+    if mi_port:
+        require_free(mi_port, "managed identity endpoint")
     state_dir = Path(state_dir)
     ca = ensure_dev_ca(state_dir)
     config = load_config()
+    ensure_app_certificates(state_dir, config)
     node = os.environ.get("NODE", "node")
     argv = [
         node, str(SERVER_MJS),
@@ -138,6 +213,7 @@ def start_oidc(state_dir: Path, port: int, *, timeout: float = 30.0, env: dict |
         "--cert", str(ca.server_cert),
         "--key", str(ca.server_key),
         "--users", str(USERS_JSON),
+        "--mi-port", str(mi_port),
     ]
     child_env = {**os.environ, **(env or {})}
     child_env.pop("NODE_OPTIONS", None)
@@ -156,7 +232,8 @@ def start_oidc(state_dir: Path, port: int, *, timeout: float = 30.0, env: dict |
     except BaseException:
         proc.stop()
         raise
-    return OidcStandIn(proc=proc, port=port, ca=ca, config=config, started_in=time.monotonic() - t0)
+    return OidcStandIn(proc=proc, port=port, ca=ca, config=config, started_in=time.monotonic() - t0,
+                       state_dir=state_dir, mi_port=mi_port)
 
 
 # ---- the "browser" -------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ import { fileURLToPath } from 'node:url';
 
 import Provider, { errors } from 'oidc-provider';
 
+import { makeWorkloads } from './workloads.mjs';
+
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, '..', '..', '..');
 
@@ -78,6 +80,7 @@ const KEY = args.key ?? process.env.OIDC_TLS_KEY ?? path.join(STATE, 'tls', 'ser
 const USERS = args.users ?? process.env.OIDC_USERS ?? path.join(HERE, 'users.json');
 const POLL_INTERVAL = Number(args['poll-interval'] ?? process.env.OIDC_POLL_INTERVAL ?? 1);
 const DEBUG = !!process.env.OIDC_DEBUG;
+const MI_PORT = Number(args['mi-port'] ?? process.env.OIDC_MI_PORT ?? 0); // managed identity endpoint (0: none)
 const HOST = '127.0.0.1';
 
 if (!Number.isInteger(PORT) || PORT <= 0 || PORT > 65535) throw new Error(`bad port ${PORT}`);
@@ -506,12 +509,23 @@ function buildTenant(tid, tenant) {
 for (const [tid, tenant] of Object.entries(config.tenants)) {
   tenants.set(tid.toLowerCase(), buildTenant(tid, tenant));
 }
+// App-only tokens for workloads (client credentials, federated credentials, managed identity).
+const workloads = makeWorkloads({ base, config, jwks, stateDir: STATE, log });
+const miServer = MI_PORT ? workloads.managedIdentityServer(MI_PORT) : null;
 
 // ---- the listener ------------------------------------------------------------------------------
 
 const server = https.createServer({ cert: readFileSync(CERT), key: readFileSync(KEY) }, (req, res) => {
   const t0 = Date.now();
   if (DEBUG) res.on('finish', () => log(req.method, req.originalUrl ?? req.url, res.statusCode, `${Date.now() - t0}ms`));
+  const ciPath = (req.url ?? '/').match(/^\/ci(?=\/|\?|$)(.*)$/);
+  if (ciPath) {
+    Promise.resolve(workloads.handleCi(req, res, ciPath[1])).catch((err) => {
+      log('[ci] unhandled error:', err);
+      if (!res.headersSent) send(res, 500, page('Server error', '<p id="error">internal error</p>'));
+    });
+    return;
+  }
   const m = (req.url ?? '/').match(/^\/([0-9a-fA-F-]{36})(?=\/|\?|$)(.*)$/);
   const t = m && tenants.get(m[1].toLowerCase());
   if (!t) {
@@ -525,7 +539,9 @@ const server = https.createServer({ cert: readFileSync(CERT), key: readFileSync(
   }
   let rest = m[2];
   if (rest.startsWith('?')) rest = `/${rest}`;
-  Promise.resolve(t.handle(req, res, rest)).catch((err) => {
+  const tid = m[1].toLowerCase();
+  Promise.resolve(workloads.handleTenant(req, res, tid, rest))
+    .then((done) => (done ? undefined : t.handle(req, res, rest))).catch((err) => {
     log(`[${t.name}] unhandled error on ${req.method} ${req.url}:`, err);
     if (!res.headersSent) send(res, 500, page('Server error', '<p id="error">internal error</p>'));
     else res.end();
@@ -545,6 +561,7 @@ function shutdown(sig) {
   for (const t of tenants.values()) {
     try { t.Adapter.flush(); } catch (err) { log('flush failed:', err.message); }
   }
+  miServer?.close();
   server.close(() => process.exit(0));
   server.closeAllConnections?.();
   setTimeout(() => process.exit(0), 2000).unref();
