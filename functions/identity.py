@@ -3,8 +3,9 @@
 Checks, in order, before any key is fetched: the token's shape, a pinned algorithm (RS256), a tenant
 on the allow-list. Then the signature against the issuer's JWKS (cached; refreshed when an unknown
 kid appears, at most once per REFRESH_FLOOR seconds so forged kids can't make us hammer the issuer),
-issuer, audience, expiry and not-before with a small leeway, and a delegated user token (oid, tid,
-and the API scope in scp).
+issuer, audience, expiry and not-before with a small leeway, and either a delegated user token (oid,
+tid, and the API scope in scp) or an app-only token of a workload (Entra's optional claim `idtyp` is
+"app", no scp, the app role EZSSH.Workload in `roles`; enable `idtyp` on the API's app registration).
 
 A token that verified is remembered until its own `exp` (ValidatedTokens: keyed by the token's
 SHA-256, bounded in size), so a client that sends the same token on every call is checked once per
@@ -30,8 +31,8 @@ from typing import Any, Callable
 
 import jwt
 
-from .core.errors import BackendUnavailable, Unauthenticated
-from .core.policy import Identity, upn_domain
+from .core.errors import BackendUnavailable, Forbidden, Unauthenticated
+from .core.policy import WORKLOAD_ROLE, Identity, upn_domain
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,9 @@ class TokenValidator:
         scopes = str(claims.get("scp") or "").split()
         if not isinstance(oid, str) or not oid:
             raise Unauthenticated("The token carries no user object id (oid).")
+        roles = frozenset(r for r in (claims.get("roles") or []) if isinstance(r, str))
+        if claims.get("idtyp") == "app":
+            return self._workload(claims, tid, oid, roles, scopes)
         if self._s.api_scope not in scopes:
             raise Unauthenticated(f"The token lacks the '{self._s.api_scope}' scope.")
         groups = claims.get("groups") or []
@@ -256,9 +260,34 @@ class TokenValidator:
             upn=upn,
             name=str(claims.get("name") or ""),
             groups=frozenset(g.lower() for g in groups if isinstance(g, str)),
-            roles=frozenset(r for r in (claims.get("roles") or []) if isinstance(r, str)),
+            roles=roles,
             guest=guest,
             domain_verified=not guest and upn_domain(upn) in self._s.verified_domains_for(tid),
+        )
+
+    @staticmethod
+    def _workload(claims: dict, tid: str, oid: str, roles: frozenset[str], scopes: list[str]) -> Identity:
+        """An app-only token (Entra's `idtyp` optional claim is "app"): a service principal or managed
+        identity, known by its object id, allowed in only with the EZSSH.Workload app role. Its name is
+        `app:<client id>` (the `azp` claim: the appId that `az ad sp show --id` finds)."""
+        if scopes:
+            raise Unauthenticated("An app-only token carries no delegated scopes (scp).")
+        if WORKLOAD_ROLE not in roles:
+            raise Forbidden(f"This app has not been assigned the '{WORKLOAD_ROLE}' app role of the ezssh API; "
+                            "an admin assigns it (Entra ID: Enterprise applications > ezssh API > "
+                            "Users and groups, or az rest ... appRoleAssignedTo).")
+        azp = claims.get("azp") or claims.get("appid")
+        if not isinstance(azp, str) or not azp:
+            raise Unauthenticated("The app token names no client (azp).")
+        groups = claims.get("groups") or []
+        return Identity(
+            oid=oid.lower(),
+            tid=tid.lower(),
+            upn=f"app:{azp.lower()}",
+            name=str(claims.get("app_displayname") or ""),
+            groups=frozenset(g.lower() for g in groups if isinstance(g, str)),
+            roles=roles,
+            app=True,
         )
 
 

@@ -40,7 +40,12 @@ class Ctx:
 
     def token(self, force_refresh: bool = False) -> str:
         """A bearer token: the cached one, read without MSAL, while it is good; else MSAL's (refresh or
-        sign-in)."""
+        sign-in). A workload (`ezssh login --managed-identity` ...) gets its app-only token through
+        azure-identity instead."""
+        if self.cfg.get("workload"):
+            from .workload import token
+
+            return token(self.cfg, self.home, force_refresh)
         if not force_refresh:
             from .tokens import cached_access_token
 

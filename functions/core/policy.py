@@ -24,6 +24,8 @@ MIN_TTL = 60
 POLICY_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 PRINCIPAL_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
 ADMIN_ROLE = "EZSSH.Admin"
+# The app role an Entra app (a service principal or managed identity) needs for app-only tokens.
+WORKLOAD_ROLE = "EZSSH.Workload"
 # Table Storage holds a policy as one string property (its JSON): at most 64 KiB, i.e. 32,768 UTF-16
 # code units, in an entity of at most 1 MiB. An update's audit entry holds the changed fields before
 # and after, and rotation adds CA keys, so a policy document may use less than half of that.
@@ -85,6 +87,9 @@ class Identity:
     `guest`: an account from outside the tenant (Entra B2B: the `acct` claim is 1, the UPN carries
     `#EXT#`, or the token's `idp` names another issuer). `domain_verified`: the UPN's domain is one
     the tenant admin listed as verified (settings); only then may {username} stand for its local part.
+    `app`: a workload (an app-only token of a service principal or managed identity, `oid` its object
+    id). Policies map it only where they name it (its object id or a group); it never gets
+    {username}, never a `members` login, and is never an approver or an admin.
     """
 
     oid: str
@@ -95,10 +100,11 @@ class Identity:
     roles: frozenset[str] = frozenset()
     guest: bool = False
     domain_verified: bool = False
+    app: bool = False
 
     @property
     def is_tenant_admin(self) -> bool:
-        return ADMIN_ROLE in self.roles
+        return not self.app and ADMIN_ROLE in self.roles
 
     @property
     def upn_domain(self) -> str:
@@ -107,7 +113,7 @@ class Identity:
     @property
     def username(self) -> str | None:
         """The login {username} stands for, or None: never for guests, never for an unverified domain."""
-        if self.guest or not self.domain_verified:
+        if self.guest or self.app or not self.domain_verified:
             return None
         return username_from_upn(self.upn)
 
@@ -130,11 +136,13 @@ class Subjects:
     unresolved: tuple[str, ...] = ()
 
     def matches(self, who: Identity, *, any_account: bool = False) -> bool:
-        """`any_account`: guests match too (deny rules deny guests whatever `guests` says)."""
+        """`any_account`: guests and workloads match "*" too (deny rules deny them whatever `guests`
+        says); otherwise a workload matches only its own object id or a group."""
         if who.guest and not (self.guests or any_account):
             return False
         oid = who.oid.lower()
-        if any(u == "*" or u == oid for u in self.users):
+        everyone = any_account or not who.app
+        if any((u == "*" and everyone) or u == oid for u in self.users):
             return True
         mine = {g.lower() for g in who.groups}
         return any(g in mine for g in self.groups)
@@ -172,7 +180,7 @@ class LoginMap:
 
     def matches(self, who: Identity) -> bool:
         if self.members:
-            return True
+            return not who.app  # a workload's logins are the ones mapped to it by name
         if self.oid is not None:
             return self.oid == who.oid.lower()
         return self.group is not None and self.group in {g.lower() for g in who.groups}
@@ -313,10 +321,10 @@ class Policy:
         return rule is not None and rule.action != "deny"
 
     def is_approver(self, who: Identity) -> bool:
-        return self.approvers.matches(who)
+        return not who.app and self.approvers.matches(who)
 
     def is_admin(self, who: Identity) -> bool:
-        return who.is_tenant_admin or self.admins.matches(who)
+        return not who.app and (who.is_tenant_admin or self.admins.matches(who))
 
     def unresolved_names(self) -> tuple[str, ...]:
         """People named by something other than an object id (UPNs of policies stored before names

@@ -106,8 +106,12 @@ def login_method(env=None, platform: str | None = None) -> str:
 
 
 def cmd_login(args) -> int:
+    if args.workload:
+        return _workload_login(args)
     method = args.method or login_method()
     ctx = Ctx()
+    if ctx.cfg.pop("workload", None):  # a person signs in here now: no workload any more
+        save_config(ctx.cfg, ctx.home)
     if method == "browser":
         result = ctx.auth.browser_login(timeout=args.timeout or 300)
     else:
@@ -119,6 +123,42 @@ def cmd_login(args) -> int:
     if args.json:
         out_json(ctx.auth.whoami())
     return OK
+
+
+def _workload_login(args) -> int:
+    """Sign a machine in (no browser, no prompt): check that a token can be had now, and keep the way
+    to get the next one in the configuration."""
+    from .. import workload
+    from ..tokens import claims as jwt_claims
+
+    ctx = Ctx()
+    settings = workload.settings_from_args(args.workload, args.client_id, args.certificate, args.tenant, ctx.cfg)
+    old = ctx.cfg.get("workload")
+    ctx.cfg["workload"] = settings
+    token = workload.token(ctx.cfg, ctx.home, force_refresh=True)  # fails (exit 3/4) before anything is saved
+    if old != settings:
+        certs.remove_all(ctx.home)  # another identity's certificates are not this one's
+    ctx.cfg.pop("account", None)
+    save_config(ctx.cfg, ctx.home)
+    c = jwt_claims(token)
+    err(f"Signed in as the workload {c.get('azp') or c.get('appid')} (object id {c.get('oid')}, {args.workload}).")
+    _refresh_host_cas(ctx)
+    if args.json:
+        out_json(_workload_info(ctx, token))
+    return OK
+
+
+def _workload_info(ctx, token: str) -> dict:  # type: ignore[no-untyped-def]
+    from ..tokens import claims as jwt_claims
+
+    c = jwt_claims(token)
+    exp = c.get("exp")
+    return {"upn": f"app:{c.get('azp') or c.get('appid')}", "name": c.get("app_displayname"), "oid": c.get("oid"),
+            "tid": c.get("tid"), "groups": c.get("groups", []), "roles": c.get("roles", []), "scopes": [],
+            "issuer": c.get("iss"), "audience": c.get("aud"), "expires_at": exp,
+            "expires_in": int(exp - time.time()) if isinstance(exp, (int, float)) else None,
+            "server": ctx.cfg.get("server"), "token_cache": f"app token in {ctx.home}/workload-token.json (0600)",
+            "workload": ctx.cfg["workload"]["kind"]}
 
 
 def _refresh_host_cas(ctx) -> None:  # type: ignore[no-untyped-def]
@@ -156,6 +196,11 @@ def cmd_logout(args) -> int:
         names = [a.get("username") or a.get("home_account_id") for a in cache.find(cache.CredentialType.ACCOUNT)]
         cache._persistence.save("{}")  # noqa: SLF001 - forget every account without network
         cfg.pop("account", None)
+        if cfg.pop("workload", None):
+            from ..workload import forget
+
+            forget(home)
+            names.append("the workload")
         save_config(cfg, home)
     # Certificates belong to the signed-in user: they go too, from the agent as well.
     n = certs.remove_all(home)
@@ -166,7 +211,7 @@ def cmd_logout(args) -> int:
 
 def cmd_whoami(args) -> int:
     ctx = Ctx()
-    info = ctx.auth.whoami()
+    info = _workload_info(ctx, ctx.token()) if ctx.cfg.get("workload") else ctx.auth.whoami()
     if args.json:
         out_json(info)
         return OK
@@ -209,10 +254,21 @@ def register(sub, fmt) -> None:
                      help="sign in in the system browser ($BROWSER is honoured)")
     how.add_argument("--device", dest="method", action="store_const", const="device",
                      help="sign in with a device code (works over SSH and without a browser)")
+    how.add_argument("--managed-identity", dest="workload", action="store_const", const="managed-identity",
+                     help="a machine: the managed identity of this Azure VM, Function, Container App or Arc "
+                          "server (--client-id for a user-assigned one)")
+    how.add_argument("--workload-identity", dest="workload", action="store_const", const="workload-identity",
+                     help="a job: workload identity federation (GitHub Actions, Azure DevOps, AKS) from "
+                          "AZURE_FEDERATED_TOKEN_FILE, AZURE_CLIENT_ID and AZURE_TENANT_ID")
+    how.add_argument("--service-principal", dest="workload", action="store_const", const="service-principal",
+                     help="a service principal with a certificate (--client-id, --certificate)")
+    c.add_argument("--client-id", metavar="APP_ID", help="the app (client) id of the workload")
+    c.add_argument("--certificate", metavar="PEM", help="with --service-principal: its private key and certificate")
+    c.add_argument("--tenant", metavar="TID", help="with a workload: its tenant (default: the configured one)")
     c.add_argument("--timeout", type=duration_arg, metavar="DURATION",
                    help="with the browser: give up after this long (e.g. 90s, 5m; default 5m)")
     c.add_argument("--json", action="store_true", help="print who you are as JSON afterwards")
-    c.set_defaults(func=cmd_login)
+    c.set_defaults(func=cmd_login, workload=None)
 
     c = sub.add_parser("logout", help="forget the sign-in and remove cached keys and certificates")
     c.set_defaults(func=cmd_logout)
