@@ -129,17 +129,15 @@ def _workload_login(args) -> int:
     """Sign a machine in (no browser, no prompt): check that a token can be had now, and keep the way
     to get the next one in the configuration."""
     from .. import workload
-    from ..tokens import claims as jwt_claims
+    from ..issue import switch_account
+    from ..tokens import account_of, claims as jwt_claims
 
     ctx = Ctx()
     settings = workload.settings_from_args(args.workload, args.client_id, args.certificate, args.tenant, ctx.cfg)
-    old = ctx.cfg.get("workload")
     ctx.cfg["workload"] = settings
-    token = workload.token(ctx.cfg, ctx.home, force_refresh=True)  # fails (exit 3/4) before anything is saved
-    if old != settings:
-        certs.remove_all(ctx.home)  # another identity's certificates are not this one's
-    ctx.cfg.pop("account", None)
+    token = workload.token(ctx.cfg, ctx.home, force_refresh=True)  # fails (exit 3/6) before anything is saved
     save_config(ctx.cfg, ctx.home)
+    switch_account(ctx.cfg, ctx.home, account_of(token))  # another account's certificates go (agent, disk)
     c = jwt_claims(token)
     err(f"Signed in as the workload {c.get('azp') or c.get('appid')} (object id {c.get('oid')}, {args.workload}).")
     _refresh_host_cas(ctx)
