@@ -419,9 +419,10 @@ class KeyVaultKeyStore:
         if self._closed:
             raise SignerUnavailable(f"the Key Vault key store for {self.vault_url} is closed", key_ref=signer.key_ref)
         for attempt in (0, 1):
+            client = signer._client
             try:
                 result = self._call(
-                    lambda: signer._client.sign(kv_alg, digest),
+                    lambda: client.sign(kv_alg, digest),
                     op="sign", vault=signer.vault_url, name=signer.name, key_ref=signer.key_ref, byok=byok,
                 )  # fmt: skip
                 break
@@ -434,8 +435,7 @@ class KeyVaultKeyStore:
                 # back to the caller.
                 if attempt or e.details.get("retry_after") is not None or self._closed:
                     raise
-                log.warning("Key Vault %s: %s; retrying the sign once with a new client", signer.vault_url, e.message)
-                signer._client = CryptographyClient(signer.key_ref, self._credential, **self._client_kwargs())
+                self._renew_client(signer, client, e.message)
         raw = result.signature
         if isinstance(pub, rsa.RSAPublicKey):
             if len(raw) != (pub.key_size + 7) // 8:
@@ -445,6 +445,17 @@ class KeyVaultKeyStore:
         if len(raw) != 2 * width:
             raise SignerUnavailable(f"{signer.vault_url} returned a malformed ECDSA signature", key_ref=signer.key_ref)
         return encode_dss_signature(int.from_bytes(raw[:width], "big"), int.from_bytes(raw[width:], "big"))
+
+    def _renew_client(self, signer: KeyVaultSigner, failed: CryptographyClient, why: str) -> None:
+        """One new client per failed client, however many threads saw it fail: the first swaps it,
+        the others retry on that one (16 callers during an outage make one new pipeline and one
+        token request, not 16). The failed client is not closed: calls still in flight on it finish
+        on the store's transport, which stays open."""
+        with self._lock:
+            if signer._client is not failed:
+                return
+            log.warning("Key Vault %s: %s; retrying the sign once with a new client", signer.vault_url, why)
+            signer._client = CryptographyClient(signer.key_ref, self._credential, **self._client_kwargs())
 
     # ---- helpers --------------------------------------------------------------------------------
 

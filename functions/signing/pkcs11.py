@@ -20,6 +20,11 @@ How it works
 - A dead session or token (handle invalid, token removed, library finalised, login lost) makes the
   store reopen everything once (find the token by label again, log in, new pool) and retry; if that
   fails too the caller gets SignerUnavailable with one clear sentence, never a PKCS#11 traceback.
+- Threads in flight: a leased session holds the module's gate (pkcs11_module.ModuleGate) shared;
+  reopening and re-initialising the module (C_Finalize, C_Initialize: the way back from a token that
+  went away) hold it exclusively. So nothing is closed or finalised under a call in flight: new
+  calls wait while the calls in flight finish, every wait bounded by the API request's deadline
+  (functions/deadline.py) and ending in SignerUnavailable.
 - Keys: EC P-256/P-384/P-521 (CKM_EC_KEY_PAIR_GEN with the named curve) or RSA 2048/3072/4096
   (CKM_RSA_PKCS_KEY_PAIR_GEN, e=65537), both halves token objects with CKA_LABEL = name and a fresh
   random 16-byte CKA_ID. The private key is CKA_SENSITIVE, not CKA_EXTRACTABLE, CKA_SIGN only (no
@@ -51,8 +56,10 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as px
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from functions import deadline
 from functions.core.errors import CaKeyNotFound, InvalidRequest, SignerUnavailable
 from functions.signing.pkcs11_module import (  # noqa: F401 - load_library, reinitialize_library: this module's API too
+    ModuleGate,
     _FairPool,
     _Lease,
     _call_lock,
@@ -62,7 +69,9 @@ from functions.signing.pkcs11_module import (  # noqa: F401 - load_library, rein
     _forget_login,
     _is_dead,
     _rv,
+    gate,
     load_library,
+    reinitialize_exclusive,
     reinitialize_library,
 )
 from functions.signing.base import (
@@ -170,7 +179,9 @@ class Pkcs11KeyStore:
         self._signers: dict[str, Pkcs11Signer] = {}
         self._closed = False
         self._last_recovery = self._last_refresh = float("-inf")
-        with self._lock:
+        load_library(module_path)
+        self._gate: ModuleGate = gate(module_path)
+        with self._gate.exclusive(self._budget()), self._lock:
             self._open_locked()
 
     def __repr__(self) -> str:
@@ -288,9 +299,10 @@ class Pkcs11KeyStore:
 
     def close(self) -> None:
         """Close this store's sessions (the process-wide login stays). The store is unusable after."""
-        with self._lock:
+        with self._gate.exclusive(self._budget()), self._lock:
             self._closed = True
             self._drain_locked()
+        self._pool.wake_waiters()
 
     def __enter__(self) -> Pkcs11KeyStore:
         return self
@@ -361,6 +373,13 @@ class Pkcs11KeyStore:
         return priv
 
     # ---- the session pool -----------------------------------------------------------------------
+    # Lock order: the module's gate, then self._lock. A thread holding a lease holds the gate shared;
+    # a thread holding self._lock never waits for the gate.
+
+    def _budget(self) -> float:
+        """Seconds a call may wait: the store's own bound, cut to what is left of the API request."""
+        left = deadline.remaining()
+        return self._acquire_timeout if left is None else max(0.0, min(self._acquire_timeout, left))
 
     def _run(self, op, what: str):
         """Run op(lease) on a pooled session; reopen the token once if the session is dead."""
@@ -378,10 +397,7 @@ class Pkcs11KeyStore:
                     ) from None
                 dead, last = True, e
             finally:
-                if dead:
-                    _close_quietly(lease.session, self._lib_path)
-                else:
-                    self._release(lease)
+                self._release(lease, dead)
             if attempt == 0:
                 log.warning("PKCS#11 token %r: %s; reopening sessions", self.token_label, _describe(last))
                 self._reopen(lease.generation)
@@ -390,41 +406,78 @@ class Pkcs11KeyStore:
         )
 
     def _acquire(self) -> _Lease:
-        with self._lock:
-            if self._closed:
-                raise SignerUnavailable(f"PKCS#11 key store for token {self.token_label!r} is closed")
-            if self._broken is not None:
-                try:
-                    self._open_locked()
-                except SignerUnavailable:
-                    # raises SignerUnavailable while the token stays unreachable
-                    if not self._recover(self._generation, self._broken or "the token was unavailable"):
-                        raise
-        lease = self._pool.get(self._acquire_timeout)
-        if lease is None:
-            raise SignerUnavailable(
-                f"all {self._size} PKCS#11 sessions to token {self.token_label!r} stayed busy "
-                f"for {self._acquire_timeout:g} s"
-            )
-        return lease
+        """A pooled session of the store's current generation, with the module's gate held shared."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise SignerUnavailable(f"PKCS#11 key store for token {self.token_label!r} is closed")
+                broken, generation = self._broken, self._generation
+            if broken is not None:
+                self._reopen(generation)  # SignerUnavailable while the token stays unreachable
+            lease = self._pool.get(self._budget())
+            if lease is None:
+                with self._lock:
+                    broken = self._broken or ("the key store is closed" if self._closed else None)
+                if broken is not None:
+                    raise SignerUnavailable(f"PKCS#11 token {self.token_label!r} is not available: {broken}")
+                raise SignerUnavailable(
+                    f"all {self._size} PKCS#11 sessions to token {self.token_label!r} stayed busy "
+                    f"for {self._budget():g} s"
+                )
+            try:
+                epoch = self._gate.enter(self._budget())
+            except SignerUnavailable:
+                self._pool.put(lease)  # not used: whoever takes it next checks it as below
+                raise
+            with self._lock:
+                if lease.generation == self._generation and lease.epoch == epoch:
+                    return lease
+            # the sessions were renewed, or the module re-initialised, while this one waited
+            if lease.epoch == epoch:
+                _close_quietly(lease.session, self._lib_path)
+            self._gate.leave()
+            if lease.epoch != epoch:
+                self._reopen(lease.generation)  # re-initialised behind this store's back
 
-    def _release(self, lease: _Lease) -> None:
-        with self._lock:
-            if lease.generation == self._generation and not self._closed:
-                self._pool.put(lease)
-                return
-        _close_quietly(lease.session, self._lib_path)
+    def _release(self, lease: _Lease, dead: bool = False) -> None:
+        try:
+            if not dead:
+                with self._lock:
+                    if lease.generation == self._generation and not self._closed:
+                        self._pool.put(lease)
+                        return
+            _close_quietly(lease.session, self._lib_path)
+        finally:
+            self._gate.leave()
 
     def _reopen(self, seen_generation: int) -> None:
-        with self._lock:
-            if self._generation != seen_generation or self._closed:
-                return  # another thread already reopened (or the store was closed)
+        """New sessions (find the token by label again, log in); if the token will not open, the
+        module re-initialised first (at most once per RECOVER_INTERVAL). Alone in the module while
+        it runs; returns at once if another thread renewed the sessions since `seen_generation`.
+        SignerUnavailable while the token stays unavailable."""
+        with self._gate.exclusive(self._budget()), self._lock:
+            if self._closed:
+                raise SignerUnavailable(f"PKCS#11 key store for token {self.token_label!r} is closed")
+            if self._generation != seen_generation and self._broken is None:
+                return
             self._drain_locked()
             _forget_login(self._lib_path, self._token)
             try:
                 self._open_locked()
-            except SignerUnavailable:
-                if not self._recover(self._generation, self._broken or "reopening failed"):
+            except SignerUnavailable as e:
+                now = time.monotonic()
+                if now - self._last_recovery < RECOVER_INTERVAL:
+                    raise
+                # After the token went away and came back, SoftHSM shows it only to a module
+                # initialised again: C_Finalize, C_Initialize (nobody holds a session: see the gate).
+                self._last_recovery = now
+                log.warning("PKCS#11 token %r: %s; reinitialising the module", self.token_label, e.message)
+                self._drain_locked()
+                reinitialize_exclusive(self.module_path)
+                try:
+                    self._open_locked()
+                except SignerUnavailable as again:
+                    log.warning("PKCS#11 token %r still unavailable: %s", self.token_label, again.message)
                     raise
 
     def _run_refreshing(self, op, what: str):  # type: ignore[no-untyped-def]
@@ -454,33 +507,13 @@ class Pkcs11KeyStore:
             return False
         return True
 
-    def _recover(self, seen_generation: int, why: str) -> bool:
-        """Reinitialise the module (C_Finalize, C_Initialize) and reopen: the way back from a token
-        that went away and came back. At most once per RECOVER_INTERVAL; True if the store was
-        reopened (by this call or by another thread since `seen_generation`)."""
-        with self._lock:
-            if self._closed:
-                return False
-            if self._generation != seen_generation and self._broken is None:
-                return True
-            now = time.monotonic()
-            if now - self._last_recovery < RECOVER_INTERVAL:
-                return False
-            self._last_recovery = now
-            log.warning("PKCS#11 token %r: %s; reinitialising the module", self.token_label, why)
-            self._drain_locked()
-            reinitialize_library(self.module_path)
-            try:
-                self._open_locked()
-            except SignerUnavailable as e:
-                log.warning("PKCS#11 token %r still unavailable: %s", self.token_label, e.message)
-                return False
-            return True
-
     def _drain_locked(self) -> None:
+        """Under the exclusive hold: close the pooled sessions (those of the module's current epoch;
+        earlier ones died with C_Finalize) and start a new generation."""
         self._generation += 1
         for lease in self._pool.drain():
-            _close_quietly(lease.session, self._lib_path)
+            if lease.epoch == self._gate.epoch:
+                _close_quietly(lease.session, self._lib_path)
 
     def _open_locked(self) -> None:
         """Find the token by label, log in, fill the pool. SignerUnavailable if impossible."""
@@ -501,7 +534,7 @@ class Pkcs11KeyStore:
                 leases: list[_Lease] = []
                 try:
                     for _ in range(self._size):
-                        leases.append(_Lease(token.open(rw=True), self._generation))
+                        leases.append(_Lease(token.open(rw=True), self._generation, self._gate.epoch))
                 except BaseException:
                     for lease in leases:
                         try:
@@ -511,9 +544,11 @@ class Pkcs11KeyStore:
                     raise
         except SignerUnavailable as e:
             self._broken = e.message
+            self._pool.wake_waiters()
             raise
         except px.PKCS11Error as e:
             self._broken = _describe(e)
+            self._pool.wake_waiters()
             raise SignerUnavailable(f"PKCS#11 token {label!r} is not available: {_describe(e)}") from None
         self._token = token
         self._mechanisms = mechanisms

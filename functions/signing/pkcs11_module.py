@@ -1,5 +1,6 @@
 """The PKCS#11 module as a process-wide thing: loaded and initialised once per path (with OS locking),
-one login per token, errors that mean "reopen", and the fair session pool the key store leases from.
+one login per token, errors that mean "reopen", the gate that keeps C_Finalize away from calls in
+flight, and the fair session pool the key store leases from.
 
 functions/signing/pkcs11.py builds the key store on top of this; nothing here knows about CA keys.
 """
@@ -13,7 +14,9 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import pkcs11
 from pkcs11 import exceptions as px
@@ -39,12 +42,72 @@ _DEAD = (
 # ---- process-wide state: one loaded module per path, one login per token -------------------------
 
 _libs: dict[str, pkcs11.lib] = {}
+_gates: dict[str, ModuleGate] = {}
 _threadsafe: dict[str, bool] = {}
 _call_locks: dict[str, threading.Lock] = {}
 _logins: dict[tuple[str, bytes], pkcs11.Session] = {}
 _global_lock = threading.RLock()
 
 _CKF_OS_LOCKING_OK = 0x02
+
+
+class ModuleGate:
+    """Who is inside one loaded PKCS#11 module: any number of threads holding a session (shared), or
+    the one thread that closes every session or finalises the module (exclusive).
+
+    C_Finalize frees every session; a thread still inside C_Sign or C_FindObjects on one of them
+    then reads freed memory (SoftHSM: SIGSEGV). So a key store holds the gate shared for as long as
+    it leases a session, and reopens or re-initialises only under the exclusive hold. A waiting
+    exclusive holder stops new entries, so the calls in flight finish (or fail, the token being
+    away) and it gets its turn; every wait is bounded by the caller's budget and ends in
+    SignerUnavailable. `epoch` counts re-initialisations: a session from an earlier epoch is gone
+    with its handle number, which a new session may already reuse, so it is dropped, never closed.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.epoch = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._inside = 0
+        self._owner: int | None = None  # the thread holding (or waiting for) the exclusive hold
+        self._mine = threading.local()  # shared holds of the current thread
+
+    def enter(self, timeout: float) -> int:
+        """A shared hold (the epoch it is in), waiting at most `timeout` s for an exclusive holder."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._owner is None, max(0.0, timeout)):
+                raise SignerUnavailable(f"PKCS#11 module {self.path} is being re-initialised; try again")
+            self._inside += 1
+            self._mine.n = getattr(self._mine, "n", 0) + 1
+            return self.epoch
+
+    def leave(self) -> None:
+        with self._cond:
+            self._inside -= 1
+            self._mine.n -= 1
+            if self._inside == 0:
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float) -> Iterator[None]:
+        """Alone in the module: no thread holds a session from it while the block runs."""
+        if getattr(self._mine, "n", 0):
+            raise RuntimeError("a thread holding a PKCS#11 session cannot take the module's exclusive hold")
+        me, end = threading.get_ident(), time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._owner is None, max(0.0, end - time.monotonic())):
+                raise SignerUnavailable(f"PKCS#11 module {self.path} is being re-initialised; try again")
+            self._owner = me
+            if not self._cond.wait_for(lambda: self._inside == 0, max(0.0, end - time.monotonic())):
+                self._owner = None
+                self._cond.notify_all()
+                raise SignerUnavailable(f"PKCS#11 module {self.path}: calls in flight did not finish in time")
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._owner = None
+                self._cond.notify_all()
 
 
 class _InitArgs(ctypes.Structure):  # CK_C_INITIALIZE_ARGS
@@ -112,6 +175,7 @@ def load_library(module_path: str) -> pkcs11.lib:
             except px.PKCS11Error as e:
                 raise SignerUnavailable(f"PKCS#11 module {module_path} cannot be loaded: {_describe(e)}") from None
             _libs[path] = lib
+            _gates[path] = ModuleGate(path)
             _call_locks[path] = threading.Lock()
             _threadsafe[path] = _initialize_with_os_locking(path)
             if not _threadsafe[path]:
@@ -122,16 +186,31 @@ def load_library(module_path: str) -> pkcs11.lib:
         return lib
 
 
-def reinitialize_library(module_path: str) -> None:
+def gate(module_path: str) -> ModuleGate:
+    """The gate of a module loaded by load_library."""
+    return _gates[os.path.realpath(module_path)]
+
+
+def reinitialize_library(module_path: str, timeout: float = 30.0) -> None:
     """C_Finalize + C_Initialize (with OS locking): every session and login of the process dies.
 
-    Key stores recover on their next call. Use this instead of python-pkcs11's lib.reinitialize(),
-    which re-initialises without locking.
+    Waits (at most `timeout` s) until no thread holds a session; key stores reopen on their next
+    call. Use this instead of python-pkcs11's lib.reinitialize(), which re-initialises without
+    locking and without waiting for the calls in flight.
     """
+    path = os.path.realpath(module_path)
+    if path in _gates:
+        with _gates[path].exclusive(timeout):
+            reinitialize_exclusive(path)
+
+
+def reinitialize_exclusive(module_path: str) -> None:
+    """reinitialize_library for a caller that already holds the module's exclusive hold."""
     path = os.path.realpath(module_path)
     with _global_lock:
         if path in _libs:
             _threadsafe[path] = _initialize_with_os_locking(path)
+            _gates[path].epoch += 1
             for key in [k for k in _logins if k[0] == path]:
                 _logins.pop(key, None)  # C_Finalize ended every login
 
@@ -254,7 +333,8 @@ class _FairPool:
         with self._lock:
             if w.lease is not None:
                 return w.lease
-            self._waiters.remove(w)
+            if w in self._waiters:
+                self._waiters.remove(w)
             return None
 
     def drain(self) -> list[_Lease]:
@@ -262,9 +342,17 @@ class _FairPool:
             free, self._free = self._free, []
             return free
 
+    def wake_waiters(self) -> None:
+        """Every waiting thread gets None now (the store has no sessions to hand out)."""
+        with self._lock:
+            waiters, self._waiters = self._waiters, collections.deque()
+        for w in waiters:
+            w.event.set()
+
 
 @dataclass(eq=False)
 class _Lease:
     session: pkcs11.Session
-    generation: int
+    generation: int  # the store's: sessions of an earlier generation are closed, not reused
+    epoch: int  # the module's (ModuleGate.epoch): sessions of an earlier epoch died with C_Finalize
     keys: dict[bytes, pkcs11.PrivateKey] = field(default_factory=dict)

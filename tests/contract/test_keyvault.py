@@ -209,6 +209,46 @@ def test_5xx_is_retried_then_signer_unavailable(kv: KeyVaultStandIn, make_store)
     kv.clear_failures()
 
 
+def test_an_outage_under_16_signers_swaps_the_client_once(kv: KeyVaultStandIn, make_store) -> None:
+    """16 threads whose signs fail at once: one new client (one challenge, one token) for all of
+    them, not one each; after the outage they all sign on it."""
+    import threading
+
+    cred = StaticTokenCredential(kv.token)  # its own: counts the token requests of this store's clients
+    store = make_store(retry_total=0, credential=cred)
+    signer = store.create_key(_name("herd"))
+    _verify(signer.public_key(), signer.sign(b"warm", hashes.SHA256()), b"warm")
+    gate = threading.Barrier(16)
+    errors: list[BaseException] = []
+
+    def sign(data: bytes) -> None:
+        gate.wait(10)
+        try:
+            _verify(signer.public_key(), signer.sign(data, hashes.SHA256()), data)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    def sixteen(data: bytes) -> None:
+        threads = [threading.Thread(target=sign, args=(data + bytes([n]),)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+
+    kv.fail_next_with(503, times=1000)
+    before = len(cred.calls)
+    sixteen(b"down")
+    assert len(errors) == 16 and all(isinstance(e, SignerUnavailable) for e in errors)
+    new_clients = len(cred.calls) - before  # each new client asks for a token once
+    assert 1 <= new_clients <= 2, f"{new_clients} new clients for one outage"
+    kv.clear_failures()
+    errors.clear()
+    before = len(cred.calls)
+    sixteen(b"back")
+    assert not errors
+    assert len(cred.calls) == before  # all on the client that already has its token
+
+
 def _signs(requests: list) -> int:
     """Signing attempts that reached the vault with a token (a new client first makes one
     unauthenticated request to learn the challenge)."""

@@ -488,6 +488,43 @@ def test_pkcs11_recovers_after_library_reinitialised(pkcs11_backend: Backend) ->
     verify(s.public_key(), again.sign(b"fresh", hashes.SHA256()), b"fresh")
 
 
+def test_pkcs11_module_is_not_finalised_under_a_call_in_flight(pkcs11_backend: Backend) -> None:
+    """C_Finalize frees every session: while one thread is inside a call on its session, a thread
+    that re-initialises the module waits for it, and calls that come meanwhile wait too, bounded
+    by their request's deadline (SignerUnavailable, never a crash or a PKCS#11 traceback)."""
+    from functions import deadline
+    from functions.signing.pkcs11 import reinitialize_library
+
+    store = pkcs11_backend.new_store()
+    s = store.create_key(unique_name("inflight"))
+    inside, go_on, finalised = threading.Event(), threading.Event(), threading.Event()
+    got: list = []
+
+    def in_flight(lease):  # type: ignore[no-untyped-def]
+        inside.set()
+        go_on.wait(10)
+        return lease.session.generate_random(64)  # the session it held all along still works
+
+    holder = threading.Thread(target=lambda: got.append(store._run(in_flight, "hold a session")))
+    holder.start()
+    assert inside.wait(10)
+    finaliser = threading.Thread(target=lambda: (reinitialize_library(store.module_path), finalised.set()))
+    finaliser.start()
+    try:
+        assert not finalised.wait(0.5), "the module was finalised under a call in flight"
+        t = time.monotonic()
+        with deadline.within(0.3), pytest.raises(SignerUnavailable):
+            s.sign(b"meanwhile", hashes.SHA256())  # a new call waits for the finaliser, not forever
+        assert time.monotonic() - t < 2
+    finally:
+        go_on.set()
+        holder.join(10)
+        finaliser.join(10)
+    assert finalised.is_set() and len(got) == 1 and len(got[0]) == 8
+    verify(s.public_key(), s.sign(b"after", hashes.SHA256()), b"after")
+    store.close()
+
+
 def test_pkcs11_closed_store_is_unavailable(pkcs11_backend: Backend) -> None:
     store = pkcs11_backend.new_store()
     s = store.create_key(unique_name("closed"))

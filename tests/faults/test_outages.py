@@ -168,6 +168,70 @@ def test_the_hsm_away_for_6_s_is_red_health_and_503s_then_issuance_is_back_withi
         api.stop()
 
 
+def test_the_hsm_away_for_6_s_under_16_clients_keeps_the_worker_up_three_times_over(
+        tmp_path, api_env, oidc, auth, pub) -> None:
+    """16 clients issue without pause while the token goes away for 6 s and comes back, three times:
+    the worker never dies (the module is never finalised under a thread inside a call), every answer
+    is a certificate or a 503, and the first certificate after each return comes within 2 s."""
+    import threading
+
+    hsm = _own_token(tmp_path / "hsm")
+    tokens = Path(hsm.pop("_tokens"))
+    # the per-user request rate is not what this test is about: 16 clients of one user stay under it
+    env = {**api_env, **hsm, "EZSSH_TABLE_NAME": f"hsm{uuid.uuid4().hex[:8]}", "EZSSH_REQUEST_RATE": "10000"}
+    api, url = _api(tmp_path, env)
+    away = tokens.with_name("tokens.away")
+    keys = [pub() for _ in range(16)]
+    answers: list[tuple[float, int | str]] = []  # (when it came back, status or the transport error)
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    code: int | str = _issue(c, auth, "hsm", f"hsm-{n}-{uuid.uuid4().hex[:6]}", keys[n]).status_code
+                except httpx.HTTPError as exc:
+                    code = type(exc).__name__
+                answers.append((time.monotonic(), code))
+                if code not in (201, 503):
+                    return
+                if code == 503:
+                    time.sleep(0)
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(16)]
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            _policy(c, auth, oidc, "hsm")
+            assert _issue(c, auth, "hsm", "hsm-warm", pub()).status_code == 201
+        for t in threads:
+            t.start()
+        for run in range(3):
+            time.sleep(1)
+            tokens.rename(away)
+            t_away = time.monotonic()
+            time.sleep(6)
+            away.rename(tokens)
+            t_back = time.monotonic()
+            back, _ = _until(lambda: any(at > t_back and code == 201 for at, code in answers), timeout=10)
+            assert api.popen.poll() is None, f"run {run + 1}: the worker died (exit {api.popen.poll()})"  # type: ignore[attr-defined]
+            during = [code for at, code in answers if t_away + 0.5 < at < t_back]
+            assert during and set(during) <= {503}, f"run {run + 1}: answers while away: {sorted(set(during), key=str)}"
+            first = min(at for at, code in answers if at > t_back and code == 201) if back else None
+            assert first is not None and first - t_back < 2, \
+                f"run {run + 1}: no certificate within 2 s of the token's return ({first and first - t_back})"
+            print(f"run {run + 1}: {len(during)} answers 503 while away, first certificate "
+                  f"{first - t_back:.2f} s after the token's return")
+        stop.set()
+        for t in threads:
+            t.join(35)
+        assert {code for _, code in answers} <= {201, 503}, sorted({code for _, code in answers}, key=str)
+    finally:
+        stop.set()
+        if away.exists() and not tokens.exists():
+            away.rename(tokens)
+        api.stop()
+
+
 # ---- a worker killed mid-request ------------------------------------------------------------------
 
 
