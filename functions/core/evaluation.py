@@ -8,7 +8,7 @@ from typing import Iterable
 
 from .certificate import DEFAULT_BACKDATE, Grant
 from .errors import Denied, InvalidRequest, NoPolicyForHost, PolicyNeedsUpdate, PrincipalNotAllowed, TtlTooLong
-from .policy import MIN_TTL, USERNAME_TEMPLATE, Action, Identity, Policy
+from .policy import MIN_TTL, USERNAME_TEMPLATE, Action, Identity, Policy, is_reserved_login
 
 @dataclass(frozen=True)
 class AccessRequest:
@@ -41,6 +41,32 @@ def allowed_logins(policy: Policy, who: Identity) -> tuple[str, ...]:
             else:
                 out.append(login)
     return tuple(dict.fromkeys(out))
+
+
+def why_no_username(who: Identity) -> str | None:
+    """Why {username} stands for no login for this caller (None when it does), in one clause."""
+    if who.username is not None:
+        return None
+    if who.guest:
+        return "guest accounts never get {username}"
+    if not who.domain_verified:
+        domain = who.upn_domain
+        return (f"your UPN's domain {domain!r} is not one of your tenant's verified domains (the service's "
+                "verifiedDomains setting, EZSSH_VERIFIED_DOMAINS)" if domain else
+                "your account has no UPN with a verified domain")
+    local = who.upn.rpartition("@")[0].lower()
+    if is_reserved_login(local):
+        return f"{local!r} (your UPN's local part) is a reserved system account, never given by {{username}}"
+    return f"{local!r} (your UPN's local part) is not a valid login name"
+
+
+def _login_refusal(policy: Policy, who: Identity, principal: str, allowed: tuple[str, ...]) -> str:
+    msg = f"Policy {policy.id!r} does not allow you the login {principal!r}; allowed: {', '.join(allowed) or 'none'}."
+    why = why_no_username(who)
+    offers_username = any(USERNAME_TEMPLATE in m.logins for m in policy.login_map() if m.matches(who))
+    if why and offers_username:
+        msg += f" It gives you {{username}}, which stands for no login here: {why}."
+    return msg
 
 
 def make_grant(policy: Policy, request_id: str, who: Identity, principal: str, ttl_seconds: int,
@@ -93,11 +119,7 @@ def evaluate(who: Identity, request: AccessRequest, policy: Policy) -> Decision:
         raise Denied(f"Policy {policy.id!r} does not grant you access to {request.host!r}.", policy=policy.id)
     allowed = allowed_logins(policy, who)
     if request.principal not in allowed:
-        raise PrincipalNotAllowed(
-            f"Policy {policy.id!r} does not allow you the login {request.principal!r}; "
-            f"allowed: {', '.join(allowed) or 'none'}.",
-            policy=policy.id,
-        )
+        raise PrincipalNotAllowed(_login_refusal(policy, who, request.principal, allowed), policy=policy.id)
     ttl = resolve_ttl(policy, request.ttl_seconds)
     return Decision(policy=policy, action=rule.action, ttl_seconds=ttl)
 
@@ -130,6 +152,10 @@ def choose_policy(
                 first_error = exc  # type: ignore[assignment]
     if not decisions:
         assert first_error is not None
+        others = sorted(p.id for p in covering if p.id != getattr(first_error, "details", {}).get("policy"))
+        if others and isinstance(first_error, Denied):
+            raise type(first_error)(f"{first_error.message} (Also evaluated for this host: {', '.join(others)}.)",
+                                    **first_error.details)
         raise first_error
     decisions.sort(key=lambda d: (d.action != "auto", d.policy.id))
     return decisions[0]

@@ -155,3 +155,21 @@ def test_a_stored_policy_naming_people_by_upn_is_refused_until_fixed(client, aut
                                "admins": {"users": [oidc.user("bob")["oid"]]}})
     assert fixed.status_code == 200, fixed.text
     assert ask(client, auth, "alice", "alice", pub, host="idl-1")["_status"] == 201
+
+
+@pytest.mark.parametrize("user,login,why", [
+    ("bob-sub", "bob", "'subsidiary.test' is not one of your tenant's verified domains"),
+    ("azureuser", "azureuser", "'azureuser' (your UPN's local part) is a reserved system account"),
+])
+def test_a_refused_login_says_why_username_stood_for_nothing_and_names_the_policy(client, auth, pub, policies,
+                                                                                   user, login, why):
+    r = ask(client, auth, user, login, pub)
+    assert r["_status"] == 403 and r["error"] == "principal_not_allowed", r
+    assert r["message"].startswith("Policy 'idn-members' does not allow you the login"), r["message"]
+    assert "{username}, which stands for no login here" in r["message"] and why in r["message"], r["message"]
+
+
+def test_a_guest_refused_a_login_is_told_guests_never_get_username(client, auth, pub, policies):
+    no = ask(client, auth, "guest-bob", "bob", pub, host="idg-1")
+    assert no["_status"] == 403 and no["error"] == "principal_not_allowed"
+    assert "Policy 'idn-guests'" in no["message"] and "guest accounts never get {username}" in no["message"], no

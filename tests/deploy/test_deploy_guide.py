@@ -113,7 +113,9 @@ def heredoc_json(text: str, path: str) -> dict | list:
     m = re.search(r"cat > " + re.escape(path) + r" <<EOF\n(.*?)\nEOF", text, re.S)
     assert m, f"the guide does not write {path}"
     body = re.sub(r"\\\$", "$", m.group(1))
-    body = re.sub(r"\$\{?(" + NAME + r")\}?", lambda v: f"<{v.group(1)}>" if v.group(1) != "schema" else "$schema", body)
+    body = re.sub(r"\$(?:\{(" + NAME + r")\}|(" + NAME + r"))",
+                  lambda v: "$schema" if v.group(2) == "schema" else f"<{v.group(1) or v.group(2)}>", body)
+    body = re.sub(r'("value":\s*)(<\w+>)', r'\1"\2"', body)  # a value the shell writes whole (e.g. a JSON array)
     return json.loads(body)
 
 
@@ -137,6 +139,9 @@ def test_the_guide_deploys_with_parameters_the_template_takes_and_one_app_id_uri
     assert set(params) <= set(template), sorted(set(params) - set(template))
     required = {n for n, p in template.items() if "default" not in p}
     assert required <= set(params), sorted(required - set(params))
+    # every tenant the guide names goes into tenantIds, and {username} gets its verified domains
+    assert params["tenantIds"]["value"] == "<TENANT_IDS_JSON>" and params["verifiedDomains"]["value"] == "<VERIFIED_DOMAINS>"
+    assert re.search(r'^TENANT_LIST=\$\(printf \'"%s",\' \$TENANT_ID \$OTHER_TENANT_IDS\)', text, re.M)
     api = heredoc_json(text, "/tmp/ezssh-api.json")
     assert params["apiAppIdUri"]["value"] == api["identifierUris"][0] == "<API_APP_ID_URI>"
     assert re.search(r"^API_APP_ID_URI=api://\$API_APP_ID$", text, re.M)

@@ -822,3 +822,29 @@ def test_guests_are_refused_unless_a_rule_admits_them():
     with pytest.raises(Denied):
         evaluate(guest, req(principal="deploy"), deny_first)
     invalid(doc(rules=[{"users": ["*"], "guests": "yes", "action": "auto"}]), "guests must be true or false")
+
+
+def test_a_login_refusal_names_the_policy_that_offered_username_and_why_it_stood_for_nothing():
+    """Two policies cover the host; the one whose rules admit the caller is named, the other listed."""
+    unverified = replace(BOB, upn="bob@subsidiary.example", domain_verified=False)
+    offers = make(id="web", rules=[{"groups": [GDEV], "action": "auto"}], principals=["{username}"])
+    other = make(id="aaa-ops", rules=[{"groups": [GOPS], "action": "auto"}])
+    with pytest.raises(PrincipalNotAllowed) as info:
+        choose_policy(unverified, req(principal="bob"), [other, offers])
+    msg = info.value.message
+    assert msg.startswith("Policy 'web' does not allow you the login 'bob'; allowed: none."), msg
+    assert "'subsidiary.example' is not one of your tenant's verified domains" in msg
+    assert "Also evaluated for this host: aaa-ops" in msg and info.value.details["policy"] == "web"
+    guest = replace(BOB, guest=True)
+    with pytest.raises(PrincipalNotAllowed) as info:
+        evaluate(guest, req(principal="bob"), make(rules=[{"groups": [GDEV], "guests": True, "action": "auto"}],
+                                                   principals=["{username}"]))
+    assert "guest accounts never get {username}" in info.value.message
+    root = replace(BOB, upn="root@contoso.example")
+    with pytest.raises(PrincipalNotAllowed) as info:
+        evaluate(root, req(principal="root"), offers)
+    assert "'root' (your UPN's local part) is a reserved system account" in info.value.message
+    # a policy that never offered {username} says nothing about it
+    with pytest.raises(PrincipalNotAllowed) as info:
+        evaluate(unverified, req(principal="bob"), make(rules=[{"groups": [GDEV], "action": "auto"}]))
+    assert "{username}" not in info.value.message
