@@ -25,7 +25,8 @@ from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy
 from functions.core.policydoc import policy_from_row
-from functions.storage.base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, IdempotencyRecord
+from functions.storage.base import (CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord,
+                                    IdempotencyRecord, Revoked, TrustVersion)
 
 UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant
 
@@ -49,6 +50,9 @@ class MemoryStore:
         self._enrol_tokens: dict[tuple[str, str], _Row] = {}  # value: HostEnrolmentToken
         self._challenges: dict[tuple[str, str], _Row] = {}  # value: HostChallenge
         self._host_keys: dict[tuple[str, str, str], _Row] = {}  # value: HostKeyRecord
+        self._host_certs: set[tuple[str, str, int]] = set()  # which of _certs are host certificates
+        self._revoked: dict[tuple[str, str, int], Revoked] = {}  # the revocation index
+        self._versions: dict[tuple[str, str | None], TrustVersion] = {}  # (tenant, policy or None)
 
     # ---- helpers ------------------------------------------------------------------------------
     def _etag(self) -> str:
@@ -70,6 +74,9 @@ class MemoryStore:
         if any((a.tenant_id or UNAUTHENTICATED) != tenant_id for a in audit) or \
                 any(o is not None and o.tenant_id != tenant_id for o in others):  # type: ignore[attr-defined]
             raise ValueError("Partition Keys in the batch must all be the same.")
+
+    def _bump(self, tenant_id: str, policy_id: str | None, at: float) -> None:
+        self._versions[(tenant_id, policy_id)] = TrustVersion(self._etag(), int(at))
 
     def _check_new_audit(self, entries: Sequence[AuditEntry]) -> None:
         keys = [self._audit_key(a) for a in entries]
@@ -115,6 +122,7 @@ class MemoryStore:
             self._check_new_audit([audit])
             row = self._policies[(policy.tenant_id, policy.id)] = _Row(self._policy_value(policy), self._etag())
             self._put_audit([audit])
+            self._bump(policy.tenant_id, None, audit.at)
             return replace(policy, etag=row.etag)
 
     def replace_policy(self, policy: Policy, etag: str, audit: AuditEntry) -> Policy:
@@ -129,6 +137,7 @@ class MemoryStore:
             self._check_new_audit([audit])
             row.value, row.etag = self._policy_value(policy), self._etag()
             self._put_audit([audit])
+            self._bump(policy.tenant_id, None, audit.at)
             return replace(policy, etag=row.etag)
 
     # requests
@@ -276,15 +285,33 @@ class MemoryStore:
             )
             row.etag = self._etag()
             self._put_audit([audit])
+            key = (cert.tenant_id, cert.policy_id, cert.serial)
+            host = key in self._host_certs
+            self._revoked[key] = Revoked(cert.policy_id, cert.serial, cert.ca_fingerprint, cert.valid_before,
+                                         cert.revoked_at or 0, host)
+            self._bump(cert.tenant_id, cert.policy_id, audit.at)
+            if host:
+                self._bump(cert.tenant_id, None, audit.at)
             return replace(cert, etag=row.etag)
 
-    def list_revoked(self, tenant_id: str, policy_id: str) -> list[CertificateRecord]:
+    def list_revoked(self, tenant_id: str, policy_id: str, *, valid_from: int) -> list[Revoked]:
         with self._lock:
-            return [
-                replace(r.value, etag=None)  # type: ignore[type-var]
-                for (t, p, _), r in sorted(self._certs.items(), key=lambda kv: kv[0])
-                if t == tenant_id and p == policy_id and (r.value.revoked_at or 0) > 0  # type: ignore[attr-defined]
-            ]
+            return sorted((r for (t, p, _), r in self._revoked.items()
+                           if t == tenant_id and p == policy_id and r.valid_before >= valid_from),
+                          key=lambda r: (r.valid_before, r.serial))
+
+    def list_revoked_host(self, tenant_id: str, *, valid_from: int) -> list[Revoked]:
+        with self._lock:
+            return sorted((r for (t, _, _), r in self._revoked.items()
+                           if t == tenant_id and r.host and r.valid_before >= valid_from),
+                          key=lambda r: (r.valid_before, r.policy_id, r.serial))
+
+    def trust_version(self, tenant_id: str, policy_id: str | None = None) -> TrustVersion:
+        with self._lock:
+            return self._versions.get((tenant_id, policy_id), TrustVersion(""))
+
+    def migrate_revocations(self, tenant_id: str, limit: int = 300) -> int:
+        return 0  # this store never had another layout
 
     def get_host_token(self, tenant_id: str, policy_id: str) -> str | None:
         with self._lock:
@@ -373,6 +400,7 @@ class MemoryStore:
                 used_row.value, used_row.etag = replace(used, etag=None), self._etag()  # type: ignore[type-var]
             for c in certs:
                 self._certs[(c.tenant_id, c.policy_id, c.serial)] = _Row(replace(c, etag=None), self._etag())
+                self._host_certs.add((c.tenant_id, c.policy_id, c.serial))
             for k in keys:
                 self._host_keys[(k.tenant_id, k.policy_id, k.fingerprint)] = _Row(replace(k, etag=None), self._etag())
             self._put_audit(audit)

@@ -12,14 +12,14 @@
          (`ssh-keygen -Y sign -n ezssh-host-renew`)
     GET  /api/known-hosts                        signed-in users
       -> 200 {known_hosts, krl (base64), policies}: `@cert-authority` lines of the host CAs of the
-         policies the caller may use, and the revoked host certificates of those CAs
+         policies the caller may use, and the revoked host certificates of those CAs; with an ETag,
+         and 304 when If-None-Match names it (nothing changed for this caller)
 
 Bad input from hosts is refused with a 4xx and audited (in the unauthenticated partition).
 """
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from fastapi import Depends, Request
@@ -30,6 +30,7 @@ from pydantic import Field, ValidationError
 from ..core.errors import InvalidRequest
 from ..core.policy import Identity
 from .deps import Strict, body, caller, service
+from .hosts import derived_response
 from .errors import describe
 
 router = APIRouter(prefix="/api", tags=["host certificates"])
@@ -102,6 +103,5 @@ def challenge(request: Request, cb: ChallengeBody = body(ChallengeBody, "host_ce
 
 
 @router.get("/known-hosts")
-def known_hosts(request: Request, who: Identity = Depends(caller)) -> JSONResponse:
-    text, krl, ids = service(request).hostcerts.client_trust(who)
-    return JSONResponse({"known_hosts": text, "krl": base64.b64encode(krl).decode(), "policies": ids})
+def known_hosts(request: Request, who: Identity = Depends(caller)) -> Response:
+    return derived_response(request, service(request).hostcerts.client_trust(who), "application/json", {})

@@ -4,6 +4,7 @@
   - a signed-in user who can see the policy (bearer token), and
   - a host, without an Entra token: `?tenant=<tid>` plus the header `X-Ezssh-Host-Token`, the
     policy's host token (rendered into the setup script). Any mismatch is one 401.
+Both get an ETag; with `If-None-Match: <that ETag>` an unchanged KRL is a 304 with no body.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..core.errors import InvalidRequest
-from ..core.krl import krl_version_of
 from ..core.policy import Identity
+from ..service.hosts import Derived
 from .deps import Strict, body, caller, context, identify, service
 
 router = APIRouter(prefix="/api", tags=["hosts"])
@@ -33,10 +34,24 @@ def _serial(raw: str) -> int:
     return int(raw)
 
 
-def _krl_response(data: bytes, policy_id: str) -> Response:
-    return Response(data, media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{policy_id}.krl"',
-                             "X-Krl-Version": str(krl_version_of(data))})
+def derived_response(request: Request, answer: Derived, media_type: str, headers: dict[str, str]) -> Response:
+    """The answer, or 304 with no body when the caller's If-None-Match names its ETag already.
+    Callers revalidate every time (no-cache): the ETag is what saves the download."""
+    headers = {"ETag": answer.etag, "Cache-Control": "private, no-cache", **headers}
+    if answer.etag in _tags(request.headers.get("if-none-match")):
+        return Response(status_code=304, headers=headers)
+    return Response(answer.data, media_type=media_type, headers=headers)
+
+
+def _tags(header: str | None) -> set[str]:
+    """The entity tags of an If-None-Match header ("a", W/"b"; weak ones compare as strong here, as
+    RFC 9110 says If-None-Match does). `*` matches no ETag of ours: the answer always exists."""
+    out = set()
+    for part in (header or "").split(","):
+        part = part.strip().removeprefix("W/")
+        if len(part) >= 2 and part[0] == part[-1] == '"':
+            out.add(part)
+    return out
 
 
 @router.get("/policies/{policy_id}/krl")
@@ -44,10 +59,12 @@ def krl(request: Request, policy_id: str, tenant: str | None = Query(None)) -> R
     svc = service(request)
     host_token = request.headers.get(HOST_TOKEN_HEADER)
     if host_token and not request.headers.get("authorization"):
-        data = svc.hosts.krl_for_host(tenant, policy_id, host_token)
+        answer = svc.hosts.krl_for_host(tenant, policy_id, host_token)
     else:
-        data = svc.hosts.krl_for(identify(request), policy_id)
-    return _krl_response(data, policy_id)
+        answer = svc.hosts.krl_for(identify(request), policy_id)
+    return derived_response(request, answer, "application/octet-stream",
+                            {"Content-Disposition": f'attachment; filename="{policy_id}.krl"',
+                             "X-Krl-Version": str(answer.version)})
 
 
 @router.get("/policies/{policy_id}/host-setup")

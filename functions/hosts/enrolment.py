@@ -152,10 +152,8 @@ class EnrolmentService:
 
     # ---- what a policy wants on its hosts --------------------------------------------------
     def _desired(self, policy: Policy, api_url: str | None = None) -> _Desired:
-        from ..core.krl import krl_version_of
-
         keys = list(policy.trusted_ca)
-        krl = self.hosts.build_krl(policy)
+        krl = self.hosts.krl(policy)  # kept per worker by the policy's version: no rebuild when unchanged
 
         def render(host_certs: str = "") -> str:
             url = self.config.public_url or api_url
@@ -164,9 +162,9 @@ class EnrolmentService:
                                                   "host where to fetch the KRL.", transient=False)
             if not keys:
                 raise PushError("no_ca", f"Policy {policy.id!r} has no CA key to trust.", transient=False)
-            return self.hosts.render_setup(policy, url, krl, host_certs=host_certs)
+            return self.hosts.render_setup(policy, url, krl.data, host_certs=host_certs)
 
-        return _Desired(tuple(c.fingerprint for c in keys), krl_version_of(krl), render,
+        return _Desired(tuple(c.fingerprint for c in keys), krl.version, render,
                         lambda vm_id: self._host_certs_due(policy, vm_id))
 
     # ---- host certificates (hosts/vm_hostcerts.py) -------------------------------------------

@@ -63,14 +63,17 @@ class Service:
         return self.base.clock
 
     def housekeeping(self, tenant_ids: Sequence[str]) -> dict[str, int]:
-        """The timer's work: expire stale requests, retire CA keys past their window, and remove
-        host renewal challenges that expired (anyone may ask for one; none outlives its window)."""
-        expired = retired = challenges = 0
+        """The timer's work: expire stale requests, retire CA keys past their window, remove host
+        renewal challenges that expired (anyone may ask for one; none outlives its window), and move
+        revocations of the first storage layout to the one keyed by expiry (a bounded batch a tick)."""
+        expired = retired = challenges = moved = 0
         for tid in tenant_ids:
             expired += len(self.requests.expire(tid))
             retired += len(self.policies.retire_due_ca_keys(tid))
             challenges += self.store.delete_expired_host_challenges(tid, self.base.now())
-        return {"expired_requests": expired, "retired_ca_keys": retired, "expired_host_challenges": challenges}
+            moved += self.store.migrate_revocations(tid)
+        return {"expired_requests": expired, "retired_ca_keys": retired, "expired_host_challenges": challenges,
+                "revocations_migrated": moved}
 
     def health(self, tenant_ids: Sequence[str] = ()) -> dict:
         """Storage answers; every current CA key (user and host) of the tenants' policies signs a probe (so a

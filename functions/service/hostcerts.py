@@ -15,7 +15,9 @@ KRL host token is no proof here. Every issuance and every refusal is audited.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import logging
 import re
 import secrets
@@ -43,9 +45,9 @@ from ..core.krl import CaRevocations, encode_krl
 from ..core.policy import POLICY_ID_RE, Identity, Policy
 from ..observability import event
 from ..signing.base import as_private_key
-from ..storage.base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord
+from ..storage.base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, Revoked
 from .base import Base
-from .hosts import Hosts
+from .hosts import FOREVER, KRL_EXPIRY_GRACE, Derived, Hosts, VersionCache, revocations_by_ca
 from .policies import Policies
 
 log = logging.getLogger("ezssh.service")
@@ -81,6 +83,12 @@ class HostIssued:
         return f"# renew-after {self.renew_after}\n" + "".join(c.openssh + "\n" for c, _ in self.certificates)
 
 
+@dataclass(frozen=True)
+class _TrustSnapshot:
+    policies: tuple[Policy, ...]  # the tenant's policies (not deleted), by id
+    revoked: tuple[Revoked, ...]  # its host revocations still in a KRL
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -90,6 +98,7 @@ class HostCerts:
         self.base = base
         self.policies = policies
         self.hosts = hosts
+        self._trust: VersionCache[_TrustSnapshot] = VersionCache()
 
     # ---- admins: enrolment tokens ------------------------------------------------------------
     def mint_token(self, who: Identity, policy_id: str, hosts: object,
@@ -236,16 +245,35 @@ class HostCerts:
         return (first and not recs) or any(renew_after(r.valid_after, r.valid_before) <= now for r in recs)
 
     # ---- clients: what to trust -----------------------------------------------------------------
-    def client_trust(self, who: Identity) -> tuple[str, bytes, list[str]]:
-        """(known_hosts text, combined KRL, policy ids) for the policies `who` may use: one
-        `@cert-authority <patterns> <host CA>` line per trusted host CA key, and every revoked
+    # Per worker and tenant, the policies and the host revocations still valid, kept while the
+    # tenant's version row (written with every policy change and host revocation) is unchanged:
+    # an unchanged answer costs one point read; a changed one two range reads, bounded by the
+    # tenant's policies and its unexpired host revocations (never a user revocation, never one
+    # read per policy).
+    def _trust_snapshot(self, tid: str) -> _TrustSnapshot:
+        store = self.base.store
+        version = store.trust_version(tid)  # first the version, then what it versions
+        now = self.base.now()
+        hit = self._trust.get(tid, version.tag, now)
+        if hit is not None:
+            return hit
+        policies = tuple(sorted((p for p in self.base.policies.all(tid) if not p.deleted), key=lambda p: p.id))
+        revoked = store.list_revoked_host(tid, valid_from=now - KRL_EXPIRY_GRACE + 1)
+        fresh_until = min([r.valid_before + KRL_EXPIRY_GRACE for r in revoked], default=FOREVER)
+        return self._trust.put(tid, version.tag, fresh_until, _TrustSnapshot(policies, tuple(revoked)))
+
+    def client_trust(self, who: Identity) -> Derived:
+        """known-hosts for the policies `who` may use, as JSON: {known_hosts, krl (base64), policies}:
+        one `@cert-authority <patterns> <host CA>` line per trusted host CA key, and every revoked
         certificate of those CAs (for RevokedHostKeys)."""
+        snap = self._trust_snapshot(who.tid)
+        now = self.base.now()
         lines = ["# ezssh: host CAs of the access policies you may use. Generated; do not edit."]
         revs: list[CaRevocations] = []
         ids: list[str] = []
         latest = 0
-        for p in sorted(self.base.policies.all(who.tid), key=lambda p: p.id):
-            if p.deleted or not (p.is_member(who) or p.is_admin(who)):
+        for p in snap.policies:
+            if not (p.is_member(who) or p.is_admin(who)):
                 continue
             p = self.policies.ensure_host_ca(p, who)
             patterns = known_hosts_patterns(p.hosts)
@@ -255,11 +283,12 @@ class HostCerts:
             for c in p.trusted_host_ca:
                 lines.append(f"@cert-authority {','.join(patterns)} {' '.join(c.public_key.split()[:2])} "
                              f"ezssh-host-ca:{p.id}")
-            policy_revs, when = self.hosts.revocations(p, kinds=("host",))
-            revs += policy_revs
-            latest = max(latest, when)
+            mine = [r for r in snap.revoked if r.policy_id == p.id]
+            revs += revocations_by_ca((c.public_key for c in p.trusted_host_ca), mine, now)[0]
+            latest = max([latest] + [r.revoked_at for r in mine])
         krl = encode_krl(revs, krl_version=latest, generated_date=latest, comment="ezssh host revocations")
-        return "\n".join(lines) + "\n", krl, ids
+        body = {"known_hosts": "\n".join(lines) + "\n", "krl": base64.b64encode(krl).decode(), "policies": ids}
+        return Derived(json.dumps(body).encode(), latest)
 
     # ---- helpers ------------------------------------------------------------------------------
     def _refusing_in(self, tenant_id: str, who: Identity | None, **fields: object):  # type: ignore[no-untyped-def]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
-from dataclasses import replace
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Generic, Hashable, Iterable, TypeVar
 
 from ..core.audit import AuditEntry, link
 from ..core.errors import (
@@ -23,18 +27,74 @@ from ..core.keys import fingerprint_of_blob
 from ..core.krl import CaRevocations, ca_key_blob, encode_krl
 from ..core.policy import Identity, Policy
 from ..observability import event
-from ..storage.base import CertificateRecord
+from ..storage.base import CertificateRecord, Revoked
 from .base import Base
 
 log = logging.getLogger("ezssh.service")
 
 # Certificates stay in the KRL this long past their valid_before, for hosts whose clock lags.
 KRL_EXPIRY_GRACE = 3600
+FOREVER = 2**63
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """An answer derived from stored rows (a KRL, known-hosts), with its HTTP ETag (a digest of the
+    bytes, so equal answers have equal tags on every worker) and the KRL's krl_version."""
+
+    data: bytes
+    version: int
+
+    @property
+    def etag(self) -> str:
+        return f'"{hashlib.sha256(self.data).hexdigest()[:32]}"'
+
+
+class VersionCache(Generic[V]):
+    """Per worker: the last answer built for a key, reused while its version (what was read to build
+    it) is the same and it has not expired; at most `size` keys, the least recently used dropped."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[Hashable, tuple[Hashable, int, V]] = OrderedDict()
+
+    def get(self, key: Hashable, version: Hashable, now: int) -> V | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None or hit[0] != version or now >= hit[1]:
+                return None
+            self._items.move_to_end(key)
+            return hit[2]
+
+    def put(self, key: Hashable, version: Hashable, fresh_until: int, value: V) -> V:
+        with self._lock:
+            self._items[key] = (version, fresh_until, value)
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return value
+
+
+def revocations_by_ca(ca_keys: Iterable[str], revoked: Iterable[Revoked], now: int) -> tuple[list[CaRevocations], int]:
+    """The serials each CA key (OpenSSH public key lines) revokes among `revoked`, leaving out
+    certificates more than KRL_EXPIRY_GRACE past their valid_before; and until when that holds (the
+    first moment one of them drops out)."""
+    keys = {fingerprint_of_blob(ca_key_blob(k)): k for k in ca_keys}
+    serials: dict[str, set[int]] = {fp: set() for fp in keys}
+    fresh_until = FOREVER
+    for r in revoked:
+        if r.ca_fingerprint in serials and r.valid_before + KRL_EXPIRY_GRACE > now:
+            serials[r.ca_fingerprint].add(r.serial)
+            fresh_until = min(fresh_until, r.valid_before + KRL_EXPIRY_GRACE)
+    return [CaRevocations(keys[fp], frozenset(s)) for fp, s in serials.items()], fresh_until
 
 
 class Hosts:
     def __init__(self, base: Base) -> None:
         self.base = base
+        self._krls: VersionCache[Derived] = VersionCache()
 
     # ---- revocation ---------------------------------------------------------------------------
     def revoke_certificate(self, who: Identity, policy_id: str, serial: int,
@@ -68,35 +128,33 @@ class Hosts:
         return saved
 
     # ---- the KRL ------------------------------------------------------------------------------
-    def revocations(self, policy: Policy, kinds: tuple[str, ...] = ("user", "host")) -> tuple[list[CaRevocations], int]:
-        """Every revoked serial per CA key still trusted (current, previous) of the given kinds, and
-        the latest revocation time. Certificates drop out KRL_EXPIRY_GRACE after their valid_before."""
-        trusted = (policy.trusted_ca if "user" in kinds else ()) + (policy.trusted_host_ca if "host" in kinds else ())
-        keys = {fingerprint_of_blob(ca_key_blob(c.public_key)): c.public_key for c in trusted}
-        revoked = self.base.store.list_revoked(policy.tenant_id, policy.id)
-        latest = max((r.revoked_at or 0 for r in revoked), default=0)
-        cutoff = self.base.now() - KRL_EXPIRY_GRACE
-        serials: dict[str, set[int]] = {fp: set() for fp in keys}
-        for r in revoked:
-            if r.ca_fingerprint in serials and r.valid_before > cutoff:
-                serials[r.ca_fingerprint].add(r.serial)
-        return [CaRevocations(keys[fp], frozenset(s)) for fp, s in serials.items()], latest
-
-    def build_krl(self, policy: Policy) -> bytes:
+    # Built from the policy's revocations still valid (a range read keyed by expiry) and kept per
+    # worker by version: a fetch reads the policy's version row and, while it and the policy's CA
+    # keys are unchanged and nothing has expired out, returns the bytes built before.
+    def krl(self, policy: Policy) -> Derived:
         """The policy's KRL: every revoked serial per CA key still trusted, user and host CAs alike.
 
-        Byte-stable for the same revocations: krl_version and generated_date are the latest
-        revocation time, so hosts replace their copy only when something was revoked (or expired
-        out of it, KRL_EXPIRY_GRACE after its valid_before).
-        """
-        revs, latest = self.revocations(policy)
-        return encode_krl(revs, krl_version=latest, generated_date=latest,
+        Byte-stable for the same revocations: krl_version and generated_date are the time of the
+        latest revocation, so hosts replace their copy only when something was revoked (or expired
+        out of it, KRL_EXPIRY_GRACE after its valid_before)."""
+        store = self.base.store
+        version = store.trust_version(policy.tenant_id, policy.id)  # first the version, then what it versions
+        ca_keys = tuple(c.public_key for c in policy.trusted_ca + policy.trusted_host_ca)
+        key, ver, now = (policy.tenant_id, policy.id), (version.tag, ca_keys), self.base.now()
+        hit = self._krls.get(key, ver, now)
+        if hit is not None:
+            return hit
+        revoked = store.list_revoked(policy.tenant_id, policy.id, valid_from=now - KRL_EXPIRY_GRACE + 1)
+        revs, fresh_until = revocations_by_ca(ca_keys, revoked, now)
+        latest = max([version.at] + [r.revoked_at for r in revoked])
+        data = encode_krl(revs, krl_version=latest, generated_date=latest,
                           comment=f"ezssh policy {policy.id} tenant {policy.tenant_id}")
+        return self._krls.put(key, ver, fresh_until, Derived(data, latest))
 
-    def krl_for(self, who: Identity, policy_id: str) -> bytes:
-        return self.build_krl(self.base.policies.visible(who, policy_id))
+    def krl_for(self, who: Identity, policy_id: str) -> Derived:
+        return self.krl(self.base.policies.visible(who, policy_id))
 
-    def krl_for_host(self, tenant_id: str | None, policy_id: str, host_token: str) -> bytes:
+    def krl_for_host(self, tenant_id: str | None, policy_id: str, host_token: str) -> Derived:
         """A host's unauthenticated fetch: the policy's host token is the capability."""
         b = self.base
         with b.refusing(None, "krl.refused", policy_id=policy_id, details={"tenant": (tenant_id or "")[:64]}):
@@ -108,7 +166,7 @@ class Hosts:
             policy = b.policies.get_or_none(tenant_id, policy_id) if ok and stored else None
             if policy is None:
                 raise Unauthenticated("The host token is not valid for this tenant and policy.")
-        return self.build_krl(policy)
+        return self.krl(policy)
 
     # ---- setup script -------------------------------------------------------------------------
     def host_token(self, policy: Policy) -> str:
@@ -123,7 +181,7 @@ class Hosts:
             raise CaKeyNotFound(f"Policy {policy.id!r} has no CA key to trust.")
         return render_setup_script(HostSetup(api_url=api_url, tenant_id=policy.tenant_id, policy_id=policy.id,
                                              ca_public_keys=keys, host_token=self.host_token(policy),
-                                             krl=krl if krl is not None else self.build_krl(policy),
+                                             krl=krl if krl is not None else self.krl(policy).data,
                                              host_certs=host_certs))
 
     def host_setup_script(self, who: Identity, policy_id: str, api_url: str | None) -> str:

@@ -99,6 +99,30 @@ class HostKeyRecord:
     etag: str | None = None
 
 
+@dataclass(frozen=True)
+class Revoked:
+    """One revoked certificate as the KRLs need it (an index row written with the revocation)."""
+
+    policy_id: str
+    serial: int
+    ca_fingerprint: str
+    valid_before: int
+    revoked_at: int
+    host: bool  # a host certificate (else a user certificate)
+
+
+@dataclass(frozen=True)
+class TrustVersion:
+    """What a derived answer (a policy's KRL, a tenant's known-hosts) was built from, in one point read.
+
+    `tag` changes with every write of what it versions (it is the version row's own ETag; "" while
+    nothing was ever written); `at` is the time (epoch seconds) of the latest such write, the KRL's
+    krl_version."""
+
+    tag: str
+    at: int = 0
+
+
 class Store(Protocol):
     def health(self) -> None: ...
 
@@ -139,8 +163,23 @@ class Store(Protocol):
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:
         """Mark a certificate revoked (cert carries revoked_at/revoked_by), conditional on `etag`."""
         ...
-    def list_revoked(self, tenant_id: str, policy_id: str) -> list[CertificateRecord]:
-        """Revoked certificates of a policy (for the KRL): records with etag None."""
+    def list_revoked(self, tenant_id: str, policy_id: str, *, valid_from: int) -> list[Revoked]:
+        """Revoked certificates (user and host) of a policy still valid at `valid_from` (valid_before
+        >= valid_from), by expiry: a range read that never reaches expired ones. It may also return
+        older ones (rows written before the expiry index, until migrate_revocations moved them)."""
+        ...
+    def list_revoked_host(self, tenant_id: str, *, valid_from: int) -> list[Revoked]:
+        """Revoked HOST certificates of every policy of the tenant still valid at `valid_from`
+        (never a user revocation); the same caveat as list_revoked."""
+        ...
+    def trust_version(self, tenant_id: str, policy_id: str | None = None) -> TrustVersion:
+        """One point read. With a policy: changes with each revocation under that policy (its KRL;
+        its CA keys are in the policy row). Without: changes with each policy written (created,
+        changed, rotated, deleted) and each host certificate revoked in the tenant (known-hosts)."""
+        ...
+    def migrate_revocations(self, tenant_id: str, limit: int = 300) -> int:
+        """Move up to `limit` revocation rows of the old layout (not keyed by expiry) to the new
+        one; how many were moved (0: none left)."""
         ...
     def get_host_token(self, tenant_id: str, policy_id: str) -> str | None: ...
     def ensure_host_token(self, tenant_id: str, policy_id: str, candidate: str) -> str:

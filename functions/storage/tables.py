@@ -7,7 +7,12 @@ written in one atomic write (one row, or one entity-group transaction in that pa
     RowKey       = pol|<policy id>              a policy (document as JSON)
                    req|<request id>             an access request; once issued also its certificate;
                                                 the audit entries written with it (Audit0, Audit1)
-                   rev|<policy id>|<serial>     a revoked certificate (serial zero-padded to 19 digits)
+                   rvp|<policy id>|<valid_before>|<serial>   a revoked certificate, per policy by expiry
+                   rvh|<valid_before>|<policy id>|<serial>   a revoked HOST certificate, per tenant by expiry
+                                                (valid_before: 10 digits; serial zero-padded to 19)
+                   ver|<policy id>  ver|*       versions of what hosts and clients cache: a policy's
+                                                revocations (its KRL); the tenant's policies and host
+                                                revocations (known-hosts). See trust_version.
                    aud|<ms since epoch>|<id>    an audit entry (ascending by time)
                    idk|<oid>|<key hash>         an idempotency key and the request it made
                    htk| hch| hky|               host enrolment tokens, renewal challenges, host keys
@@ -29,6 +34,7 @@ a single insert costs about 1 ms (bench/issue.py): the hot path writes one row.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import replace
@@ -43,7 +49,7 @@ from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed
 from ..core.policy import Policy
 from ..core.policydoc import policy_from_row
-from .base import CertificateRecord, IdempotencyRecord
+from .base import CertificateRecord, IdempotencyRecord, Revoked, TrustVersion
 from .transport import client_options, endpoint_of
 from .hostrecords import HostRecords
 from .tablecalls import _guard, _if_match, transact
@@ -60,11 +66,23 @@ def _serial_key(serial: int) -> str:
     return f"{serial:019d}"
 
 
+TENANT_VERSION = "ver|*"  # "*" is never part of a policy id (core.policy.POLICY_ID_RE)
+
+
+def _version_entity(tenant_id: str, row_key: str, at: float) -> tuple:
+    """An upsert of a version row, for the transaction of the change it versions. Every write gives
+    the row a new ETag (TrustVersion.tag), so no read is needed first and concurrent changes never
+    conflict over it."""
+    return ("upsert", {"PartitionKey": tenant_id, "RowKey": row_key, "Kind": "version", "At": int(at)},
+            {"mode": UpdateMode.REPLACE})
+
+
 class TableStore(HostRecords):
     def __init__(self, service: TableServiceClient, table_name: str = "ezssh") -> None:
         self._service = service
         self._table_name = table_name
         self._table: TableClient = service.get_table_client(table_name)
+        self._legacy_done: set[str] = set()  # tenants with no revocation rows of the first layout
 
     @classmethod
     def from_connection_string(cls, conn: str, table_name: str = "ezssh") -> "TableStore":
@@ -125,15 +143,18 @@ class TableStore(HostRecords):
         return self._policy_from_entity(e)
 
     def create_policy(self, policy: Policy, audit: AuditEntry) -> Policy:
-        ops = [("create", self._policy_entity(policy)), ("create", self._audit_entity(audit))]
+        ops = [("create", self._policy_entity(policy)), ("create", self._audit_entity(audit)),
+               _version_entity(policy.tenant_id, TENANT_VERSION, audit.at)]
         resp = transact(self._table, "create policy", ops, not_found=f"Policy {policy.id!r} was not found.",
                         lost=Conflict(f"A policy with id {policy.id!r} already exists."),
                         exists=Conflict(f"A policy with id {policy.id!r} already exists."))
         return self._with_etag(policy, resp[0].get("etag"))
 
     def replace_policy(self, policy: Policy, etag: str, audit: AuditEntry) -> Policy:
-        """The policy row (only if still at `etag`) and its audit entry, in one transaction."""
-        ops = [("update", self._policy_entity(policy), _if_match(etag)), ("create", self._audit_entity(audit))]
+        """The policy row (only if still at `etag`), its audit entry and the tenant's version row
+        (known-hosts), in one transaction."""
+        ops = [("update", self._policy_entity(policy), _if_match(etag)), ("create", self._audit_entity(audit)),
+               _version_entity(policy.tenant_id, TENANT_VERSION, audit.at)]
         resp = transact(self._table, "update policy", ops, not_found=f"Policy {policy.id!r} was not found.",
                         lost=PreconditionFailed(f"Policy {policy.id!r} changed since you read it (ETag mismatch); "
                                                 "read it again and retry."),
@@ -266,7 +287,7 @@ class TableStore(HostRecords):
     # A user certificate lives in its request's row (its serial is the request id: core.approval),
     # so recording an issuance is one write and finding a certificate by serial one point read. Host
     # certificates have rows crt|<policy id>|<serial> (hostrecords.py). Revoked certificates of
-    # either kind also get a row rev|<policy id>|<serial>, the KRL's index.
+    # either kind also get index rows keyed by expiry (see "revocation" below).
     @staticmethod
     def _cert_fields(c: CertificateRecord) -> dict:
         return {
@@ -282,13 +303,12 @@ class TableStore(HostRecords):
         }
 
     @classmethod
-    def _cert_entity(cls, c: CertificateRecord, prefix: str = "crt") -> dict:
-        """A certificate's own row: crt| for host certificates (hostrecords.py; a user certificate
-        lives in its request's row), rev| for the KRL's copy of a revoked certificate."""
+    def _cert_entity(cls, c: CertificateRecord) -> dict:
+        """A host certificate's own row (hostrecords.py; a user certificate lives in its request's row)."""
         return {
             "PartitionKey": c.tenant_id,
-            "RowKey": f"{prefix}|{c.policy_id}|{_serial_key(c.serial)}",
-            "Kind": "certificate" if prefix == "crt" else "revoked",
+            "RowKey": f"crt|{c.policy_id}|{_serial_key(c.serial)}",
+            "Kind": "certificate",
             "PolicyId": c.policy_id,
             "Serial": str(c.serial),
             "RequestId": c.request_id,
@@ -463,31 +483,128 @@ class TableStore(HostRecords):
         return [AuditEntry(**json.loads(e[name])) for e in rows for name in self.EMBEDDED if e.get(name)]
 
     # ---- revocation -------------------------------------------------------------------------
+    # A revocation writes index rows keyed by the certificate's expiry, so a KRL is a range read from
+    # "now minus the grace" that never reaches expired revocations: rvp| per policy (the policy's
+    # KRL, user and host certificates) and, for a host certificate, rvh| per tenant (known-hosts,
+    # which never reads a user revocation). Rows of the first layout (rev|<policy>|<serial>, not
+    # keyed by expiry) are read too until migrate_revocations (the housekeeping timer) moved them.
+    LEGACY = ("rev|", "rev}")
+    REVOKED_FIELDS = ["PolicyId", "Serial", "CaFingerprint", "ValidBefore", "RevokedAt", "HostCert"]
+
+    @staticmethod
+    def _revoked_rows(r: Revoked, tenant_id: str) -> list[tuple]:
+        fields = {"PartitionKey": tenant_id, "Kind": "revoked", "PolicyId": r.policy_id, "Serial": str(r.serial),
+                  "CaFingerprint": r.ca_fingerprint, "ValidBefore": r.valid_before, "RevokedAt": r.revoked_at,
+                  "HostCert": r.host}
+        keys = [f"rvp|{r.policy_id}|{r.valid_before:010d}|{_serial_key(r.serial)}"]
+        if r.host:
+            keys.append(f"rvh|{r.valid_before:010d}|{r.policy_id}|{_serial_key(r.serial)}")
+        return [("upsert", fields | {"RowKey": k}, {"mode": UpdateMode.REPLACE}) for k in keys]
+
+    @staticmethod
+    def _revoked_from(e: Any) -> Revoked:
+        host = e.get("HostCert")
+        return Revoked(policy_id=e["PolicyId"], serial=int(e["Serial"]), ca_fingerprint=e["CaFingerprint"],
+                       valid_before=int(e["ValidBefore"]), revoked_at=int(e.get("RevokedAt") or 0),
+                       host=bool(host) if host is not None else not e.get("RequestId"))  # old rows: no request
+
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:
         """In one transaction: RevokedAt/RevokedBy on the row holding the certificate (its request's,
-        or its own crt| row for a host certificate) if unchanged since read, its audit entry, and the
-        rev| row the KRL is built from."""
+        or its own crt| row for a host certificate) if unchanged since read, its audit entry, the
+        index rows the KRLs are read from, and the version rows of what changed (the policy's KRL;
+        for a host certificate also the tenant's known-hosts)."""
         if (audit.tenant_id or UNAUTHENTICATED) != cert.tenant_id:
             raise ValueError("Partition Keys in the batch must all be the same.")
         _, row_key = self._find_certificate(cert.tenant_id, cert.policy_id, cert.serial)  # NotFound unless this policy's
+        host = row_key.startswith("crt|")
         entity = {"PartitionKey": cert.tenant_id, "RowKey": row_key, "RevokedAt": cert.revoked_at,
                   "RevokedBy": cert.revoked_by}
+        index = Revoked(cert.policy_id, cert.serial, cert.ca_fingerprint, cert.valid_before, cert.revoked_at or 0,
+                        host)
         ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), ("create", self._audit_entity(audit)),
-               ("upsert", self._cert_entity(cert, "rev"), {"mode": UpdateMode.REPLACE})]
+               *self._revoked_rows(index, cert.tenant_id),
+               _version_entity(cert.tenant_id, f"ver|{cert.policy_id}", audit.at)]
+        if host:
+            ops.append(_version_entity(cert.tenant_id, TENANT_VERSION, audit.at))
         lost = Conflict(f"Certificate {cert.serial} changed at the same time; read it again.")
         resp = transact(self._table, "revoke certificate", ops,
                         not_found=f"No certificate with serial {cert.serial} was issued under policy {cert.policy_id!r}.",
                         lost=lost, exists=lost)
         return replace(cert, etag=resp[0].get("etag"))
 
-    def list_revoked(self, tenant_id: str, policy_id: str) -> list[CertificateRecord]:
-        """Every revoked certificate of a policy, expired or not (the caller decides what to drop), by
-        serial; records without an ETag."""
-        flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
-        params = {"pk": tenant_id, "lo": f"rev|{policy_id}|", "hi": f"rev|{policy_id}}}"}
-        rows = _guard("list revoked", lambda: list(self._table.query_entities(flt, parameters=params)))
-        # copies for the KRL: no ETag to write with (the certificate's own is its request row's)
-        return [replace(self._cert_from_entity(e), etag=None) for e in rows]
+    def _range(self, op: str, tenant_id: str, lo: str, hi: str, select: list[str] | None = None) -> list:
+        return _guard(op, lambda: list(self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+            parameters={"pk": tenant_id, "lo": lo, "hi": hi}, select=select)))
+
+    def list_revoked(self, tenant_id: str, policy_id: str, *, valid_from: int) -> list[Revoked]:
+        rows = self._range("list revoked", tenant_id, f"rvp|{policy_id}|{max(0, valid_from):010d}",
+                           f"rvp|{policy_id}}}", self.REVOKED_FIELDS)
+        if self._legacy_left(tenant_id):
+            rows += self._range("list revoked", tenant_id, f"rev|{policy_id}|", f"rev|{policy_id}}}",
+                                self.REVOKED_FIELDS + ["RequestId"])
+        return [self._revoked_from(e) for e in rows]
+
+    def list_revoked_host(self, tenant_id: str, *, valid_from: int) -> list[Revoked]:
+        rows = self._range("list revoked", tenant_id, f"rvh|{max(0, valid_from):010d}", "rvh}",
+                           self.REVOKED_FIELDS)
+        out = [self._revoked_from(e) for e in rows]
+        if self._legacy_left(tenant_id):
+            legacy = self._range("list revoked", tenant_id, *self.LEGACY, self.REVOKED_FIELDS + ["RequestId"])
+            out += [r for r in map(self._revoked_from, legacy) if r.host]
+        return out
+
+    def _legacy_left(self, tenant_id: str) -> bool:
+        """Are there revocation rows of the first layout in this tenant? Once none are (this code
+        writes none), the answer is kept for the worker's life: one read per tenant and worker."""
+        if tenant_id in self._legacy_done:
+            return False
+        left = _guard("list revoked", lambda: next(iter(self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+            parameters={"pk": tenant_id, "lo": self.LEGACY[0], "hi": self.LEGACY[1]},
+            select=["RowKey"], results_per_page=1)), None))
+        if left is None:
+            self._legacy_done.add(tenant_id)
+        return left is not None
+
+    def migrate_revocations(self, tenant_id: str, limit: int = 300) -> int:
+        """Old rev| rows to the expiry-keyed layout: per policy, one transaction writes the index rows,
+        deletes the old rows and moves the policy's version forward (conditional on the version row
+        read, so a revocation landing meanwhile is never overwritten)."""
+        rows = _guard("migrate revoked", lambda: list(itertools.islice(self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+            parameters={"pk": tenant_id, "lo": self.LEGACY[0], "hi": self.LEGACY[1]},
+            select=self.REVOKED_FIELDS + ["RequestId", "RowKey"], results_per_page=min(limit, 1000)), limit)))
+        by_policy: dict[str, list] = {}
+        for e in rows:
+            by_policy.setdefault(e["PolicyId"], []).append(e)
+        moved = 0
+        for pid, group in by_policy.items():
+            for k in range(0, len(group), 30):  # 3 rows each at most, plus the version: under 100 a transaction
+                chunk = group[k:k + 30]
+                version = self.trust_version(tenant_id, pid)
+                at = max([version.at] + [int(e.get("RevokedAt") or 0) for e in chunk])
+                ops: list = []
+                for e in chunk:
+                    ops += self._revoked_rows(self._revoked_from(e), tenant_id)
+                    ops.append(("delete", {"PartitionKey": tenant_id, "RowKey": e["RowKey"]}))
+                ver = {"PartitionKey": tenant_id, "RowKey": f"ver|{pid}", "Kind": "version", "At": at}
+                ops.append(("update", ver, _if_match(version.tag)) if version.tag else ("create", ver))
+                try:
+                    transact(self._table, "migrate revoked", ops, not_found="revocation moved meanwhile",
+                             lost=Conflict("revoked meanwhile"), exists=Conflict("revoked meanwhile"))
+                except (Conflict, NotFound):
+                    continue  # a revocation (or another worker's migration) meanwhile: the next sweep retries
+                moved += len(chunk)
+        return moved
+
+    def trust_version(self, tenant_id: str, policy_id: str | None = None) -> TrustVersion:
+        row_key = f"ver|{policy_id}" if policy_id is not None else TENANT_VERSION
+        try:
+            e = _guard("get version", lambda: self._table.get_entity(tenant_id, row_key))
+        except ResourceNotFoundError:
+            return TrustVersion("")
+        return TrustVersion(e.metadata.get("etag") or "", int(e.get("At") or 0))
 
     # ---- host tokens ------------------------------------------------------------------------
     # Row hst|<policy id>: the per-policy capability hosts present to fetch the KRL without an

@@ -576,16 +576,94 @@ def test_list_revoked_per_policy_and_tenant(store: Store, tid: str) -> None:
     prod = issued(store, tid, 34, "web-prod")
     other = str(uuid.uuid4())
     theirs = issued(store, other, 31)
-    assert store.list_revoked(tid, "web") == []
+    assert store.list_revoked(tid, "web", valid_from=0) == []
     for c in (certs[1000], certs[31], prod, theirs):
         store.revoke_certificate(replace(c, revoked_at=int(T0) + 1, revoked_by="carol"), c.etag, an_entry(c.tenant_id, T0 + 5))
-    listed = store.list_revoked(tid, "web")
-    assert [c.serial for c in listed] == [31, 1000]
-    assert all(c.revoked_by == "carol" and c.etag is None and
-               c == replace(store.get_certificate(tid, "web", c.serial), etag=None) for c in listed)
-    assert [c.serial for c in store.list_revoked(tid, "web-prod")] == [34]
-    assert [c.tenant_id for c in store.list_revoked(other, "web")] == [other]
-    assert store.list_revoked(tid, "we") == []
+    listed = store.list_revoked(tid, "web", valid_from=0)
+    assert sorted(r.serial for r in listed) == [31, 1000]
+    for r in listed:  # what the KRL needs, as the certificate's own record says
+        c = store.get_certificate(tid, "web", r.serial)
+        assert (r.policy_id, r.ca_fingerprint, r.valid_before, r.revoked_at, r.host) == \
+            ("web", c.ca_fingerprint, c.valid_before, c.revoked_at, False)
+    assert [r.serial for r in store.list_revoked(tid, "web-prod", valid_from=0)] == [34]
+    assert [r.serial for r in store.list_revoked(other, "web", valid_from=0)] == [31]
+    assert store.list_revoked(tid, "we", valid_from=0) == []
+    assert store.list_revoked_host(tid, valid_from=0) == []  # user certificates only so far
+
+
+def revoke(store: Store, c: CertificateRecord, at: float) -> CertificateRecord:
+    return store.revoke_certificate(replace(c, revoked_at=int(at), revoked_by="carol"), c.etag or "",
+                                    an_entry(c.tenant_id, at, "certificate.revoked"))
+
+
+def test_revocations_are_read_by_expiry(store: Store, tid: str) -> None:
+    """valid_from leaves out what expired before it, for user and host certificates alike."""
+    ends = {41: int(T0) + 100, 42: int(T0) + 5000, 43: int(T0) + 90_000}
+    for serial, end in ends.items():
+        rec = a_request(tid, state="issued", serial=serial)
+        store.record_issuance(rec, None, a_cert(rec, serial, valid_before=end), [an_entry(tid, T0 + serial / 1000)])
+        revoke(store, store.get_certificate(tid, "web", serial), T0 + serial)
+    hosts = {51: int(T0) + 200, 52: int(T0) + 9000}
+    for serial, end in hosts.items():
+        cert, key = a_host_cert(tid, serial, f"SHA256:h{serial}")
+        store.record_host_issuance([replace(cert, valid_before=end)], [key], [])
+        revoke(store, store.get_certificate(tid, "web", serial), T0 + serial)
+    every = {**ends, **hosts}
+    for since in (0, int(T0) + 100, int(T0) + 101, int(T0) + 5000, int(T0) + 9001, int(T0) + 90_001):
+        got = store.list_revoked(tid, "web", valid_from=since)
+        assert sorted(r.serial for r in got) == sorted(s for s, end in every.items() if end >= since), since
+        host = store.list_revoked_host(tid, valid_from=since)
+        assert sorted(r.serial for r in host) == sorted(s for s, end in hosts.items() if end >= since), since
+        assert all(r.host for r in host)
+    assert {r.serial: r.host for r in store.list_revoked(tid, "web", valid_from=0)} == \
+        {41: False, 42: False, 43: False, 51: True, 52: True}
+
+
+def test_host_revocations_of_every_policy_and_no_user_one(store: Store, tid: str) -> None:
+    cert, key = a_host_cert(tid, 61, "SHA256:h61")
+    store.record_host_issuance([replace(cert, policy_id="db")], [replace(key, policy_id="db")], [])
+    revoke(store, store.get_certificate(tid, "db", 61), T0 + 1)
+    cert, key = a_host_cert(tid, 62, "SHA256:h62")
+    store.record_host_issuance([cert], [key], [])
+    revoke(store, store.get_certificate(tid, "web", 62), T0 + 2)
+    revoke(store, issued(store, tid, 63), T0 + 3)
+    other = str(uuid.uuid4())
+    cert, key = a_host_cert(other, 64)
+    store.record_host_issuance([replace(cert, tenant_id=other)], [replace(key, tenant_id=other)], [])
+    revoke(store, store.get_certificate(other, "web", 64), T0 + 4)
+    assert sorted((r.policy_id, r.serial) for r in store.list_revoked_host(tid, valid_from=0)) == [("db", 61), ("web", 62)]
+    assert [r.serial for r in store.list_revoked_host(other, valid_from=0)] == [64]
+
+
+def test_trust_versions_change_with_what_they_version(store: Store, tid: str) -> None:
+    """A policy's version: its revocations. The tenant's: policies written and host revocations."""
+    empty = store.trust_version(tid)
+    assert empty == store.trust_version(tid, "web") and empty.tag == "" and empty.at == 0
+    p = store.create_policy(a_policy(tid), an_entry(tid, T0))
+    t1 = store.trust_version(tid)
+    assert t1.tag and t1.at == int(T0) and store.trust_version(tid, "web").tag == ""
+    store.replace_policy(replace(p, name="renamed"), p.etag or "", an_entry(tid, T0 + 1))
+    t2 = store.trust_version(tid)
+    assert t2.tag not in ("", t1.tag) and t2.at == int(T0) + 1
+    # a user certificate revoked: its policy's version moves, the tenant's (known-hosts) does not
+    user = issued(store, tid, 71)
+    revoke(store, user, T0 + 10)
+    w1 = store.trust_version(tid, "web")
+    assert w1.tag and w1.at == int(T0) + 10 and store.trust_version(tid) == t2
+    assert store.trust_version(tid, "db").tag == ""
+    # a lost race changes no version
+    with pytest.raises(Conflict):
+        revoke(store, user, T0 + 11)
+    assert store.trust_version(tid, "web") == w1 and store.trust_version(tid) == t2
+    # a host certificate revoked: both move
+    cert, key = a_host_cert(tid, 72)
+    store.record_host_issuance([cert], [key], [])
+    assert store.trust_version(tid) == t2  # issuing changes no KRL
+    revoke(store, store.get_certificate(tid, "web", 72), T0 + 20)
+    w2, t3 = store.trust_version(tid, "web"), store.trust_version(tid)
+    assert w2.tag not in (w1.tag, "") and w2.at == int(T0) + 20 and t3.tag not in (t2.tag, "")
+    # nothing of it shows in another tenant
+    assert store.trust_version(str(uuid.uuid4())).tag == "" and store.trust_version(str(uuid.uuid4()), "web").tag == ""
 
 
 # ---- host tokens --------------------------------------------------------------------------------
@@ -884,3 +962,32 @@ def test_expired_host_challenges_are_deleted_and_others_stay(store: Store, tid: 
     assert store.get_host_challenge(tid, live.id).id == live.id
     assert store.delete_expired_host_challenges(tid, int(T0) + 500) == 0  # nothing left to remove
     assert store.delete_expired_host_challenges(other_tenant, int(T0) + 500) == 1  # per tenant
+
+
+def test_revocations_of_the_first_layout_are_read_until_moved(table_store, tid: str) -> None:
+    """Table Storage only: rows rev|<policy>|<serial> (not keyed by expiry) written before the index
+    are still in every KRL, and housekeeping moves them without changing what is read."""
+    store = table_store
+    legacy = []
+    for serial, request_id, end in ((81, "r81", int(T0) + 100), (82, "", int(T0) + 5000), (83, "r83", int(T0) + 9000)):
+        row = {"PartitionKey": tid, "RowKey": f"rev|web|{serial:019d}", "Kind": "revoked", "PolicyId": "web",
+               "Serial": str(serial), "RequestId": request_id, "CertKeyId": "k", "RequesterOid": "o",
+               "RequesterUpn": "u", "Host": "web1", "Principals": "[]", "ValidAfter": int(T0), "ValidBefore": end,
+               "CaFingerprint": "SHA256:abc", "PublicKeyFingerprint": "SHA256:x", "Certificate": "c",
+               "RevokedAt": int(T0) + serial, "RevokedBy": "carol"}
+        store._table.create_entity(row)
+        legacy.append(serial)
+    revoke(store, issued(store, tid, 84), T0 + 50)  # one written with the index, earlier than the old ones
+    before = {r.serial: r.host for r in store.list_revoked(tid, "web", valid_from=0)}
+    assert before == {81: False, 82: True, 83: False, 84: False}  # a row without a request is a host's
+    assert [r.serial for r in store.list_revoked_host(tid, valid_from=0)] == [82]
+    assert store.migrate_revocations(tid, limit=2) == 2
+    assert store.migrate_revocations(tid) == 1
+    assert store.migrate_revocations(tid) == 0
+    assert not list(store._table.query_entities("PartitionKey eq @pk and RowKey ge 'rev|' and RowKey lt 'rev}'",
+                                                parameters={"pk": tid}))
+    assert {r.serial: r.host for r in store.list_revoked(tid, "web", valid_from=0)} == before
+    assert sorted(r.serial for r in store.list_revoked(tid, "web", valid_from=int(T0) + 101)) == [82, 83, 84]
+    assert [r.serial for r in store.list_revoked_host(tid, valid_from=0)] == [82]
+    # the policy's version: the latest revocation among the moved ones (a KRL's version never goes back)
+    assert store.trust_version(tid, "web").at == int(T0) + 83

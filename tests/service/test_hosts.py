@@ -47,13 +47,13 @@ def revoked_by_openssh(krl: bytes, certs, tmp_path) -> list[bool]:
 
 def test_revoked_certificates_are_in_the_krl_and_others_are_not(service, store, issue, clock, tmp_path):
     a, b, c = issue(), issue(), issue(BOB)
-    assert revoked_by_openssh(service.hosts.krl_for(ALICE, "web"), [a, b, c], tmp_path) == [False] * 3
+    assert revoked_by_openssh(service.hosts.krl_for(ALICE, "web").data, [a, b, c], tmp_path) == [False] * 3
     clock.now = T0 + 100
     rec = service.hosts.revoke_certificate(PAT, "web", b.serial, reason="laptop lost")
     assert rec.revoked_by == PAT.upn and rec.revoked_at == int(T0) + 100
     assert store.get_certificate(ALICE.tid, "web", b.serial).revoked_at == int(T0) + 100
     service.hosts.revoke_certificate(BOB, "web", c.serial)  # one's own certificate
-    krl = service.hosts.krl_for(ALICE, "web")
+    krl = service.hosts.krl_for(ALICE, "web").data
     assert revoked_by_openssh(krl, [a, b, c], tmp_path) == [False, True, True]
     listing = ssh_keygen("-Q", "-l", "-f", _write(tmp_path, krl)).stdout
     assert str(b.serial) in listing and str(c.serial) in listing and str(a.serial) not in listing
@@ -64,11 +64,11 @@ def test_revoked_certificates_are_in_the_krl_and_others_are_not(service, store, 
 
 def test_the_krl_is_byte_stable_until_something_changes(service, issue, clock):
     a = issue()
-    first = service.hosts.krl_for(ALICE, "web")
+    first = service.hosts.krl_for(ALICE, "web").data
     clock.advance(30)
-    assert service.hosts.krl_for(ALICE, "web") == first
+    assert service.hosts.krl_for(ALICE, "web").data == first
     service.hosts.revoke_certificate(CAROL, "web", a.serial)
-    assert service.hosts.krl_for(ALICE, "web") != first
+    assert service.hosts.krl_for(ALICE, "web").data != first
 
 
 def test_who_may_revoke(service, store, issue):
@@ -81,20 +81,20 @@ def test_who_may_revoke(service, store, issue):
         service.hosts.revoke_certificate(CAROL, "web", a.serial + 1 if a.serial < 2**63 - 1 else 1)
     with pytest.raises(InvalidRequest):
         service.hosts.revoke_certificate(CAROL, "web", a.serial, reason="two\nlines")
-    assert store.list_revoked(ALICE.tid, "web") == []
+    assert store.list_revoked(ALICE.tid, "web", valid_from=0) == []
     service.hosts.revoke_certificate(ALICE, "web", a.serial)
     with pytest.raises(Conflict):
         service.hosts.revoke_certificate(CAROL, "web", a.serial)
-    assert [r.serial for r in store.list_revoked(ALICE.tid, "web")] == [a.serial]
+    assert [r.serial for r in store.list_revoked(ALICE.tid, "web", valid_from=0)] == [a.serial]
 
 
 def test_expired_certificates_leave_the_krl_after_the_grace(service, issue, clock, tmp_path):
     a = issue()
     service.hosts.revoke_certificate(CAROL, "web", a.serial)
     clock.now = a.valid_before + 3600 - 1  # valid_before plus an hour's grace for lagging host clocks
-    assert revoked_by_openssh(service.hosts.krl_for(ALICE, "web"), [a], tmp_path) == [True]
+    assert revoked_by_openssh(service.hosts.krl_for(ALICE, "web").data, [a], tmp_path) == [True]
     clock.now = a.valid_before + 3600 + 1
-    assert revoked_by_openssh(service.hosts.krl_for(ALICE, "web"), [a], tmp_path) == [False]
+    assert revoked_by_openssh(service.hosts.krl_for(ALICE, "web").data, [a], tmp_path) == [False]
 
 
 def test_a_rotated_out_key_keeps_its_revocations_while_trusted(service, issue, clock, tmp_path):
@@ -104,7 +104,7 @@ def test_a_rotated_out_key_keeps_its_revocations_while_trusted(service, issue, c
     service.policies.rotate_ca(CAROL, "web", p.etag)
     new = issue()
     service.hosts.revoke_certificate(CAROL, "web", new.serial)
-    assert revoked_by_openssh(service.hosts.krl_for(ALICE, "web"), [old, new], tmp_path) == [True, True]
+    assert revoked_by_openssh(service.hosts.krl_for(ALICE, "web").data, [old, new], tmp_path) == [True, True]
 
 
 def test_hosts_fetch_the_krl_with_the_policys_host_token(service, store, issue, clock, tmp_path):
@@ -114,8 +114,8 @@ def test_hosts_fetch_the_krl_with_the_policys_host_token(service, store, issue, 
     token = store.get_host_token(ALICE.tid, "web")
     assert token and token in script
     assert service.hosts.host_setup_script(CAROL, "web", "https://ezssh.example.net") == script  # same token
-    krl = service.hosts.krl_for_host(ALICE.tid, "web", token)
-    assert krl == service.hosts.krl_for(ALICE, "web")
+    krl = service.hosts.krl_for_host(ALICE.tid, "web", token).data
+    assert krl == service.hosts.krl_for(ALICE, "web").data
     before = service.base.anonymous_refusals.total
     for tid, pid, tok in ((ALICE.tid, "web", token[:-1] + "x"), (ERIN.tid, "web", token), (ALICE.tid, "db", token)):
         with pytest.raises(Unauthenticated):

@@ -65,7 +65,7 @@ def test_approval_rule_makes_a_pending_request_and_no_certificate(service, store
     assert out.approvers == {"users": [], "groups": [APPROVERS]}
     rec = store.get_request(ALICE.tid, out.request.id)
     assert rec.state == "pending" and rec.expires_at == int(T0) + 3600  # the policy's request_ttl
-    assert store.list_revoked(ALICE.tid, "gated") == []
+    assert store.list_revoked(ALICE.tid, "gated", valid_from=0) == []
     assert [e.action for e in store.list_audit(ALICE.tid, request_id=rec.id)] == ["request.created"]
 
 
