@@ -3,6 +3,7 @@ host certificates instead of trusting a key on first use. Stdlib only (used on t
 
     $EZSSH_HOME/known_hosts        `@cert-authority <patterns> <host CA key>` lines (GET /api/known-hosts)
     $EZSSH_HOME/known_hosts.krl    revoked host certificates of those CAs (a KRL, for RevokedHostKeys)
+    $EZSSH_HOME/known_hosts.etag   the answer's ETag (If-None-Match on the next refresh)
 
 `refresh(api, home)` rewrites both (on login, on `ezssh ssh` when older than STALE_AFTER, with
 `ezssh hosts trust`). For a host the patterns cover, `ssh_options(home, host)` makes ssh read this file
@@ -22,6 +23,7 @@ from pathlib import Path
 
 KNOWN_HOSTS = "known_hosts"  # the same file `ezssh config`'s ssh_config block names
 KRL = "known_hosts.krl"
+ETAG = "known_hosts.etag"  # the ETag of the answer both files came from
 STALE_AFTER = 3600
 # An empty KRL (OpenSSH PROTOCOL.krl): magic, format 1, krl_version 0, date 0, flags 0, "", "".
 EMPTY_KRL = b"SSHKRL\n\x00" + struct.pack(">IQQQII", 1, 0, 0, 0, 0, 0)
@@ -54,15 +56,37 @@ def ensure_files(home: Path) -> None:
 
 
 def refresh(api, home: Path) -> int:  # type: ignore[no-untyped-def]
-    """Fetch the host CAs and host revocations of the policies the signed-in user may use."""
-    _, data = api.json("GET", "/api/known-hosts")
-    text = str(data.get("known_hosts") or "")
-    try:
-        krl = base64.b64decode(str(data.get("krl") or ""), validate=True)
-    except ValueError:
-        krl = EMPTY_KRL
-    write(home, text, krl)
+    """Fetch the host CAs and host revocations of the policies the signed-in user may use. The
+    answer's ETag is kept (known_hosts.etag); the next refresh sends it as If-None-Match, and an
+    unchanged answer (304, no body) keeps both files, marked fresh."""
+    known, krl_path = paths(home)
+    tag_path = home / ETAG
+    tag = _read(tag_path) if known.exists() and krl_path.exists() else ""
+    resp = api.call("GET", "/api/known-hosts", ok=(200, 304), headers={"If-None-Match": tag} if tag else None)
+    if resp.status_code == 304:
+        now = time.time()
+        for f in (known, krl_path):
+            os.utime(f, (now, now))
+        text = _read(known)
+    else:
+        data = resp.json()
+        text = str(data.get("known_hosts") or "")
+        try:
+            krl = base64.b64decode(str(data.get("krl") or ""), validate=True)
+        except ValueError:
+            krl = EMPTY_KRL
+        write(home, text, krl)
+        from .home import write_private
+
+        write_private(tag_path, str(resp.headers.get("etag") or ""), 0o644)
     return sum(1 for line in text.splitlines() if line.startswith("@cert-authority "))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def is_stale(home: Path, now: float | None = None) -> bool:

@@ -35,9 +35,9 @@ def _serial(raw: str) -> int:
 
 
 def derived_response(request: Request, answer: Derived, media_type: str, headers: dict[str, str]) -> Response:
-    """The answer, or 304 with no body when the caller's If-None-Match names its ETag already.
-    Callers revalidate every time (no-cache): the ETag is what saves the download."""
-    headers = {"ETag": answer.etag, "Cache-Control": "private, no-cache", **headers}
+    """The answer, or 304 with no body when the caller's If-None-Match names its ETag already. No
+    shared cache keeps it (no-store, as every answer): the callers keep their copy and its ETag."""
+    headers = {"ETag": answer.etag, **headers}
     if answer.etag in _tags(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
     return Response(answer.data, media_type=media_type, headers=headers)

@@ -9,6 +9,8 @@
 #   /etc/ssh/ezssh/policies/<tenant>_<policy>.conf   EZSSH_API, EZSSH_TENANT, EZSSH_POLICY
 #   /etc/ssh/ezssh/policies/<tenant>_<policy>.token  "X-Ezssh-Host-Token: ..." (mode 0600)
 #   /etc/ssh/ezssh/krl.d/<tenant>_<policy>.krl       the policy's last good KRL
+#   /etc/ssh/ezssh/krl.d/<tenant>_<policy>.etag      its ETag: with curl, a fetch sends If-None-Match
+#                                                    and an unchanged KRL is a 304 with no body
 #   /etc/ssh/ezssh/revoked_keys                      all of them in one KRL (RevokedKeys)
 #
 # A KRL is a header followed by self-contained sections, so the combined KRL is a fresh empty
@@ -95,9 +97,17 @@ fetch() {
     . "$_conf"
     _url="$EZSSH_API/api/policies/$EZSSH_POLICY/krl?tenant=$EZSSH_TENANT"
     _hdr=$EZ/policies/$_name.token
-    rm -f "$TMP/new"
+    _etag=$EZ/krl.d/$_name.etag
+    rm -f "$TMP/new" "$TMP/headers"
     if command -v curl >/dev/null 2>&1; then
-        curl -fsS --max-time 60 --retry 2 -H "@$_hdr" -o "$TMP/new" "$_url" || return 1
+        set -- -fsS --max-time 60 --retry 2 -H "@$_hdr" -D "$TMP/headers" -o "$TMP/new" -w '%{http_code}'
+        if [ -s "$_etag" ] && krl_ok "$EZ/krl.d/$_name.krl"; then
+            set -- "$@" -H "If-None-Match: $(cat "$_etag")"
+        fi
+        _code=$(curl "$@" "$_url") || return 1
+        if [ "$_code" = 304 ]; then
+            return 0 # unchanged since our copy: keep it
+        fi
     elif command -v wget >/dev/null 2>&1; then
         wget -q -T 60 -t 3 --header="$(cat "$_hdr")" -O "$TMP/new" "$_url" || return 1
     else
@@ -111,6 +121,11 @@ fetch() {
     if replace_changed "$TMP/new" "$EZ/krl.d" "$_name.krl"; then
         say "policy $EZSSH_POLICY: new KRL"
     fi
+    # the new copy's ETag (a quoted hex digest; anything else is not kept), for the next fetch
+    _tag=$(sed -n 's/^[Ee][Tt][Aa][Gg]:[ 	]*//p' "$TMP/headers" 2>/dev/null | tr -d '\r' | tail -n 1)
+    printf '%s' "$_tag" | grep -Eq '^"[0-9a-f]{1,64}"$' || _tag=
+    printf '%s' "$_tag" >"$TMP/etag"
+    replace_changed "$TMP/etag" "$EZ/krl.d" "$_name.etag" || :
 }
 
 status=0

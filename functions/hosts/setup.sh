@@ -235,6 +235,10 @@ if [ ! -f "$EZ/krl.d/$NAME.krl" ] ||
     [ "$(krl_version "$WORK/policy.krl")" -gt "$(krl_version "$EZ/krl.d/$NAME.krl")" ] ||
     [ "$(dd if="$EZ/krl.d/$NAME.krl" bs=6 count=1 2>/dev/null)" != SSHKRL ]; then
     put_file "$WORK/policy.krl" "$EZ/krl.d/$NAME.krl" 644
+    if [ -s "$EZ/krl.d/$NAME.etag" ]; then # the ETag was the replaced KRL's: the next fetch asks in full
+        : >"$WORK/policy.etag"
+        put_file "$WORK/policy.etag" "$EZ/krl.d/$NAME.etag" 644
+    fi
 fi
 
 write_krl_update_helper >"$WORK/helper"

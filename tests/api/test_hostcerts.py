@@ -310,6 +310,12 @@ def test_known_hosts_for_users_and_revoked_host_certificates(client, auth, tenan
     line = next(x for x in body["known_hosts"].splitlines() if host_ca in x)
     assert line.startswith("@cert-authority ") and "127.*" in line and "[127.*]:*" in line and "web*" in line
     assert "demo" in body["policies"]
+    # unchanged: a 304 with no body for the same caller's ETag; another caller's answer has its own
+    tag = kh.headers["etag"]
+    again = client.get("/api/known-hosts", headers={**auth("alice"), "If-None-Match": tag})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tag
+    assert client.get("/api/known-hosts", headers={**auth("erin"), "If-None-Match": tag}).status_code == 200
+    assert client.get("/api/known-hosts", headers={"If-None-Match": tag}).status_code == 401
     # another tenant's user sees none of contoso's host CAs
     assert host_ca not in client.get("/api/known-hosts", headers=auth("erin")).json()["known_hosts"]
     assert client.get("/api/known-hosts").status_code == 401
@@ -326,7 +332,9 @@ def test_known_hosts_for_users_and_revoked_host_certificates(client, auth, tenan
     assert r.status_code == 403  # a host certificate is revoked by admins only
     r = client.post(f"/api/certificates/demo/{cert['serial']}/revoke", headers=auth("carol"), json={})
     assert r.status_code == 200, r.text
-    krl.write_bytes(base64.b64decode(client.get("/api/known-hosts", headers=auth("alice")).json()["krl"]))
+    changed = client.get("/api/known-hosts", headers={**auth("alice"), "If-None-Match": tag})
+    assert changed.status_code == 200 and changed.headers["etag"] != tag  # a host revocation changes it
+    krl.write_bytes(base64.b64decode(changed.json()["krl"]))
     q = subprocess.run(["ssh-keygen", "-Q", "-f", str(krl), str(certfile)], capture_output=True, text=True)
     assert q.returncode == 1 and "REVOKED" in q.stdout
     # and a revoked certificate renews nothing

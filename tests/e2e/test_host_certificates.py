@@ -126,3 +126,20 @@ def test_policy_ca_and_rotation_of_the_host_ca_from_the_cli(carol, client, auth,
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and lines[1].split()[1] == host_ca.split()[1]  # the old one still trusted, second
     assert run_cli(["policy", "ca", "hc-rotate"], carol).stdout == user_ca  # the user CA did not move
+
+
+def test_hosts_trust_asks_with_the_etag_and_keeps_an_unchanged_answer(alice):
+    """The CLI keeps the answer's ETag and sends it: a 304 keeps the files it has (a marker added
+    by hand stays), a refresh without the ETag is a full answer (the marker is gone)."""
+    home = Path(alice["EZSSH_HOME"])
+    known, etag = home / "known_hosts", home / "known_hosts.etag"
+    assert run_cli(["hosts", "trust"], alice).returncode == 0
+    tag = etag.read_text()
+    assert tag.startswith('"') and tag.endswith('"')
+    marked = known.read_text() + "# kept by a 304\n"
+    known.write_text(marked)
+    assert run_cli(["hosts", "trust"], alice).returncode == 0
+    assert known.read_text() == marked and etag.read_text() == tag
+    etag.write_text("")
+    assert run_cli(["hosts", "trust"], alice).returncode == 0
+    assert "# kept by a 304" not in known.read_text() and etag.read_text() == tag

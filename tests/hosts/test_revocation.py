@@ -58,6 +58,35 @@ def test_a_user_revokes_their_own_certificate_and_the_krl_says_revoked(client, a
     assert client.get("/api/policies/demo/krl", headers=auth("bob")).content == krl.content
 
 
+def test_an_unchanged_krl_is_a_304_for_users_and_hosts_and_a_revocation_changes_it(client, auth, oidc, tmp_path):
+    contoso = oidc.tenant_id("contoso")
+    token = host_token(script_for(client, auth("carol"), "demo"))
+    host = {"X-Ezssh-Host-Token": token}
+    url = f"/api/policies/demo/krl?tenant={contoso}"
+    first = client.get(url, headers=host)
+    tag = first.headers["etag"]
+    assert first.status_code == 200 and tag.startswith('"') and first.headers["cache-control"] == "no-store"
+    assert client.get("/api/policies/demo/krl", headers=auth("alice")).headers["etag"] == tag  # one answer, one tag
+    for who in (host, auth("alice")):
+        for sent in (tag, f"W/{tag}", f'"other", {tag}'):
+            again = client.get(url if who is host else "/api/policies/demo/krl", headers={**who, "If-None-Match": sent})
+            assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tag, sent
+    assert client.get(url, headers={**host, "If-None-Match": '"other"'}).content == first.content
+    # the 304 is given only to callers who may read the KRL
+    bad = client.get(url, headers={"X-Ezssh-Host-Token": token[:-1] + ("A" if token[-1] != "A" else "B"),
+                                   "If-None-Match": tag})
+    assert bad.status_code == 401
+    assert client.get("/api/policies/demo/krl", headers={**auth("mallory"), "If-None-Match": tag}).status_code == 404
+    # a revocation: the old tag gets the new KRL, which revokes the certificate
+    _, pub = user_key(tmp_path, "etag")
+    cert = issue(client, auth("alice"), pub)
+    assert revoke(client, auth("alice"), "demo", cert["serial"]).status_code == 200
+    changed = client.get(url, headers={**host, "If-None-Match": tag})
+    assert changed.status_code == 200 and changed.headers["etag"] != tag
+    assert krl_check(tmp_path, changed.content, cert["certificate"]).returncode == 1
+    assert int(changed.headers["x-krl-version"]) >= int(first.headers["x-krl-version"])
+
+
 def test_admins_may_revoke_others_certificates_members_may_not(client, auth, context, oidc, tmp_path):
     tid = oidc.tenant_id("contoso")
     _, pub = user_key(tmp_path)
@@ -145,6 +174,18 @@ def test_sshd_refuses_a_revoked_certificate_after_the_host_fetches_the_krl(make_
     before = host.snapshot()
     assert subprocess.run(["sh", str(helper), "--root", str(host.root)], capture_output=True).returncode == 0
     assert host.snapshot() == before
+    # the helper kept the KRL's ETag and asks with If-None-Match: the server's 304 keeps the copy it
+    # has (here replaced by hand with an empty KRL, which a full answer would overwrite)
+    krl_file = next((host.etc / "ezssh" / "krl.d").glob("*_demo.krl"))
+    etag_file = krl_file.with_suffix(".etag")
+    served = client.get("/api/policies/demo/krl", headers=auth("alice"))
+    assert etag_file.read_text() == served.headers["etag"] and krl_file.read_bytes() == served.content
+    krl_file.write_bytes(encode_krl([], krl_version=1))
+    assert subprocess.run(["sh", str(helper), "--root", str(host.root)], capture_output=True).returncode == 0
+    assert krl_file.read_bytes() == encode_krl([], krl_version=1)  # 304: kept
+    etag_file.write_text("")  # no ETag: a full answer
+    assert subprocess.run(["sh", str(helper), "--root", str(host.root)], capture_output=True).returncode == 0
+    assert krl_file.read_bytes() == served.content and etag_file.read_text() == served.headers["etag"]
     token_file = next((host.etc / "ezssh" / "policies").glob("*_demo.token"))
     token_file.write_text("X-Ezssh-Host-Token: wrong-wrong-wrong-wrong-wrong\n")
     before = host.snapshot()
