@@ -20,13 +20,14 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from functions.core.approval import RequestRecord, serial_of_request_id
+from functions.core.approval import OPEN_STATES, RequestRecord, serial_of_request_id
 from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy
 from functions.core.policydoc import policy_from_row
-from functions.storage.base import (CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord,
-                                    IdempotencyRecord, Revoked, TrustVersion)
+from functions.storage.base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, CertificateRecord, HostChallenge,
+                                    HostEnrolmentToken, HostKeyRecord, IdempotencyRecord, PendingSlots, Revoked,
+                                    TrustVersion, index_position)
 
 UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant
 
@@ -53,6 +54,12 @@ class MemoryStore:
         self._host_certs: set[tuple[str, str, int]] = set()  # which of _certs are host certificates
         self._revoked: dict[tuple[str, str, int], Revoked] = {}  # the revocation index
         self._versions: dict[tuple[str, str | None], TrustVersion] = {}  # (tenant, policy or None)
+        # the request indexes: which requests were issued at once (never indexed), the expiry keys
+        # (kept until the sweep removes them, as on the table), the pending slots, the backfill marker
+        self._born_issued: set[tuple[str, str]] = set()
+        self._expiry: set[tuple[str, int, str]] = set()
+        self._slots: dict[tuple[str, str, str], _Row] = {}  # value: tuple of (request id, expires_at)
+        self._backfill: dict[str, tuple[str, bool]] = {}
 
     # ---- helpers ------------------------------------------------------------------------------
     def _etag(self) -> str:
@@ -140,6 +147,7 @@ class MemoryStore:
             self._bump(policy.tenant_id, None, audit.at)
             return replace(policy, etag=row.etag)
 
+
     # requests
     def get_request(self, tenant_id: str, request_id: str) -> RequestRecord:
         with self._lock:
@@ -156,18 +164,88 @@ class MemoryStore:
                 if t == tenant_id and (not state or r.value.state == state)  # type: ignore[attr-defined]
             ]
 
+    def list_request_index(self, tenant_id: str, index: str, key: str, *, after: str | None = None,
+                           limit: int = 100) -> list[RequestRecord]:
+        field = {BY_USER: "requester_oid", OPEN_BY_USER: "requester_oid", OPEN_BY_POLICY: "policy_id"}[index]
+        with self._lock:
+            found = [replace(r.value, etag=None) for (t, rid), r in self._requests.items()  # type: ignore[type-var]
+                     if t == tenant_id and r.value.indexed and (t, rid) not in self._born_issued  # type: ignore[attr-defined]
+                     and getattr(r.value, field) == key
+                     and (index == BY_USER or r.value.state in OPEN_STATES)]  # type: ignore[attr-defined]
+        found = sorted((index_position(r), r) for r in found)
+        return [r for pos, r in found if after is None or pos > after][:max(0, limit)]
+
+    def due_requests(self, tenant_id: str, now: int, limit: int = 100) -> list[tuple[int, str]]:
+        with self._lock:
+            return sorted((x, rid) for t, x, rid in self._expiry if t == tenant_id and x <= now)[:max(0, limit)]
+
+    def remove_expiry_key(self, tenant_id: str, expires_at: int, request_id: str) -> None:
+        with self._lock:
+            self._expiry.discard((tenant_id, expires_at, request_id))
+
+    def get_pending_slots(self, tenant_id: str, policy_id: str, owner_oid: str) -> PendingSlots:
+        with self._lock:
+            row = self._slots.get((tenant_id, policy_id, owner_oid))
+            if row is None:
+                return PendingSlots(tenant_id, policy_id, owner_oid)
+            return PendingSlots(tenant_id, policy_id, owner_oid, row.value, etag=row.etag)  # type: ignore[arg-type]
+
+    def _check_slots(self, slots: PendingSlots | None) -> None:
+        if slots is None:
+            return
+        row = self._slots.get((slots.tenant_id, slots.policy_id, slots.owner_oid))
+        if (row is None) != (slots.etag is None) or (row is not None and not self._matches(row, slots.etag or "")):
+            raise PreconditionFailed("Your pending requests under this policy changed at the same time; retry.")
+
+    def _index(self, rec: RequestRecord) -> None:
+        """What the table's index rows of `rec` add: its expiry key while open."""
+        if rec.state in OPEN_STATES:
+            self._expiry.add((rec.tenant_id, rec.expires_at, rec.id))
+
     def create_request(self, rec: RequestRecord, audit: AuditEntry,
-                       idempotency: IdempotencyRecord | None = None) -> RequestRecord:
-        self._one_partition(rec.tenant_id, [audit], idempotency)
+                       idempotency: IdempotencyRecord | None = None,
+                       slots: PendingSlots | None = None) -> RequestRecord:
+        self._one_partition(rec.tenant_id, [audit], idempotency, slots)
         with self._lock:
             if (rec.tenant_id, rec.id) in self._requests:
                 raise Conflict("That request already exists.")
             self._check_new_audit([audit])
             self._check_idempotency(idempotency)
-            row = self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None), self._etag())
+            self._check_slots(slots)
+            row = self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None, indexed=True), self._etag())
             self._put_audit([audit])
             self._put_idempotency(idempotency)
-            return replace(rec, etag=row.etag)
+            self._index(rec)
+            if slots is not None:
+                self._slots[(slots.tenant_id, slots.policy_id, slots.owner_oid)] = _Row(slots.requests, self._etag())
+            return replace(rec, etag=row.etag, indexed=True)
+
+    def put_legacy_request(self, rec: RequestRecord, *, issued_at_once: bool = False) -> RequestRecord:
+        """Test seeding: a request row as written before the request indexes existed (no index rows)."""
+        with self._lock:
+            row = self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None, indexed=False), self._etag())
+            if issued_at_once:
+                self._born_issued.add((rec.tenant_id, rec.id))
+            return replace(rec, etag=row.etag, indexed=False)
+
+    def backfill_request_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
+        with self._lock:
+            after, finished = self._backfill.get(tenant_id, ("", False))
+            if finished:
+                return 0, True
+            keys = sorted(k for k in self._requests if k[0] == tenant_id and k[1] > after)[:max(1, budget)]
+            indexed = 0
+            for key in keys:
+                row = self._requests[key]
+                rec: RequestRecord = row.value  # type: ignore[assignment]
+                if rec.indexed or key in self._born_issued:
+                    continue
+                row.value, row.etag = replace(rec, indexed=True), self._etag()
+                self._index(rec)
+                indexed += 1
+            finished = len(keys) < budget
+            self._backfill[tenant_id] = (keys[-1][1] if keys else after, finished)
+            return indexed, finished
 
     # idempotency keys
     @staticmethod
@@ -199,9 +277,10 @@ class MemoryStore:
         with self._lock:
             row = self._claim_request(rec, etag)
             self._check_new_audit([audit])
-            row.value, row.etag = replace(rec, etag=None), self._etag()
+            row.value, row.etag = replace(rec, etag=None, indexed=True), self._etag()
             self._put_audit([audit])
-            return replace(rec, etag=row.etag)
+            self._index(rec)
+            return replace(rec, etag=row.etag, indexed=True)
 
     # issuance: all or nothing
     def record_issuance(
@@ -227,9 +306,10 @@ class MemoryStore:
             if idempotency is not None and self._idk(idempotency) in self._idempotency:
                 raise Conflict("The certificate could not be recorded (serial or request already used); retry.")
             if row is None:
-                self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None), self._etag())
+                self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None, indexed=True), self._etag())
+                self._born_issued.add((rec.tenant_id, rec.id))
             else:
-                row.value, row.etag = replace(rec, etag=None), self._etag()
+                row.value, row.etag = replace(rec, etag=None, indexed=True), self._etag()
             self._certs[(cert.tenant_id, cert.policy_id, cert.serial)] = _Row(replace(cert, etag=None), self._etag())
             self._put_audit(audit)
             self._put_idempotency(idempotency)

@@ -308,3 +308,16 @@ class Api:
             return resp.status_code, resp.json()
         except ValueError:
             raise EzsshError(f"{method} {path} returned HTTP {resp.status_code} without JSON.", UNAVAILABLE) from None
+
+    def pages(self, path: str, key: str, params: dict[str, str], *, follow: bool) -> tuple[list, str | None]:
+        """GET a paginated list: its items under `key`, and the token of the page after (None at the
+        end). With `follow`, every page, passing each `next` back as `continuation`."""
+        items: list = []
+        params = dict(params)
+        while True:
+            _, data = self.json("GET", path, params=params)
+            items += data.get(key) or []
+            token = data.get("next")
+            if not (follow and token):
+                return items, token
+            params["continuation"] = token

@@ -71,11 +71,14 @@ def create(request: Request, who: Identity = Depends(caller),
 
 
 @router.get("")
-def list_(request: Request, state: str | None = Query(None), role: str | None = Query(None),
-          who: Identity = Depends(caller)) -> dict:
+def list_(request: Request, state: str | None = Query(None, max_length=16),
+          role: str | None = Query(None, max_length=16), limit: int = Query(100),
+          continuation: str | None = Query(None, max_length=512), who: Identity = Depends(caller)) -> dict:
+    """Newest first, `limit` (1-1000) a page; `next` is the `continuation` of the next page."""
     svc = service(request)
     now = int(svc.clock())
-    return {"requests": [r.to_public(now) for r in svc.requests.list(who, state=state, role=role)]}
+    page = svc.requests.list(who, state=state, role=role, limit=limit, continuation=continuation)
+    return {"requests": [r.to_public(now) for r in page.requests], "next": page.next}
 
 
 @router.get("/{request_id}")

@@ -33,6 +33,7 @@ PENDING, APPROVED, DENIED, EXPIRED, CANCELLED, ISSUED = (
     "issued",
 )
 FINAL_STATES = frozenset({DENIED, EXPIRED, CANCELLED, ISSUED})
+OPEN_STATES = frozenset({PENDING, APPROVED})
 ISSUE_WINDOW = 15 * 60  # an approved request must be turned into a certificate within this
 SERIAL_RANDOM_BITS = 21
 _SERIAL_MS_LIMIT = 1 << (63 - SERIAL_RANDOM_BITS)  # milliseconds fit in 42 bits until the year 2109
@@ -105,6 +106,10 @@ class RequestRecord:
     key_id: str | None = None
     audit_head: str = "0" * 64  # hash of the last audit entry in this request's chain
     etag: str | None = field(default=None, compare=False)
+    # Whether storage holds this request's index rows (open requests per policy and per user, the
+    # user's history, the expiry key). False only for a row written before the indexes existed and
+    # not yet backfilled: its next write adds them instead of updating them.
+    indexed: bool = field(default=True, compare=False, repr=False)
 
     def requester_is(self, who: Identity) -> bool:
         return who.oid == self.requester_oid and who.tid == self.tenant_id

@@ -31,6 +31,9 @@ from .requests import Requests
 
 log = logging.getLogger("ezssh.service")
 HEALTH_CACHE_SECONDS = 3.0
+# request rows written before the request indexes that the timer reads per tenant per run (each
+# old open or decided request costs one transaction; the run's work stays bounded)
+BACKFILL_BATCH = 500
 
 
 class Service:
@@ -64,16 +67,18 @@ class Service:
 
     def housekeeping(self, tenant_ids: Sequence[str]) -> dict[str, int]:
         """The timer's work: expire stale requests, retire CA keys past their window, remove host
-        renewal challenges that expired (anyone may ask for one; none outlives its window), and move
-        revocations of the first storage layout to the one keyed by expiry (a bounded batch a tick)."""
-        expired = retired = challenges = moved = 0
+        renewal challenges that expired (anyone may ask for one; none outlives its window), move
+        revocations of the first storage layout to the one keyed by expiry, and index request rows
+        written before the request indexes (each a bounded batch a tick, until none is left)."""
+        expired = retired = challenges = moved = indexed = 0
         for tid in tenant_ids:
             expired += len(self.requests.expire(tid))
             retired += len(self.policies.retire_due_ca_keys(tid))
             challenges += self.store.delete_expired_host_challenges(tid, self.base.now())
             moved += self.store.migrate_revocations(tid)
+            indexed += self.store.backfill_request_indexes(tid, BACKFILL_BATCH)[0]
         return {"expired_requests": expired, "retired_ca_keys": retired, "expired_host_challenges": challenges,
-                "revocations_migrated": moved}
+                "revocations_migrated": moved, "indexed_requests": indexed}
 
     def health(self, tenant_ids: Sequence[str] = ()) -> dict:
         """Storage answers; every current CA key (user and host) of the tenants' policies signs a probe (so a

@@ -96,12 +96,14 @@ class RateLimiter:
 
 class PolicyReader:
     """Reads a tenant's policies: fresh for decisions that change state, from a short per-worker
-    cache on the issuance path (`cached`)."""
+    cache on the issuance path and for lists (`cached`). The cache remembers the tenant's version
+    (Store.trust_version: it changes with every policy write) it was read at, so whether it is still
+    right is one point read (`if_changed`), not a re-read of every policy."""
 
     def __init__(self, store: Store, cache_seconds: float) -> None:
         self._store = store
         self._ttl = cache_seconds
-        self._cache: dict[str, tuple[float, list[Policy]]] = {}
+        self._cache: dict[str, tuple[float, str, list[Policy]]] = {}
         self._lock = threading.Lock()
 
     def cached(self, tid: str) -> list[Policy]:
@@ -109,11 +111,27 @@ class PolicyReader:
         with self._lock:
             hit = self._cache.get(tid)
         if self._ttl > 0 and hit is not None and now - hit[0] < self._ttl:
-            return hit[1]
+            return hit[2]
+        return self._load(tid, now)
+
+    def _load(self, tid: str, now: float) -> list[Policy]:
+        version = self._store.trust_version(tid).tag  # before the list: a write in between reads as a change
         policies = self._store.list_policies(tid)
         with self._lock:
-            self._cache[tid] = (now, policies)
+            self._cache[tid] = (now, version, policies)
         return policies
+
+    def if_changed(self, tid: str) -> list[Policy] | None:
+        """The tenant's policies read again if any changed since they were cached, else None (the
+        cached list is current: one point read said so)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(tid)
+        if hit is not None and self._store.trust_version(tid).tag == hit[1]:
+            with self._lock:
+                self._cache[tid] = (now, hit[1], hit[2])
+            return None
+        return self._load(tid, now)
 
     def changed(self, tid: str) -> None:
         with self._lock:

@@ -19,6 +19,8 @@ from ..core.errors import (
     EzsshError,
     Forbidden,
     InvalidRequest,
+    NotFound,
+    PreconditionFailed,
     TooManyPending,
     TooManyRequests,
     TtlTooLong,
@@ -28,7 +30,7 @@ from ..core.evaluation import AccessRequest, allowed_logins, choose_policy, make
 from ..core.policy import Identity, Policy
 from ..observability import event
 from ..signing.base import as_private_key
-from ..storage.base import CertificateRecord, IdempotencyRecord
+from ..storage.base import CertificateRecord, IdempotencyRecord, PendingSlots
 from .base import Base
 from .requests import Requests, request_message
 
@@ -126,13 +128,13 @@ class Issuance:
             try:
                 decision = choose_policy(who, req, b.policies.cached(who.tid))
             except (Denied, TtlTooLong):
-                # A refusal is never decided on cached data: a policy created or widened on
-                # another worker a moment ago must apply at once.
-                b.policies.changed(who.tid)
-                decision = choose_policy(who, req, b.policies.cached(who.tid))
+                # A refusal is never decided on stale data: a policy created or widened on another
+                # worker a moment ago must apply at once. One point read says whether any changed.
+                current = b.policies.if_changed(who.tid)
+                if current is None:
+                    raise
+                decision = choose_policy(who, req, current)
             vetted = parse_public_key(public_key) if public_key is not None else None
-            if decision.action != "auto":
-                self._check_pending(who, decision.policy)
         policy = decision.policy
         now = b.now()
         rid = idem.request_id if idem is not None else new_request_id(b.clock())
@@ -169,7 +171,11 @@ class Issuance:
             event(log, "certificate.issued", key_id=issued.key_id, serial=issued.serial, request=rid,
                   policy=policy.id, tenant=who.tid)
             return Outcome("issued", final, issued)
-        rec = b.store.create_request(replace(rec, audit_head=created.hash), created, idem)
+        rec = replace(rec, audit_head=created.hash)
+        if rec.state == sm.PENDING:
+            rec = self._create_pending(who, policy, rec, created, idem)
+        else:
+            rec = b.store.create_request(rec, created, idem)
         event(log, f"request.{rec.state}", request=rid, policy=policy.id, actor=who.upn, tenant=who.tid)
         if rec.state == sm.PENDING:
             b.notify(policy, request_message(rec, policy, "ezssh: access request waiting for approval",
@@ -177,15 +183,44 @@ class Issuance:
         return Outcome(rec.state, rec, approvers_needed=rec.approvals_required,
                        approvers=policy.approvers.to_dict() if rec.state == sm.PENDING else None)
 
-    def _check_pending(self, who: Identity, policy: Policy) -> None:
-        limit = self.base.config.max_pending_requests
-        now = self.base.now()
-        mine = [r for r in self.base.store.list_requests(who.tid, sm.PENDING)
-                if r.policy_id == policy.id and r.requester_is(who) and r.effective_state(now) == sm.PENDING]
-        if len(mine) >= limit:
+    def _create_pending(self, who: Identity, policy: Policy, rec: sm.RequestRecord, created: AuditEntry,
+                        idem: IdempotencyRecord | None) -> sm.RequestRecord:
+        """Create a pending request in one of the user's pending slots under its policy. The slots row
+        is written in the request's own transaction, only if unchanged since read: of concurrent
+        requests exactly one takes a given slot, and the others read the row again. Each lost race
+        means another request took a slot, so after max_pending_requests + 1 losses the row is full."""
+        b = self.base
+        for _ in range(b.config.max_pending_requests + 2):
+            with b.refusing(who, "request.refused", host=rec.host, principal=rec.principal, policy_id=policy.id):
+                slots = self._pending_slots(who, policy, rec)
+            try:
+                return b.store.create_request(rec, created, idem, slots)
+            except PreconditionFailed:
+                continue
+        raise Conflict("Too many of your requests under this policy arrived at the same time; retry.")
+
+    def _pending_slots(self, who: Identity, policy: Policy, rec: sm.RequestRecord) -> PendingSlots:
+        """The slots with `rec` added, or TooManyPending. Slots past their deadline are free; when the
+        rest fill the cap, each is checked (at most max_pending_requests point reads) and those no
+        longer pending (decided) are freed."""
+        b = self.base
+        limit = b.config.max_pending_requests
+        now = b.now()
+        slots = b.store.get_pending_slots(who.tid, policy.id, who.oid)
+        live = [(rid, exp) for rid, exp in slots.requests if exp > now]
+        if len(live) >= limit:
+            live = [(rid, exp) for rid, exp in live if self._still_pending(who.tid, rid, now)]
+        if len(live) >= limit:
             raise TooManyPending(
-                f"You have {len(mine)} pending requests under policy {policy.id!r}, the most allowed; cancel one "
+                f"You have {len(live)} pending requests under policy {policy.id!r}, the most allowed; cancel one "
                 "(ezssh requests cancel <id>) or wait for a decision.", policy=policy.id, limit=limit)
+        return replace(slots, requests=(*live, (rec.id, rec.expires_at)))
+
+    def _still_pending(self, tid: str, request_id: str, now: int) -> bool:
+        try:
+            return self.base.store.get_request(tid, request_id).effective_state(now) == sm.PENDING
+        except NotFound:
+            return False
 
     def issue_for_request(self, who: Identity, request_id: str, public_key: str) -> Outcome:
         b = self.base

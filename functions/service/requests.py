@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ..core import approval as sm
 from ..core.audit import link
-from ..core.errors import Conflict, Forbidden, NotFound
+from ..core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from ..core.policy import Identity, Policy
 from ..notify import Message
 from ..observability import event
+from ..storage.base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, POSITION_RE, index_position
 from .base import Base
 
 log = logging.getLogger("ezssh.service")
 
 PAST = {"approve": "approved", "deny": "denied", "cancel": "cancelled"}
+STATES = (sm.PENDING, sm.APPROVED, sm.DENIED, sm.EXPIRED, sm.CANCELLED, sm.ISSUED)
+ROLES = ("requester", "approver")
+MAX_LIMIT = 1000
+SWEEP_BATCH = 500  # expiry keys the sweep handles per tenant per run; the rest wait for the next run
 TRANSITIONS = {"approve": sm.approve, "deny": sm.deny, "cancel": sm.cancel}
 
 
@@ -32,6 +40,31 @@ def request_message(rec: sm.RequestRecord, policy: Policy, title: str,
     ) + extra
     return Message(rec.tenant_id, policy.webhook_url or "", policy.webhook_format, title, facts,
                    request_id=rec.id, policy_id=rec.policy_id)
+
+
+@dataclass(frozen=True)
+class RequestPage:
+    requests: list[sm.RequestRecord]
+    next: str | None  # the continuation token of the next page; None at the end
+
+
+def _token(after: str) -> str:
+    raw = json.dumps({"after": after}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after(token: str | None) -> str | None:
+    """The index position a continuation token continues after (the token is base64url JSON)."""
+    if token is None:
+        return None
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after = doc.get("after") if isinstance(doc, dict) else None
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        after = None
+    if not isinstance(after, str) or not POSITION_RE.match(after):
+        raise InvalidRequest("The continuation token is not valid; start again without it.")
+    return after
 
 
 class Requests:
@@ -51,26 +84,59 @@ class Requests:
     def get(self, who: Identity, request_id: str) -> sm.RequestRecord:
         return self.visible(who, request_id)[0]
 
-    def list(self, who: Identity, *, state: str | None = None, role: str | None = None) -> list[sm.RequestRecord]:
+    def list(self, who: Identity, *, state: str | None = None, role: str | None = None, limit: int = 100,
+             continuation: str | None = None) -> RequestPage:
+        """Newest first, one page. `role=requester`: the caller's own requests (those issued at once
+        are certificates, in the audit); `role=approver`: the open requests of the policies the
+        caller approves, not their own; neither: both, plus the open requests of the policies the
+        caller administers. Each source is one index range read of at most `limit` + 1 rows (one per
+        policy in the caller's scope), never a scan of the tenant's history."""
+        if role is not None and role not in ROLES:
+            raise InvalidRequest(f"Unknown role {role!r}; use requester or approver.")
+        if state is not None and state not in STATES:
+            raise InvalidRequest(f"Unknown state {state!r}; use one of {', '.join(STATES)}.")
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}.")
+        after = _after(continuation)
+        open_only = state in (sm.PENDING, sm.APPROVED)
+        sources: list[tuple[str, str]] = []
+        if role != "approver":
+            sources.append((OPEN_BY_USER if open_only else BY_USER, who.oid))
+        if role != "requester" and (state is None or state in sm.OPEN_STATES or state == sm.EXPIRED):
+            sources += [(OPEN_BY_POLICY, p.id) for p in self.base.policies.cached(who.tid) if not p.deleted and
+                        (p.is_approver(who) or (role is None and p.is_admin(who)))]
+        elif role == "approver":
+            raise InvalidRequest("Approvers list open requests (pending or approved); decided requests are in "
+                                 "the audit log (GET /api/audit).")
+        return self._page(who, sources, after, limit, state, role)
+
+    def _page(self, who: Identity, sources: list[tuple[str, str]], after: str | None, limit: int,
+              state: str | None, role: str | None) -> RequestPage:
+        """Merge the sources newest first. A source that returned more than `limit` rows may hold
+        more past its last row read, so the page ends there at the latest (`next` goes on from it)."""
         now = self.base.now()
-        stored_state = state if state in (None, sm.DENIED, sm.CANCELLED, sm.ISSUED) else None
-        recs = self.base.store.list_requests(who.tid, stored_state)
-        policies = {p.id: p for p in self.base.policies.all(who.tid)}
-        out = []
-        for r in recs:
-            p = policies.get(r.policy_id)
-            mine = r.requester_is(who)
-            approver = p is not None and p.is_approver(who) and not mine
-            if role == "approver" and not approver:
+        seen: dict[str, sm.RequestRecord] = {}
+        horizon: str | None = None  # past this position some source may have rows not read yet
+        for index, key in sources:
+            rows = self.base.store.list_request_index(who.tid, index, key, after=after, limit=limit + 1)
+            for r in rows:
+                seen.setdefault(index_position(r), r)
+            if len(rows) > limit:
+                horizon = min(horizon or "~", index_position(rows[-1]))
+        out: list[sm.RequestRecord] = []
+        last = None
+        positions = sorted(seen)
+        for pos in positions:
+            if horizon is not None and pos > horizon or len(out) == limit:
+                break
+            last, r = pos, seen[pos]
+            if role == "approver" and r.requester_is(who):
                 continue
-            if role == "requester" and not mine:
-                continue
-            if not (mine or approver or (p is not None and p.is_admin(who))):
-                continue
-            if state and r.effective_state(now) != state:
+            if state is not None and r.effective_state(now) != state:
                 continue
             out.append(r)
-        return sorted(out, key=lambda r: r.created_at, reverse=True)
+        more = horizon is not None or (last is not None and positions[-1] > last)
+        return RequestPage(out, _token(last) if more and last is not None else None)
 
     def approve(self, who: Identity, request_id: str, comment: str | None = None) -> sm.RequestRecord:
         return self._transition(who, request_id, "approve", comment)
@@ -102,26 +168,37 @@ class Requests:
                 (("Decided by", who.upn), ("Comment", comment or "-"))))
         return saved
 
-    def expire(self, tenant_id: str) -> list[str]:
-        """Move pending/approved requests past their deadline to `expired` (the timer's sweep).
-        Reads check expiry too, so this only makes storage and the audit say so."""
+    def expire(self, tenant_id: str, limit: int = SWEEP_BATCH) -> list[str]:
+        """Move pending/approved requests past their deadline to `expired` (the timer's sweep). Reads
+        only the expiry keys due (at most `limit`), one point read each; reads check expiry too, so
+        this only makes storage and the audit say so. A key whose request was decided, or whose
+        deadline moved at approval, is removed."""
         now = self.base.now()
         done = []
-        for rec in self.base.store.list_requests(tenant_id):
-            if rec.state not in (sm.PENDING, sm.APPROVED) or rec.effective_state(now) != sm.EXPIRED:
-                continue
-            new = sm.expire(rec, now)
-            entry = link(replace(self.base.audit_entry(None, "request.expired", request_id=rec.id,
-                                                       policy_id=rec.policy_id, host=rec.host,
-                                                       principal=rec.principal, chain=f"req:{rec.id}",
-                                                       details={"was": rec.state}), tenant_id=tenant_id),
-                         rec.audit_head)
+        for expires_at, rid in self.base.store.due_requests(tenant_id, now, limit):
             try:
-                self.base.store.update_request(replace(new, audit_head=entry.hash), rec.etag or "", entry)
-            except (Conflict, NotFound):
-                continue  # decided or swept meanwhile
-            done.append(rec.id)
-            policy = self.base.policies.get_or_none(tenant_id, rec.policy_id)
-            if policy is not None:
-                self.base.notify(policy, request_message(new, policy, "ezssh: access request expired"))
+                rec = self.base.store.get_request(tenant_id, rid)
+            except NotFound:
+                rec = None
+            if rec is not None and rec.state in sm.OPEN_STATES and rec.expires_at == expires_at:
+                if not self._expire(tenant_id, rec, now):
+                    continue  # decided meanwhile: the next sweep finds it so and removes the key
+                done.append(rec.id)
+            self.base.store.remove_expiry_key(tenant_id, expires_at, rid)
         return done
+
+    def _expire(self, tenant_id: str, rec: sm.RequestRecord, now: int) -> bool:
+        new = sm.expire(rec, now)
+        entry = link(replace(self.base.audit_entry(None, "request.expired", request_id=rec.id,
+                                                   policy_id=rec.policy_id, host=rec.host,
+                                                   principal=rec.principal, chain=f"req:{rec.id}",
+                                                   details={"was": rec.state}), tenant_id=tenant_id),
+                     rec.audit_head)
+        try:
+            self.base.store.update_request(replace(new, audit_head=entry.hash), rec.etag or "", entry)
+        except (Conflict, NotFound):
+            return False
+        policy = self.base.policies.get_or_none(tenant_id, rec.policy_id)
+        if policy is not None:
+            self.base.notify(policy, request_message(new, policy, "ezssh: access request expired"))
+        return True

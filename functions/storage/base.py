@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from ..core.approval import RequestRecord
+import re
+
+from ..core.approval import RequestRecord, serial_floor, serial_of_request_id
 from ..core.audit import AuditEntry
 from ..core.policy import Policy
 
@@ -41,6 +43,38 @@ class IdempotencyRecord:
     request_id: str
     digest: str  # hex SHA-256 of what was asked (host, login, policy, TTL, key fingerprint)
     created_at: int
+
+
+@dataclass(frozen=True)
+class PendingSlots:
+    """The requests one user has waiting under one policy (the pending cap's row). Written with the
+    request that takes a slot, in the same transaction, only if the row is still at `etag` (None:
+    no row yet), so concurrent requests cannot both take the last slot. Decisions do not write it:
+    a slot whose request is no longer pending is freed by the next request that reads the row."""
+
+    tenant_id: str
+    policy_id: str
+    owner_oid: str
+    requests: tuple[tuple[str, int], ...] = ()  # (request id, expires_at), oldest first
+    etag: str | None = None
+
+
+# The request indexes (functions/storage/tables.py): each lists request copies newest first.
+BY_USER = "user"  # every request a user made that went through a decision (not those issued at once)
+OPEN_BY_USER = "user-open"  # a user's pending and approved requests
+OPEN_BY_POLICY = "policy-open"  # a policy's pending and approved requests: what its approvers decide
+REQUEST_INDEXES = (BY_USER, OPEN_BY_USER, OPEN_BY_POLICY)
+POSITION_RE = re.compile(r"^[0-9a-f]{16}(?:-[A-Za-z0-9-]{1,64})?$")
+_NEWEST_FIRST = (1 << 64) - 1
+
+
+def index_position(rec: RequestRecord) -> str:
+    """Where a request sorts in the request indexes (ascending = newest first): its id turned
+    upside down (ids are serials, time first); an id of an older shape sorts by its creation time."""
+    serial = serial_of_request_id(rec.id)
+    if serial is not None:
+        return f"{_NEWEST_FIRST - serial:016x}"
+    return f"{_NEWEST_FIRST - serial_floor(rec.created_at * 1000):016x}-{rec.id}"
 
 
 @dataclass(frozen=True)
@@ -134,11 +168,37 @@ class Store(Protocol):
 
     # requests
     def get_request(self, tenant_id: str, request_id: str) -> RequestRecord: ...
-    def list_requests(self, tenant_id: str, state: str | None = None) -> list[RequestRecord]: ...
-    # Every write below lands together with its audit entries (and idempotency key), or not at all.
+    def list_requests(self, tenant_id: str, state: str | None = None) -> list[RequestRecord]:
+        """Every request row of the tenant (a scan of its whole history): tests and offline tools
+        only; no user-, host- or timer-facing path calls it."""
+        ...
+    def list_request_index(self, tenant_id: str, index: str, key: str, *, after: str | None = None,
+                           limit: int = 100) -> list[RequestRecord]:
+        """Up to `limit` request copies from one index (BY_USER / OPEN_BY_USER: key = the user's oid;
+        OPEN_BY_POLICY: key = the policy id), newest first, only those after position `after`
+        (index_position: older). One range read of at most `limit` rows; the copies carry no ETag (read the request
+        to change it). Requests written before the indexes are listed once backfilled."""
+        ...
+    def due_requests(self, tenant_id: str, now: int, limit: int = 100) -> list[tuple[int, str]]:
+        """(expires_at, request id) of expiry keys at or before `now`, oldest first: one range read of
+        the rows due. A key can outlive its request's deadline (the deadline moved at approval, or
+        the request was decided): the sweep checks the request and removes the key."""
+        ...
+    def remove_expiry_key(self, tenant_id: str, expires_at: int, request_id: str) -> None:
+        """Delete one expiry key (gone already is fine)."""
+        ...
+    def get_pending_slots(self, tenant_id: str, policy_id: str, owner_oid: str) -> PendingSlots: ...
+    # Every write below lands together with its audit entries, idempotency key and index rows, or
+    # not at all. `slots` (the new pending slots) is written only if still at its ETag; else the
+    # whole write raises PreconditionFailed.
     def create_request(self, rec: RequestRecord, audit: AuditEntry,
-                       idempotency: IdempotencyRecord | None = None) -> RequestRecord: ...
+                       idempotency: IdempotencyRecord | None = None,
+                       slots: PendingSlots | None = None) -> RequestRecord: ...
     def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord: ...
+    def backfill_request_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
+        """Index requests written before the indexes existed, reading at most `budget` request rows
+        from where the last call stopped (a marker row). Returns (rows indexed, finished)."""
+        ...
 
     # issuance: the request's new state, the certificate record and the audit entry all land
     # before the certificate is returned. `etag` None means the request row is new. The serial is

@@ -15,6 +15,12 @@ written in one atomic write (one row, or one entity-group transaction in that pa
                                                 revocations (known-hosts). See trust_version.
                    aud|<ms since epoch>|<id>    an audit entry (ascending by time)
                    idk|<oid>|<key hash>         an idempotency key and the request it made
+                   rqu|<oid>|<newest-first id>  request index: a user's requests (a copy of each)
+                   rqm|<oid>|<newest-first id>  request index: a user's open (pending/approved) requests
+                   rqo|<policy>|<newest-first id>  request index: a policy's open requests (approvers')
+                   rqx|<expires_at>|<request id>   expiry key of an open request (the sweep's index)
+                   rqc|<policy>|<oid>           pending slots: a user's pending requests under a policy
+                   mig|requests                 how far the backfill of old request rows has got
                    htk| hch| hky|               host enrolment tokens, renewal challenges, host keys
                                                 (hostrecords.py)
 
@@ -43,13 +49,15 @@ from typing import Any, Sequence
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
-from ..core.approval import Approval, RequestRecord, request_id_of_serial, serial_floor, serial_of_request_id
+from ..core.approval import (OPEN_STATES, Approval, RequestRecord, request_id_of_serial, serial_floor,
+                             serial_of_request_id)
 from ..deadline import deadline_hook
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed
 from ..core.policy import Policy
 from ..core.policydoc import policy_from_row
-from .base import CertificateRecord, IdempotencyRecord, Revoked, TrustVersion
+from .base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, CertificateRecord, IdempotencyRecord, PendingSlots,
+                   Revoked, TrustVersion, index_position)
 from .transport import client_options, endpoint_of
 from .hostrecords import HostRecords
 from .tablecalls import _guard, _if_match, transact
@@ -75,6 +83,13 @@ def _version_entity(tenant_id: str, row_key: str, at: float) -> tuple:
     conflict over it."""
     return ("upsert", {"PartitionKey": tenant_id, "RowKey": row_key, "Kind": "version", "At": int(at)},
             {"mode": UpdateMode.REPLACE})
+
+
+INDEX_PREFIX = {BY_USER: "rqu", OPEN_BY_USER: "rqm", OPEN_BY_POLICY: "rqo"}
+
+
+def _expiry_key(expires_at: int, request_id: str) -> str:
+    return f"rqx|{expires_at:010d}|{request_id}"
 
 
 class TableStore(HostRecords):
@@ -190,12 +205,13 @@ class TableStore(HostRecords):
             "Serial": str(rec.serial) if rec.serial is not None else None,
             "KeyId": rec.key_id,
             "AuditHead": rec.audit_head,
+            "Ix": 1,  # its index rows exist (rows written before the indexes lack it)
         }
 
     @staticmethod
     def _request_from_entity(e: Any) -> RequestRecord:
         return RequestRecord(
-            id=e["RowKey"][4:],
+            id=e.get("RequestId") or e["RowKey"][4:],
             tenant_id=e["PartitionKey"],
             policy_id=e["PolicyId"],
             requester_oid=e["RequesterOid"],
@@ -216,7 +232,30 @@ class TableStore(HostRecords):
             key_id=e.get("KeyId"),
             audit_head=e.get("AuditHead") or "0" * 64,
             etag=e.metadata.get("etag"),
+            indexed=bool(e.get("Ix")),
         )
+
+    @classmethod
+    def _index_ops(cls, rec: RequestRecord, *, new: bool) -> list:
+        """The index rows of `rec` in its new state, for the transaction that writes it: the user's
+        copy always; while open, the copies under the user's and the policy's open requests and the
+        expiry key; once decided, the open copies deleted. A request not yet indexed (an old row)
+        gets its rows added, never deleted. Expiry keys are left for the sweep to remove (their
+        deadline may have moved at approval)."""
+        copy = {k: v for k, v in cls._request_entity(rec).items() if k != "Ix"} | {"RequestId": rec.id,
+                                                                                  "Kind": "request-index"}
+        turned = index_position(rec)
+        write = "create" if new else "upsert"
+        opts = () if new else ({"mode": UpdateMode.REPLACE},)
+        ops: list = [(write, copy | {"RowKey": f"rqu|{rec.requester_oid}|{turned}"}, *opts)]
+        open_keys = (f"rqm|{rec.requester_oid}|{turned}", f"rqo|{rec.policy_id}|{turned}")
+        if rec.state in OPEN_STATES:
+            ops += [(write, copy | {"RowKey": key}, *opts) for key in open_keys]
+            ops.append((write, {"PartitionKey": rec.tenant_id, "RowKey": _expiry_key(rec.expires_at, rec.id),
+                                "Kind": "request-expiry", "RequestId": rec.id}, *opts))
+        elif rec.indexed and not new:
+            ops += [("delete", {"PartitionKey": rec.tenant_id, "RowKey": key}) for key in open_keys]
+        return ops
 
     def get_request(self, tenant_id: str, request_id: str) -> RequestRecord:
         try:
@@ -234,29 +273,120 @@ class TableStore(HostRecords):
         rows = _guard("list requests", lambda: list(self._table.query_entities(flt, parameters=params)))
         return [self._request_from_entity(e) for e in rows]
 
+    def list_request_index(self, tenant_id: str, index: str, key: str, *, after: str | None = None,
+                           limit: int = 100) -> list[RequestRecord]:
+        prefix = f"{INDEX_PREFIX[index]}|{key}|"
+        lo = prefix + after if after else prefix
+        flt = f"PartitionKey eq @pk and RowKey {'gt' if after else 'ge'} @lo and RowKey lt @hi"
+        params = {"pk": tenant_id, "lo": lo, "hi": prefix[:-1] + "}"}
+        rows = _guard("list requests", lambda: list(itertools.islice(
+            self._table.query_entities(flt, parameters=params, results_per_page=max(1, limit)), max(0, limit))))
+        return [replace(self._request_from_entity(e), etag=None, indexed=True) for e in rows]
+
+    def due_requests(self, tenant_id: str, now: int, limit: int = 100) -> list[tuple[int, str]]:
+        flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        params = {"pk": tenant_id, "lo": "rqx|", "hi": f"rqx|{now + 1:010d}"}
+        rows = _guard("list due requests", lambda: list(itertools.islice(
+            self._table.query_entities(flt, parameters=params, results_per_page=max(1, limit),
+                                       select=["RowKey"]), max(0, limit))))
+        return [(int(e["RowKey"].split("|")[1]), e["RowKey"].split("|")[2]) for e in rows]
+
+    def remove_expiry_key(self, tenant_id: str, expires_at: int, request_id: str) -> None:
+        try:
+            _guard("remove expiry key", lambda: self._table.delete_entity(tenant_id,
+                                                                          _expiry_key(expires_at, request_id)))
+        except ResourceNotFoundError:
+            pass
+
+    # Row rqc|<policy id>|<oid>: the pending slots of one user under one policy (PendingSlots).
+    def get_pending_slots(self, tenant_id: str, policy_id: str, owner_oid: str) -> PendingSlots:
+        try:
+            e = _guard("get pending slots", lambda: self._table.get_entity(tenant_id, f"rqc|{policy_id}|{owner_oid}"))
+        except ResourceNotFoundError:
+            return PendingSlots(tenant_id, policy_id, owner_oid)
+        return PendingSlots(tenant_id, policy_id, owner_oid,
+                            tuple((str(r), int(x)) for r, x in json.loads(e.get("Requests") or "[]")),
+                            etag=e.metadata.get("etag"))
+
+    @staticmethod
+    def _slots_op(slots: PendingSlots) -> tuple:
+        entity = {"PartitionKey": slots.tenant_id, "RowKey": f"rqc|{slots.policy_id}|{slots.owner_oid}",
+                  "Kind": "pending-slots", "Requests": json.dumps([list(r) for r in slots.requests])}
+        if slots.etag is None:
+            return ("create", entity)
+        return ("update", entity, _if_match(slots.etag))
+
     def create_request(self, rec: RequestRecord, audit: AuditEntry,
-                       idempotency: IdempotencyRecord | None = None) -> RequestRecord:
-        """The request row carrying its first audit entry: one insert (with an idempotency key, one
-        transaction with the key's row)."""
+                       idempotency: IdempotencyRecord | None = None,
+                       slots: PendingSlots | None = None) -> RequestRecord:
+        """One transaction: the request row carrying its first audit entry, its index rows, the
+        idempotency key's row and the pending slots (only if still at their ETag)."""
+        if slots is not None and slots.tenant_id != rec.tenant_id:
+            raise ValueError("Partition Keys in the batch must all be the same.")
         entity = self._request_entity(rec) | self._embedded_audit(rec.tenant_id, [audit])
         exists = Conflict("That request already exists.")
-        if idempotency is None:
-            meta = self._insert("create request", entity, exists)
-            return replace(rec, etag=meta.get("etag"))
-        ops = [("create", entity), ("create", self._idempotency_entity(idempotency))]
-        resp = transact(self._table, "create request", ops, not_found=f"Request {rec.id!r} was not found.",
-                        lost=exists, exists=exists)
-        return replace(rec, etag=resp[0].get("etag"))
+        ops = [("create", entity), *self._index_ops(rec, new=True)]
+        if idempotency is not None:
+            ops.append(("create", self._idempotency_entity(idempotency)))
+        lost: EzsshError = exists
+        if slots is not None:
+            ops.append(self._slots_op(slots))
+            lost = PreconditionFailed("Your pending requests under this policy changed at the same time; retry.")
+        try:
+            resp = transact(self._table, "create request", ops, not_found=f"Request {rec.id!r} was not found.",
+                            lost=lost, exists=exists)
+        except Conflict:
+            if slots is not None and slots.etag is None and self.get_pending_slots(
+                    rec.tenant_id, slots.policy_id, slots.owner_oid).etag is not None:
+                raise lost from None  # the slots row was created meanwhile: a lost race, not a used id
+            raise
+        return replace(rec, etag=resp[0].get("etag"), indexed=True)
 
     def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord:
         """The request row (only if still at `etag`) and its audit entry, in one transaction. The row is
         merged, so what it carries besides the request (its first audit entries) stays."""
         ops = [("update", self._request_entity(rec), _if_match(etag, UpdateMode.MERGE)),
-               ("create", self._audit_entity(audit))]
+               ("create", self._audit_entity(audit)), *self._index_ops(rec, new=False)]
         resp = transact(self._table, "update request", ops, not_found=f"Request {rec.id!r} was not found.",
                         lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
                         exists=Conflict(f"Request {rec.id} changed at the same time; read it again."))
-        return replace(rec, etag=resp[0].get("etag"))
+        return replace(rec, etag=resp[0].get("etag"), indexed=True)
+
+    def backfill_request_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
+        """Rows req| without Ix (written before the indexes) get their index rows, each in one
+        transaction with Ix set on the row if it is still at the ETag read (a request changed
+        meanwhile was indexed by that change). A request issued at once (its certificate's audit
+        entry in its own row, Audit1) has none: only requests that waited for a decision are indexed.
+        Row mig|requests keeps the last request id read, so each call reads at most `budget` rows."""
+        marker = {"PartitionKey": tenant_id, "RowKey": "mig|requests", "Kind": "migration"}
+        try:
+            done = _guard("read backfill marker", lambda: self._table.get_entity(tenant_id, "mig|requests"))
+        except ResourceNotFoundError:
+            done = {}
+        if done.get("Finished"):
+            return 0, True
+        after = done.get("After") or ""
+        flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
+        params = {"pk": tenant_id, "lo": f"req|{after}", "hi": "req}"}
+        rows = _guard("backfill request indexes", lambda: list(itertools.islice(self._table.query_entities(
+            flt, parameters=params, results_per_page=max(1, min(budget, 1000))), max(1, budget))))
+        indexed = 0
+        for e in rows:
+            if e.get("Ix") or e.get("Audit1"):
+                continue
+            rec = self._request_from_entity(e)
+            ops = [("update", {"PartitionKey": tenant_id, "RowKey": e["RowKey"], "Ix": 1},
+                    _if_match(rec.etag or "", UpdateMode.MERGE)), *self._index_ops(rec, new=False)]
+            try:
+                transact(self._table, "backfill request indexes", ops, not_found="gone",
+                         lost=Conflict("changed"), exists=Conflict("changed"))
+                indexed += 1
+            except (Conflict, NotFound):
+                continue  # changed meanwhile (and so indexed by that change), or deleted
+        finished = len(rows) < budget
+        marker |= {"After": rows[-1]["RowKey"][4:] if rows else after, "Finished": finished}
+        _guard("write backfill marker", lambda: self._table.upsert_entity(marker, mode=UpdateMode.REPLACE))
+        return indexed, finished
 
     def _insert(self, op: str, entity: dict, exists: EzsshError) -> dict:
         try:
@@ -370,7 +500,7 @@ class TableStore(HostRecords):
                 return
             ops: list = [("create", entity), ("create", self._idempotency_entity(idempotency))]
         else:
-            ops = [("update", entity, _if_match(etag, UpdateMode.MERGE))]
+            ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), *self._index_ops(rec, new=False)]
             ops += [("create", self._audit_entity(a)) for a in audit]
             if idempotency is not None:
                 ops.append(("create", self._idempotency_entity(idempotency)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..context import Ctx
 from ..errors import OK
 from ..output import err, fmt_left, out_json, print_table
@@ -12,12 +14,12 @@ def cmd_list(args) -> int:
     params = {"role": "requester" if args.mine else "approver"}
     if args.pending or not args.mine:
         params["state"] = "pending"
-    _, data = ctx.api.json("GET", "/api/requests", params=params)
-    reqs = data.get("requests", [])
+    params["limit"] = str(args.limit)
+    reqs, token = ctx.api.pages("/api/requests", "requests", params, follow=args.all)
     if args.json:
-        out_json(data)
+        out_json({"requests": reqs, "next": token})
         return OK
-    if not reqs:
+    if not reqs and not token:
         err("No pending requests await your approval." if not args.mine else "You have no matching requests.")
         return OK
     print_table(("ID", "STATUS", "REQUESTER", "LOGIN@HOST", "POLICY", "APPROVALS", "EXPIRES", "REASON"),
@@ -26,7 +28,19 @@ def cmd_list(args) -> int:
                   f"{len(r.get('approvals') or [])}/{r.get('approvals_required', '?')}",
                   fmt_left(r.get("expires_at")) if r.get("status") == "pending" else "-",
                   (r.get("reason") or "").replace("\n", " ")[:60]) for r in reqs])
+    if token:
+        err("More requests follow; add --all for every page (or --limit N for bigger pages).")
     return OK
+
+
+def _page_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1000:
+        raise argparse.ArgumentTypeError("a number from 1 to 1000")
+    return n
 
 
 def decide(action: str, args) -> int:
@@ -50,6 +64,8 @@ def register(sub, fmt) -> None:
     c = rs.add_parser("list", help="requests waiting for your approval (default), or your own (--mine)")
     c.add_argument("--pending", action="store_true", help="only pending requests (always so without --mine)")
     c.add_argument("--mine", action="store_true", help="requests you made")
+    c.add_argument("--limit", type=_page_size, default=100, metavar="N", help="requests per page (1-1000, default 100)")
+    c.add_argument("--all", action="store_true", help="every page, not only the first")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_list)
     for action, helptext in (("approve", "approve a request"), ("deny", "deny a request"),
