@@ -991,3 +991,152 @@ def test_revocations_of_the_first_layout_are_read_until_moved(table_store, tid: 
     assert [r.serial for r in store.list_revoked_host(tid, valid_from=0)] == [82]
     # the policy's version: the latest revocation among the moved ones (a KRL's version never goes back)
     assert store.trust_version(tid, "web").at == int(T0) + 83
+
+
+# ---- request indexes ------------------------------------------------------------------------------
+# What the indexes promise (functions/storage/base.py): newest first; a request is in its user's
+# index from its creation through a decision (not when issued at once), and in the open indexes of
+# its user and its policy while pending or approved; every change of the request changes its copies
+# in the same write; expiry keys stay until removed; old rows join once backfilled or changed.
+
+
+def seed_legacy(store: Store, rec: RequestRecord, *, issued_at_once: bool = False) -> RequestRecord:
+    """A request row as written before the indexes existed (no index rows, no Ix marker)."""
+    if isinstance(store, MemoryStore):
+        return store.put_legacy_request(rec, issued_at_once=issued_at_once)
+    entity = {k: v for k, v in store._request_entity(rec).items() if k != "Ix"}  # type: ignore[attr-defined]
+    entity["Audit0"] = "{}"
+    if issued_at_once:
+        entity["Audit1"] = "{}"
+    meta = store._table.create_entity(entity)  # type: ignore[attr-defined]
+    return replace(rec, etag=meta.get("etag"), indexed=False)
+
+
+def ids_in(store: Store, tid: str, index: str, key: str, **kw) -> list[str]:
+    return [r.id for r in store.list_request_index(tid, index, key, **kw)]
+
+
+def test_request_indexes_follow_every_change(store: Store, tid: str) -> None:
+    from functions.storage.base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER
+
+    reqs = [store.create_request(a_request(tid, new_request_id(T0 + i), requester_oid=oid, policy_id=pid,
+                                           state=state), an_entry(tid, T0 + i))
+            for i, (oid, pid, state) in enumerate([("oid-a", "web", "pending"), ("oid-b", "web", "pending"),
+                                                   ("oid-a", "db", "approved"), ("oid-a", "web", "pending")])]
+    a0, b1, a2, a3 = (r.id for r in reqs)
+    other = str(uuid.uuid4())
+    store.create_request(a_request(other, requester_oid="oid-a"), an_entry(other, T0))
+    assert ids_in(store, tid, BY_USER, "oid-a") == [a3, a2, a0]  # newest first, this tenant only
+    assert ids_in(store, tid, OPEN_BY_USER, "oid-b") == [b1]
+    assert ids_in(store, tid, OPEN_BY_POLICY, "web") == [a3, b1, a0]
+    listed = store.list_request_index(tid, OPEN_BY_POLICY, "web")
+    assert listed[0] == reqs[3] and listed[0].etag is None  # a copy: read the request to change it
+    # pages: at most `limit`, then on from the position of the last one
+    from functions.storage.base import index_position
+    first = store.list_request_index(tid, OPEN_BY_POLICY, "web", limit=2)
+    assert [r.id for r in first] == [a3, b1]
+    assert ids_in(store, tid, OPEN_BY_POLICY, "web", after=index_position(first[-1]), limit=2) == [a0]
+    assert ids_in(store, tid, OPEN_BY_POLICY, "web", after=index_position(reqs[0])) == []
+    # an approval the request is still pending after changes the copies; a denial closes it
+    approved = store.update_request(replace(reqs[3], approvals=(Approval("oid-b", tid, "b@x", int(T0)),)),
+                                    reqs[3].etag or "", an_entry(tid, T0 + 10))
+    assert [len(r.approvals) for r in store.list_request_index(tid, OPEN_BY_USER, "oid-a")] == [1, 0, 0]
+    store.update_request(replace(approved, state="denied"), approved.etag or "", an_entry(tid, T0 + 11))
+    assert ids_in(store, tid, OPEN_BY_POLICY, "web") == [b1, a0]
+    assert ids_in(store, tid, OPEN_BY_USER, "oid-a") == [a2, a0]
+    assert [(r.id, r.state) for r in store.list_request_index(tid, BY_USER, "oid-a")][0] == (a3, "denied")
+    # the certificate of an approved request closes it too; a request issued at once is in none
+    serial = serial_of_request_id(a2)
+    issued = replace(reqs[2], state="issued", serial=serial, key_id=f"ezssh/db/{a2}/alice")
+    store.record_issuance(issued, reqs[2].etag, a_cert(issued, serial), [an_entry(tid, T0 + 12)])
+    at_once = a_request(tid, new_request_id(T0 + 20), requester_oid="oid-a", state="issued")
+    at_once = replace(at_once, serial=serial_of_request_id(at_once.id), key_id="k")
+    store.record_issuance(at_once, None, a_cert(at_once, at_once.serial), [an_entry(tid, T0 + 20)])
+    assert ids_in(store, tid, OPEN_BY_USER, "oid-a") == [a0]
+    assert ids_in(store, tid, BY_USER, "oid-a") == [a3, a2, a0]
+    assert store.list_request_index(tid, BY_USER, "oid-a")[1].state == "issued"
+
+
+def test_a_failed_write_changes_no_index(store: Store, tid: str) -> None:
+    from functions.storage.base import BY_USER, OPEN_BY_POLICY
+
+    rec = store.create_request(a_request(tid, new_request_id(T0)), an_entry(tid, T0))
+    with pytest.raises(Conflict):  # a stale ETag: neither the row nor its copies change
+        store.update_request(replace(rec, state="denied"), 'W/"stale"', an_entry(tid, T0 + 1))
+    with pytest.raises(Conflict):  # the same id again: nothing of the second request is written
+        store.create_request(replace(rec, requester_oid="oid-z"), an_entry(tid, T0 + 2))
+    assert ids_in(store, tid, OPEN_BY_POLICY, "web") == [rec.id]
+    assert ids_in(store, tid, BY_USER, "oid-z") == []
+
+
+def test_expiry_keys_are_read_by_due_time(store: Store, tid: str) -> None:
+    early = store.create_request(a_request(tid, new_request_id(T0), expires_at=int(T0) + 100), an_entry(tid, T0))
+    late = store.create_request(a_request(tid, new_request_id(T0 + 1), expires_at=int(T0) + 50),
+                                an_entry(tid, T0 + 1))
+    assert store.due_requests(tid, int(T0) + 49) == []
+    assert store.due_requests(tid, int(T0) + 100) == [(int(T0) + 50, late.id), (int(T0) + 100, early.id)]
+    assert store.due_requests(tid, int(T0) + 100, limit=1) == [(int(T0) + 50, late.id)]
+    # an approval moves the deadline: a new key; the old one stays for the sweep to drop
+    moved = store.update_request(replace(early, state="approved", expires_at=int(T0) + 900), early.etag or "",
+                                 an_entry(tid, T0 + 2))
+    assert store.due_requests(tid, int(T0) + 1000) == [(int(T0) + 50, late.id), (int(T0) + 100, early.id),
+                                                      (int(T0) + 900, moved.id)]
+    store.remove_expiry_key(tid, int(T0) + 100, early.id)
+    store.remove_expiry_key(tid, int(T0) + 100, early.id)  # gone already is fine
+    assert store.due_requests(tid, int(T0) + 1000) == [(int(T0) + 50, late.id), (int(T0) + 900, moved.id)]
+    assert store.due_requests(str(uuid.uuid4()), int(T0) + 1000) == []
+
+
+def test_pending_slots_are_taken_with_the_request_or_not_at_all(store: Store, tid: str) -> None:
+    from functions.storage.base import BY_USER, PendingSlots
+
+    empty = store.get_pending_slots(tid, "web", "oid-alice")
+    assert empty == PendingSlots(tid, "web", "oid-alice") and empty.etag is None
+    first = a_request(tid, new_request_id(T0))
+    store.create_request(first, an_entry(tid, T0), slots=replace(empty, requests=((first.id, first.expires_at),)))
+    taken = store.get_pending_slots(tid, "web", "oid-alice")
+    assert taken.requests == ((first.id, first.expires_at),) and taken.etag
+    # two writers that read the same slots: the second one's request is not written at all
+    second, third = a_request(tid, new_request_id(T0 + 1)), a_request(tid, new_request_id(T0 + 2))
+    store.create_request(second, an_entry(tid, T0 + 1),
+                         slots=replace(taken, requests=(*taken.requests, (second.id, second.expires_at))))
+    with pytest.raises(PreconditionFailed):
+        store.create_request(third, an_entry(tid, T0 + 2),
+                             slots=replace(taken, requests=(*taken.requests, (third.id, third.expires_at))))
+    with pytest.raises(PreconditionFailed):  # "no row yet" is an ETag too
+        store.create_request(third, an_entry(tid, T0 + 2),
+                             slots=replace(empty, requests=((third.id, third.expires_at),)))
+    with pytest.raises(NotFound):
+        store.get_request(tid, third.id)
+    assert ids_in(store, tid, BY_USER, "oid-alice") == [second.id, first.id]
+    assert [r for r, _ in store.get_pending_slots(tid, "web", "oid-alice").requests] == [first.id, second.id]
+    assert store.get_pending_slots(tid, "db", "oid-alice").requests == ()
+    with pytest.raises(ValueError):  # another tenant's slots can't ride along
+        store.create_request(third, an_entry(tid, T0 + 2), slots=PendingSlots(str(uuid.uuid4()), "web", "oid-alice"))
+
+
+def test_old_request_rows_are_indexed_by_a_bounded_backfill(store: Store, tid: str) -> None:
+    from functions.storage.base import BY_USER, OPEN_BY_POLICY
+
+    old = [seed_legacy(store, a_request(tid, new_request_id(T0 + i), state=state, expires_at=int(T0) + 100 + i),
+                       issued_at_once=state == "issued")
+           for i, state in enumerate(["pending", "denied", "issued", "pending", "approved"])]
+    uuid_id = seed_legacy(store, a_request(tid, str(uuid.uuid4()), state="pending", created_at=int(T0) - 10))
+    assert ids_in(store, tid, BY_USER, "oid-alice") == [] and store.due_requests(tid, int(T0) + 10**6) == []
+    # an old row still changes, and that change indexes it (it had no copies to update)
+    assert store.get_request(tid, old[3].id).indexed is False
+    denied = store.update_request(replace(old[3], state="denied"), old[3].etag or "", an_entry(tid, T0 + 50))
+    assert denied.indexed and ids_in(store, tid, BY_USER, "oid-alice") == [old[3].id]
+    assert ids_in(store, tid, OPEN_BY_POLICY, "web") == []
+    # the backfill reads at most its budget per call, from where it stopped
+    # (six rows: four to index, old[2] was issued at once, old[3] indexed by its change)
+    runs = [store.backfill_request_indexes(tid, 3) for _ in range(3)]
+    assert [done for _, done in runs] == [False, False, True] and sum(n for n, _ in runs) == 4
+    assert store.backfill_request_indexes(tid, 3) == (0, True)
+    assert ids_in(store, tid, BY_USER, "oid-alice") == [old[4].id, old[3].id, old[1].id, old[0].id, uuid_id.id]
+    assert ids_in(store, tid, OPEN_BY_POLICY, "web") == [old[4].id, old[0].id, uuid_id.id]
+    assert store.due_requests(tid, int(T0) + 10**6) == sorted(
+        [(r.expires_at, r.id) for r in (old[0], old[4], uuid_id)])
+    assert store.get_request(tid, old[0].id).indexed
+    # a fresh tenant has nothing to do
+    assert store.backfill_request_indexes(str(uuid.uuid4()), 3) == (0, True)
