@@ -61,11 +61,11 @@ def shared_ca(keys) -> CaKeyRef:
 
 
 @pytest.fixture
-def make_policy(store, shared_ca, clock) -> Callable[..., Policy]:
+def make_policy_on(shared_ca, clock) -> Callable[..., Policy]:
     """A policy stored as the tenant admin's create stores it (the validated document, its
     policy.created audit entry), with the shared CA key instead of a new one."""
 
-    def make(pid: str = "web", action: str = "auto", **kw: object) -> Policy:
+    def make(store, pid: str = "web", action: str = "auto", **kw: object) -> Policy:
         policy = replace(policy_from_document(policy_doc(pid, action, **kw), tenant_id=CAROL.tid), ca=(shared_ca,))
         entry = link(AuditEntry(tenant_id=CAROL.tid, at=clock(), action="policy.created", outcome="ok",
                                 actor_oid=CAROL.oid, actor_upn=CAROL.upn, policy_id=pid, chain=f"pol:{pid}",
@@ -73,6 +73,12 @@ def make_policy(store, shared_ca, clock) -> Callable[..., Policy]:
         return store.create_policy(replace(policy, audit_head=entry.hash), entry)
 
     return make
+
+
+@pytest.fixture
+def make_policy(store, make_policy_on) -> Callable[..., Policy]:
+    """make_policy_on the test's store."""
+    return lambda pid="web", action="auto", **kw: make_policy_on(store, pid, action, **kw)
 
 
 @pytest.fixture
