@@ -280,3 +280,34 @@ def test_an_unreachable_webhook_is_recorded_as_failed(client, context, oidc, aut
                   if e.action == "notification.failed"]
         time.sleep(0.2)
     assert failed and failed[0].outcome == "error" and failed[0].details["attempts"] == 4
+
+
+def test_the_pending_list_comes_in_pages(client, oidc, context, auth):
+    from devstack.stack import ensure_policy
+
+    ensure_policy(context.service, identity_of(oidc, "carol"), {**gated_doc(oidc, "gated-pages"), "hosts": ["pages-*"]})
+    made = [ask(client, auth, "dave", "gated-pages", host=f"pages-{i}")["id"] for i in range(3)]
+    seen, token, pages = [], None, 0
+    while True:
+        params = {"state": "pending", "role": "approver", "limit": 1} | ({"continuation": token} if token else {})
+        r = client.get("/api/requests", params=params, headers=auth("bob"))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["requests"]) <= 1 and "next" in body
+        seen += [x["id"] for x in body["requests"]]
+        pages += 1
+        token = body["next"]
+        if token is None:
+            break
+    assert len(seen) == len(set(seen)) and pages >= 3
+    assert [rid for rid in seen if rid in made] == made[::-1]  # newest first
+    assert set(seen) == {x["id"] for x in client.get("/api/requests", params={"state": "pending", "role": "approver"},
+                                                     headers=auth("bob")).json()["requests"]}
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 1001}, {"limit": "ten"}, {"continuation": "bm9wZQ"},
+                                    {"role": "approver", "state": "issued"}, {"state": "lost"}])
+def test_bad_list_parameters_are_400(client, auth, params):
+    r = client.get("/api/requests", params=params, headers=auth("bob"))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] in ("invalid_request", "bad_request") and "Traceback" not in r.text

@@ -81,3 +81,33 @@ def test_deny_ends_alices_wait_with_exit_code_5(tmp_path_factory, api_server, oi
     r = result["r"]
     assert r.returncode == 5, r.stderr
     assert "denied" in r.stderr and r.stdout == ""
+
+
+def test_the_cli_lists_requests_a_page_at_a_time_or_all(tmp_path_factory, api_server, oidc, context, token_for):
+    import json
+
+    doc = {"id": "gated-cli-pages", "rules": [{"groups": [oidc.group_id("contoso", "ezssh-users")],
+                                               "action": "approval"}],
+           "hosts": ["cli-pages-*"], "principals": ["{username}"],
+           "approvers": {"groups": [oidc.group_id("contoso", "ezssh-approvers")]}}
+    ensure_policy(context.service, identity_of(oidc, "carol"), doc)
+    made = []
+    for i in range(3):
+        r = httpx.post(f"{api_server}/api/requests", json={"host": f"cli-pages-{i}", "principal": "alice",
+                                                           "policy": "gated-cli-pages"},
+                       headers={"Authorization": f"Bearer {token_for('alice')}"}, timeout=10)
+        assert r.status_code == 202, r.text
+        made.append(r.json()["id"])
+    bob = signed_in_home(tmp_path_factory, api_server, oidc, "bob")
+    one = run_cli(["requests", "list", "--limit", "1", "--json"], bob)
+    assert one.returncode == 0, one.stderr
+    page = json.loads(one.stdout)
+    assert len(page["requests"]) == 1 and page["next"]
+    every = run_cli(["requests", "list", "--all", "--limit", "1", "--json"], bob)
+    assert every.returncode == 0, every.stderr
+    listed = json.loads(every.stdout)
+    assert listed["next"] is None
+    assert [r["id"] for r in listed["requests"] if r["id"] in made] == made[::-1]
+    table = run_cli(["requests", "list", "--limit", "1"], bob)
+    assert table.returncode == 0 and "--all" in table.stderr
+    assert run_cli(["requests", "list", "--limit", "0"], bob).returncode == 2
