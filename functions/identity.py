@@ -175,6 +175,11 @@ class TokenValidator:
             except Exception:  # noqa: BLE001 - warming is an optimisation only
                 pass
 
+    def check_issuer(self, tid: str) -> None:
+        """The tenant's issuer signing keys are loadable (the JWKS client's cache, else discovery and
+        the JWKS fetched now); BackendUnavailable or the JWKS client's error if not (health)."""
+        self._keys(self._s.issuer_for(tid)).warm()
+
     def cached(self, authorization: str | None) -> Identity | None:
         """The Identity of a bearer token that verified before and has not expired; None otherwise
         (no I/O, no refusal: call validate for the answer)."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
 
+from .health import Health
 from .identity import TokenValidator
 from .service import Service, ServiceConfig
 from .settings import Settings, load_settings
@@ -23,6 +25,22 @@ class Context:
     service: Service
     validator: TokenValidator
     enrolments: Any = None  # functions.hosts.enrolment.EnrolmentService (push to Azure VMs)
+    _health: Health | None = field(default=None, repr=False)
+
+    @property
+    def health(self) -> Health:
+        """GET /api/health's probes (functions/health.py): storage, the signing backend, the job
+        queue where there is one, and each tenant's identity provider keys."""
+        if self._health is None:
+            probes: dict[str, Callable[[], None]] = {"storage": self.service.store.health,
+                                                     "signer": self.service.keys.health}
+            queue = getattr(self.enrolments, "queue", None)
+            if queue is not None:
+                probes["queue"] = queue.health
+            for tid in self.settings.tenants:
+                probes[f"identity:{tid}"] = partial(self.validator.check_issuer, tid)
+            self._health = Health(probes)
+        return self._health
 
 
 def _credential(settings: Settings):  # type: ignore[no-untyped-def]

@@ -12,10 +12,9 @@ router = APIRouter(prefix="/api", tags=["meta"])
 
 @router.get("/health")
 def health(request: Request) -> JSONResponse:
-    ctx = context(request)
-    health = ctx.service.health(ctx.settings.tenants)
-    ok = all(v == "ok" for v in health["checks"].values())
-    return JSONResponse({"status": "ok" if ok else "degraded", **health}, status_code=200 if ok else 503)
+    checks = context(request).health.checks()
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "degraded", "checks": checks}, status_code=200 if ok else 503)
 
 
 @router.get("/client-config")

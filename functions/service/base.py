@@ -195,20 +195,20 @@ class Base:
         an identity is counted, not stored, unless it proved it belongs to a tenant (`tenant_id`: a
         host that presented that tenant's real token or challenge): then its refusal is the tenant's
         to read."""
-        if who is None and (tenant_id is None or exc.status >= 500):
+        if exc.status >= 500 and (who is None or isinstance(exc, StorageUnavailable)):
+            # An outage (storage, the identity provider, the HSM) is no decision about the caller:
+            # a failure in the log, never a refusal, and nothing written where nothing can be.
+            event(log, action, logging.WARNING, error=exc.code, outcome="failed", actor=who.upn if who else None,
+                  tenant=who.tid if who else tenant_id, policy=fields.get("policy_id"),
+                  request=fields.get("request_id"), detail=exc.message)
+            return
+        if who is None and tenant_id is None:
             # No identity (a missing or bad token): a log event and a counter, not a storage row.
             total = self.anonymous_refusals.add()
             # every one at INFO; the 1st, 2nd, 4th, 8th, ... also at WARNING, with the count so far
             level = logging.WARNING if total & (total - 1) == 0 else logging.INFO
             event(log, action, level, error=exc.code, outcome="refused", detail=exc.message,
                   unauthenticated_refusals=total)
-            return
-        if isinstance(exc, StorageUnavailable):
-            # Storage is down: nothing can be recorded, and it is no decision about the caller.
-            # A log event (no traceback) says what happened.
-            event(log, action, error=exc.code, outcome="failed", actor=who.upn if who else None,
-                  tenant=who.tid if who else None, policy=fields.get("policy_id"),
-                  request=fields.get("request_id"), detail=exc.message)
             return
         # A user error is a refusal; a system error (e.g. the HSM is away) is a failure on record.
         outcome = "refused" if exc.status < 500 else "failed"

@@ -50,5 +50,6 @@ def test_storage_going_away_is_a_503_with_no_certificate(fragile_api, token_for,
         health = c.get("/api/health")
         assert health.status_code == 503
         assert health.json()["status"] == "degraded"
-        assert health.json()["checks"] == {"storage": "unavailable", "signer": "ok"}
-        assert health.json()["ca_keys"]["unavailable"] == 0  # CA keys known from before still sign
+        checks = health.json()["checks"]
+        assert checks["storage"] == "unavailable" and checks["signer"] == "ok"  # each its own state
+        assert all(v == "ok" for k, v in checks.items() if k.startswith("identity:"))

@@ -1,36 +1,67 @@
-"""Health signs with every current CA key (each policy's user CA and host CA): one failing key is
-counted (and logged by name), all failing turns the signer red; the answer names no key (it is for
-unauthenticated callers)."""
+"""Health (functions/health.py): one probe per dependency, never one signature per CA key, each
+dependency with its own state, the answer kept a few seconds and refreshed by one caller at a time."""
 
 from __future__ import annotations
 
-import logging
+import threading
 
-from .helpers import CAROL
+from functions.core.errors import SignerUnavailable
+from functions.health import Health
 
-
-def test_health_counts_ca_keys_that_sign_and_turns_red_when_none_does(service, caplog):
-    web = service.policies.create(CAROL, _doc("h-web"))
-    db = service.policies.create(CAROL, _doc("h-db"))
-    h = service.health([CAROL.tid])
-    assert h == {"checks": {"storage": "ok", "signer": "ok"}, "ca_keys": {"ok": 4, "unavailable": 0}}
-
-    service.keys.disable_key(db.current_ca.key_ref)  # one key gone (as a customer may disable their own)
-    service._health = None  # noqa: SLF001 - past the 3 s cache, without waiting for it
-    with caplog.at_level(logging.WARNING, logger="ezssh.service"):
-        h = service.health([CAROL.tid])
-    assert h["checks"]["signer"] == "ok" and h["ca_keys"] == {"ok": 3, "unavailable": 1}
-    assert db.current_ca.fingerprint in caplog.text and web.current_ca.fingerprint not in caplog.text
-    assert db.current_ca.fingerprint not in str(h)
-
-    for key in (web.current_ca, web.current_host_ca, db.current_host_ca):
-        service.keys.disable_key(key.key_ref)
-    service._health = None  # noqa: SLF001
-    h = service.health([CAROL.tid])
-    assert h["checks"]["signer"] == "unavailable" and h["ca_keys"] == {"ok": 0, "unavailable": 4}
+from .helpers import CAROL, policy_doc
 
 
-def _doc(pid: str) -> dict:
-    from .helpers import policy_doc
+class Counting:
+    """The real key store, counting what health asks of it."""
 
-    return policy_doc(pid, "auto")
+    def __init__(self, keys) -> None:  # type: ignore[no-untyped-def]
+        self.keys, self.health_calls, self.gate = keys, 0, threading.Event()
+        self.gate.set()
+
+    def health(self) -> None:
+        self.health_calls += 1
+        self.gate.wait(5)
+        self.keys.health()
+
+
+def test_the_signer_is_one_probe_of_the_backend_kept_for_the_ttl(service, keys):
+    for i in range(3):
+        service.policies.create(CAROL, policy_doc(f"h{i}", "auto"))  # six CA keys (user and host)
+    counting = Counting(keys)
+    clock = [0.0]
+    health = Health({"storage": service.store.health, "signer": counting.health}, ttl=3.0, clock=lambda: clock[0])
+    assert health.checks() == {"storage": "ok", "signer": "ok"}
+    assert counting.health_calls == 1
+    for _ in range(20):
+        health.checks()
+    assert counting.health_calls == 1  # kept for the ttl
+    clock[0] = 3.0
+    health.checks()
+    assert counting.health_calls == 2
+
+
+def test_each_dependency_has_its_own_state():
+    def down() -> None:
+        raise SignerUnavailable("the HSM is away")
+
+    health = Health({"storage": lambda: None, "signer": down, "identity:t1": lambda: None}, ttl=0)
+    assert health.checks() == {"storage": "ok", "signer": "unavailable", "identity:t1": "ok"}
+
+
+def test_sixteen_callers_when_the_answer_is_due_make_one_probe(keys):
+    counting = Counting(keys)
+    clock = [0.0]
+    health = Health({"signer": counting.health}, ttl=3.0, clock=lambda: clock[0])
+    health.checks()
+    clock[0] = 10.0
+    counting.gate.clear()  # the refreshing probe hangs until released
+    answers: list[dict] = []
+    threads = [threading.Thread(target=lambda: answers.append(health.checks())) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads[1:]:
+        t.join(0.05)
+    counting.gate.set()
+    for t in threads:
+        t.join(10)
+    assert counting.health_calls == 2 and answers == [{"signer": "ok"}] * 16
