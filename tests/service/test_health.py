@@ -65,3 +65,25 @@ def test_sixteen_callers_when_the_answer_is_due_make_one_probe(keys):
     for t in threads:
         t.join(10)
     assert counting.health_calls == 2 and answers == [{"signer": "ok"}] * 16
+
+
+def test_an_outage_is_logged_as_a_failure_never_as_a_refusal(service, caplog):
+    """A host's call (no identity) while storage or the identity provider is away: not counted among
+    refusals, logged as outcome=failed; a bad token still counts as a refusal."""
+    import logging
+
+    from functions.core.errors import BackendUnavailable, StorageUnavailable, Unauthenticated
+
+    base = service.base
+    before = base.anonymous_refusals.total
+    with caplog.at_level(logging.INFO, logger="ezssh.service"):
+        for exc, tenant in ((StorageUnavailable("Storage is unavailable."), None),
+                            (StorageUnavailable("Storage is unavailable."), CAROL.tid),
+                            (BackendUnavailable("The identity provider cannot be reached."), None)):
+            base.refuse(None, exc, "host_certificate.refused", tenant_id=tenant)
+    assert base.anonymous_refusals.total == before
+    lines = [r.getMessage() for r in caplog.records if "host_certificate.refused" in r.getMessage()]
+    assert len(lines) == 3 and all("outcome=failed" in x and "outcome=refused" not in x for x in lines)
+    assert service.store.list_audit(CAROL.tid) == []  # nothing recorded as the tenant's refusal
+    base.refuse(None, Unauthenticated("bad token"), "auth.refused")
+    assert base.anonymous_refusals.total == before + 1
