@@ -57,7 +57,7 @@ SETTINGS: dict[str, str] = {
                               "<tenant id>= may be left out. Empty: {username} expands for nobody",
     "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP": "1 lets webhooks use plain http to a loopback address (local "
                                         "development only); default 0: https to public addresses only",
-    "EZSSH_MAX_PENDING_REQUESTS": "pending requests one user may have open per policy (default 5)",
+    "EZSSH_MAX_PENDING_REQUESTS": "pending requests one user may have open per policy (default 5, at most 100)",
     "EZSSH_REQUEST_RATE": "access requests one user may make per minute on one worker (default 30; bursts "
                           "up to this many)",
 }
@@ -227,7 +227,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         queue_account_url=queue_url,
         verified_domains=_verified_domains(env, tenants),
         webhook_allow_loopback_http=_flag(env, "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP"),
-        max_pending_requests=_int(env, "EZSSH_MAX_PENDING_REQUESTS", 5, 1, 1000, unit="requests"),
+        max_pending_requests=_int(env, "EZSSH_MAX_PENDING_REQUESTS", 5, 1, 100, unit="requests"),
         request_rate=_int(env, "EZSSH_REQUEST_RATE", 30, 1, 10000, unit="requests a minute"),
         **_enrolment_settings(env, tenants),
     )

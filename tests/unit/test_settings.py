@@ -103,7 +103,7 @@ def test_limits_and_the_loopback_webhook_flag():
     s = load_settings(env(EZSSH_MAX_PENDING_REQUESTS="2", EZSSH_REQUEST_RATE="100",
                           EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP="1"))
     assert (s.max_pending_requests, s.request_rate, s.webhook_allow_loopback_http) == (2, 100, True)
-    for name, bad in (("EZSSH_MAX_PENDING_REQUESTS", "0"), ("EZSSH_REQUEST_RATE", "x"),
+    for name, bad in (("EZSSH_MAX_PENDING_REQUESTS", "0"), ("EZSSH_MAX_PENDING_REQUESTS", "101"), ("EZSSH_REQUEST_RATE", "x"),
                       ("EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP", "yes")):
         with pytest.raises(SettingsError) as info:
             load_settings(env(**{name: bad}))
