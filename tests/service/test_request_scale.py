@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 
