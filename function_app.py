@@ -3,6 +3,9 @@
 - The HTTP API is the FastAPI app from functions/api, served through func.AsgiFunctionApp.
 - `expire_requests` (timer, every minute): expires stale access requests and retires CA keys whose
   rotation window has passed.
+- `revoke_leavers` (timer, every minute; each tenant swept every EZSSH_LEAVER_INTERVAL seconds):
+  the identities that hold live certificates are checked in Microsoft Graph; every certificate of
+  one that is disabled, deleted (or rated risky, where set) is revoked, with the reason audited.
 - Enrolment: `enrol_vm_event` (Event Grid), `reconcile_enrolments` (timer), and the queue triggers
   `enrol_job` and `enrol_job_poison` that push the host setup script to Azure VMs.
 
@@ -25,6 +28,13 @@ def expire_requests(timer: func.TimerRequest) -> None:
     ctx = shared_context()
     result = ctx.service.housekeeping(ctx.settings.tenants)
     logging.getLogger("ezssh.timer").info("housekeeping: %s", result)
+
+
+@app.timer_trigger(schedule="30 */1 * * * *", arg_name="timer", run_on_startup=False, use_monitor=True)
+def revoke_leavers(timer: func.TimerRequest) -> None:
+    ctx = shared_context()
+    result = ctx.service.identities.sweep(ctx.settings.tenants)
+    logging.getLogger("ezssh.timer").info("leaver sweep: %s", result)
 
 
 # ---- hosts: enrolment jobs -------------------------------------------------------------------------

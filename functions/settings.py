@@ -58,6 +58,10 @@ SETTINGS: dict[str, str] = {
     "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP": "1 lets webhooks use plain http to a loopback address (local "
                                         "development only); default 0: https to public addresses only",
     "EZSSH_MAX_PENDING_REQUESTS": "pending requests one user may have open per policy (default 5, at most 100)",
+    "EZSSH_LEAVER_INTERVAL": "seconds between leaver sweeps: identities holding live certificates are checked in "
+                             "Microsoft Graph and revoked when disabled or deleted (default 300; 0: off)",
+    "EZSSH_LEAVER_RISK_LEVEL": "none (default), low, medium or high: also revoke users Entra ID Protection rates at "
+                               "this risk level or above (needs Entra ID P2 and IdentityRiskyUser.Read.All)",
     "EZSSH_REQUEST_RATE": "access requests one user may make per minute on one worker (default 30; bursts "
                           "up to this many)",
 }
@@ -105,6 +109,8 @@ class Settings:
     webhook_allow_loopback_http: bool = False
     max_pending_requests: int = 5
     request_rate: int = 30
+    leaver_interval: int = 300
+    leaver_risk_level: str | None = None
 
     def verified_domains_for(self, tid: str) -> tuple[str, ...]:
         tid = tid.lower()
@@ -139,6 +145,13 @@ def _need(env: Mapping[str, str], name: str, why: str = "") -> str:
     if v is None:
         raise SettingsError(f"Setting {name} is required{why}: {SETTINGS[name]}.")
     return v
+
+
+def _risk_level(env: Mapping[str, str]) -> str | None:
+    level = (_get(env, "EZSSH_LEAVER_RISK_LEVEL") or "none").lower()
+    if level not in ("none", "low", "medium", "high"):
+        raise SettingsError(f"Setting EZSSH_LEAVER_RISK_LEVEL must be none, low, medium or high, not {level!r}.")
+    return None if level == "none" else level
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int, unit: str = "seconds") -> int:
@@ -229,6 +242,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         webhook_allow_loopback_http=_flag(env, "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP"),
         max_pending_requests=_int(env, "EZSSH_MAX_PENDING_REQUESTS", 5, 1, 100, unit="requests"),
         request_rate=_int(env, "EZSSH_REQUEST_RATE", 30, 1, 10000, unit="requests a minute"),
+        leaver_interval=_int(env, "EZSSH_LEAVER_INTERVAL", 300, 0, 24 * 3600),
+        leaver_risk_level=_risk_level(env),
         **_enrolment_settings(env, tenants),
     )
 

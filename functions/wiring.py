@@ -11,6 +11,7 @@ from typing import Any, Callable
 from .health import Health
 from .identity import TokenValidator
 from .service import Service, ServiceConfig
+from .service.identities import SweepConfig
 from .settings import Settings, load_settings
 
 log = logging.getLogger("ezssh.wiring")
@@ -89,21 +90,32 @@ def build_keystore(settings: Settings):  # type: ignore[no-untyped-def]
     return LateKeyStore(build)
 
 
+class _LazyCredential:
+    """The managed identity, built when Graph is first asked (never at start)."""
+
+    def __init__(self, settings: Settings, credential=None) -> None:  # type: ignore[no-untyped-def]
+        self._settings = settings
+        self._cred = credential
+
+    def get_token(self, *scopes: str, **kwargs: object):  # type: ignore[no-untyped-def]
+        if self._cred is None:
+            self._cred = _credential(self._settings)
+        return self._cred.get_token(*scopes, **kwargs)
+
+
 def build_graph_groups(settings: Settings, credential=None, verify: bool | str = True):  # type: ignore[no-untyped-def]
     """Group lookups for users in too many groups for their token, with the managed identity.
     The credential is only asked for a token when such a user first signs in."""
     from .graph import GraphGroups
 
-    class _Lazy:
-        def __init__(self) -> None:
-            self._cred = credential
+    return GraphGroups(settings.graph_endpoint, _LazyCredential(settings, credential), verify=verify)
 
-        def get_token(self, *scopes: str, **kwargs: object):  # type: ignore[no-untyped-def]
-            if self._cred is None:
-                self._cred = _credential(settings)
-            return self._cred.get_token(*scopes, **kwargs)
 
-    return GraphGroups(settings.graph_endpoint, _Lazy(), verify=verify)
+def build_graph_directory(settings: Settings, credential=None, verify: bool | str = True):  # type: ignore[no-untyped-def]
+    """Who may still sign in (the leaver sweep), with the managed identity, asked only when it runs."""
+    from .graph import GraphDirectory
+
+    return GraphDirectory(settings.graph_endpoint, _LazyCredential(settings, credential), verify=verify)
 
 
 def service_config(settings: Settings, **overrides: object) -> ServiceConfig:
@@ -131,6 +143,8 @@ def build_context(settings: Settings | None = None) -> Context:
         build_keystore(settings),
         service_config(settings),
         notifier=WebhookNotifier(store.add_audit, allow_loopback_http=settings.webhook_allow_loopback_http),
+        directory=build_graph_directory(settings),
+        sweep=SweepConfig(settings.leaver_interval, settings.leaver_risk_level),
     )
     validator = TokenValidator(settings, groups=build_graph_groups(settings))
     validator.warm()

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from functions.core.approval import OPEN_STATES, RequestRecord, serial_of_request_id
+from functions.core.approval import OPEN_STATES, RequestRecord, serial_floor, serial_of_request_id
 from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy
@@ -320,6 +320,21 @@ class MemoryStore:
             if row is None:
                 raise NotFound(f"No certificate with serial {serial} was issued under policy {policy_id!r}.")
             return replace(row.value, etag=row.etag)  # type: ignore[type-var]
+
+    def live_user_certificates(self, tenant_id: str, now: int, window: int,
+                               requester_oid: str | None = None) -> list[CertificateRecord]:
+        floor = serial_floor((now - window) * 1000)
+        with self._lock:
+            out = []
+            for (t, _, serial), r in sorted(self._certs.items(), key=lambda kv: kv[0][2]):
+                c: CertificateRecord = r.value  # type: ignore[assignment]
+                if t != tenant_id or serial < floor or c.revoked_at is not None or c.valid_before <= now:
+                    continue
+                if (requester_oid is not None and c.requester_oid != requester_oid) or \
+                        serial_of_request_id(c.request_id) != serial:  # host certificates have their own
+                    continue
+                out.append(replace(c, etag=r.etag))
+            return out
 
     # audit
     def add_audit(self, entry: AuditEntry) -> None:

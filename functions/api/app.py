@@ -15,6 +15,7 @@ from . import audit, errors, meta, policies, requests
 from . import hosts
 from . import enrolments
 from . import hostcerts
+from . import identities
 
 log = logging.getLogger("ezssh.api")
 # Every storage call of one request shares this many seconds (functions/deadline.py); well under
@@ -68,4 +69,5 @@ def create_app(context: Callable[[], Any]) -> FastAPI:
     app.include_router(hosts.router)
     app.include_router(enrolments.router)
     app.include_router(hostcerts.router)
+    app.include_router(identities.router)
     return app

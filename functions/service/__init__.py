@@ -6,6 +6,7 @@
     hosts      revocation, KRL, setup script             (Hosts)
     hostcerts  host certificates: tokens, ARM, renewal   (HostCerts)
     audit      audit queries and chain checks            (AuditLog)
+    identities revoke what a person or app holds; leavers (Identities)
 
 Each takes the caller's Identity, checks what it may do, and leaves an audit entry; refusals go
 through `Base.refusing()`. The service knows storage and signing only through their interfaces
@@ -23,6 +24,7 @@ from .audit import AuditLog
 from .base import Base, Notifier, ServiceConfig
 from .hostcerts import HostCerts
 from .hosts import Hosts
+from .identities import Directory, Identities, SweepConfig
 from .issuance import Issuance, Outcome
 from .policies import Policies
 from .requests import Requests
@@ -36,7 +38,8 @@ class Service:
     """One worker's use cases, sharing one Base."""
 
     def __init__(self, store: Store, keys: KeyStore, config: ServiceConfig,
-                 clock: Callable[[], float] = time.time, notifier: Notifier | None = None) -> None:
+                 clock: Callable[[], float] = time.time, notifier: Notifier | None = None,
+                 directory: Directory | None = None, sweep: SweepConfig = SweepConfig()) -> None:
         self.base = Base(store, keys, config, clock, notifier)
         self.requests = Requests(self.base)
         self.issuance = Issuance(self.base, self.requests)
@@ -44,6 +47,7 @@ class Service:
         self.hosts = Hosts(self.base)
         self.hostcerts = HostCerts(self.base, self.policies, self.hosts)
         self.audit = AuditLog(self.base, self.requests)
+        self.identities = Identities(self.base, self.hosts, directory, sweep)
 
     # the dependencies, for the wiring and the timers
     @property

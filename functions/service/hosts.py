@@ -116,15 +116,24 @@ class Hosts:
             if cert.revoked_at is not None:
                 raise Conflict(f"Certificate {serial} of policy {policy_id!r} was already revoked.",
                                revoked_at=cert.revoked_at)
-        revoked = replace(cert, revoked_at=b.now(), revoked_by=who.upn)
-        entry = link(b.audit_entry(who, "certificate.revoked", request_id=cert.request_id, policy_id=policy_id,
-                                   key_id=cert.key_id, serial=str(serial), host=cert.host,
-                                   chain=f"crt:{policy_id}:{serial}",
-                                   details={"reason": reason, "requester_upn": cert.requester_upn,
-                                            "valid_before": cert.valid_before, "own": own}), None)
+        return self.record_revocation(who, cert, reason, {"own": own})
+
+    def record_revocation(self, who: Identity | None, cert: CertificateRecord, reason: str | None,
+                          details: dict) -> CertificateRecord:
+        """Revoke one certificate the caller may revoke (checked by the caller): the record, its audit
+        entry and the KRL's row in one write, conditional on the ETag it was read with. `who` None: the
+        service itself (the leaver sweep)."""
+        b = self.base
+        revoked = replace(cert, revoked_at=b.now(), revoked_by=who.upn if who else "ezssh")
+        entry = b.audit_entry(who, "certificate.revoked", request_id=cert.request_id, policy_id=cert.policy_id,
+                              key_id=cert.key_id, serial=str(cert.serial), host=cert.host,
+                              chain=f"crt:{cert.policy_id}:{cert.serial}",
+                              details={"reason": reason, "requester_upn": cert.requester_upn,
+                                       "valid_before": cert.valid_before, **details})
+        entry = link(replace(entry, tenant_id=cert.tenant_id), None)
         saved = b.store.revoke_certificate(revoked, cert.etag or "", entry)
-        event(log, "certificate.revoked", key_id=cert.key_id, serial=serial, policy=policy_id, actor=who.upn,
-              tenant=who.tid)
+        event(log, "certificate.revoked", key_id=cert.key_id, serial=cert.serial, policy=cert.policy_id,
+              actor=who.upn if who else "ezssh", tenant=cert.tenant_id)
         return saved
 
     # ---- the KRL ------------------------------------------------------------------------------

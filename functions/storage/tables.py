@@ -510,6 +510,18 @@ class TableStore(HostRecords):
     def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord:
         return self._find_certificate(tenant_id, policy_id, serial)[0]
 
+    def live_user_certificates(self, tenant_id: str, now: int, window: int,
+                               requester_oid: str | None = None) -> list[CertificateRecord]:
+        flt = ("PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and ValidBefore gt @now")
+        params: dict[str, Any] = {"pk": tenant_id, "lo": f"req|{serial_floor((now - window) * 1000):016x}",
+                                  "hi": "req}", "now": now}
+        if requester_oid is not None:
+            flt += " and RequesterOid eq @oid"
+            params["oid"] = requester_oid
+        rows = _guard("list live certificates", lambda: list(self._table.query_entities(flt, parameters=params)))
+        return [self._cert_from_entity(e, request_id=e["RowKey"][4:]) for e in rows
+                if e.get("Certificate") and e.get("RevokedAt") is None]
+
     def _find_certificate(self, tenant_id: str, policy_id: str, serial: int) -> tuple[CertificateRecord, str]:
         """The certificate and the row that holds it: its request's row (user certificates, one point
         read), else its own crt| row (host certificates)."""

@@ -1140,3 +1140,42 @@ def test_old_request_rows_are_indexed_by_a_bounded_backfill(store: Store, tid: s
     assert store.get_request(tid, old[0].id).indexed
     # a fresh tenant has nothing to do
     assert store.backfill_request_indexes(str(uuid.uuid4()), 3) == (0, True)
+# ---- live certificates of a person or app (revocation by identity, leavers) ----------------------
+
+
+def test_live_user_certificates_are_those_of_the_window_still_valid_and_not_revoked(store: Store, tid: str) -> None:
+    now = int(T0)
+
+    def issue(at: float, oid: str, valid_for: int, policy: str = "web") -> CertificateRecord:
+        rec = a_request(tid, new_request_id(at), state="issued", requester_oid=oid, policy_id=policy,
+                        created_at=int(at))
+        rec = replace(rec, serial=serial_of_request_id(rec.id), key_id=f"ezssh/{policy}/{rec.id}/x")
+        cert = a_cert(rec, rec.serial, valid_after=int(at) - 60, valid_before=int(at) + valid_for)
+        store.record_issuance(rec, None, cert, [an_entry(tid, at, "certificate.issued", request_id=rec.id)])
+        return cert
+
+    live = issue(now - 600, "oid-bob", 3600)
+    other_policy = issue(now - 500, "oid-bob", 3600, policy="db")
+    issue(now - 7200, "oid-bob", 3600)  # expired an hour ago
+    too_old = issue(now - 5 * 86400, "oid-bob", 10 * 86400)  # outside the window asked for
+    alices = issue(now - 300, "oid-alice", 3600)
+    revoked = issue(now - 200, "oid-bob", 3600)
+    stored = store.get_certificate(tid, "web", revoked.serial)
+    store.revoke_certificate(replace(stored, revoked_at=now, revoked_by="carol"), stored.etag or "",
+                             an_entry(tid, now, "certificate.revoked", serial=str(revoked.serial)))
+    pending = a_request(tid, new_request_id(now - 100), requester_oid="oid-bob")  # no certificate
+    store.create_request(pending, an_entry(tid, now - 100, "request.created", request_id=pending.id))
+    store.create_request(a_request(other_tid := tid + "-x", new_request_id(now - 50), requester_oid="oid-bob"),
+                         an_entry(other_tid, now - 50, "request.created"))
+
+    got = store.live_user_certificates(tid, now, 2 * 86400, requester_oid="oid-bob")
+    assert sorted(c.serial for c in got) == sorted([live.serial, other_policy.serial])
+    assert all(c.etag for c in got) and {c.policy_id for c in got} == {"web", "db"}
+    assert {c.serial for c in store.live_user_certificates(tid, now, 2 * 86400)} == \
+        {live.serial, other_policy.serial, alices.serial}
+    assert too_old.serial in {c.serial for c in store.live_user_certificates(tid, now, 6 * 86400)}
+    # the ETag it carries revokes it
+    c = got[0]
+    store.revoke_certificate(replace(c, revoked_at=now, revoked_by="x"), c.etag or "",
+                             an_entry(tid, now + 1, "certificate.revoked", serial=str(c.serial)))
+    assert len(store.live_user_certificates(tid, now, 2 * 86400, requester_oid="oid-bob")) == 1

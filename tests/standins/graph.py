@@ -1,6 +1,14 @@
-"""An HTTPS stand-in of the one Microsoft Graph call ezssh makes: `POST /v1.0/users/{id}/getMemberObjects`
-(body `{"securityEnabledOnly": true}`, answer `{"value": [<object ids>], "@odata.nextLink"?}`), for
-users in too many groups for their token. Shape from the Graph v1.0 reference (user: getMemberObjects)."""
+"""An HTTPS stand-in of the Microsoft Graph calls ezssh makes, in the shapes of the Graph v1.0 reference:
+
+- `POST /v1.0/users/{id}/getMemberObjects` (body `{"securityEnabledOnly": true}`, answer `{"value":
+  [<object ids>], "@odata.nextLink"?}`), for users in too many groups for their token;
+- `POST /v1.0/$batch` (JSON batching, at most 20 requests) of `GET /users/{id}?$select=id,accountEnabled`
+  and `GET /servicePrincipals/{id}?$select=...`: each answer `{"id", "status", "body"}`, 404 with an
+  error body for an object that does not exist (deleted);
+- `GET /v1.0/identityProtection/riskyUsers?$filter=...` (`{"value": [{"id", "riskLevel", "riskState"}]}`),
+  filtered here by the levels named in the filter.
+`accounts` holds who exists ({oid: ("user" | "servicePrincipal", accountEnabled)}), `risky` the
+risk levels ({oid: "high"}); tests change them as Entra would."""
 
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ class GraphStandIn(TlsStandIn):
         self.token = token
         self.page_size = page_size
         self.members: dict[str, list[str]] = {}
+        self.accounts: dict[str, tuple[str, bool]] = {}
+        self.risky: dict[str, str] = {}
         self.requests: list[tuple[str, str]] = []
         self._fail: list[int] = []
         self._lock = threading.Lock()
@@ -54,13 +64,18 @@ class _Handler(BaseHTTPRequestHandler):
             owner.requests.append((self.command, url.path))
             failing = owner._fail.pop(0) if owner._fail else None
         length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
+        raw = self.rfile.read(length) if length else b""
         if self.headers.get("Authorization") != f"Bearer {owner.token}":
             return self._answer(401, {"error": {"code": "InvalidAuthenticationToken", "message": "Access token is empty."}})
         if failing:
             return self._answer(failing, {"error": {"code": "Authorization_RequestDenied",
                                                     "message": "Insufficient privileges to complete the operation."}})
+        if url.path == "/v1.0/$batch" and self.command == "POST":
+            return self._answer(200, {"responses": [self._object(r) for r in json.loads(raw or b"{}")["requests"][:20]]})
+        if url.path == "/v1.0/identityProtection/riskyUsers":
+            flt = parse_qs(url.query).get("$filter", [""])[0]
+            return self._answer(200, {"value": [{"id": oid, "riskLevel": level, "riskState": "atRisk"}
+                                                for oid, level in owner.risky.items() if f"'{level}'" in flt]})
         parts = url.path.strip("/").split("/")
         if len(parts) != 4 or parts[:2] != ["v1.0", "users"] or parts[3] != "getMemberObjects":
             return self._answer(404, {"error": {"code": "Request_ResourceNotFound", "message": "Not found."}})
@@ -75,6 +90,16 @@ class _Handler(BaseHTTPRequestHandler):
         if skip + owner.page_size < len(groups):
             body["@odata.nextLink"] = f"{owner.url}{url.path}?$skiptoken={skip + owner.page_size}"
         self._answer(200, body)
+
+    def _object(self, req: dict) -> dict:
+        """One request of a JSON batch: GET /users/{id} or /servicePrincipals/{id}."""
+        path = urlsplit(req["url"]).path.strip("/").split("/")
+        kind = {"users": "user", "servicePrincipals": "servicePrincipal"}.get(path[0]) if len(path) == 2 else None
+        known = self.owner.accounts.get(path[-1])
+        if kind is None or known is None or known[0] != kind:
+            return {"id": req["id"], "status": 404, "body": {"error": {
+                "code": "Request_ResourceNotFound", "message": f"Resource '{path[-1]}' does not exist."}}}
+        return {"id": req["id"], "status": 200, "body": {"id": path[-1], "accountEnabled": known[1]}}
 
     do_POST = _serve
     do_GET = _serve

@@ -9,7 +9,14 @@ from typing import Callable
 
 import pytest
 
+from devstack.proc import StandInError, free_port
+from devstack.stack import ensure_policy, host_certificate_for, identity_of
+from tests.realparts import unavailable
+
 SCOPE = "api://ezssh/.default"
+APPS = ("deploy-pipeline", "web1-identity", "config-mgmt")
+PEOPLE = ("lee",)
+LOGIN = "dave"  # an account of the test sshd; the policy maps each workload (and lee) to it by object id
 
 
 def credential_kwargs(oidc) -> dict:
@@ -68,3 +75,35 @@ def pub() -> Callable[[], str]:
 
     return lambda: ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+@pytest.fixture(scope="session")
+def wl_sshd(state_dir, context, oidc):
+    from devstack.sshd import host_key_line, start_sshd
+
+    oids = [oidc.app(a)["oid"] for a in APPS] + [oidc.user(u)["oid"] for u in PEOPLE]
+    carol = identity_of(oidc, "carol")
+    policy = ensure_policy(context.service, carol, {
+        "id": "wl-e2e",
+        "rules": [{"users": oids, "action": "auto"}],
+        "hosts": ["127.0.0.1", "localhost"],
+        "logins": [{"oid": o, "logins": [LOGIN], "display": a} for o, a in zip(oids, APPS + PEOPLE)],
+        "max_ttl": 3600,
+    })
+    try:
+        cert = host_certificate_for(context.service, carol, "wl-e2e", host_key_line(state_dir, "sshd-wl"))
+        s = start_sshd(state_dir, free_port(), name="sshd-wl", users=[LOGIN], host_certificate=cert,
+                       host_ca=policy.current_host_ca.public_key)
+    except (StandInError, OSError) as exc:
+        unavailable(str(exc))
+    s.trust(*(c.public_key for c in policy.ca if c.state in ("current", "previous")))
+    yield s
+    s.stop()
+
+
+def install_krl(client, headers: dict, sshd, policy_id: str = "wl-e2e") -> bytes:
+    """What a host's KRL update does: the policy's current KRL (from the API) into sshd's RevokedKeys."""
+    r = client.get(f"/api/policies/{policy_id}/krl", headers=headers)
+    assert r.status_code == 200, r.text
+    sshd.revoked_keys_file.write_bytes(r.content)
+    return r.content

@@ -9,36 +9,7 @@ import json
 import pytest
 
 from devstack.demo import cli_env, run_cli
-from devstack.proc import StandInError, free_port
-from devstack.stack import ensure_policy, host_certificate_for, identity_of
-from tests.realparts import unavailable
-
-APPS = ("deploy-pipeline", "web1-identity", "config-mgmt")
-LOGIN = "dave"  # an account of the test sshd; the policy maps each workload to it by object id
-
-
-@pytest.fixture(scope="module")
-def wl_sshd(state_dir, context, oidc):
-    from devstack.sshd import host_key_line, start_sshd
-
-    oids = [oidc.app(a)["oid"] for a in APPS]
-    carol = identity_of(oidc, "carol")
-    policy = ensure_policy(context.service, carol, {
-        "id": "wl-e2e",
-        "rules": [{"users": oids, "action": "auto"}],
-        "hosts": ["127.0.0.1", "localhost"],
-        "logins": [{"oid": o, "logins": [LOGIN], "display": a} for o, a in zip(oids, APPS)],
-        "max_ttl": 3600,
-    })
-    try:
-        cert = host_certificate_for(context.service, carol, "wl-e2e", host_key_line(state_dir, "sshd-wl"))
-        s = start_sshd(state_dir, free_port(), name="sshd-wl", users=[LOGIN], host_certificate=cert,
-                       host_ca=policy.current_host_ca.public_key)
-    except (StandInError, OSError) as exc:
-        unavailable(str(exc))
-    s.trust(*(c.public_key for c in policy.ca if c.state in ("current", "previous")))
-    yield s
-    s.stop()
+from tests.workloads.conftest import LOGIN
 
 
 def job_env(tmp_path, api_server, oidc, **extra) -> dict:

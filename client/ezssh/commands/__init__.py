@@ -17,6 +17,7 @@ COMMANDS = {
     "policy": "policy",
     "certs": "certs",
     "cert": "certs",
+    "revoke": "certs",
     "hosts": "hosts",
     "audit": "audit",
     "ls": "ls",

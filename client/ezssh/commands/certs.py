@@ -136,6 +136,24 @@ def cmd_revoke(args) -> int:
     return OK
 
 
+def cmd_revoke_identity(args) -> int:
+    """`ezssh revoke --user OID`: every live certificate of a person or app, in one audited step."""
+    from ..context import Ctx
+
+    body = {"reason": args.reason} if args.reason else {}
+    resp = Ctx().api.call("POST", f"/api/identities/{args.user}/revoke", body=body, ok=(200,))
+    rec = resp.json()
+    if args.json:
+        out_json(rec)
+        return OK
+    revoked = rec.get("revoked") or []
+    for c in revoked:
+        print(f"{c.get('policy')}\t{c.get('serial')}\t{c.get('key_id')}")
+    err(f"Revoked {len(revoked)} live certificate{'s' if len(revoked) != 1 else ''} of {rec.get('oid')}. Hosts refuse "
+        "them once they fetch their policy's KRL (every 15 minutes; enrolled Azure VMs get it pushed).")
+    return OK
+
+
 def _ensure_from_argparse(args) -> int:
     return ensure(args.rest)
 
@@ -159,5 +177,16 @@ def register(sub, fmt) -> None:
     c.add_argument("--reason", help="why (recorded in the audit log)")
     c.add_argument("--json", action="store_true", help="print the revocation record as JSON")
     c.set_defaults(func=cmd_revoke)
+
+    c = sub.add_parser("revoke", help="revoke every live certificate a person or app holds (--user OID)",
+                       formatter_class=fmt,
+                       description="For someone who left, or an app that must stop: revoke every live "
+                                   "certificate of that object id, across the policies you administer (all "
+                                   "of the tenant's for tenant admins), in one audited step.")
+    c.add_argument("--user", required=True, metavar="OID",
+                   help="the object id of the person or app (az ad user show --id UPN --query id -o tsv)")
+    c.add_argument("--reason", help="why (recorded in the audit log)")
+    c.add_argument("--json", action="store_true", help="print what was revoked as JSON")
+    c.set_defaults(func=cmd_revoke_identity)
 
 
