@@ -100,6 +100,7 @@ class RequestRecord:
     reason: str | None = None
     approvals: tuple[Approval, ...] = ()
     decided_by: str | None = None  # upn of whoever ended it (deny/cancel) or the last approver
+    decided_by_oid: str | None = None  # and their object id (in the request's tenant): who, not a name
     decided_at: int | None = None
     comment: str | None = None
     serial: int | None = None
@@ -145,7 +146,23 @@ class RequestRecord:
 def _require_state(rec: RequestRecord, now: int, *allowed: str) -> None:
     state = rec.effective_state(now)
     if state not in allowed:
+        if state in (APPROVED, DENIED, CANCELLED) and rec.decided_by:
+            # a decision that lost the race says which one won, and whose it was
+            raise Conflict(f"Request {rec.id} was already {state} by {rec.decided_by}; it is no longer {' or '.join(allowed)}.",
+                           state=state, decided_by=rec.decided_by, decided_at=rec.decided_at)
         raise Conflict(f"Request {rec.id} is {state}, not {' or '.join(allowed)}.", state=state)
+
+
+def already_decided(rec: RequestRecord, who: Identity, action: str) -> bool:
+    """True if `rec` already records this very decision by `who` (a retry, e.g. after its answer
+    was lost): the recorded outcome is the answer, and nothing is written again."""
+    if action == "approve":
+        return any(a.oid == who.oid and a.tid == who.tid for a in rec.approvals)
+    if action == "deny":
+        return rec.state == DENIED and rec.decided_by_oid == who.oid and rec.tenant_id == who.tid
+    if action == "cancel":
+        return rec.state == CANCELLED and rec.requester_is(who)
+    return False
 
 
 def approve(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = None) -> RequestRecord:
@@ -162,6 +179,7 @@ def approve(rec: RequestRecord, who: Identity, now: int, *, comment: str | None 
             approvals=approvals,
             state=APPROVED,
             decided_by=who.upn,
+            decided_by_oid=who.oid,
             decided_at=now,
             expires_at=now + ISSUE_WINDOW,
         )
@@ -174,14 +192,15 @@ def deny(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = N
     # A decision is final: once approved, a late deny gets 409 (revoke the certificate instead),
     # so when approve and deny race exactly one of them succeeds, whatever the timing.
     _require_state(rec, now, PENDING)
-    return replace(rec, state=DENIED, decided_by=who.upn, decided_at=now, comment=comment)
+    return replace(rec, state=DENIED, decided_by=who.upn, decided_by_oid=who.oid, decided_at=now, comment=comment)
 
 
 def cancel(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = None) -> RequestRecord:
     if not rec.requester_is(who):
         raise Forbidden("Only the requester may cancel a request.")
     _require_state(rec, now, PENDING, APPROVED)
-    return replace(rec, state=CANCELLED, decided_by=who.upn, decided_at=now, comment=comment)
+    return replace(rec, state=CANCELLED, decided_by=who.upn, decided_by_oid=who.oid, decided_at=now,
+                   comment=comment)
 
 
 def expire(rec: RequestRecord, now: int) -> RequestRecord:

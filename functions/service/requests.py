@@ -25,6 +25,7 @@ ROLES = ("requester", "approver")
 MAX_LIMIT = 1000
 SWEEP_BATCH = 500  # expiry keys the sweep handles per tenant per run; the rest wait for the next run
 TRANSITIONS = {"approve": sm.approve, "deny": sm.deny, "cancel": sm.cancel}
+DECISION_TRIES = 5  # reads + conditional writes one decision may take when others land meanwhile
 
 
 def request_message(rec: sm.RequestRecord, policy: Policy, title: str,
@@ -148,17 +149,32 @@ class Requests:
         return self._transition(who, request_id, "cancel", comment)
 
     def _transition(self, who: Identity, request_id: str, action: str, comment: str | None) -> sm.RequestRecord:
+        """Decide, conditional on the ETag read. Decisions commute: when the row changed meanwhile
+        (another approver's approval, a retry of this very call whose answer was lost) it is read
+        again, checked again and the decision applied again, up to DECISION_TRIES times. A decision
+        already on record for this person is answered with the record as it stands; one that lost
+        to another decision is a 409 naming it."""
         with self.base.refusing(who, f"request.{action}.refused", request_id=request_id):
-            rec, policy = self.visible(who, request_id)
-            if action in ("approve", "deny") and (policy is None or not policy.is_approver(who)):
-                raise Forbidden("You are not an approver for this request's policy.")
-            new = TRANSITIONS[action](rec, who, self.base.now(), comment=comment)
+            for attempt in range(1, DECISION_TRIES + 1):
+                rec, policy = self.visible(who, request_id)
+                if action in ("approve", "deny") and (policy is None or not policy.is_approver(who)):
+                    raise Forbidden("You are not an approver for this request's policy.")
+                if sm.already_decided(rec, who, action):
+                    return rec
+                new = TRANSITIONS[action](rec, who, self.base.now(), comment=comment)
+                entry = link(self.base.audit_entry(who, f"request.{PAST[action]}", request_id=rec.id,
+                                                   policy_id=rec.policy_id, host=rec.host, principal=rec.principal,
+                                                   chain=f"req:{rec.id}",
+                                                   details={"comment": comment, "state": new.state,
+                                                            "approvals": len(new.approvals)}), rec.audit_head)
+                try:
+                    saved = self.base.store.update_request(replace(new, audit_head=entry.hash), rec.etag or "", entry)
+                    break
+                except Conflict:
+                    if attempt == DECISION_TRIES:
+                        raise Conflict(f"Request {rec.id} kept changing while this decision was made; "
+                                       "try again.") from None
         past = PAST[action]
-        entry = link(self.base.audit_entry(who, f"request.{past}", request_id=rec.id, policy_id=rec.policy_id,
-                                           host=rec.host, principal=rec.principal, chain=f"req:{rec.id}",
-                                           details={"comment": comment, "state": new.state,
-                                                    "approvals": len(new.approvals)}), rec.audit_head)
-        saved = self.base.store.update_request(replace(new, audit_head=entry.hash), rec.etag or "", entry)
         event(log, f"request.{past}", request=rec.id, policy=rec.policy_id, actor=who.upn, tenant=who.tid,
               state=saved.state)
         if saved.state in (sm.APPROVED, sm.DENIED) and policy is not None:

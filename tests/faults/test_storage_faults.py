@@ -264,9 +264,11 @@ def cases(faulty: Faulty, oidc, auth, pub, policies) -> dict[str, Case]:
     return {
         "issue": Case(issue_prepare, issue_act, issue_check),
         "request-pending": Case(pending_prepare, pending_act, pending_check),
-        "approve": Case(decided_prepare, decide("bob", "approve"), decided_check("approved", "approved")),
-        "deny": Case(decided_prepare, decide("dave", "deny"), decided_check("denied", "denied")),
-        "cancel": Case(decided_prepare, decide("alice", "cancel"), decided_check("cancelled", "cancelled")),
+        # a decision retried after its answer was lost gets the recorded outcome, not a 409
+        "approve": Case(decided_prepare, decide("bob", "approve"), decided_check("approved", "approved"), already=()),
+        "deny": Case(decided_prepare, decide("dave", "deny"), decided_check("denied", "denied"), already=()),
+        "cancel": Case(decided_prepare, decide("alice", "cancel"), decided_check("cancelled", "cancelled"),
+                       already=()),
         "certificate": Case(approved_prepare, cert_act, cert_check),
         "revoke": Case(revoke_prepare, revoke_act, revoke_check),
         "policy-create": Case(policy_prepare, policy_create_act, policy_create_check),

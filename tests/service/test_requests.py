@@ -55,13 +55,13 @@ def test_two_of_m_needs_two_different_approvers(service, store, pending, clock):
     first = service.requests.approve(BOB, rid)
     assert first.state == "pending" and len(first.approvals) == 1
     clock.advance(1)
-    with pytest.raises(Conflict):  # an approver counts once
-        service.requests.approve(BOB, rid)
+    again = service.requests.approve(BOB, rid)  # an approver counts once: a retry gets the record
+    assert again == first and again.etag == first.etag
     clock.advance(1)
     second = service.requests.approve(DAVE, rid)
     assert second.state == "approved" and [a.upn for a in second.approvals] == [BOB.upn, DAVE.upn]
     assert_chain(store, rid, "request.created", "request.approved", "request.approved")
-    assert [e.action for e in store.list_audit(ALICE.tid, request_id=rid)].count("request.approve.refused") == 1
+    assert "request.approve.refused" not in [e.action for e in store.list_audit(ALICE.tid, request_id=rid)]
 
 
 def test_nobody_approves_their_own_request(service, store, pending):

@@ -88,7 +88,21 @@ def test_two_of_three_needs_two_different_approvers():
     assert two.decided_by == "ap2@contoso.example" and two.expires_at == T0 + 3 + ISSUE_WINDOW
     with pytest.raises(Conflict) as info:
         ap.approve(two, AP3, T0 + 4)  # already approved: a third approval changes nothing
-    assert info.value.details == {"state": APPROVED}
+    # and the one that lost says which decision won and whose it was
+    assert info.value.details == {"state": APPROVED, "decided_by": "ap2@contoso.example", "decided_at": T0 + 3}
+    assert "already approved by ap2@contoso.example" in info.value.message
+    assert two.decided_by_oid == "oid-ap2"
+
+
+def test_a_decision_already_on_record_is_recognised_by_object_id_not_name():
+    one = ap.approve(record(2), AP1, T0 + 1)
+    assert ap.already_decided(one, AP1, "approve") and not ap.already_decided(one, AP2, "approve")
+    renamed = replace(AP1, upn="renamed@contoso.example")
+    assert ap.already_decided(one, renamed, "approve")
+    denied = ap.deny(one, AP2, T0 + 2)
+    assert ap.already_decided(denied, AP2, "deny") and not ap.already_decided(denied, AP1, "deny")
+    assert not ap.already_decided(denied, replace(AP3, upn=AP2.upn), "deny")  # same name, other person
+    assert not ap.already_decided(one, AP2, "deny")
 
 
 def test_same_approver_with_a_new_upn_still_counts_once():
@@ -152,7 +166,8 @@ def test_an_approved_request_is_final_a_late_deny_is_a_conflict():
     approved = approved_record(1)
     with pytest.raises(Conflict) as info:
         ap.deny(approved, AP2, T0 + 20)
-    assert info.value.details == {"state": APPROVED}
+    assert info.value.details == {"state": APPROVED, "decided_by": approved.decided_by,
+                                  "decided_at": approved.decided_at}
     assert ap.mark_issued(approved, REQUESTER, T0 + 21, serial=1, key_id="k").state == "issued"
 
 
