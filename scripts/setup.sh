@@ -42,6 +42,11 @@ if [ ! -f .venv/.stamp ] || [ requirements.txt -nt .venv/.stamp ] || [ requireme
   echo "setup: pip install (requirements-dev.txt, ./client)" >&2
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -r requirements-dev.txt
+  # The CLI's distribution was called "ezssh" before (a name PyPI gives to an unrelated project):
+  # an editable install of it from this ./client goes, so one distribution owns the `ezssh` command.
+  if .venv/bin/python -m pip show ezssh 2>/dev/null | grep -qx "Editable project location: $PWD/client"; then
+    .venv/bin/python -m pip uninstall -q -y ezssh
+  fi
   .venv/bin/python -m pip install -q -e ./client
   touch .venv/.stamp
 fi

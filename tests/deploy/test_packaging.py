@@ -114,3 +114,22 @@ def test_trigger_types(registered):
     for name, trigger in EXPECTED_FUNCTIONS.items():
         if name in registered:
             assert trigger in registered[name], f"{name} should have a {trigger}; has {registered[name]}"
+
+
+def test_the_docs_install_the_cli_by_its_own_distribution_name():
+    """`ezssh` on PyPI is an unrelated project: the CLI is `ezssh-cli`, and every install, uninstall
+    and wheel the docs name is that distribution at the version client/pyproject.toml declares."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "ezssh-cli" and project["scripts"]["ezssh"]
+    wheel = f"{project['name'].replace('-', '_')}-{project['version']}-py3-none-any.whl"
+    docs = {p: p.read_text() for p in (REPO / "README.md", REPO / "client" / "README.md", REPO / "docs" / "DEPLOY.md")}
+    for path, text in docs.items():
+        assert not re.search(r"pip install (-U )?ezssh\b(?![-_])(?!` does not)|published ezssh package", text), path
+        for m in re.finditer(r"pipx uninstall ([\w.-]+)", text):
+            assert m[1].strip("`") == project["name"], (path, m[0])
+        for m in re.finditer(r"ezssh_cli-[0-9][^\s`]*\.whl", text):
+            assert m[0] == wheel, (path, m[0])
+    assert any(wheel in t for t in docs.values()) and any("pipx install ./client" in t for t in docs.values())
