@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the local stack and the tests need. Idempotent; safe to run again.
 #   Debian packages: openssh-server, softhsm2, rsync, git (apt-get when root; otherwise says what to install)
-#   npm packages:    azurite, oidc-provider (npm ci, from package-lock.json)
+#   npm packages:    azurite, oidc-provider (npm ci, from package-lock.json), after checking that
+#                    Node fits what they declare (scripts/check-node.js)
 #   Python:          .venv with requirements-dev.txt and the CLI (./client) installed editable
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,26 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   else
     echo "setup: missing Debian packages: ${need_pkgs[*]}" >&2
     echo "setup: install them with: sudo apt-get install ${need_pkgs[*]}" >&2
+    exit 1
+  fi
+fi
+
+# Node against what the pinned npm packages declare (engines.node of each package in package-lock.json):
+# when this Node does not fit, a Debian nodejs that does is installed (root), or named; else say what to do.
+if ! node scripts/check-node.js; then
+  fit=""
+  if command -v apt-cache >/dev/null 2>&1; then
+    fit=$(node scripts/check-node.js $(apt-cache madison nodejs 2>/dev/null | awk -F'|' '{gsub(/ /, "", $2); print $2}')) || fit=""
+  fi
+  if [ -n "$fit" ] && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's nodejs $fit, which fits the pinned npm packages" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades "nodejs=$fit" >/dev/null
+  elif [ -n "$fit" ]; then
+    echo "setup: install a Node that fits with: sudo apt-get install nodejs=$fit" >&2
+    exit 1
+  else
+    echo "setup: no Debian nodejs package fits either; install Node $(node -p 'require("./package.json").engines.node')" \
+         "(nodejs.org, or NodeSource's packages for Debian), then run make again" >&2
     exit 1
   fi
 fi

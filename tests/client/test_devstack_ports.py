@@ -44,3 +44,39 @@ def test_a_busy_port_names_the_process_holding_it():
             time.sleep(0.1)
     else:
         pytest.fail("the port stayed busy")
+
+
+def test_a_stand_in_that_never_listens_shows_its_output_and_what_to_try(tmp_path, monkeypatch):
+    from devstack.proc import spawn, startup_timeout, wait_for_port
+
+    monkeypatch.setenv("EZSSH_DEV_STARTUP_TIMEOUT", "1.5")
+    assert startup_timeout() == 1.5
+    proc = spawn("slowpoke", [sys.executable, "-c", "print('warming up the caches', flush=True); "
+                              "import time; time.sleep(60)"], tmp_path / "slowpoke.log")
+    try:
+        with pytest.raises(StandInError) as info:
+            wait_for_port(proc, free_port())
+    finally:
+        proc.stop()
+    msg = str(info.value)
+    assert "slowpoke did not listen" in msg and "within 2s" in msg
+    assert "warming up the caches" in msg and str(tmp_path / "slowpoke.log") in msg
+    assert "EZSSH_DEV_STARTUP_TIMEOUT" in msg
+    monkeypatch.setenv("EZSSH_DEV_STARTUP_TIMEOUT", "soon")
+    with pytest.raises(StandInError, match="not a number"):
+        startup_timeout()
+    monkeypatch.delenv("EZSSH_DEV_STARTUP_TIMEOUT")
+    assert startup_timeout() >= 120  # sized for a loaded 2-core machine
+
+
+def test_the_port_hint_names_every_port_of_the_stack():
+    port = free_port()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        with pytest.raises(StandInError) as info:
+            require_free(port, "api")
+    hinted = {kv.split("=")[0] for kv in str(info.value).split("EZSSH_DEV_PORTS=")[1].split()[0].split(",")}
+    assert hinted == set(Ports.__dataclass_fields__), hinted

@@ -27,13 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--user", default="alice", help="login: the dev user to sign in (users.json)")
     ap.add_argument("--home", type=Path, default=stack.DEFAULT_STATE / "my-home",
                     help="login: the CLI's directory (EZSSH_HOME)")
+    ap.add_argument("--json", action="store_true", help="status: the recorded state as JSON")
     args = ap.parse_args(argv)
     if args.command == "down":
         stopped = stack.down(args.state_dir)
         print("stopped: " + (", ".join(stopped) or "nothing was running"), file=sys.stderr)
         return 0
     if args.command == "status":
-        print(json.dumps(stack.status(args.state_dir), indent=2))
+        info = stack.status(args.state_dir)
+        print(json.dumps(info, indent=2) if args.json else stack.describe(info))
         return 0
     if args.command == "login":
         home = args.home.resolve()
@@ -48,9 +50,22 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     try:
         ports = stack.Ports.parse(args.ports)
-        if stack.status(args.state_dir).get("running", True) is not False:
+        info = stack.status(args.state_dir)
+        if info.get("running", True) is not False:
+            if args.command == "up" and all(p["alive"] for p in info["processes"]):
+                print("The local stack is already running; nothing was restarted (`make down` stops it, "
+                      "`make status` shows it):\n" + stack.describe(info), file=sys.stderr)
+                return 0
+            dead = [p["name"] for p in info["processes"] if not p["alive"]]
+            print(f"devstack: restarting the local stack{' (' + ', '.join(dead) + ' had stopped)' if dead else ''}",
+                  file=sys.stderr)
             stack.down(args.state_dir)
-        s = stack.up(args.state_dir, ports)
+        root = os.geteuid() == 0
+        if not root:
+            print("devstack: not root, so no sshd (it must run as root to log in as other users); the rest "
+                  "of the stack runs. As root, `make up` also starts it and creates missing login users.",
+                  file=sys.stderr)
+        s = stack.up(args.state_dir, ports, with_sshd=root)
     except stack.StandInError as exc:
         print(f"devstack: {exc}", file=sys.stderr)
         return 1
@@ -60,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  identity      {s.oidc.base_url}/<tenant>  (dev CA {s.oidc.ca_path})\n"
         f"  Azurite       tables http://127.0.0.1:{s.ports.azurite}, queues http://127.0.0.1:{s.ports.azurite_queue}\n"
         f"  SoftHSM token {s.token.label} ({s.token.conf_path})\n"
-        f"  sshd          127.0.0.1:{s.ports.sshd} trusting policy 'demo'\n"
+        + (f"  sshd          127.0.0.1:{s.ports.sshd} trusting policy 'demo'\n" if s.sshd else
+           "  sshd          not started (needs root)\n") +
         f"sign in: make login   stop: make down",
         file=sys.stderr,
     )

@@ -45,7 +45,7 @@ def connection_string(port: int, queue_port: int | None = None) -> str:
     )
 
 
-def _start(service: str, state_dir: Path, port: int, timeout: float) -> Proc:
+def _start(service: str, state_dir: Path, port: int, timeout: float | None) -> Proc:
     exe = NODE_BIN / f"azurite-{service}"
     if not exe.exists():
         raise StandInError(f"Azurite is not installed ({exe} is missing): run `npm ci` in the repository.")
@@ -64,7 +64,7 @@ def _start(service: str, state_dir: Path, port: int, timeout: float) -> Proc:
 
 
 def start_azurite(state_dir: Path, port: int, *, queue_port: int | None = None, with_queue: bool = True,
-                  timeout: float = 30.0) -> Azurite:
+                  timeout: float | None = None) -> Azurite:
     """Table service on `port`; with_queue: the queue service too, on queue_port or a free port."""
     table = _start("table", state_dir, port, timeout)
     if not with_queue:

@@ -24,7 +24,7 @@ from urllib.parse import urljoin, urlparse
 import requests
 
 from devstack.devca import DevCA, ensure_dev_ca
-from devstack.proc import REPO, Proc, StandInError, require_free, spawn, wait_for_port
+from devstack.proc import SLOW_HINT, REPO, Proc, StandInError, require_free, spawn, startup_timeout, wait_for_port
 
 OIDC_DIR = REPO / "infra" / "local" / "oidc"
 USERS_JSON = OIDC_DIR / "users.json"
@@ -193,11 +193,12 @@ def ensure_app_certificates(state_dir: Path, config: dict) -> None:
             cert_path.write_bytes(pem)
 
 
-def start_oidc(state_dir: Path, port: int, *, timeout: float = 30.0, env: dict | None = None,
+def start_oidc(state_dir: Path, port: int, *, timeout: float | None = None, env: dict | None = None,
                mi_port: int = 0) -> OidcStandIn:
     """Start the Entra ID stand-in on https://127.0.0.1:<port>/<tid>; returns once discovery answers.
     With `mi_port`, it also serves the managed identity endpoint on http://127.0.0.1:<mi_port>/msi/token."""
     t0 = time.monotonic()
+    timeout = startup_timeout() if timeout is None else timeout
     require_free(port, "oidc-provider")
     if mi_port:
         require_free(mi_port, "managed identity endpoint")
@@ -227,7 +228,8 @@ def start_oidc(state_dir: Path, port: int, *, timeout: float = 30.0, env: dict |
             if not proc.alive():
                 raise StandInError(f"oidc-provider exited with {proc.popen.returncode}:\n{proc.log_tail()}")
             if time.monotonic() - t0 > timeout:
-                raise StandInError(f"oidc-provider discovery at {issuer} did not answer within {timeout}s:\n{proc.log_tail()}")
+                raise StandInError(f"oidc-provider discovery at {issuer} did not answer within {timeout:.0f}s. "
+                                   f"Its output ({proc.log_path}):\n{proc.log_tail()}\n{SLOW_HINT}")
             time.sleep(0.05)
     except BaseException:
         proc.stop()

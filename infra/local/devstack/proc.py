@@ -12,6 +12,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
 NODE_BIN = REPO / "node_modules" / ".bin"
+# How long a stand-in may take to listen: oidc-provider has taken 5 s on a 2-core machine and over 30 s
+# on the same machine under load; 120 s leaves room for that. EZSSH_DEV_STARTUP_TIMEOUT=<seconds> changes it.
+STARTUP_TIMEOUT = 120.0
+
+
+def startup_timeout() -> float:
+    raw = os.environ.get("EZSSH_DEV_STARTUP_TIMEOUT", "").strip()
+    try:
+        return float(raw) if raw and float(raw) > 0 else STARTUP_TIMEOUT
+    except ValueError:
+        raise StandInError(f"EZSSH_DEV_STARTUP_TIMEOUT={raw!r} is not a number of seconds") from None
 
 
 class StandInError(RuntimeError):
@@ -133,10 +144,11 @@ def require_free(port: int, name: str) -> None:
         raise StandInError(
             f"{name}: 127.0.0.1:{port} is already in use" + (f" by {holder}" if holder else "") +
             ". Stop it (`make down` if it is this project's stack), or pick other ports: "
-            "EZSSH_DEV_PORTS=api=17071,sshd=12222,oidc=18443,azurite=20002 make up")
+            "EZSSH_DEV_PORTS=api=17071,sshd=12222,oidc=18443,azurite=20002,azurite_queue=20001 make up")
 
 
-def wait_for_port(proc: Proc, port: int, timeout: float = 30.0) -> None:
+def wait_for_port(proc: Proc, port: int, timeout: float | None = None) -> None:
+    timeout = startup_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
@@ -152,4 +164,9 @@ def wait_for_port(proc: Proc, port: int, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     proc.stop()
-    raise StandInError(f"{proc.name} did not listen on 127.0.0.1:{port} within {timeout}s:\n" + proc.log_tail())
+    raise StandInError(f"{proc.name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s. Its output "
+                       f"({proc.log_path}):\n{proc.log_tail()}\n{SLOW_HINT}")
+
+
+SLOW_HINT = ("On a loaded machine start-up takes longer: try again, or allow more time with "
+             "EZSSH_DEV_STARTUP_TIMEOUT=300 (seconds); `make status` shows what runs.")

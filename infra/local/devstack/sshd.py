@@ -11,7 +11,8 @@ import os
 import pwd
 import shutil
 import subprocess
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .proc import Proc, StandInError, require_free, spawn, wait_for_port
@@ -24,6 +25,7 @@ class Sshd:
     proc: Proc
     port: int
     dir: Path
+    created_users: list[dict] = field(default_factory=list)  # removed again by stop()
 
     @property
     def trusted_ca_file(self) -> Path:
@@ -55,6 +57,8 @@ class Sshd:
 
     def stop(self) -> None:
         self.proc.stop()
+        remove_unix_users(self.created_users)
+        self.created_users = []
 
 
 def loopback_options(port: int, host_key: Path, pid_file: Path) -> str:
@@ -76,18 +80,52 @@ MaxAuthTries 3
 """
 
 
-def ensure_unix_users(names: list[str]) -> None:
-    """Create login users for the demo/tests (root only). Their password field is '*', not '!'."""
+def ensure_unix_users(names: list[str]) -> list[dict]:
+    """Login users for the demo/tests: each one that is missing is created (root only), with the
+    password field '*' (no password login, yet not locked for sshd's key logins). An account that
+    exists is left exactly as it is. Returns what was created ({name, uid}), for remove_unix_users."""
+    created: list[dict] = []
+    missing = []
     for name in names:
         try:
             pwd.getpwnam(name)
         except KeyError:
-            if os.geteuid() != 0:
-                raise StandInError(f"unix user {name!r} is missing and only root can create it") from None
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True,
-                           capture_output=True)
-        if os.geteuid() == 0:
-            subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
+            missing.append(name)
+    if missing and os.geteuid() != 0:
+        raise StandInError(f"unix user(s) {', '.join(missing)} are missing and only root can create them "
+                           f"(or create them yourself: sudo useradd --create-home -p '*' NAME)")
+    try:
+        for name in missing:
+            r = subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "-p", "*", name],
+                               capture_output=True, text=True)
+            if r.returncode == 9:  # made meanwhile by someone else: theirs, not ours
+                continue
+            if r.returncode != 0:
+                raise StandInError(f"useradd {name} failed: {r.stderr.strip()}")
+            created.append({"name": name, "uid": pwd.getpwnam(name).pw_uid})
+    except BaseException:
+        remove_unix_users(created)
+        raise
+    return created
+
+
+def remove_unix_users(created: list[dict]) -> list[str]:
+    """Remove the users ensure_unix_users created (and their home directories), each only while the
+    account of that name still has the uid it was created with. Returns the names removed."""
+    removed = []
+    for u in created:
+        try:
+            if pwd.getpwnam(u["name"]).pw_uid != u["uid"]:
+                continue  # not the account we made
+        except KeyError:
+            continue
+        r = subprocess.run(["userdel", "--remove", u["name"]], capture_output=True, text=True)
+        if r.returncode in (0, 12):  # 12: the home directory was already gone
+            removed.append(u["name"])
+        else:  # e.g. 8: a process of that user still runs
+            sys.stderr.write(f"devstack: could not remove unix user {u['name']} (which it created): "
+                             f"{r.stderr.strip()}; remove it with: userdel --remove {u['name']}\n")
+    return removed
 
 
 def host_key_line(state_dir: Path, name: str = "sshd") -> str:
@@ -101,7 +139,7 @@ def host_key_line(state_dir: Path, name: str = "sshd") -> str:
 
 
 def start_sshd(state_dir: Path, port: int, *, name: str = "sshd", users: list[str] | None = None,
-               timeout: float = 15.0, host_certificate: str | None = None, host_ca: str | None = None) -> Sshd:
+               timeout: float | None = None, host_certificate: str | None = None, host_ca: str | None = None) -> Sshd:
     """An sshd on 127.0.0.1:`port`. With `host_certificate` (an OpenSSH host certificate of its host
     key, see host_key_line) it presents that certificate, as an enrolled host does; `host_ca` (the
     signing CA's public key) goes into `known_hosts_file` as an @cert-authority line for clients."""
@@ -110,7 +148,16 @@ def start_sshd(state_dir: Path, port: int, *, name: str = "sshd", users: list[st
     if os.geteuid() != 0:
         raise StandInError("the test sshd must run as root to log in as other users")
     require_free(port, name)
-    ensure_unix_users(users or [])
+    created = ensure_unix_users(users or [])
+    try:
+        return _start(state_dir, port, name, timeout, host_certificate, host_ca, created)
+    except BaseException:
+        remove_unix_users(created)
+        raise
+
+
+def _start(state_dir: Path, port: int, name: str, timeout: float | None, host_certificate: str | None,
+           host_ca: str | None, created: list[dict]) -> Sshd:
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     d = state_dir / name
     d.mkdir(parents=True, exist_ok=True)
@@ -143,4 +190,4 @@ Subsystem sftp internal-sftp
         raise StandInError(f"sshd rejects its config: {check.stderr.strip()}")
     proc = spawn(name, [SSHD, "-D", "-e", "-f", str(config)], state_dir / "logs" / f"{name}.log")
     wait_for_port(proc, port, timeout)
-    return Sshd(proc, port, d)
+    return Sshd(proc, port, d, created)

@@ -22,7 +22,7 @@ from .azurite import Azurite, connection_string, start_azurite
 from .oidc import OidcStandIn, start_oidc
 from .proc import REPO, Proc, StandInError, require_free, spawn, wait_for_port
 from .softhsm import SoftHsmToken, ensure_token
-from .sshd import Sshd, host_key_line, start_sshd
+from .sshd import Sshd, host_key_line, remove_unix_users, start_sshd
 
 DEFAULT_STATE = REPO / ".local"
 if str(REPO) not in sys.path:  # the service package, for seeding through the service layer
@@ -95,7 +95,7 @@ def start_api(state_dir: Path, port: int, env: dict[str, str], *, workers: int =
     argv = [PYTHON, "-m", "uvicorn", "functions.wiring:asgi_app", "--factory", "--host", "127.0.0.1",
             "--port", str(port), "--no-access-log", "--log-level", "warning", "--workers", str(workers)]
     proc = spawn("api", argv, state_dir / "logs" / "api.log", env=full_env, cwd=REPO)
-    wait_for_port(proc, port, timeout=60)
+    wait_for_port(proc, port)
     return proc
 
 
@@ -241,6 +241,8 @@ def _record(stack: Stack) -> None:
         ],
         "api_url": stack.api_url,
         "ca_bundle": str(stack.oidc.ca_path),
+        # unix users the sshd needed and `up` created: `down` removes them (and nothing else)
+        "created_users": stack.sshd.created_users if stack.sshd else [],
     }
     (stack.state_dir / "stack.json").write_text(json.dumps(info, indent=2))
 
@@ -285,8 +287,31 @@ def down(state_dir: Path = DEFAULT_STATE) -> list[str]:
         else:
             os.kill(pid, signal.SIGKILL)
         stopped.append(f"{p['name']} ({pid})")
+    removed = remove_unix_users(info.get("created_users") or [])
+    if removed:
+        stopped.append(f"unix users it created ({', '.join(removed)})")
     info_path.unlink()
     return stopped
+
+
+def describe(info: dict) -> str:
+    """`status` for people: what runs where, and what to do."""
+    if not info.get("running", True):
+        return "The local stack is not running (start it with: make up)."
+    lines = [f"{'process':<14}{'pid':>8}  state"]
+    for p in info["processes"]:
+        lines.append(f"{p['name']:<14}{p['pid']:>8}  {'running' if p['alive'] else 'STOPPED'}")
+    ports = info.get("ports") or {}
+    lines.append("ports: " + ", ".join(f"{k} {v}" for k, v in ports.items()))
+    lines.append(f"API {info.get('api_url')}   dev CA {info.get('ca_bundle')}")
+    if info.get("created_users"):
+        lines.append("unix users created by `up` (removed by `make down`): "
+                     + ", ".join(u["name"] for u in info["created_users"]))
+    dead = [p["name"] for p in info["processes"] if not p["alive"]]
+    if dead:
+        lines.append(f"{', '.join(dead)} stopped: restart the stack with `make down && make up` "
+                     f"(logs in {info.get('state_dir', DEFAULT_STATE)}/logs)")
+    return "\n".join(lines)
 
 
 def status(state_dir: Path = DEFAULT_STATE) -> dict:
@@ -296,6 +321,7 @@ def status(state_dir: Path = DEFAULT_STATE) -> dict:
     info = json.loads(info_path.read_text())
     for p in info["processes"]:
         p["alive"] = bool(p["cmd"]) and _ours(p)
+    info["state_dir"] = str(state_dir)
     return info
 
 
