@@ -25,9 +25,9 @@ from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy
 from functions.core.policydoc import policy_from_row
-from functions.storage.base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, CertificateRecord, HostChallenge,
-                                    HostEnrolmentToken, HostKeyRecord, IdempotencyRecord, PendingSlots, Revoked,
-                                    TrustVersion, index_position)
+from functions.storage.base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, CertificateRecord,
+                                    HostChallenge, HostEnrolmentToken, HostKeyRecord, IdempotencyRecord, PendingSlots,
+                                    Revoked, TrustVersion, index_position)
 
 UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant
 
@@ -166,11 +166,12 @@ class MemoryStore:
 
     def list_request_index(self, tenant_id: str, index: str, key: str, *, after: str | None = None,
                            limit: int = 100) -> list[RequestRecord]:
-        field = {BY_USER: "requester_oid", OPEN_BY_USER: "requester_oid", OPEN_BY_POLICY: "policy_id"}[index]
+        field = {BY_USER: "requester_oid", OPEN_BY_USER: "requester_oid", OPEN_BY_POLICY: "policy_id",
+                 OPEN_IN_TENANT: None}[index]
         with self._lock:
             found = [replace(r.value, etag=None) for (t, rid), r in self._requests.items()  # type: ignore[type-var]
                      if t == tenant_id and r.value.indexed and (t, rid) not in self._born_issued  # type: ignore[attr-defined]
-                     and getattr(r.value, field) == key
+                     and (getattr(r.value, field) == key if field else key == "*")
                      and (index == BY_USER or r.value.state in OPEN_STATES)]  # type: ignore[attr-defined]
         found = sorted((index_position(r), r) for r in found)
         return [r for pos, r in found if after is None or pos > after][:max(0, limit)]

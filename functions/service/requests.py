@@ -14,7 +14,7 @@ from ..core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from ..core.policy import Identity, Policy
 from ..notify import Message
 from ..observability import event
-from ..storage.base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, POSITION_RE, index_position
+from ..storage.base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, POSITION_RE, index_position
 from .base import Base
 
 log = logging.getLogger("ezssh.service")
@@ -23,6 +23,9 @@ PAST = {"approve": "approved", "deny": "denied", "cancel": "cancelled"}
 STATES = (sm.PENDING, sm.APPROVED, sm.DENIED, sm.EXPIRED, sm.CANCELLED, sm.ISSUED)
 ROLES = ("requester", "approver")
 MAX_LIMIT = 1000
+# Past this many policies in a caller's scope, their open requests are read from the tenant's open
+# index (one range read, filtered by scope) instead of one range read per policy.
+MAX_POLICY_SOURCES = 4
 SWEEP_BATCH = 500  # expiry keys the sweep handles per tenant per run; the rest wait for the next run
 TRANSITIONS = {"approve": sm.approve, "deny": sm.deny, "cancel": sm.cancel}
 DECISION_TRIES = 5  # reads + conditional writes one decision may take when others land meanwhile
@@ -91,7 +94,8 @@ class Requests:
         are certificates, in the audit); `role=approver`: the open requests of the policies the
         caller approves, not their own; neither: both, plus the open requests of the policies the
         caller administers. Each source is one index range read of at most `limit` + 1 rows (one per
-        policy in the caller's scope), never a scan of the tenant's history."""
+        policy in the caller's scope, or one of the tenant's open requests when the scope is wider
+        than MAX_POLICY_SOURCES policies), never a scan of the tenant's history."""
         if role is not None and role not in ROLES:
             raise InvalidRequest(f"Unknown role {role!r}; use requester or approver.")
         if state is not None and state not in STATES:
@@ -103,16 +107,21 @@ class Requests:
         sources: list[tuple[str, str]] = []
         if role != "approver":
             sources.append((OPEN_BY_USER if open_only else BY_USER, who.oid))
+        scope: set[str] = set()
         if role != "requester" and (state is None or state in sm.OPEN_STATES or state == sm.EXPIRED):
-            sources += [(OPEN_BY_POLICY, p.id) for p in self.base.policies.cached(who.tid) if not p.deleted and
-                        (p.is_approver(who) or (role is None and p.is_admin(who)))]
+            scope = {p.id for p in self.base.policies.cached(who.tid) if not p.deleted and
+                     (p.is_approver(who) or (role is None and p.is_admin(who)))}
+            if len(scope) > MAX_POLICY_SOURCES:
+                sources.append((OPEN_IN_TENANT, "*"))
+            else:
+                sources += [(OPEN_BY_POLICY, pid) for pid in sorted(scope)]
         elif role == "approver":
             raise InvalidRequest("Approvers list open requests (pending or approved); decided requests are in "
                                  "the audit log (GET /api/audit).")
-        return self._page(who, sources, after, limit, state, role)
+        return self._page(who, sources, scope, after, limit, state, role)
 
-    def _page(self, who: Identity, sources: list[tuple[str, str]], after: str | None, limit: int,
-              state: str | None, role: str | None) -> RequestPage:
+    def _page(self, who: Identity, sources: list[tuple[str, str]], scope: set[str], after: str | None,
+              limit: int, state: str | None, role: str | None) -> RequestPage:
         """Merge the sources newest first. A source that returned more than `limit` rows may hold
         more past its last row read, so the page ends there at the latest (`next` goes on from it)."""
         now = self.base.now()
@@ -131,7 +140,8 @@ class Requests:
             if horizon is not None and pos > horizon or len(out) == limit:
                 break
             last, r = pos, seen[pos]
-            if role == "approver" and r.requester_is(who):
+            # the caller's own (not an approver's to decide), or another's under a policy in scope
+            if not (role != "approver" if r.requester_is(who) else r.policy_id in scope):
                 continue
             if state is not None and r.effective_state(now) != state:
                 continue

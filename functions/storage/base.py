@@ -63,7 +63,8 @@ class PendingSlots:
 BY_USER = "user"  # every request a user made that went through a decision (not those issued at once)
 OPEN_BY_USER = "user-open"  # a user's pending and approved requests
 OPEN_BY_POLICY = "policy-open"  # a policy's pending and approved requests: what its approvers decide
-REQUEST_INDEXES = (BY_USER, OPEN_BY_USER, OPEN_BY_POLICY)
+OPEN_IN_TENANT = "tenant-open"  # all of them (key "*"): for a scope of many policies, one range read
+REQUEST_INDEXES = (BY_USER, OPEN_BY_USER, OPEN_BY_POLICY, OPEN_IN_TENANT)
 POSITION_RE = re.compile(r"^[0-9a-f]{16}(?:-[A-Za-z0-9-]{1,64})?$")
 _NEWEST_FIRST = (1 << 64) - 1
 
@@ -175,7 +176,7 @@ class Store(Protocol):
     def list_request_index(self, tenant_id: str, index: str, key: str, *, after: str | None = None,
                            limit: int = 100) -> list[RequestRecord]:
         """Up to `limit` request copies from one index (BY_USER / OPEN_BY_USER: key = the user's oid;
-        OPEN_BY_POLICY: key = the policy id), newest first, only those after position `after`
+        OPEN_BY_POLICY: key = the policy id; OPEN_IN_TENANT: key = "*"), newest first, only those after position `after`
         (index_position: older). One range read of at most `limit` rows; the copies carry no ETag (read the request
         to change it). Requests written before the indexes are listed once backfilled."""
         ...

@@ -18,6 +18,7 @@ written in one atomic write (one row, or one entity-group transaction in that pa
                    rqu|<oid>|<newest-first id>  request index: a user's requests (a copy of each)
                    rqm|<oid>|<newest-first id>  request index: a user's open (pending/approved) requests
                    rqo|<policy>|<newest-first id>  request index: a policy's open requests (approvers')
+                   rqt|*|<newest-first id>      request index: the tenant's open requests
                    rqx|<expires_at>|<request id>   expiry key of an open request (the sweep's index)
                    rqc|<policy>|<oid>           pending slots: a user's pending requests under a policy
                    mig|requests                 how far the backfill of old request rows has got
@@ -56,8 +57,8 @@ from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed
 from ..core.policy import Policy
 from ..core.policydoc import policy_from_row
-from .base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, CertificateRecord, IdempotencyRecord, PendingSlots,
-                   Revoked, TrustVersion, index_position)
+from .base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, CertificateRecord, IdempotencyRecord,
+                   PendingSlots, Revoked, TrustVersion, index_position)
 from .transport import client_options, endpoint_of
 from .hostrecords import HostRecords
 from .tablecalls import _guard, _if_match, transact
@@ -85,7 +86,7 @@ def _version_entity(tenant_id: str, row_key: str, at: float) -> tuple:
             {"mode": UpdateMode.REPLACE})
 
 
-INDEX_PREFIX = {BY_USER: "rqu", OPEN_BY_USER: "rqm", OPEN_BY_POLICY: "rqo"}
+INDEX_PREFIX = {BY_USER: "rqu", OPEN_BY_USER: "rqm", OPEN_BY_POLICY: "rqo", OPEN_IN_TENANT: "rqt"}
 
 
 def _expiry_key(expires_at: int, request_id: str) -> str:
@@ -240,8 +241,8 @@ class TableStore(HostRecords):
     @classmethod
     def _index_ops(cls, rec: RequestRecord, *, new: bool) -> list:
         """The index rows of `rec` in its new state, for the transaction that writes it: the user's
-        copy always; while open, the copies under the user's and the policy's open requests and the
-        expiry key; once decided, the open copies deleted. A request not yet indexed (an old row)
+        copy always; while open, the copies under the user's, the policy's and the tenant's open
+        requests and the expiry key; once decided, the open copies deleted. A request not yet indexed (an old row)
         gets its rows added, never deleted. Expiry keys are left for the sweep to remove (their
         deadline may have moved at approval)."""
         copy = {k: v for k, v in cls._request_entity(rec).items() if k != "Ix"} | {"RequestId": rec.id,
@@ -250,7 +251,7 @@ class TableStore(HostRecords):
         write = "create" if new else "upsert"
         opts = () if new else ({"mode": UpdateMode.REPLACE},)
         ops: list = [(write, copy | {"RowKey": f"rqu|{rec.requester_oid}|{turned}"}, *opts)]
-        open_keys = (f"rqm|{rec.requester_oid}|{turned}", f"rqo|{rec.policy_id}|{turned}")
+        open_keys = (f"rqm|{rec.requester_oid}|{turned}", f"rqo|{rec.policy_id}|{turned}", f"rqt|*|{turned}")
         if rec.state in OPEN_STATES:
             ops += [(write, copy | {"RowKey": key}, *opts) for key in open_keys]
             ops.append((write, {"PartitionKey": rec.tenant_id, "RowKey": _expiry_key(rec.expires_at, rec.id),

@@ -1017,7 +1017,7 @@ def ids_in(store: Store, tid: str, index: str, key: str, **kw) -> list[str]:
 
 
 def test_request_indexes_follow_every_change(store: Store, tid: str) -> None:
-    from functions.storage.base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER
+    from functions.storage.base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT
 
     reqs = [store.create_request(a_request(tid, new_request_id(T0 + i), requester_oid=oid, policy_id=pid,
                                            state=state), an_entry(tid, T0 + i))
@@ -1029,6 +1029,7 @@ def test_request_indexes_follow_every_change(store: Store, tid: str) -> None:
     assert ids_in(store, tid, BY_USER, "oid-a") == [a3, a2, a0]  # newest first, this tenant only
     assert ids_in(store, tid, OPEN_BY_USER, "oid-b") == [b1]
     assert ids_in(store, tid, OPEN_BY_POLICY, "web") == [a3, b1, a0]
+    assert ids_in(store, tid, OPEN_IN_TENANT, "*") == [a3, a2, b1, a0]
     listed = store.list_request_index(tid, OPEN_BY_POLICY, "web")
     assert listed[0] == reqs[3] and listed[0].etag is None  # a copy: read the request to change it
     # pages: at most `limit`, then on from the position of the last one
@@ -1044,6 +1045,7 @@ def test_request_indexes_follow_every_change(store: Store, tid: str) -> None:
     store.update_request(replace(approved, state="denied"), approved.etag or "", an_entry(tid, T0 + 11))
     assert ids_in(store, tid, OPEN_BY_POLICY, "web") == [b1, a0]
     assert ids_in(store, tid, OPEN_BY_USER, "oid-a") == [a2, a0]
+    assert ids_in(store, tid, OPEN_IN_TENANT, "*") == [a2, b1, a0]
     assert [(r.id, r.state) for r in store.list_request_index(tid, BY_USER, "oid-a")][0] == (a3, "denied")
     # the certificate of an approved request closes it too; a request issued at once is in none
     serial = serial_of_request_id(a2)
@@ -1053,6 +1055,7 @@ def test_request_indexes_follow_every_change(store: Store, tid: str) -> None:
     at_once = replace(at_once, serial=serial_of_request_id(at_once.id), key_id="k")
     store.record_issuance(at_once, None, a_cert(at_once, at_once.serial), [an_entry(tid, T0 + 20)])
     assert ids_in(store, tid, OPEN_BY_USER, "oid-a") == [a0]
+    assert ids_in(store, tid, OPEN_IN_TENANT, "*") == [b1, a0]
     assert ids_in(store, tid, BY_USER, "oid-a") == [a3, a2, a0]
     assert store.list_request_index(tid, BY_USER, "oid-a")[1].state == "issued"
 
@@ -1135,6 +1138,7 @@ def test_old_request_rows_are_indexed_by_a_bounded_backfill(store: Store, tid: s
     assert store.backfill_request_indexes(tid, 3) == (0, True)
     assert ids_in(store, tid, BY_USER, "oid-alice") == [old[4].id, old[3].id, old[1].id, old[0].id, uuid_id.id]
     assert ids_in(store, tid, OPEN_BY_POLICY, "web") == [old[4].id, old[0].id, uuid_id.id]
+    assert ids_in(store, tid, "tenant-open", "*") == [old[4].id, old[0].id, uuid_id.id]
     assert store.due_requests(tid, int(T0) + 10**6) == sorted(
         [(r.expires_at, r.id) for r in (old[0], old[4], uuid_id)])
     assert store.get_request(tid, old[0].id).indexed

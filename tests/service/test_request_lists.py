@@ -54,6 +54,26 @@ def test_an_approvers_pages_merge_every_policy_newest_first(service, ask, clock)
     assert bobs == [rid for i, rid in enumerate(made) if i % 2][::-1]
 
 
+def test_a_wide_scope_reads_the_tenants_open_requests_once(service, store, ask, make_policy, monkeypatch):
+    from functions.service.requests import MAX_POLICY_SOURCES
+
+    pids = [f"wide{i}" for i in range(MAX_POLICY_SOURCES + 2)]
+    made = [ask(pid, requester=ALICE if i % 2 else BOB) for i, pid in enumerate(pids * 2)]
+    make_policy("elsewhere", "approval", approvers={"users": [PAT.oid]})  # dave does not approve it
+    hidden = service.issuance.request_access(BOB, AccessRequest(host="web1", principal="bob",
+                                                                policy_id="elsewhere"), None).request.id
+    reads: list = []
+    real = store.list_request_index
+    monkeypatch.setattr(store, "list_request_index", lambda *a, **kw: reads.append(a[1:3]) or real(*a, **kw))
+    for limit in (1, 3, 100):
+        pages = every_page(service, DAVE, limit, role="approver", state="pending")
+        assert [rid for p in pages for rid in p] == made[::-1] and hidden not in made, limit
+    assert set(reads) == {("tenant-open", "*")}
+    reads.clear()
+    assert [r.id for r in service.requests.list(PAT, role="approver").requests] == [hidden]
+    assert set(reads) == {("policy-open", "elsewhere")}
+
+
 def test_my_requests_are_all_of_mine_in_every_state_newest_first(service, ask, clock, make_policy, user_key):
     first, second, third = ask(), ask(), ask("other")
     service.requests.deny(DAVE, first)
@@ -173,3 +193,25 @@ def test_requests_at_once_never_pass_the_cap_in_memory(service, store, ask):
         t.join(30)
     assert results.count("pending") == 4, results
     assert len([r for r in store.list_requests(ALICE.tid) if r.state == "pending"]) == 5
+
+
+def test_old_request_rows_join_the_lists_through_the_housekeeping_timer(service, store, make_policy, clock):
+    from functions.core import approval as sm
+
+    make_policy("gated", "approval", request_ttl=600)
+    now = int(clock())
+    old = [store.put_legacy_request(sm.RequestRecord(
+        id=sm.new_request_id(clock() - 100 + i), tenant_id=ALICE.tid, policy_id="gated", requester_oid=ALICE.oid,
+        requester_upn=ALICE.upn, host="web1", principal="alice", ttl_seconds=3600, state=state,
+        created_at=now - 100 + i, expires_at=now + 500 + i, approvals_required=1))
+        for i, state in enumerate(["pending", "denied", "pending"])]
+    listed = lambda: [r.id for r in service.requests.list(DAVE, role="approver").requests]  # noqa: E731
+    assert listed() == []  # not yet indexed, but they work: a decision indexes one
+    service.requests.approve(BOB, old[2].id)
+    assert listed() == [old[2].id]
+    assert service.housekeeping([ALICE.tid])["indexed_requests"] == 2  # old[0], old[1]
+    assert listed() == [old[2].id, old[0].id]
+    assert [r.id for r in service.requests.list(ALICE, role="requester").requests] == [r.id for r in old[::-1]]
+    assert service.housekeeping([ALICE.tid])["indexed_requests"] == 0
+    clock.advance(600)  # the old pending one is swept by its expiry key like any other
+    assert service.requests.expire(ALICE.tid) == [old[0].id]
