@@ -88,6 +88,15 @@ param maxPendingRequests int = 5
 @description('Access requests one user may make per minute on one instance.')
 param requestRate int = 30
 
+@description('Seconds between leaver sweeps: identities holding live certificates are checked in Microsoft Graph and their certificates revoked when disabled or deleted (0: off). The identity needs the Graph application permissions User.Read.All and Application.Read.All (docs/DEPLOY.md).')
+@minValue(0)
+@maxValue(86400)
+param leaverIntervalSeconds int = 300
+
+@description('Also revoke users Entra ID Protection rates at this risk level or above (needs Entra ID P2 and IdentityRiskyUser.Read.All).')
+@allowed(['none', 'low', 'medium', 'high'])
+param leaverRiskLevel string = 'none'
+
 @description('Subscribe the enrol_vm_event function to VM writes in this subscription. Needs the code published first (see docs/DEPLOY.md).')
 param enableVmEvents bool = false
 
@@ -217,6 +226,8 @@ module functionApp 'modules/functionapp.bicep' = {
     verifiedDomains: verifiedDomains
     maxPendingRequests: maxPendingRequests
     requestRate: requestRate
+    leaverIntervalSeconds: leaverIntervalSeconds
+    leaverRiskLevel: leaverRiskLevel
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     graphEndpoint: microsoftGraphEndpoint

@@ -38,6 +38,10 @@ param verifiedDomains string = ''
 param maxPendingRequests int = 5
 @description('Access requests one user may make per minute on one instance.')
 param requestRate int = 30
+@description('Seconds between leaver sweeps (0: off).')
+param leaverIntervalSeconds int = 300
+@description('none, low, medium or high: revoke users Entra ID Protection rates this risky or more.')
+param leaverRiskLevel string = 'none'
 
 param maximumInstanceCount int = 40
 param instanceMemoryMB int = 2048
@@ -184,6 +188,15 @@ var appSettings = [
   {
     name: 'EZSSH_REQUEST_RATE'
     value: string(requestRate)
+  }
+  // People and apps who may no longer sign in lose their certificates (the revoke_leavers timer).
+  {
+    name: 'EZSSH_LEAVER_INTERVAL'
+    value: string(leaverIntervalSeconds)
+  }
+  {
+    name: 'EZSSH_LEAVER_RISK_LEVEL'
+    value: leaverRiskLevel
   }
 ]
 

@@ -21,6 +21,7 @@ from . import REPO
 EXPECTED_FUNCTIONS = {
     "http_app_func": "httpTrigger",  # the FastAPI app through func.AsgiFunctionApp
     "expire_requests": "timerTrigger",  # approval expiry
+    "revoke_leavers": "timerTrigger",  # leavers lose their certificates (Microsoft Graph)
     "enrol_vm_event": "eventGridTrigger",  # auto-enrolment of new VMs
     "reconcile_enrolments": "timerTrigger",  # enrolment reconciliation
     "enrol_job": "queueTrigger",  # one VM of an enrolment job (Run Command)
