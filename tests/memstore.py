@@ -211,7 +211,7 @@ class MemoryStore:
             if (rec.tenant_id, rec.id) in self._requests:
                 raise Conflict("That request already exists.")
             self._check_new_audit([audit])
-            self._check_idempotency(idempotency)
+            self._check_idempotency(rec, idempotency)
             self._check_slots(slots)
             row = self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None, indexed=True), self._etag())
             self._put_audit([audit])
@@ -248,12 +248,15 @@ class MemoryStore:
             self._backfill[tenant_id] = (keys[-1][1] if keys else after, finished)
             return indexed, finished
 
-    # idempotency keys
+    # idempotency keys: in a row of their own, or (on_request_row) on the row of the request they name
     @staticmethod
     def _idk(i: IdempotencyRecord) -> tuple[str, str, str]:
-        return i.tenant_id, i.owner_oid, i.key_hash
+        return i.tenant_id, i.owner_oid, "req|" + i.request_id if i.on_request_row else i.key_hash
 
-    def _check_idempotency(self, i: IdempotencyRecord | None) -> None:
+    def _check_idempotency(self, rec: RequestRecord, i: IdempotencyRecord | None) -> None:
+        if i is not None and i.on_request_row and \
+                (i.tenant_id, i.owner_oid, i.request_id) != (rec.tenant_id, rec.requester_oid, rec.id):
+            raise ValueError("An idempotency key rides only on the row of the request it names, of its owner.")
         if i is not None and self._idk(i) in self._idempotency:
             raise Conflict("That request already exists.")
 
@@ -261,9 +264,11 @@ class MemoryStore:
         if i is not None:
             self._idempotency[self._idk(i)] = i
 
-    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str) -> IdempotencyRecord | None:
+    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str,
+                        request_id: str | None = None) -> IdempotencyRecord | None:
         with self._lock:
-            return self._idempotency.get((tenant_id, owner_oid, key_hash))
+            found = self._idempotency.get((tenant_id, owner_oid, key_hash if request_id is None else "req|" + request_id))
+            return found if found is not None and found.key_hash == key_hash else None
 
     def _claim_request(self, rec: RequestRecord, etag: str) -> _Row:
         row = self._requests.get((rec.tenant_id, rec.id))
@@ -304,8 +309,10 @@ class MemoryStore:
             if (cert.tenant_id, cert.policy_id, cert.serial) in self._certs:
                 raise Conflict("The certificate could not be recorded (serial or request already used); retry.")
             self._check_new_audit(audit)
-            if idempotency is not None and self._idk(idempotency) in self._idempotency:
-                raise Conflict("The certificate could not be recorded (serial or request already used); retry.")
+            try:
+                self._check_idempotency(rec, idempotency)
+            except Conflict:
+                raise Conflict("The certificate could not be recorded (serial or request already used); retry.") from None
             if row is None:
                 self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None, indexed=True), self._etag())
                 self._born_issued.add((rec.tenant_id, rec.id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -118,14 +119,27 @@ def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | No
             out.flush()
 
 
+def attempt_key(now: float | None = None) -> str:
+    """An Idempotency-Key for one attempt: a UUIDv7 (RFC 9562: the time in ms, then 74 random bits).
+    The service makes the request's id from it, so the request is one write and a retry finds it."""
+    ms = int((time.time() if now is None else now) * 1000)
+    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits: 12 for rand_a, 62 for rand_b (6 dropped)
+    value = (ms & (1 << 48) - 1) << 80 | 0x7 << 76 | (rand >> 68) << 64 | 0b10 << 62 | rand & (1 << 62) - 1
+    return str(uuid.UUID(int=value))
+
+
 def post_retrying(api: Api, path: str, body: dict, *, key: str | None = None, tries: int = 3,
                   pause: float = 0.5) -> tuple[int, dict]:
-    """POST, and again (same body, same idempotency key) while the service is unavailable."""
-    headers = {"Idempotency-Key": key} if key else None
+    """POST, and again (same body, same idempotency key) while the service is unavailable. A key the
+    service finds ahead of its clock (this machine's clock is fast) wrote nothing: the attempt goes
+    on with a random key, which the service keeps in a row of its own."""
     for attempt in range(tries):
         try:
-            return api.json("POST", path, body=body, headers=headers)
+            return api.json("POST", path, body=body, headers={"Idempotency-Key": key} if key else None)
         except EzsshError as exc:
+            if exc.error == "idempotency_key_ahead" and key:
+                key = uuid.uuid4().hex
+                continue
             if exc.code != UNAVAILABLE or attempt == tries - 1:
                 raise
             time.sleep(pause * 2 ** attempt)
@@ -151,7 +165,7 @@ def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
         body["reason"] = inv.reason
     # One idempotency key for this attempt: if an answer is lost (a 503 after the write landed, a
     # dropped connection), the retry gets that same answer instead of a second request.
-    status, data = post_retrying(api, "/api/requests", body, key=uuid.uuid4().hex)
+    status, data = post_retrying(api, "/api/requests", body, key=attempt_key())
     state = data.get("status")
     if status == 202 or state == "pending":
         wait_for_approval(api, data, out=out, interval=interval)

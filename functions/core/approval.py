@@ -18,7 +18,9 @@ nonce (OpenSSH puts it first in the signed data) keeps what is signed unpredicta
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+import uuid
 from dataclasses import dataclass, field, replace
 
 from .errors import Conflict, Forbidden
@@ -64,6 +66,38 @@ def serial_of_request_id(request_id: str) -> int | None:
 
 def new_request_id(now: float) -> str:
     return request_id_of_serial(request_serial(now))
+
+
+# A request made with an idempotency key that is a UUIDv7 (RFC 9562: the attempt's time in ms, then
+# random bits) takes its id from the key: the key's time, then 21 bits of a hash of the tenant, the
+# user and the key. A retry of the attempt names the same id, so its insert finds the first answer's
+# row: one insert, no separate key row. The key's time must be within this window of the service's
+# clock (a retry comes seconds later; ids stay ordered by time within it): older keys are looked up
+# on the row they name and otherwise kept in a row of their own; a key from the future is refused.
+KEY_TIME_BEHIND_MS = 120_000
+KEY_TIME_AHEAD_MS = 30_000
+
+
+def key_time_ms(key: str) -> int | None:
+    """The time a UUIDv7 idempotency key carries (ms since the epoch); None for any other key."""
+    if len(key) not in (32, 36):
+        return None
+    try:
+        u = uuid.UUID(key)
+    except ValueError:
+        return None
+    if u.version != 7 or u.variant != uuid.RFC_4122:
+        return None
+    return u.int >> 80
+
+
+def keyed_request_id(ms: int, tenant_id: str, owner_oid: str, key: str) -> str:
+    """The request id a UUIDv7 key names for this user: its time, then 21 bits of a hash (never zero)."""
+    if not 0 <= ms < _SERIAL_MS_LIMIT:
+        raise ValueError("the key's time is outside the serial's time range")
+    h = hashlib.sha256(f"ezssh-request\0{tenant_id}\0{owner_oid}\0{key}".encode()).digest()
+    low = int.from_bytes(h[:4], "big") & ((1 << SERIAL_RANDOM_BITS) - 1)
+    return request_id_of_serial((ms << SERIAL_RANDOM_BITS) | (low or 1))
 
 
 def serial_floor(ms: int) -> int:

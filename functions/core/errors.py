@@ -26,6 +26,13 @@ class InvalidRequest(EzsshError):
     status, code = 400, "invalid_request"
 
 
+class IdempotencyKeyAhead(InvalidRequest):
+    """A UUIDv7 idempotency key whose time is ahead of the service's clock: nothing was written; the
+    client may ask again with a key of another kind."""
+
+    code = "idempotency_key_ahead"
+
+
 class InvalidPublicKey(EzsshError):
     status, code = 400, "invalid_public_key"
 

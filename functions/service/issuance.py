@@ -18,6 +18,7 @@ from ..core.errors import (
     Denied,
     EzsshError,
     Forbidden,
+    IdempotencyKeyAhead,
     InvalidRequest,
     NotFound,
     PreconditionFailed,
@@ -65,41 +66,70 @@ class Issuance:
         """Decide, and when auto-approved with a public key, issue. With an idempotency key (one per
         client attempt), a retry of the same attempt gets the first answer: the same certificate or
         the same pending request, never a second one."""
-        idem = None
-        if idempotency_key is not None:
-            with self.base.refusing(who, "request.refused", host=req.host, principal=req.principal):
-                idem = self._idempotency(who, req, public_key, idempotency_key)
-        # Optimistic: the first attempt writes at once (its key in the same transaction); only a
-        # write that finds the key taken - a retry, or a concurrent twin - reads the first answer.
+        if idempotency_key is None:
+            return self._request_access(who, req, public_key, None, fresh=False)
+        with self.base.refusing(who, "request.refused", host=req.host, principal=req.principal):
+            idem = self._idempotency(who, req, public_key, idempotency_key)
+        if not idem.on_request_row and sm.key_time_ms(idempotency_key) is not None:
+            # A UUIDv7 key older than a retry's window: a late retry finds its answer on the row the
+            # key names; a first attempt (a client whose clock is behind) keeps its key in a row of
+            # its own, under a new id.
+            replay = self._replay(who, idem, on_row=True)
+            if replay is not None:
+                return replay
+            idem = replace(idem, request_id=new_request_id(self.base.clock()))
+        return self._keyed(who, req, public_key, idem)
+
+    def _keyed(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord) -> Outcome:
+        # Optimistic: the first attempt writes at once (with its key); only a write that finds its row
+        # or key taken - a retry, or a concurrent twin - reads the first answer.
         try:
             return self._request_access(who, req, public_key, idem, fresh=False)
         except Conflict:
-            replay = self._replay(who, idem) if idem is not None else None
-            if replay is None:
+            replay = self._replay(who, idem)
+            if replay is not None:
+                return replay
+            if not idem.on_request_row:
                 raise
-            return replay
+            # The row this key names is another's (its 21 hashed bits matched in the same
+            # millisecond): the key goes in a row of its own, under a new id.
+            return self._keyed(who, req, public_key, replace(idem, request_id=new_request_id(self.base.clock()),
+                                                             on_request_row=False))
         except EzsshError as exc:
             # refused now (the policy changed since?) but answered before: the recorded answer stands
-            replay = self._replay(who, idem) if idem is not None and exc.status < 500 else None
+            replay = self._replay(who, idem) if exc.status < 500 else None
             if replay is None:
                 raise
             return replay
 
     def _idempotency(self, who: Identity, req: AccessRequest, public_key: str | None, key: str) -> IdempotencyRecord:
+        """The key's record. A UUIDv7 key names its request's id (core.approval.keyed_request_id):
+        within the window around the service's clock the key rides on that row (on_request_row);
+        older, the id is only where a first answer may be. Other keys get an id when written."""
         if not IDEMPOTENCY_KEY_RE.match(key):
             raise InvalidRequest("The Idempotency-Key header must be 8 to 128 letters, digits, '-' or '_'.")
         # the key by its blob (the comment may differ between attempts); it is vetted once, on issuance
         key_blob = (public_key.split() + ["", ""])[1] if public_key is not None else None
         asked = canonical_json({"host": req.host, "principal": req.principal, "policy": req.policy_id,
                                 "ttl": req.ttl_seconds, "reason": req.reason, "key": key_blob})
-        return IdempotencyRecord(tenant_id=who.tid, owner_oid=who.oid,
-                                 key_hash=hashlib.sha256(key.encode()).hexdigest(), request_id=new_request_id(self.base.clock()),
-                                 digest=hashlib.sha256(asked.encode()).hexdigest(), created_at=self.base.now())
+        now = self.base.clock()
+        ms, now_ms = sm.key_time_ms(key), int(now * 1000)
+        if ms is not None and ms > now_ms + sm.KEY_TIME_AHEAD_MS:
+            raise IdempotencyKeyAhead(
+                f"The Idempotency-Key is a UUIDv7 {(ms - now_ms) // 1000} s ahead of the service's clock; "
+                "ask again with a new key (a random one, or a UUIDv7 from a clock that is right).")
+        return IdempotencyRecord(
+            tenant_id=who.tid, owner_oid=who.oid, key_hash=hashlib.sha256(key.encode()).hexdigest(),
+            request_id=sm.keyed_request_id(ms, who.tid, who.oid, key) if ms is not None else new_request_id(now),
+            digest=hashlib.sha256(asked.encode()).hexdigest(), created_at=int(now),
+            on_request_row=ms is not None and ms >= now_ms - sm.KEY_TIME_BEHIND_MS)
 
-    def _replay(self, who: Identity, idem: IdempotencyRecord) -> Outcome | None:
+    def _replay(self, who: Identity, idem: IdempotencyRecord, *, on_row: bool | None = None) -> Outcome | None:
         """The answer an earlier attempt with this key got, if one was recorded."""
         b = self.base
-        found = b.store.get_idempotency(who.tid, who.oid, idem.key_hash)
+        found = b.store.get_idempotency(
+            who.tid, who.oid, idem.key_hash,
+            idem.request_id if (idem.on_request_row if on_row is None else on_row) else None)
         if found is None:
             return None
         if found.digest != idem.digest:

@@ -43,6 +43,10 @@ class IdempotencyRecord:
     request_id: str
     digest: str  # hex SHA-256 of what was asked (host, login, policy, TTL, key fingerprint)
     created_at: int
+    # True: the key is carried by the request row itself, whose id the key names (a UUIDv7 key,
+    # core.approval.keyed_request_id): the request is one insert. False: a row of its own, written
+    # in one transaction with the request.
+    on_request_row: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,11 @@ class Store(Protocol):
         self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry],
         idempotency: IdempotencyRecord | None = None,
     ) -> None: ...
-    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str) -> IdempotencyRecord | None: ...
+    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str,
+                        request_id: str | None = None) -> IdempotencyRecord | None:
+        """The key's record: with `request_id`, as carried by that request's row (one point read;
+        None unless the row carries this user's key); else its own row."""
+        ...
     def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord: ...
     def live_user_certificates(self, tenant_id: str, now: int, window: int,
                                requester_oid: str | None = None) -> list[CertificateRecord]:

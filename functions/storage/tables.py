@@ -14,7 +14,8 @@ written in one atomic write (one row, or one entity-group transaction in that pa
                                                 revocations (its KRL); the tenant's policies and host
                                                 revocations (known-hosts). See trust_version.
                    aud|<ms since epoch>|<id>    an audit entry (ascending by time)
-                   idk|<oid>|<key hash>         an idempotency key and the request it made
+                   idk|<oid>|<key hash>         an idempotency key and the request it made (keys
+                                                that name their request ride on its row instead)
                    rqu|<oid>|<newest-first id>  request index: a user's requests (a copy of each)
                    rqm|<oid>|<newest-first id>  request index: a user's open (pending/approved) requests
                    rqo|<policy>|<newest-first id>  request index: a policy's open requests (approvers')
@@ -322,14 +323,17 @@ class TableStore(HostRecords):
     def create_request(self, rec: RequestRecord, audit: AuditEntry,
                        idempotency: IdempotencyRecord | None = None,
                        slots: PendingSlots | None = None) -> RequestRecord:
-        """One transaction: the request row carrying its first audit entry, its index rows, the
-        idempotency key's row and the pending slots (only if still at their ETag)."""
+        """One transaction: the request row carrying its first audit entry (and an idempotency key that
+        names it), its index rows, an idempotency key's row of its own and the pending slots (only if
+        still at their ETag)."""
         if slots is not None and slots.tenant_id != rec.tenant_id:
             raise ValueError("Partition Keys in the batch must all be the same.")
         entity = self._request_entity(rec) | self._embedded_audit(rec.tenant_id, [audit])
         exists = Conflict("That request already exists.")
         ops = [("create", entity), *self._index_ops(rec, new=True)]
-        if idempotency is not None:
+        if idempotency is not None and idempotency.on_request_row:
+            entity |= self._key_on_row(rec, idempotency)
+        elif idempotency is not None:
             ops.append(("create", self._idempotency_entity(idempotency)))
         lost: EzsshError = exists
         if slots is not None:
@@ -400,21 +404,39 @@ class TableStore(HostRecords):
             raise exists from exc
 
     # ---- idempotency keys ---------------------------------------------------------------------
-    # Row idk|<requester oid>|<sha-256 of the client's key>: which request a client's attempt made,
-    # written in the same transaction as that request, so a retry finds the first answer.
+    # A key that names its request's id (a UUIDv7: core.approval.keyed_request_id) is carried by the
+    # request row itself (IdemKey, IdemDigest): a retry's insert finds the row, and one point read
+    # the first answer. Any other key has a row idk|<requester oid>|<sha-256 of the key>, written in
+    # the same transaction as its request.
     @staticmethod
     def _idempotency_entity(i: IdempotencyRecord) -> dict:
         return {"PartitionKey": i.tenant_id, "RowKey": f"idk|{i.owner_oid}|{i.key_hash}", "Kind": "idempotency",
                 "RequestId": i.request_id, "Digest": i.digest, "CreatedAt": i.created_at}
 
-    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str) -> IdempotencyRecord | None:
+    @staticmethod
+    def _key_on_row(rec: RequestRecord, i: IdempotencyRecord | None) -> dict:
+        if i is None:
+            return {}
+        if (i.tenant_id, i.owner_oid, i.request_id) != (rec.tenant_id, rec.requester_oid, rec.id):
+            raise ValueError("An idempotency key rides only on the row of the request it names, of its owner.")
+        return {"IdemKey": i.key_hash, "IdemDigest": i.digest, "IdemAt": i.created_at}
+
+    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str,
+                        request_id: str | None = None) -> IdempotencyRecord | None:
+        row_key = f"req|{request_id}" if request_id is not None else f"idk|{owner_oid}|{key_hash}"
         try:
-            e = _guard("get idempotency key",
-                       lambda: self._table.get_entity(tenant_id, f"idk|{owner_oid}|{key_hash}"))
+            e = _guard("get idempotency key", lambda: self._table.get_entity(
+                tenant_id, row_key, select=None if request_id is None else ["RequesterOid", "IdemKey", "IdemDigest",
+                                                                            "IdemAt"]))
         except ResourceNotFoundError:
             return None
-        return IdempotencyRecord(tenant_id=tenant_id, owner_oid=owner_oid, key_hash=key_hash,
-                                 request_id=e["RequestId"], digest=e["Digest"], created_at=int(e["CreatedAt"]))
+        if request_id is None:
+            return IdempotencyRecord(tenant_id=tenant_id, owner_oid=owner_oid, key_hash=key_hash,
+                                     request_id=e["RequestId"], digest=e["Digest"], created_at=int(e["CreatedAt"]))
+        if e.get("IdemKey") != key_hash or e.get("RequesterOid") != owner_oid:
+            return None
+        return IdempotencyRecord(tenant_id=tenant_id, owner_oid=owner_oid, key_hash=key_hash, request_id=request_id,
+                                 digest=e["IdemDigest"], created_at=int(e["IdemAt"]), on_request_row=True)
 
     # ---- certificates -----------------------------------------------------------------------
     # A user certificate lives in its request's row (its serial is the request id: core.approval),
@@ -488,7 +510,8 @@ class TableStore(HostRecords):
         """The request in its "issued" state, its certificate and the audit entries, atomically.
 
         A new request (etag None) is ONE insert of its row carrying the certificate and the audit
-        entries (with an idempotency key: one transaction with the key's row). An approved request
+        entries (and an idempotency key that names it; a key in a row of its own: one transaction
+        with that row). An approved request
         is one transaction: its row merged only if still at `etag` (the claim that exactly one caller
         moves it to "issued") and the issuance's audit row. The serial is the request id's, so a used
         serial is a used request id: a lost race or a used serial, request id or idempotency key
@@ -498,8 +521,8 @@ class TableStore(HostRecords):
         exists = Conflict("The certificate could not be recorded (serial or request already used); retry.")
         if etag is None:
             entity |= self._embedded_audit(rec.tenant_id, audit)
-            if idempotency is None:
-                self._insert("record issuance", entity, exists)
+            if idempotency is None or idempotency.on_request_row:
+                self._insert("record issuance", entity | self._key_on_row(rec, idempotency), exists)
                 return
             ops: list = [("create", entity), ("create", self._idempotency_entity(idempotency))]
         else:

@@ -885,6 +885,48 @@ def test_an_issuance_carries_its_idempotency_key(store: Store, tid: str) -> None
     assert store.get_idempotency(tid, "oid-alice", "k2" * 4).request_id == rec.id
 
 
+def test_a_key_that_names_its_request_rides_on_that_row(store: Store, tid: str) -> None:
+    rec = a_request(tid)
+    on_row = replace(an_idempotency(tid, rec.id, "k3"), on_request_row=True)
+    assert store.get_idempotency(tid, "oid-alice", "k3" * 4, rec.id) is None
+    store.create_request(rec, an_entry(tid, T0), on_row)
+    assert store.get_idempotency(tid, "oid-alice", "k3" * 4, rec.id) == on_row
+    # found only on that row, only for its owner and that key; no row of its own was written
+    assert store.get_idempotency(tid, "oid-alice", "k3" * 4) is None
+    assert store.get_idempotency(tid, "oid-bob", "k3" * 4, rec.id) is None
+    assert store.get_idempotency(tid, "oid-alice", "k4" * 4, rec.id) is None
+    assert store.get_idempotency(str(uuid.uuid4()), "oid-alice", "k3" * 4, rec.id) is None
+    # the retry's write finds the row taken, and nothing new lands
+    with pytest.raises(Conflict):
+        store.create_request(replace(rec, host="web2.example.com"), an_entry(tid, T0 + 1, "lost"), on_row)
+    assert store.get_request(tid, rec.id).host == rec.host
+    assert [e.action for e in audit_of(store, tid)] == ["test.event"]
+    # it stays on the row through the request's later changes
+    approved = store.update_request(replace(rec, state="approved"), store.get_request(tid, rec.id).etag,
+                                    an_entry(tid, T0 + 2, "request.approved", request_id=rec.id))
+    assert approved.state == "approved" and store.get_idempotency(tid, "oid-alice", "k3" * 4, rec.id) == on_row
+
+
+def test_an_issuance_carries_a_key_that_names_it_on_its_row(store: Store, tid: str) -> None:
+    rec = a_request(tid, state="issued", serial=11)
+    on_row = replace(an_idempotency(tid, rec.id, "k5"), on_request_row=True)
+    store.record_issuance(rec, None, a_cert(rec, 11), [an_entry(tid, T0)], on_row)
+    assert store.get_idempotency(tid, "oid-alice", "k5" * 4, rec.id) == on_row
+    assert store.get_certificate(tid, "web", 11).request_id == rec.id
+    with pytest.raises(Conflict):
+        store.record_issuance(rec, None, a_cert(rec, 11), [an_entry(tid, T0 + 1, "lost")], on_row)
+    assert [e.action for e in audit_of(store, tid)] == ["test.event"]
+    # a key rides only on the row it names, of its owner: anything else is the caller's mistake
+    other = a_request(tid, state="issued", serial=12)
+    with pytest.raises(ValueError):
+        store.record_issuance(other, None, a_cert(other, 12), [an_entry(tid, T0 + 3)], on_row)
+    with pytest.raises(ValueError):
+        store.create_request(a_request(tid, rec.id[:-1] + "f", requester_oid="oid-bob"), an_entry(tid, T0 + 4),
+                             replace(on_row, request_id=rec.id[:-1] + "f"))
+    with pytest.raises(NotFound):
+        store.get_certificate(tid, "web", 12)
+
+
 # ---- one partition per write ------------------------------------------------------------------
 # A row and its audit entries are one entity-group transaction, so they share the tenant's partition.
 # An entry for another tenant (or none: the unauthenticated partition) is a caller's mistake that the

@@ -21,6 +21,7 @@ from typing import Callable
 
 import pytest
 
+from ezssh.issue import attempt_key
 from functions.core.audit import verify_chain
 from functions.core.errors import NotFound
 from tests.standins.faultproxy import fail_from, lose_at
@@ -83,8 +84,8 @@ def cases(faulty: Faulty, oidc, auth, pub, policies) -> dict[str, Case]:
         return c.post(path, headers={**auth(user), **headers}, json=body)
 
     # ---- issuance, auto-approved --------------------------------------------------------------
-    def issue_prepare() -> dict:
-        return {"host": f"fa-{uuid.uuid4().hex[:8]}", "key": uuid.uuid4().hex, "pub": pub()}
+    def issue_prepare(key: Callable[[], str] = lambda: uuid.uuid4().hex) -> dict:
+        return {"host": f"fa-{uuid.uuid4().hex[:8]}", "key": key(), "pub": pub()}
 
     def issue_act(s: dict):  # type: ignore[no-untyped-def]
         return post("alice", "/api/requests", {"host": s["host"], "principal": "alice", "public_key": s["pub"],
@@ -109,8 +110,8 @@ def cases(faulty: Faulty, oidc, auth, pub, policies) -> dict[str, Case]:
         return True
 
     # ---- a request that needs approval --------------------------------------------------------
-    def pending_prepare() -> dict:
-        return {"host": f"fg-{uuid.uuid4().hex[:8]}", "key": uuid.uuid4().hex}
+    def pending_prepare(key: Callable[[], str] = lambda: uuid.uuid4().hex) -> dict:
+        return {"host": f"fg-{uuid.uuid4().hex[:8]}", "key": key()}
 
     def pending_act(s: dict):  # type: ignore[no-untyped-def]
         return post("alice", "/api/requests", {"host": s["host"], "principal": "alice", "policy": "f-gated"},
@@ -264,6 +265,9 @@ def cases(faulty: Faulty, oidc, auth, pub, policies) -> dict[str, Case]:
     return {
         "issue": Case(issue_prepare, issue_act, issue_check),
         "request-pending": Case(pending_prepare, pending_act, pending_check),
+        # the CLI's keys (UUIDv7) name their request: the request row alone is the write
+        "issue-uuid7": Case(lambda: issue_prepare(attempt_key), issue_act, issue_check),
+        "request-pending-uuid7": Case(lambda: pending_prepare(attempt_key), pending_act, pending_check),
         # a decision retried after its answer was lost gets the recorded outcome, not a 409
         "approve": Case(decided_prepare, decide("bob", "approve"), decided_check("approved", "approved"), already=()),
         "deny": Case(decided_prepare, decide("dave", "deny"), decided_check("denied", "denied"), already=()),
@@ -280,7 +284,7 @@ def cases(faulty: Faulty, oidc, auth, pub, policies) -> dict[str, Case]:
     }
 
 
-@pytest.mark.parametrize("name", ["issue", "request-pending", "approve", "deny", "cancel", "certificate", "revoke",
+@pytest.mark.parametrize("name", ["issue", "request-pending", "issue-uuid7", "request-pending-uuid7", "approve", "deny", "cancel", "certificate", "revoke",
                                   "policy-create", "policy-update", "policy-rotate", "policy-delete"])
 def test_a_failure_at_each_storage_call_leaves_old_or_new_state_with_its_audit(
         name, faulty: Faulty, oidc, auth, pub, policies) -> None:

@@ -299,3 +299,22 @@ def test_a_request_serial_is_its_time_then_random_bits_and_its_id_is_that_serial
         assert serial_of_request_id(other) is None, other
     with pytest.raises(ValueError):
         request_serial(-1.0)
+
+
+def test_a_uuid7_key_names_a_request_id_of_its_time_and_per_user():
+    import uuid
+
+    from functions.core.approval import key_time_ms, keyed_request_id
+
+    ms = 1_760_000_000_123
+    # RFC 9562 layout, built here bit by bit: 48-bit ms, version 7, 12 bits, variant 0b10, 62 bits
+    k = str(uuid.UUID(int=(ms << 80) | (0x7 << 76) | (0xABC << 64) | (0b10 << 62) | 12345))
+    assert key_time_ms(k) == ms and key_time_ms(k.replace("-", "")) == ms
+    for other in (str(uuid.uuid4()), uuid.uuid4().hex, "attempt-0001", k[:-1], "g" * 32,
+                  str(uuid.UUID(int=(ms << 80) | (0x7 << 76) | (0b11 << 62)))):  # wrong variant
+        assert key_time_ms(other) is None, other
+    rid = keyed_request_id(ms, "tid", "oid-a", k)
+    assert int(rid, 16) >> 21 == ms and int(rid, 16) & ((1 << 21) - 1) != 0 and len(rid) == 16
+    assert keyed_request_id(ms, "tid", "oid-a", k) == rid  # a retry names the same row
+    assert len({rid, keyed_request_id(ms, "tid", "oid-b", k), keyed_request_id(ms, "tid2", "oid-a", k),
+                keyed_request_id(ms, "tid", "oid-a", k.upper())}) == 4
