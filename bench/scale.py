@@ -150,7 +150,7 @@ class Recorder:
         from azure.core.exceptions import ResourceExistsError
 
         key = self._key(entity)
-        if self._fetch(key) is not None:
+        if self.rows.get(key):  # seeded rows are new (fresh ids): no read of the real table for them
             raise ResourceExistsError("The specified entity already exists.")
         self.rows[key] = {k: v for k, v in entity.items() if v is not None}
         return self._etag()
