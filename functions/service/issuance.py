@@ -27,7 +27,7 @@ from ..core.errors import (
     TtlTooLong,
 )
 from ..core.keys import VettedKey, parse_public_key
-from ..core.evaluation import AccessRequest, allowed_logins, choose_policy, make_grant, resolve_ttl
+from ..core.evaluation import AccessRequest, choose_policy, evaluate, make_grant
 from ..core.policy import Identity, Policy
 from ..observability import event
 from ..signing.base import as_private_key
@@ -270,11 +270,18 @@ class Issuance:
                                state=rec.effective_state(now))
             if policy is None or policy.deleted:
                 raise Denied(f"Policy {rec.policy_id!r} no longer exists.")
-            # The approval is bound to the host, principal and TTL asked for; the policy may have
-            # tightened since, and then the tighter rule wins.
-            resolve_ttl(policy, rec.ttl_seconds)
-            if not policy.covers_host(rec.host) or rec.principal not in allowed_logins(policy, who):
-                raise Denied(f"Policy {policy.id!r} no longer allows this host or login.")
+            # The approval is bound to the host, principal and TTL asked for, and it is decided again
+            # now against the current policy and the caller's current groups: a deny rule, a group
+            # removal or a tightened policy since the approval wins over the approval.
+            if not policy.covers_host(rec.host):
+                raise Denied(f"Policy {policy.id!r} no longer covers host {rec.host!r}; ask again.",
+                             policy=policy.id)
+            try:
+                evaluate(who, AccessRequest(host=rec.host, principal=rec.principal, ttl_seconds=rec.ttl_seconds,
+                                            policy_id=policy.id), policy)
+            except Denied as exc:
+                raise type(exc)(f"Request {rec.id} was approved, but the policy no longer allows it: "
+                                f"{exc.message}", **exc.details) from None
             issued = self._sign(policy, rec, who, vetted)
         final = sm.mark_issued(rec, who, now, serial=issued.serial, key_id=issued.key_id)
         entry = link(self._issued_audit(who, final, issued, vetted), rec.audit_head)

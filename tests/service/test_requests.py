@@ -3,13 +3,15 @@ audit entry linked into the request's chain, which ends at the head the request 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from functions.core.audit import GENESIS, verify_chain
-from functions.core.errors import Conflict, Forbidden, NotFound
+from functions.core.errors import Conflict, Denied, Forbidden, NotFound
 from functions.core.evaluation import AccessRequest
 
-from .helpers import ALICE, BOB, CAROL, DAVE, ERIN, PAT, T0
+from .helpers import ALICE, BOB, CAROL, DAVE, ERIN, PAT, T0, USERS
 
 
 @pytest.fixture
@@ -141,3 +143,37 @@ def test_listing_by_role_and_state(service, pending):
     assert ids(PAT) == [bobs]  # the policy's admin sees its open requests (decided ones: the audit)
     assert ids(ALICE, state="denied") == [mine]
     assert ids(ERIN) == []
+
+
+def _approved(service, make_policy, clock, pid: str, **kw) -> str:
+    """A request of alice's under an approval policy whose logins come from `principals` (every
+    member), approved by bob."""
+    make_policy(pid, "approval", request_ttl=600, **kw)
+    out = service.issuance.request_access(ALICE, AccessRequest(host="web1", principal="deploy", policy_id=pid), None)
+    clock.advance(1)
+    service.requests.approve(BOB, out.request.id, "ok")
+    return out.request.id
+
+
+def test_a_deny_rule_added_after_the_approval_stops_the_certificate(service, store, make_policy, clock, user_key):
+    rid = _approved(service, make_policy, clock, "gated-deny")
+    p = store.get_policy(CAROL.tid, "gated-deny")
+    service.policies.update(CAROL, "gated-deny", {"rules": [{"users": [ALICE.oid], "action": "deny"},
+                                                            {"groups": [USERS], "action": "approval"}]}, p.etag)
+    with pytest.raises(Denied) as err:
+        service.issuance.issue_for_request(ALICE, rid, user_key())
+    assert "approved, but the policy no longer allows it" in err.value.message
+    assert store.get_request(ALICE.tid, rid).serial is None  # nothing issued
+    refused = [e for e in store.list_audit(ALICE.tid, request_id=rid) if e.action == "certificate.refused"]
+    assert refused and refused[-1].error_code == "denied"
+
+
+def test_a_group_removal_after_the_approval_stops_the_certificate(service, store, make_policy, clock, user_key):
+    rid = _approved(service, make_policy, clock, "gated-group",
+                    rules=[{"groups": [USERS], "action": "approval"}])
+    alice_now = replace(ALICE, groups=frozenset())  # her token no longer names the group
+    with pytest.raises(Denied):
+        service.issuance.issue_for_request(alice_now, rid, user_key())
+    assert store.get_request(ALICE.tid, rid).serial is None
+    # still in the group: the approval stands
+    assert service.issuance.issue_for_request(ALICE, rid, user_key()).status == "issued"
