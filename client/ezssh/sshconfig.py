@@ -27,7 +27,14 @@ OWNED_FILE = "ssh_config"
 KNOWN_HOSTS = "known_hosts"  # ezssh's own known-hosts file (host CAs, as @cert-authority lines)
 MARK = "# ezssh: the Include below was added by `ezssh config`; `ezssh config --remove` takes it out."
 MAX_CIDR_PATTERNS = 64
-NO_QUOTE = "!*\\'*"  # an ssh_config pattern (the quote escaped for its tokenizer): no single quote in the name
+# Names that hold a character some shell reads specially never reach the `exec` line: the Match
+# lists, as negated patterns, every such character that an ssh_config pattern can carry. The list
+# goes in double quotes, the one quoting every OpenSSH since 8.0 reads alike (8.0-9.3 split Match
+# arguments with strdelim, which knows only double quotes and keeps a backslash; later ones with
+# argv_split, where a bare single quote opens a quoted word). Left: `"`, `,`, `*` and `?`, which no
+# pattern can name; sh reads them as they are inside the single quotes %r and %h stand in.
+SHELL_SPECIAL = "'\\`$;&|<>(){}^%~#! \t"
+SAFE_NAME = ",".join(f"!*{c}*" for c in SHELL_SPECIAL)
 _GLOB_OK = re.compile(r"^[A-Za-z0-9.*?_:\[\]-]+$")
 
 
@@ -117,7 +124,8 @@ def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: l
     if "'" in slot:
         raise EzsshError(f"ezssh's directory {slot_root} holds a quote (') that ssh_config cannot carry.", USAGE)
     # %r and %h go to sh inside single quotes, and the Match line leaves out any login or host with a
-    # single quote in it: whatever a name holds, sh reads it as one word.
+    # quote, backslash or other shell-special character (SAFE_NAME): no name that could mean
+    # something to a shell reaches one, and the rest are one word.
     # Before starting ezssh at all, sh reads the slot's reuse-until time: a cached certificate costs
     # one `date`. (Not in agent mode: ezssh itself puts the certificate into the current agent.)
     cached = "" if agent else f"{{ read t < '{slot}/{EXPIRES}' && test $t -gt $(date +%%s); }} 2>/dev/null || "
@@ -131,7 +139,7 @@ def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: l
         f"#\n"
         f"# For these hosts ssh first runs `ezssh cert ensure`, which reuses or obtains a short-lived\n"
         f"# certificate for the login (%r) and the real host name (%h) after aliases, then offers it.\n"
-        f"Match final host {','.join(patterns)},{NO_QUOTE} user *,{NO_QUOTE} exec \"{exec_cmd}\"\n"
+        f"Match final host \"{','.join(patterns)},{SAFE_NAME}\" user \"*,{SAFE_NAME}\" exec \"{exec_cmd}\"\n"
         f"    IdentityFile {_cfg_quote(slot + '/id_ed25519')}\n"
         f"    CertificateFile {_cfg_quote(slot + '/id_ed25519-cert.pub')}\n"
         f"    UserKnownHostsFile ~/.ssh/known_hosts ~/.ssh/known_hosts2 {_cfg_quote(known)}\n"

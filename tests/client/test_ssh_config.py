@@ -98,22 +98,74 @@ def test_openssh_applies_the_block_after_aliases(tmp_path):
     ssh_g(cfg, "box")
     assert log.read_text().count("\n") == 2
     (slot / certs.EXPIRES).unlink()
-    # names from ssh_config reach sh as one quoted word: no command runs from a host name
+    # a name with a character a shell reads specially never reaches the exec line (more in
+    # test_no_name_with_a_shell_special_character_reaches_a_shell)
     marker = tmp_path / "ran"
     cfg.write_text(f"Host odd\n    HostName web$(touch${{IFS}}{marker})\n    User deploy\n"
                    f"Host quote\n    HostName \"web'x\"\n")
     sshconfig.install(cfg, owned)
-    ssh_g(cfg, "odd")
-    assert not marker.exists()
-    # (ssh lowercases host names) the name arrived as it is, one word, and nothing ran
-    assert log.read_text().splitlines()[-1].lower() == f"{home} cert ensure deploy@web$(touch${{IFS}}{marker}) -p 22".lower()
     lines = log.read_text().count("\n")
+    assert "certificatefile" not in ssh_g(cfg, "odd") and not marker.exists()
     assert "certificatefile" not in ssh_g(cfg, "quote") and log.read_text().count("\n") == lines  # left out
     cfg.write_text("Host box\n    HostName 10.9.8.7\n    User deploy\n    Port 2200\n")
     sshconfig.install(cfg, owned)
     # a failing ensure: the block does not apply
     ensure.write_text("#!/bin/sh\nexit 1\n")
     assert "certificatefile" not in ssh_g(cfg, "box")
+
+
+def _hostile_names(marker: Path) -> list[str]:
+    """Names that would run `touch MARKER` if a shell read them unquoted or broke out of the single
+    quotes around %r@%h: one per shell-special character."""
+    m = str(marker)
+    return [f"web'$(touch {m})'", f"web'`touch {m}`'", f"web';touch {m};'", f"web\\'$(touch {m})\\'",
+            f"web$(touch {m})", f"web`touch {m}`", f"web;touch {m}", f"web|touch {m}", f"web&touch {m}&",
+            f"web>{m}", f"web<{m}", f"web'{{touch,{m}}}'", f"web!touch {m}", f"web%touch {m}", f"web~ {m}",
+            f"web#{m}", f"web^{m}", f"web(touch {m})"]
+
+
+def test_no_name_with_a_shell_special_character_reaches_a_shell(tmp_path):
+    """The installed OpenSSH, every way a name reaches the Match block: `ssh -G` with a config
+    `HostName` and `User` line, `-o HostName=` and `-o User=`, and git over ssh. A name with a
+    shell-special character leaves the block out (no exec, no certificate): nothing runs, on any
+    shell, and ezssh is not even started."""
+    home = tmp_path / "ez"
+    log = tmp_path / "ensure.log"
+    ensure = tmp_path / "fake-ezssh"
+    ensure.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\nexit 0\n")
+    ensure.chmod(0o755)
+    owned = tmp_path / "ssh_config.ezssh"
+    owned.write_text(sshconfig.render_block(home=home, slot_root=home / "certs" / "abc", patterns=["web*"],
+                                            command=[str(ensure)], server=SERVER))
+    marker = tmp_path / "pwned"
+    cfg = tmp_path / "config"
+    names = _hostile_names(marker)
+
+    def config(name: str, field: str = "HostName") -> None:
+        quoted = name.replace('"', "")  # a config value in double quotes holds the rest literally
+        other = "User deploy" if field == "HostName" else "HostName web1"
+        cfg.write_text(f'Host target\n    {field} "{quoted}"\n    {other}\n')
+        sshconfig.install(cfg, owned)
+
+    for name in names:
+        for field in ("HostName", "User"):
+            config(name, field)
+            subprocess.run(["ssh", "-G", "-F", str(cfg), "target"], capture_output=True, timeout=30,
+                           env={"PATH": "/usr/bin:/bin"})
+            config("web1")
+            subprocess.run(["ssh", "-G", "-F", str(cfg), "-o", f'{field}="{name}"', "target"],
+                           capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+        assert not marker.exists(), name
+    # git runs ssh with the alias; the alias's HostName holds the hostile name
+    config(names[0])
+    subprocess.run(["git", "ls-remote", "target:repo.git"], capture_output=True, timeout=60, cwd=tmp_path,
+                   env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                        "GIT_SSH_COMMAND": f"ssh -F {cfg} -o BatchMode=yes -o ConnectTimeout=2"})
+    assert not marker.exists()
+    assert not log.exists() or "touch" not in log.read_text()  # ezssh never saw a hostile name
+    # and an ordinary name still gets its certificate: the block is not simply off
+    config("web1")
+    assert "certificatefile" in ssh_g(cfg, "target") and "cert ensure deploy@web1 -p 22" in log.read_text()
 
 
 @pytest.fixture()
