@@ -55,6 +55,11 @@ SETTINGS: dict[str, str] = {
     "EZSSH_VERIFIED_DOMAINS": "domains verified in each tenant, whose members' UPN local part {username} may "
                               "stand for: <tenant id>=contoso.com,contoso.net;<tenant id>=...; with one tenant the "
                               "<tenant id>= may be left out. Empty: {username} expands for nobody",
+    "EZSSH_HOST_NAMESPACES": "the DNS suffixes, host names and IP ranges each tenant's hosts live in: "
+                             "<tenant id>=*.contoso.internal,10.20.0.0/16;<tenant id>=...; with one tenant the "
+                             "<tenant id>= may be left out. Host certificates name only hosts inside them (and "
+                             "inside their policy's patterns); a tenant admin may replace them through the API "
+                             "(PUT /api/host-namespaces). Empty: no host certificates until one does",
     "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP": "1 lets webhooks use plain http to a loopback address (local "
                                         "development only); default 0: https to public addresses only",
     "EZSSH_MAX_PENDING_REQUESTS": "pending requests one user may have open per policy (default 5, at most 100)",
@@ -106,6 +111,7 @@ class Settings:
         conn = self.storage_connection_string or ""
         return bool(self.queue_account_url) or "QueueEndpoint=" in conn or "UseDevelopmentStorage=true" in conn
     verified_domains: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (tid, domains) pairs
+    host_namespaces: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (tid, namespaces) pairs, until a tenant admin sets them
     webhook_allow_loopback_http: bool = False
     max_pending_requests: int = 5
     request_rate: int = 30
@@ -239,6 +245,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         appinsights_connection_string=_get(env, "APPLICATIONINSIGHTS_CONNECTION_STRING"),
         queue_account_url=queue_url,
         verified_domains=_verified_domains(env, tenants),
+        host_namespaces=_host_namespaces(env, tenants),
         webhook_allow_loopback_http=_flag(env, "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP"),
         max_pending_requests=_int(env, "EZSSH_MAX_PENDING_REQUESTS", 5, 1, 100, unit="requests"),
         request_rate=_int(env, "EZSSH_REQUEST_RATE", 30, 1, 10000, unit="requests a minute"),
@@ -262,27 +269,49 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     return raw in ("1", "true")
 
 
-def _verified_domains(env: Mapping[str, str], tenants: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """EZSSH_VERIFIED_DOMAINS: `<tid>=a.com,b.com;<tid>=c.com`, or `a.com,b.com` with one tenant."""
-    raw = _get(env, "EZSSH_VERIFIED_DOMAINS") or ""
+def _per_tenant(env: Mapping[str, str], name: str, tenants: tuple[str, ...],
+                example: str) -> dict[str, list[str]]:
+    """A per-tenant list setting: `<tid>=a,b;<tid>=c`, or `a,b` with one tenant."""
+    raw = _get(env, name) or ""
     known = {t.lower() for t in tenants}
     out: dict[str, list[str]] = {}
     for part in (p.strip() for p in raw.split(";") if p.strip()):
-        tid, sep, domains = part.partition("=")
+        tid, sep, items = part.partition("=")
         if not sep:
             if len(known) != 1:
                 raise SettingsError(
-                    "Setting EZSSH_VERIFIED_DOMAINS: this deployment serves several tenants, so each entry must "
-                    "name its tenant, as <tenant id>=contoso.com,contoso.net;<tenant id>=...")
-            tid, domains = next(iter(known)), tid
+                    f"Setting {name}: this deployment serves several tenants, so each entry must "
+                    f"name its tenant, as <tenant id>={example};<tenant id>=...")
+            tid, items = next(iter(known)), tid
         tid = tid.strip().lower()
         if tid not in known:
-            raise SettingsError(f"Setting EZSSH_VERIFIED_DOMAINS names tenant {tid!r}, which is not in EZSSH_TENANTS.")
-        for d in (x.strip().lower().rstrip(".") for x in domains.split(",") if x.strip()):
-            if not DOMAIN_RE.match(d):
-                raise SettingsError(f"Setting EZSSH_VERIFIED_DOMAINS: {d!r} is not a domain name.")
-            out.setdefault(tid, []).append(d)
-    return tuple((t, tuple(dict.fromkeys(ds))) for t, ds in out.items())
+            raise SettingsError(f"Setting {name} names tenant {tid!r}, which is not in EZSSH_TENANTS.")
+        out.setdefault(tid, []).extend(x.strip() for x in items.split(",") if x.strip())
+    return out
+
+
+def _verified_domains(env: Mapping[str, str], tenants: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """EZSSH_VERIFIED_DOMAINS: `<tid>=a.com,b.com;<tid>=c.com`, or `a.com,b.com` with one tenant."""
+    out = _per_tenant(env, "EZSSH_VERIFIED_DOMAINS", tenants, "contoso.com,contoso.net")
+    for d in (x.lower().rstrip(".") for ds in out.values() for x in ds):
+        if not DOMAIN_RE.match(d):
+            raise SettingsError(f"Setting EZSSH_VERIFIED_DOMAINS: {d!r} is not a domain name.")
+    return tuple((t, tuple(dict.fromkeys(x.lower().rstrip(".") for x in ds))) for t, ds in out.items())
+
+
+def _host_namespaces(env: Mapping[str, str], tenants: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """EZSSH_HOST_NAMESPACES: `<tid>=*.contoso.internal,10.20.0.0/16;<tid>=...` (core.namespaces)."""
+    from .core.errors import InvalidRequest
+    from .core.namespaces import parse_namespaces
+    from .publicsuffix import is_public_suffix
+
+    out = []
+    for tid, items in _per_tenant(env, "EZSSH_HOST_NAMESPACES", tenants, "*.contoso.internal,10.20.0.0/16").items():
+        try:
+            out.append((tid, tuple(str(n) for n in parse_namespaces(items, is_public_suffix))))
+        except InvalidRequest as exc:
+            raise SettingsError(f"Setting EZSSH_HOST_NAMESPACES: {exc.message}") from None
+    return tuple(out)
 
 
 ENROL_SCOPE_RE = re.compile(

@@ -128,6 +128,7 @@ def service_config(settings: Settings, **overrides: object) -> ServiceConfig:
         webhook_allow_loopback_http=settings.webhook_allow_loopback_http,
         max_pending_requests=settings.max_pending_requests,
         request_rate=settings.request_rate,
+        host_namespaces=settings.host_namespaces,
     )
     return ServiceConfig(**{**fields, **overrides})
 

@@ -82,6 +82,9 @@ param publicUrl string = ''
 @description('Verified domains per tenant whose members {username} may stand for: <tenant id>=contoso.com,contoso.net;<tenant id>=... Empty: {username} expands for nobody.')
 param verifiedDomains string = ''
 
+@description('Host namespaces per tenant: the DNS suffixes, host names and IP ranges its hosts live in, <tenant id>=*.contoso.internal,10.20.0.0/16;<tenant id>=... Host certificates name only hosts inside them; tenant admins may change them through the API. Empty: no host certificates until a tenant admin declares them.')
+param hostNamespaces string = ''
+
 @description('Pending access requests one user may have open per policy.')
 param maxPendingRequests int = 5
 
@@ -224,6 +227,7 @@ module functionApp 'modules/functionapp.bicep' = {
     enrolScopes: enrolScopes
     publicUrl: publicUrl
     verifiedDomains: verifiedDomains
+    hostNamespaces: hostNamespaces
     maxPendingRequests: maxPendingRequests
     requestRate: requestRate
     leaverIntervalSeconds: leaverIntervalSeconds

@@ -107,11 +107,11 @@ def api_server(state_dir, api_env, demo_policy, api_port) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def sshd(state_dir, demo_policy, context, oidc) -> Iterator:
     """The local "VM": trusts the demo policy's user CA and presents a host certificate of its host CA."""
-    from devstack.sshd import host_key_line, start_sshd
+    from devstack.sshd import host_key_file, start_sshd
     from devstack.stack import DEMO_USERS, host_certificate_for, identity_of
 
     try:
-        cert = host_certificate_for(context.service, identity_of(oidc, "carol"), "demo", host_key_line(state_dir))
+        cert = host_certificate_for(context.service, identity_of(oidc, "carol"), "demo", host_key_file(state_dir))
         s = start_sshd(state_dir, free_port(), users=DEMO_USERS, host_certificate=cert,
                        host_ca=demo_policy.current_host_ca.public_key)
     except (StandInError, OSError) as exc:

@@ -26,7 +26,8 @@ from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy
 from functions.core.policydoc import policy_from_row
 from functions.storage.base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, CertificateRecord,
-                                    HostChallenge, HostEnrolmentToken, HostKeyRecord, IdempotencyRecord, PendingSlots,
+                                    HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces, IdempotencyRecord,
+                                    PendingSlots,
                                     Revoked, TrustVersion, index_position)
 
 UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant
@@ -60,6 +61,7 @@ class MemoryStore:
         self._expiry: set[tuple[str, int, str]] = set()
         self._slots: dict[tuple[str, str, str], _Row] = {}  # value: tuple of (request id, expires_at)
         self._backfill: dict[str, tuple[str, bool]] = {}
+        self._namespaces: dict[str, _Row] = {}  # value: HostNamespaces
 
     # ---- helpers ------------------------------------------------------------------------------
     def _etag(self) -> str:
@@ -425,6 +427,28 @@ class MemoryStore:
             if (tenant_id, policy_id) not in self._host_tokens:
                 self._host_tokens[(tenant_id, policy_id)] = candidate
             return self._host_tokens[(tenant_id, policy_id)]
+
+    # host namespaces
+    def get_host_namespaces(self, tenant_id: str) -> HostNamespaces | None:
+        with self._lock:
+            row = self._namespaces.get(tenant_id)
+            return None if row is None else replace(row.value, etag=row.etag)  # type: ignore[type-var]
+
+    def put_host_namespaces(self, ns: HostNamespaces, etag: str | None, audit: AuditEntry) -> HostNamespaces:
+        self._one_partition(ns.tenant_id, [audit])
+        with self._lock:
+            row = self._namespaces.get(ns.tenant_id)
+            if etag is None and row is not None:
+                raise Conflict("The host namespaces were set at the same time; read them again and retry.")
+            if etag is not None and (row is None or not self._matches(row, etag)):
+                if row is None:
+                    raise NotFound("The host namespaces were not found.")
+                raise PreconditionFailed("The host namespaces changed since you read them (ETag mismatch); read "
+                                         "them again and retry.")
+            self._check_new_audit([audit])
+            new = self._namespaces[ns.tenant_id] = _Row(replace(ns, etag=None), self._etag())
+            self._put_audit([audit])
+            return replace(ns, etag=new.etag)
 
     # host certificates
     def create_host_enrolment_token(self, token: HostEnrolmentToken, audit: AuditEntry) -> HostEnrolmentToken:

@@ -16,6 +16,7 @@ from . import hosts
 from . import enrolments
 from . import hostcerts
 from . import identities
+from . import namespaces
 
 log = logging.getLogger("ezssh.api")
 # Every storage call of one request shares this many seconds (functions/deadline.py); well under
@@ -70,4 +71,5 @@ def create_app(context: Callable[[], Any]) -> FastAPI:
     app.include_router(enrolments.router)
     app.include_router(hostcerts.router)
     app.include_router(identities.router)
+    app.include_router(namespaces.router)
     return app

@@ -3,19 +3,22 @@
     POST /api/policies/{id}/host-tokens          {hosts: [...], ttl_seconds?}   policy admins
       -> 201 {token, hosts, expires_at, tenant, policy}   (the token is shown once; only its hash is kept)
     POST /api/host-certificates                  hosts, no Entra token:
-      {tenant, policy, token, host_keys: ["ssh-ed25519 AAAA...", ...]}                      first enrolment
+      {tenant, policy, token, challenge_id, host_keys: [{public_key, signature}, ...]}      first enrolment
       {tenant, policy, challenge_id, host_keys: [{public_key, signature}, ...]}             renewal
+      (signature: `ssh-keygen -Y sign -n ezssh-host-enrol` at enrolment, `-n ezssh-host-renew` at
+      renewal, over the challenge text)
       -> 200 {policy, principals, renew_after, certificates: [...]}, or with `Accept: text/plain`
          "# renew-after <epoch>" and one certificate line per host key (what the setup script reads)
-    POST /api/host-certificates/challenge        {tenant, policy, host_keys: [...]}
-      -> 200 {challenge_id, challenge, expires_at}; text/plain: the challenge text to sign
-         (`ssh-keygen -Y sign -n ezssh-host-renew`)
+    POST /api/host-certificates/challenge        {tenant, policy, host_keys: [...], token?}
+      -> 200 {challenge_id, challenge, expires_at}; text/plain: the challenge text to sign. With a
+         token: for the first enrolment of those keys; without: for their renewal
     GET  /api/known-hosts                        signed-in users
       -> 200 {known_hosts, krl (base64), policies}: `@cert-authority` lines of the host CAs of the
          policies the caller may use, and the revoked host certificates of those CAs; with an ETag,
          and 304 when If-None-Match names it (nothing changed for this caller)
 
-Bad input from hosts is refused with a 4xx and audited (in the unauthenticated partition).
+Bad input from hosts is refused with a 4xx, counted and logged (hosts have no identity; nothing is
+stored for it); host calls are rate-limited per key set, token or challenge.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class ChallengeBody(Strict):
     tenant: str = Field(..., max_length=64)
     policy: str = Field(..., max_length=64)
     host_keys: list[str] = Field(..., max_length=8)
+    token: str | None = Field(None, max_length=200)
 
 
 def _wants_text(request: Request) -> bool:
@@ -77,18 +81,18 @@ def host_certificates(request: Request, hb: HostCertBody = body(HostCertBody, "h
     svc = service(request).hostcerts
     with service(request).base.refusing(None, "host_certificate.refused", policy_id=hb.policy[:64],
                                         details={"tenant": hb.tenant[:64]}):
-        if (hb.token is None) == (hb.challenge_id is None):
-            raise InvalidRequest("Send either 'token' (first enrolment) or 'challenge_id' (renewal).")
-        if hb.challenge_id is not None:
-            try:
-                signed = [SignedKey.model_validate(k) for k in hb.host_keys]
-            except ValidationError as exc:
-                raise InvalidRequest("For a renewal each host key is {public_key, signature}: "
-                                     + describe(exc.errors())) from None
+        if hb.challenge_id is None:
+            raise InvalidRequest("Send 'challenge_id' and each host key with its signature of the challenge "
+                                 "(POST /api/host-certificates/challenge; with 'token' for a first enrolment).")
+        try:
+            signed = [SignedKey.model_validate(k) for k in hb.host_keys]
+        except ValidationError as exc:
+            raise InvalidRequest("Each host key is {public_key, signature}: " + describe(exc.errors())) from None
+    pairs = [(k.public_key, k.signature) for k in signed]
     if hb.token is not None:
-        issued = svc.issue_with_token(hb.tenant, hb.policy, hb.token, hb.host_keys)
+        issued = svc.issue_with_token(hb.tenant, hb.policy, hb.token, hb.challenge_id, pairs)
     else:
-        issued = svc.renew(hb.tenant, hb.policy, hb.challenge_id, [(k.public_key, k.signature) for k in signed])
+        issued = svc.renew(hb.tenant, hb.policy, hb.challenge_id, pairs)
     if _wants_text(request):
         return PlainTextResponse(issued.to_text())
     return JSONResponse(issued.to_dict())
@@ -96,7 +100,7 @@ def host_certificates(request: Request, hb: HostCertBody = body(HostCertBody, "h
 
 @router.post("/host-certificates/challenge")
 def challenge(request: Request, cb: ChallengeBody = body(ChallengeBody, "host_certificate.refused", host=True)) -> Response:
-    ch = service(request).hostcerts.challenge(cb.tenant, cb.policy, cb.host_keys)
+    ch = service(request).hostcerts.challenge(cb.tenant, cb.policy, cb.host_keys, cb.token)
     if _wants_text(request):
         return PlainTextResponse(ch.message.decode())
     return JSONResponse({"challenge_id": ch.id, "challenge": ch.message.decode(), "expires_at": ch.expires_at})

@@ -5,11 +5,12 @@ Pure: stdlib + cryptography. The service decides who may ask (an enrolment token
 of the current host key); this module only checks shapes and signs what the grant says.
 
     key   = parse_host_key("ssh-ed25519 AAAA...")        # ed25519, ECDSA, RSA >= 3072; never a cert
-    names = check_host_names(policy, ["web1.example.com", "10.0.0.4"])
+    names = check_host_names(policy, ["web1.example.com", "10.0.0.4"], namespaces, is_public)
     grant = HostGrant(tenant, policy, names, ttl_seconds=30 * 86400, proof="token:...")
     issued = build_host_certificate(grant, key, ca_private_key, now=now, serial=new_serial())
     verify_host_issued(issued, grant, key, ca_public_key, now=now)
     verify_sshsig(armored, message, "ezssh-host-renew", key)   # `ssh-keygen -Y sign -n ezssh-host-renew`
+                                                   # (ezssh-host-enrol at enrolment)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import ipaddress
 import re
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -33,6 +34,7 @@ from .certificate import DEFAULT_BACKDATE, MAX_SERIAL, IssuedCertificate, issued
 from .errors import EzsshError, IntegrityError, InvalidPublicKey, InvalidRequest, WeakPublicKey
 from .hostmatch import host_matches
 from .keys import VettedKey, parse_public_key
+from .namespaces import IsPublic, Namespace, inside
 
 MIN_HOST_RSA_BITS = 3072
 MAX_HOST_NAMES = 32
@@ -40,6 +42,7 @@ DEFAULT_HOST_CERT_TTL = 30 * 86400
 MIN_HOST_CERT_TTL = 3600
 MAX_HOST_CERT_TTL = 366 * 86400
 RENEW_NAMESPACE = "ezssh-host-renew"
+ENROL_NAMESPACE = "ezssh-host-enrol"
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 WILDCARD_CHARS = set("*?[]!,")
 
@@ -107,28 +110,64 @@ def name_patterns(hosts: Iterable[str]) -> tuple[str, ...]:
     return tuple(h for h in hosts if not h.startswith(("tag:", "/subscriptions/")))
 
 
-def check_host_names(policy: object, names: Iterable[object], *, arm_covered: bool = False) -> tuple[str, ...]:
-    """Normalise names and check each against the policy's host patterns.
+def fitting_host_names(policy: object, names: Iterable[object], namespaces: Sequence[Namespace],
+                       is_public: IsPublic) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the names a host certificate of this policy may carry, one sentence for each name it may not).
 
-    `arm_covered`: the VM is covered by one of the policy's resource-id or tag patterns and its names
-    were read from ARM, so ARM vouches for them even where no name pattern covers them.
-    """
-    out: list[str] = []
+    A name fits when it is a valid host name or address, no public suffix, inside the tenant's host
+    namespaces AND inside the policy's name globs and CIDRs. Tags and resource ids cover VMs for
+    access; they vouch for no name."""
+    pats = name_patterns(policy.hosts)  # type: ignore[attr-defined]
+    kept: list[str] = []
+    outside: list[str] = []
     for raw in names:
-        name = normalise_host_name(raw)
-        if name not in out:
-            out.append(name)
-    if not out:
+        try:
+            name = normalise_host_name(raw)
+        except HostNameRefused as exc:
+            outside.append(exc.message)
+            continue
+        if name in kept:
+            continue
+        if not namespaces:
+            outside.append(f"{name}: the tenant has declared no host namespaces (a tenant admin declares them "
+                           "with PUT /api/host-namespaces or the EZSSH_HOST_NAMESPACES setting).")
+        elif is_public(name):
+            outside.append(f"{name} is a public suffix, not a host.")
+        elif not inside(namespaces, name):
+            outside.append(f"{name} is outside the tenant's host namespaces "
+                           f"({', '.join(str(n) for n in namespaces)}).")
+        elif not any(host_matches(p, name, {}) for p in pats):  # the one matcher
+            outside.append(f"{name} is outside policy {policy.id!r}'s host patterns.")  # type: ignore[attr-defined]
+        else:
+            kept.append(name)
+    return tuple(kept), tuple(outside)
+
+
+def check_host_names(policy: object, names: Iterable[object], namespaces: Sequence[Namespace],
+                     is_public: IsPublic) -> tuple[str, ...]:
+    """Every name must fit (fitting_host_names); else HostNameRefused naming what does not."""
+    kept, outside = fitting_host_names(policy, names, namespaces, is_public)
+    if outside:
+        raise HostNameRefused("Refused for a host certificate: " + " ".join(outside[:4]))
+    return _bounded(kept)
+
+
+def _bounded(names: tuple[str, ...]) -> tuple[str, ...]:
+    if not names:
         raise HostNameRefused("No host names: a host certificate never has empty principals.")
-    if len(out) > MAX_HOST_NAMES:
+    if len(names) > MAX_HOST_NAMES:
         raise HostNameRefused(f"At most {MAX_HOST_NAMES} host names go into one certificate.")
-    if not arm_covered:
-        pats = name_patterns(policy.hosts)  # type: ignore[attr-defined]
-        bad = [n for n in out if not any(host_matches(p, n, {}) for p in pats)]  # the one matcher
-        if bad:
-            raise HostNameRefused(f"Host name(s) {', '.join(bad)} are outside policy "
-                                  f"{policy.id!r}'s host patterns.")  # type: ignore[attr-defined]
-    return tuple(out)
+    return names
+
+
+def kept_host_names(policy: object, names: Iterable[object], namespaces: Sequence[Namespace],
+                    is_public: IsPublic) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """For names a host did not choose (ARM's, or those of the certificate being renewed): the ones
+    that fit, and what was dropped; HostNameRefused when none fits."""
+    kept, outside = fitting_host_names(policy, names, namespaces, is_public)
+    if not kept:
+        raise HostNameRefused("No name of this host fits a host certificate: " + " ".join(outside[:4]))
+    return _bounded(kept), outside
 
 
 # ---- the certificate ------------------------------------------------------------------------
@@ -276,44 +315,3 @@ def verify_sshsig(signature: object, message: bytes, namespace: str, key: Vetted
 
 
 # ---- clients: known_hosts patterns ----------------------------------------------------------
-
-
-def known_hosts_patterns(hosts: Iterable[str], *, limit: int = 256) -> tuple[str, ...]:
-    """ssh known_hosts patterns for a policy's host patterns (globs as they are, CIDRs as octet
-    globs; tag and resource-id patterns have no name form). Each also as `[pattern]:*`, the form ssh
-    looks up for a non-standard port. A CIDR that would need more than `limit` globs becomes the
-    glob of its widest whole octets (wider, never narrower: the CA signs only covered names)."""
-    out: list[str] = []
-    for h in hosts:
-        if h.startswith(("tag:", "/subscriptions/")):
-            continue
-        if "/" in h or re.match(r"^[0-9.]+$", h) or ":" in h:
-            try:
-                net = ipaddress.ip_network(h, strict=False)
-            except ValueError:
-                continue
-            out += _cidr_globs(net, limit)
-        else:
-            out.append(h.lower())
-    full: list[str] = []
-    for p in dict.fromkeys(out):
-        full += [p, f"[{p}]:*"]
-    return tuple(full)
-
-
-def _cidr_globs(net: ipaddress.IPv4Network | ipaddress.IPv6Network, limit: int) -> list[str]:
-    if net.version == 6:
-        return [str(net.network_address)] if net.prefixlen == 128 else ["*:*"]
-    if net.prefixlen == 32:
-        return [str(net.network_address)]
-    whole = net.prefixlen // 8
-    if net.prefixlen % 8 == 0:
-        octets = str(net.network_address).split(".")[:whole]
-        return [".".join(octets + ["*"])] if octets else ["*.*.*.*"]
-    # expand to the next whole octet, if that stays small
-    target = (whole + 1) * 8
-    if 2 ** (target - net.prefixlen) <= limit:
-        return [".".join(str(s.network_address).split(".")[:whole + 1] + ["*"]) if whole + 1 < 4
-                else str(s.network_address) for s in net.subnets(new_prefix=target)]
-    octets = str(net.network_address).split(".")[:whole]
-    return [".".join(octets + ["*"])] if octets else ["*.*.*.*"]

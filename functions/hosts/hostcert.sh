@@ -4,8 +4,9 @@
 #
 #   ezssh-host-cert [--root DIR] keys SSHD_T_OUTPUT          list the host keys to certify
 #   ezssh-host-cert [--root DIR] enrol CONF TOKEN OUTDIR KEY...
-#       first enrolment with a one-time token (CONF: the policy's EZSSH_API/TENANT/POLICY file);
-#       writes OUTDIR/<key name>-cert.pub for each key and OUTDIR/renew_after
+#       first enrolment with a one-time token (CONF: the policy's EZSSH_API/TENANT/POLICY file): asks
+#       for a challenge for the token and the keys, proves possession of each key (ssh-keygen -Y sign
+#       -n ezssh-host-enrol), and writes OUTDIR/<key name>-cert.pub for each key and OUTDIR/renew_after
 #   ezssh-host-cert [--root DIR] take ANSWER OUTDIR KEY...
 #       the same split for certificates the service rendered into the setup script (Azure VMs)
 #   ezssh-host-cert [--root DIR] renew [--force]
@@ -127,6 +128,35 @@ cmd_keys() { # SSHD_T_OUTPUT: the host keys sshd uses that the service certifies
     done
 }
 
+# Ask for a challenge (BODY: the JSON fields before host_keys), sign it with every KEY in NAMESPACE,
+# and post {BODY, challenge_id, host_keys: [{public_key, signature}]} for certificates into ANSWER.
+prove() { # BODY NAMESPACE ANSWER KEY...
+    _body=$1
+    _ns=$2
+    _ans=$3
+    shift 3
+    printf '{%s,"host_keys":%s}' "$_body" "$(keys_json "$@")" >"$TMP/ch.json"
+    _st=$(post "$EZSSH_API/api/host-certificates/challenge" "$TMP/ch.json" "$TMP/challenge")
+    [ "$_st" = 200 ] || refused "$_st" "$TMP/challenge"
+    _id=$(awk '$1 == "challenge" { print $2 }' "$TMP/challenge")
+    [ -n "$_id" ] || die "the service's challenge has no id"
+    _sep=
+    {
+        printf '{%s,"challenge_id":"%s","host_keys":[' "$_body" "$_id"
+        for _k in "$@"; do
+            rm -f "$TMP/challenge.sig"
+            ssh-keygen -q -Y sign -f "$_k" -n "$_ns" "$TMP/challenge" >/dev/null 2>&1 ||
+                die "ssh-keygen could not sign the challenge with $_k"
+            printf '%s{"public_key":"%s","signature":"%s"}' "$_sep" "$(cut -d' ' -f1,2 <"$_k.pub")" \
+                "$(sed '1d;$d' "$TMP/challenge.sig" | tr -d '\n')"
+            _sep=,
+        done
+        printf ']}'
+    } >"$TMP/signed.json"
+    _st=$(post "$EZSSH_API/api/host-certificates" "$TMP/signed.json" "$_ans")
+    [ "$_st" = 200 ] || refused "$_st" "$_ans"
+}
+
 cmd_enrol() { # CONF TOKEN OUTDIR KEY...
     _conf=$1
     _token=$2
@@ -139,10 +169,8 @@ cmd_enrol() { # CONF TOKEN OUTDIR KEY...
         ezh_*) ;;
         *) die "that is not an ezssh host enrolment token (they start with ezh_)" ;;
     esac
-    printf '{"tenant":"%s","policy":"%s","token":"%s","host_keys":%s}' "$EZSSH_TENANT" "$EZSSH_POLICY" \
-        "$_token" "$(keys_json "$@")" >"$TMP/req.json"
-    _st=$(post "$EZSSH_API/api/host-certificates" "$TMP/req.json" "$TMP/answer")
-    [ "$_st" = 200 ] || refused "$_st" "$TMP/answer"
+    prove "$(printf '"tenant":"%s","policy":"%s","token":"%s"' "$EZSSH_TENANT" "$EZSSH_POLICY" "$_token")" \
+        ezssh-host-enrol "$TMP/answer" "$@"
     take_certs "$TMP/answer" "$_out" "$@"
 }
 
@@ -169,27 +197,8 @@ renew_one() { # HOSTCERT_FILE FORCE
     . "$EZ/policies/$EZSSH_NAME.conf"
     # shellcheck disable=SC2086 - the key paths are one space-separated list
     set -- $EZSSH_HOST_KEYS
-    printf '{"tenant":"%s","policy":"%s","host_keys":%s}' "$EZSSH_TENANT" "$EZSSH_POLICY" "$(keys_json "$@")" \
-        >"$TMP/ch.json"
-    _st=$(post "$EZSSH_API/api/host-certificates/challenge" "$TMP/ch.json" "$TMP/challenge")
-    [ "$_st" = 200 ] || refused "$_st" "$TMP/challenge"
-    _id=$(awk '$1 == "challenge" { print $2 }' "$TMP/challenge")
-    [ -n "$_id" ] || die "the service's challenge has no id"
-    _sep=
-    {
-        printf '{"tenant":"%s","policy":"%s","challenge_id":"%s","host_keys":[' "$EZSSH_TENANT" "$EZSSH_POLICY" "$_id"
-        for _k in "$@"; do
-            rm -f "$TMP/challenge.sig"
-            ssh-keygen -q -Y sign -f "$_k" -n ezssh-host-renew "$TMP/challenge" >/dev/null 2>&1 ||
-                die "ssh-keygen could not sign the challenge with $_k"
-            printf '%s{"public_key":"%s","signature":"%s"}' "$_sep" "$(cut -d' ' -f1,2 <"$_k.pub")" \
-                "$(sed '1d;$d' "$TMP/challenge.sig" | tr -d '\n')"
-            _sep=,
-        done
-        printf ']}'
-    } >"$TMP/renew.json"
-    _st=$(post "$EZSSH_API/api/host-certificates" "$TMP/renew.json" "$TMP/answer")
-    [ "$_st" = 200 ] || refused "$_st" "$TMP/answer"
+    prove "$(printf '"tenant":"%s","policy":"%s"' "$EZSSH_TENANT" "$EZSSH_POLICY")" ezssh-host-renew \
+        "$TMP/answer" "$@"
     take_certs "$TMP/answer" "$TMP/new" "$@"
     for _k in "$@"; do
         _dst=$CERTS/$(basename "$_k")-cert.pub

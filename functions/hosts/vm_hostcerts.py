@@ -6,19 +6,18 @@ service signs them with the policy's host CA, and the enrolment push renders the
 the setup script, which installs them next to the policy's CA keys. The reconcile timer pushes
 again when a VM's certificates are due for renewal.
 
-Names: when one of the policy's resource-id or tag patterns covers the VM, ARM vouches for all its
-names; otherwise only the names inside the policy's name globs and CIDRs go into the certificate
-(none inside: the VM gets no host certificate, and the refusal is audited).
+Names: ARM says which names the VM has, not which names the policy's CA may vouch for. Like any
+other names, only those inside the tenant's host namespaces and the policy's name globs and CIDRs go
+into the certificate, at the first issuance and at every renewal; the rest are dropped and the drop
+audited (none inside: the VM gets no host certificate, and the refusal is audited).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 from ..core.errors import EzsshError
-from ..core.hostcert import name_patterns
 from ..core.policy import Policy
 from .azure_vms import AzureVms, PushError, VmRef, wrap_script
 
@@ -57,23 +56,15 @@ class VmHostCerts:
         """The certificates to render into this VM's setup script ("" to keep what it has)."""
         if not self.hostcerts.vm_renewal_due(policy, ref.id):
             return ""
-        vm = vms.get_vm(ref)
-        arm_patterns = tuple(h for h in policy.hosts if h.startswith(("/subscriptions/", "tag:")))
-        arm_covered = bool(arm_patterns) and replace(policy, hosts=arm_patterns).covers_host(
-            ref.name, {**vm.tags, "_resource_id": vm.id})
         names = vms.vm_names(ref)
-        if not arm_covered:
-            pats = replace(policy, hosts=name_patterns(policy.hosts))
-            names = [n for n in names if pats.covers_host(n)]
         try:
             if not names:  # refused (and audited) by the service: a certificate never has empty principals
-                self.hostcerts.issue_for_vm(policy, ref.id, [], [], arm_covered=False)
+                self.hostcerts.issue_for_vm(policy, ref.id, [], [])
             result = vms.run_shell_script(ref, wrap_script(READ_KEYS_SCRIPT))
             if not result.ok:
                 raise PushError("host_keys_unread", f"Reading {ref.name}'s host keys failed "
                                                     f"(exit status {result.exit_status}).", transient=True)
-            issued = self.hostcerts.issue_for_vm(policy, ref.id, names, parse_keys(result.output),
-                                                 arm_covered=arm_covered)
+            issued = self.hostcerts.issue_for_vm(policy, ref.id, names, parse_keys(result.output))
         except EzsshError as exc:
             if exc.status >= 500:
                 raise

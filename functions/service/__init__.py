@@ -5,6 +5,7 @@
     policies   CRUD, CA rotation and retirement, BYO key (Policies)
     hosts      revocation, KRL, setup script             (Hosts)
     hostcerts  host certificates: tokens, ARM, renewal   (HostCerts)
+    namespaces where the tenant's hosts live              (Namespaces)
     audit      audit queries and chain checks            (AuditLog)
     identities revoke what a person or app holds; leavers (Identities)
 
@@ -26,6 +27,7 @@ from .hostcerts import HostCerts
 from .hosts import Hosts
 from .identities import Directory, Identities, SweepConfig
 from .issuance import Issuance, Outcome
+from .namespaces import Namespaces
 from .policies import Policies
 from .requests import Requests
 
@@ -45,7 +47,8 @@ class Service:
         self.issuance = Issuance(self.base, self.requests)
         self.policies = Policies(self.base)
         self.hosts = Hosts(self.base)
-        self.hostcerts = HostCerts(self.base, self.policies, self.hosts)
+        self.namespaces = Namespaces(self.base)
+        self.hostcerts = HostCerts(self.base, self.policies, self.hosts, self.namespaces)
         self.audit = AuditLog(self.base, self.requests)
         self.identities = Identities(self.base, self.hosts, directory, sweep)
 

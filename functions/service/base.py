@@ -45,6 +45,8 @@ class ServiceConfig:
     # how much one user may ask: open requests per policy, and requests per minute on this worker
     max_pending_requests: int = 5
     request_rate: int = 30
+    # each tenant's host namespaces from the settings, until a tenant admin sets them (service.namespaces)
+    host_namespaces: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 class RefusalCounter:

@@ -3,14 +3,21 @@ host key on first use.
 
 How a host proves who it is, and what it gets:
   - an admin mints a one-time, short-lived enrolment token bound to named hosts (`mint_token`); the
-    host presents it with its public host keys (`issue_with_token`); names = the token's names;
+    host asks for a challenge with the token and its public host keys (`challenge`), signs it with
+    each key (`ssh-keygen -Y sign -n ezssh-host-enrol`: proof it holds them) and presents the token
+    with the signatures (`issue_with_token`); names = the token's names;
   - an Azure VM: the enrolment service reads its names and host keys through ARM and Run Command and
     calls `issue_for_vm` (proof: ARM itself);
   - renewal: the host asks for a challenge (`challenge`) and signs it with each current host key
     (`ssh-keygen -Y sign -n ezssh-host-renew`); `renew` checks every signature against a host key
     that holds a current, unrevoked certificate of this policy, and issues for the same names.
-Every name is checked against the policy's host patterns again at each issuance. The per-policy
-KRL host token is no proof here. Every issuance and every refusal is audited.
+Every name is checked at each issuance against the tenant's host namespaces and the policy's host
+patterns (core.hostcert.fitting_host_names): a token's names must all fit; of the names ARM gives or
+a renewal carries over, what no longer fits is dropped and the drop audited. The per-policy KRL host
+token is no proof here. Hosts have no Entra identity: every host call is rate-limited per claimed
+key set or token, and a refusal before the host proved anything (a bad token, a wrong signature) is
+counted and logged, never written to storage, as for any caller without an identity. Refusals after
+a real token, or after a proof of possession, are the tenant's to read in its audit log.
 """
 
 from __future__ import annotations
@@ -25,14 +32,15 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from ..core.certificate import IssuedCertificate, new_serial
-from ..core.errors import CaKeyNotFound, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound
+from ..core.errors import CaKeyNotFound, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound, TooManyRequests
 from ..core.hostcert import (
+    ENROL_NAMESPACE,
     RENEW_NAMESPACE,
     HostGrant,
     ProofRefused,
     build_host_certificate,
     check_host_names,
-    known_hosts_patterns,
+    kept_host_names,
     parse_host_key,
     parse_host_keys,
     renew_after,
@@ -42,12 +50,14 @@ from ..core.hostcert import (
 from ..core.ids import is_guid
 from ..core.keys import VettedKey
 from ..core.krl import CaRevocations, encode_krl
+from ..core.namespaces import NOT_AN_ADDRESS, trust_scope
 from ..core.policy import POLICY_ID_RE, Identity, Policy
 from ..observability import event
 from ..signing.base import as_private_key
 from ..storage.base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, Revoked
 from .base import Base
 from .hosts import FOREVER, KRL_EXPIRY_GRACE, Derived, Hosts, VersionCache, revocations_by_ca
+from .namespaces import Namespaces
 from .policies import Policies
 
 log = logging.getLogger("ezssh.service")
@@ -93,12 +103,24 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _challenge_id(tid: str, pid: str, fingerprints: Sequence[str], window: int, enrol_token: str) -> str:
+    """A challenge's id: one per key set (and enrolment token) per CHALLENGE_TTL window."""
+    purpose = f"enrol:{enrol_token}" if enrol_token else "renew"
+    return hashlib.sha256(f"{tid}|{pid}|{','.join(sorted(fingerprints))}|{window}|{purpose}".encode()).hexdigest()[:32]
+
+
+def _dropped(outside: Sequence[str]) -> dict:
+    """Audit details for names that no longer fit and were left out of a certificate."""
+    return {"dropped_names": list(outside)} if outside else {}
+
+
 class HostCerts:
-    def __init__(self, base: Base, policies: Policies, hosts: Hosts) -> None:
+    def __init__(self, base: Base, policies: Policies, hosts: Hosts, namespaces: Namespaces) -> None:
         self.base = base
         self.policies = policies
         self.hosts = hosts
         self._trust: VersionCache[_TrustSnapshot] = VersionCache()
+        self.namespaces = namespaces
 
     # ---- admins: enrolment tokens ------------------------------------------------------------
     def mint_token(self, who: Identity, policy_id: str, hosts: object,
@@ -111,7 +133,7 @@ class HostCerts:
                 raise Forbidden(f"Only tenant admins and admins of policy {policy_id!r} mint host enrolment tokens.")
             if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
                 raise InvalidRequest("'hosts' must be a list of host names.")
-            names = check_host_names(policy, hosts)
+            names = check_host_names(policy, hosts, self.namespaces.current(who.tid), self.namespaces.is_public)
             ttl = DEFAULT_TOKEN_TTL if ttl_seconds is None else ttl_seconds
             if isinstance(ttl, bool) or not isinstance(ttl, int) or not 60 <= ttl <= MAX_TOKEN_TTL:
                 raise InvalidRequest(f"'ttl_seconds' must be between 60 and {MAX_TOKEN_TTL}.")
@@ -127,48 +149,67 @@ class HostCerts:
         event(log, "host_token.created", policy=policy.id, tenant=who.tid, actor=who.upn, hosts=",".join(names))
         return token, saved
 
-    # ---- hosts: enrolment with a token ---------------------------------------------------------
-    def issue_with_token(self, tenant_id: object, policy_id: object, token: object,
-                         host_keys: Sequence[object]) -> HostIssued:
+    # ---- hosts: enrolment with a token and proof of possession -----------------------------------
+    def issue_with_token(self, tenant_id: object, policy_id: object, token: object, challenge_id: object,
+                         signed: Sequence[tuple[object, object]]) -> HostIssued:
+        """First enrolment: the token an admin minted for named hosts, and each host key's signature
+        (namespace ezssh-host-enrol) over the challenge issued for that token and those keys."""
         b = self.base
         with self._refusing_host(tenant_id, policy_id, "token"):
             tid, pid = self._tenant_policy(tenant_id, policy_id)
-            if not isinstance(token, str) or not TOKEN_RE.match(token):
-                raise ProofRefused("The enrolment token is malformed.")
-            try:
-                tok = b.store.get_host_enrolment_token(tid, token_hash(token))
-            except NotFound:
-                raise ProofRefused("The enrolment token is not valid.") from None
+            tok = self._token(tid, token)
         # A real token of this tenant: what happens from here on is the tenant's to read.
         with self._refusing_in(tid, None, policy_id=pid,
                                details={"proof": "token", "token_id": tok.token_hash[:12],
                                         "token_created_by": tok.created_by_upn, "hosts": list(tok.hosts)}):
             now = b.now()
             self._usable(tok, pid, now, "enrolment token", "mint a new one")
+            keys = parse_host_keys([pk for pk, _ in signed])
+            ch = self._signed_challenge(tid, pid, challenge_id, keys, signed, ENROL_NAMESPACE, now,
+                                        enrol_token=tok.token_hash)
             policy = self._policy(tid, pid)
-            names = check_host_names(policy, tok.hosts)
-            keys = parse_host_keys(host_keys)
+            names = check_host_names(policy, tok.hosts, self.namespaces.current(tid), self.namespaces.is_public)
             issued = self._sign(policy, names, keys, f"token:{tok.token_hash[:12]}")
             used = replace(tok, used_at=now, used_by=",".join(k.fingerprint for k in keys))
             self._record(policy, issued, subject=names[0], used=used,
-                         details={"token_created_by": tok.created_by_upn, "token_id": tok.token_hash[:12]})
+                         details={"token_created_by": tok.created_by_upn, "token_id": tok.token_hash[:12],
+                                  "challenge": ch.id})
         return issued
 
-    # ---- hosts: renewal by possession of the current host key ---------------------------------
-    def challenge(self, tenant_id: object, policy_id: object, public_keys: Sequence[object]) -> HostChallenge:
+    def _token(self, tid: str, token: object) -> HostEnrolmentToken:
+        if not isinstance(token, str) or not TOKEN_RE.match(token):
+            raise ProofRefused("The enrolment token is malformed.")
+        self._limit("token", token_hash(token))
+        try:
+            return self.base.store.get_host_enrolment_token(tid, token_hash(token))
+        except NotFound:
+            raise ProofRefused("The enrolment token is not valid.") from None
+
+    # ---- hosts: challenges (enrolment and renewal) ---------------------------------------------
+    def challenge(self, tenant_id: object, policy_id: object, public_keys: Sequence[object],
+                  token: object = None) -> HostChallenge:
+        """A nonce for these host keys to sign. For a renewal (no token) the keys must hold current
+        certificates of the policy; for an enrolment, `token` must be a usable enrolment token."""
         b = self.base
         with self._refusing_host(tenant_id, policy_id, "challenge"):
             tid, pid = self._tenant_policy(tenant_id, policy_id)
             keys = parse_host_keys(public_keys)
-            now = b.now()
-            for k in keys:
-                self._current_record(tid, pid, k, now)
             fps = tuple(k.fingerprint for k in keys)
-            # Anyone may ask (a host's public keys are public), so one key set gets one challenge row
-            # per CHALLENGE_TTL window: asking again returns that one, and storage can't be filled
-            # by repeating the call. The nonce it carries is random.
+            now = b.now()
+            if token is None:
+                self._limit("keys", ",".join(sorted(fps)))
+                for k in keys:
+                    self._current_record(tid, pid, k, now)
+                bound = ""
+            else:
+                tok = self._token(tid, token)
+                self._usable(tok, pid, now, "enrolment token", "mint a new one")
+                bound = tok.token_hash
+            # Only a host that holds certified keys (or a real token) gets a row, and one key set gets
+            # one challenge row per CHALLENGE_TTL window: asking again returns that one, so storage
+            # can't be filled by repeating the call. The nonce it carries is random.
             window = now // CHALLENGE_TTL
-            cid = hashlib.sha256(f"{tid}|{pid}|{','.join(sorted(fps))}|{window}".encode()).hexdigest()[:32]
+            cid = _challenge_id(tid, pid, fps, window, bound)
             ch = HostChallenge(tenant_id=tid, policy_id=pid, id=cid, nonce=secrets.token_urlsafe(32),
                                fingerprints=fps, created_at=now, expires_at=(window + 2) * CHALLENGE_TTL)
             try:
@@ -179,51 +220,66 @@ class HostCerts:
                     raise ProofRefused("These host keys renewed a moment ago; ask again in a few minutes.") from None
                 return existing
 
+    def _signed_challenge(self, tid: str, pid: str, challenge_id: object, keys: Sequence[VettedKey],
+                          signed: Sequence[tuple[object, object]], namespace: str, now: int, *,
+                          enrol_token: str = "") -> HostChallenge:
+        """The challenge, checked: issued by this service for exactly these keys (and, at enrolment,
+        this token), unused and unexpired, and signed by every key in `namespace`."""
+        if not isinstance(challenge_id, str) or not re.match(r"^[0-9a-f]{32}$", challenge_id):
+            raise ProofRefused("The challenge id is malformed.")
+        try:
+            ch = self.base.store.get_host_challenge(tid, challenge_id)
+        except NotFound:
+            raise ProofRefused("The challenge is not valid.") from None
+        self._usable(ch, pid, now, "challenge", "ask for a new one")
+        if sorted(k.fingerprint for k in keys) != sorted(ch.fingerprints):
+            raise ProofRefused("Sign the challenge with exactly the host keys it was issued for.")
+        if ch.id != _challenge_id(tid, pid, ch.fingerprints, ch.created_at // CHALLENGE_TTL, enrol_token):
+            raise ProofRefused("The challenge was issued for another purpose; ask for a new one.")
+        for key, (_, sig) in zip(keys, signed):
+            verify_sshsig(sig, ch.message, namespace, key)
+        return ch
+
+    # ---- hosts: renewal by possession of the current host key ---------------------------------
     def renew(self, tenant_id: object, policy_id: object, challenge_id: object,
               signed: Sequence[tuple[object, object]]) -> HostIssued:
         b = self.base
         with self._refusing_host(tenant_id, policy_id, "renewal"):
             tid, pid = self._tenant_policy(tenant_id, policy_id)
-            if not isinstance(challenge_id, str) or not re.match(r"^[0-9a-f]{32}$", challenge_id):
-                raise ProofRefused("The challenge id is malformed.")
-            try:
-                ch = b.store.get_host_challenge(tid, challenge_id)
-            except NotFound:
-                raise ProofRefused("The challenge is not valid.") from None
-        # A challenge this tenant's service issued: a refusal from here on (a signature by another
-        # key, say) is the tenant's to read.
+            self._limit("challenge", str(challenge_id)[:64])
+            now = b.now()
+            keys = parse_host_keys([pk for pk, _ in signed])
+            ch = self._signed_challenge(tid, pid, challenge_id, keys, signed, RENEW_NAMESPACE, now)
+            records = [self._current_record(tid, pid, key, now) for key in keys]
+        # The host proved it holds keys with current certificates of this tenant's policy: a refusal
+        # from here on (names that no longer fit, say) is the tenant's to read.
         with self._refusing_in(tid, None, policy_id=pid,
                                details={"proof": "renewal", "challenge": ch.id, "fingerprints": list(ch.fingerprints)}):
-            now = b.now()
-            self._usable(ch, pid, now, "challenge", "ask for a new one")
-            keys = parse_host_keys([pk for pk, _ in signed])
-            if sorted(k.fingerprint for k in keys) != sorted(ch.fingerprints):
-                raise ProofRefused("Sign the challenge with exactly the host keys it was issued for.")
-            records = []
-            for key, (_, sig) in zip(keys, signed):
-                verify_sshsig(sig, ch.message, RENEW_NAMESPACE, key)
-                records.append(self._current_record(tid, pid, key, now))
             names_sets = {r.principals for r in records}
             if len(names_sets) != 1:
                 raise ProofRefused("The host keys hold certificates for different names; renew them separately.")
             policy = self._policy(tid, pid)
-            arm = all(r.proof.startswith("arm:") for r in records)
-            names = check_host_names(policy, records[0].principals, arm_covered=arm)
+            names, dropped = kept_host_names(policy, records[0].principals, self.namespaces.current(tid),
+                                             self.namespaces.is_public)
             issued = self._sign(policy, names, keys, f"renewal:{','.join(str(r.serial) for r in records)}")
             self._record(policy, issued, subject=records[0].subject, used=replace(ch, used_at=now),
                          details={"renewal_of": [str(r.serial) for r in records],
-                                  "first_proof": records[0].proof})
+                                  "first_proof": records[0].proof, **_dropped(dropped)})
         return issued
 
     # ---- Azure VMs: names and keys read through ARM -------------------------------------------
     def issue_for_vm(self, policy: Policy, vm_id: str, names: Sequence[str], host_keys: Sequence[str],
-                     *, arm_covered: bool, who: Identity | None = None) -> HostIssued:
-        """Sign the host keys Run Command read from a VM, for the names ARM gave. Keys that are not
-        acceptable host keys (RSA under 3072 bits, DSA) are left out; none at all is refused."""
-        with self._refusing_in(policy.tenant_id, who, details={"proof": "arm", "vm_id": vm_id[:300]},
+                     *, who: Identity | None = None) -> HostIssued:
+        """Sign the host keys Run Command read from a VM, for those of the names ARM gave that fit
+        (the tenant's namespaces and the policy's name patterns, like any other names); what does not
+        fit is dropped and the drop audited, none fitting is refused. Keys that are not acceptable
+        host keys (RSA under 3072 bits, DSA) are left out; none at all is refused."""
+        with self._refusing_in(policy.tenant_id, who, details={"proof": "arm", "vm_id": vm_id[:300],
+                                                               "arm_names": list(names)[:32]},
                                policy_id=policy.id):
             policy = self.policies.ensure_host_ca(policy, who)
-            checked = check_host_names(policy, names, arm_covered=arm_covered)
+            checked, dropped = kept_host_names(policy, names, self.namespaces.current(policy.tenant_id),
+                                               self.namespaces.is_public)
             good: list[VettedKey] = []
             for raw in host_keys:
                 try:
@@ -232,7 +288,7 @@ class HostCerts:
                     continue
             keys = parse_host_keys([k.openssh for k in good])
             issued = self._sign(policy, checked, keys, f"arm:{vm_id}")
-            self._record(policy, issued, subject=vm_id, actor=who, details={"vm_id": vm_id})
+            self._record(policy, issued, subject=vm_id, actor=who, details={"vm_id": vm_id, **_dropped(dropped)})
         return issued
 
     def vm_renewal_due(self, policy: Policy, vm_id: str, *, first: bool = True) -> bool:
@@ -264,25 +320,37 @@ class HostCerts:
 
     def client_trust(self, who: Identity) -> Derived:
         """known-hosts for the policies `who` may use, as JSON: {known_hosts, krl (base64), policies}:
-        one `@cert-authority <patterns> <host CA>` line per trusted host CA key, and every revoked
-        certificate of those CAs (for RevokedHostKeys)."""
+        per trusted host CA key, `@cert-authority` lines listing exactly the names it may vouch for
+        (the intersection of the policy's host patterns with the tenant's host namespaces, one more
+        point read; never `*`), and every revoked certificate of those CAs (for RevokedHostKeys).
+        What can't be written exactly is left out, with a comment saying so."""
         snap = self._trust_snapshot(who.tid)
         now = self.base.now()
         lines = ["# ezssh: host CAs of the access policies you may use. Generated; do not edit."]
+        namespaces = self.namespaces.current(who.tid)
+        if not namespaces:
+            lines.append("# ezssh: your tenant has declared no host namespaces, so no host CA is trusted; a tenant "
+                         "admin declares them (PUT /api/host-namespaces or EZSSH_HOST_NAMESPACES).")
         revs: list[CaRevocations] = []
         ids: list[str] = []
         latest = 0
         for p in snap.policies:
             if not (p.is_member(who) or p.is_admin(who)):
                 continue
-            p = self.policies.ensure_host_ca(p, who)
-            patterns = known_hosts_patterns(p.hosts)
-            if not patterns:
+            scope = trust_scope(p.hosts, namespaces)
+            lines += [f"# ezssh: policy {p.id}: {msg}" for msg in scope.left_out]
+            groups = [g for g in (list(scope.names), list(scope.ipv6),
+                                  [*scope.ipv4, *NOT_AN_ADDRESS] if scope.ipv4 else []) if g]
+            if not groups:
                 continue
+            p = self.policies.ensure_host_ca(p, who)
             ids.append(p.id)
             for c in p.trusted_host_ca:
-                lines.append(f"@cert-authority {','.join(patterns)} {' '.join(c.public_key.split()[:2])} "
-                             f"ezssh-host-ca:{p.id}")
+                key = " ".join(c.public_key.split()[:2])
+                for g in groups:
+                    # each pattern also as [pattern]:*, the form ssh looks up for a non-standard port
+                    pats = [q for x in g for q in ((x,) if x.startswith("!") else (x, f"[{x}]:*"))]
+                    lines.append(f"@cert-authority {','.join(pats)} {key} ezssh-host-ca:{p.id}")
             mine = [r for r in snap.revoked if r.policy_id == p.id]
             revs += revocations_by_ca((c.public_key for c in p.trusted_host_ca), mine, now)[0]
             latest = max([latest] + [r.revoked_at for r in mine])
@@ -301,6 +369,14 @@ class HostCerts:
         return self.base.refusing(None, "host_certificate.refused",
                                   policy_id=str(policy_id)[:64] if policy_id is not None else None,
                                   details={"tenant": str(tenant_id)[:64], "proof": proof})
+
+    def _limit(self, what: str, key: str) -> None:
+        """Hosts have no identity to rate-limit by: limit by the key set, token or challenge they
+        claim (this worker, the request rate a minute each)."""
+        wait = self.base.rate.take((f"host-{what}", key), self.base.clock())
+        if wait > 0:
+            raise TooManyRequests(f"Too many host certificate calls for these keys; try again in {int(wait) + 1} "
+                                  "seconds.", retry_after=int(wait) + 1)
 
     @staticmethod
     def _usable(proof: HostEnrolmentToken | HostChallenge, pid: str, now: int, what: str, again: str) -> None:

@@ -100,6 +100,19 @@ class HostEnrolmentToken:
 
 
 @dataclass(frozen=True)
+class HostNamespaces:
+    """The DNS suffixes, host names and IP ranges a tenant's hosts live in (core.namespaces), as its
+    tenant admins last set them. One row per tenant; without one, the deployment setting applies."""
+
+    tenant_id: str
+    namespaces: tuple[str, ...]
+    updated_at: int
+    updated_by_oid: str
+    updated_by_upn: str
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
 class HostChallenge:
     """A server-issued nonce a host signs with its current host key(s) to renew. Single use."""
 
@@ -261,6 +274,13 @@ class Store(Protocol):
     def get_host_token(self, tenant_id: str, policy_id: str) -> str | None: ...
     def ensure_host_token(self, tenant_id: str, policy_id: str, candidate: str) -> str:
         """The policy's host token; stores `candidate` if it has none yet (the first writer wins)."""
+        ...
+
+    # host namespaces
+    def get_host_namespaces(self, tenant_id: str) -> HostNamespaces | None: ...
+    def put_host_namespaces(self, ns: HostNamespaces, etag: str | None, audit: AuditEntry) -> HostNamespaces:
+        """The tenant's namespaces and their audit entry, in one transaction. `etag` None: the row must
+        not exist yet (Conflict if it does); else the row must still be at `etag` (PreconditionFailed)."""
         ...
 
     # host certificates

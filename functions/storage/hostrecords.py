@@ -3,6 +3,7 @@
     htk|<sha256 of the token>         a one-time host enrolment token (the token itself is never stored)
     hch|<challenge id>                a renewal challenge (single use)
     hky|<policy>|<32 hex of sha256(fingerprint)>   the latest host certificate of one host key
+    hns|                              the tenant's host namespaces (one row)
 
 Host certificate records themselves are `crt|<policy>|<serial>` rows like user certificates, so
 revocation and the KRL treat both alike. An issuance writes them, the host key rows, the audit
@@ -22,9 +23,9 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError, UpdateMode
 
 from ..core.audit import AuditEntry
-from ..core.errors import Conflict, NotFound
-from .base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord
-from .tablecalls import _guard, transact
+from ..core.errors import Conflict, NotFound, PreconditionFailed
+from .base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces
+from .tablecalls import _guard, _if_match, transact
 
 
 def host_key_row(policy_id: str, fingerprint: str) -> str:
@@ -35,6 +36,28 @@ class HostRecords:
     """Host-certificate rows of TableStore (needs self._table, _cert_entity, _audit_entity)."""
 
     _table: Any
+
+    # ---- host namespaces --------------------------------------------------------------------
+    def get_host_namespaces(self, tenant_id: str) -> HostNamespaces | None:
+        try:
+            e = _guard("get host namespaces", lambda: self._table.get_entity(tenant_id, "hns|"))
+        except ResourceNotFoundError:
+            return None
+        return HostNamespaces(tenant_id=tenant_id, namespaces=tuple(json.loads(e["Namespaces"])),
+                              updated_at=int(e["UpdatedAt"]), updated_by_oid=e["UpdatedByOid"],
+                              updated_by_upn=e["UpdatedByUpn"], etag=e.metadata.get("etag"))
+
+    def put_host_namespaces(self, ns: HostNamespaces, etag: str | None, audit: AuditEntry) -> HostNamespaces:
+        row = {"PartitionKey": ns.tenant_id, "RowKey": "hns|", "Kind": "host-namespaces",
+               "Namespaces": json.dumps(list(ns.namespaces)), "UpdatedAt": ns.updated_at,
+               "UpdatedByOid": ns.updated_by_oid, "UpdatedByUpn": ns.updated_by_upn}
+        first = ("create", row) if etag is None else ("update", row, _if_match(etag))
+        changed = PreconditionFailed("The host namespaces changed since you read them (ETag mismatch); read them "
+                                     "again and retry.")
+        resp = transact(self._table, "put host namespaces", [first, ("create", self._audit_entity(audit))],  # type: ignore[attr-defined]
+                        not_found="The host namespaces were not found.", lost=changed,
+                        exists=Conflict("The host namespaces were set at the same time; read them again and retry."))
+        return replace(ns, etag=resp[0].get("etag"))
 
     # ---- tokens -----------------------------------------------------------------------------
     @staticmethod

@@ -34,6 +34,8 @@ param enrolScopes array = []
 param publicUrl string = ''
 @description('Verified domains per tenant for {username}: <tenant id>=contoso.com,contoso.net;<tenant id>=...')
 param verifiedDomains string = ''
+@description('Host namespaces per tenant: <tenant id>=*.contoso.internal,10.20.0.0/16;<tenant id>=...')
+param hostNamespaces string = ''
 @description('Pending access requests one user may have open per policy.')
 param maxPendingRequests int = 5
 @description('Access requests one user may make per minute on one instance.')
@@ -180,6 +182,11 @@ var appSettings = [
   {
     name: 'EZSSH_VERIFIED_DOMAINS'
     value: verifiedDomains
+  }
+  // Where the tenants' hosts live: host certificates name only hosts inside these.
+  {
+    name: 'EZSSH_HOST_NAMESPACES'
+    value: hostNamespaces
   }
   {
     name: 'EZSSH_MAX_PENDING_REQUESTS'

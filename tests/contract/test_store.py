@@ -24,7 +24,7 @@ from functions.core.approval import Approval, RequestRecord, new_request_id, req
 from functions.core.audit import AuditEntry, verify_chain
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import CaKeyRef, Policy, Rule, Subjects
-from functions.storage.base import (CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord,
+from functions.storage.base import (CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces,
                                      IdempotencyRecord, Store)
 from tests.memstore import MemoryStore
 
@@ -1225,3 +1225,26 @@ def test_live_user_certificates_are_those_of_the_window_still_valid_and_not_revo
     store.revoke_certificate(replace(c, revoked_at=now, revoked_by="x"), c.etag or "",
                              an_entry(tid, now + 1, "certificate.revoked", serial=str(c.serial)))
     assert len(store.live_user_certificates(tid, now, 2 * 86400, requester_oid="oid-bob")) == 1
+
+
+def test_host_namespaces_first_write_then_etag_guarded(store: Store, tid: str) -> None:
+    assert store.get_host_namespaces(tid) is None
+    ns = HostNamespaces(tenant_id=tid, namespaces=("*.contoso.internal", "10.20.0.0/16"), updated_at=int(T0),
+                        updated_by_oid="oid-carol", updated_by_upn="carol@example.com")
+    first = store.put_host_namespaces(ns, None, an_entry(tid, T0, "host_namespaces.changed"))
+    got = store.get_host_namespaces(tid)
+    assert got is not None and got.namespaces == ns.namespaces and got.etag == first.etag
+    # a second first write (a racing admin) and a stale ETag both write nothing, audit included
+    before = audit_of(store, tid)
+    with pytest.raises(Conflict):
+        store.put_host_namespaces(replace(ns, namespaces=("*",)), None, an_entry(tid, T0 + 1, "host_namespaces.changed"))
+    second = store.put_host_namespaces(replace(ns, namespaces=("*.fabrikam.internal",)), first.etag,
+                                       an_entry(tid, T0 + 2, "host_namespaces.changed"))
+    with pytest.raises(PreconditionFailed):
+        store.put_host_namespaces(replace(ns, namespaces=("*",)), first.etag,
+                                  an_entry(tid, T0 + 3, "host_namespaces.changed"))
+    assert store.get_host_namespaces(tid).namespaces == ("*.fabrikam.internal",)  # type: ignore[union-attr]
+    assert second.etag != first.etag
+    assert len(audit_of(store, tid)) == len(before) + 1
+    # one tenant's namespaces are not another's
+    assert store.get_host_namespaces(str(uuid.uuid4())) is None

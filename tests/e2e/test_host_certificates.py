@@ -18,7 +18,7 @@ import pytest
 from tests.e2e.signin import signed_in_home
 from devstack.demo import run_cli
 from devstack.proc import free_port
-from devstack.sshd import host_key_line, start_sshd
+from devstack.sshd import host_key_file, start_sshd
 from devstack.stack import DEMO_USERS, host_certificate_for, identity_of
 from tests.hosts.conftest import make_host  # noqa: F401 - sandbox hosts for the setup script
 
@@ -95,7 +95,7 @@ def test_an_uncertified_host_key_is_refused_clearly(alice, state_dir, demo_polic
 
 def test_a_revoked_host_certificate_is_refused(alice, state_dir, demo_policy, context, oidc, client, auth):
     name = "sshd-revoked"
-    cert = host_certificate_for(context.service, identity_of(oidc, "carol"), "demo", host_key_line(state_dir, name))
+    cert = host_certificate_for(context.service, identity_of(oidc, "carol"), "demo", host_key_file(state_dir, name))
     box = start_sshd(state_dir, free_port(), name=name, users=DEMO_USERS, host_certificate=cert)
     try:
         box.trust(*(c.public_key for c in demo_policy.trusted_ca))

@@ -18,7 +18,7 @@ from functions.service import Service, ServiceConfig
 from tests.memstore import MemoryStore
 from tests.realparts import unavailable
 
-from .helpers import CAROL, T0, Clock, policy_doc
+from .helpers import CAROL, HOST_NAMESPACES, T0, Clock, policy_doc
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def store() -> MemoryStore:
 
 @pytest.fixture
 def service(store, keys, clock) -> Service:
-    return Service(store, keys, ServiceConfig(signer_backend="pkcs11"), clock=clock)
+    return Service(store, keys, ServiceConfig(signer_backend="pkcs11", host_namespaces=HOST_NAMESPACES), clock=clock)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ from tests.realparts import unavailable
 
 TENANT = str(uuid.UUID(int=0xC0))
 OTHER_TENANT = str(uuid.UUID(int=0xFA))
+# where the tenant's hosts live (EZSSH_HOST_NAMESPACES), as the service tests' settings declare it
+HOST_NAMESPACES = ((TENANT, ("*.contoso.test", "10.0.0.0/8")),)
 # group object ids of this tenant (GUIDs, as Entra ID writes them; policies match nothing else)
 USERS, APPROVERS, ADMINS = (str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{g}.groups")) for g in ("users", "approvers", "admins"))
 T0 = 1_780_000_000.0
@@ -77,3 +79,22 @@ def cert_fields(cert: str, tmp: Path) -> str:
     f = tmp / f"c{uuid.uuid4().hex[:8]}-cert.pub"
     f.write_text(cert + "\n")
     return ssh_keygen("-L", "-f", str(f)).stdout
+
+
+def host_key_file(tmp: Path) -> Path:
+    """A host's private ed25519 key in OpenSSH format (its public key beside it, as .pub)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    f = tmp / f"ssh_host_{uuid.uuid4().hex[:8]}_key"
+    f.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption()))
+    f.chmod(0o600)
+    f.with_suffix(".pub").write_text(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() + "\n")
+    return f
+
+
+def pub_of(key_file: Path) -> str:
+    return " ".join(key_file.with_suffix(".pub").read_text().split()[:2])

@@ -1,5 +1,6 @@
 """functions.core.hostcert: host keys and names, the host certificate builder and its final check,
-SSHSIG proof of possession, and known_hosts patterns. What is expected is read back with ssh-keygen
+SSHSIG proof of possession, names inside the tenant's host namespaces, and the known_hosts lines that
+trust a host CA for exactly those names. What is expected is read back with ssh-keygen
 (-L for certificates, -Y sign for signatures), not from the code under test."""
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from functions.core.hostcert import (
     ProofRefused,
     build_host_certificate,
     check_host_names,
-    known_hosts_patterns,
+    kept_host_names,
     parse_host_key,
     verify_host_issued,
     verify_sshsig,
 )
+from functions.core.namespaces import NOT_AN_ADDRESS, parse_namespace, parse_namespaces, trust_scope
 from functions.core.policydoc import policy_from_document
+from functions.publicsuffix import is_public_suffix
 
 from tests.realparts import needs_tool
 
@@ -42,6 +45,14 @@ def pub_line(key) -> str:  # type: ignore[no-untyped-def]
 def policy(hosts=("*.example.com", "10.1.0.0/16", "web1")):  # type: ignore[no-untyped-def]
     return policy_from_document({"id": "web", "rules": [{"users": ["*"], "action": "auto"}], "hosts": list(hosts),
                                  "principals": ["alice"]}, tenant_id="t1")
+
+
+# the tenant's namespaces: all of example.com but one of its subdomains' siblings, and two ranges
+NS = parse_namespaces(["*.example.com", "web1", "10.1.0.0/16", "10.9.0.0/16"], is_public_suffix)
+
+
+def names_ok(names, pol=None, ns=NS):  # type: ignore[no-untyped-def]
+    return check_host_names(pol or policy(), names, ns, is_public_suffix)
 
 
 def grant(names=("web1.example.com", "10.1.2.3"), ttl=30 * 86400) -> HostGrant:  # type: ignore[no-untyped-def]
@@ -79,19 +90,39 @@ def test_a_certificate_is_no_host_key() -> None:
                                    [""], [], ["web[1].example.com"], ["bad name"]])
 def test_wildcards_empty_and_junk_names_are_refused(names) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(HostNameRefused):
-        check_host_names(policy(), names)
+        names_ok(names)
 
 
-def test_names_must_be_inside_the_policy_patterns() -> None:
-    assert check_host_names(policy(), ["WEB1.example.com.", "10.1.2.3", "web1"]) == \
-        ("web1.example.com", "10.1.2.3", "web1")
+def test_names_must_be_inside_the_namespaces_and_the_policy_patterns() -> None:
+    assert names_ok(["WEB1.example.com.", "10.1.2.3", "web1"]) == ("web1.example.com", "10.1.2.3", "web1")
     for outside in ("web1.example.org", "10.2.0.1", "example.com", "web2"):
         with pytest.raises(HostNameRefused, match="outside"):
-            check_host_names(policy(), ["web1.example.com", outside])
-    # ARM vouches for a VM's names when a resource id / tag pattern covers the VM
-    assert check_host_names(policy(), ["vm7", "20.1.1.1"], arm_covered=True) == ("vm7", "20.1.1.1")
-    with pytest.raises(HostNameRefused):
-        check_host_names(policy(), ["*"], arm_covered=True)
+            names_ok(["web1.example.com", outside])
+    # a policy admin widens the policy to everything: the namespaces still bound what a CA names
+    wide = policy(hosts=("*", "0.0.0.0/0"))
+    assert names_ok(["db.example.com", "10.9.0.7"], wide) == ("db.example.com", "10.9.0.7")
+    for outside in ("github.com", "web2", "8.8.8.8", "com"):
+        with pytest.raises(HostNameRefused):
+            names_ok([outside], wide)
+    # no namespaces declared: no host certificate at all
+    with pytest.raises(HostNameRefused, match="no host namespaces"):
+        names_ok(["web1.example.com"], ns=())
+
+
+def test_names_a_host_did_not_choose_keep_what_fits_and_say_what_was_dropped() -> None:
+    kept, dropped = kept_host_names(policy(), ["vm7.example.com", "github.com", "vm7", "10.1.0.4", "20.1.1.1"],
+                                    NS, is_public_suffix)
+    assert kept == ("vm7.example.com", "10.1.0.4")
+    assert len(dropped) == 3 and any("github.com" in d for d in dropped) and any("vm7 " in d for d in dropped)
+    with pytest.raises(HostNameRefused, match="No name"):
+        kept_host_names(policy(), ["github.com", "*"], NS, is_public_suffix)
+
+
+@pytest.mark.parametrize("entry", ["*", "*.*", "*.com", "*.co.uk", "*.internal", "com", "github.io", "0.0.0.0/0",
+                                   "::/0", "*.example.*", "web*", "10.0.0.1/8", "*.10", ""])
+def test_namespaces_are_never_everything_or_a_public_suffix(entry: str) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_namespace(entry, is_public_suffix)
 
 
 # ---- the certificate ------------------------------------------------------------------------
@@ -195,22 +226,56 @@ def test_sshsig_by_another_key_or_namespace_is_refused(tmp_path: Path) -> None:
         verify_sshsig("not a signature", msg, RENEW_NAMESPACE, parse_host_key(pub_line(key)))
 
 
-# ---- known_hosts patterns -------------------------------------------------------------------
+# ---- known_hosts lines ----------------------------------------------------------------------
+
+
+def _lines(hosts, ns, ca: str) -> str:  # type: ignore[no-untyped-def]
+    scope = trust_scope(hosts, ns)
+    groups = [g for g in (list(scope.names), list(scope.ipv6), [*scope.ipv4, *NOT_AN_ADDRESS] if scope.ipv4 else []) if g]
+    out = ""
+    for g in groups:
+        pats = [q for x in g for q in ((x,) if x.startswith("!") else (x, f"[{x}]:*"))]
+        out += f"@cert-authority {','.join(pats)} {ca}\n"
+    return out
 
 
 @needs_ssh_keygen
-def test_known_hosts_patterns_match_as_ssh_matches(tmp_path: Path) -> None:
-    """ssh-keygen -F looks a host up in a known_hosts file with ssh's own matcher."""
-    pats = known_hosts_patterns(["127.0.0.0/8", "web*", "10.0.0.0/20", "tag:env=prod",
-                                 "/subscriptions/0b1f6471-1bf0-4dda-aec3-cb9272f09590/resourceGroups/rg"])
+def test_a_host_ca_is_trusted_for_exactly_the_namespaces_within_the_policy(tmp_path: Path) -> None:
+    """ssh-keygen -F looks a host up in a known_hosts file with ssh's own matcher (negations too)."""
+    ns = parse_namespaces(["*.contoso.internal", "bastion.contoso.com", "127.0.0.0/8", "10.0.0.0/20", "fd00::/124"],
+                          is_public_suffix)
     ca = pub_line(CA)
     kh = tmp_path / "known_hosts"
-    kh.write_text(f"@cert-authority {','.join(pats)} {ca}\n")
 
     def found(host: str) -> bool:
         r = subprocess.run(["ssh-keygen", "-F", host, "-f", str(kh)], capture_output=True, text=True)
         return r.returncode == 0 and ca.split()[1] in r.stdout
 
-    assert found("127.0.0.1") and found("[127.0.0.1]:2222") and found("web1") and found("[web7]:22022")
-    assert found("10.0.15.9") and not found("10.0.16.1")
-    assert not found("128.0.0.1") and not found("db1")
+    # a policy admin's widest policy: `*`, every address, every IPv6 address
+    kh.write_text(_lines(["*", "0.0.0.0/0", "::/0", "tag:env=prod"], ns, ca))
+    text = kh.read_text()
+    assert ",*," not in f",{text.split()[1]}," and "*:*" not in text  # never a bare * or *:*
+    inside = ["web1.contoso.internal", "[db.contoso.internal]:2222", "bastion.contoso.com", "127.0.0.1",
+              "[127.0.0.1]:2222", "10.0.15.9", "fd00::7", "[fd00::f]:22"]
+    outside = ["github.com", "web1", "contoso.internal", "www.contoso.com", "10.0.16.1", "128.0.0.1",
+               "127.0.evil.com", "10.0.1.x", "fd00::10", "fe80::1", "[github.com]:22", "[10.0.16.1]:2222"]
+    assert all(found(h) for h in inside), [h for h in inside if not found(h)]
+    assert not any(found(h) for h in outside), [h for h in outside if found(h)]
+    # a narrower policy: only its own patterns within the namespaces
+    kh.write_text(_lines(["web*", "10.0.0.0/24", "web[12]"], ns, ca))
+    assert found("web7.contoso.internal") and found("[web.contoso.internal]:22") and found("10.0.0.200")
+    assert not any(found(h) for h in ("db.contoso.internal", "web7", "10.0.1.1", "bastion.contoso.com", "127.0.0.1"))
+    # what can't be written exactly is left out, with a reason
+    assert any("web[12]" in m for m in trust_scope(["web[12]"], ns).left_out)
+    assert trust_scope(["fd00::/8"], parse_namespaces(["fd00::/16"], is_public_suffix)).left_out
+
+
+def test_intersections_of_globs_with_a_suffix() -> None:
+    ns = parse_namespaces(["*.contoso.internal"], is_public_suffix)
+    assert trust_scope(["*"], ns).names == ("*.contoso.internal",)
+    assert trust_scope(["*.internal"], ns).names == ("*.contoso.internal",)
+    assert trust_scope(["*.prod.contoso.internal"], ns).names == ("*.prod.contoso.internal",)
+    assert trust_scope(["web*"], ns).names == ("web*.contoso.internal",)
+    # `10.20.*` also matches names such as 10.20.contoso.internal: that one is listed too
+    assert set(trust_scope(["10.20.*"], ns).names) == {"10.20.*.contoso.internal", "10.20.contoso.internal"}
+    assert trust_scope(["db-*-prod", "github.com", "*.contoso.com"], ns) == trust_scope([], ns)

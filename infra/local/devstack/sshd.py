@@ -128,14 +128,19 @@ def remove_unix_users(created: list[dict]) -> list[str]:
     return removed
 
 
-def host_key_line(state_dir: Path, name: str = "sshd") -> str:
-    """The public host key of the sshd `name` (made now if missing): what a host certificate certifies."""
+def host_key_file(state_dir: Path, name: str = "sshd") -> Path:
+    """The private host key of the sshd `name` (made now if missing); its public key is beside it."""
     d = state_dir / name
     d.mkdir(parents=True, exist_ok=True)
     host_key = d / "ssh_host_ed25519_key"
     if not host_key.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
-    return " ".join((d / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+    return host_key
+
+
+def host_key_line(state_dir: Path, name: str = "sshd") -> str:
+    """The public host key of the sshd `name` (made now if missing): what a host certificate certifies."""
+    return " ".join(host_key_file(state_dir, name).with_suffix(".pub").read_text().split()[:2])
 
 
 def start_sshd(state_dir: Path, port: int, *, name: str = "sshd", users: list[str] | None = None,

@@ -22,7 +22,7 @@ from .azurite import Azurite, connection_string, start_azurite
 from .oidc import OidcStandIn, start_oidc
 from .proc import REPO, Proc, StandInError, require_free, spawn, wait_for_port
 from .softhsm import SoftHsmToken, ensure_token
-from .sshd import Sshd, host_key_line, remove_unix_users, start_sshd
+from .sshd import Sshd, host_key_file, remove_unix_users, start_sshd
 
 DEFAULT_STATE = REPO / ".local"
 if str(REPO) not in sys.path:  # the service package, for seeding through the service layer
@@ -72,6 +72,7 @@ def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHs
         "EZSSH_PKCS11_TOKEN_LABEL": token.label,
         "EZSSH_PKCS11_PIN": token.pin,
         "EZSSH_VERIFIED_DOMAINS": verified_domains(oidc),
+        "EZSSH_HOST_NAMESPACES": host_namespaces(oidc),
         "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP": "1",  # the local stack's webhook receivers listen on 127.0.0.1
         # The test suite asks as a handful of dev users many times a minute; production keeps the
         # defaults (5 pending per policy, 30 a minute). The limit tests build a service with those.
@@ -85,6 +86,12 @@ def api_env(state_dir: Path, oidc: OidcStandIn, azurite_port: int, token: SoftHs
 def verified_domains(oidc: OidcStandIn) -> str:
     """EZSSH_VERIFIED_DOMAINS for the dev tenants: each tenant's own domain (not subsidiary.test)."""
     return ";".join(f"{tid}={t['domain']}" for tid, t in oidc.config["tenants"].items())
+
+
+def host_namespaces(oidc: OidcStandIn) -> str:
+    """EZSSH_HOST_NAMESPACES for the dev tenants: loopback, and names under <tenant>.example."""
+    return ";".join(f"{tid}=127.0.0.0/8,::1,localhost,*.{t['domain'].split('.')[0]}.example"
+                    for tid, t in oidc.config["tenants"].items())
 
 
 def start_api(state_dir: Path, port: int, env: dict[str, str], *, workers: int = 1) -> Proc:
@@ -143,22 +150,46 @@ def seed_policy(env: dict[str, str], oidc: OidcStandIn, doc: dict, admin: str = 
     return ensure_policy(ctx.service, who, doc)
 
 
-def host_certificate_for(service, who: Identity, policy_id: str, host_key: str,  # type: ignore[no-untyped-def]
+def sign_challenge(key_file: Path, challenge: bytes, namespace: str) -> str:
+    """`ssh-keygen -Y sign` of a challenge with a host's private key, as the host script signs it."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        msg = Path(tmp) / "challenge"
+        msg.write_bytes(challenge)
+        subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key_file), "-n", namespace, str(msg)],
+                       check=True, capture_output=True)
+        return msg.with_name("challenge.sig").read_text()
+
+
+def enrol_with_token(service, tid: str, policy_id: str, token: str, key_files: list[Path]):  # type: ignore[no-untyped-def]
+    """What a host does with an enrolment token: ask for a challenge for its host keys, sign it with
+    each (proof of possession), and present the token with the signatures."""
+    from functions.core.hostcert import ENROL_NAMESPACE
+
+    pubs = [" ".join(k.with_suffix(".pub").read_text().split()[:2]) for k in key_files]
+    ch = service.hostcerts.challenge(tid, policy_id, pubs, token)
+    signed = [(pub, sign_challenge(k, ch.message, ENROL_NAMESPACE)) for pub, k in zip(pubs, key_files)]
+    return service.hostcerts.issue_with_token(tid, policy_id, token, ch.id, signed)
+
+
+def host_certificate_for(service, who: Identity, policy_id: str, key_file: Path,  # type: ignore[no-untyped-def]
                          names: tuple[str, ...] = ("127.0.0.1", "localhost")) -> str:
     """A host certificate for a local sshd's host key, the way any host gets one: an admin mints a
-    one-time token for its names, and the host presents it with its host key."""
+    one-time token for its names, and the host presents it with proof that it holds the key."""
     token, _ = service.hostcerts.mint_token(who, policy_id, list(names))
-    issued = service.hostcerts.issue_with_token(who.tid, policy_id, token, [host_key])
+    issued = enrol_with_token(service, who.tid, policy_id, token, [key_file])
     return issued.certificates[0][0].openssh
 
 
-def certify_host(env: dict[str, str], oidc: OidcStandIn, policy_id: str, host_key: str,  # type: ignore[no-untyped-def]
+def certify_host(env: dict[str, str], oidc: OidcStandIn, policy_id: str, key_file: Path,  # type: ignore[no-untyped-def]
                  admin: str = "carol") -> str:
     from functions.settings import load_settings
     from functions.wiring import build_context
 
     ctx = build_context(load_settings(env))
-    return host_certificate_for(ctx.service, identity_of(oidc, admin), policy_id, host_key)
+    return host_certificate_for(ctx.service, identity_of(oidc, admin), policy_id, key_file)
 
 
 def ensure_policy(service, who: Identity, doc: dict):  # type: ignore[no-untyped-def]
@@ -218,7 +249,7 @@ def up(state_dir: Path = DEFAULT_STATE, ports: Ports | None = None, *, with_sshd
         if with_sshd:
             # The demo sshd presents a host certificate of the demo policy: clients check it with the
             # policy's host CA, no key is trusted on first use.
-            cert = certify_host(env, oidc, "demo", host_key_line(state_dir))
+            cert = certify_host(env, oidc, "demo", host_key_file(state_dir))
             sshd = start_sshd(state_dir, ports.sshd, users=DEMO_USERS, host_certificate=cert,
                               host_ca=policy.current_host_ca.public_key if policy.current_host_ca else None)
             sshd.trust(*(c.public_key for c in policy.ca if c.state in ("current", "previous")))
