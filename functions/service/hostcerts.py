@@ -158,10 +158,7 @@ class HostCerts:
         with self._refusing_host(tenant_id, policy_id, "token"):
             tid, pid = self._tenant_policy(tenant_id, policy_id)
             tok = self._token(tid, token)
-        # A real token of this tenant: what happens from here on is the tenant's to read.
-        with self._refusing_in(tid, None, policy_id=pid,
-                               details={"proof": "token", "token_id": tok.token_hash[:12],
-                                        "token_created_by": tok.created_by_upn, "hosts": list(tok.hosts)}):
+        with self._refusing_token(tid, pid, tok):
             now = b.now()
             self._usable(tok, pid, now, "enrolment token", "mint a new one")
             keys = parse_host_keys([pk for pk, _ in signed])
@@ -193,16 +190,18 @@ class HostCerts:
         b = self.base
         with self._refusing_host(tenant_id, policy_id, "challenge"):
             tid, pid = self._tenant_policy(tenant_id, policy_id)
+            tok = self._token(tid, token) if token is not None else None
+        with self._refusing_token(tid, pid, tok) if tok is not None else \
+                self._refusing_host(tenant_id, policy_id, "challenge"):
             keys = parse_host_keys(public_keys)
             fps = tuple(k.fingerprint for k in keys)
             now = b.now()
-            if token is None:
+            if tok is None:
                 self._limit("keys", ",".join(sorted(fps)))
                 for k in keys:
                     self._current_record(tid, pid, k, now)
                 bound = ""
             else:
-                tok = self._token(tid, token)
                 self._usable(tok, pid, now, "enrolment token", "mint a new one")
                 bound = tok.token_hash
             # Only a host that holds certified keys (or a real token) gets a row, and one key set gets
@@ -363,6 +362,12 @@ class HostCerts:
         """Refusals recorded in the policy's tenant, also when the caller is a host that proved it
         belongs there (a real token or challenge of that tenant)."""
         return self.base.refusing(who, "host_certificate.refused", tenant_id=tenant_id, **fields)
+
+    def _refusing_token(self, tid: str, pid: str, tok: HostEnrolmentToken):  # type: ignore[no-untyped-def]
+        """After a real enrolment token of this tenant: refusals are the tenant's to read."""
+        return self._refusing_in(tid, None, policy_id=pid,
+                                 details={"proof": "token", "token_id": tok.token_hash[:12],
+                                          "token_created_by": tok.created_by_upn, "hosts": list(tok.hosts)})
 
     def _refusing_host(self, tenant_id: object, policy_id: object, proof: str):  # type: ignore[no-untyped-def]
         """Hosts have no Entra identity: their refusals go to the unauthenticated partition."""

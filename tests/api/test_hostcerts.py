@@ -15,6 +15,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from devstack.stack import enrol_with_token
+from functions.core.hostcert import ENROL_NAMESPACE
 from functions.service import Service
 from tests.realparts import needs_tool
 
@@ -41,10 +43,22 @@ def mint(client, auth, hosts, user: str = "carol", policy: str = "demo", **kw): 
     return client.post(f"/api/policies/{policy}/host-tokens", headers=auth(user), json={"hosts": hosts, **kw})
 
 
-def enrol(client, tenant: str, token: str, keys: list[str], policy: str = "demo", text: bool = False):  # type: ignore[no-untyped-def]
+def challenge(client, tenant: str, token: str | None, pubs: list[str], policy: str = "demo"):  # type: ignore[no-untyped-def]
+    body = {"tenant": tenant, "policy": policy, "host_keys": pubs, **({"token": token} if token else {})}
+    return client.post("/api/host-certificates/challenge", json=body)
+
+
+def enrol(client, tenant: str, token: str, keys: list[Path], policy: str = "demo", text: bool = False):  # type: ignore[no-untyped-def]
+    """What the host script does: a challenge for the token and the keys, signed with each key."""
+    ch = challenge(client, tenant, token, [pub(p) for p in keys], policy)
+    if ch.status_code != 200:
+        return ch
+    c = ch.json()
+    signed = [{"public_key": pub(p), "signature": sign(p, c["challenge"], p.parent, ENROL_NAMESPACE)} for p in keys]
     headers = {"Accept": "text/plain"} if text else {}
     return client.post("/api/host-certificates", headers=headers,
-                       json={"tenant": tenant, "policy": policy, "token": token, "host_keys": keys})
+                       json={"tenant": tenant, "policy": policy, "token": token, "challenge_id": c["challenge_id"],
+                             "host_keys": signed})
 
 
 def keygen_L(tmp: Path, line: str) -> str:
@@ -135,14 +149,14 @@ def test_a_policy_without_a_host_ca_gets_one_on_first_need_audited(client, auth,
 
 
 def test_token_enrolment_issues_host_certificates_for_the_token_names(client, auth, tenant, tmp_path, context):
-    r = mint(client, auth, ["web1.example", "127.0.0.9"], policy="demo")
-    # web* covers web1.example; 127.0.0.0/8 covers 127.0.0.9
+    r = mint(client, auth, ["web1.contoso.example", "127.0.0.9"], policy="demo")
+    # web* covers web1.contoso.example; 127.0.0.0/8 covers 127.0.0.9; both in the namespaces
     assert r.status_code == 201, r.text
     tok = r.json()
-    assert tok["token"].startswith("ezh_") and tok["hosts"] == ["web1.example", "127.0.0.9"]
+    assert tok["token"].startswith("ezh_") and tok["hosts"] == ["web1.contoso.example", "127.0.0.9"]
     assert tok["expires_at"] - time.time() <= 3600 + 5
     keys = host_keys(tmp_path / "h1", "ed25519", "ecdsa", "rsa")
-    resp = enrol(client, tenant, tok["token"], [pub(p) for p in keys.values()], text=True)
+    resp = enrol(client, tenant, tok["token"], list(keys.values()), text=True)
     assert resp.status_code == 200, resp.text
     lines = resp.text.splitlines()
     assert lines[0].startswith("# renew-after ")
@@ -152,7 +166,7 @@ def test_token_enrolment_issues_host_certificates_for_the_token_names(client, au
     for cert, (t, p) in zip(certs, keys.items()):
         out = keygen_L(tmp_path, cert)
         assert "host certificate" in out
-        assert out.split("Principals:")[1].split("Critical Options:")[0].split() == ["web1.example", "127.0.0.9"]
+        assert out.split("Principals:")[1].split("Critical Options:")[0].split() == ["web1.contoso.example", "127.0.0.9"]
         assert f"Signing CA: ECDSA {fp_of(host_ca, tmp_path)}" in out
         assert f"Public key: " in out and fp_of(pub(p), tmp_path) in out
     renew_after = int(lines[0].split()[-1])
@@ -162,11 +176,11 @@ def test_token_enrolment_issues_host_certificates_for_the_token_names(client, au
               if e.action == "host_certificate.issued" and e.details.get("token_id") == tok_id(tok["token"])]
     assert len(issued) == 3
     assert {e.details["public_key_fingerprint"] for e in issued} == {fp_of(pub(p), tmp_path) for p in keys.values()}
-    assert all(e.details["token_created_by"] == "carol@contoso.test" and e.host == "web1.example,127.0.0.9"
+    assert all(e.details["token_created_by"] == "carol@contoso.test" and e.host == "web1.contoso.example,127.0.0.9"
                for e in issued)
     # the token is single use
     since = time.time() - 1
-    again = enrol(client, tenant, tok["token"], [pub(keys["ed25519"])])
+    again = enrol(client, tenant, tok["token"], [keys["ed25519"]])
     assert again.status_code == 403 and again.json()["error"] == "host_proof_refused"
     assert "already used" in again.json()["message"]
     [reuse] = [e for e in refusals(context, since, "host_proof_refused", tenant)
@@ -184,18 +198,19 @@ def test_minting_is_for_admins_and_names_inside_the_patterns(client, auth, conte
     assert mint(client, auth, ["web1"], user="alice").status_code == 403
     assert mint(client, auth, ["web1"], user="mallory").status_code == 404  # another tenant's policy
     for names, code in ((["db1.example.com"], "host_name_refused"), (["web*"], "host_name_refused"),
-                        ([""], "host_name_refused"), ([], "host_name_refused"), (["10.9.9.9"], "host_name_refused")):
+                        ([""], "host_name_refused"), ([], "host_name_refused"), (["10.9.9.9"], "host_name_refused"),
+                        (["web1"], "host_name_refused"), (["web1.github.com"], "host_name_refused")):
         since = time.time() - 1
         r = mint(client, auth, names)
         assert r.status_code == 400 and r.json()["error"] == code, (names, r.text)
         tid = oidc.tenant_id("contoso")
         assert any(e.action == "host_token.refused" and e.error_code == code
                    for e in context.service.store.list_audit(tid, since=since, limit=100000))
-    assert mint(client, auth, ["web1"], ttl_seconds=30 * 86400).status_code == 400
+    assert mint(client, auth, ["web1.contoso.example"], ttl_seconds=30 * 86400).status_code == 400
 
 
 def test_bad_host_input_is_refused_and_issues_nothing(client, auth, tenant, tmp_path, context):
-    tok = mint(client, auth, ["web2"]).json()["token"]
+    tok = mint(client, auth, ["web2.contoso.example"]).json()["token"]
     user_key = ed25519.Ed25519PrivateKey.generate()
     user_cert = client.post("/api/requests", headers=auth("alice"), json={
         "host": "127.0.0.1", "principal": "alice",
@@ -208,42 +223,86 @@ def test_bad_host_input_is_refused_and_issues_nothing(client, auth, tenant, tmp_
              ([], "invalid_request")]
     for keys, code in cases:
         since = time.time() - 1
-        r = enrol(client, tenant, tok, keys)
+        r = challenge(client, tenant, tok, keys)
         assert r.status_code == 400 and r.json()["error"] == code, (code, r.text)
         assert refusals(context, since, code, tenant)  # a real token: the tenant's admins see it
     # the KRL host token of the policy is no enrolment token
     krl_token = context.service.hosts.host_token(context.service.store.get_policy(tenant, "demo"))
     good = host_keys(tmp_path / "h2", "ed25519")
     since = time.time() - 1
-    r = enrol(client, tenant, krl_token, [pub(good["ed25519"])])
+    r = enrol(client, tenant, krl_token, [good["ed25519"]])
     assert r.status_code == 403 and r.json()["error"] == "host_proof_refused"
     assert refusals(context, since, "host_proof_refused")  # no real token: logged and counted, not stored
     # a token of this tenant under another policy, or under another tenant id, is refused
-    assert enrol(client, tenant, tok, [pub(good["ed25519"])], policy="nope").status_code == 403
+    assert enrol(client, tenant, tok, [good["ed25519"]], policy="nope").status_code == 403
     other_tenant = "00000000-0000-0000-0000-000000000042"
-    assert enrol(client, other_tenant, tok, [pub(good["ed25519"])]).status_code == 403
+    assert enrol(client, other_tenant, tok, [good["ed25519"]]).status_code == 403
     # none of that used the token up: it still works once
-    ok = enrol(client, tenant, tok, [pub(good["ed25519"])])
+    ok = enrol(client, tenant, tok, [good["ed25519"]])
     assert ok.status_code == 200, ok.text
     assert [c["public_key_fingerprint"] for c in ok.json()["certificates"]] == [fp_of(pub(good["ed25519"]), tmp_path)]
 
 
+def test_a_token_alone_enrols_no_key_proof_of_possession_is_needed(client, auth, tenant, tmp_path, context):
+    """A token holder can't enrol someone else's public key: without a signature by that key over
+    the service's challenge there is no certificate."""
+    tok = mint(client, auth, ["web8.contoso.example"]).json()["token"]
+    victim, mine = host_keys(tmp_path / "victim", "ed25519")["ed25519"], host_keys(tmp_path / "me", "ed25519")["ed25519"]
+    # as a host enrolled before: the token and the public key only
+    r = client.post("/api/host-certificates", json={"tenant": tenant, "policy": "demo", "token": tok,
+                                                     "host_keys": [pub(victim)]})
+    assert r.status_code == 400 and "certificates" not in r.json() and "challenge" in r.json()["message"]
+    c = challenge(client, tenant, tok, [pub(victim)]).json()
+    for sig in (sign(mine, c["challenge"], tmp_path, ENROL_NAMESPACE), sign(victim, c["challenge"], tmp_path)):
+        r = client.post("/api/host-certificates", json={"tenant": tenant, "policy": "demo", "token": tok,
+                                                         "challenge_id": c["challenge_id"],
+                                                         "host_keys": [{"public_key": pub(victim), "signature": sig}]})
+        assert r.status_code == 403 and r.json()["error"] == "host_proof_refused", r.text
+    assert context.service.store.get_host_key(tenant, "demo", fp_of(pub(victim), tmp_path)) is None
+    assert enrol(client, tenant, tok, [victim]).status_code == 200  # the key's holder enrols it
+
+
+def test_tenant_admins_declare_the_host_namespaces_and_nobody_else(client, auth, oidc):
+    got = client.get("/api/host-namespaces", headers=auth("alice"))
+    assert got.status_code == 200 and "*.contoso.example" in got.json()["namespaces"]
+    current = got.json()
+    # a policy admin or a member can't change them; `*` or a public suffix is refused for anyone
+    assert client.put("/api/host-namespaces", headers=auth("alice"),
+                      json={"namespaces": ["*.contoso.example", "*.github.com"]}).status_code == 403
+    for bad in (["*"], ["*.com"], ["*.co.uk"], ["0.0.0.0/0"]):
+        r = client.put("/api/host-namespaces", headers={**auth("carol"), **({"If-Match": current["etag"]}
+                                                                             if current["etag"] else {})},
+                       json={"namespaces": bad})
+        assert r.status_code == 400, (bad, r.text)
+    # the tenant admin sets them (here: to what they are, so the other tests see no change)
+    r = client.put("/api/host-namespaces", headers={**auth("carol"), **({"If-Match": current["etag"]}
+                                                                         if current["etag"] else {})},
+                   json={"namespaces": current["namespaces"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["source"] == "tenant" and r.json()["namespaces"] == current["namespaces"]
+    # a stale or missing ETag changes nothing
+    assert client.put("/api/host-namespaces", headers=auth("carol"),
+                      json={"namespaces": current["namespaces"]}).status_code == 428
+    assert client.put("/api/host-namespaces", headers={**auth("carol"), "If-Match": 'W/"stale"'},
+                      json={"namespaces": current["namespaces"]}).status_code == 412
+
+
 def test_an_expired_token_is_refused(client, auth, tenant, tmp_path, context):
-    tok = mint(client, auth, ["web3"], ttl_seconds=60).json()["token"]
+    tok = mint(client, auth, ["web3.contoso.example"], ttl_seconds=60).json()["token"]
     later = Service(context.service.store, context.service.keys, context.service.base.config,
                     clock=lambda: time.time() + 120)
     from functions.core.hostcert import ProofRefused
 
     keys = host_keys(tmp_path / "h3", "ed25519")
     with pytest.raises(ProofRefused, match="expired"):
-        later.hostcerts.issue_with_token(tenant, "demo", tok, [pub(keys["ed25519"])])
+        enrol_with_token(later, tenant, "demo", tok, [keys["ed25519"]])
     assert context.service.store.get_host_key(tenant, "demo", fp_of(pub(keys["ed25519"]), tmp_path)) is None
 
 
-def sign(key: Path, message: str, tmp: Path) -> str:
+def sign(key: Path, message: str, tmp: Path, namespace: str = "ezssh-host-renew") -> str:
     f = tmp / "challenge"
     f.write_text(message)
-    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", "ezssh-host-renew", str(f)], check=True,
+    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", namespace, str(f)], check=True,
                    capture_output=True)
     sig = (tmp / "challenge.sig").read_text()
     (tmp / "challenge.sig").unlink()
@@ -252,8 +311,8 @@ def sign(key: Path, message: str, tmp: Path) -> str:
 
 def test_renewal_by_proof_of_possession(client, auth, tenant, tmp_path, context):
     keys = host_keys(tmp_path / "h4", "ed25519", "ecdsa")
-    tok = mint(client, auth, ["web4", "127.0.0.4"]).json()["token"]
-    first = enrol(client, tenant, tok, [pub(p) for p in keys.values()]).json()
+    tok = mint(client, auth, ["web4.contoso.example", "127.0.0.4"]).json()["token"]
+    first = enrol(client, tenant, tok, list(keys.values())).json()
     ch = client.post("/api/host-certificates/challenge",
                      json={"tenant": tenant, "policy": "demo", "host_keys": [pub(p) for p in keys.values()]})
     assert ch.status_code == 200, ch.text
@@ -263,7 +322,7 @@ def test_renewal_by_proof_of_possession(client, auth, tenant, tmp_path, context)
                                                      "challenge_id": c["challenge_id"], "host_keys": signed})
     assert r.status_code == 200, r.text
     renewed = r.json()
-    assert renewed["principals"] == ["web4", "127.0.0.4"]
+    assert renewed["principals"] == ["web4.contoso.example", "127.0.0.4"]
     assert {x["serial"] for x in renewed["certificates"]}.isdisjoint({x["serial"] for x in first["certificates"]})
     out = keygen_L(tmp_path, renewed["certificates"][0]["certificate"])
     assert "host certificate" in out and "web4" in out
@@ -279,8 +338,8 @@ def test_renewal_by_proof_of_possession(client, auth, tenant, tmp_path, context)
 def test_renewal_signed_by_another_key_is_refused(client, auth, tenant, tmp_path, context):
     keys = host_keys(tmp_path / "h5", "ed25519")
     thief = host_keys(tmp_path / "thief", "ed25519")
-    tok = mint(client, auth, ["web5"]).json()["token"]
-    assert enrol(client, tenant, tok, [pub(keys["ed25519"])]).status_code == 200
+    tok = mint(client, auth, ["web5.contoso.example"]).json()["token"]
+    assert enrol(client, tenant, tok, [keys["ed25519"]]).status_code == 200
     # asking to renew a key that holds no certificate is refused before any challenge exists
     none = client.post("/api/host-certificates/challenge",
                        json={"tenant": tenant, "policy": "demo", "host_keys": [pub(thief["ed25519"])]})
@@ -292,9 +351,11 @@ def test_renewal_signed_by_another_key_is_refused(client, auth, tenant, tmp_path
     r = client.post("/api/host-certificates", json={"tenant": tenant, "policy": "demo",
                                                      "challenge_id": c["challenge_id"], "host_keys": forged})
     assert r.status_code == 403 and r.json()["error"] == "host_proof_refused"
-    [forged_entry] = [e for e in refusals(context, since, "host_proof_refused", tenant)
-                      if e.details.get("challenge") == c["challenge_id"]]
-    assert "does not verify" in forged_entry.message or "another key" in forged_entry.message
+    # anyone may fetch a host's challenge (its public key is public): a wrong signature proves
+    # nothing, so it is logged and counted, never written to the tenant's audit log
+    assert not [e for e in refusals(context, since, "host_proof_refused", tenant)
+                if e.details.get("challenge") == c["challenge_id"]]
+    assert any("another key" in line for line in refusals(context, since, "host_proof_refused"))
     # the right key still renews with that challenge: the forgery used nothing up
     good = [{"public_key": pub(keys["ed25519"]), "signature": sign(keys["ed25519"], c["challenge"], tmp_path)}]
     assert client.post("/api/host-certificates", json={"tenant": tenant, "policy": "demo",
@@ -307,8 +368,12 @@ def test_known_hosts_for_users_and_revoked_host_certificates(client, auth, tenan
     assert kh.status_code == 200
     body = kh.json()
     host_ca = client.get("/api/policies/demo/ca?kind=host", headers=auth("alice")).text.split()[1]
-    line = next(x for x in body["known_hosts"].splitlines() if host_ca in x)
-    assert line.startswith("@cert-authority ") and "127.*" in line and "[127.*]:*" in line and "web*" in line
+    lines = [x for x in body["known_hosts"].splitlines() if host_ca in x]
+    assert all(x.startswith("@cert-authority ") for x in lines)
+    patterns = [p for x in lines for p in x.split()[1].split(",")]
+    # the demo policy's patterns (127.0.0.0/8, localhost, web*) within the tenant's namespaces
+    assert {"127.*", "[127.*]:*", "localhost", "web*.contoso.example", "[web*.contoso.example]:*"} <= set(patterns)
+    assert "*" not in patterns and "web*" not in patterns and "*:*" not in body["known_hosts"]
     assert "demo" in body["policies"]
     # unchanged: a 304 with no body for the same caller's ETag; another caller's answer has its own
     tag = kh.headers["etag"]
@@ -321,8 +386,8 @@ def test_known_hosts_for_users_and_revoked_host_certificates(client, auth, tenan
     assert client.get("/api/known-hosts").status_code == 401
     # revoke a host certificate: it shows in the KRL the client gets
     keys = host_keys(tmp_path / "h6", "ed25519")
-    tok = mint(client, auth, ["web6"]).json()["token"]
-    cert = enrol(client, tenant, tok, [pub(keys["ed25519"])]).json()["certificates"][0]
+    tok = mint(client, auth, ["web6.contoso.example"]).json()["token"]
+    cert = enrol(client, tenant, tok, [keys["ed25519"]]).json()["certificates"][0]
     krl = tmp_path / "krl"
     certfile = tmp_path / "web6-cert.pub"
     certfile.write_text(cert["certificate"] + "\n")
