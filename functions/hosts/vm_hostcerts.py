@@ -57,14 +57,17 @@ class VmHostCerts:
         if not self.hostcerts.vm_renewal_due(policy, ref.id):
             return ""
         names = vms.vm_names(ref)
-        try:
-            if not names:  # refused (and audited) by the service: a certificate never has empty principals
-                self.hostcerts.issue_for_vm(policy, ref.id, [], [])
+
+        def read_keys() -> list[str]:
             result = vms.run_shell_script(ref, wrap_script(READ_KEYS_SCRIPT))
             if not result.ok:
                 raise PushError("host_keys_unread", f"Reading {ref.name}'s host keys failed "
                                                     f"(exit status {result.exit_status}).", transient=True)
-            issued = self.hostcerts.issue_for_vm(policy, ref.id, names, parse_keys(result.output))
+            return parse_keys(result.output)
+
+        try:
+            # names that do not fit are refused (and audited) before the VM's host keys are read
+            issued = self.hostcerts.issue_for_vm(policy, ref.id, names, read_keys)
         except EzsshError as exc:
             if exc.status >= 500:
                 raise

@@ -29,7 +29,7 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..core.certificate import IssuedCertificate, new_serial
 from ..core.errors import CaKeyNotFound, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound, TooManyRequests
@@ -267,12 +267,13 @@ class HostCerts:
         return issued
 
     # ---- Azure VMs: names and keys read through ARM -------------------------------------------
-    def issue_for_vm(self, policy: Policy, vm_id: str, names: Sequence[str], host_keys: Sequence[str],
-                     *, who: Identity | None = None) -> HostIssued:
-        """Sign the host keys Run Command read from a VM, for those of the names ARM gave that fit
-        (the tenant's namespaces and the policy's name patterns, like any other names); what does not
-        fit is dropped and the drop audited, none fitting is refused. Keys that are not acceptable
-        host keys (RSA under 3072 bits, DSA) are left out; none at all is refused."""
+    def issue_for_vm(self, policy: Policy, vm_id: str, names: Sequence[str],
+                     read_keys: Callable[[], Sequence[str]], *, who: Identity | None = None) -> HostIssued:
+        """Sign a VM's host keys (`read_keys`: Run Command, only once some name fits) for those of the
+        names ARM gave that fit (the tenant's namespaces and the policy's name patterns, like any
+        other names); what does not fit is dropped and the drop audited, none fitting is refused.
+        Keys that are not acceptable host keys (RSA under 3072 bits, DSA) are left out; none at all
+        is refused."""
         with self._refusing_in(policy.tenant_id, who, details={"proof": "arm", "vm_id": vm_id[:300],
                                                                "arm_names": list(names)[:32]},
                                policy_id=policy.id):
@@ -280,7 +281,7 @@ class HostCerts:
             checked, dropped = kept_host_names(policy, names, self.namespaces.current(policy.tenant_id),
                                                self.namespaces.is_public)
             good: list[VettedKey] = []
-            for raw in host_keys:
+            for raw in read_keys():
                 try:
                     good.append(parse_host_key(raw))
                 except EzsshError:

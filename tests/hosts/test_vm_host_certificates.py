@@ -84,9 +84,12 @@ def test_an_enrolled_vm_gets_a_host_certificate_naming_its_arm_names_and_the_tim
     worker.drain()
     rec = ctx.enrolments.store.get(policy.tenant_id, "vm-hc", vid)
     assert rec.state == "succeeded", rec
-    # ARM said who the VM is; Run Command read its host key; the setup script installed the certificate
+    # ARM said who the VM is; Run Command read its host key; the setup script installed the certificate.
+    # ARM's names are checked like any others: only 127.0.0.1 is inside both the tenant's namespaces and
+    # the policy's name patterns (its resource-group pattern covers the VM, and vouches for no name);
+    # the VM name, computer name, public IP and public DNS name are dropped, and the drop audited.
     principals, serial = certificate_of(host)
-    assert principals == "web7 web7-host 127.0.0.1 20.50.1.7 web7-contoso.westeurope.cloudapp.azure.com"
+    assert principals == "127.0.0.1"
     reads = [r for r in arm.runs_on(vid) if "ezssh-host-key" in r.script and "EZSSH_POLICY=" not in r.script]
     assert len(reads) == 1 and len(setup_runs(arm, vid)) == 1
     assert any(r.path.endswith("/networkInterfaces/web7-nic") for r in arm.requests)
@@ -94,6 +97,8 @@ def test_an_enrolled_vm_gets_a_host_certificate_naming_its_arm_names_and_the_tim
     entries = [e for e in svc.store.list_audit(policy.tenant_id, since=time.time() - 60, limit=100000)
                if e.action == "host_certificate.issued" and e.serial == serial]
     assert entries and entries[0].details["proof"] == f"arm:{vid}" and entries[0].details["vm_id"] == vid
+    dropped = " ".join(entries[0].details["dropped_names"])
+    assert all(n in dropped for n in ("web7 ", "web7-host", "20.50.1.7", "web7-contoso.westeurope.cloudapp.azure.com"))
 
     # ssh trusts the VM by the certificate alone
     host.wait_reloaded()
