@@ -6,12 +6,14 @@ the HTTPS stand-in in tests/standins/keyvault.py) and the real Azurite store."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from devstack.stack import identity_of
 from functions.core.errors import Forbidden, InvalidRequest, NotFound
 from functions.core.evaluation import AccessRequest
-from functions.service import Service, ServiceConfig
+from functions.service import Service
 from functions.signing.keyvault import KeyVaultKeyStore
 from tests.standins.keyvault import KeyVaultStandIn, StaticTokenCredential
 
@@ -27,7 +29,7 @@ def kv():
 def kv_service(kv, context):
     keys = KeyVaultKeyStore(kv.url, StaticTokenCredential("byok-token"), connection_verify=kv.ca_path,
                             verify_challenge_resource=False)
-    return Service(context.service.store, keys, ServiceConfig(signer_backend="keyvault"))
+    return Service(context.service.store, keys, replace(context.service.base.config, signer_backend="keyvault"))
 
 
 def doc(oidc, pid: str, kid: str) -> dict:
@@ -92,8 +94,7 @@ def test_the_host_ca_may_be_the_customers_own_key_too(kv, kv_service, oidc, tmp_
     """`host_ca_key_id` names the customer's key for host certificates; it must differ from the user CA."""
     import subprocess
 
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from devstack.stack import enrol_with_token
 
     carol = identity_of(oidc, "carol")
     user_kid, host_kid = kv.add_key("customer-user-ca"), kv.add_key("customer-host-ca")
@@ -101,10 +102,10 @@ def test_the_host_ca_may_be_the_customers_own_key_too(kv, kv_service, oidc, tmp_
         kv_service.policies.create(carol, {**doc(oidc, "byok-same", user_kid), "host_ca_key_id": user_kid})
     p = kv_service.policies.create(carol, {**doc(oidc, "byok-host", user_kid), "host_ca_key_id": host_kid})
     assert p.current_host_ca.key_ref == host_kid and p.current_host_ca.customer_owned
-    token, _ = kv_service.hostcerts.mint_token(carol, "byok-host", ["byok-7"])
-    key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                                          serialization.PublicFormat.OpenSSH).decode()
-    issued = kv_service.hostcerts.issue_with_token(carol.tid, "byok-host", token, [key])
+    token, _ = kv_service.hostcerts.mint_token(carol, "byok-host", ["byok-7.contoso.example"])
+    key = tmp_path / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    issued = enrol_with_token(kv_service, carol.tid, "byok-host", token, [key])
     cert = issued.certificates[0][0]
     assert cert.ca_fingerprint == p.current_host_ca.fingerprint
     f = tmp_path / "byok-7-cert.pub"

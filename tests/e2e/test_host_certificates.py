@@ -143,3 +143,61 @@ def test_hosts_trust_asks_with_the_etag_and_keeps_an_unchanged_answer(alice):
     etag.write_text("")
     assert run_cli(["hosts", "trust"], alice).returncode == 0
     assert "# kept by a 304" not in known.read_text() and etag.read_text() == tag
+
+
+def test_a_host_ca_is_not_trusted_for_a_name_outside_its_scope(alice, state_dir, context, oidc, client, auth, tmp_path):
+    """A policy widened to `*` (by its admin) whose host CA signs a certificate naming a host outside
+    the tenant's namespaces (as a customer-held CA key could): members' clients, with the
+    known_hosts the service gives them, trust it for names inside the namespaces and not for
+    github.com. Real sshd, real ssh, StrictHostKeyChecking yes."""
+    import time
+
+    from functions.core.certificate import new_serial
+    from functions.core.evaluation import AccessRequest
+    from functions.core.hostcert import HostGrant, build_host_certificate, parse_host_key
+    from functions.signing.base import as_private_key
+    from tests.hosts.sandbox import user_key
+
+    svc = context.service
+    carol = identity_of(oidc, "carol")
+    doc = {"id": "wide-e2e", "rules": [{"groups": [oidc.group_id("contoso", "ezssh-users")], "action": "auto"}],
+           "hosts": ["*"], "principals": ["{username}"]}
+    r = client.post("/api/policies", headers=auth("carol"), json=doc)
+    assert r.status_code in (201, 409), r.text
+    policy = svc.policies.ensure_host_ca(svc.store.get_policy(carol.tid, "wide-e2e"), carol)
+    name = "sshd-wide"
+    key = parse_host_key(" ".join(host_key_file(state_dir, name).with_suffix(".pub").read_text().split()[:2]))
+    signer = svc.keys.get_signer(policy.current_host_ca.key_ref)
+    grant = HostGrant(carol.tid, "wide-e2e", ("github.com", "wide1.contoso.example"), 86400, "test")
+    cert = build_host_certificate(grant, key, as_private_key(signer), now=int(time.time()),
+                                  serial=new_serial()).openssh
+    box = start_sshd(state_dir, free_port(), name=name, users=DEMO_USERS, host_certificate=cert)
+    try:
+        box.trust(*(c.public_key for c in policy.trusted_ca))
+        known = tmp_path / "known_hosts"
+        known.write_text(client.get("/api/known-hosts", headers=auth("alice")).json()["known_hosts"])
+        assert "wide-e2e" in known.read_text()
+        ukey, upub = user_key(tmp_path)
+        alice_id = identity_of(oidc, "alice")
+        ucert = svc.issuance.request_access(alice_id, AccessRequest(host="wide1.contoso.example", principal="alice",
+                                                                    policy_id="wide-e2e"), upub).certificate.openssh
+        certfile = ukey.with_name(ukey.name + "-cert.pub")
+        certfile.write_text(ucert + "\n")
+
+        def login(as_name: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                ["ssh", "-i", str(ukey), "-o", f"CertificateFile={certfile}", "-o", "IdentitiesOnly=yes",
+                 "-o", "IdentityAgent=none", "-p", str(box.port), "-o", "StrictHostKeyChecking=yes",
+                 "-o", f"UserKnownHostsFile={known}", "-o", "GlobalKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+                 "-o", f"HostKeyAlias={as_name}", "alice@127.0.0.1", "whoami"],
+                capture_output=True, text=True, timeout=30)
+
+        inside = login("wide1.contoso.example")
+        assert inside.returncode == 0 and inside.stdout.strip() == "alice", inside.stderr
+        outside = login("github.com")
+        assert outside.returncode == 255 and "Host key verification failed" in outside.stderr, outside.stderr
+        assert "alice" not in outside.stdout
+    finally:
+        box.stop()
+        p = svc.store.get_policy(carol.tid, "wide-e2e")
+        svc.policies.delete(carol, "wide-e2e", p.etag)
