@@ -27,8 +27,7 @@ from functions.core.policy import Policy
 from functions.core.policydoc import policy_from_row
 from functions.storage.base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, CertificateRecord,
                                     HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces, IdempotencyRecord,
-                                    PendingSlots,
-                                    Revoked, TrustVersion, index_position)
+                                    PendingSlots, Revoked, TrustVersion, index_position)
 
 UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant
 
