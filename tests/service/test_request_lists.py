@@ -172,25 +172,12 @@ def test_a_refusal_keeps_the_policy_cache_until_a_policy_changes(keys, clock, ma
 
 
 def test_requests_at_once_never_pass_the_cap_in_memory(service, store, ask):
-    import threading
+    from tests.contract.test_store import race
 
     ask()  # the policy, and one pending request
-    results: list = []
-    barrier = threading.Barrier(20)
-
-    def one() -> None:
-        barrier.wait()
-        try:
-            results.append(service.issuance.request_access(ALICE, AccessRequest(
-                host="web1", principal="alice", policy_id="gated"), None).status)
-        except (TooManyPending, Conflict) as exc:
-            results.append(type(exc).__name__)
-
-    threads = [threading.Thread(target=one) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results = race(20, lambda i: service.issuance.request_access(ALICE, AccessRequest(
+        host="web1", principal="alice", policy_id="gated"), None).status)
+    assert all(r == "pending" or isinstance(r, (TooManyPending, Conflict)) for r in results), results
     assert results.count("pending") == 4, results
     assert len([r for r in store.list_requests(ALICE.tid) if r.state == "pending"]) == 5
 

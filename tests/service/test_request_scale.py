@@ -9,7 +9,6 @@ Storage served, not what the code under test says it asked for."""
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from dataclasses import dataclass
 
@@ -19,6 +18,8 @@ from functions.core import approval as sm
 from functions.core.errors import Conflict, TooManyPending
 from functions.core.evaluation import AccessRequest
 from functions.service import Service, ServiceConfig
+
+from tests.contract.test_store import race
 
 from .helpers import ALICE, BOB, CAROL, DAVE, T0
 
@@ -123,22 +124,8 @@ def test_fifty_requests_at_once_never_pass_the_pending_cap(azurite, keys, make_p
     make_policy_on(store, "gated", "approval", request_ttl=600)
     cap = service.base.config.max_pending_requests
     n = 50
-    results: list = [None] * n
-    barrier = threading.Barrier(n)
-
-    def one(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = service.issuance.request_access(ALICE, AccessRequest(
-                host="web1", principal="alice", policy_id="gated", reason=f"attempt {i}"), None).status
-        except Exception as exc:  # noqa: BLE001 - the outcome of the race is what the test checks
-            results[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = race(n, lambda i: service.issuance.request_access(ALICE, AccessRequest(
+        host="web1", principal="alice", policy_id="gated", reason=f"attempt {i}"), None).status)
     pending = [r for r in store.list_requests(ALICE.tid) if r.state == sm.PENDING]
     assert len(pending) == cap, results
     assert results.count("pending") == cap
