@@ -5,9 +5,10 @@ test pins down about Table Storage: every write gives the row a new ETag and the
 carries it; conditional writes compare the ETag exactly (`*` matches anything, as If-Match does, and
 an empty one is refused with ValueError as the Azure SDK refuses it); a write that fails changes
 nothing, including its audit entries; a write whose audit entries (or certificate, or idempotency key)
-belong to another partition than its row is refused with ValueError, as the SDK refuses such a batch; audit entries are ordered by their time in milliseconds, then by
-entry id, and their `since`/`until` bounds are inclusive at millisecond resolution; policies and audit
-entries come back through JSON, as they do from a table row.
+belong to another partition than its row is refused with ValueError, as the SDK refuses such a batch; audit entries are ordered by their position
+(functions/storage/base.py: milliseconds, sequence number, entry id; the entries written with a new
+request take the request's time), and their `since`/`until` bounds are inclusive at millisecond
+resolution; policies and audit entries come back through JSON, as they do from a table row.
 
 Test code only: production code builds TableStore in functions/wiring.py.
 """
@@ -25,9 +26,10 @@ from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy
 from functions.core.policydoc import policy_from_row
-from functions.storage.base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, CertificateRecord,
-                                    HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces, IdempotencyRecord,
-                                    PendingSlots, Revoked, TrustVersion, index_position)
+from functions.storage.base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, AuditPage, AuditQuery,
+                                    CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces,
+                                    IdempotencyRecord, PendingSlots, Revoked, TrustVersion, audit_position,
+                                    index_position, merge_pages, read_audit)
 
 UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant
 
@@ -42,10 +44,10 @@ class MemoryStore:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._etags = itertools.count(1)
-        self._policies: dict[tuple[str, str], _Row] = {}  # value: (policy JSON, audit head)
+        self._policies: dict[tuple[str, str], _Row] = {}  # value: (policy JSON, audit head, its sequence number)
         self._requests: dict[tuple[str, str], _Row] = {}  # value: RequestRecord (frozen)
         self._certs: dict[tuple[str, str, int], _Row] = {}  # value: CertificateRecord (frozen)
-        self._audit: dict[str, dict[tuple[int, str], str]] = {}  # partition -> (ms, entry id) -> JSON
+        self._audit: dict[str, dict[str, str]] = {}  # partition -> position -> JSON
         self._host_tokens: dict[tuple[str, str], str] = {}
         self._idempotency: dict[tuple[str, str, str], IdempotencyRecord] = {}
         self._enrol_tokens: dict[tuple[str, str], _Row] = {}  # value: HostEnrolmentToken
@@ -73,8 +75,9 @@ class MemoryStore:
         return etag == "*" or etag == row.etag
 
     @staticmethod
-    def _audit_key(entry: AuditEntry) -> tuple[str, tuple[int, str]]:
-        return entry.tenant_id or UNAUTHENTICATED, (int(entry.at * 1000), entry.entry_id)
+    def _audit_key(entry: AuditEntry, request_id: str | None = None, slot: int = 0) -> tuple[str, str]:
+        """Partition and position; with `request_id`, of the `slot`-th entry written in that new request's row."""
+        return entry.tenant_id or UNAUTHENTICATED, audit_position(entry, request_id, slot)
 
     @staticmethod
     def _one_partition(tenant_id: str, audit: Sequence[AuditEntry], *others: object) -> None:
@@ -86,14 +89,14 @@ class MemoryStore:
     def _bump(self, tenant_id: str, policy_id: str | None, at: float) -> None:
         self._versions[(tenant_id, policy_id)] = TrustVersion(self._etag(), int(at))
 
-    def _check_new_audit(self, entries: Sequence[AuditEntry]) -> None:
-        keys = [self._audit_key(a) for a in entries]
+    def _check_new_audit(self, entries: Sequence[AuditEntry], request_id: str | None = None) -> None:
+        keys = [self._audit_key(a, request_id, slot) for slot, a in enumerate(entries)]
         if len(set(keys)) != len(keys) or any(k in self._audit.get(p, {}) for p, k in keys):
             raise Conflict("An audit entry with that id already exists.")
 
-    def _put_audit(self, entries: Sequence[AuditEntry]) -> None:
-        for a in entries:
-            partition, key = self._audit_key(a)
+    def _put_audit(self, entries: Sequence[AuditEntry], request_id: str | None = None) -> None:
+        for slot, a in enumerate(entries):
+            partition, key = self._audit_key(a, request_id, slot)
             doc = json.dumps(a.body() | {"hash": a.hash}, separators=(",", ":"), default=str)
             self._audit.setdefault(partition, {})[key] = doc
 
@@ -104,12 +107,12 @@ class MemoryStore:
     # policies
     @staticmethod
     def _policy(row: _Row) -> Policy:
-        doc, head = row.value  # type: ignore[misc]
-        return policy_from_row(json.loads(doc), etag=row.etag, audit_head=head)
+        doc, head, seq = row.value  # type: ignore[misc]
+        return policy_from_row(json.loads(doc), etag=row.etag, audit_head=head, audit_seq=seq)
 
     @staticmethod
-    def _policy_value(policy: Policy) -> tuple[str, str]:
-        return json.dumps(policy.to_dict(), separators=(",", ":")), policy.audit_head
+    def _policy_value(policy: Policy) -> tuple[str, str, int]:
+        return json.dumps(policy.to_dict(), separators=(",", ":")), policy.audit_head, policy.audit_seq
 
     def list_policies(self, tenant_id: str) -> list[Policy]:
         with self._lock:
@@ -211,11 +214,11 @@ class MemoryStore:
         with self._lock:
             if (rec.tenant_id, rec.id) in self._requests:
                 raise Conflict("That request already exists.")
-            self._check_new_audit([audit])
+            self._check_new_audit([audit], rec.id)
             self._check_idempotency(rec, idempotency)
             self._check_slots(slots)
             row = self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None, indexed=True), self._etag())
-            self._put_audit([audit])
+            self._put_audit([audit], rec.id)  # in the new request's row
             self._put_idempotency(idempotency)
             self._index(rec)
             if slots is not None:
@@ -309,7 +312,8 @@ class MemoryStore:
                 row = self._claim_request(rec, etag)
             if (cert.tenant_id, cert.policy_id, cert.serial) in self._certs:
                 raise Conflict("The certificate could not be recorded (serial or request already used); retry.")
-            self._check_new_audit(audit)
+            embedded_in = rec.id if etag is None else None  # a new request's row holds its entries
+            self._check_new_audit(audit, embedded_in)
             try:
                 self._check_idempotency(rec, idempotency)
             except Conflict:
@@ -320,7 +324,7 @@ class MemoryStore:
             else:
                 row.value, row.etag = replace(rec, etag=None, indexed=True), self._etag()
             self._certs[(cert.tenant_id, cert.policy_id, cert.serial)] = _Row(replace(cert, etag=None), self._etag())
-            self._put_audit(audit)
+            self._put_audit(audit, embedded_in)
             self._put_idempotency(idempotency)
 
     def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord:
@@ -351,23 +355,20 @@ class MemoryStore:
             self._check_new_audit([entry])
             self._put_audit([entry])
 
+    def audit_page(self, tenant_id: str, query: AuditQuery, *, limit: int = 100,
+                   after: str | None = None) -> AuditPage:
+        lo, hi = query.window(after)
+        with self._lock:
+            rows = sorted(self._audit.get(tenant_id, {}).items())
+        entries = ((pos, AuditEntry(**json.loads(doc))) for pos, doc in rows if lo < pos < hi)
+        return merge_pages([[(pos, e) for pos, e in entries if query.matches(e)]], query, limit)
+
     def list_audit(self, tenant_id: str, *, since: float | None = None, until: float | None = None,
                    request_id: str | None = None, limit: int = 200) -> list[AuditEntry]:
-        lo = int((since or 0) * 1000)
-        hi = int(until * 1000) if until is not None else None
-        with self._lock:
-            docs = sorted(self._audit.get(tenant_id, {}).items())
-        out: list[AuditEntry] = []
-        for (ms, _), doc in docs:
-            if ms < lo or (hi is not None and ms > hi):
-                continue
-            entry = AuditEntry(**json.loads(doc))
-            if request_id and entry.request_id != request_id:
-                continue
-            out.append(entry)
-            if len(out) >= limit:
-                break
-        return out
+        return read_audit(self, tenant_id, AuditQuery(since=since, until=until, request_id=request_id), limit)
+
+    def index_old_audit(self, tenant_id: str, after: str | None, limit: int) -> str | None:
+        return None  # every entry here was written with its indexes
 
     # revocation and hosts
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:

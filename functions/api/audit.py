@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from ..core.ids import GUID
 from ..core.policy import Identity
 from .deps import caller, finite_number, service
 
@@ -18,14 +19,20 @@ def audit(request: Request, who: Identity = Depends(caller),
                 until: str | None = Query(None, max_length=32), request_id: str | None = Query(None, max_length=64),
                 policy: str | None = Query(None, max_length=63), key_id: str | None = Query(None, max_length=400),
                 serial: str | None = Query(None, pattern=r"^[0-9]{1,19}$"),
-                limit: int = Query(200, ge=1, le=1000)) -> dict:
+                user: str | None = Query(None, pattern=f"^{GUID}$", description="the actor's object id"),
+                limit: int = Query(100, ge=1, le=1000),
+                continuation: str | None = Query(None, max_length=1024,
+                                                 description="the `next` of the page before")) -> dict:
+    """Entries oldest first, at most `limit`; `next` (absent at the end) continues after this page."""
     svc = service(request)
     with svc.base.refusing(who, "audit.refused", details={"path": request.url.path}):
         since_at, until_at = finite_number(since, "since"), finite_number(until, "until")
     log = svc.audit
-    entries = log.query(who, since=since_at, until=until_at, request_id=request_id, policy_id=policy,
-                        key_id=key_id, serial=serial, limit=limit)
-    out: dict = {"entries": [{**asdict(e), "intact": e.verify()} for e in entries]}
+    page = log.query(who, since=since_at, until=until_at, request_id=request_id, policy_id=policy,
+                     key_id=key_id, serial=serial, user=user, limit=limit, continuation=continuation)
+    out: dict = {"entries": [{**asdict(e), "intact": e.verify()} for e in page.entries]}
+    if page.next is not None:
+        out["next"] = page.next
     if request_id:
         out["chain_intact"] = log.request_chain_intact(who, request_id)
     return out

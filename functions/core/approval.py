@@ -100,6 +100,17 @@ def keyed_request_id(ms: int, tenant_id: str, owner_oid: str, key: str) -> str:
     return request_id_of_serial((ms << SERIAL_RANDOM_BITS) | (low or 1))
 
 
+def request_of(key_id: str | None, serial: str | None) -> str | None:
+    """The request a user certificate's key id (ezssh/<policy>/<request>/<upn>) or serial names."""
+    if key_id:
+        parts = key_id.split("/")
+        if len(parts) >= 4 and parts[0] == "ezssh" and serial_of_request_id(parts[2]) is not None:
+            return parts[2]
+    if serial and serial.isdigit() and 0 < int(serial) < 2**63:
+        return request_id_of_serial(int(serial))
+    return None
+
+
 def serial_floor(ms: int) -> int:
     """The smallest serial (and so request id) of a request made at or after `ms` milliseconds."""
     return max(0, ms) << SERIAL_RANDOM_BITS
@@ -140,6 +151,7 @@ class RequestRecord:
     serial: int | None = None
     key_id: str | None = None
     audit_head: str = "0" * 64  # hash of the last audit entry in this request's chain
+    audit_seq: int = 0  # that entry's sequence number
     etag: str | None = field(default=None, compare=False)
     # Whether storage holds this request's index rows (open requests per policy and per user, the
     # user's history, the expiry key). False only for a row written before the indexes existed and

@@ -12,10 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Iterable, Protocol, Sequence, TypeVar
 
 GENESIS = "0" * 64
+
+
+class Chained(Protocol):
+    """What holds a chain's head (a request or policy row): the last entry's hash and sequence number."""
+
+    @property
+    def audit_head(self) -> str: ...
+
+    @property
+    def audit_seq(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,7 @@ class AuditEntry:
     details: dict[str, Any] = field(default_factory=dict)
     chain: str | None = None  # which chain this links into, e.g. "req:<id>" or "pol:<id>"
     prev_hash: str = GENESIS
+    seq: int = 0  # its place in its chain (0 first): entries of one chain keep their written order
     entry_id: str = field(default_factory=lambda: secrets.token_hex(8))
     hash: str = ""
 
@@ -45,6 +56,8 @@ class AuditEntry:
         its values are JSON-like data nobody changes in place."""
         d = {name: getattr(self, name) for name in _BODY_FIELDS}
         d["details"] = dict(self.details)
+        if not self.seq:
+            del d["seq"]  # entries written before sequence numbers hash (and verify) as they did
         return d
 
     def sealed(self) -> "AuditEntry":
@@ -66,15 +79,26 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def link(entry: AuditEntry, previous: AuditEntry | str | None) -> AuditEntry:
-    """Seal `entry` as the successor of `previous` (an entry, or the hash of one) in its chain."""
-    if isinstance(previous, str):
-        prev = previous
-    else:
-        prev = previous.hash if previous is not None else GENESIS
+def link(entry: AuditEntry, previous: AuditEntry | Chained | None) -> AuditEntry:
+    """Seal `entry` as the successor of `previous` in its chain: the entry before it, or the row
+    holding the chain's head (a request or policy); None starts a chain. The entry takes the next
+    sequence number, so storage keeps a chain's entries in written order even within a millisecond."""
     body = entry.body()
-    body["prev_hash"] = prev
-    return AuditEntry(**body, hash=_digest(body))
+    if isinstance(previous, AuditEntry):
+        body["prev_hash"], body["seq"] = previous.hash, previous.seq + 1
+    elif previous is not None and previous.audit_head != GENESIS:
+        body["prev_hash"], body["seq"] = previous.audit_head, previous.audit_seq + 1
+    else:
+        body["prev_hash"], body["seq"] = GENESIS, 0
+    return AuditEntry(**body).sealed()
+
+
+H = TypeVar("H", bound=Chained)
+
+
+def with_head(holder: H, entry: AuditEntry) -> H:
+    """`holder` (a request or policy) with `entry` as its chain's head."""
+    return replace(holder, audit_head=entry.hash, audit_seq=entry.seq)  # type: ignore[type-var]
 
 
 def verify_chain(entries: Iterable[AuditEntry], head: str | None = None) -> bool:
@@ -89,13 +113,13 @@ def verify_chain(entries: Iterable[AuditEntry], head: str | None = None) -> bool
 
 
 def in_link_order(entries: Sequence[AuditEntry]) -> list[AuditEntry]:
-    """`entries` as given (storage's time order), except that the entries of each chain take the
-    places that chain holds in link order, each after the entry whose hash it carries.
+    """`entries` as given (storage's order), except that the entries of each chain take the places
+    that chain holds in link order, each after the entry whose hash it carries.
 
-    Storage orders audit entries by their time in milliseconds, so two entries of one chain written
-    within the same millisecond (a request and its certificate) come back in either order. Only
-    links decide: an entry whose predecessor is not among `entries` starts a run of its own, so a
-    removed or edited entry still fails `verify_chain`.
+    Storage orders entries by time in milliseconds, then sequence number, so a chain written by one
+    worker already comes back in written order; this also holds when workers' clocks disagree (an
+    approval stamped before its request). Only links decide: an entry whose predecessor is not among
+    `entries` starts a run of its own, so a removed or edited entry still fails `verify_chain`.
     """
     out = list(entries)
     places: dict[str, list[int]] = {}

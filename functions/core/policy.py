@@ -276,6 +276,7 @@ class Policy:
     deleted: bool = False
     logins: tuple[LoginMap, ...] = ()  # logins by object id or group
     audit_head: str = field(default="0" * 64, compare=False)  # last entry of this policy's audit chain
+    audit_seq: int = field(default=0, compare=False)  # that entry's sequence number
     etag: str | None = field(default=None, compare=False)
 
     # -- derived ---------------------------------------------------------------------------

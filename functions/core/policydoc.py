@@ -328,7 +328,7 @@ def check_storage_limits(policy: Policy) -> None:
             "patterns, or split it into several policies.")
 
 
-def policy_from_row(d: dict, etag: str | None = None, audit_head: str | None = None) -> Policy:
+def policy_from_row(d: dict, etag: str | None = None, audit_head: str | None = None, audit_seq: int = 0) -> Policy:
     """Rebuild a stored policy (already validated when written). People stored by UPN (policies
     written before names were refused) land in Subjects.unresolved: they match nobody."""
     return Policy(
@@ -357,5 +357,6 @@ def policy_from_row(d: dict, etag: str | None = None, audit_head: str | None = N
         host_cert_ttl=int(d.get("host_cert_ttl") or DEFAULT_HOST_CERT_TTL),
         deleted=bool(d.get("deleted", False)),
         audit_head=audit_head or "0" * 64,
+        audit_seq=audit_seq,
         etag=etag,
     )

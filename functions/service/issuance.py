@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from cryptography.hazmat.primitives.serialization import ssh
 
 from ..core import approval as sm
-from ..core.audit import AuditEntry, canonical_json, link
+from ..core.audit import AuditEntry, canonical_json, link, with_head
 from ..core.certificate import IssuedCertificate, build_certificate, verify_issued
 from ..core.errors import (
     CaKeyNotFound,
@@ -196,12 +196,12 @@ class Issuance:
                 raise
             final = replace(rec, state=sm.ISSUED, serial=issued.serial, key_id=issued.key_id)
             entry = link(self._issued_audit(who, final, issued, vetted), created)
-            final = replace(final, audit_head=entry.hash)
+            final = with_head(final, entry)
             b.store.record_issuance(final, None, cert_record(final, issued, vetted), [created, entry], idem)
             event(log, "certificate.issued", key_id=issued.key_id, serial=issued.serial, request=rid,
                   policy=policy.id, tenant=who.tid)
             return Outcome("issued", final, issued)
-        rec = replace(rec, audit_head=created.hash)
+        rec = with_head(rec, created)
         if rec.state == sm.PENDING:
             rec = self._create_pending(who, policy, rec, created, idem)
         else:
@@ -284,8 +284,8 @@ class Issuance:
                                 f"{exc.message}", **exc.details) from None
             issued = self._sign(policy, rec, who, vetted)
         final = sm.mark_issued(rec, who, now, serial=issued.serial, key_id=issued.key_id)
-        entry = link(self._issued_audit(who, final, issued, vetted), rec.audit_head)
-        final = replace(final, audit_head=entry.hash)
+        entry = link(self._issued_audit(who, final, issued, vetted), rec)
+        final = with_head(final, entry)
         b.store.record_issuance(final, rec.etag, cert_record(final, issued, vetted), [entry])
         event(log, "certificate.issued", key_id=issued.key_id, serial=issued.serial, request=rec.id,
               policy=rec.policy_id, tenant=who.tid)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import replace
 
-from ..core.audit import AuditEntry, link
+from ..core.audit import AuditEntry, link, with_head
 from ..core.errors import (
     CaKeyNotFound,
     Conflict,
@@ -81,7 +81,7 @@ class Policies:
         policy = replace(policy, ca=(ca,), host_ca=(host_ca,))
         entry = self._audit(who, "policy.created", policy, None, {"policy": policy.to_dict()})
         try:
-            return self._write(lambda: b.store.create_policy(replace(policy, audit_head=entry.hash), entry), policy)
+            return self._write(lambda: b.store.create_policy(with_head(policy, entry), entry), policy)
         except Exception:
             self._discard_unless_saved(who.tid, policy.id, ca)
             self._discard_unless_saved(who.tid, policy.id, host_ca)
@@ -105,9 +105,9 @@ class Policies:
             new = replace(new, host_ca=(added,) + new.host_ca)
         before, after = base.to_dict(), new.to_dict()
         changed = {k: {"from": before[k], "to": after[k]} for k in after if before.get(k) != after[k]}
-        entry = self._audit(who, "policy.updated", new, base.audit_head, {"changed": changed})
+        entry = self._audit(who, "policy.updated", new, base, {"changed": changed})
         try:
-            return self._write(lambda: b.store.replace_policy(replace(new, audit_head=entry.hash), if_match, entry), new)
+            return self._write(lambda: b.store.replace_policy(with_head(new, entry), if_match, entry), new)
         except Exception:
             if added is not None:
                 self._discard_unless_saved(who.tid, new.id, added)
@@ -123,9 +123,9 @@ class Policies:
         with_ca = replace(p, host_ca=(new,) + p.host_ca)
         entry = link(replace(b.audit_entry(who, "policy.host_ca_created", policy_id=p.id, chain=f"pol:{p.id}",
                                            details={"host_ca": new.fingerprint, "reason": "first need"}),
-                             tenant_id=p.tenant_id), p.audit_head)
+                             tenant_id=p.tenant_id), p)
         try:
-            return self._write(lambda: b.store.replace_policy(replace(with_ca, audit_head=entry.hash), p.etag or "",
+            return self._write(lambda: b.store.replace_policy(with_head(with_ca, entry), p.etag or "",
                                                               entry), p)
         except (Conflict, PreconditionFailed):
             self._discard_unless_saved(p.tenant_id, p.id, new)
@@ -145,9 +145,9 @@ class Policies:
         retired = tuple(replace(c, state="retired", retire_after=now) for c in p.ca)
         host_retired = tuple(replace(c, state="retired", retire_after=now) for c in p.host_ca)
         gone = replace(p, deleted=True, ca=retired, host_ca=host_retired)
-        entry = self._audit(who, "policy.deleted", gone, p.audit_head,
+        entry = self._audit(who, "policy.deleted", gone, p,
                             {"ca_disabled": [c.fingerprint for c in p.ca + p.host_ca if c.state != "retired"]})
-        saved = self._write(lambda: b.store.replace_policy(replace(gone, audit_head=entry.hash), if_match, entry), gone)
+        saved = self._write(lambda: b.store.replace_policy(with_head(gone, entry), if_match, entry), gone)
         for c in p.ca + p.host_ca:
             if c.state != "retired":
                 self.disable_ca(c)
@@ -171,10 +171,10 @@ class Policies:
         )
         rotated = replace(p, host_ca=(new,) + keys) if kind == "host" else replace(p, ca=(new,) + keys)
         entry = self._audit(who, "policy.host_ca_rotated" if kind == "host" else "policy.ca_rotated", rotated,
-                            p.audit_head, {"new": new.fingerprint,
+                            p, {"new": new.fingerprint,
                                            "previous": [c.fingerprint for c in keys if c.state == "previous"]})
         try:
-            return self._write(lambda: b.store.replace_policy(replace(rotated, audit_head=entry.hash), p.etag or "", entry),
+            return self._write(lambda: b.store.replace_policy(with_head(rotated, entry), p.etag or "", entry),
                                rotated)
         except Exception:
             self._discard_unless_saved(who.tid, p.id, new)
@@ -194,9 +194,9 @@ class Policies:
             host_keys = tuple(replace(c, state="retired") if c in due else c for c in p.host_ca)
             entry = link(replace(b.audit_entry(None, "policy.ca_retired", policy_id=p.id, chain=f"pol:{p.id}",
                                                details={"retired": [c.fingerprint for c in due]}),
-                                 tenant_id=tenant_id), p.audit_head)
+                                 tenant_id=tenant_id), p)
             try:
-                self._write(lambda: b.store.replace_policy(replace(p, ca=keys, host_ca=host_keys, audit_head=entry.hash),
+                self._write(lambda: b.store.replace_policy(with_head(replace(p, ca=keys, host_ca=host_keys), entry),
                                                           p.etag or "", entry), p)
             except (Conflict, PreconditionFailed):
                 continue  # changed meanwhile; the next sweep retries
@@ -248,9 +248,9 @@ class Policies:
             customer_owned=customer_owned,
         )
 
-    def _audit(self, who: Identity, action: str, policy: Policy, prev_hash: str | None, details: dict) -> AuditEntry:
+    def _audit(self, who: Identity, action: str, policy: Policy, previous: Policy | None, details: dict) -> AuditEntry:
         return link(self.base.audit_entry(who, action, policy_id=policy.id, chain=f"pol:{policy.id}", details=details),
-                    prev_hash)
+                    previous)
 
     def _admin_policy(self, who: Identity, policy_id: str, action: str, if_match: str | None,
                       *, tenant_admin_only: bool = False) -> Policy:

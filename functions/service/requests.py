@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from ..core import approval as sm
-from ..core.audit import link
+from ..core.audit import link, with_head
 from ..core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from ..core.policy import Identity, Policy
 from ..notify import Message
@@ -176,9 +176,9 @@ class Requests:
                                                    policy_id=rec.policy_id, host=rec.host, principal=rec.principal,
                                                    chain=f"req:{rec.id}",
                                                    details={"comment": comment, "state": new.state,
-                                                            "approvals": len(new.approvals)}), rec.audit_head)
+                                                            "approvals": len(new.approvals)}), rec)
                 try:
-                    saved = self.base.store.update_request(replace(new, audit_head=entry.hash), rec.etag or "", entry)
+                    saved = self.base.store.update_request(with_head(new, entry), rec.etag or "", entry)
                     break
                 except Conflict:
                     if attempt == DECISION_TRIES:
@@ -219,9 +219,9 @@ class Requests:
                                                    policy_id=rec.policy_id, host=rec.host,
                                                    principal=rec.principal, chain=f"req:{rec.id}",
                                                    details={"was": rec.state}), tenant_id=tenant_id),
-                     rec.audit_head)
+                     rec)
         try:
-            self.base.store.update_request(replace(new, audit_head=entry.hash), rec.etag or "", entry)
+            self.base.store.update_request(with_head(new, entry), rec.etag or "", entry)
         except (Conflict, NotFound):
             return False
         policy = self.base.policies.get_or_none(tenant_id, rec.policy_id)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Sequence
-
+import heapq
 import re
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence
 
-from ..core.approval import RequestRecord, serial_floor, serial_of_request_id
+from ..core.approval import SERIAL_RANDOM_BITS, RequestRecord, serial_floor, serial_of_request_id
 from ..core.audit import AuditEntry
 from ..core.policy import Policy
 
@@ -175,6 +175,96 @@ class TrustVersion:
     at: int = 0
 
 
+# ---- the audit's order ----------------------------------------------------------------------
+# Every audit entry has a position: "<ms since epoch, 13 digits>|<sequence number in its chain, 6 hex>|
+# <entry id>". Positions order the audit (oldest first; a chain's entries in written order within a
+# millisecond), and a page's continuation is the position of the last row it read. The entries written
+# with a new request (in its row) take their request's time (the request id is a time) and their place
+# in the row (the order they were written in; for a chain, its sequence): they are found by that row,
+# so they sort and filter by it. Rows written before sequence numbers have
+# positions "<ms>|<entry id>", which sort among the others by their millisecond.
+AUDIT_POSITION_RE = re.compile(r"^[0-9]{13}\|(?:[0-9a-f]{6}\|)?[0-9a-f]{0,32}$")
+
+
+def audit_position(entry: AuditEntry, request_id: str | None = None, slot: int = 0) -> str:
+    """An entry's position; with `request_id`, as the `slot`-th entry embedded in that request's row."""
+    if request_id is None:
+        return f"{int(entry.at * 1000):013d}|{entry.seq:06x}|{entry.entry_id}"
+    ms = (serial_of_request_id(request_id) or 0) >> SERIAL_RANDOM_BITS
+    return f"{ms:013d}|{slot:06x}|{entry.entry_id}"
+
+
+def position_ms(ms: int) -> str:
+    """The smallest position of millisecond `ms` (the bound of a time window)."""
+    return f"{max(0, ms):013d}|"
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Which audit entries a page holds: all conditions given hold. `since`/`until` (unix seconds,
+    inclusive, to the millisecond) bound the position; `policies` None means any policy, a tuple only
+    entries of those policies (a policy admin's view)."""
+
+    since: float | None = None
+    until: float | None = None
+    request_id: str | None = None
+    user: str | None = None  # the actor's object id
+    serial: str | None = None
+    key_id: str | None = None
+    policies: tuple[str, ...] | None = None
+
+    def matches(self, e: AuditEntry) -> bool:
+        return ((self.request_id is None or e.request_id == self.request_id)
+                and (self.user is None or e.actor_oid == self.user)
+                and (self.serial is None or e.serial == self.serial)
+                and (self.key_id is None or e.key_id == self.key_id)
+                and (self.policies is None or e.policy_id in self.policies))
+
+    def window(self, after: str | None) -> tuple[str, str]:
+        """Positions (lo, hi): an entry is in the page's range if lo < position < hi."""
+        lo = position_ms(int(self.since * 1000)) if self.since is not None else ""
+        if after is not None and after > lo:
+            lo = after
+        hi = position_ms(int(self.until * 1000) + 1) if self.until is not None else "}"
+        return lo, hi
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    entries: list[AuditEntry]
+    next: str | None  # where the next page starts (a position); None when nothing more matches
+
+
+Positioned = tuple[str, "AuditEntry | None"]  # a row read: its position, and its entry (None: a row without one)
+
+
+def merge_pages(streams: Iterable[Iterable[Positioned]], query: AuditQuery, limit: int) -> AuditPage:
+    """A page from rows in position order (each stream sorted), reading at most `limit` of them: the
+    entries that match `query`, and the position of the last row read while more may follow."""
+    out: list[AuditEntry] = []
+    read, last = 0, None
+    for pos, entry in heapq.merge(*streams, key=lambda row: row[0]):
+        read, last = read + 1, pos
+        if entry is not None and query.matches(entry):
+            out.append(entry)
+        if read >= limit:
+            return AuditPage(out, last)
+    return AuditPage(out, None)
+
+
+def read_audit(store: "Store", tenant_id: str, query: AuditQuery, limit: int) -> list[AuditEntry]:
+    """Up to `limit` entries, following pages: for reading a bounded set whole (one request's chain)."""
+    out: list[AuditEntry] = []
+    after: str | None = None
+    while len(out) < limit:
+        page = store.audit_page(tenant_id, query, limit=min(1000, limit - len(out)), after=after)
+        out += page.entries
+        if page.next is None:
+            break
+        after = page.next
+    return out
+
+
 class Store(Protocol):
     def health(self) -> None: ...
 
@@ -241,13 +331,23 @@ class Store(Protocol):
         history. Each record carries the ETag of the row that holds it (to revoke it)."""
         ...
 
-    # audit
+    # audit: every write above lands its entries with their index rows (per request, actor, serial,
+    # key id, policy) in the same transaction, except the entries embedded in a new request's row
     def add_audit(self, entry: AuditEntry) -> None: ...
+    def audit_page(self, tenant_id: str, query: AuditQuery, *, limit: int = 100,
+                   after: str | None = None) -> AuditPage:
+        """Entries matching `query` after position `after`, oldest first, at most `limit`. Reads at
+        most `limit` rows plus a constant per index it merges, so a page may hold fewer entries than
+        match and still name a `next`; following `next` to None yields each matching entry once."""
+        ...
     def list_audit(self, tenant_id: str, *, since: float | None = None, until: float | None = None,
                    request_id: str | None = None, limit: int = 200) -> list[AuditEntry]:
-        """Entries in time order (milliseconds, then entry id); `since`/`until` inclusive."""
+        """The first `limit` entries of `audit_page`'s order (read_audit)."""
         ...
-
+    def index_old_audit(self, tenant_id: str, after: str | None, limit: int) -> str | None:
+        """Write the index rows of up to `limit` audit rows written before indexes existed, after
+        position `after`; the position to go on from, None when no older rows remain."""
+        ...
 
     # revocation and hosts
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:

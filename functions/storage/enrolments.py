@@ -183,7 +183,7 @@ class EnrolmentStore:
             meta = conditional_update(self._table, "update enrolment", self._entity(e), etag,
                                       not_found=not_found, lost=lost)
             return replace(e, etag=meta.get("etag"))
-        ops = [("update", self._entity(e), _if_match(etag)), ("create", TableStore._audit_entity(audit))]
+        ops = [("update", self._entity(e), _if_match(etag)), *TableStore._audit_ops(audit)]
         resp = transact(self._table, "update enrolment", ops, not_found=not_found, lost=lost, exists=lost)
         return replace(e, etag=resp[0].get("etag"))
 
@@ -300,7 +300,7 @@ class JobStore:
     def create(self, job: Job, items: list[JobItem], audit: AuditEntry | None = None) -> None:
         """The job and its items, in transactions of at most 100 rows: the job row and its audit
         entry first, in the same transaction."""
-        rows = [self._job_entity(job)] + ([TableStore._audit_entity(audit)] if audit is not None else []) + \
+        rows = [self._job_entity(job)] + (TableStore._audit_rows(audit) if audit is not None else []) + \
             [self._item_entity(i) for i in items]
         exists = Conflict(f"Enrolment job {job.job_id} (or its audit entry) already exists; nothing was queued.")
         for k in range(0, len(rows), self.BATCH):

@@ -33,7 +33,7 @@ def host_key_row(policy_id: str, fingerprint: str) -> str:
 
 
 class HostRecords:
-    """Host-certificate rows of TableStore (needs self._table, _cert_entity, _audit_entity)."""
+    """Host-certificate rows of TableStore (needs self._table, _cert_entity, _audit_ops)."""
 
     _table: Any
 
@@ -54,7 +54,7 @@ class HostRecords:
         first = ("create", row) if etag is None else ("update", row, _if_match(etag))
         changed = PreconditionFailed("The host namespaces changed since you read them (ETag mismatch); read them "
                                      "again and retry.")
-        resp = transact(self._table, "put host namespaces", [first, ("create", self._audit_entity(audit))],  # type: ignore[attr-defined]
+        resp = transact(self._table, "put host namespaces", [first, *self._audit_ops(audit)],  # type: ignore[attr-defined]
                         not_found="The host namespaces were not found.", lost=changed,
                         exists=Conflict("The host namespaces were set at the same time; read them again and retry."))
         return replace(ns, etag=resp[0].get("etag"))
@@ -78,7 +78,7 @@ class HostRecords:
 
     def create_host_enrolment_token(self, token: HostEnrolmentToken, audit: AuditEntry) -> HostEnrolmentToken:
 
-        ops = [("create", self._token_entity(token)), ("create", self._audit_entity(audit))]  # type: ignore[attr-defined]
+        ops = [("create", self._token_entity(token)), *self._audit_ops(audit)]  # type: ignore[attr-defined]
         try:
             resp = _guard("create host token", lambda: self._table.submit_transaction(ops))
         except TableTransactionError as exc:
@@ -171,7 +171,7 @@ class HostRecords:
 
         ops: list = [("create", self._cert_entity(c)) for c in certs]  # type: ignore[attr-defined]
         ops += [("upsert", self._host_key_entity(k), {"mode": UpdateMode.REPLACE}) for k in keys]
-        ops += [("create", self._audit_entity(a)) for a in audit]  # type: ignore[attr-defined]
+        ops += [op for a in audit for op in self._audit_ops(a)]  # type: ignore[attr-defined]
         if used is not None:
             entity = (self._token_entity(used) if isinstance(used, HostEnrolmentToken)
                       else self._challenge_entity(used))

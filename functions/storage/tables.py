@@ -13,7 +13,8 @@ written in one atomic write (one row, or one entity-group transaction in that pa
                    ver|<policy id>  ver|*       versions of what hosts and clients cache: a policy's
                                                 revocations (its KRL); the tenant's policies and host
                                                 revocations (known-hosts). See trust_version.
-                   aud|<ms since epoch>|<id>    an audit entry (ascending by time)
+                   aud|<position>               an audit entry (oldest first; storage/base.py)
+                   axr| axu| axp| axs| axk|     copies of it by request, actor, policy, serial, key id
                    idk|<oid>|<key hash>         an idempotency key and the request it made (keys
                                                 that name their request ride on its row instead)
                    rqu|<oid>|<newest-first id>  request index: a user's requests (a copy of each)
@@ -42,24 +43,26 @@ a single insert costs about 1 ms (bench/issue.py): the hot path writes one row.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
-from ..core.approval import (OPEN_STATES, Approval, RequestRecord, request_id_of_serial, serial_floor,
-                             serial_of_request_id)
+from ..core.approval import (OPEN_STATES, SERIAL_RANDOM_BITS, Approval, RequestRecord, request_id_of_serial, request_of,
+                             serial_floor, serial_of_request_id)
 from ..deadline import deadline_hook
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed
 from ..core.policy import Policy
 from ..core.policydoc import policy_from_row
-from .base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, CertificateRecord, IdempotencyRecord,
-                   PendingSlots, Revoked, TrustVersion, index_position)
+from .base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, AuditPage, AuditQuery, CertificateRecord,
+                   IdempotencyRecord, PendingSlots, Positioned, Revoked, TrustVersion, audit_position, index_position,
+                   merge_pages, position_ms, read_audit)
 from .transport import client_options, endpoint_of
 from .hostrecords import HostRecords
 from .tablecalls import _guard, _if_match, transact
@@ -92,6 +95,10 @@ INDEX_PREFIX = {BY_USER: "rqu", OPEN_BY_USER: "rqm", OPEN_BY_POLICY: "rqo", OPEN
 
 def _expiry_key(expires_at: int, request_id: str) -> str:
     return f"rqx|{expires_at:010d}|{request_id}"
+
+
+def _in_order(rows: list[Positioned], lo: str, hi: str) -> list[Positioned]:
+    return sorted((r for r in rows if lo < r[0] < hi), key=lambda r: r[0])
 
 
 class TableStore(HostRecords):
@@ -134,11 +141,13 @@ class TableStore(HostRecords):
             "Doc": json.dumps(policy.to_dict(), separators=(",", ":")),
             "Deleted": policy.deleted,
             "AuditHead": policy.audit_head,
+            "AuditSeq": policy.audit_seq,
         }
 
     @staticmethod
     def _policy_from_entity(e: Any) -> Policy:
-        return policy_from_row(json.loads(e["Doc"]), etag=e.metadata.get("etag"), audit_head=e.get("AuditHead"))
+        return policy_from_row(json.loads(e["Doc"]), etag=e.metadata.get("etag"), audit_head=e.get("AuditHead"),
+                               audit_seq=int(e.get("AuditSeq") or 0))
 
     def list_policies(self, tenant_id: str) -> list[Policy]:
         rows = _guard(
@@ -160,7 +169,7 @@ class TableStore(HostRecords):
         return self._policy_from_entity(e)
 
     def create_policy(self, policy: Policy, audit: AuditEntry) -> Policy:
-        ops = [("create", self._policy_entity(policy)), ("create", self._audit_entity(audit)),
+        ops = [("create", self._policy_entity(policy)), *self._audit_ops(audit),
                _version_entity(policy.tenant_id, TENANT_VERSION, audit.at)]
         resp = transact(self._table, "create policy", ops, not_found=f"Policy {policy.id!r} was not found.",
                         lost=Conflict(f"A policy with id {policy.id!r} already exists."),
@@ -170,7 +179,7 @@ class TableStore(HostRecords):
     def replace_policy(self, policy: Policy, etag: str, audit: AuditEntry) -> Policy:
         """The policy row (only if still at `etag`), its audit entry and the tenant's version row
         (known-hosts), in one transaction."""
-        ops = [("update", self._policy_entity(policy), _if_match(etag)), ("create", self._audit_entity(audit)),
+        ops = [("update", self._policy_entity(policy), _if_match(etag)), *self._audit_ops(audit),
                _version_entity(policy.tenant_id, TENANT_VERSION, audit.at)]
         resp = transact(self._table, "update policy", ops, not_found=f"Policy {policy.id!r} was not found.",
                         lost=PreconditionFailed(f"Policy {policy.id!r} changed since you read it (ETag mismatch); "
@@ -209,6 +218,7 @@ class TableStore(HostRecords):
             "KeyId": rec.key_id,
             "AuditHead": rec.audit_head,
             "Ix": 1,  # its index rows exist (rows written before the indexes lack it)
+            "AuditSeq": rec.audit_seq,
         }
 
     @staticmethod
@@ -235,6 +245,7 @@ class TableStore(HostRecords):
             serial=int(e["Serial"]) if e.get("Serial") else None,
             key_id=e.get("KeyId"),
             audit_head=e.get("AuditHead") or "0" * 64,
+            audit_seq=int(e.get("AuditSeq") or 0),
             etag=e.metadata.get("etag"),
             indexed=bool(e.get("Ix")),
         )
@@ -353,7 +364,7 @@ class TableStore(HostRecords):
         """The request row (only if still at `etag`) and its audit entry, in one transaction. The row is
         merged, so what it carries besides the request (its first audit entries) stays."""
         ops = [("update", self._request_entity(rec), _if_match(etag, UpdateMode.MERGE)),
-               ("create", self._audit_entity(audit)), *self._index_ops(rec, new=False)]
+               *self._audit_ops(audit), *self._index_ops(rec, new=False)]
         resp = transact(self._table, "update request", ops, not_found=f"Request {rec.id!r} was not found.",
                         lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
                         exists=Conflict(f"Request {rec.id} changed at the same time; read it again."))
@@ -527,7 +538,7 @@ class TableStore(HostRecords):
             ops: list = [("create", entity), ("create", self._idempotency_entity(idempotency))]
         else:
             ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), *self._index_ops(rec, new=False)]
-            ops += [("create", self._audit_entity(a)) for a in audit]
+            ops += [op for a in audit for op in self._audit_ops(a)]
             if idempotency is not None:
                 ops.append(("create", self._idempotency_entity(idempotency)))
         transact(self._table, "record issuance", ops, not_found=f"Request {rec.id!r} was not found.",
@@ -565,12 +576,18 @@ class TableStore(HostRecords):
         raise missing
 
     # ---- audit ------------------------------------------------------------------------------
-    # Audit entries live in rows aud|<ms>|<entry id>, except the entries written with a new request
-    # (its creation, and its certificate when issued at once): those are properties Audit0, Audit1
-    # of the request's own row, so that row is the only write. Request ids sort by time
-    # (core.approval), so the entries of a time window are found by a range read of both kinds.
+    # An audit entry is a row aud|<position> (storage/base.py: time, sequence number, entry id) plus
+    # copies of it under each key it is asked by, written in the same transaction:
+    #     axr|<request id>|<position>     axu|<actor oid>|<position>     axp|<policy id>|<position>
+    #     axs|<serial, 19 digits>|<position>     axk|<sha-256 of the key id, 32 hex>|<position>
+    # so every question is one range read of its own rows, bounded by the page. The entries written
+    # with a new request (its creation, and its certificate when issued at once) are properties
+    # Audit0, Audit1 of the request's own row instead, so that row stays the only write: a question
+    # about a request, serial or key id reads them with that row (one point read); a time window,
+    # user or policy reads them from the window's request rows (request ids sort by time).
     EMBEDDED = tuple(f"Audit{i}" for i in range(4))
-    EMBED_SLACK_MS = 300_000  # how much later than its request id's time an embedded entry may be
+    INDEXES = {"request_id": "axr", "actor_oid": "axu", "policy_id": "axp", "serial": "axs", "key_id": "axk"}
+    CHUNK = 25  # rows per read when pages of several indexes are merged
 
     @staticmethod
     def _entry_json(a: AuditEntry) -> str:
@@ -586,69 +603,139 @@ class TableStore(HostRecords):
         return {name: cls._entry_json(a) for name, a in zip(cls.EMBEDDED, entries)}
 
     @classmethod
-    def _audit_entity(cls, a: AuditEntry) -> dict:
-        ms = int(a.at * 1000)
-        return {
-            "PartitionKey": a.tenant_id or UNAUTHENTICATED,
-            "RowKey": f"aud|{ms:013d}|{a.entry_id}",
-            "Kind": "audit",
-            "Action": a.action,
-            "Outcome": a.outcome,
-            "RequestId": a.request_id,
-            "PolicyId": a.policy_id,
-            "KeyId": a.key_id,
-            "Serial": a.serial,
-            "Entry": cls._entry_json(a),
-        }
+    def _index_key(cls, field_name: str, value: str) -> str:
+        if field_name == "key_id":  # free text (a RowKey may not hold / \ # ?)
+            value = hashlib.sha256(value.encode()).hexdigest()[:32]
+        elif field_name == "serial":
+            value = f"{int(value):019d}"
+        return f"{cls.INDEXES[field_name]}|{value}|"
+
+    @classmethod
+    def _index_prefixes(cls, a: AuditEntry) -> list[str]:
+        out = []
+        for name in cls.INDEXES:
+            value = getattr(a, name)
+            if value and (name != "serial" or str(value).isdigit()):
+                out.append(cls._index_key(name, str(value)))
+        return out
+
+    @classmethod
+    def _audit_rows(cls, a: AuditEntry, *, primary: bool = True) -> list[dict]:
+        """The entry's row and its index rows (one transaction's worth; all in the entry's partition)."""
+        pk, pos, doc = a.tenant_id or UNAUTHENTICATED, audit_position(a), cls._entry_json(a)
+        rows = [{"PartitionKey": pk, "RowKey": f"aud|{pos}", "Kind": "audit", "Action": a.action,
+                 "Outcome": a.outcome, "RequestId": a.request_id, "PolicyId": a.policy_id, "KeyId": a.key_id,
+                 "Serial": a.serial, "Entry": doc}] if primary else []
+        return rows + [{"PartitionKey": pk, "RowKey": prefix + pos, "Kind": "audit-index", "Entry": doc}
+                       for prefix in cls._index_prefixes(a)]
+
+    @classmethod
+    def _audit_ops(cls, a: AuditEntry) -> list[tuple]:
+        return [("create", row) for row in cls._audit_rows(a)]
 
     def add_audit(self, entry: AuditEntry) -> None:
-        _guard("add audit", lambda: self._table.create_entity(self._audit_entity(entry)))
+        exists = Conflict("An audit entry with that id already exists.")
+        transact(self._table, "add audit", self._audit_ops(entry), not_found="The audit partition is gone.",
+                 lost=exists, exists=exists)
 
-    def list_audit(
-        self,
-        tenant_id: str,
-        *,
-        since: float | None = None,
-        until: float | None = None,
-        request_id: str | None = None,
-        limit: int = 200,
-    ) -> list[AuditEntry]:
-        """Entries in time order (milliseconds, then entry id); `since`/`until` inclusive."""
-        lo_ms = int((since or 0) * 1000)
-        hi_ms = int(until * 1000) if until is not None else None
-        flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
-        params: dict[str, Any] = {"pk": tenant_id, "lo": f"aud|{lo_ms:013d}",
-                                  "hi": f"aud|{hi_ms:013d}}}" if hi_ms is not None else "aud}"}
-        if request_id:
-            flt += " and RequestId eq @rid"
-            params["rid"] = request_id
-        out: list[AuditEntry] = []
-        for e in _guard("list audit", lambda: self._table.query_entities(flt, parameters=params)):
-            out.append(AuditEntry(**json.loads(e["Entry"])))
-            if len(out) >= limit:
-                break
-        for entry in self._embedded_entries(tenant_id, lo_ms if since is not None else None, hi_ms, request_id):
-            ms = int(entry.at * 1000)
-            if ms >= lo_ms and (hi_ms is None or ms <= hi_ms) and (not request_id or entry.request_id == request_id):
-                out.append(entry)
-        out.sort(key=lambda a: (int(a.at * 1000), a.entry_id))
-        return out[:limit]
+    def list_audit(self, tenant_id: str, *, since: float | None = None, until: float | None = None,
+                   request_id: str | None = None, limit: int = 200) -> list[AuditEntry]:
+        return read_audit(self, tenant_id, AuditQuery(since=since, until=until, request_id=request_id), limit)
 
-    def _embedded_entries(self, tenant_id: str, lo_ms: int | None, hi_ms: int | None,
-                          request_id: str | None) -> list[AuditEntry]:
-        if request_id:
-            try:
-                rows = [_guard("list audit", lambda: self._table.get_entity(tenant_id, f"req|{request_id}",
-                                                                          select=list(self.EMBEDDED)))]
-            except ResourceNotFoundError:
-                return []
+    def audit_page(self, tenant_id: str, query: AuditQuery, *, limit: int = 100,
+                   after: str | None = None) -> AuditPage:
+        """One index's rows (the most selective the query names) merged with the embedded entries of
+        the request rows that question reaches; `limit` rows read at most past the first read of each."""
+        lo, hi = query.window(after)
+        rid = query.request_id or request_of(query.key_id, query.serial)
+        if query.request_id or query.serial or query.key_id:
+            name = "request_id" if query.request_id else ("serial" if query.serial else "key_id")
+            value = str(getattr(query, name))
+            if name == "serial" and not value.isdigit():
+                return AuditPage([], None)
+            ranges = [self._index_key(name, value)]
+            embedded = [self._embedded_of(tenant_id, rid, lo, hi)] if rid else []
         else:
-            lo = f"req|{serial_floor(lo_ms - self.EMBED_SLACK_MS):016x}" if lo_ms is not None else "req|"
-            hi = f"req|{serial_floor(hi_ms + 1):016x}" if hi_ms is not None else "req}"
-            rows = _guard("list audit", lambda: list(self._table.query_entities(
-                "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
-                parameters={"pk": tenant_id, "lo": lo, "hi": hi}, select=list(self.EMBEDDED))))
-        return [AuditEntry(**json.loads(e[name])) for e in rows for name in self.EMBEDDED if e.get(name)]
+            if query.user is not None:
+                ranges = [self._index_key("actor_oid", query.user)]
+            elif query.policies is not None:
+                ranges = [self._index_key("policy_id", p) for p in query.policies]
+            else:
+                ranges = ["aud|"]
+            embedded = [self._embedded_in(tenant_id, lo, hi)]
+        chunk = limit if len(ranges) + len(embedded) == 1 else min(limit, self.CHUNK)
+        streams = [self._index_rows(tenant_id, prefix, lo, hi, chunk) for prefix in ranges] + embedded
+        return merge_pages(streams, query, limit)
+
+    def _index_rows(self, tenant_id: str, prefix: str, lo: str, hi: str, chunk: int) -> Iterator[Positioned]:
+        flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
+        params = {"pk": tenant_id, "lo": prefix + lo, "hi": prefix + hi if hi != "}" else prefix[:-1] + "}"}
+        yield from self._paged("list audit", flt, params, chunk, ["RowKey", "Entry"],
+                               lambda e: [(e["RowKey"][len(prefix):], AuditEntry(**json.loads(e["Entry"])))])
+
+    def _paged(self, op: str, flt: str, params: dict, chunk: int, select: list[str],
+               rows_of: Callable[[Any], list[Positioned]]) -> Iterator[Positioned]:
+        """Rows of a range read, `chunk` per round trip, each read only when the merge needs it."""
+        pages = self._table.query_entities(flt, parameters=params, results_per_page=chunk, select=select).by_page()
+        while (page := _guard(op, lambda: next(pages, None))) is not None:
+            for e in page:
+                yield from rows_of(e)
+
+    def _embedded_of(self, tenant_id: str, request_id: str, lo: str, hi: str) -> Iterator[Positioned]:
+        """The entries in request `request_id`'s own row (one point read)."""
+        try:
+            e = _guard("list audit", lambda: self._table.get_entity(tenant_id, f"req|{request_id}",
+                                                                      select=list(self.EMBEDDED)))
+        except ResourceNotFoundError:
+            return
+        yield from (p for p in self._embedded_rows(request_id, e) if lo < p[0] < hi)
+
+    def _embedded_in(self, tenant_id: str, lo: str, hi: str) -> Iterator[Positioned]:
+        """The embedded entries of the request rows made within positions (lo, hi), in position order:
+        rows of one millisecond are gathered first (within it, request ids are random)."""
+        lo_ms = int(lo[:13]) if lo else 0
+        hi_key = f"req|{serial_floor(int(hi[:13])):016x}" if hi != "}" else "req}"
+        flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
+        params = {"pk": tenant_id, "lo": f"req|{serial_floor(lo_ms):016x}", "hi": hi_key}
+        group: list[Positioned] = []
+        for pos, entry in self._paged("list audit", flt, params, self.CHUNK, ["RowKey", *self.EMBEDDED],
+                                      lambda e: self._embedded_rows(e["RowKey"][4:], e, marker=True)):
+            if group and pos[:13] != group[0][0][:13]:
+                yield from _in_order(group, lo, hi)
+                group = []
+            group.append((pos, entry))
+        yield from _in_order(group, lo, hi)
+
+    def _embedded_rows(self, request_id: str, e: Any, marker: bool = False) -> list[Positioned]:
+        entries = [AuditEntry(**json.loads(e[name])) for name in self.EMBEDDED if e.get(name)]
+        rows: list[Positioned] = [(audit_position(a, request_id, slot), a) for slot, a in enumerate(entries)]
+        if marker and not rows:  # a row read that holds no entry still counts against the page
+            ms = (serial_of_request_id(request_id) or 0) >> SERIAL_RANDOM_BITS
+            rows = [(position_ms(ms), None)]
+        return rows
+
+    def index_old_audit(self, tenant_id: str, after: str | None, limit: int) -> str | None:
+        """Index rows for audit rows aud|<ms>|<entry id> written before indexes (upserts: running it
+        twice is harmless). Those rows sort before every newer one, so the first row with a sequence
+        number ends the work."""
+        flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
+        params = {"pk": tenant_id, "lo": f"aud|{after or ''}", "hi": "aud}"}
+        last, ops, more = None, [], False
+        rows = self._paged("index old audit", flt, params, limit + 1, ["RowKey", "Entry"],
+                           lambda e: [(e["RowKey"][4:], AuditEntry(**json.loads(e["Entry"])))])
+        for n, (pos, entry) in enumerate(rows):
+            if pos.count("|") > 1:  # a row with a sequence number: every older row is indexed
+                break
+            if n == limit:
+                more = True
+                break
+            ops += [("upsert", row, {"mode": UpdateMode.REPLACE}) for row in self._audit_rows(entry, primary=False)]
+            last = pos
+        for k in range(0, len(ops), 100):
+            transact(self._table, "index old audit", ops[k:k + 100], not_found="The audit partition is gone.",
+                     lost=Conflict("The audit index changed at the same time; retry."),
+                     exists=Conflict("The audit index changed at the same time; retry."))
+        return last if more else None
 
     # ---- revocation -------------------------------------------------------------------------
     # A revocation writes index rows keyed by the certificate's expiry, so a KRL is a range read from
@@ -689,7 +776,7 @@ class TableStore(HostRecords):
                   "RevokedBy": cert.revoked_by}
         index = Revoked(cert.policy_id, cert.serial, cert.ca_fingerprint, cert.valid_before, cert.revoked_at or 0,
                         host)
-        ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), ("create", self._audit_entity(audit)),
+        ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), *self._audit_ops(audit),
                *self._revoked_rows(index, cert.tenant_id),
                _version_entity(cert.tenant_id, f"ver|{cert.policy_id}", audit.at)]
         if host:

@@ -69,3 +69,47 @@ def test_the_cli_shows_the_audit(tmp_path_factory, api_server, oidc, issued):
     assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], alice).returncode == 0
     assert run_cli(["login"], alice, username="alice", ca_path=oidc.ca_path).returncode == 0
     assert run_cli(["audit"], alice).returncode == 4
+
+
+def test_pages_follow_next_oldest_first_and_one_user_reads_apart(client, auth, oidc, pub):
+    """`limit` + `next` walk the whole window, each entry once, oldest first; `?user=` is what one
+    person did (by object id), across the requests of everyone else."""
+    from devstack.stack import identity_of
+
+    carol, alice = auth("carol"), auth("alice")
+    made = [client.post("/api/requests", headers=alice, json={"host": "127.0.0.1", "principal": "alice",
+                                                              "public_key": pub()}).json()["id"] for _ in range(3)]
+    whole = client.get("/api/audit", headers=carol, params={"limit": 1000}).json()
+    assert "next" not in whole and {e["request_id"] for e in whole["entries"]} >= set(made)
+    seen, token, pages = [], None, 0
+    while True:
+        body = client.get("/api/audit", headers=carol, params={"limit": 2, **({"continuation": token} if token else {})}).json()
+        assert len(body["entries"]) <= 2
+        seen += body["entries"]
+        pages += 1
+        token = body.get("next")
+        if not token:
+            break
+    assert [e["entry_id"] for e in seen] == [e["entry_id"] for e in whole["entries"]] and pages >= len(seen) // 2
+    oid = identity_of(oidc, "alice").oid
+    mine = client.get("/api/audit", headers=carol, params={"user": oid, "limit": 1000}).json()["entries"]
+    assert mine == [e for e in whole["entries"] if e["actor_oid"] == oid] and \
+        {e["request_id"] for e in mine} >= set(made)
+    assert client.get("/api/audit", headers=carol, params={"user": "alice@contoso.test"}).status_code == 400
+
+
+def test_a_forged_continuation_is_a_clear_400(client, auth):
+    for token in ("x" * 2000, "not-a-token", "eyJhZnRlciI6MX0"):
+        r = client.get("/api/audit", headers=auth("carol"), params={"continuation": token})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_request", (token, r.text)
+
+
+def test_a_refused_read_of_the_audit_is_audited(client, auth, oidc):
+    """A member's GET /api/audit (403) is on record, under the caller, with the code it got."""
+    from devstack.stack import identity_of
+
+    alice = identity_of(oidc, "alice")
+    assert client.get("/api/audit", headers=auth("alice")).status_code == 403
+    body = client.get("/api/audit", headers=auth("carol"), params={"user": alice.oid, "limit": 1000}).json()
+    refused = [e for e in body["entries"] if e["action"] == "audit.refused"]
+    assert refused and refused[-1]["outcome"] == "refused" and refused[-1]["error_code"] == "forbidden"

@@ -24,8 +24,8 @@ from functions.core.approval import Approval, RequestRecord, new_request_id, req
 from functions.core.audit import AuditEntry, verify_chain
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import CaKeyRef, Policy, Rule, Subjects
-from functions.storage.base import (CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces,
-                                     IdempotencyRecord, Store)
+from functions.storage.base import (AuditPage, AuditQuery, CertificateRecord, HostChallenge, HostEnrolmentToken,
+                                     HostKeyRecord, HostNamespaces, IdempotencyRecord, Store)
 from tests.memstore import MemoryStore
 
 BACKENDS = ["tables", "memory"]
@@ -490,7 +490,8 @@ def test_audit_filter_by_request_and_limit(store: Store, tid: str) -> None:
 
 
 def test_entries_written_with_a_request_are_in_the_time_window_of_the_audit(store: Store, tid: str) -> None:
-    """Entries written with a new request (its creation, its certificate) are found by time like any."""
+    """Entries written with a new request (its creation, its certificate) are found by time like any,
+    at their request's time (the row that holds them), in the order they were written."""
     t = T0 + 500
     rec = a_request(tid, new_request_id(t), state="issued")
     rec = replace(rec, serial=serial_of_request_id(rec.id))
@@ -503,7 +504,8 @@ def test_entries_written_with_a_request_are_in_the_time_window_of_the_audit(stor
     store.add_audit(between := an_entry(tid, t + 1, "other.event"))
     actions = lambda **kw: [e.action for e in audit_of(store, tid, **kw)]  # noqa: E731
     assert actions(since=t, until=t + 2) == ["request.created", "certificate.issued", "other.event", "request.created"]
-    assert actions(since=t + 0.25, until=t + 1) == ["certificate.issued", "other.event"]
+    assert actions(since=t + 0.001, until=t + 1) == ["other.event"]  # the certificate's entry is placed at t
+    assert actions(until=t) == ["request.created", "certificate.issued"]
     assert actions(since=t + 0.251, until=t + 1.999) == ["other.event"]
     assert actions(since=t + 2.001) == [] and actions(until=t - 0.001) == []
     assert audit_of(store, tid, request_id=rec.id) == [created, issued]
@@ -534,6 +536,119 @@ def test_a_request_chain_verifies_after_the_round_trip(store: Store, tid: str) -
     chain = audit_of(store, tid, request_id=rec.id)
     assert chain == [created, approved]
     assert verify_chain(chain, store.get_request(tid, rec.id).audit_head)
+
+
+# ---- audit: indexes and pages ---------------------------------------------------------------------
+# Every question the audit is asked (a request, a user, a serial, a key id, a policy, a time window)
+# pages through the same order: oldest first, a chain's entries in written order within a
+# millisecond, the entries written with a new request at that request's time and in the order of
+# its row. Following `next` to None yields each matching entry once, whatever the page size.
+
+ALICE_OID, BOB_OID, CAROL_OID = "0b7a0000-0000-4000-8000-0000000000a1", "0b7a0000-0000-4000-8000-0000000000b0", \
+    "0b7a0000-0000-4000-8000-0000000000c0"
+
+
+def every_page(store: Store, tid: str, query: AuditQuery, limit: int) -> list[AuditEntry]:
+    out: list[AuditEntry] = []
+    after: str | None = None
+    for _ in range(1000):
+        page = store.audit_page(tid, query, limit=limit, after=after)
+        assert len(page.entries) <= limit
+        out += page.entries
+        if page.next is None:
+            return out
+        assert page.next != after, "a page that does not move on"
+        after = page.next
+    raise AssertionError("pages never end")
+
+
+def audit_history(store: Store, tid: str) -> dict[str, object]:
+    """One of each write that carries audit entries, in written order at distinct times (each entry
+    names who acted, and what it is about), plus a chain written within one millisecond."""
+    from functions.core.audit import link
+
+    who = lambda oid: {"actor_oid": oid, "actor_upn": f"{oid[-2:]}@example.com"}  # noqa: E731
+    order: list[AuditEntry] = []
+    pol = an_entry(tid, T0 + 1, "policy.created", policy_id="web", chain="pol:web", **who(CAROL_OID))
+    store.create_policy(a_policy(tid), pol)
+    order.append(pol)
+    a = a_request(tid, new_request_id(T0 + 2), state="issued", requester_oid=ALICE_OID)
+    a = replace(a, serial=serial_of_request_id(a.id), key_id=f"ezssh/web/{a.id}/alice@example.com")
+    a_created = link(an_entry(tid, T0 + 2, "request.created", request_id=a.id, policy_id="web", chain=f"req:{a.id}",
+                              **who(ALICE_OID)), None)
+    a_issued = link(an_entry(tid, T0 + 2.0004, "certificate.issued", request_id=a.id, policy_id="web",
+                             serial=str(a.serial), key_id=a.key_id, chain=f"req:{a.id}", **who(ALICE_OID)), a_created)
+    store.record_issuance(a, None, a_cert(a, a.serial, key_id=a.key_id), [a_created, a_issued])
+    order += [a_created, a_issued]
+    b = a_request(tid, new_request_id(T0 + 3), policy_id="db", requester_oid=BOB_OID)
+    b_created = link(an_entry(tid, T0 + 3, "request.created", request_id=b.id, policy_id="db", chain=f"req:{b.id}",
+                              **who(BOB_OID)), None)
+    saved = store.create_request(replace(b, audit_head=b_created.hash), b_created)
+    order.append(b_created)
+    refused = an_entry(tid, T0 + 4, "request.refused", policy_id="web", **who(ALICE_OID))
+    store.add_audit(refused)
+    order.append(refused)
+    b_approved = link(an_entry(tid, T0 + 5, "request.approved", request_id=b.id, policy_id="db", chain=f"req:{b.id}",
+                               **who(CAROL_OID)), b_created)
+    saved = store.update_request(replace(saved, state="approved"), saved.etag, b_approved)
+    order.append(b_approved)
+    b_serial = serial_of_request_id(b.id)
+    b_key = f"ezssh/db/{b.id}/bob@example.com"
+    b_issued = link(an_entry(tid, T0 + 6, "certificate.issued", request_id=b.id, policy_id="db", serial=str(b_serial),
+                             key_id=b_key, chain=f"req:{b.id}", **who(BOB_OID)), b_approved)
+    store.record_issuance(replace(saved, state="issued", serial=b_serial, key_id=b_key), saved.etag,
+                          a_cert(saved, b_serial, key_id=b_key), [b_issued])
+    order.append(b_issued)
+    cert = store.get_certificate(tid, "web", a.serial)
+    a_revoked = an_entry(tid, T0 + 7, "certificate.revoked", request_id=a.id, policy_id="web", serial=str(a.serial),
+                         key_id=a.key_id, **who(CAROL_OID))
+    store.revoke_certificate(replace(cert, revoked_at=int(T0) + 7, revoked_by="carol"), cert.etag, a_revoked)
+    order.append(a_revoked)
+    c = new_request_id(T0 + 8)
+    c_chain: list[AuditEntry] = []
+    for action in ("request.created", "request.approved", "request.cancelled", "request.expired"):
+        c_chain.append(link(an_entry(tid, T0 + 8, action, request_id=c, policy_id="web", chain=f"req:{c}",
+                                     **who(CAROL_OID)), c_chain[-1] if c_chain else None))
+    for e in reversed(c_chain):  # written in any order; stored in the chain's
+        store.add_audit(e)
+    order += c_chain
+    return {"order": order, "a": a, "b_id": b.id, "b_serial": b_serial, "b_key": b_key, "c": c}
+
+
+def test_audit_pages_answer_each_question_in_one_order(store: Store, tid: str) -> None:
+    h = audit_history(store, tid)
+    order: list[AuditEntry] = h["order"]  # type: ignore[assignment]
+    a: RequestRecord = h["a"]  # type: ignore[assignment]
+    questions = [
+        AuditQuery(), AuditQuery(request_id=a.id), AuditQuery(request_id=h["b_id"]), AuditQuery(request_id=h["c"]),
+        AuditQuery(user=ALICE_OID), AuditQuery(user=BOB_OID), AuditQuery(user=CAROL_OID),
+        AuditQuery(serial=str(a.serial)), AuditQuery(serial=str(h["b_serial"])), AuditQuery(key_id=a.key_id),
+        AuditQuery(key_id=h["b_key"]), AuditQuery(policies=("web",)), AuditQuery(policies=("db", "web")),
+        AuditQuery(policies=()), AuditQuery(since=T0 + 3, until=T0 + 6), AuditQuery(since=T0 + 2.001),
+        AuditQuery(user=ALICE_OID, policies=("db",)), AuditQuery(request_id=h["b_id"], user=CAROL_OID),
+        AuditQuery(request_id=a.id, since=T0 + 5), AuditQuery(serial="5"), AuditQuery(user=str(uuid.uuid4())),
+    ]
+    for q in questions:
+        lo, hi = q.since or 0, q.until if q.until is not None else float("inf")
+        # entries written with request a sit at its time, T0 + 2
+        want = [e for e in order if q.matches(e) and lo <= (T0 + 2 if e in order[1:3] else e.at) <= hi]
+        for limit in (1, 2, 3, 100):
+            assert every_page(store, tid, q, limit) == want, (q, limit)
+    assert [e.seq for e in every_page(store, tid, AuditQuery(request_id=h["c"]), 100)] == [0, 1, 2, 3]
+    assert audit_of(store, tid) == order  # the whole history, in the same order
+    assert store.audit_page(str(uuid.uuid4()), AuditQuery(user=ALICE_OID)) == AuditPage([], None)  # per tenant
+
+
+def test_a_write_that_fails_leaves_none_of_its_index_rows(store: Store, tid: str) -> None:
+    created = store.create_request(a_request(tid), an_entry(tid, T0, "request.created"))
+    late = an_entry(tid, T0 + 1, "request.approved", request_id=created.id, policy_id="web", actor_oid=ALICE_OID,
+                    serial="12345", key_id="ezssh/web/x/alice")
+    store.update_request(replace(created, state="approved"), created.etag, an_entry(tid, T0 + 0.5, "other.event"))
+    with pytest.raises(Conflict):
+        store.update_request(replace(created, state="denied"), created.etag, late)  # a stale ETag
+    for q in (AuditQuery(), AuditQuery(request_id=created.id), AuditQuery(user=ALICE_OID), AuditQuery(serial="12345"),
+              AuditQuery(key_id="ezssh/web/x/alice"), AuditQuery(policies=("web",))):
+        assert late not in every_page(store, tid, q, 100), q
 
 
 # ---- revocation ---------------------------------------------------------------------------------

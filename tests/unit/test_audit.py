@@ -50,14 +50,26 @@ def request_chain() -> list[AuditEntry]:
 
 
 def test_sealed_hash_is_sha256_of_the_canonical_body():
+    def expected(e: AuditEntry) -> str:
+        body = asdict(e)
+        del body["hash"]
+        if body["seq"] == 0:  # a chain's first entry (and every entry written before sequence numbers)
+            del body["seq"]
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                         ensure_ascii=False).encode()).hexdigest()
+
     e = entry().sealed()
-    body = asdict(e)
-    del body["hash"]
-    expected = hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    ).hexdigest()
-    assert e.hash == expected
+    assert e.hash == expected(e)
     assert len(e.hash) == 64 and e.prev_hash == GENESIS
+    later = link(entry(), e)
+    assert later.seq == 1 and later.hash == expected(later)
+    assert not replace(later, seq=2).verify() and not replace(later, seq=0).verify()
+
+
+def test_an_entry_stored_before_sequence_numbers_still_verifies():
+    e = entry().sealed()
+    stored = {k: v for k, v in asdict(e).items() if k != "seq"}  # the JSON such an entry was stored as
+    assert AuditEntry(**stored).verify()
     assert e.verify()
 
 
@@ -128,6 +140,19 @@ def test_link_points_each_entry_at_the_one_before():
     assert verify_chain(chain)
     assert verify_chain(iter(chain))  # any iterable
     assert verify_chain([])
+
+
+def test_link_numbers_a_chain_in_written_order_from_an_entry_or_from_the_row_holding_its_head():
+    from functions.core.approval import RequestRecord
+
+    chain = request_chain()
+    assert [e.seq for e in chain] == [0, 1, 2, 3]
+    row = RequestRecord(id="req-1", tenant_id=TID, policy_id="web", requester_oid="oid-alice",
+                        requester_upn="alice@contoso.example", host="web1", principal="deploy", ttl_seconds=900,
+                        state="pending", created_at=1, expires_at=2, audit_head=chain[1].hash, audit_seq=chain[1].seq)
+    nxt = link(entry("request.denied"), row)
+    assert nxt.prev_hash == chain[1].hash and nxt.seq == 2 and verify_chain([chain[0], chain[1], nxt])
+    assert link(entry(), replace(row, audit_head=GENESIS, audit_seq=5)).seq == 0  # an empty head starts a chain
 
 
 def test_link_ignores_a_stale_prev_hash_on_the_new_entry():

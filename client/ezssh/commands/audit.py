@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 from ..context import Ctx
@@ -16,11 +17,21 @@ def cmd_audit(args) -> int:
     params: dict[str, str] = {"limit": str(args.limit)}
     if args.since:
         params["since"] = str(int(time.time()) - args.since)
-    for name in ("request_id", "policy", "key_id", "serial"):
+    for name in ("request_id", "policy", "key_id", "serial", "user"):
         if getattr(args, name):
             params[name] = getattr(args, name)
-    query = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
-    entries = Ctx().api.call("GET", f"/api/audit?{query}", ok=(200,)).json()["entries"]
+    api = Ctx().api
+    entries: list = []
+    while True:
+        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
+        page = api.call("GET", f"/api/audit?{query}", ok=(200,)).json()
+        entries += page["entries"]
+        if not page.get("next"):
+            break
+        if not args.all:
+            print("more entries follow: --all reads every page", file=sys.stderr)
+            break
+        params["continuation"] = page["next"]
     if args.json:
         out_json(entries)
         return OK
@@ -40,6 +51,8 @@ def register(sub, fmt) -> None:
     c.add_argument("--policy", metavar="ID")
     c.add_argument("--key-id", dest="key_id", metavar="KEY_ID", help="as sshd logs it: ID ezssh/<policy>/<request>/<upn>")
     c.add_argument("--serial", metavar="N", help="as sshd logs it: (serial N)")
-    c.add_argument("--limit", type=int, default=200)
+    c.add_argument("--user", metavar="OBJECT_ID", help="what one person did (their Entra object id)")
+    c.add_argument("--limit", type=int, default=100, help="entries per page (1-1000; oldest first)")
+    c.add_argument("--all", action="store_true", help="follow every page, not only the first")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_audit)
