@@ -367,8 +367,8 @@ class MemoryStore:
                    request_id: str | None = None, limit: int = 200) -> list[AuditEntry]:
         return read_audit(self, tenant_id, AuditQuery(since=since, until=until, request_id=request_id), limit)
 
-    def index_old_audit(self, tenant_id: str, after: str | None, limit: int) -> str | None:
-        return None  # every entry here was written with its indexes
+    def backfill_audit_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
+        return 0, True  # every entry here was written with its indexes
 
     # revocation and hosts
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:

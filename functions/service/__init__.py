@@ -31,7 +31,7 @@ from .namespaces import Namespaces
 from .policies import Policies
 from .requests import Requests
 
-# request rows written before the request indexes that the timer reads per tenant per run (each
+# rows written before the request and audit indexes that the timer reads per tenant per run (each
 # old open or decided request costs one transaction; the run's work stays bounded)
 BACKFILL_BATCH = 500
 
@@ -68,17 +68,18 @@ class Service:
     def housekeeping(self, tenant_ids: Sequence[str]) -> dict[str, int]:
         """The timer's work: expire stale requests, retire CA keys past their window, remove host
         renewal challenges that expired (anyone may ask for one; none outlives its window), move
-        revocations of the first storage layout to the one keyed by expiry, and index request rows
-        written before the request indexes (each a bounded batch a tick, until none is left)."""
-        expired = retired = challenges = moved = indexed = 0
+        revocations of the first storage layout to the one keyed by expiry, and index request rows and
+        audit rows written before their indexes (each a bounded batch a tick, until none is left)."""
+        expired = retired = challenges = moved = indexed = audit_indexed = 0
         for tid in tenant_ids:
             expired += len(self.requests.expire(tid))
             retired += len(self.policies.retire_due_ca_keys(tid))
             challenges += self.store.delete_expired_host_challenges(tid, self.base.now())
             moved += self.store.migrate_revocations(tid)
             indexed += self.store.backfill_request_indexes(tid, BACKFILL_BATCH)[0]
+            audit_indexed += self.store.backfill_audit_indexes(tid, BACKFILL_BATCH)[0]
         return {"expired_requests": expired, "retired_ca_keys": retired, "expired_host_challenges": challenges,
-                "revocations_migrated": moved, "indexed_requests": indexed}
+                "revocations_migrated": moved, "indexed_requests": indexed, "audit_rows_indexed": audit_indexed}
 
 
 __all__: Sequence[str] = ["Service", "ServiceConfig", "Outcome", "Base"]

@@ -344,9 +344,9 @@ class Store(Protocol):
                    request_id: str | None = None, limit: int = 200) -> list[AuditEntry]:
         """The first `limit` entries of `audit_page`'s order (read_audit)."""
         ...
-    def index_old_audit(self, tenant_id: str, after: str | None, limit: int) -> str | None:
-        """Write the index rows of up to `limit` audit rows written before indexes existed, after
-        position `after`; the position to go on from, None when no older rows remain."""
+    def backfill_audit_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
+        """Index audit rows written before the indexes existed, reading at most `budget` of them from
+        where the last call stopped (a marker row). Returns (rows indexed, finished)."""
         ...
 
     # revocation and hosts

@@ -714,28 +714,40 @@ class TableStore(HostRecords):
             rows = [(position_ms(ms), None)]
         return rows
 
-    def index_old_audit(self, tenant_id: str, after: str | None, limit: int) -> str | None:
-        """Index rows for audit rows aud|<ms>|<entry id> written before indexes (upserts: running it
-        twice is harmless). Those rows sort before every newer one, so the first row with a sequence
-        number ends the work."""
+    AUDIT_MIGRATION = "mig|audit"  # how far the backfill of audit rows written before the indexes has got
+
+    def backfill_audit_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
+        """Index rows for audit rows aud|<ms>|<entry id> written before indexes, reading at most
+        `budget` of them from where the last call stopped (upserts: a repeat is harmless). Those rows
+        sort before every newer one, so the first row with a sequence number ends the work; once
+        ended, a call is one point read."""
+        try:
+            mark = _guard("audit backfill", lambda: self._table.get_entity(tenant_id, self.AUDIT_MIGRATION))
+        except ResourceNotFoundError:
+            mark = {}
+        if mark.get("Done"):
+            return 0, True
         flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
-        params = {"pk": tenant_id, "lo": f"aud|{after or ''}", "hi": "aud}"}
-        last, ops, more = None, [], False
-        rows = self._paged("index old audit", flt, params, limit + 1, ["RowKey", "Entry"],
+        params = {"pk": tenant_id, "lo": f"aud|{mark.get('After') or ''}", "hi": "aud}"}
+        last, ops, done, indexed = None, [], True, 0
+        rows = self._paged("audit backfill", flt, params, budget + 1, ["RowKey", "Entry"],
                            lambda e: [(e["RowKey"][4:], AuditEntry(**json.loads(e["Entry"])))])
-        for n, (pos, entry) in enumerate(rows):
+        for pos, entry in rows:
             if pos.count("|") > 1:  # a row with a sequence number: every older row is indexed
                 break
-            if n == limit:
-                more = True
+            if indexed == budget:
+                done = False
                 break
             ops += [("upsert", row, {"mode": UpdateMode.REPLACE}) for row in self._audit_rows(entry, primary=False)]
-            last = pos
+            last, indexed = pos, indexed + 1
+        lost = Conflict("The audit index changed at the same time; retry.")
         for k in range(0, len(ops), 100):
-            transact(self._table, "index old audit", ops[k:k + 100], not_found="The audit partition is gone.",
-                     lost=Conflict("The audit index changed at the same time; retry."),
-                     exists=Conflict("The audit index changed at the same time; retry."))
-        return last if more else None
+            transact(self._table, "audit backfill", ops[k:k + 100], not_found="The audit partition is gone.",
+                     lost=lost, exists=lost)
+        marker = {"PartitionKey": tenant_id, "RowKey": self.AUDIT_MIGRATION, "Kind": "migration",
+                  "After": last or mark.get("After"), "Done": done}
+        _guard("audit backfill", lambda: self._table.upsert_entity(marker, mode=UpdateMode.REPLACE))
+        return indexed, done
 
     # ---- revocation -------------------------------------------------------------------------
     # A revocation writes index rows keyed by the certificate's expiry, so a KRL is a range read from
