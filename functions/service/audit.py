@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..core.audit import in_link_order, verify_chain
 from ..core.errors import Forbidden, NotFound
-from ..core.paging import bad_token, decode_token, encode_token
+from ..core.paging import decode_token, encode_token
 from ..core.policy import Identity
 from ..storage.base import AUDIT_POSITION_RE, AuditPage, AuditQuery, read_audit
 from .base import Base
@@ -31,7 +31,7 @@ class AuditLog:
         b = self.base
         with b.refusing(who, "audit.refused", request_id=request_id, policy_id=policy_id, key_id=key_id,
                         serial=serial):
-            after = self._position(continuation)
+            after = decode_token(continuation, AUDIT_POSITION_RE)
             policies: tuple[str, ...] | None = None
             if not who.is_tenant_admin:
                 mine = sorted(p.id for p in b.policies.all(who.tid) if not p.deleted and p.is_admin(who))
@@ -48,16 +48,7 @@ class AuditLog:
                            key_id=key_id, policies=policies)
         page = b.store.audit_page(who.tid, query, limit=limit, after=after)
         return AuditPage(in_link_order(page.entries),
-                         encode_token({"after": page.next}) if page.next is not None else None)
-
-    @staticmethod
-    def _position(continuation: str | None) -> str | None:
-        if continuation is None:
-            return None
-        after = decode_token(continuation).get("after")
-        if not isinstance(after, str) or not AUDIT_POSITION_RE.fullmatch(after):
-            raise bad_token()
-        return after
+                         encode_token(page.next) if page.next is not None else None)
 
     def request_chain_intact(self, who: Identity, request_id: str) -> bool:
         """The request's audit chain is whole: every entry intact, linked, and ending at the head

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 from dataclasses import dataclass, replace
 
 from ..core import approval as sm
 from ..core.audit import link, with_head
 from ..core.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from ..core.paging import decode_token, encode_token
 from ..core.policy import Identity, Policy
 from ..notify import Message
 from ..observability import event
@@ -52,25 +50,6 @@ class RequestPage:
     next: str | None  # the continuation token of the next page; None at the end
 
 
-def _token(after: str) -> str:
-    raw = json.dumps({"after": after}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _after(token: str | None) -> str | None:
-    """The index position a continuation token continues after (the token is base64url JSON)."""
-    if token is None:
-        return None
-    try:
-        doc = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after = doc.get("after") if isinstance(doc, dict) else None
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        after = None
-    if not isinstance(after, str) or not POSITION_RE.match(after):
-        raise InvalidRequest("The continuation token is not valid; start again without it.")
-    return after
-
-
 class Requests:
     def __init__(self, base: Base) -> None:
         self.base = base
@@ -102,7 +81,7 @@ class Requests:
             raise InvalidRequest(f"Unknown state {state!r}; use one of {', '.join(STATES)}.")
         if not 1 <= limit <= MAX_LIMIT:
             raise InvalidRequest(f"limit must be between 1 and {MAX_LIMIT}.")
-        after = _after(continuation)
+        after = decode_token(continuation, POSITION_RE)
         open_only = state in (sm.PENDING, sm.APPROVED)
         sources: list[tuple[str, str]] = []
         if role != "approver":
@@ -147,7 +126,7 @@ class Requests:
                 continue
             out.append(r)
         more = horizon is not None or (last is not None and positions[-1] > last)
-        return RequestPage(out, _token(last) if more and last is not None else None)
+        return RequestPage(out, encode_token(last) if more and last is not None else None)
 
     def approve(self, who: Identity, request_id: str, comment: str | None = None) -> sm.RequestRecord:
         return self._transition(who, request_id, "approve", comment)
