@@ -208,10 +208,10 @@ module functionApp 'modules/functionapp.bicep' = {
     tags: tags
     identityId: identity.outputs.id
     identityClientId: identity.outputs.clientId
-    storageAccountName: storage.outputs.name
     deploymentContainerUrl: storage.outputs.deploymentContainerUrl
     tableEndpoint: storage.outputs.tableEndpoint
     queueEndpoint: storage.outputs.queueEndpoint
+    blobEndpoint: storage.outputs.blobEndpoint
     appInsightsConnectionString: monitoring.outputs.connectionString
     tenantIds: tenantIds
     issuerTemplate: issuerTemplate
@@ -264,12 +264,16 @@ var vmResourceGroupScopes = filter(vmScopes, s => length(split(s, '/')) == 5)
 // subscription. Where vmScopes names only resource groups of a subscription, the role is deployed
 // into the first of them: creating it needs rights on those resource groups only, none on the
 // subscription or on anything vmScopes does not name.
+// tests/hosts/test_vm_role.py runs every ARM call of the enrolment code against the ARM stand-in
+// granting only these actions.
 var runCommandActions = [
   'Microsoft.Compute/virtualMachines/read'
   'Microsoft.Compute/virtualMachines/instanceView/read'
   'Microsoft.Compute/virtualMachines/runCommand/action'
   'Microsoft.Compute/locations/operations/read'
   'Microsoft.Resources/subscriptions/resourceGroups/read'
+  'Microsoft.Network/networkInterfaces/read' // host certificates: a VM's private IPs
+  'Microsoft.Network/publicIPAddresses/read' // and its public IPs and DNS names
 ]
 var useRunCommandRole = vmRole == 'RunCommandOnly'
 var vmScopeSubscriptions = union(map(vmScopes, s => toLower(split(s, '/')[2])), [])

@@ -118,6 +118,9 @@ class PushError(Exception):
         self.status = status
 
 
+_DENIED_ACTION = re.compile(r"authorization to perform action '([^']+)'")  # ARM's AuthorizationFailed wording
+
+
 def _arm_message(exc: Any) -> str:
     err = getattr(exc, "error", None)
     msg = getattr(err, "message", None) or getattr(exc, "message", None) or str(exc)
@@ -140,9 +143,13 @@ def map_arm_error(exc: Exception, what: str) -> PushError:
             return PushError("vm_not_found", f"{what}: the VM was not found (ARM 404 {code}): it was deleted, or the id "
                                              "is wrong.", transient=False, status=status)
         if status == 403:
+            m = _DENIED_ACTION.search(detail)
+            needs = (f"'{m.group(1)}'" if m else
+                     "the actions of infra/main.bicep's RunCommandOnly role (VM read, Run Command, network reads)")
             return PushError("forbidden", f"{what}: ezssh's identity lacks permission (ARM 403 {code}). Grant it "
-                                          "'Microsoft.Compute/virtualMachines/read' and '.../runCommand/action' on the "
-                                          f"VM's scope. ARM said: {detail}", transient=False, status=status)
+                                          f"{needs} on the VM's scope (the RunCommandOnly role of infra/main.bicep "
+                                          f"has every action ezssh uses). ARM said: {detail}", transient=False,
+                             status=status)
         if status == 409:
             return PushError("agent_not_ready", f"{what}: the VM is busy or its agent is not ready (ARM 409 {code}): "
                                                 f"{detail} Retrying later.", transient=True, status=status)
@@ -205,12 +212,23 @@ class AzureVms:
     """VM reads and Run Command over `client_for(subscription) -> ComputeManagementClient`."""
 
     # Run Command poll timeout: below host.json functionTimeout (600 s), so a slow Run Command ends
-    # the push as a transient "timeout" inside the invocation instead of the host killing it.
+    # the push as a transient "timeout" inside the invocation instead of the host killing it. A push
+    # runs up to two Run Commands (host keys, then the setup script): `within` gives them one budget.
     def __init__(self, client_for: Callable[[str], Any], *, timeout: float = 480.0,
                  polling_interval: float | None = None) -> None:
         self._client_for = client_for
         self.timeout = timeout
         self.polling_interval = polling_interval
+        self.deadline: float | None = None  # time.monotonic() by which every Run Command must be done
+
+    def within(self, seconds: float) -> "AzureVms":
+        """This client (same compute clients) with one time budget for all Run Commands made through
+        it: each waits at most what is left of `seconds`, and none starts once it is spent."""
+        import copy
+
+        bounded = copy.copy(self)
+        bounded.deadline = time.monotonic() + seconds
+        return bounded
 
     def _vm(self, raw: Any, fallback: VmRef | None = None) -> Vm:
         ref = fallback
@@ -266,12 +284,16 @@ class AzureVms:
 
         started = time.monotonic()
         what = f"Run Command on {ref.id}"
+        wait = self.timeout if self.deadline is None else min(self.timeout, self.deadline - started)
+        if wait <= 0:
+            raise PushError("timeout", f"{what} not started: this push's time for Run Commands is spent. "
+                                       "Retrying later.", transient=True)
         try:
             poller = self._client_for(ref.subscription).virtual_machines.begin_run_command(
                 ref.resource_group, ref.name, RunCommandInput(command_id="RunShellScript", script=lines), **kw)
-            result = poller.result(timeout=self.timeout)
+            result = poller.result(timeout=wait)
             if not poller.done():
-                raise PushError("timeout", f"{what} did not finish within {int(self.timeout)} s; it may still "
+                raise PushError("timeout", f"{what} did not finish within {wait:.0f} s; it may still "
                                            "run. Retrying later (the setup script is idempotent).", transient=True)
         except Exception as exc:  # noqa: BLE001
             raise map_arm_error(exc, what) from None

@@ -97,8 +97,11 @@ class EnrolConfig:
     backoff_base: int = 60  # seconds before the 2nd attempt; doubles after each transient failure
     backoff_cap: int = 1800
     max_attempts: int = 8
+    # Every Run Command of one push together (the host keys, then the setup script) waits at most this
+    # long, leaving the rest of host.json's functionTimeout (600 s) for reads, signing and the record.
+    push_budget: int = 480
     # A push not finished by then ran in a worker that is gone: longer than host.json's functionTimeout
-    # (600 s), which is longer than Run Command's poll timeout (AzureVms.timeout, 480 s).
+    # (600 s), which is longer than the push's Run Command budget (push_budget).
     lease_seconds: int = 660
     # A message that finds another push's lease comes back every deferral_step seconds (or when the
     # lease ends, if sooner), at most max_deferrals times: 48 x 30 s outlasts two leases.
@@ -171,8 +174,8 @@ class EnrolmentService:
     def _host_certs_due(self, policy: Policy, vm_id: str) -> bool:
         return self.host_certs is not None and self.host_certs.due(policy, vm_id)
 
-    def _host_certs_for(self, policy: Policy, ref: VmRef) -> str:
-        return self.host_certs.certs_for(policy, self.vms, ref) if self.host_certs is not None else ""
+    def _host_certs_for(self, policy: Policy, ref: VmRef, vms: AzureVms) -> str:
+        return self.host_certs.certs_for(policy, vms, ref) if self.host_certs is not None else ""
 
     # ---- audit -------------------------------------------------------------------------------
     def _audit(self, tenant_id: str, who: Identity | None, action: str, outcome: str, rec: Enrolment,
@@ -244,8 +247,9 @@ class EnrolmentService:
         attempts = rec.attempts + 1 if rec.state in (PENDING, RETRYING) else 1
         details: dict[str, object] = {}
         try:
-            lines = wrap_script(desired.render(self._host_certs_for(policy, ref)))
-            result = self.vms.run_shell_script(ref, lines)
+            vms = self.vms.within(self.config.push_budget)  # one budget for this push's Run Commands
+            lines = wrap_script(desired.render(self._host_certs_for(policy, ref, vms)))
+            result = vms.run_shell_script(ref, lines)
             details = {"exit_status": result.exit_status, "duration_ms": result.duration_ms,
                        "lro_polls": result.polls}
             out = result.output + (f"\n[stderr]\n{result.stderr}" if result.stderr else "")

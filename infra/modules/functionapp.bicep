@@ -10,11 +10,12 @@ param tags object = {}
 
 param identityId string
 param identityClientId string
-param storageAccountName string
 param deploymentContainerUrl string
 param tableEndpoint string
 @description('The storage account queue endpoint (enrolment jobs).')
 param queueEndpoint string
+@description('The storage account\'s blob endpoint (the Functions host storage, by identity).')
+param blobEndpoint string
 param appInsightsConnectionString string
 
 param tenantIds array
@@ -67,10 +68,20 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
 // Every setting functions/settings.py reads in Azure, plus the host's identity-based storage
 // connection and telemetry. tests/deploy/test_parity.py keeps this list and SETTINGS in step.
 var appSettings = [
-  // Functions host storage, by identity (no AccountKey anywhere).
+  // Functions host storage, by identity (no AccountKey anywhere), named by its service URIs: the
+  // account name alone makes the host assume the global cloud's core.windows.net suffix, which is
+  // wrong in sovereign clouds; the URIs come from the account itself.
   {
-    name: 'AzureWebJobsStorage__accountName'
-    value: storageAccountName
+    name: 'AzureWebJobsStorage__blobServiceUri'
+    value: blobEndpoint
+  }
+  {
+    name: 'AzureWebJobsStorage__queueServiceUri'
+    value: queueEndpoint
+  }
+  {
+    name: 'AzureWebJobsStorage__tableServiceUri'
+    value: tableEndpoint
   }
   {
     name: 'AzureWebJobsStorage__credential'

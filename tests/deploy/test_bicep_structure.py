@@ -148,9 +148,14 @@ def test_no_secrets_or_account_keys():
             assert bad not in b.code, f"{b.path.name} contains {bad}"
     settings = app_settings()
     assert settings, "functionapp.bicep: var appSettings not found"
-    assert "AzureWebJobsStorage" not in settings, "host storage must use the identity (AzureWebJobsStorage__accountName)"
+    assert "AzureWebJobsStorage" not in settings, "host storage must use the identity (AzureWebJobsStorage__*ServiceUri)"
     assert settings.get("AzureWebJobsStorage__credential") == "'managedidentity'"
-    assert "AzureWebJobsStorage__accountName" in settings and "AzureWebJobsStorage__clientId" in settings
+    assert "AzureWebJobsStorage__clientId" in settings
+    # the service URIs of the account itself (sovereign clouds): never the account name, which the
+    # host turns into a global-cloud core.windows.net address
+    assert "AzureWebJobsStorage__accountName" not in settings
+    assert {settings.get(f"AzureWebJobsStorage__{s}ServiceUri") for s in ("blob", "queue", "table")} == \
+        {"blobEndpoint", "queueEndpoint", "tableEndpoint"}
     for name, value in settings.items():
         assert not re.search(r"(?i)password|secret|pin\b", name), f"app setting {name} looks like a secret"
     assert settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == "'ClientId=${identityClientId};Authorization=AAD'"

@@ -45,7 +45,12 @@ Not verified against the real service (AZURE-REST.md section 7), so tests must n
 (modelled here as `Enable failed: ... exit status=N` with code ProvisioningState/failed, the LRO
 itself Succeeded); whether real 202s carry both headers.
 
-Test knobs and figures: `.requests` (method, path, query), `.runs` (one RunRecord per script run),
+Role-based access: with `.granted` set to a role's actions (wildcards as in Azure RBAC), every request
+whose action (`arm_action`: the provider namespace, the resource types of the path, and read for a GET,
+write for PUT/PATCH, delete, or `<name>/action` for a POST) the role lacks gets ARM's 403
+AuthorizationFailed naming that action. `.granted = None` (the default) grants everything.
+
+Test knobs and figures: `.granted`, `.requests` (method, path, query), `.runs` (one RunRecord per script run),
 `agent_not_ready()`, `forbid()`, `remove_vm()`, `set_tags()`, `in_progress_polls`, `page_size`,
 `run_delay` (seconds a run takes at least), `latency` (seconds added to every answer, as a real
 region's round trip would: ARM answers in tens of milliseconds).
@@ -74,6 +79,34 @@ from .tls import TlsStandIn
 SUBSCRIPTION = "0b1f6471-1bf0-4dda-aec3-cb9272f09590"
 REGION = "westeurope"
 OUTPUT_LIMIT = 4096
+
+
+def arm_action(method: str, path: str) -> str:
+    """The Azure RBAC action a management request needs, from its path: the provider namespace, then
+    each resource type of the path (every other segment after the namespace), then read (GET), write
+    (PUT, PATCH), delete (DELETE), or, for a POST, the trailing segment and `action`:
+    GET .../providers/Microsoft.Compute/virtualMachines/vm1 -> Microsoft.Compute/virtualMachines/read,
+    POST .../virtualMachines/vm1/runCommand -> Microsoft.Compute/virtualMachines/runCommand/action,
+    GET /subscriptions/s/resourceGroups/rg -> Microsoft.Resources/subscriptions/resourceGroups/read."""
+    segs = [unquote(x) for x in path.split("?")[0].strip("/").split("/")]
+    low = [x.lower() for x in segs]
+    if "providers" in low:
+        i = len(low) - 1 - low[::-1].index("providers")
+        namespace, rest = segs[i + 1], segs[i + 2:]
+    else:  # subscriptions/{s}[/resourceGroups/{rg}]
+        namespace, rest = "Microsoft.Resources", segs
+    verb = {"GET": "read", "PUT": "write", "PATCH": "write", "DELETE": "delete"}.get(method.upper())
+    if verb is None:  # POST: the last segment names the action, on the resource before it
+        types = rest[:-1][0::2]
+        return "/".join([namespace, *types, rest[-1], "action"])
+    return "/".join([namespace, *rest[0::2], verb])
+
+
+def grants(actions: list[str], action: str) -> bool:
+    """Whether a role with these actions (`*` wildcards, case-insensitive as in Azure RBAC) allows `action`."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in actions)
 
 
 class Request(NamedTuple):
@@ -181,6 +214,7 @@ class ArmStandIn(TlsStandIn):
         self.token = token
         self.subscription = subscription
         self.requests: list[Request] = []
+        self.granted: list[str] | None = None  # RBAC actions of the caller's role; None: everything
         self.runs: list[RunRecord] = []
         self.in_progress_polls = 1
         self.page_size = 100
@@ -301,6 +335,12 @@ class ArmStandIn(TlsStandIn):
         q = parse_qs(query)
         p = [unquote(x) for x in path.strip("/").split("/")]
         low = [x.lower() for x in p]
+        if self.granted is not None and not grants(self.granted, arm_action(method, path)):
+            return self._error(403, "AuthorizationFailed",
+                               f"The client 'ezssh-standin' with object id '00000000-0000-0000-0000-000000000001' "
+                               f"does not have authorization to perform action '{arm_action(method, path)}' over "
+                               f"scope '{path}' or the scope is invalid. If access was recently granted, please "
+                               "refresh your credentials.")
         # /subscriptions/{sub}/providers/Microsoft.Compute/locations/{region}/operations/{id}
         if method == "GET" and len(p) == 8 and low[0] == "subscriptions" and low[4] == "locations" and low[6] == "operations":
             return self._operation(p[7], monitor=q.get("monitor", ["false"])[0] == "true")
