@@ -54,6 +54,7 @@ class Message:
     request_id: str | None = None
     policy_id: str | None = None
     quoted: tuple[str, ...] = ("Reason", "Comment")  # facts shown as quotations of what someone typed
+    link: str | None = None  # the request's page (EZSSH_PUBLIC_URL/app/requests/<id>): built by the service
 
 
 class WebhookRefused(Exception):
@@ -103,17 +104,21 @@ def payload(msg: Message) -> dict:
     if fmt == "slack":
         title = escape_slack(msg.title)
         facts = [f"{escape_slack(k)}: {_value(msg, k, v, escape_slack)}" for k, v in msg.facts]
+        blocks: list[dict] = [
+            {"type": "header", "text": {"type": "plain_text", "text": _one_line(msg.title, 150)}},
+            # plain_text: Slack renders no markup at all in these
+            {"type": "section", "fields": [{"type": "plain_text", "text": f} for f in facts[:10]]},
+        ]
+        if msg.link:
+            blocks.append({"type": "actions", "elements": [
+                {"type": "button", "text": {"type": "plain_text", "text": "Open request"}, "url": msg.link}]})
         return {
             # the notification text (and fallback): one escaped line per fact, rendered without markup
-            "text": "\n".join([title, *facts]),
+            "text": "\n".join([title, *facts] + ([msg.link] if msg.link else [])),
             "mrkdwn": False,
-            "blocks": [
-                {"type": "header", "text": {"type": "plain_text", "text": _one_line(msg.title, 150)}},
-                # plain_text: Slack renders no markup at all in these
-                {"type": "section", "fields": [{"type": "plain_text", "text": f} for f in facts[:10]]},
-            ],
+            "blocks": blocks,
         }
-    return {
+    card = {
         "@type": "MessageCard",
         "@context": "http://schema.org/extensions",
         "themeColor": "0076D7",
@@ -122,6 +127,10 @@ def payload(msg: Message) -> dict:
         "sections": [{"facts": [{"name": escape_teams(k), "value": _value(msg, k, v, escape_teams)}
                                 for k, v in msg.facts], "markdown": True}],
     }
+    if msg.link:
+        card["potentialAction"] = [{"@type": "OpenUri", "name": "Open request",
+                                    "targets": [{"os": "default", "uri": msg.link}]}]
+    return card
 
 
 def delivered(fmt: str, status: int, body: str) -> bool:
@@ -393,4 +402,4 @@ def digest(held: list[Message]) -> Message:
     if len(held) > 20:
         facts.append(("More", f"{len(held) - 20} more"))
     return replace(first, title=f"ezssh: {len(held)} updates on access requests", facts=tuple(facts),
-                   request_id=None, quoted=())
+                   request_id=None, quoted=(), link=None)

@@ -129,6 +129,7 @@ def service_config(settings: Settings, **overrides: object) -> ServiceConfig:
         max_pending_requests=settings.max_pending_requests,
         request_rate=settings.request_rate,
         host_namespaces=settings.host_namespaces,
+        public_url=settings.public_url,
     )
     return ServiceConfig(**{**fields, **overrides})
 

@@ -27,7 +27,7 @@ def _fmt_elapsed(seconds: float) -> str:
 def _ended(rec: dict) -> EzsshError:
     state = rec.get("status")
     rid = rec.get("id")
-    who = rec.get("decided_by")
+    who = _person(rec.get("decided_by_name"), rec.get("decided_by")) if rec.get("decided_by") else None
     comment = rec.get("comment")
     if state == "denied":
         msg = f"Request {rid} was denied" + (f" by {who}" if who else "") + (f": {comment}" if comment else ".")
@@ -38,6 +38,21 @@ def _ended(rec: dict) -> EzsshError:
     else:
         msg = f"Request {rid} ended as {state!r}."
     return EzsshError(msg, REQUEST_ENDED)
+
+
+def _person(name: object, upn: object) -> str:
+    if name and upn and name != upn:
+        return f"{name} ({upn})"
+    return str(name or upn or "someone")
+
+
+def _approved(rec: dict) -> str:
+    """'Approved by Bob Brandt (bob@contoso.test): "ok, go ahead"' - one line per approval."""
+    lines = []
+    for a in rec.get("approvals") or []:
+        comment = a.get("comment")
+        lines.append(f"Approved by {_person(a.get('name'), a.get('upn'))}" + (f": \"{comment}\"" if comment else "") + "\n")
+    return "".join(lines) or f"Request {rec.get('id')} was approved.\n"
 
 
 def describe_approvers(approvers: object, policy: str | None, group_names: object = None) -> str:
@@ -68,7 +83,9 @@ def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | No
     until = f", expires {time.strftime('%H:%M:%S', time.localtime(expires_at))}" if expires_at else ""
     out.write(f"Request {rid} needs {need} approval{'s' if need != 1 else ''}{who}{until}. "
               f"Waiting (Ctrl-C cancels the request)...\n")
-    out.write(f"An approver runs: ezssh requests approve {rid}\n")
+    link = pending.get("link")
+    out.write(f"An approver opens {link} or runs: ezssh requests approve {rid}\n" if link else
+              f"An approver runs: ezssh requests approve {rid}\n")
     out.flush()
     tty = hasattr(out, "isatty") and out.isatty()
     start = time.monotonic()
@@ -96,6 +113,8 @@ def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | No
                 continue
             state = rec.get("status")
             if state == "approved":
+                out.write(_approved(rec))
+                out.flush()
                 return rec
             if state in ("denied", "cancelled", "expired"):
                 raise _ended(rec)

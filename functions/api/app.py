@@ -17,6 +17,7 @@ from . import enrolments
 from . import hostcerts
 from . import identities
 from . import namespaces
+from . import web
 
 log = logging.getLogger("ezssh.api")
 # Every storage call of one request shares this many seconds (functions/deadline.py); well under
@@ -44,7 +45,8 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-Id"] = rid
-                headers["Cache-Control"] = "no-store"
+                if "cache-control" not in headers:  # the web page's files say how they are cached
+                    headers["Cache-Control"] = "no-store"
             await send(message)
 
         token = observability.request_id.set(rid)
@@ -72,4 +74,5 @@ def create_app(context: Callable[[], Any]) -> FastAPI:
     app.include_router(hostcerts.router)
     app.include_router(identities.router)
     app.include_router(namespaces.router)
+    app.include_router(web.router)
     return app

@@ -28,4 +28,6 @@ def client_config(request: Request) -> dict:
         "tenants": list(s.tenants),
         "client_id": s.cli_client_id,
         "scopes": s.scopes,
+        # the web page signs in to one of these (tenant id -> authority), then calls the API
+        "authorities": {t: s.issuer_for(t).removesuffix("/v2.0") for t in s.tenants},
     }

@@ -33,7 +33,7 @@ class CertificateBody(Strict):
     public_key: str
 
 
-def render(outcome: Outcome, now: int) -> JSONResponse:
+def render(outcome: Outcome, now: int, link: str | None = None) -> JSONResponse:
     out = outcome.request.to_public(now)
     if outcome.certificate is not None:
         c = outcome.certificate
@@ -51,6 +51,8 @@ def render(outcome: Outcome, now: int) -> JSONResponse:
     if outcome.status == "pending":
         out["approvers_needed"] = outcome.approvers_needed
         out["approvers"] = outcome.approvers
+        if link:
+            out["link"] = link  # the request's web page, where approvers decide
         return JSONResponse(out, status_code=202)
     return JSONResponse(out, status_code=200)
 
@@ -67,7 +69,8 @@ def create(request: Request, who: Identity = Depends(caller),
         reason = printable_text(new.reason, "reason", 1000) or None if new.reason is not None else None
     req = AccessRequest(host=host, principal=principal, ttl_seconds=new.ttl_seconds,
                         policy_id=new.policy, reason=reason)
-    return render(svc.issuance.request_access(who, req, new.public_key, idempotency_key), int(svc.clock()))
+    outcome = svc.issuance.request_access(who, req, new.public_key, idempotency_key)
+    return render(outcome, int(svc.clock()), svc.base.request_link(outcome.request.id))
 
 
 @router.get("")

@@ -116,6 +116,14 @@ def serial_floor(ms: int) -> int:
     return max(0, ms) << SERIAL_RANDOM_BITS
 
 
+NAME_MAX = 256  # a display name is the token's `name` claim, kept as it was when the person acted
+
+
+def display_name(who: Identity) -> str:
+    """What to call `who` on pages and cards (never used to decide anything: oid+tid do that)."""
+    return " ".join("".join(c if c.isprintable() else " " for c in who.name).split())[:NAME_MAX]
+
+
 @dataclass(frozen=True)
 class Approval:
     oid: str
@@ -123,9 +131,11 @@ class Approval:
     upn: str
     at: int
     comment: str | None = None
+    name: str = ""
 
     def to_dict(self) -> dict:
-        return {"oid": self.oid, "tid": self.tid, "upn": self.upn, "at": self.at, "comment": self.comment}
+        return {"oid": self.oid, "tid": self.tid, "upn": self.upn, "name": self.name, "at": self.at,
+                "comment": self.comment}
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,8 @@ class RequestRecord:
     key_id: str | None = None
     audit_head: str = "0" * 64  # hash of the last audit entry in this request's chain
     audit_seq: int = 0  # that entry's sequence number
+    requester_name: str = ""  # display names, from the token of each person when they acted
+    decided_by_name: str = ""
     etag: str | None = field(default=None, compare=False)
     # Whether storage holds this request's index rows (open requests per policy and per user, the
     # user's history, the expiry key). False only for a row written before the indexes existed and
@@ -177,11 +189,13 @@ class RequestRecord:
             "ttl_seconds": self.ttl_seconds,
             "reason": self.reason,
             "requester": self.requester_upn,
+            "requester_name": self.requester_name or None,
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "approvals_required": self.approvals_required,
             "approvals": [a.to_dict() for a in self.approvals],
             "decided_by": self.decided_by,
+            "decided_by_name": self.decided_by_name or None,
             "decided_at": self.decided_at,
             "comment": self.comment,
             "serial": str(self.serial) if self.serial is not None else None,
@@ -218,7 +232,7 @@ def approve(rec: RequestRecord, who: Identity, now: int, *, comment: str | None 
     _require_state(rec, now, PENDING)
     if any(a.oid == who.oid and a.tid == who.tid for a in rec.approvals):
         raise Conflict("You have already approved this request; an approver counts once.")
-    approvals = rec.approvals + (Approval(who.oid, who.tid, who.upn, now, comment),)
+    approvals = rec.approvals + (Approval(who.oid, who.tid, who.upn, now, comment, display_name(who)),)
     if len(approvals) >= rec.approvals_required:
         return replace(
             rec,
@@ -226,6 +240,7 @@ def approve(rec: RequestRecord, who: Identity, now: int, *, comment: str | None 
             state=APPROVED,
             decided_by=who.upn,
             decided_by_oid=who.oid,
+            decided_by_name=display_name(who),
             decided_at=now,
             expires_at=now + ISSUE_WINDOW,
         )
@@ -238,15 +253,16 @@ def deny(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = N
     # A decision is final: once approved, a late deny gets 409 (revoke the certificate instead),
     # so when approve and deny race exactly one of them succeeds, whatever the timing.
     _require_state(rec, now, PENDING)
-    return replace(rec, state=DENIED, decided_by=who.upn, decided_by_oid=who.oid, decided_at=now, comment=comment)
+    return replace(rec, state=DENIED, decided_by=who.upn, decided_by_oid=who.oid, decided_by_name=display_name(who),
+                   decided_at=now, comment=comment)
 
 
 def cancel(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = None) -> RequestRecord:
     if not rec.requester_is(who):
         raise Forbidden("Only the requester may cancel a request.")
     _require_state(rec, now, PENDING, APPROVED)
-    return replace(rec, state=CANCELLED, decided_by=who.upn, decided_by_oid=who.oid, decided_at=now,
-                   comment=comment)
+    return replace(rec, state=CANCELLED, decided_by=who.upn, decided_by_oid=who.oid, decided_by_name=display_name(who),
+                   decided_at=now, comment=comment)
 
 
 def expire(rec: RequestRecord, now: int) -> RequestRecord:

@@ -47,6 +47,8 @@ class ServiceConfig:
     request_rate: int = 30
     # each tenant's host namespaces from the settings, until a tenant admin sets them (service.namespaces)
     host_namespaces: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # where people reach this deployment (EZSSH_PUBLIC_URL): links to a request's web page
+    public_url: str | None = None
 
 
 class RefusalCounter:
@@ -234,7 +236,14 @@ class Base:
             self.refuse(who, exc, action, tenant_id=tenant_id, **fields)
             raise
 
+    def request_link(self, request_id: str) -> str | None:
+        """The request's page on the web app, or None when the deployment's public URL is not set."""
+        base = self.config.public_url
+        return f"{base.rstrip('/')}/app/requests/{request_id}" if base else None
+
     def notify(self, policy: Policy | None, msg: Message) -> None:
         if self.notifier is None or policy is None or not policy.webhook_url:
             return
+        if msg.request_id and msg.link is None:
+            msg = replace(msg, link=self.request_link(msg.request_id))
         self.notifier.send(msg)

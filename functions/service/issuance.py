@@ -171,7 +171,7 @@ class Issuance:
         auto = decision.action == "auto"
         rec = sm.RequestRecord(
             id=rid, tenant_id=who.tid, policy_id=policy.id, requester_oid=who.oid, requester_upn=who.upn,
-            host=req.host, principal=req.principal, ttl_seconds=decision.ttl_seconds,
+            requester_name=sm.display_name(who), host=req.host, principal=req.principal, ttl_seconds=decision.ttl_seconds,
             state=sm.APPROVED if auto else sm.PENDING, created_at=now,
             expires_at=now + (sm.ISSUE_WINDOW if auto else policy.request_ttl),
             approvals_required=0 if auto else policy.approvals_required, reason=req.reason,

@@ -69,7 +69,8 @@ def test_single_approval_approves_and_opens_the_issue_window():
     assert out.decided_by == "ap1@contoso.example" and out.decided_at == T0 + 100
     assert out.expires_at == T0 + 100 + ISSUE_WINDOW
     assert [a.to_dict() for a in out.approvals] == [
-        {"oid": "oid-ap1", "tid": TID, "upn": "ap1@contoso.example", "at": T0 + 100, "comment": "ok"}
+        {"oid": "oid-ap1", "tid": TID, "upn": "ap1@contoso.example", "name": AP1.name, "at": T0 + 100,
+         "comment": "ok"}
     ]
     assert rec.state == PENDING and rec.approvals == ()  # the input is not changed
 

@@ -44,6 +44,10 @@
 //     Consent is granted without a page (admin consent), as for the device flow.
 // 10. A user's "claims" in users.json (acct, idp, upn: how Entra marks guests) are copied into the
 //     access token as they are, so tests get guest and second-domain tokens from the real provider.
+// 11. The web page (/app/ on the API's origin) signs in with the same client, as a single-page app:
+//     authorization code + PKCE from the browser (MSAL.js), redirect URI http://127.0.0.1/app/ (any
+//     port: the loopback rule of note 9 keeps the path), and the token endpoint answers CORS only
+//     for such loopback origins (Entra: the "spa" platform of the app registration).
 
 import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
@@ -95,6 +99,13 @@ const CLI = config.cli;
 const APP_ID_URI = API.app_id_uri; // api://ezssh
 const API_PREFIX = `${APP_ID_URI}/`;
 const API_SCOPES = [`${API_PREFIX}${API.scope}`, `${API_PREFIX}.default`];
+
+// The web page's redirect URIs (note 11): a loopback host on any port, path /app/.
+const SPA_REDIRECT_URIS = ['http://127.0.0.1/app/', 'http://localhost/app/'];
+const spaOrigin = (origin) => {
+  const u = URL.parse(origin ?? '');
+  return !!u && u.protocol === 'http:' && ['127.0.0.1', 'localhost'].includes(u.hostname) && u.pathname === '/';
+};
 
 const OIDC_DIR = path.join(STATE, 'oidc');
 mkdirSync(OIDC_DIR, { recursive: true, mode: 0o700 });
@@ -258,7 +269,7 @@ function buildTenant(tid, tenant) {
       // Device code, and authorization code + PKCE on a loopback redirect (see note 9).
       grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'authorization_code', 'refresh_token'],
       response_types: ['code'],
-      redirect_uris: ['http://localhost', 'http://127.0.0.1', 'http://[::1]'],
+      redirect_uris: ['http://localhost', 'http://127.0.0.1', 'http://[::1]', ...SPA_REDIRECT_URIS],
     }],
     jwks,
     cookies: {
@@ -274,7 +285,7 @@ function buildTenant(tid, tenant) {
     },
     conformIdTokenClaims: false,
     scopes: ['openid', 'offline_access', 'profile', 'email'],
-    clientBasedCORS: () => false,
+    clientBasedCORS: (ctx, origin, client) => client.clientId === CLI.client_id && spaOrigin(origin),
     async findAccount(ctx, sub) {
       const u = byOid.get(sub);
       if (!u) return undefined;

@@ -1,0 +1,97 @@
+"""Approvers on the web page: bob signs in through the OIDC stand-in, sees alice's request with her
+name, approves it with a comment, and alice's waiting `ezssh ssh` logs in and shows bob's comment.
+User text is shown as text; the page carries its security headers; a phone sees it without
+sideways scrolling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from devstack.demo import run_cli
+from devstack.stack import ensure_policy, identity_of
+from tests.e2e.signin import signed_in_home
+from tests.web.conftest import PHONE
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOT = REPO / "docs" / "approvals-phone.png"
+
+
+@pytest.fixture(scope="module")
+def gated(context, oidc, sshd, demo_policy):
+    doc = {
+        "id": "gated-web",
+        "rules": [{"groups": [oidc.group_id("contoso", "ezssh-users")], "action": "approval"}],
+        "hosts": ["127.0.0.1", "web*.contoso.test"],
+        "principals": ["{username}"],
+        "approvers": {"groups": [oidc.group_id("contoso", "ezssh-approvers")]},
+    }
+    p = ensure_policy(context.service, identity_of(oidc, "carol"), doc)
+    original = sshd.trusted_ca_file.read_text()
+    sshd.trust(*(c.public_key for c in demo_policy.ca), *(c.public_key for c in p.ca))
+    yield p
+    sshd.trusted_ca_file.write_text(original)
+
+
+def ask(api_server: str, token: str, host: str, reason: str) -> dict:
+    r = httpx.post(f"{api_server}/api/requests", headers={"Authorization": f"Bearer {token}"}, timeout=20,
+                   json={"host": host, "principal": "alice", "policy": "gated-web", "reason": reason})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def wait_for_pending(api_server: str, token: str, seen: set[str], timeout: float = 60) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = httpx.get(f"{api_server}/api/requests", params={"state": "pending", "role": "approver"},
+                      headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        for req in r.json()["requests"]:
+            if req["policy"] == "gated-web" and req["id"] not in seen:
+                return req["id"]
+        time.sleep(0.2)
+    raise AssertionError("alice's request never showed up as pending")
+
+
+def test_bob_approves_on_the_web_and_alices_waiting_ssh_shows_his_comment(
+        tmp_path_factory, api_server, oidc, sshd, gated, token_for, signed_in):
+    bob_tok = token_for("bob")
+    before = {r["id"] for r in httpx.get(f"{api_server}/api/requests", params={"role": "approver"},
+                                         headers={"Authorization": f"Bearer {bob_tok}"}, timeout=10).json()["requests"]}
+    alice = signed_in_home(tmp_path_factory, api_server, oidc, "alice", "alice-web")
+    result: dict = {}
+    ssh = ["ssh", "--policy", "gated-web", "--reason", "deploy hotfix", "alice@127.0.0.1", "-p", str(sshd.port),
+           "-o", "BatchMode=yes", "whoami"]
+    t = threading.Thread(target=lambda: result.update(r=run_cli(ssh, alice, timeout=120)))
+    t.start()
+    rid = wait_for_pending(api_server, bob_tok, before)
+
+    tab = signed_in("bob")
+    page = tab.page
+    card = page.locator(f'article[data-request="{rid}"]')
+    card.wait_for(timeout=20_000)
+    alice_name = oidc.user("alice")["name"]  # from users.json: what the stand-in puts in her token
+    assert alice_name in card.locator("h2").inner_text()
+    assert "deploy hotfix" in card.locator(".reason").inner_text()
+    comment = "ok for the hotfix, until 18:00"
+    card.locator("textarea").fill(comment)
+    card.locator("button.approve").click()
+    card.locator(".outcome").wait_for()
+    assert "Approved by " + oidc.user("bob")["name"] in card.locator(".outcome").inner_text()
+
+    t.join(timeout=120)
+    r = result["r"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "alice"
+    assert f"{api_server}/app/requests/{rid}" in r.stderr  # the waiting CLI gave the page's link
+    assert f'Approved by {oidc.user("bob")["name"]} (bob@contoso.test): "{comment}"' in r.stderr
+
+    # the request's own page (the link) shows the decision and its comment to the requester
+    mine = signed_in("alice", path=f"/app/requests/{rid}")
+    mine.page.locator("#outcome").wait_for()
+    assert comment in mine.page.locator(".approvals").inner_text()
+    assert mine.page.locator(".state").first.inner_text() in ("approved", "issued")
+    assert not tab.errors and not mine.errors, (tab.errors, mine.errors)
