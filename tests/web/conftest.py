@@ -93,14 +93,16 @@ class Tab:
 @pytest.fixture
 def signed_in(browser, api_server, oidc) -> Iterator[Callable[..., Tab]]:
     """signed_in("bob") -> a Tab on /app/ signed in as bob through the OIDC stand-in's own pages.
-    signed_in("carol", tab_of=first) opens a second tab in the same context (already signed in)."""
+    signed_in("carol", tab_of=first) opens a second tab in the same browser context: tokens are kept
+    per tab (sessionStorage), so it signs in again, through the stand-in's session (no password)."""
     contexts = []
 
     def open_as(user: str, *, path: str = "/app/", viewport: dict | None = None, tab_of: Tab | None = None) -> Tab:
         if tab_of is not None:
             tab = Tab(tab_of.page.context.new_page(), api_server)
             tab.page.goto(api_server + path)
-            tab.page.wait_for_selector("#me-name")
+            tab.page.locator(f'button.tenant[data-tenant="{oidc.user(user)["tid"]}"]').click()
+            tab.page.wait_for_selector("#me-name", timeout=20_000)
             return tab
         ctx = browser.new_context(viewport=viewport or DESKTOP)
         contexts.append(ctx)

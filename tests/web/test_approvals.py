@@ -95,3 +95,52 @@ def test_bob_approves_on_the_web_and_alices_waiting_ssh_shows_his_comment(
     assert comment in mine.page.locator(".approvals").inner_text()
     assert mine.page.locator(".state").first.inner_text() in ("approved", "issued")
     assert not tab.errors and not mine.errors, (tab.errors, mine.errors)
+
+
+def test_a_hostile_reason_renders_as_text(api_server, oidc, gated, token_for, signed_in):
+    hostile = "<img src=x onerror=alert(1)> **bold** [link](javascript:alert(2)) <script>alert(3)</script>"
+    rid = ask(api_server, token_for("alice"), "web1.contoso.test", hostile)["id"]
+    tab = signed_in("bob", path=f"/app/requests/{rid}")
+    reason = tab.page.locator(".reason")
+    reason.wait_for()
+    assert reason.inner_text() == hostile  # shown exactly as typed
+    assert tab.page.locator("main img, main script, main a[href^='javascript']").count() == 0
+    assert reason.locator("*").count() == 0  # no element was made from it
+    tab.page.wait_for_timeout(300)
+    assert not tab.dialogs and not tab.errors, (tab.dialogs, tab.errors)
+
+
+def test_security_headers_on_every_page_answer(api_server, oidc):
+    r = httpx.get(f"{api_server}/app/requests/0123456789abcdef", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    csp = {d.split()[0]: d.split()[1:] for d in r.headers["content-security-policy"].split("; ")}
+    assert csp["script-src"] == ["'self'"] and csp["style-src"] == ["'self'"]  # no inline script or style
+    assert csp["frame-ancestors"] == ["'none'"] and csp["default-src"] == ["'none'"]
+    assert csp["connect-src"] == ["'self'", oidc.base_url]  # the API (this origin) and the authority only
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["referrer-policy"] == "no-referrer"
+    assert "set-cookie" not in r.headers
+    assert "<script>" not in r.text and " style=" not in r.text  # nothing inline for the policy to allow
+    # the page's files are versioned by content: cached for good, and an old version is gone
+    src = next(part.split('"')[1] for part in r.text.split("src=")[1:] if "main.js" in part)
+    js = httpx.get(f"{api_server}{src}", timeout=10)
+    assert js.status_code == 200 and "immutable" in js.headers["cache-control"]
+    assert js.headers["content-type"].startswith("text/javascript")
+    assert httpx.get(f"{api_server}{src.replace('/v/', '/v/0')}", timeout=10).status_code == 404
+
+
+def test_phone_width_approvals_without_sideways_scroll(api_server, oidc, gated, token_for, signed_in):
+    long_host = "web-" + "x" * 55 + ".eu-west.contoso.test"
+    ask(api_server, token_for("alice"), long_host, "rotate the TLS certificate " * 8)
+    tab = signed_in("bob", viewport=PHONE)
+    page = tab.page
+    page.locator("article.request").first.wait_for()
+    page.locator(f'article.request:has-text("{long_host}")').wait_for()
+    scroll_w, client_w = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert scroll_w <= client_w, f"the page is {scroll_w}px wide in a {client_w}px viewport"
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+    # keyboard: the first card's comment, then Approve, are reachable with Tab
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.tagName") in ("A", "BUTTON", "TEXTAREA")
+    assert not tab.errors, tab.errors

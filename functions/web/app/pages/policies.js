@@ -63,6 +63,7 @@ function Editor({ policy, etag, onSaved }) {
     try {
       const r = await call(`/api/policies/${policy.id}`, { method: 'PATCH', body: doc, ifMatch: base });
       setBase(r.etag);
+      setText(documentOf(r.data));
       setProblem(null);
       setSaved(true);
       onSaved(r.data, r.etag);
@@ -108,7 +109,8 @@ export function PolicyPage({ id }) {
   const p = data.data;
   const rotate = async (kind) => {
     try {
-      await call(`/api/policies/${id}/rotate-ca?kind=${kind}`, { method: 'POST', ifMatch: data.etag });
+      const fresh = await call(`/api/policies/${id}`);
+      await call(`/api/policies/${id}/rotate-ca?kind=${kind}`, { method: 'POST', ifMatch: fresh.etag });
       setNote(`A new ${kind} CA key is current; the previous one stays trusted until its certificates expire.`);
       setVersion(version + 1);
     } catch (e) { setNote(e.message); }
@@ -125,7 +127,7 @@ export function PolicyPage({ id }) {
     ${p.you.admin ? html`
       <section class="admin">
         <h2>Edit</h2>
-        <${Editor} key=${data.etag} policy=${p} etag=${data.etag} onSaved=${() => reload()} />
+        <${Editor} key=${`${p.id}-${version}`} policy=${p} etag=${data.etag} onSaved=${() => reload()} />
         <h2>CA keys</h2>
         <${CaKeys} id=${id} />
         <div class="buttons">
