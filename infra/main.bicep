@@ -360,6 +360,9 @@ module events 'modules/events.bicep' = if (enableVmEvents) {
 @description('The service URL: hand `ezssh configure --server <apiUrl>` to users.')
 output apiUrl string = 'https://${functionApp.outputs.defaultHostName}'
 
+@description('The web page\'s sign-in redirect URI: add it to the CLI app registration as a single-page-application redirect URI (docs/DEPLOY.md, section 4).')
+output webRedirectUri string = 'https://${functionApp.outputs.defaultHostName}/app/'
+
 @description('The command users run once.')
 output configureCommand string = 'ezssh configure --server https://${functionApp.outputs.defaultHostName}'
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the zip an Azure Functions deployment takes: function_app.py, host.json, requirements.txt
-# and the service package functions/ (sources only: no tests, no client, no caches, no .local).
-# Dependencies are not vendored: publish with a remote build, which installs requirements.txt.
+# and the service package functions/ (sources only: no tests, no client, no caches, no .local), with
+# the web page's libraries (functions/web/vendor.json, from node_modules: run `npm ci` first) copied
+# to functions/web/vendor/. Python dependencies are not vendored: publish with a remote build, which
+# installs requirements.txt.
 #
 #   scripts/package.sh [OUT.zip]        default: dist/ezssh-functions.zip
 #
@@ -13,6 +15,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 mkdir -p "$(dirname "$out")"
 "$PY" - "$out" <<'PYEOF'
+import json
 import os
 import sys
 import zipfile
@@ -35,13 +38,22 @@ for root, dirs, names in os.walk("functions"):
             continue
         files.append(os.path.join(root, n))
 
+# The web page's libraries, pinned in package-lock.json: served from functions/web/vendor/ in the zip.
+vendor = {}
+for name, spec in json.loads(Path("functions/web/vendor.json").read_text())["files"].items():
+    src = Path("node_modules") / spec["from"]
+    if not src.is_file():
+        sys.exit(f"package: {src} is missing; run `npm ci` (scripts/setup.sh) first")
+    vendor[f"functions/web/vendor/{name}"] = src.read_bytes()
+files = sorted(set(files) - set(vendor)) + list(vendor)
+
 tmp = out.with_suffix(out.suffix + ".tmp")
 with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
     for f in sorted(files):
         info = zipfile.ZipInfo(f.replace(os.sep, "/"), date_time=(1980, 1, 1, 0, 0, 0))
         info.compress_type = zipfile.ZIP_DEFLATED
         info.external_attr = 0o644 << 16
-        z.writestr(info, Path(f).read_bytes())
+        z.writestr(info, vendor[f] if f in vendor else Path(f).read_bytes())
 os.replace(tmp, out)
 print(f"package: {out} ({len(files)} files, {out.stat().st_size} bytes)", file=sys.stderr)
 PYEOF

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the local stack and the tests need. Idempotent; safe to run again.
-#   Debian packages: openssh-server, softhsm2, rsync, git (apt-get when root; otherwise says what to install)
-#   npm packages:    azurite, oidc-provider (npm ci, from package-lock.json), after checking that
-#                    Node fits what they declare (scripts/check-node.js)
+#   Debian packages: openssh-server, softhsm2, rsync, git, chromium (apt-get when root; otherwise says
+#                    what to install)
+#   npm packages:    azurite, oidc-provider and the web page's libraries (npm ci, from package-lock.json),
+#                    after checking that Node fits what they declare (scripts/check-node.js)
 #   Python:          .venv with requirements-dev.txt and the CLI (./client) installed editable
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ command -v ssh >/dev/null 2>&1 || need_pkgs+=(openssh-client)
 command -v node >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
 command -v rsync >/dev/null 2>&1 || need_pkgs+=(rsync)  # tests/e2e: rsync -e ssh with ezssh certificates
 command -v git >/dev/null 2>&1 || need_pkgs+=(git)
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)  # tests/web: the web page in a real browser
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need_pkgs[*]} with apt-get" >&2
@@ -48,7 +50,7 @@ if ! node scripts/check-node.js; then
 fi
 
 if [ ! -d node_modules/.bin ] || [ package-lock.json -nt node_modules/.stamp ]; then
-  echo "setup: npm ci (azurite, oidc-provider)" >&2
+  echo "setup: npm ci (azurite, oidc-provider, the web page's libraries)" >&2
   npm ci --no-audit --no-fund --loglevel=error
   touch node_modules/.stamp
 fi

@@ -60,6 +60,26 @@ def test_zip_holds_the_app_and_nothing_else(package: Path):
     assert on_disk <= set(names), f"sources left out: {sorted(on_disk - set(names))}"
 
 
+def test_zip_serves_the_web_page_without_node_modules(package: Path, tmp_path: Path):
+    """The page's libraries travel in the zip (functions/web/vendor/, from vendor.json): unpacked
+    where no node_modules exists, the app builds the same files, so the same version."""
+    from functions.api.web import assets
+
+    spec = json.loads((REPO / "functions" / "web" / "vendor.json").read_text())["files"]
+    names = set(zipfile.ZipFile(package).namelist())
+    assert {f"functions/web/vendor/{n}" for n in spec} <= names
+    assert "functions/web/index.html" in names and "functions/web/app/main.js" in names
+    app_dir = tmp_path / "site" / "wwwroot"
+    zipfile.ZipFile(package).extractall(app_dir)
+    assert not (app_dir.parent / "node_modules").exists() and not (app_dir / "node_modules").exists()
+    r = subprocess.run([sys.executable, "-c", "from functions.api.web import assets; a = assets(); "
+                        "print(a.version, len(a.files))"], cwd=app_dir, env={**os.environ, "PYTHONPATH": str(app_dir)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    here = assets()
+    assert r.stdout.split() == [here.version, str(len(here.files))]
+
+
 def test_zip_is_reproducible(package: Path, tmp_path: Path):
     assert build(tmp_path / "again.zip").read_bytes() == package.read_bytes()
 
