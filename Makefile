@@ -1,6 +1,6 @@
 # The two commands: `make demo` (local stack, then a real SSH login with an ezssh certificate)
 # and `make test` (the test suite). Both install what they need first.
-.PHONY: soak setup demo up down status login test test-fast bench bench-cli package clean
+.PHONY: soak setup demo up down status login test test-fast screenshot bench bench-cli package clean
 
 PY := .venv/bin/python
 DEVSTACK := cd infra/local && ../../$(PY) -m devstack
@@ -30,6 +30,11 @@ test: setup
 
 test-fast: setup
 	@$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+# The README's picture of the approvals page at phone width (docs/approvals-phone.png), taken by the
+# browser test that checks it.
+screenshot: setup
+	@EZSSH_UPDATE_SCREENSHOT=1 $(PY) -m pytest -q tests/web/test_approvals.py -k phone
 
 soak: setup
 	@$(PY) bench/soak.py $(SOAK_ARGS)
