@@ -18,6 +18,10 @@ token is no proof here. Hosts have no Entra identity: every host call is rate-li
 key set or token, and a refusal before the host proved anything (a bad token, a wrong signature) is
 counted and logged, never written to storage, as for any caller without an identity. Refusals after
 a real token, or after a proof of possession, are the tenant's to read in its audit log.
+A token and a challenge are used once. The same proof presented again (the same challenge, signed
+again by the same host keys) within RETRY_WINDOW of its use - a retry after the answer was lost, or
+two identical calls at once - gets the certificates that use recorded, read back from their
+records: never a second set, never a refusal.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from ..signing.base import as_private_key
 from ..storage.base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, Revoked
 from .base import Base
 from .hosts import FOREVER, KRL_EXPIRY_GRACE, Derived, Hosts, VersionCache, revocations_by_ca
+from .issuance import issued_from_record
 from .namespaces import Namespaces
 from .policies import Policies
 
@@ -67,6 +72,7 @@ TOKEN_RE = re.compile(r"^ezh_[A-Za-z0-9_-]{40,64}$")
 DEFAULT_TOKEN_TTL = 3600
 MAX_TOKEN_TTL = 7 * 86400
 CHALLENGE_TTL = 300
+RETRY_WINDOW = 300  # seconds after a token's or challenge's use in which the same proof gets what it got
 
 
 @dataclass(frozen=True)
@@ -160,17 +166,37 @@ class HostCerts:
             tok = self._token(tid, token)
         with self._refusing_token(tid, pid, tok):
             now = b.now()
-            self._usable(tok, pid, now, "enrolment token", "mint a new one")
             keys = parse_host_keys([pk for pk, _ in signed])
+            proof = f"token:{tok.token_hash[:12]}"
+
+            def got(tok: HostEnrolmentToken) -> HostIssued | None:
+                """What this token already got, if it was used for exactly these keys."""
+                if tok.policy_id != pid or sorted((tok.used_by or "").split(",")) != sorted(k.fingerprint for k in keys):
+                    return None
+                return self._issued_before(tid, pid, tok.used_at, keys, lambda r: r.proof == proof)
+
+            if tok.used_at is not None:  # a retry of that use, with the same signed challenge?
+                self._signed_challenge(tid, pid, challenge_id, keys, signed, ENROL_NAMESPACE, now,
+                                       enrol_token=tok.token_hash, retry=True)
+                again = got(tok)
+                if again is not None:
+                    return again
+            self._usable(tok, pid, now, "enrolment token", "mint a new one")
             ch = self._signed_challenge(tid, pid, challenge_id, keys, signed, ENROL_NAMESPACE, now,
                                         enrol_token=tok.token_hash)
             policy = self._policy(tid, pid)
             names = check_host_names(policy, tok.hosts, self.namespaces.current(tid), self.namespaces.is_public)
-            issued = self._sign(policy, names, keys, f"token:{tok.token_hash[:12]}")
+            issued = self._sign(policy, names, keys, proof)
             used = replace(tok, used_at=now, used_by=",".join(k.fingerprint for k in keys))
-            self._record(policy, issued, subject=names[0], used=used,
-                         details={"token_created_by": tok.created_by_upn, "token_id": tok.token_hash[:12],
-                                  "challenge": ch.id})
+            try:
+                self._record(policy, issued, subject=names[0], used=used,
+                             details={"token_created_by": tok.created_by_upn, "token_id": tok.token_hash[:12],
+                                      "challenge": ch.id})
+            except Conflict:  # used at the same moment, perhaps by this very call's earlier attempt
+                again = got(b.store.get_host_enrolment_token(tid, tok.token_hash))
+                if again is None:
+                    raise
+                return again
         return issued
 
     def _token(self, tid: str, token: object) -> HostEnrolmentToken:
@@ -221,16 +247,20 @@ class HostCerts:
 
     def _signed_challenge(self, tid: str, pid: str, challenge_id: object, keys: Sequence[VettedKey],
                           signed: Sequence[tuple[object, object]], namespace: str, now: int, *,
-                          enrol_token: str = "") -> HostChallenge:
+                          enrol_token: str = "", retry: bool = False) -> HostChallenge:
         """The challenge, checked: issued by this service for exactly these keys (and, at enrolment,
-        this token), unused and unexpired, and signed by every key in `namespace`."""
+        this token), unused and unexpired, and signed by every key in `namespace`. With `retry` it
+        may also be one already used (the caller then looks for what that use got)."""
         if not isinstance(challenge_id, str) or not re.match(r"^[0-9a-f]{32}$", challenge_id):
             raise ProofRefused("The challenge id is malformed.")
         try:
             ch = self.base.store.get_host_challenge(tid, challenge_id)
         except NotFound:
             raise ProofRefused("The challenge is not valid.") from None
-        self._usable(ch, pid, now, "challenge", "ask for a new one")
+        if not retry or ch.used_at is None:
+            self._usable(ch, pid, now, "challenge", "ask for a new one")
+        elif ch.policy_id != pid:
+            raise ProofRefused("The challenge is not valid for this policy.")
         if sorted(k.fingerprint for k in keys) != sorted(ch.fingerprints):
             raise ProofRefused("Sign the challenge with exactly the host keys it was issued for.")
         if ch.id != _challenge_id(tid, pid, ch.fingerprints, ch.created_at // CHALLENGE_TTL, enrol_token):
@@ -248,7 +278,20 @@ class HostCerts:
             self._limit("challenge", str(challenge_id)[:64])
             now = b.now()
             keys = parse_host_keys([pk for pk, _ in signed])
-            ch = self._signed_challenge(tid, pid, challenge_id, keys, signed, RENEW_NAMESPACE, now)
+            ch = self._signed_challenge(tid, pid, challenge_id, keys, signed, RENEW_NAMESPACE, now, retry=True)
+
+            def got(ch: HostChallenge) -> HostIssued | None:
+                """What this challenge already got: the certificates its use recorded for these keys."""
+                used_at = ch.used_at
+                return None if used_at is None else self._issued_before(
+                    tid, pid, used_at, keys,
+                    lambda r: r.proof.startswith("renewal:") and used_at <= r.updated_at <= used_at + RETRY_WINDOW)
+
+            if ch.used_at is not None:
+                again = got(ch)
+                if again is None:
+                    raise ProofRefused("The challenge was already used; ask for a new one.")
+                return again
             records = [self._current_record(tid, pid, key, now) for key in keys]
         # The host proved it holds keys with current certificates of this tenant's policy: a refusal
         # from here on (names that no longer fit, say) is the tenant's to read.
@@ -261,9 +304,15 @@ class HostCerts:
             names, dropped = kept_host_names(policy, records[0].principals, self.namespaces.current(tid),
                                              self.namespaces.is_public)
             issued = self._sign(policy, names, keys, f"renewal:{','.join(str(r.serial) for r in records)}")
-            self._record(policy, issued, subject=records[0].subject, used=replace(ch, used_at=now),
-                         details={"renewal_of": [str(r.serial) for r in records],
-                                  "first_proof": records[0].proof, **_dropped(dropped)})
+            try:
+                self._record(policy, issued, subject=records[0].subject, used=replace(ch, used_at=now),
+                             details={"renewal_of": [str(r.serial) for r in records],
+                                      "first_proof": records[0].proof, **_dropped(dropped)})
+            except Conflict:  # used at the same moment, perhaps by this very call's earlier attempt
+                again = got(b.store.get_host_challenge(tid, ch.id))
+                if again is None:
+                    raise
+                return again
         return issued
 
     # ---- Azure VMs: names and keys read through ARM -------------------------------------------
@@ -421,6 +470,30 @@ class HostCerts:
         if cert.revoked_at is not None:
             raise ProofRefused(f"The certificate of host key {key.fingerprint} was revoked; enrol again with a token.")
         return rec
+
+    def _issued_before(self, tid: str, pid: str, used_at: int | None, keys: Sequence[VettedKey],
+                       made_by_this_use: Callable[[HostKeyRecord], bool]) -> HostIssued | None:
+        """The certificates a used token or challenge got for `keys`, read back from their records, if
+        it was used within RETRY_WINDOW and each key's current record was made by that use (and is not
+        revoked); None otherwise (the caller then refuses the used proof). Point reads: one host-key
+        row and one certificate row per key."""
+        if used_at is None or self.base.now() - used_at > RETRY_WINDOW or not keys:
+            return None
+        out = []
+        for k in keys:
+            rec = self.base.store.get_host_key(tid, pid, k.fingerprint)
+            if rec is None or rec.public_key.split()[:2] != k.openssh.split()[:2] or not made_by_this_use(rec):
+                return None
+            try:
+                cert = self.base.store.get_certificate(tid, pid, rec.serial)
+            except NotFound:
+                return None
+            if cert.revoked_at is not None:
+                return None
+            out.append((issued_from_record(cert), k))
+        event(log, "host_certificate.returned_again", policy=pid, tenant=tid,
+              serials=",".join(str(c.serial) for c, _ in out))
+        return HostIssued(pid, out[0][0].principals, tuple(out), rec.proof)
 
     def _sign(self, policy: Policy, names: tuple[str, ...], keys: Sequence[VettedKey], proof: str) -> HostIssued:
         ca = policy.current_host_ca
