@@ -32,7 +32,7 @@ def token_cache(home: Path):
         try:
             persistence = build_encrypted_persistence(location)
         except Exception as exc:  # noqa: BLE001 - any failure means: no encrypted store here
-            why = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+            why = _no_encrypted_store(exc)
     else:
         why = "EZSSH_PLAINTEXT_TOKEN_CACHE=1"
     if persistence is not None:
@@ -46,6 +46,15 @@ def token_cache(home: Path):
     if os.path.exists(location):
         os.chmod(location, 0o600)
     return PersistedTokenCache(persistence), desc
+
+
+def _no_encrypted_store(exc: Exception) -> str:
+    """Why msal-extensions found no encrypted store, in words (not its ImportError)."""
+    text = str(exc)
+    if isinstance(exc, ImportError) and "'gi'" in text:
+        return ("libsecret is not reachable from this Python: its bindings (PyGObject, module gi) are not "
+                "installed here; EZSSH_PLAINTEXT_TOKEN_CACHE=1 keeps the file without this note")
+    return f"{type(exc).__name__}: {text}".splitlines()[0][:120]
 
 
 class Auth:

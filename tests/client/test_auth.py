@@ -170,3 +170,19 @@ def test_api_command_without_sign_in_exits_3(oidc, config_server, ezssh_home):
     r = run_cli(ezssh_home, "requests", "list")
     assert r.returncode == 3, r.stderr
     assert "ezssh login" in r.stderr
+
+
+def test_without_an_encrypted_store_the_cache_says_why_in_words(tmp_path, monkeypatch):
+    """No libsecret bindings here: whoami's `token cache` line says so, not msal-extensions' ImportError."""
+    from ezssh.auth import token_cache
+
+    monkeypatch.delenv("EZSSH_PLAINTEXT_TOKEN_CACHE", raising=False)
+    try:
+        import gi  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("PyGObject is installed here: the encrypted store may work")
+    _, desc = token_cache(tmp_path)
+    assert desc.startswith(f"plaintext file {tmp_path / 'token_cache.bin'} (mode 0600")
+    assert "PyGObject" in desc and "ImportError" not in desc and "Unable to import" not in desc

@@ -134,3 +134,35 @@ def test_group_display_names_where_known():
         " from a member of group web-admins (g1) or a member of group g2"
     text = render_policy({"id": "p", "approvers": {"groups": ["g1"]}, "group_names": names})
     assert "  - group=g1  # web-admins\n" in text
+
+
+def test_bash_completion_works_in_a_bash_without_the_bash_completion_package(tmp_path):
+    """Sourced as the README says, in a bash that loaded no rc file and no bash-completion."""
+    script = tmp_path / "ezssh-completion.bash"
+    script.write_text(run_cli(tmp_path / "h", "completion", "bash").stdout)
+    r = subprocess.run(["bash", "--norc", "--noprofile", "-c",
+                        f". {script}; complete -p ezssh; declare -F _init_completion _get_comp_words_by_ref || true; "
+                        "COMP_WORDS=(ezssh whoa); COMP_CWORD=1; _ezssh; echo \"${COMPREPLY[@]}\""],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "complete -o default -F _ezssh ezssh" and lines[-1] == "whoami", r.stdout
+    assert "_init_completion" not in r.stdout  # none of bash-completion's helpers was there to lean on
+
+
+def test_the_client_readme_lists_every_command():
+    """Every command and subcommand of the parser has a row in client/README.md's command table."""
+    from pathlib import Path
+
+    from ezssh.commands.completion import command_tree
+
+    readme = (Path(__file__).resolve().parents[2] / "client" / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `ezssh ")]
+    missing = []
+    for cmd, node in command_tree().items():
+        for sub in node["subs"] or [None]:
+            want = f"ezssh {cmd}" + (f" {sub}" if sub else "")
+            alt = f"ezssh cert {sub}" if cmd == "certs" and sub else want
+            if not any(f"`{want}" in r or f"`{alt}" in r for r in rows):
+                missing.append(want)
+    assert not missing, f"client/README.md has no row for: {missing}"

@@ -109,3 +109,16 @@ def test_a_new_server_is_followed_by_the_ssh_config_block(tmp_path, api_server, 
     done = subprocess.run(plain, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "alice", done.stderr
     assert [c["server"] for c in cached(env)] == [other]
+
+
+def test_agent_forwarding_works_on_the_demo_sshd(tmp_path, api_server, oidc, sshd, agent):
+    """The demo policy's certificates permit agent forwarding: with --agent and -A, the remote session
+    sees the forwarded agent holding the certificate."""
+    env = sign_in({**cli_env(tmp_path / "home"), **agent}, api_server, oidc, "alice")
+    r = run_cli(["ssh", "--agent", "alice@127.0.0.1", *ssh_opts(sshd), "-A", "ssh-add -l"], env)
+    assert r.returncode == 0, r.stderr
+    assert "ED25519-CERT" in r.stdout, (r.stdout, r.stderr)
+    [cert] = cached(env)
+    listing = subprocess.run(["ssh-keygen", "-L", "-f", str(Path(cert["dir"]) / "id_ed25519-cert.pub")],
+                             capture_output=True, text=True, check=True).stdout
+    assert "permit-agent-forwarding" in listing

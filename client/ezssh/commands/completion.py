@@ -1,8 +1,12 @@
 """`ezssh completion bash|zsh|fish`: a static completion script, generated from the parser.
 
 The script holds the command tree as plain words, so completing costs the shell nothing and never
-starts ezssh. Install:  bash: `ezssh completion bash > ~/.local/share/bash-completion/completions/ezssh`
-zsh: `ezssh completion zsh > "${fpath[1]}/_ezssh"`   fish: `ezssh completion fish > ~/.config/fish/completions/ezssh.fish`
+starts ezssh. It needs no bash-completion package. Install:
+  bash: `ezssh completion bash > ~/.ezssh-completion.bash` and add `. ~/.ezssh-completion.bash` to
+        ~/.bashrc (with Debian's bash-completion package, the file may instead go to
+        ~/.local/share/bash-completion/completions/ezssh, which that package loads on demand)
+  zsh:  `ezssh completion zsh > "${fpath[1]}/_ezssh"`
+  fish: `ezssh completion fish > ~/.config/fish/completions/ezssh.fish`
 """
 
 from __future__ import annotations

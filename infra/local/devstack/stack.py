@@ -122,7 +122,8 @@ def demo_policy_document(oidc: OidcStandIn, tenant: str = "contoso") -> dict:
         "admins": {"groups": [oidc.group_id(tenant, "ezssh-admins")]},
         "default_ttl": 3600,
         "max_ttl": 8 * 3600,
-        "extensions": ["permit-pty", "permit-port-forwarding"],
+        # agent forwarding, so `ezssh ssh --agent ... -A` can be tried on the demo sshd
+        "extensions": ["permit-pty", "permit-port-forwarding", "permit-agent-forwarding"],
     }
 
 
