@@ -49,7 +49,13 @@ if ! node scripts/check-node.js; then
   fi
 fi
 
-if [ ! -d node_modules/.bin ] || [ package-lock.json -nt node_modules/.stamp ]; then
+# A node_modules or .venv that is a symlink belongs to another checkout (e.g. a git worktree sharing
+# the main one's): setup leaves it as it is and says so; run setup in that checkout to update it.
+if [ -L node_modules ]; then
+  if [ package-lock.json -nt node_modules/.stamp ]; then
+    echo "setup: node_modules is shared with $(readlink node_modules): not reinstalled here" >&2
+  fi
+elif [ ! -d node_modules/.bin ] || [ package-lock.json -nt node_modules/.stamp ]; then
   echo "setup: npm ci (azurite, oidc-provider, the web page's libraries)" >&2
   npm ci --no-audit --no-fund --loglevel=error
   touch node_modules/.stamp
@@ -60,7 +66,12 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv" >&2
   "$PY" -m venv .venv
 fi
-if [ ! -f .venv/.stamp ] || [ requirements.txt -nt .venv/.stamp ] || [ requirements-dev.txt -nt .venv/.stamp ] \
+if [ -L .venv ]; then
+  if [ requirements.txt -nt .venv/.stamp ] || [ requirements-dev.txt -nt .venv/.stamp ] \
+     || [ client/pyproject.toml -nt .venv/.stamp ]; then
+    echo "setup: .venv is shared with $(readlink .venv): not reinstalled here" >&2
+  fi
+elif [ ! -f .venv/.stamp ] || [ requirements.txt -nt .venv/.stamp ] || [ requirements-dev.txt -nt .venv/.stamp ] \
    || [ client/pyproject.toml -nt .venv/.stamp ]; then
   echo "setup: pip install (requirements-dev.txt, ./client)" >&2
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
