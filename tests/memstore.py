@@ -202,10 +202,18 @@ class MemoryStore:
         if (row is None) != (slots.etag is None) or (row is not None and not self._matches(row, slots.etag or "")):
             raise PreconditionFailed("Your pending requests under this policy changed at the same time; retry.")
 
-    def _index(self, rec: RequestRecord) -> None:
-        """What the table's index rows of `rec` add: its expiry key while open."""
+    def _check_index(self, rec: RequestRecord, was_indexed: bool) -> None:
+        """A decision deletes the expiry key it keeps (as the table's delete, NotFound if it is gone)."""
+        if was_indexed and rec.state not in OPEN_STATES and (rec.tenant_id, rec.expires_at, rec.id) not in self._expiry:
+            raise NotFound(f"Request {rec.id!r} was not found.")
+
+    def _index(self, rec: RequestRecord, was_indexed: bool = False) -> None:
+        """What the table's index rows of `rec` change in the expiry keys: its key while open; a
+        decision removes it."""
         if rec.state in OPEN_STATES:
             self._expiry.add((rec.tenant_id, rec.expires_at, rec.id))
+        elif was_indexed:
+            self._expiry.discard((rec.tenant_id, rec.expires_at, rec.id))
 
     def create_request(self, rec: RequestRecord, audit: AuditEntry,
                        idempotency: IdempotencyRecord | None = None,
@@ -287,9 +295,11 @@ class MemoryStore:
         with self._lock:
             row = self._claim_request(rec, etag)
             self._check_new_audit([audit])
+            was_indexed = row.value.indexed  # type: ignore[attr-defined]
+            self._check_index(rec, was_indexed)
             row.value, row.etag = replace(rec, etag=None, indexed=True), self._etag()
             self._put_audit([audit])
-            self._index(rec)
+            self._index(rec, was_indexed)
             return replace(rec, etag=row.etag, indexed=True)
 
     # issuance: all or nothing
@@ -310,6 +320,7 @@ class MemoryStore:
                     raise Conflict("The certificate could not be recorded (serial or request already used); retry.")
             else:
                 row = self._claim_request(rec, etag)
+                self._check_index(rec, row.value.indexed)  # type: ignore[attr-defined]
             if (cert.tenant_id, cert.policy_id, cert.serial) in self._certs:
                 raise Conflict("The certificate could not be recorded (serial or request already used); retry.")
             embedded_in = rec.id if etag is None else None  # a new request's row holds its entries
@@ -322,6 +333,7 @@ class MemoryStore:
                 self._requests[(rec.tenant_id, rec.id)] = _Row(replace(rec, etag=None, indexed=True), self._etag())
                 self._born_issued.add((rec.tenant_id, rec.id))
             else:
+                self._index(rec, row.value.indexed)  # type: ignore[attr-defined]
                 row.value, row.etag = replace(rec, etag=None, indexed=True), self._etag()
             self._certs[(cert.tenant_id, cert.policy_id, cert.serial)] = _Row(replace(cert, etag=None), self._etag())
             self._put_audit(audit, embedded_in)

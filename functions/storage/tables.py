@@ -258,9 +258,9 @@ class TableStore(HostRecords):
     def _index_ops(cls, rec: RequestRecord, *, new: bool) -> list:
         """The index rows of `rec` in its new state, for the transaction that writes it: the user's
         copy always; while open, the copies under the user's, the policy's and the tenant's open
-        requests and the expiry key; once decided, the open copies deleted. A request not yet indexed (an old row)
-        gets its rows added, never deleted. Expiry keys are left for the sweep to remove (their
-        deadline may have moved at approval)."""
+        requests and the expiry key; once decided, the open copies and the expiry key deleted. A
+        request not yet indexed (an old row) gets its rows added, never deleted. The key of the
+        deadline an approval replaced stays until the sweep finds it due and drops it."""
         copy = {k: v for k, v in cls._request_entity(rec).items() if k != "Ix"} | {"RequestId": rec.id,
                                                                                   "Kind": "request-index"}
         turned = index_position(rec)
@@ -272,8 +272,9 @@ class TableStore(HostRecords):
             ops += [(write, copy | {"RowKey": key}, *opts) for key in open_keys]
             ops.append((write, {"PartitionKey": rec.tenant_id, "RowKey": _expiry_key(rec.expires_at, rec.id),
                                 "Kind": "request-expiry", "RequestId": rec.id}, *opts))
-        elif rec.indexed and not new:
-            ops += [("delete", {"PartitionKey": rec.tenant_id, "RowKey": key}) for key in open_keys]
+        elif rec.indexed and not new:  # decisions keep the deadline, so its key is the one written
+            ops += [("delete", {"PartitionKey": rec.tenant_id, "RowKey": key})
+                    for key in (*open_keys, _expiry_key(rec.expires_at, rec.id))]
         return ops
 
     def get_request(self, tenant_id: str, request_id: str) -> RequestRecord:

@@ -1244,6 +1244,9 @@ def test_expiry_keys_are_read_by_due_time(store: Store, tid: str) -> None:
     store.remove_expiry_key(tid, int(T0) + 100, early.id)
     store.remove_expiry_key(tid, int(T0) + 100, early.id)  # gone already is fine
     assert store.due_requests(tid, int(T0) + 1000) == [(int(T0) + 50, late.id), (int(T0) + 900, moved.id)]
+    # a decision keeps the deadline and takes its key with it
+    store.update_request(replace(late, state="denied"), late.etag or "", an_entry(tid, T0 + 3))
+    assert store.due_requests(tid, int(T0) + 1000) == [(int(T0) + 900, moved.id)]
     assert store.due_requests(str(uuid.uuid4()), int(T0) + 1000) == []
 
 
