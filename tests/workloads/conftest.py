@@ -79,7 +79,7 @@ def pub() -> Callable[[], str]:
 
 @pytest.fixture(scope="session")
 def wl_sshd(state_dir, context, oidc):
-    from devstack.sshd import host_key_line, start_sshd
+    from devstack.sshd import host_key_file, start_sshd
 
     oids = [oidc.app(a)["oid"] for a in APPS] + [oidc.user(u)["oid"] for u in PEOPLE]
     carol = identity_of(oidc, "carol")
@@ -91,7 +91,7 @@ def wl_sshd(state_dir, context, oidc):
         "max_ttl": 3600,
     })
     try:
-        cert = host_certificate_for(context.service, carol, "wl-e2e", host_key_line(state_dir, "sshd-wl"))
+        cert = host_certificate_for(context.service, carol, "wl-e2e", host_key_file(state_dir, "sshd-wl"))
         s = start_sshd(state_dir, free_port(), name="sshd-wl", users=[LOGIN], host_certificate=cert,
                        host_ca=policy.current_host_ca.public_key)
     except (StandInError, OSError) as exc:
