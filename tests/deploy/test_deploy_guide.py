@@ -169,3 +169,26 @@ def test_outputs_the_guide_reads_exist(name):
     assert m, f"{name} comes from a deployment output"
     outputs = parse_bicep(MAIN_BICEP)["outputs"]
     assert m.group(1) in outputs, f"main.bicep has no output {m.group(1)}"
+
+
+def test_the_guides_host_namespaces_are_what_the_service_accepts():
+    """HOST_NAMESPACES as the guide sets it starts the service, and the PUT example's body is a list a
+    tenant admin may set; the namespaces a tenant can't own are refused."""
+    from functions.core.errors import InvalidRequest
+    from functions.core.namespaces import parse_namespaces
+    from functions.publicsuffix import is_public_suffix
+    from functions.settings import SettingsError, _host_namespaces
+
+    text = GUIDE.read_text()
+    tid = "0b1f6471-1bf0-4dda-aec3-cb9272f09590"
+    value = re.search(r'^HOST_NAMESPACES="([^"]+)"', text, re.M).group(1).replace("$TENANT_ID", tid)
+    assert _host_namespaces({"EZSSH_HOST_NAMESPACES": value}, (tid,)) == ((tid, ("*.contoso.internal", "10.20.0.0/16")),)
+    with pytest.raises(SettingsError):
+        _host_namespaces({"EZSSH_HOST_NAMESPACES": f"{tid}=*.com"}, (tid,))
+    put = re.search(r"^PUT /api/host-namespaces\s+(\{.*\})$", text, re.M).group(1)
+    assert [str(n) for n in parse_namespaces(json.loads(put)["namespaces"], is_public_suffix)] == \
+        json.loads(put)["namespaces"]
+    for bad in ("*", "*.com", "*.co.uk", "*.azurewebsites.net"):
+        assert f"`{bad}`" in text
+        with pytest.raises(InvalidRequest):
+            parse_namespaces([bad], is_public_suffix)
