@@ -8,6 +8,7 @@ The sshds are real; the CLI is the installed `ezssh`; the service runs under uvi
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import subprocess
@@ -201,3 +202,19 @@ def test_a_host_ca_is_not_trusted_for_a_name_outside_its_scope(alice, state_dir,
         box.stop()
         p = svc.store.get_policy(carol.tid, "wide-e2e")
         svc.policies.delete(carol, "wide-e2e", p.etag)
+
+
+def test_hosts_namespaces_from_the_cli(alice, carol, client, auth):
+    """Anyone signed in reads where the tenant's hosts live; only a tenant admin replaces them (here
+    with what they are, so the other tests see no change); `*` is refused with the service's words."""
+    current = client.get("/api/host-namespaces", headers=auth("alice")).json()["namespaces"]
+    shown = run_cli(["hosts", "namespaces"], alice)
+    assert shown.returncode == 0 and shown.stdout.split() == current, shown.stderr
+    denied = run_cli(["hosts", "namespaces", "--set", *current, "*.github.com"], alice)
+    assert denied.returncode != 0 and "tenant admins" in denied.stderr
+    wide = run_cli(["hosts", "namespaces", "--set", "*"], carol)
+    assert wide.returncode != 0 and "every host" in wide.stderr
+    same = run_cli(["hosts", "namespaces", "--set", *current, "--json"], carol)
+    assert same.returncode == 0, same.stderr
+    assert json.loads(same.stdout)["namespaces"] == current and json.loads(same.stdout)["source"] == "tenant"
+    assert client.get("/api/host-namespaces", headers=auth("alice")).json()["namespaces"] == current

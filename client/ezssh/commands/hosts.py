@@ -7,6 +7,7 @@ see how it went; `ezssh hosts token` and `ezssh hosts trust`: host certificates.
     ezssh hosts list --policy ID [--json]
     ezssh hosts token [--policy ID] [--ttl DURATION] NAME...   a one-time host enrolment token (admins)
     ezssh hosts trust                                          refresh the host CAs ssh checks hosts with
+    ezssh hosts namespaces [--set NAMESPACE...]                where the tenant's hosts live (set: tenant admins)
 
 The service queues a job and answers at once; `enrol` follows the job (up to --wait seconds, 600 by
 default) and exits 0 when every VM named succeeded, 1 when one failed (its output tail is shown), and
@@ -145,6 +146,30 @@ def cmd_trust(args) -> int:
     return OK
 
 
+def cmd_namespaces(args) -> int:
+    """The tenant's host namespaces (host certificates name only hosts inside them); `--set` replaces
+    them (tenant admins), conditional on the ETag just read."""
+    ctx = Ctx()
+    resp = ctx.api.call("GET", "/api/host-namespaces")
+    data = resp.json()
+    if args.set is not None:
+        etag = resp.headers.get("etag")
+        _, data = ctx.api.json("PUT", "/api/host-namespaces", body={"namespaces": list(args.set)},
+                               headers={"If-Match": etag} if etag else None)
+        err(f"ezssh: the tenant's host namespaces are now {', '.join(data['namespaces']) or '(none)'}.")
+    if args.json:
+        out_json(data)
+        return OK
+    for ns in data["namespaces"]:
+        print(ns)
+    if not data["namespaces"]:
+        err("ezssh: your tenant has declared no host namespaces: no host certificate is issued, and no host CA "
+            "trusted, until a tenant admin sets them (ezssh hosts namespaces --set '*.contoso.internal' ...).")
+    elif data.get("source") == "setting":
+        err("ezssh: (from the deployment's setting; a tenant admin may replace them with --set)")
+    return OK
+
+
 def register(sub, fmt) -> None:
     hosts = sub.add_parser("hosts", help="Azure VMs: push a policy's CA (Run Command) and list enrolments; "
                                          "host certificates")
@@ -180,3 +205,10 @@ def register(sub, fmt) -> None:
     c = hs.add_parser("trust", help="refresh the host CAs and host revocations ssh checks hosts with")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_trust)
+    c = hs.add_parser("namespaces", help="where the tenant's hosts live: host certificates name only hosts inside",
+                      description="DNS suffixes (*.contoso.internal), host names and IP ranges (10.20.0.0/16). A host\n"
+                                  "certificate names only hosts inside them and inside its policy's host patterns,\n"
+                                  "and clients trust each policy's host CA for exactly that. --set: tenant admins.")
+    c.add_argument("--set", nargs="+", metavar="NAMESPACE", help="replace them (tenant admins)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_namespaces)
