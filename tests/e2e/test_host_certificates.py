@@ -210,11 +210,11 @@ def test_hosts_namespaces_from_the_cli(alice, carol, client, auth):
     current = client.get("/api/host-namespaces", headers=auth("alice")).json()["namespaces"]
     shown = run_cli(["hosts", "namespaces"], alice)
     assert shown.returncode == 0 and shown.stdout.split() == current, shown.stderr
-    denied = run_cli(["hosts", "namespaces", "--set", *current, "*.github.com"], alice)
+    denied = run_cli(["hosts", "namespaces", "--replace", *current, "*.github.com"], alice)
     assert denied.returncode != 0 and "tenant admins" in denied.stderr
-    wide = run_cli(["hosts", "namespaces", "--set", "*"], carol)
+    wide = run_cli(["hosts", "namespaces", "--replace", "*"], carol)
     assert wide.returncode != 0 and "every host" in wide.stderr
-    same = run_cli(["hosts", "namespaces", "--set", *current, "--json"], carol)
+    same = run_cli(["hosts", "namespaces", "--replace", *current, "--json"], carol)
     assert same.returncode == 0, same.stderr
     assert json.loads(same.stdout)["namespaces"] == current and json.loads(same.stdout)["source"] == "tenant"
     assert client.get("/api/host-namespaces", headers=auth("alice")).json()["namespaces"] == current

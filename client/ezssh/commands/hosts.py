@@ -7,7 +7,7 @@ see how it went; `ezssh hosts token` and `ezssh hosts trust`: host certificates.
     ezssh hosts list --policy ID [--json]
     ezssh hosts token [--policy ID] [--ttl DURATION] NAME...   a one-time host enrolment token (admins)
     ezssh hosts trust                                          refresh the host CAs ssh checks hosts with
-    ezssh hosts namespaces [--set NAMESPACE...]                where the tenant's hosts live (set: tenant admins)
+    ezssh hosts namespaces [--replace NAMESPACE...]            where the tenant's hosts live (set: tenant admins)
 
 The service queues a job and answers at once; `enrol` follows the job (up to --wait seconds, 600 by
 default) and exits 0 when every VM named succeeded, 1 when one failed (its output tail is shown), and
@@ -147,14 +147,14 @@ def cmd_trust(args) -> int:
 
 
 def cmd_namespaces(args) -> int:
-    """The tenant's host namespaces (host certificates name only hosts inside them); `--set` replaces
+    """The tenant's host namespaces (host certificates name only hosts inside them); `--replace` replaces
     them (tenant admins), conditional on the ETag just read."""
     ctx = Ctx()
     resp = ctx.api.call("GET", "/api/host-namespaces")
     data = resp.json()
-    if args.set is not None:
+    if args.replace is not None:
         etag = resp.headers.get("etag")
-        _, data = ctx.api.json("PUT", "/api/host-namespaces", body={"namespaces": list(args.set)},
+        _, data = ctx.api.json("PUT", "/api/host-namespaces", body={"namespaces": list(args.replace)},
                                headers={"If-Match": etag} if etag else None)
         err(f"ezssh: the tenant's host namespaces are now {', '.join(data['namespaces']) or '(none)'}.")
     if args.json:
@@ -164,9 +164,9 @@ def cmd_namespaces(args) -> int:
         print(ns)
     if not data["namespaces"]:
         err("ezssh: your tenant has declared no host namespaces: no host certificate is issued, and no host CA "
-            "trusted, until a tenant admin sets them (ezssh hosts namespaces --set '*.contoso.internal' ...).")
+            "trusted, until a tenant admin sets them (ezssh hosts namespaces --replace '*.contoso.internal' ...).")
     elif data.get("source") == "setting":
-        err("ezssh: (from the deployment's setting; a tenant admin may replace them with --set)")
+        err("ezssh: (from the deployment's setting; a tenant admin may replace them with --replace)")
     return OK
 
 
@@ -208,7 +208,7 @@ def register(sub, fmt) -> None:
     c = hs.add_parser("namespaces", help="where the tenant's hosts live: host certificates name only hosts inside",
                       description="DNS suffixes (*.contoso.internal), host names and IP ranges (10.20.0.0/16). A host\n"
                                   "certificate names only hosts inside them and inside its policy's host patterns,\n"
-                                  "and clients trust each policy's host CA for exactly that. --set: tenant admins.")
-    c.add_argument("--set", nargs="+", metavar="NAMESPACE", help="replace them (tenant admins)")
+                                  "and clients trust each policy's host CA for exactly that. --replace: tenant admins.")
+    c.add_argument("--replace", nargs="+", metavar="NAMESPACE", help="replace them (tenant admins)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_namespaces)
