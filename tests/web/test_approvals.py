@@ -148,3 +148,67 @@ def test_phone_width_approvals_without_sideways_scroll(api_server, oidc, gated, 
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.tagName") in ("A", "BUTTON", "TEXTAREA")
     assert not tab.errors, tab.errors
+
+
+def decide(api_server: str, token: str, rid: str, action: str, comment: str) -> dict:
+    r = httpx.post(f"{api_server}/api/requests/{rid}/{action}", json={"comment": comment},
+                   headers={"Authorization": f"Bearer {token}"}, timeout=20)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_live_state_and_a_lost_race_say_who_decided(api_server, oidc, gated, token_for, signed_in):
+    raced = ask(api_server, token_for("alice"), "web2.contoso.test", "race")["id"]
+    elsewhere = ask(api_server, token_for("alice"), "web3.contoso.test", "decided elsewhere")["id"]
+    tab = signed_in("bob")
+    page = tab.page
+    raced_card = page.locator(f'article[data-request="{raced}"]')
+    raced_card.locator("button.approve").wait_for()
+    page.locator(f'article[data-request="{elsewhere}"] button.approve').wait_for()
+    dave = oidc.user("dave")["name"]
+
+    # dave denies while bob's page still offers Approve: bob's click loses, and the page says to whom
+    decide(api_server, token_for("dave"), raced, "deny", "change freeze")
+    raced_card.locator("button.approve").click()
+    note = raced_card.locator(".note")
+    note.wait_for()
+    assert f"Someone else decided first. Denied by {dave}." in note.inner_text()
+    assert "change freeze" in raced_card.locator(".outcome").inner_text()
+
+    # a request approved elsewhere changes on bob's page by itself (the list is read again)
+    decide(api_server, token_for("dave"), elsewhere, "approve", "fine")
+    outcome = page.locator(f'article[data-request="{elsewhere}"] .outcome')
+    outcome.wait_for(timeout=15_000)
+    assert f"Approved by {dave}" in outcome.inner_text()
+    assert page.locator(f'article[data-request="{elsewhere}"] button.approve').count() == 0
+    assert all(f"/api/requests/{raced}/approve" in e and "409" in e for e in tab.errors), tab.errors
+
+
+def test_audit_shows_a_requests_chain_verifying_and_a_chart_per_policy(api_server, oidc, gated, token_for, signed_in):
+    rid = ask(api_server, token_for("alice"), "web4.contoso.test", "audit me")["id"]
+    decide(api_server, token_for("bob"), rid, "deny", "not today")
+    tab = signed_in("carol", path="/app/audit")
+    page = tab.page
+    page.fill('input[name="request_id"]', rid)
+    page.click('form.search button[type="submit"]')
+    page.locator("#chain").wait_for()
+    assert "verifies" in page.locator("#chain").inner_text()
+    rows = page.locator("#audit-entries tbody tr")
+    assert rows.count() >= 2  # created, denied
+    text = page.locator("#audit-entries").inner_text()
+    assert "request.created" in text and "request.denied" in text
+    # the chart: this policy's day shows the denial, drawn by uPlot on a canvas
+    chart = page.locator('figure.chart[data-policy="gated-web"]')
+    chart.wait_for(timeout=15_000)
+    assert chart.locator("canvas").count() == 1
+    denied = int(chart.locator("figcaption").inner_text().split("denied ")[1].split(",")[0])
+    assert denied >= 1
+    # entries of one user: the actor's name filters by their object id
+    page.locator("#audit-entries button.link", has_text="bob@contoso.test").first.click()
+    page.wait_for_function("document.querySelector('input[name=user]').value.length > 0")
+    assert page.locator('input[name="user"]').input_value() == oidc.user("bob")["oid"]
+    page.wait_for_function("""() => {
+        const cells = [...document.querySelectorAll('#audit-entries tbody td:nth-child(3)')];
+        return cells.length > 0 && cells.every((td) => td.textContent === 'bob@contoso.test');
+    }""")
+    assert not tab.errors, tab.errors

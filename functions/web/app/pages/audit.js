@@ -1,7 +1,7 @@
 // The audit log: search by serial, key id, request id, policy and time; a request's chain and
 // whether it verifies; and per policy a chart of issued / denied / expired per day.
 import { html, useEffect, useRef, useState, when, ErrorBox } from '../ui.js';
-import { all, get } from '../api.js';
+import { all, page } from '../api.js';
 
 const DAY = 86400;
 const DENIALS = new Set(['denied', 'principal_not_allowed', 'no_policy_for_host', 'policy_needs_update']);
@@ -71,19 +71,30 @@ function toUnix(local) {
 }
 
 export function Audit() {
-  const [form, setForm] = useState({ request_id: '', serial: '', key_id: '', policy: '', since: '', until: '' });
-  const [result, setResult] = useState(null);
+  const [form, setForm] = useState({ request_id: '', serial: '', key_id: '', user: '', policy: '', since: '', until: '' });
+  const [result, setResult] = useState(null); // {query, entries, next, chain_intact}
   const [error, setError] = useState(null);
   const set = (k) => (ev) => setForm({ ...form, [k]: ev.target.value.trim() });
-  const search = async (ev) => {
-    ev.preventDefault();
+  const run = async (values) => {
     setError(null);
+    setResult(null);
     const q = new URLSearchParams();
-    for (const k of ['request_id', 'serial', 'key_id', 'policy']) if (form[k]) q.set(k, form[k]);
-    if (form.since) q.set('since', toUnix(form.since));
-    if (form.until) q.set('until', toUnix(form.until));
-    q.set('limit', '200');
-    try { setResult(await get(`/api/audit?${q}`)); } catch (e) { setResult(null); setError(e); }
+    for (const k of ['request_id', 'serial', 'key_id', 'user', 'policy']) if (values[k]) q.set(k, values[k]);
+    if (values.since) q.set('since', toUnix(values.since));
+    if (values.until) q.set('until', toUnix(values.until));
+    q.set('limit', '100');
+    try {
+      const p = await page(`/api/audit?${q}`, 'entries');
+      setResult({ query: `/api/audit?${q}`, entries: p.items, next: p.next, chain_intact: p.data.chain_intact });
+    } catch (e) { setResult(null); setError(e); }
+  };
+  const search = (ev) => { ev.preventDefault(); run(form); };
+  const byUser = (oid) => { const f = { ...form, user: oid }; setForm(f); run(f); };
+  const more = async () => {
+    try {
+      const p = await page(result.query, 'entries', result.next);
+      setResult({ ...result, entries: result.entries.concat(p.items), next: p.next });
+    } catch (e) { setError(e); }
   };
   const field = (k, label, type = 'text') => html`
     <label>${label}<input name=${k} type=${type} value=${form[k]} onInput=${set(k)} /></label>`;
@@ -91,7 +102,7 @@ export function Audit() {
     <h1>Audit</h1>
     <form class="search" onSubmit=${search}>
       ${field('request_id', 'Request id')}${field('serial', 'Serial')}${field('key_id', 'Key id')}
-      ${field('policy', 'Policy')}${field('since', 'From', 'datetime-local')}${field('until', 'To', 'datetime-local')}
+      ${field('user', 'User (object id)')}${field('policy', 'Policy')}${field('since', 'From', 'datetime-local')}${field('until', 'To', 'datetime-local')}
       <button type="submit">Search</button>
     </form>
     <${ErrorBox} error=${error} />
@@ -103,10 +114,12 @@ export function Audit() {
         <thead><tr><th>When</th><th>What</th><th>Who</th><th>Policy</th><th>Request</th><th>Host</th><th>Intact</th></tr></thead>
         <tbody>${result.entries.map((e) => html`<tr>
           <td>${when(e.at)}</td><td>${e.action}${e.error_code ? html` <small>${e.error_code}</small>` : null}</td>
-          <td>${e.actor_upn || '-'}</td><td>${e.policy_id || '-'}</td>
+          <td>${e.actor_oid ? html`<button type="button" class="link" title="Entries of this user"
+            onClick=${() => byUser(e.actor_oid)}>${e.actor_upn || e.actor_oid}</button>` : '-'}</td><td>${e.policy_id || '-'}</td>
           <td>${e.request_id ? html`<a href=${`/app/requests/${e.request_id}`}>${e.request_id}</a>` : '-'}</td>
           <td>${e.principal ? `${e.principal}@` : ''}${e.host || ''}</td><td>${e.intact ? 'yes' : 'NO'}</td></tr>`)}
-        </tbody></table></div>`}` : null}
+        </tbody></table></div>
+      ${result.next ? html`<button type="button" onClick=${more}>More</button>` : null}`}` : null}
     <h2>Last 14 days, per policy</h2>
     <${Charts} />`;
 }
