@@ -107,6 +107,15 @@ def test_a_pending_request_says_who_may_approve_and_notifies_them(client, oidc, 
     text = note["text"]
     for fact in ("alice@contoso.test", "gated-1", "alice", "30 min", "incident 42"):
         assert fact in text
+    # one link, to the request's web page on the deployment's public URL (the API server here),
+    # which the pending answer (what the waiting CLI prints) names too
+    page = f"{client.base_url}/app/requests/{req['id']}"
+    assert req["link"] == page
+    buttons = [e for b in note["blocks"] if b["type"] == "actions" for e in b["elements"]]
+    assert [b["url"] for b in buttons] == [page] and text.count("http") == 1
+    assert client.get(page).status_code == 200  # the page is there
+    # the requester's display name, from her token (users.json holds what the stand-in puts there)
+    assert req["requester_name"] == oidc.user("alice")["name"]
     listed = client.get("/api/requests", params={"state": "pending", "role": "approver"},
                         headers=auth("bob")).json()["requests"]
     assert req["id"] in {r["id"] for r in listed}
@@ -115,7 +124,7 @@ def test_a_pending_request_says_who_may_approve_and_notifies_them(client, oidc, 
     assert req["id"] not in {r["id"] for r in mine}
 
 
-def test_dual_key_approval_then_exactly_one_certificate(client, gated, receiver, auth, pub):
+def test_dual_key_approval_then_exactly_one_certificate(client, gated, receiver, auth, pub, oidc):
     req = ask(client, auth, "alice", "gated")
     rid = req["id"]
     early = client.post(f"/api/requests/{rid}/certificate", headers=auth("alice"), json={"public_key": pub()})
@@ -124,6 +133,9 @@ def test_dual_key_approval_then_exactly_one_certificate(client, gated, receiver,
     assert ok.status_code == 200 and ok.json()["status"] == "approved", ok.text
     told = receiver.wait_for("Decided by: bob@contoso.test")  # the requester is told
     assert rid in told["text"] and "Comment: “go”" in told["text"] and "approved" in told["text"]
+    seen = client.get(f"/api/requests/{rid}", headers=auth("alice")).json()
+    assert seen["decided_by_name"] == oidc.user("bob")["name"]
+    assert [(a["name"], a["comment"]) for a in seen["approvals"]] == [(oidc.user("bob")["name"], "go")]
     cert = client.post(f"/api/requests/{rid}/certificate", headers=auth("alice"), json={"public_key": pub()})
     assert cert.status_code == 201, cert.text
     assert cert.json()["principals"] == ["alice"]

@@ -319,3 +319,11 @@ def test_a_uuid7_key_names_a_request_id_of_its_time_and_per_user():
     assert keyed_request_id(ms, "tid", "oid-a", k) == rid  # a retry names the same row
     assert len({rid, keyed_request_id(ms, "tid", "oid-b", k), keyed_request_id(ms, "tid2", "oid-a", k),
                 keyed_request_id(ms, "tid", "oid-a", k.upper())}) == 4
+
+
+def test_display_names_are_kept_per_decision_and_stripped_of_control_characters():
+    named = Identity(oid="oid-ap1", tid=TID, upn="ap1@contoso.example", name="Bob\x1b[31m Brandt\n\t(ops)")
+    out = ap.approve(record(1), named, T0 + 1, comment="ok")
+    assert out.approvals[0].name == "Bob [31m Brandt (ops)" and out.decided_by_name == out.approvals[0].name
+    assert ap.deny(record(1), replace(named, name="x" * 1000), T0 + 1).decided_by_name == "x" * ap.NAME_MAX
+    assert out.to_public(T0 + 2)["approvals"][0]["name"] == out.approvals[0].name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -121,3 +122,14 @@ def test_a_delivery_finishing_at_once_does_not_deadlock_the_sender():
     assert done.wait(20), "send() deadlocked"
     n.drain(20)
     assert recorded and all(e.outcome == "refused" for e in recorded)
+
+
+def test_a_cards_one_link_is_the_requests_page_and_a_digest_has_none():
+    link = "https://ezssh.example.net/app/requests/0123456789abcdef"
+    teams = payload(replace(msg("teams"), link=link))
+    assert teams["potentialAction"] == [{"@type": "OpenUri", "name": "Open request",
+                                         "targets": [{"os": "default", "uri": link}]}]
+    slack = payload(replace(msg("slack"), link=link))
+    assert [e["url"] for b in slack["blocks"] if b["type"] == "actions" for e in b["elements"]] == [link]
+    assert "potentialAction" not in payload(msg("teams"))  # no public URL set: no link
+    assert digest([replace(msg("slack"), link=link)] * 2).link is None
