@@ -149,3 +149,44 @@ def test_names_outside_the_patterns_get_no_certificate_and_the_push_goes_on(wire
     refused = [e for e in ctx.service.store.list_audit(policy.tenant_id, since=since, limit=100000)
                if e.action == "host_certificate.refused" and e.details.get("vm_id") == vid]
     assert refused and refused[0].error_code == "host_name_refused" and refused[0].policy_id == "vm-hc"
+
+
+def test_a_tagged_vm_gets_no_name_outside_the_namespaces_and_renewal_checks_names_again(
+        wired, arm, make_host, clock, oidc):
+    """The policy's tag covers the VM, and ARM says its computer name is github.com: the certificate
+    names only what the namespaces and the policy's name patterns hold (its address), the rest is
+    dropped and audited. When the policy no longer names that address, the renewal the timer pushes
+    re-checks ARM's names and issues nothing (refused, audited); the VM keeps its old certificate."""
+    ctx, worker = wired
+    svc = ctx.service
+    from devstack.stack import ensure_policy, identity_of
+    from functions.hosts.azure_vms import parse_vm_id
+
+    carol = identity_of(oidc, "carol")
+    policy = ensure_policy(svc, carol, {
+        "id": "vm-tag", "rules": [{"groups": [oidc.group_id("contoso", "ezssh-users")], "action": "auto"}],
+        "hosts": ["tag:ezssh-policy=vm-tag", "127.0.0.0/8"], "principals": ["{username}"],
+        "host_cert_ttl": 7 * 86400})
+    vid, host = host_vm(arm, make_host, RG_NAMES, "evil", private_ip="127.0.0.6", computer_name="github.com",
+                        tags={"ezssh-policy": "vm-tag"})
+    since = time.time() - 1
+    ctx.enrolments.submit(policy, [parse_vm_id(vid)], source="api", who=carol)
+    worker.drain()
+    assert ctx.enrolments.store.get(policy.tenant_id, "vm-tag", vid).state == "succeeded"
+    principals, serial = certificate_of(host)
+    assert principals == "127.0.0.6"
+    [issued] = [e for e in svc.store.list_audit(policy.tenant_id, since=since, limit=100000)
+                if e.action == "host_certificate.issued" and e.serial == serial]
+    assert any("github.com" in d for d in issued.details["dropped_names"])
+    # the policy stops naming the address: at renewal no name of the VM fits any more
+    current = svc.store.get_policy(policy.tenant_id, "vm-tag")
+    svc.policies.update(carol, "vm-tag", {"hosts": ["tag:ezssh-policy=vm-tag"]}, current.etag)
+    clock.advance(5 * 86400)
+    since = time.time() - 1
+    ctx.enrolments.reconcile()
+    worker.drain()
+    assert certificate_of(host)[1] == serial  # nothing new was issued
+    refused = [e for e in svc.store.list_audit(policy.tenant_id, since=since, limit=100000)
+               if e.action == "host_certificate.refused" and e.details.get("vm_id") == vid]
+    assert refused and refused[0].error_code == "host_name_refused"
+    assert "github.com" in refused[0].message and "127.0.0.6" in refused[0].message
