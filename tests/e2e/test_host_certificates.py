@@ -162,7 +162,7 @@ def test_a_host_ca_is_not_trusted_for_a_name_outside_its_scope(alice, state_dir,
     svc = context.service
     carol = identity_of(oidc, "carol")
     doc = {"id": "wide-e2e", "rules": [{"groups": [oidc.group_id("contoso", "ezssh-users")], "action": "auto"}],
-           "hosts": ["*"], "principals": ["{username}"]}
+           "hosts": ["*", "db[12]"], "principals": ["{username}"]}
     r = client.post("/api/policies", headers=auth("carol"), json=doc)
     assert r.status_code in (201, 409), r.text
     policy = svc.policies.ensure_host_ca(svc.store.get_policy(carol.tid, "wide-e2e"), carol)
@@ -178,6 +178,9 @@ def test_a_host_ca_is_not_trusted_for_a_name_outside_its_scope(alice, state_dir,
         known = tmp_path / "known_hosts"
         known.write_text(client.get("/api/known-hosts", headers=auth("alice")).json()["known_hosts"])
         assert "wide-e2e" in known.read_text()
+        # what can't be written as an ssh pattern is left out, and `ezssh hosts trust` says so
+        trust = run_cli(["hosts", "trust"], alice)
+        assert trust.returncode == 0 and "policy wide-e2e: Host pattern 'db[12]'" in trust.stderr, trust.stderr
         ukey, upub = user_key(tmp_path)
         alice_id = identity_of(oidc, "alice")
         ucert = svc.issuance.request_access(alice_id, AccessRequest(host="wide1.contoso.example", principal="alice",

@@ -143,6 +143,10 @@ def cmd_trust(args) -> int:
     if args.json:
         out_json({"known_hosts": str(known), "krl": str(krl), "host_cas": n})
     err(f"ezssh: {n} host CA line{'s' if n != 1 else ''} in {known}; revoked host certificates in {krl}.")
+    # what the service could not write exactly (or at all) is left out, and it says why in comments
+    for line in known.read_text().splitlines() if known.exists() else []:
+        if line.startswith("# ezssh: ") and not line.startswith("# ezssh: host CAs of"):
+            err(line[2:])
     return OK
 
 
