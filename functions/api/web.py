@@ -1,5 +1,8 @@
 """The approvers' and admins' web page: static files under /app/, served by the same app as the API.
 
+On Azure Functions the one ASGI function (function_app.py) takes every path: host.json's
+`routePrefix` is "", so /app/... reaches this router and /api/... the API's, both with their full path.
+
 Nothing is built: the page's own modules (functions/web/app/) and the pinned libraries named in
 functions/web/vendor.json (from node_modules locally; copied into the Functions zip by
 scripts/package.sh) are read once per worker, and served under /app/v/<version>/, where <version>
@@ -123,6 +126,7 @@ def page_headers(request: Request) -> dict[str, str]:
     }
 
 
+@router.get("/", include_in_schema=False)
 @router.get("/app", include_in_schema=False)
 def app_root() -> Response:
     return Response(status_code=308, headers={"Location": "/app/"})

@@ -55,3 +55,14 @@ def test_issuance_and_a_refusal_through_the_functions_wrapper(http, token_for, d
     assert bad.status_code == 400 and json.loads(bad.get_body())["error"] == "invalid_request"
     anon = http("GET", "/api/policies")
     assert anon.status_code == 401 and json.loads(anon.get_body())["error"] == "unauthenticated"
+
+
+def test_the_web_page_through_the_functions_wrapper(http):
+    """host.json's routePrefix is "": the function's route `/{*route}` takes /app/ as well as /api/."""
+    from tests.deploy import REPO
+
+    assert json.loads((REPO / "host.json").read_text())["extensions"]["http"]["routePrefix"] == ""
+    page = http("GET", "/app/requests/0123456789abcdef")
+    assert page.status_code == 200 and b'type="module"' in page.get_body()
+    assert "frame-ancestors 'none'" in page.headers.get("content-security-policy")
+    assert http("GET", "/").headers.get("location") == "/app/"
