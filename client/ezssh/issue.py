@@ -213,10 +213,14 @@ def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
 
 def switch_account(cfg: dict, home: Path, account: str | None) -> str | None:
     """Make `account` the signed-in one in config.json; when it was another, that account's keys and
-    certificates leave the agent and the disk first. Returns `account`."""
+    certificates leave the agent and the disk first (and stderr says so). Returns `account`."""
     from .home import save_config
 
-    certs.forget_others(home, cfg["server"], account)
+    gone = certs.forget_others(home, cfg["server"], account)
+    if gone:
+        sys.stderr.write(f"ezssh: removed {gone} cached key{'s' if gone != 1 else ''} and certificate"
+                         f"{'s' if gone != 1 else ''} of another account or server (from ssh-agent too, where "
+                         "added).\n")
     if account and cfg.get("account") != account:
         cfg["account"] = account
         save_config(cfg, home)

@@ -51,6 +51,7 @@ def test_another_account_never_uses_the_certificate_and_the_agent_is_emptied(tmp
 
     r = run_cli(["login"], env, username="bob", ca_path=oidc.ca_path)
     assert r.returncode == 0 and "Signed in as bob@contoso.test" in r.stderr, r.stderr
+    assert "removed 1 cached key and certificate of another account or server" in r.stderr, r.stderr
     assert cached(env) == [] and not Path(alice_cert["dir"]).exists()
     assert "CERT" not in agent_list(agent), "alice's certificate stayed in the agent after bob signed in"
 

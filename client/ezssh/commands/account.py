@@ -75,11 +75,9 @@ def cmd_configure(args) -> int:
     if args.agent is not None:
         cfg["agent"] = args.agent == "on"
     path = save_config(cfg, home)
-    # Keys and certificates of another server, or of an account not kept, go (agent and disk).
-    gone = certs.forget_others(home, server, cfg.get("account"))
-    if gone:
-        err(f"Removed {gone} cached key{'s' if gone != 1 else ''} and certificate{'s' if gone != 1 else ''} "
-            "of the previous server or account.")
+    from ..issue import switch_account
+
+    switch_account(cfg, home, cfg.get("account"))  # another server's or account's certificates go
     if args.json:
         out_json(cfg)
     err(f"Configured {server} (identity provider {authority}, {cfg['authority_type']}); saved {path}.")
@@ -203,7 +201,7 @@ def cmd_logout(args) -> int:
     # Certificates belong to the signed-in user: they go too, from the agent as well.
     n = certs.remove_all(home)
     err(f"Signed out{' ' + ', '.join(names) if names else ''}; removed {n} cached key{'s' if n != 1 else ''} "
-        f"and certificate{'s' if n != 1 else ''} (from ssh-agent too).")
+        f"and certificate{'s' if n != 1 else ''} (from ssh-agent too, where added).")
     return OK
 
 

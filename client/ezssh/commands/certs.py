@@ -112,7 +112,7 @@ def cmd_prune(args) -> int:
     if args.all:
         n = certs.remove_all(home)
         err(f"Removed all {n} cached key{'s' if n != 1 else ''} and certificate{'s' if n != 1 else ''} "
-            "(from ssh-agent too).")
+            "(from ssh-agent too, where added).")
         return OK
     removed = certs.sweep(home)
     err(f"Removed {len(removed)} expired key{'s' if len(removed) != 1 else ''} and certificate"
