@@ -9,7 +9,9 @@
     GET  /api/policies/{id}/enrolment-jobs/{job_id}
       -> 200 the same shape: each item queued | running | retrying | succeeded | failed, with its
          attempts, last error and output tail; job.done once every item is succeeded or failed.
-    GET  /api/policies/{id}/enrolments   -> 200 {"enrolments": [...]} (each VM's latest outcome)
+    GET  /api/policies/{id}/enrolments?limit=100&continuation=...
+      -> 200 {"enrolments": [...], "next": <token or null>} (each VM's latest outcome, a page at a time:
+         `limit` 1-1000, default 100; pass `next` back as `continuation` for the page after)
 
 Policy admins and tenant admins only. A resource id that does not parse is 400; a VM or resource
 group outside EZSSH_ENROL_SCOPES is 403 (outside_enrolment_scopes); another tenant's policy is 404.
@@ -18,7 +20,7 @@ Nothing is pushed and no record is written in those cases.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
@@ -61,6 +63,7 @@ def job(request: Request, policy_id: str, job_id: str, who: Identity = Depends(c
 
 
 @router.get("/{policy_id}/enrolments")
-def list_(request: Request, policy_id: str, who: Identity = Depends(caller)) -> JSONResponse:
-    recs = _enrolments(request).list(who, policy_id)
-    return JSONResponse({"enrolments": [r.to_dict() for r in recs]})
+def list_(request: Request, policy_id: str, limit: int = Query(100),
+          continuation: str | None = Query(None, max_length=512), who: Identity = Depends(caller)) -> JSONResponse:
+    recs, token = _enrolments(request).list(who, policy_id, limit=limit, continuation=continuation)
+    return JSONResponse({"enrolments": [r.to_dict() for r in recs], "next": token})

@@ -8,7 +8,7 @@ queued; the job's state is read back with `job()`.
 Use cases (EnrolmentService):
   enrol(who, policy, vm_id=... | resource_group=..., tag="k=v")   POST /api/policies/{id}/enrolments (202)
   job(who, policy, job_id)                                          GET  /api/policies/{id}/enrolment-jobs/{job}
-  list(who, policy)                                                 GET  /api/policies/{id}/enrolments
+  list(who, policy, limit, continuation)                            GET  /api/policies/{id}/enrolments (a page)
   handle_event(event)        Event Grid: Microsoft.Resources.ResourceWriteSuccess for a VM write
   reconcile()                timer: due retries, VMs in scope not yet enrolled, re-push after a CA
                              rotation or a revocation (pushed CA fingerprints / KRL version differ)
@@ -36,8 +36,12 @@ host's maxDequeueCount (then the poison queue, and `give_up` marks the item fail
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
 import json
 import logging
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +66,7 @@ from ..storage.enrolments import (
     JobStore,
     job_dict,
     tail,
+    vm_key,
 )
 from .azure_vms import (
     AzureVms,
@@ -79,6 +84,8 @@ log = logging.getLogger("ezssh.enrolment")
 POLICY_TAG = "ezssh-policy"
 VM_WRITE = "microsoft.compute/virtualmachines/write"
 WRITE_SUCCESS = "Microsoft.Resources.ResourceWriteSuccess"
+MAX_LIST_LIMIT = 1000
+VM_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 class EnrolmentForbidden(Forbidden):
@@ -129,9 +136,13 @@ def split_scope(entry: str) -> tuple[str | None, str]:
 @dataclass
 class _Desired:
     fingerprints: tuple[str, ...]
-    krl_version: int
+    krl: Callable[[], Any]  # -> the policy's KRL (service.hosts.Derived), read on first need only
     render: Callable[..., str]  # render(host_certs="") -> the setup script
     host_certs_due: Callable[[str], bool] = lambda vm_id: False
+
+    @property
+    def krl_version(self) -> int:
+        return self.krl().version
 
 
 class EnrolmentService:
@@ -154,9 +165,14 @@ class EnrolmentService:
         return self._vms
 
     # ---- what a policy wants on its hosts --------------------------------------------------
-    def _desired(self, policy: Policy, api_url: str | None = None) -> _Desired:
+    def _desired(self, policy: Policy, api_url: str | None = None, *, every_vm: bool = False) -> _Desired:
+        """What the policy wants on its hosts. `every_vm` (the timer, which looks at every record of
+        the policy): which VMs' host certificates are due is read once for the policy (one range
+        read), not once per VM."""
         keys = list(policy.trusted_ca)
-        krl = self.hosts.krl(policy)  # kept per worker by the policy's version: no rebuild when unchanged
+        # Read when first needed (a record to compare, a script to render), then kept: one version
+        # read per policy and pass; built again only when the policy's revocations changed.
+        krl = functools.cache(lambda: self.hosts.krl(policy))
 
         def render(host_certs: str = "") -> str:
             url = self.config.public_url or api_url
@@ -165,14 +181,18 @@ class EnrolmentService:
                                                   "host where to fetch the KRL.", transient=False)
             if not keys:
                 raise PushError("no_ca", f"Policy {policy.id!r} has no CA key to trust.", transient=False)
-            return self.hosts.render_setup(policy, url, krl.data, host_certs=host_certs)
+            return self.hosts.render_setup(policy, url, krl().data, host_certs=host_certs)
 
-        return _Desired(tuple(c.fingerprint for c in keys), krl.version, render,
-                        lambda vm_id: self._host_certs_due(policy, vm_id))
+        return _Desired(tuple(c.fingerprint for c in keys), krl, render,
+                        self._all_due(policy) if every_vm else lambda vm_id: self._host_certs_due(policy, vm_id))
 
     # ---- host certificates (hosts/vm_hostcerts.py) -------------------------------------------
     def _host_certs_due(self, policy: Policy, vm_id: str) -> bool:
         return self.host_certs is not None and self.host_certs.due(policy, vm_id)
+
+    def _all_due(self, policy: Policy) -> Callable[[str], bool]:
+        due = functools.cache(lambda: self.host_certs.due_vms(policy) if self.host_certs is not None else frozenset())
+        return lambda vm_id: vm_id.lower() in due()
 
     def _host_certs_for(self, policy: Policy, ref: VmRef, vms: AzureVms) -> str:
         return self.host_certs.certs_for(policy, vms, ref) if self.host_certs is not None else ""
@@ -512,13 +532,20 @@ class EnrolmentService:
         log.error("enrolment job %s: gave up on %s", msg["job"], msg["vm"])
         return "failed"
 
-    def list(self, who: Identity, policy_id: str) -> list[Enrolment]:
+    def list(self, who: Identity, policy_id: str, *, limit: int = 100,
+             continuation: str | None = None) -> tuple[list[Enrolment], str | None]:
+        """One page of the policy's records (in a stable order: the hash of the VM id) and the
+        continuation token of the next page (None at the end)."""
         try:
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+                raise InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}.")
+            after = _after(continuation)
             policy = self._admin_policy(who, policy_id)
         except EzsshError as exc:
             self.hosts.refuse(who, exc, "enrolment.list.refused", policy_id=policy_id)
             raise
-        return sorted(self.store.list(policy.tenant_id, policy.id), key=lambda e: (e.vm_id.lower()))
+        recs, more = self.store.list_page(policy.tenant_id, policy.id, after=after, limit=limit)
+        return recs, _token(vm_key(recs[-1].vm_id)) if more and recs else None
 
     # ---- automatic: Event Grid and the timer ---------------------------------------------------
     def _policies(self, tenant_ids: Iterable[str]) -> list[Policy]:
@@ -590,16 +617,20 @@ class EnrolmentService:
 
     def reconcile(self) -> dict[str, int]:
         """Queue due retries (on their own job), re-pushes after CA/KRL changes, and VMs in scope not
-        enrolled yet (one new job per policy)."""
+        enrolled yet (one new job per policy). Reads: one range read of each policy's records, then
+        the VMs ARM lists are looked up in those rows (no point read per VM); a policy's KRL version
+        is read only where a record needs comparing."""
         counts = {"vms_seen": 0, "retries_queued": 0, "jobs": 0, "queued": 0, "scope_errors": 0}
         self._need_queue()
         policies = self._policies(self.config.tenants)
         by_key = {(p.tenant_id, p.id): p for p in policies}
-        desired = {k: self._desired(p) for k, p in by_key.items()}
+        desired = {k: self._desired(p, every_vm=True) for k, p in by_key.items()}
         now = int(self.clock())
         work: dict[tuple[str, str, str], tuple[Policy, VmRef]] = {}
+        known: set[tuple[str, str, str]] = set()  # the records read here: a listed VM is looked up in them
         for (tid, pid), p in by_key.items():
             for rec in self.store.list(tid, pid):
+                known.add((tid, pid, vm_key(rec.vm_id)))
                 if not in_scope(rec.vm_id, self.config.scopes_for(tid)):
                     continue
                 if not self._due(rec, now, desired[(tid, pid)], "reconcile", False):
@@ -621,7 +652,7 @@ class EnrolmentService:
                     if not in_scope(vm.id, self.config.scopes_for(p.tenant_id)):
                         continue
                     key = (p.tenant_id, p.id, vm.id.lower())
-                    if key not in work and self.store.get(p.tenant_id, p.id, vm.id) is None:
+                    if key not in work and (p.tenant_id, p.id, vm_key(vm.id)) not in known:
                         work[key] = (p, vm.ref)
         per_policy: dict[tuple[str, str], list[VmRef]] = {}
         for (tid, pid, _), (_, ref) in work.items():
@@ -645,6 +676,24 @@ class EnrolmentService:
             return True  # someone else is on it
         self.queue.send(self._message(job, item.vm_id, retry=True))
         return True
+
+
+def _token(after: str) -> str:
+    """A continuation token: base64url of {"after": <the last VM key of the page>}."""
+    return base64.urlsafe_b64encode(json.dumps({"after": after}, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _after(token: str | None) -> str | None:
+    if token is None:
+        return None
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after = doc.get("after") if isinstance(doc, dict) else None
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        after = None
+    if not isinstance(after, str) or not VM_KEY_RE.match(after):
+        raise InvalidRequest("The continuation token is not valid; start again without it.")
+    return after
 
 
 def _parse_message(body: str | bytes) -> dict | None:

@@ -349,6 +349,15 @@ class HostCerts:
         now = self.base.now()
         return (first and not recs) or any(renew_after(r.valid_after, r.valid_before) <= now for r in recs)
 
+    def vms_due_for_renewal(self, policy: Policy) -> frozenset[str]:
+        """The subjects (lower-cased) holding host certificates of this policy past their renewal
+        time: vm_renewal_due(first=False) for all of them, in one range read of the policy's host keys."""
+        if policy.deleted:
+            return frozenset()
+        now = self.base.now()
+        return frozenset(r.subject.lower() for r in self.base.store.list_host_keys(policy.tenant_id, policy.id)
+                         if renew_after(r.valid_after, r.valid_before) <= now)
+
     # ---- clients: what to trust -----------------------------------------------------------------
     # Per worker and tenant, the policies and the host revocations still valid, kept while the
     # tenant's version row (written with every policy change and host revocation) is unchanged:

@@ -18,6 +18,7 @@ both push to one VM: the loser of the race gets Conflict and leaves it to the wi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -165,6 +166,17 @@ class EnrolmentStore:
             "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
             parameters={"pk": tenant_id, "lo": lo, "hi": hi})))
         return [self._from_entity(x) for x in rows]
+
+    def list_page(self, tenant_id: str, policy_id: str, *, after: str | None = None,
+                  limit: int = 100) -> tuple[list[Enrolment], bool]:
+        """A policy's records in row key order (the hash of the VM id) after the VM key `after`:
+        at most `limit`, and whether more follow. One range read of at most `limit` + 1 rows."""
+        lo = f"enr|{policy_id}|{after}" if after else f"enr|{policy_id}|"
+        pages = self._table.query_entities(
+            "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi",
+            parameters={"pk": tenant_id, "lo": lo, "hi": f"enr|{policy_id}}}"}, results_per_page=limit + 1)
+        rows = _guard("list enrolments", lambda: list(itertools.islice(pages, limit + 1)))
+        return [self._from_entity(x) for x in rows[:limit]], len(rows) > limit
 
     def create(self, e: Enrolment) -> Enrolment:
         """Insert a new record; Conflict if one exists for this policy and VM."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -450,6 +451,37 @@ def test_bad_requests_change_nothing(enrol_api, enrol_ctx, arm, auth, fabrikam_p
     assert {e.error_code for e in refused} >= {"outside_enrolment_scopes", "invalid_request", "forbidden"}
 
 
+def test_the_enrolment_list_comes_in_pages(enrol_api, enrol_ctx, auth, oidc):
+    """limit + continuation: every record once over the pages, each page one bounded range read."""
+    from functions.storage.enrolments import Enrolment
+
+    tid = oidc.tenant_id("contoso")
+    for i in range(7):
+        vid = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/virtualMachines/page{i}-{uuid.uuid4().hex[:6]}"
+        enrol_ctx.enrolments.store.create(Enrolment(tenant_id=tid, policy_id="vm-push", vm_id=vid, state="failed",
+                                                    created_at=1, updated_at=1))
+    every = {r.vm_id for r in enrol_ctx.enrolments.store.list(tid, "vm-push")}
+    seen: list[str] = []
+    params: dict = {"limit": 3}
+    while True:
+        r = enrol_api.get("/api/policies/vm-push/enrolments", headers=auth("carol"), params=params)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        assert len(page["enrolments"]) <= 3
+        seen += [e["vm_id"] for e in page["enrolments"]]
+        if not page["next"]:
+            break
+        assert len(page["enrolments"]) == 3
+        params = {"limit": 3, "continuation": page["next"]}
+    assert sorted(seen) == sorted(every) and len(seen) == len(set(seen))
+    whole = enrol_api.get("/api/policies/vm-push/enrolments", headers=auth("carol"), params={"limit": 1000}).json()
+    assert whole["next"] is None and sorted(e["vm_id"] for e in whole["enrolments"]) == sorted(every)
+    for bad in ({"limit": 0}, {"limit": 1001}, {"continuation": "not-a-token"},
+                {"continuation": "eyJhZnRlciI6Ii4uLyJ9"}):  # {"after":"../"}
+        r = enrol_api.get("/api/policies/vm-push/enrolments", headers=auth("carol"), params=bad)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_request", (bad, r.text)
+
+
 # ---- the CLI -------------------------------------------------------------------------------------------
 
 
@@ -478,6 +510,11 @@ def test_cli_enrols_a_vm_and_lists_enrolments(carol_cli, arm, make_host, context
     assert r.returncode == 0, r.stderr
     mine = [e for e in json.loads(r.stdout)["enrolments"] if e["vm_id"] == vid]
     assert mine[0]["state"] == "succeeded" and mine[0]["attempts"] == 1
+    one = run_cli(["hosts", "list", "--policy", "vm-push", "--limit", "1", "--json"], carol_cli)
+    assert len(json.loads(one.stdout)["enrolments"]) == 1 and json.loads(one.stdout)["next"]
+    every = run_cli(["hosts", "list", "--policy", "vm-push", "--limit", "1", "--all", "--json"], carol_cli)
+    assert sorted(e["vm_id"] for e in json.loads(every.stdout)["enrolments"]) == \
+        sorted(e["vm_id"] for e in json.loads(r.stdout)["enrolments"])
     # --no-wait: the queued job at once; `hosts job` follows it to the end
     r = run_cli(["hosts", "enrol", "--policy", "vm-push", "--vm", vid, "--no-wait", "--json"], carol_cli)
     assert r.returncode == 6, r.stderr  # not done yet: the documented "still running" exit code

@@ -252,3 +252,24 @@ def test_reconcile_enrols_missing_vms_and_repushes_after_rotation_and_revocation
     assert rec2.krl_version > (rec.krl_version or 0) and len(setup_runs(arm, quiet)) == 3
     assert host.login("alice", key, cert).returncode == 255
     assert login_ok(host, other_key, other_cert)
+
+
+def test_reconcile_looks_listed_vms_up_in_the_records_it_read(wired, arm, make_host, azurite, context):
+    """No point read per VM: the records of each policy are one range read, and every VM ARM lists
+    is looked up in those rows (the timer used to read each listed VM's record again)."""
+    from functions.storage.enrolments import EnrolmentStore
+    from tests.readcount import counting_store
+
+    quiet, _ = host_vm(arm, make_host, RG_PATTERN, "rc-count")
+    timer_tick()  # enrolled: every listed VM of the policy has a record now
+    store, counter = counting_store(azurite.connection_string, context.settings.table_name)
+    real = wired.enrolments.store
+    wired.enrolments.store = EnrolmentStore(store)
+    try:
+        counts = wired.enrolments.reconcile()
+    finally:
+        wired.enrolments.store = real
+    recorded = [r for r in real.list(context.settings.tenants[0], "vm-ev")]
+    assert counts["vms_seen"] >= 1 and any(r.vm_id == quiet for r in recorded)
+    assert counter.point_reads("enr|") == 0, [u for u, _ in counter.reads if "enr|" in u]
+    assert counts["jobs"] == 0  # nothing new to enrol

@@ -21,6 +21,7 @@ import time
 from ..context import Ctx
 from ..errors import ERROR, OK, UNAVAILABLE, USAGE, EzsshError
 from ..output import err, fmt_time, out_json, print_table
+from .requests import _page_size
 
 COLUMNS = ("VM", "STATE", "ATTEMPTS", "UPDATED", "NEXT TRY", "ERROR")
 
@@ -92,15 +93,17 @@ def cmd_job(args) -> int:
 
 
 def cmd_list(args) -> int:
-    _, data = Ctx().api.json("GET", f"/api/policies/{args.policy}/enrolments")
+    recs, token = Ctx().api.pages(f"/api/policies/{args.policy}/enrolments", "enrolments",
+                                  {"limit": str(args.limit)}, follow=args.all)
     if args.json:
-        out_json(data)
+        out_json({"enrolments": recs, "next": token})
         return OK
-    recs = data.get("enrolments", [])
-    if not recs:
+    if not recs and not token:
         err(f"ezssh: no host is enrolled in policy {args.policy}.")
         return OK
     _table(recs)
+    if token:
+        err("ezssh: more hosts follow; add --all for every page (or --limit N for bigger pages).")
     return OK
 
 
@@ -196,6 +199,8 @@ def register(sub, fmt) -> None:
     c.set_defaults(func=cmd_job)
     c = hs.add_parser("list", help="the policy's enrolments: state, attempts, last error")
     c.add_argument("--policy", required=True, metavar="ID")
+    c.add_argument("--limit", type=_page_size, default=100, metavar="N", help="hosts a page (1-1000, default 100)")
+    c.add_argument("--all", action="store_true", help="every page, not only the first")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_list)
     c = hs.add_parser("token", help="mint a one-time enrolment token for named hosts (policy admins)",
