@@ -273,3 +273,20 @@ def test_reconcile_looks_listed_vms_up_in_the_records_it_read(wired, arm, make_h
     assert counts["vms_seen"] >= 1 and any(r.vm_id == quiet for r in recorded)
     assert counter.point_reads("enr|") == 0, [u for u, _ in counter.reads if "enr|" in u]
     assert counts["jobs"] == 0  # nothing new to enrol
+
+
+def test_an_event_builds_only_the_krl_of_the_policy_that_covers_the_vm(wired, arm, make_host, context, monkeypatch):
+    """The tenant has other policies; an event for one VM reads revocations of its policy only, and
+    an event that changes nothing rebuilds no KRL at all (each is kept by its version)."""
+    store = context.service.store
+    built: list[str] = []
+    real = store.list_revoked
+    monkeypatch.setattr(store, "list_revoked", lambda tid, pid, **kw: built.append(pid) or real(tid, pid, **kw))
+    assert len(store.list_policies(context.settings.tenants[0])) > 1
+    vid, _ = host_vm(arm, make_host, RG_TAGS, "ev-krl", tags={"ezssh-policy": "vm-ev"})
+    deliver(event_for(vid))
+    assert rec_of(wired, "vm-ev", vid).state == "succeeded"
+    assert set(built) <= {"vm-ev"} and len(built) <= 1, built
+    built.clear()
+    deliver(event_for(vid))  # an update: nothing due, nothing rebuilt
+    assert built == []
