@@ -460,6 +460,7 @@ class MemoryStore:
             self._check_new_audit([audit])
             new = self._namespaces[ns.tenant_id] = _Row(replace(ns, etag=None), self._etag())
             self._put_audit([audit])
+            self._bump(ns.tenant_id, None, audit.at)
             return replace(ns, etag=new.etag)
 
     # host certificates

@@ -54,7 +54,7 @@ from ..core.hostcert import (
 from ..core.ids import is_guid
 from ..core.keys import VettedKey
 from ..core.krl import CaRevocations, encode_krl
-from ..core.namespaces import NOT_AN_ADDRESS, trust_scope
+from ..core.namespaces import NOT_AN_ADDRESS, Namespace, trust_scope
 from ..core.policy import POLICY_ID_RE, Identity, Policy
 from ..observability import event
 from ..signing.base import as_private_key
@@ -103,6 +103,7 @@ class HostIssued:
 class _TrustSnapshot:
     policies: tuple[Policy, ...]  # the tenant's policies (not deleted), by id
     revoked: tuple[Revoked, ...]  # its host revocations still in a KRL
+    namespaces: tuple[Namespace, ...]  # its host namespaces (written with the version row too)
 
 
 def token_hash(token: str) -> str:
@@ -374,18 +375,19 @@ class HostCerts:
         policies = tuple(sorted((p for p in self.base.policies.all(tid) if not p.deleted), key=lambda p: p.id))
         revoked = store.list_revoked_host(tid, valid_from=now - KRL_EXPIRY_GRACE + 1)
         fresh_until = min([r.valid_before + KRL_EXPIRY_GRACE for r in revoked], default=FOREVER)
-        return self._trust.put(tid, version.tag, fresh_until, _TrustSnapshot(policies, tuple(revoked)))
+        return self._trust.put(tid, version.tag, fresh_until,
+                               _TrustSnapshot(policies, tuple(revoked), self.namespaces.current(tid)))
 
     def client_trust(self, who: Identity) -> Derived:
         """known-hosts for the policies `who` may use, as JSON: {known_hosts, krl (base64), policies}:
         per trusted host CA key, `@cert-authority` lines listing exactly the names it may vouch for
-        (the intersection of the policy's host patterns with the tenant's host namespaces, one more
-        point read; never `*`), and every revoked certificate of those CAs (for RevokedHostKeys).
+        (the intersection of the policy's host patterns with the tenant's host namespaces; never
+        `*`), and every revoked certificate of those CAs (for RevokedHostKeys).
         What can't be written exactly is left out, with a comment saying so."""
         snap = self._trust_snapshot(who.tid)
         now = self.base.now()
         lines = ["# ezssh: host CAs of the access policies you may use. Generated; do not edit."]
-        namespaces = self.namespaces.current(who.tid)
+        namespaces = snap.namespaces
         if not namespaces:
             lines.append("# ezssh: your tenant has declared no host namespaces, so no host CA is trusted; a tenant "
                          "admin declares them (PUT /api/host-namespaces or EZSSH_HOST_NAMESPACES).")

@@ -25,7 +25,7 @@ from azure.data.tables import TableTransactionError, UpdateMode
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, NotFound, PreconditionFailed
 from .base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces
-from .tablecalls import _guard, _if_match, transact
+from .tablecalls import TENANT_VERSION, _guard, _if_match, transact, version_entity
 
 
 def host_key_row(policy_id: str, fingerprint: str) -> str:
@@ -54,7 +54,9 @@ class HostRecords:
         first = ("create", row) if etag is None else ("update", row, _if_match(etag))
         changed = PreconditionFailed("The host namespaces changed since you read them (ETag mismatch); read them "
                                      "again and retry.")
-        resp = transact(self._table, "put host namespaces", [first, *self._audit_ops(audit)],  # type: ignore[attr-defined]
+        ops = [first, *self._audit_ops(audit),  # type: ignore[attr-defined]
+               version_entity(ns.tenant_id, TENANT_VERSION, audit.at)]  # known-hosts changes with them
+        resp = transact(self._table, "put host namespaces", ops,
                         not_found="The host namespaces were not found.", lost=changed,
                         exists=Conflict("The host namespaces were set at the same time; read them again and retry."))
         return replace(ns, etag=resp[0].get("etag"))

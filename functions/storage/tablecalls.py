@@ -83,3 +83,14 @@ def transact(table: TableClient, op: str, ops: list, *, not_found: str, lost: Ez
             raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
         log.warning("table storage refused %s: %s", op, exc)
         raise StorageUnavailable("Storage refused the write; try again.") from exc
+
+
+TENANT_VERSION = "ver|*"  # "*" is never part of a policy id (core.policy.POLICY_ID_RE)
+
+
+def version_entity(tenant_id: str, row_key: str, at: float) -> tuple:
+    """An upsert of a version row (tables.py: ver|<policy> and ver|*), for the transaction of the
+    change it versions. Every write gives the row a new ETag (TrustVersion.tag), so no read is
+    needed first and concurrent changes never conflict over it."""
+    return ("upsert", {"PartitionKey": tenant_id, "RowKey": row_key, "Kind": "version", "At": int(at)},
+            {"mode": UpdateMode.REPLACE})

@@ -65,7 +65,7 @@ from .base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, AuditP
                    merge_pages, position_ms, read_audit)
 from .transport import client_options, endpoint_of
 from .hostrecords import HostRecords
-from .tablecalls import _guard, _if_match, transact
+from .tablecalls import TENANT_VERSION, _guard, _if_match, transact, version_entity
 
 log = logging.getLogger(__name__)
 UNAUTHENTICATED = "_unauthenticated"
@@ -77,17 +77,6 @@ CLIENT_OPTIONS = dict(retry_total=3, retry_backoff_factor=0.2, retry_backoff_max
 
 def _serial_key(serial: int) -> str:
     return f"{serial:019d}"
-
-
-TENANT_VERSION = "ver|*"  # "*" is never part of a policy id (core.policy.POLICY_ID_RE)
-
-
-def _version_entity(tenant_id: str, row_key: str, at: float) -> tuple:
-    """An upsert of a version row, for the transaction of the change it versions. Every write gives
-    the row a new ETag (TrustVersion.tag), so no read is needed first and concurrent changes never
-    conflict over it."""
-    return ("upsert", {"PartitionKey": tenant_id, "RowKey": row_key, "Kind": "version", "At": int(at)},
-            {"mode": UpdateMode.REPLACE})
 
 
 INDEX_PREFIX = {BY_USER: "rqu", OPEN_BY_USER: "rqm", OPEN_BY_POLICY: "rqo", OPEN_IN_TENANT: "rqt"}
@@ -170,7 +159,7 @@ class TableStore(HostRecords):
 
     def create_policy(self, policy: Policy, audit: AuditEntry) -> Policy:
         ops = [("create", self._policy_entity(policy)), *self._audit_ops(audit),
-               _version_entity(policy.tenant_id, TENANT_VERSION, audit.at)]
+               version_entity(policy.tenant_id, TENANT_VERSION, audit.at)]
         resp = transact(self._table, "create policy", ops, not_found=f"Policy {policy.id!r} was not found.",
                         lost=Conflict(f"A policy with id {policy.id!r} already exists."),
                         exists=Conflict(f"A policy with id {policy.id!r} already exists."))
@@ -180,7 +169,7 @@ class TableStore(HostRecords):
         """The policy row (only if still at `etag`), its audit entry and the tenant's version row
         (known-hosts), in one transaction."""
         ops = [("update", self._policy_entity(policy), _if_match(etag)), *self._audit_ops(audit),
-               _version_entity(policy.tenant_id, TENANT_VERSION, audit.at)]
+               version_entity(policy.tenant_id, TENANT_VERSION, audit.at)]
         resp = transact(self._table, "update policy", ops, not_found=f"Policy {policy.id!r} was not found.",
                         lost=PreconditionFailed(f"Policy {policy.id!r} changed since you read it (ETag mismatch); "
                                                 "read it again and retry."),
@@ -795,9 +784,9 @@ class TableStore(HostRecords):
                         host)
         ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), *self._audit_ops(audit),
                *self._revoked_rows(index, cert.tenant_id),
-               _version_entity(cert.tenant_id, f"ver|{cert.policy_id}", audit.at)]
+               version_entity(cert.tenant_id, f"ver|{cert.policy_id}", audit.at)]
         if host:
-            ops.append(_version_entity(cert.tenant_id, TENANT_VERSION, audit.at))
+            ops.append(version_entity(cert.tenant_id, TENANT_VERSION, audit.at))
         lost = Conflict(f"Certificate {cert.serial} changed at the same time; read it again.")
         resp = transact(self._table, "revoke certificate", ops,
                         not_found=f"No certificate with serial {cert.serial} was issued under policy {cert.policy_id!r}.",

@@ -1366,3 +1366,19 @@ def test_host_namespaces_first_write_then_etag_guarded(store: Store, tid: str) -
     assert len(audit_of(store, tid)) == len(before) + 1
     # one tenant's namespaces are not another's
     assert store.get_host_namespaces(str(uuid.uuid4())) is None
+
+
+def test_host_namespaces_written_move_the_tenants_version(store: Store, tid: str) -> None:
+    """Known-hosts is scoped to the namespaces: their write changes the version it is kept by."""
+    from functions.storage.base import HostNamespaces
+
+    before = store.trust_version(tid)
+    ns = store.put_host_namespaces(HostNamespaces(tenant_id=tid, namespaces=("*.contoso.test",), updated_at=int(T0),
+                                                  updated_by_oid="o", updated_by_upn="u"), None, an_entry(tid, T0))
+    first = store.trust_version(tid)
+    assert first.tag not in ("", before.tag) and first.at == int(T0)
+    with pytest.raises(PreconditionFailed):  # a lost race changes no version
+        store.put_host_namespaces(replace(ns, namespaces=("*.x.test",)), 'W/"stale"', an_entry(tid, T0 + 1))
+    assert store.trust_version(tid) == first
+    store.put_host_namespaces(replace(ns, namespaces=("*.x.test",)), ns.etag or "", an_entry(tid, T0 + 2))
+    assert store.trust_version(tid).tag not in ("", first.tag)

@@ -6,6 +6,7 @@ timings."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import replace
 
@@ -18,7 +19,7 @@ from functions.service import Service, ServiceConfig
 from functions.storage.base import CertificateRecord
 from tests.readcount import counting_store
 
-from .helpers import ALICE, CAROL, Clock, policy_doc
+from .helpers import ALICE, CAROL, HOST_NAMESPACES, Clock, policy_doc
 
 LIVE_USER, LIVE_HOST = 3, 2  # revocations still inside the KRL in both worlds
 
@@ -38,7 +39,7 @@ def build(azurite, keys, shared_ca, host_ca, user_key, *, policies: int, history
     LIVE_HOST host certificates revoked and still valid. Returns (a new worker's Service, counter, clock)."""
     store, counter = counting_store(azurite.connection_string, f"cost{uuid.uuid4().hex[:12]}")
     clock = Clock()
-    config = ServiceConfig(signer_backend="pkcs11", request_rate=100_000)
+    config = ServiceConfig(signer_backend="pkcs11", request_rate=100_000, host_namespaces=HOST_NAMESPACES)
     service = Service(store, keys, config, clock=clock)
     for i in range(policies):
         p = replace(policy_from_document(policy_doc(f"p{i:03d}", "auto"), tenant_id=CAROL.tid), ca=(shared_ca,),
@@ -117,9 +118,11 @@ def test_known_hosts_reads_neither_user_revocations_nor_one_row_per_policy(world
         first = cost(counter, lambda: service.hostcerts.client_trust(ALICE))
         again = cost(counter, lambda: service.hostcerts.client_trust(ALICE))
         assert again[2] == first[2]
-        # the tenant's version, its policies (one range read), its valid host revocations
+        assert json.loads(first[2].data)["policies"] == [f"p{i:03d}" for i in range(policies)]
+        # the tenant's version, its policies (one range read), its valid host revocations, its host
+        # namespaces (none stored: they come from the settings, a read that finds no row)
         got[name] = first[0], first[1] - policies, again[:2]
-    assert got["small"] == got["large"] == (3, 1 + LIVE_HOST, (1, 1)), got
+    assert got["small"] == got["large"] == (4, 1 + LIVE_HOST, (1, 1)), got
 
 
 def test_a_revocation_is_seen_by_the_next_call_and_costs_one_rebuild(worlds):
