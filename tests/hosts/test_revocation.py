@@ -42,7 +42,8 @@ def test_a_user_revokes_their_own_certificate_and_the_krl_says_revoked(client, a
 
     rec = context.service.store.get_certificate(tid, "demo", int(mine["serial"]))
     assert rec.revoked_at is not None and rec.revoked_by == "alice@contoso.test"
-    entries = [e for e in context.service.store.list_audit(tid, since=since - 1) if e.action == "certificate.revoked"]
+    entries = [e for e in context.service.store.list_audit(tid, since=since - 1)
+               if e.action == "certificate.revoked" and e.serial == mine["serial"]]
     assert len(entries) == 1
     e = entries[0]
     assert (e.key_id, e.serial, e.actor_upn, e.details["reason"]) == (mine["key_id"], mine["serial"],
