@@ -1,6 +1,6 @@
 # The two commands: `make demo` (local stack, then a real SSH login with an ezssh certificate)
 # and `make test` (the test suite). Both install what they need first.
-.PHONY: soak setup demo up down status login test test-fast screenshot bench bench-cli package clean
+.PHONY: soak setup demo up down status login test test-fast screenshot bench bench-cli bench-scale package clean
 
 PY := .venv/bin/python
 DEVSTACK := cd infra/local && ../../$(PY) -m devstack
@@ -44,6 +44,10 @@ bench: setup
 
 bench-cli: setup
 	@$(PY) bench/cli.py $(BENCH_ARGS)
+
+# What every read, list and timer costs at two tenant sizes (BENCH_ARGS="--sizes 1000,100000").
+bench-scale: setup
+	@$(PY) bench/scale.py $(BENCH_ARGS)
 
 clean: down
 	rm -rf .local

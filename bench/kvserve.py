@@ -3,7 +3,8 @@
     python bench/kvserve.py --latency 0.02
 
 Prints one JSON line {"url", "ca", "token"} when it listens; then answers commands on stdin, one a
-line: "count" prints the number of sign requests served so far; "quit" (or end of input) stops it.
+line: "count" prints the number of sign requests served so far, "requests" the number of all requests;
+"quit" (or end of input) stops it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main() -> int:
             cmd = line.strip()
             if cmd == "count":
                 print(kv.count("POST", "/sign"), flush=True)
+            elif cmd == "requests":
+                print(kv.count(), flush=True)
             elif cmd == "quit":
                 break
     finally:
