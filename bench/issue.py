@@ -44,9 +44,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "infra" / "local")]
+sys.path[:0] = [str(REPO), str(REPO / "infra" / "local"), str(REPO / "client")]
 
 from bench.meter import HttpCounter, Meter  # noqa: E402
+from ezssh.issue import attempt_key  # noqa: E402
 
 
 # One user makes every request here: lift the per-user request limit (30 a minute in production,
@@ -221,7 +222,7 @@ def http_load(port: int, token: str, n: int, conc: int, *, pid: int | None, name
         if conn is None:
             conn = local.c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         data = json.dumps(body(i)).encode()
-        h = {**headers, "Idempotency-Key": secrets.token_hex(16)} if keyed else headers
+        h = {**headers, "Idempotency-Key": attempt_key()} if keyed else headers  # what the CLI sends
         s = time.perf_counter()
         conn.request("POST", path, data, h)
         r = conn.getresponse()
@@ -320,7 +321,7 @@ def inprocess(ctx: Any, token: str, n: int, *, storage_port: int, kv_port: int |
     req = AccessRequest(host="127.0.0.1", principal="alice")
     header = "Bearer " + token
     try:
-        idem = (lambda: secrets.token_hex(16)) if keyed else (lambda: None)
+        idem = attempt_key if keyed else (lambda: None)  # the CLI's key: a UUIDv7
         for k in keys[n:]:  # warm
             ctx.service.issuance.request_access(ctx.validator.validate(header), req, k, idem())
         meter.reset()
