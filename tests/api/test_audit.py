@@ -65,6 +65,10 @@ def test_the_cli_shows_the_audit(tmp_path_factory, api_server, oidc, issued):
     assert [e["key_id"] for e in json.loads(r.stdout)] == [issued["key_id"]]
     text = run_cli(["audit", "--request", issued["id"]], env)
     assert text.returncode == 0 and "certificate.issued" in text.stdout and "request.created" in text.stdout
+    one = run_cli(["audit", "--request", issued["id"], "--limit", "1", "--json"], env)
+    assert one.returncode == 0 and len(json.loads(one.stdout)) == 1 and "--all" in one.stderr
+    every = run_cli(["audit", "--request", issued["id"], "--limit", "1", "--all", "--json"], env)
+    assert [e["action"] for e in json.loads(every.stdout)] == ["request.created", "certificate.issued"]
     alice = cli_env(tmp_path_factory.mktemp("alice-audit"))
     assert run_cli(["configure", "--server", api_server, "--ca-bundle", str(oidc.ca_path)], alice).returncode == 0
     assert run_cli(["login"], alice, username="alice", ca_path=oidc.ca_path).returncode == 0
