@@ -8,7 +8,7 @@ import pytest
 from functions.core.errors import Forbidden, InvalidRequest, NotFound
 from functions.core.evaluation import AccessRequest
 
-from .helpers import ALICE, CAROL, ERIN, PAT, T0
+from .helpers import ALICE, BOB, CAROL, ERIN, PAT, T0
 
 
 def read(service, who, **kw) -> list:
@@ -154,3 +154,22 @@ def test_a_chain_reads_whole_when_its_entries_share_a_millisecond(service, make_
         story = read(service, CAROL, request_id=out.request.id)
         assert [e.action for e in story] == ["request.created", "certificate.issued"]
         clock.advance(1)
+
+
+def test_storage_keeps_a_requests_entries_in_written_order_within_a_millisecond(service, store, make_policy, clock,
+                                                                                user_key):
+    """With the clock standing still every entry of a request shares one millisecond; storage itself
+    (no reordering by links afterwards) returns them in the order they were written, by their
+    sequence numbers, not by their random ids."""
+    make_policy("web")
+    make_policy("ops", action="approval", hosts=["ops*"])
+    clock.step = 0
+    for _ in range(12):
+        auto = service.issuance.request_access(ALICE, AccessRequest(host="web1", principal="alice"), user_key())
+        assert [(e.action, e.seq) for e in store.list_audit(ALICE.tid, request_id=auto.request.id)] == \
+            [("request.created", 0), ("certificate.issued", 1)]
+    asked = service.issuance.request_access(ALICE, AccessRequest(host="ops1", principal="alice"), None)
+    service.requests.approve(BOB, asked.request.id)
+    service.issuance.issue_for_request(ALICE, asked.request.id, user_key())
+    assert [(e.action, e.seq) for e in store.list_audit(ALICE.tid, request_id=asked.request.id)] == \
+        [("request.created", 0), ("request.approved", 1), ("certificate.issued", 2)]
