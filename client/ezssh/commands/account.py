@@ -139,6 +139,7 @@ def _workload_login(args) -> int:
     c = jwt_claims(token)
     err(f"Signed in as the workload {c.get('azp') or c.get('appid')} (object id {c.get('oid')}, {args.workload}).")
     _refresh_host_cas(ctx)
+    _follow_server(ctx)
     if args.json:
         out_json(_workload_info(ctx, token))
     return OK
