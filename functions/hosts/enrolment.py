@@ -36,8 +36,6 @@ host's maxDequeueCount (then the poison queue, and `give_up` marks the item fail
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import json
 import logging
@@ -49,6 +47,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 from ..core.audit import AuditEntry
+from ..core.paging import decode_token, encode_token
 from ..core.errors import BackendUnavailable, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound
 from ..core.policy import Identity, Policy
 from ..storage.enrolments import (
@@ -539,13 +538,13 @@ class EnrolmentService:
         try:
             if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
                 raise InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}.")
-            after = _after(continuation)
+            after = decode_token(continuation, VM_KEY_RE)
             policy = self._admin_policy(who, policy_id)
         except EzsshError as exc:
             self.hosts.refuse(who, exc, "enrolment.list.refused", policy_id=policy_id)
             raise
         recs, more = self.store.list_page(policy.tenant_id, policy.id, after=after, limit=limit)
-        return recs, _token(vm_key(recs[-1].vm_id)) if more and recs else None
+        return recs, encode_token(vm_key(recs[-1].vm_id)) if more and recs else None
 
     # ---- automatic: Event Grid and the timer ---------------------------------------------------
     def _policies(self, tenant_ids: Iterable[str]) -> list[Policy]:
@@ -676,24 +675,6 @@ class EnrolmentService:
             return True  # someone else is on it
         self.queue.send(self._message(job, item.vm_id, retry=True))
         return True
-
-
-def _token(after: str) -> str:
-    """A continuation token: base64url of {"after": <the last VM key of the page>}."""
-    return base64.urlsafe_b64encode(json.dumps({"after": after}, separators=(",", ":")).encode()).decode().rstrip("=")
-
-
-def _after(token: str | None) -> str | None:
-    if token is None:
-        return None
-    try:
-        doc = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after = doc.get("after") if isinstance(doc, dict) else None
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        after = None
-    if not isinstance(after, str) or not VM_KEY_RE.match(after):
-        raise InvalidRequest("The continuation token is not valid; start again without it.")
-    return after
 
 
 def _parse_message(body: str | bytes) -> dict | None:
