@@ -4,11 +4,11 @@ goes through the real sshd. And the deny path ends alice's wait with exit code 5
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 
+from tests.e2e.approvals import approval_policy, wait_pending
 from tests.e2e.signin import signed_in_home
 from devstack.demo import run_cli
 from devstack.stack import identity_of
@@ -17,30 +17,7 @@ from devstack.stack import ensure_policy
 
 @pytest.fixture(scope="module")
 def gated_e2e(context, oidc, sshd, demo_policy):
-    doc = {
-        "id": "gated-e2e",
-        "rules": [{"groups": [oidc.group_id("contoso", "ezssh-users")], "action": "approval"}],
-        "hosts": ["127.0.0.1"],
-        "principals": ["{username}"],
-        "approvers": {"groups": [oidc.group_id("contoso", "ezssh-approvers")]},
-    }
-    p = ensure_policy(context.service, identity_of(oidc, "carol"), doc)
-    original = sshd.trusted_ca_file.read_text()
-    sshd.trust(*(c.public_key for c in demo_policy.ca), *(c.public_key for c in p.ca))
-    yield p
-    sshd.trusted_ca_file.write_text(original)
-
-
-def wait_pending(api_server: str, token: str, principal: str, seen: set[str], timeout: float = 30) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        r = httpx.get(f"{api_server}/api/requests", params={"state": "pending", "role": "approver"},
-                      headers={"Authorization": f"Bearer {token}"}, timeout=10)
-        for req in r.json()["requests"]:
-            if req["policy"] == "gated-e2e" and req["principal"] == principal and req["id"] not in seen:
-                return req["id"]
-        time.sleep(0.2)
-    raise AssertionError("alice's request never showed up as pending for the approver")
+    yield from approval_policy(context, oidc, sshd, demo_policy, "gated-e2e", ["127.0.0.1"])
 
 
 def test_bob_approves_from_his_cli_and_alices_waiting_ssh_logs_in(tmp_path_factory, api_server, oidc, sshd,
@@ -52,7 +29,7 @@ def test_bob_approves_from_his_cli_and_alices_waiting_ssh_logs_in(tmp_path_facto
            "-o", "BatchMode=yes", "whoami"]
     t = threading.Thread(target=lambda: result.update(r=run_cli(ssh, alice, timeout=90)))
     t.start()
-    rid = wait_pending(api_server, token_for("bob"), "alice", set())
+    rid = wait_pending(api_server, token_for("bob"), "gated-e2e", "alice", set())
     listed = run_cli(["requests", "list", "--pending", "--json"], bob)
     assert listed.returncode == 0 and rid in listed.stdout
     own = run_cli(["requests", "approve", rid], alice)  # alice can't approve her own request
@@ -75,7 +52,7 @@ def test_deny_ends_alices_wait_with_exit_code_5(tmp_path_factory, api_server, oi
            "whoami"]
     t = threading.Thread(target=lambda: result.update(r=run_cli(ssh, alice, timeout=90)))
     t.start()
-    rid = wait_pending(api_server, token_for("dave"), "alice", set())
+    rid = wait_pending(api_server, token_for("dave"), "gated-e2e", "alice", set())
     assert run_cli(["requests", "deny", rid, "--comment", "change freeze"], dave).returncode == 0
     t.join(timeout=90)
     r = result["r"]

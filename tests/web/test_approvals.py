@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from devstack.demo import run_cli
-from devstack.stack import ensure_policy, identity_of
+from tests.e2e.approvals import approval_policy, wait_pending
 from tests.e2e.signin import signed_in_home
 from tests.web.conftest import PHONE
 
@@ -26,18 +25,7 @@ README_SCREENSHOT = REPO / "docs" / "approvals-phone.png"
 
 @pytest.fixture(scope="module")
 def gated(context, oidc, sshd, demo_policy):
-    doc = {
-        "id": "gated-web",
-        "rules": [{"groups": [oidc.group_id("contoso", "ezssh-users")], "action": "approval"}],
-        "hosts": ["127.0.0.1", "web*.contoso.test"],
-        "principals": ["{username}"],
-        "approvers": {"groups": [oidc.group_id("contoso", "ezssh-approvers")]},
-    }
-    p = ensure_policy(context.service, identity_of(oidc, "carol"), doc)
-    original = sshd.trusted_ca_file.read_text()
-    sshd.trust(*(c.public_key for c in demo_policy.ca), *(c.public_key for c in p.ca))
-    yield p
-    sshd.trusted_ca_file.write_text(original)
+    yield from approval_policy(context, oidc, sshd, demo_policy, "gated-web", ["127.0.0.1", "web*.contoso.test"])
 
 
 def ask(api_server: str, token: str, host: str, reason: str) -> dict:
@@ -45,18 +33,6 @@ def ask(api_server: str, token: str, host: str, reason: str) -> dict:
                    json={"host": host, "principal": "alice", "policy": "gated-web", "reason": reason})
     assert r.status_code == 202, r.text
     return r.json()
-
-
-def wait_for_pending(api_server: str, token: str, seen: set[str], timeout: float = 60) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        r = httpx.get(f"{api_server}/api/requests", params={"state": "pending", "role": "approver"},
-                      headers={"Authorization": f"Bearer {token}"}, timeout=10)
-        for req in r.json()["requests"]:
-            if req["policy"] == "gated-web" and req["id"] not in seen:
-                return req["id"]
-        time.sleep(0.2)
-    raise AssertionError("alice's request never showed up as pending")
 
 
 def test_bob_approves_on_the_web_and_alices_waiting_ssh_shows_his_comment(
@@ -70,7 +46,7 @@ def test_bob_approves_on_the_web_and_alices_waiting_ssh_shows_his_comment(
            "-o", "BatchMode=yes", "whoami"]
     t = threading.Thread(target=lambda: result.update(r=run_cli(ssh, alice, timeout=120)))
     t.start()
-    rid = wait_for_pending(api_server, bob_tok, before)
+    rid = wait_pending(api_server, bob_tok, "gated-web", "alice", before, timeout=60)
 
     tab = signed_in("bob")
     page = tab.page

@@ -3,6 +3,7 @@
 import { h, render } from './vendor/preact.js';
 import { useCallback, useEffect, useRef, useState } from './vendor/preact-hooks.js';
 import htm from './vendor/htm.js';
+import { page } from './api.js';
 
 export const html = htm.bind(h);
 export { render, useCallback, useEffect, useRef, useState };
@@ -72,4 +73,24 @@ export function usePoll(load, deps, everyMs = 0) {
 export function navigate(path) {
   history.pushState(null, '', path);
   window.dispatchEvent(new Event('popstate'));
+}
+
+// A list the API pages: the first page (read again every `everyMs`), and further pages on `more()`
+// (following `next`). Items are kept once by id.
+export function usePaged(path, key, everyMs = 0) {
+  const [extra, setExtra] = useState({ items: [], next: undefined });
+  const [first, error] = usePoll(() => page(path, key), [path], everyMs);
+  const seen = new Set();
+  const items = first ? first.items.concat(extra.items).filter((x) => {
+    const id = x.id ?? JSON.stringify(x);
+    if (seen.has(id)) return false;
+    seen.add(id);
+    return true;
+  }) : null;
+  const next = extra.next === undefined ? first && first.next : extra.next;
+  const more = async () => {
+    const p = await page(path, key, next);
+    setExtra({ items: extra.items.concat(p.items), next: p.next });
+  };
+  return { items, next, more, error };
 }

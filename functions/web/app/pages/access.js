@@ -1,18 +1,11 @@
 // My access: the policies that admit me and the logins I may ask for (what `ezssh ls` shows), and my requests.
-import { html, useState, ago, duration, ErrorBox, State, usePoll } from '../ui.js';
+import { html, ago, duration, ErrorBox, State, usePaged, usePoll } from '../ui.js';
 import { page } from '../api.js';
 
 function MyRequests() {
-  const [extra, setExtra] = useState({ items: [], next: undefined });
-  const [first, error] = usePoll(() => page('/api/requests?role=requester', 'requests'), [], 10000);
+  const { items, next, more, error } = usePaged('/api/requests?role=requester', 'requests', 10000);
   if (error) return html`<${ErrorBox} error=${error} />`;
-  if (!first) return html`<p class="loading">Loading…</p>`;
-  const items = first.items.concat(extra.items);
-  const next = extra.next === undefined ? first.next : extra.next;
-  const more = async () => {
-    const p = await page('/api/requests?role=requester', 'requests', next);
-    setExtra({ items: extra.items.concat(p.items), next: p.next });
-  };
+  if (!items) return html`<p class="loading">Loading…</p>`;
   if (!items.length) return html`<p class="muted">You have made no requests lately.</p>`;
   return html`
     <div class="table"><table>

@@ -1,8 +1,8 @@
 // Policies: members read what they need to ask for access; admins edit the document (If-Match on
 // save: a stale edit is shown as a conflict and kept, never written over someone else's), rotate
 // the CA, and see the CA keys, the host setup command and the enrolments.
-import { html, useState, when, duration, ErrorBox, usePoll } from '../ui.js';
-import { call, get, page } from '../api.js';
+import { html, useState, when, duration, ErrorBox, usePaged, usePoll } from '../ui.js';
+import { call, get } from '../api.js';
 import { Enrolments } from './hosts.js';
 
 // The fields an admin writes (the service sets the rest); the CLI's `ezssh policy edit` takes the same.
@@ -11,16 +11,9 @@ const EDITABLE = ['id', 'name', 'rules', 'hosts', 'principals', 'logins', 'appro
   'webhook_format', 'host_cert_ttl'];
 
 export function Policies() {
-  const [extra, setExtra] = useState({ items: [], next: undefined });
-  const [first, error] = usePoll(() => page('/api/policies', 'policies'), []);
+  const { items, next, more, error } = usePaged('/api/policies', 'policies');
   if (error) return html`<h1>Policies</h1><${ErrorBox} error=${error} />`;
-  if (!first) return html`<p class="loading">Loading…</p>`;
-  const items = first.items.concat(extra.items);
-  const next = extra.next === undefined ? first.next : extra.next;
-  const more = async () => {
-    const p = await page('/api/policies', 'policies', next);
-    setExtra({ items: extra.items.concat(p.items), next: p.next });
-  };
+  if (!items) return html`<p class="loading">Loading…</p>`;
   return html`
     <h1>Policies</h1>
     ${!items.length ? html`<p class="muted">You can see no policy.</p>` : null}
