@@ -61,7 +61,7 @@ class MemoryStore:
         self._born_issued: set[tuple[str, str]] = set()
         self._expiry: set[tuple[str, int, str]] = set()
         self._slots: dict[tuple[str, str, str], _Row] = {}  # value: tuple of (request id, expires_at)
-        self._backfill: dict[str, tuple[str, bool]] = {}
+        self._backfill: dict[str, dict] = {}  # tenant -> where each pass stopped, what is done
         self._namespaces: dict[str, _Row] = {}  # value: HostNamespaces
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -242,23 +242,32 @@ class MemoryStore:
             return replace(rec, etag=row.etag, indexed=False)
 
     def backfill_request_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
+        """As the table's: the open requests first, then all the rest, `budget` rows a call."""
         with self._lock:
-            after, finished = self._backfill.get(tenant_id, ("", False))
-            if finished:
+            mark = self._backfill.setdefault(tenant_id, {})
+            if mark.get("Finished"):
                 return 0, True
-            keys = sorted(k for k in self._requests if k[0] == tenant_id and k[1] > after)[:max(1, budget)]
-            indexed = 0
-            for key in keys:
-                row = self._requests[key]
-                rec: RequestRecord = row.value  # type: ignore[assignment]
-                if rec.indexed or key in self._born_issued:
+            indexed, left = 0, max(1, budget)
+            for pass_, done in (("Open", "OpenDone"), ("All", "Finished")):
+                if mark.get(done):
                     continue
-                row.value, row.etag = replace(rec, indexed=True), self._etag()
-                self._index(rec)
-                indexed += 1
-            finished = len(keys) < budget
-            self._backfill[tenant_id] = (keys[-1][1] if keys else after, finished)
-            return indexed, finished
+                keys = sorted(k for k, r in self._requests.items() if k[0] == tenant_id and k[1] > mark.get(pass_, "")
+                              and (pass_ == "All" or r.value.state in OPEN_STATES))[:left]  # type: ignore[attr-defined]
+                for key in keys:
+                    row = self._requests[key]
+                    rec: RequestRecord = row.value  # type: ignore[assignment]
+                    if rec.indexed or key in self._born_issued:
+                        continue
+                    row.value, row.etag = replace(rec, indexed=True), self._etag()
+                    self._index(rec)
+                    indexed += 1
+                if keys:
+                    mark[pass_] = keys[-1][1]
+                left -= len(keys)
+                if not left:
+                    break
+                mark[done] = True
+            return indexed, bool(mark.get("Finished"))
 
     # idempotency keys: in a row of their own, or (on_request_row) on the row of the request they name
     @staticmethod

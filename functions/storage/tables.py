@@ -53,8 +53,8 @@ from typing import Any, Callable, Iterator, Sequence
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
-from ..core.approval import (OPEN_STATES, SERIAL_RANDOM_BITS, Approval, RequestRecord, request_id_of_serial, request_of,
-                             serial_floor, serial_of_request_id)
+from ..core.approval import (APPROVED, OPEN_STATES, PENDING, SERIAL_RANDOM_BITS, Approval, RequestRecord,
+                             request_id_of_serial, request_of, serial_floor, serial_of_request_id)
 from ..deadline import deadline_hook
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed
@@ -369,36 +369,46 @@ class TableStore(HostRecords):
         transaction with Ix set on the row if it is still at the ETag read (a request changed
         meanwhile was indexed by that change). A request issued at once (its certificate's audit
         entry in its own row, Audit1) has none: only requests that waited for a decision are indexed.
-        Row mig|requests keeps the last request id read, so each call reads at most `budget` rows."""
-        marker = {"PartitionKey": tenant_id, "RowKey": "mig|requests", "Kind": "migration"}
+        First the open ones (what approvers and the sweep need; the store picks them out, as this
+        runs once per tenant), then all the rest in order. Row mig|requests keeps where each pass
+        stopped, so each call reads at most `budget` rows."""
         try:
-            done = _guard("read backfill marker", lambda: self._table.get_entity(tenant_id, "mig|requests"))
+            mark = dict(_guard("read backfill marker", lambda: self._table.get_entity(tenant_id, "mig|requests")))
         except ResourceNotFoundError:
-            done = {}
-        if done.get("Finished"):
+            mark = {"PartitionKey": tenant_id, "RowKey": "mig|requests", "Kind": "migration"}
+        if mark.get("Finished"):
             return 0, True
-        after = done.get("After") or ""
-        flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
-        params = {"pk": tenant_id, "lo": f"req|{after}", "hi": "req}"}
-        rows = _guard("backfill request indexes", lambda: list(itertools.islice(self._table.query_entities(
-            flt, parameters=params, results_per_page=max(1, min(budget, 1000))), max(1, budget))))
-        indexed = 0
-        for e in rows:
-            if e.get("Ix") or e.get("Audit1"):
+        indexed, left = 0, max(1, budget)
+        for pass_, done in (("Open", "OpenDone"), ("All", "Finished")):
+            if mark.get(done):
                 continue
-            rec = self._request_from_entity(e)
-            ops = [("update", {"PartitionKey": tenant_id, "RowKey": e["RowKey"], "Ix": 1},
-                    _if_match(rec.etag or "", UpdateMode.MERGE)), *self._index_ops(rec, new=False)]
-            try:
-                transact(self._table, "backfill request indexes", ops, not_found="gone",
-                         lost=Conflict("changed"), exists=Conflict("changed"))
-                indexed += 1
-            except (Conflict, NotFound):
-                continue  # changed meanwhile (and so indexed by that change), or deleted
-        finished = len(rows) < budget
-        marker |= {"After": rows[-1]["RowKey"][4:] if rows else after, "Finished": finished}
-        _guard("write backfill marker", lambda: self._table.upsert_entity(marker, mode=UpdateMode.REPLACE))
-        return indexed, finished
+            flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
+            if pass_ == "Open":
+                flt += " and ( State eq @pending or State eq @approved )"  # the SDK binds @names between spaces
+            params = {"pk": tenant_id, "lo": f"req|{mark.get(pass_ + 'After') or ''}", "hi": "req}",
+                      "pending": PENDING, "approved": APPROVED}
+            rows = _guard("backfill request indexes", lambda: list(itertools.islice(self._table.query_entities(
+                flt, parameters=params, results_per_page=min(left, 1000)), left)))
+            indexed += sum(self._backfill_one(tenant_id, e) for e in rows if not (e.get("Ix") or e.get("Audit1")))
+            if rows:
+                mark[pass_ + "After"] = rows[-1]["RowKey"][4:]
+            left -= len(rows)
+            if not left:
+                break  # the budget is spent; this pass goes on at the next call
+            mark[done] = True
+        _guard("write backfill marker", lambda: self._table.upsert_entity(mark, mode=UpdateMode.REPLACE))
+        return indexed, bool(mark.get("Finished"))
+
+    def _backfill_one(self, tenant_id: str, e: Any) -> bool:
+        rec = self._request_from_entity(e)
+        ops = [("update", {"PartitionKey": tenant_id, "RowKey": e["RowKey"], "Ix": 1},
+                _if_match(rec.etag or "", UpdateMode.MERGE)), *self._index_ops(rec, new=False)]
+        try:
+            transact(self._table, "backfill request indexes", ops, not_found="gone",
+                     lost=Conflict("changed"), exists=Conflict("changed"))
+            return True
+        except (Conflict, NotFound):
+            return False  # changed meanwhile (and so indexed by that change), or deleted
 
     def _insert(self, op: str, entity: dict, exists: EzsshError) -> dict:
         try:

@@ -1291,11 +1291,14 @@ def test_old_request_rows_are_indexed_by_a_bounded_backfill(store: Store, tid: s
     denied = store.update_request(replace(old[3], state="denied"), old[3].etag or "", an_entry(tid, T0 + 50))
     assert denied.indexed and ids_in(store, tid, BY_USER, "oid-alice") == [old[3].id]
     assert ids_in(store, tid, OPEN_BY_POLICY, "web") == []
-    # the backfill reads at most its budget per call, from where it stopped
-    # (six rows: four to index, old[2] was issued at once, old[3] indexed by its change)
-    runs = [store.backfill_request_indexes(tid, 3) for _ in range(3)]
-    assert [done for _, done in runs] == [False, False, True] and sum(n for n, _ in runs) == 4
-    assert store.backfill_request_indexes(tid, 3) == (0, True)
+    # the backfill reads at most its budget per call, from where it stopped: first the open requests
+    # (what approvers and the sweep need), then the rest (six rows: four to index, old[2] was issued
+    # at once, old[3] indexed by its change)
+    assert store.backfill_request_indexes(tid, 3) == (3, False)  # old[0], old[4], the uuid id: open
+    assert ids_in(store, tid, OPEN_BY_POLICY, "web") == [old[4].id, old[0].id, uuid_id.id]
+    assert old[1].id not in ids_in(store, tid, BY_USER, "oid-alice")
+    runs = [store.backfill_request_indexes(tid, 3) for _ in range(3)]  # no more open, then 6 rows in all
+    assert [done for _, done in runs] == [False, False, True] and sum(n for n, _ in runs) == 1  # old[1]
     assert ids_in(store, tid, BY_USER, "oid-alice") == [old[4].id, old[3].id, old[1].id, old[0].id, uuid_id.id]
     assert ids_in(store, tid, OPEN_BY_POLICY, "web") == [old[4].id, old[0].id, uuid_id.id]
     assert ids_in(store, tid, "tenant-open", "*") == [old[4].id, old[0].id, uuid_id.id]

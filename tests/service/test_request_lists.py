@@ -196,7 +196,7 @@ def test_old_request_rows_join_the_lists_through_the_housekeeping_timer(service,
     assert listed() == []  # not yet indexed, but they work: a decision indexes one
     service.requests.approve(BOB, old[2].id)
     assert listed() == [old[2].id]
-    assert service.housekeeping([ALICE.tid])["indexed_requests"] == 2  # old[0], old[1]
+    assert service.housekeeping([ALICE.tid])["indexed_requests"] == 2  # old[0] (open: first), old[1]
     assert listed() == [old[2].id, old[0].id]
     assert [r.id for r in service.requests.list(ALICE, role="requester").requests] == [r.id for r in old[::-1]]
     assert service.housekeeping([ALICE.tid])["indexed_requests"] == 0
