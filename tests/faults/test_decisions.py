@@ -21,7 +21,7 @@ LANES = 8  # pairs in flight at once: 16 clients
 def test_100_simultaneous_approver_pairs_on_2_of_n_requests_all_succeed_once_each(
         tmp_path, api_env, azurite, oidc, auth) -> None:
     table = f"dec{uuid.uuid4().hex[:8]}"
-    env = {**api_env, "EZSSH_TABLE_NAME": table, "EZSSH_REQUEST_RATE": "10000", "EZSSH_MAX_PENDING_REQUESTS": "1000"}
+    env = {**api_env, "EZSSH_TABLE_NAME": table, "EZSSH_REQUEST_RATE": "10000", "EZSSH_MAX_PENDING_REQUESTS": "100"}
     api, url = _api(tmp_path, env)
     tid = oidc.tenant_id("contoso")
     truth = TableStore.from_connection_string(azurite.connection_string, table)
