@@ -176,8 +176,8 @@ class Requests:
     def expire(self, tenant_id: str, limit: int = SWEEP_BATCH) -> list[str]:
         """Move pending/approved requests past their deadline to `expired` (the timer's sweep). Reads
         only the expiry keys due (at most `limit`), one point read each; reads check expiry too, so
-        this only makes storage and the audit say so. A key whose request was decided, or whose
-        deadline moved at approval, is removed."""
+        this only makes storage and the audit say so. A key left behind (its request gone, or its
+        deadline moved at approval) is removed."""
         now = self.base.now()
         done = []
         for expires_at, rid in self.base.store.due_requests(tenant_id, now, limit):
@@ -186,9 +186,10 @@ class Requests:
             except NotFound:
                 rec = None
             if rec is not None and rec.state in sm.OPEN_STATES and rec.expires_at == expires_at:
-                if not self._expire(tenant_id, rec, now):
-                    continue  # decided meanwhile: the next sweep finds it so and removes the key
-                done.append(rec.id)
+                # expired now, or decided meanwhile: either write took this key with it
+                if self._expire(tenant_id, rec, now):
+                    done.append(rec.id)
+                continue
             self.base.store.remove_expiry_key(tenant_id, expires_at, rid)
         return done
 
