@@ -86,8 +86,14 @@ def list_(request: Request, state: str | None = Query(None, max_length=16),
 
 @router.get("/{request_id}")
 def get(request: Request, request_id: str, who: Identity = Depends(caller)) -> dict:
+    """The request; once issued, also its certificate's validity and whether it was revoked."""
     svc = service(request)
-    return svc.requests.get(who, request_id).to_public(int(svc.clock()))
+    rec = svc.requests.get(who, request_id)
+    out = rec.to_public(int(svc.clock()))
+    cert = svc.requests.certificate_of(who, rec)
+    if cert is not None:
+        out.update(valid_after=cert.valid_after, valid_before=cert.valid_before, revoked_at=cert.revoked_at)
+    return out
 
 
 @router.post("/{request_id}/certificate")

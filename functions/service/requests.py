@@ -12,7 +12,8 @@ from ..core.paging import decode_token, encode_token
 from ..core.policy import Identity, Policy
 from ..notify import Message
 from ..observability import event
-from ..storage.base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, POSITION_RE, index_position
+from ..storage.base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, POSITION_RE, CertificateRecord,
+                            index_position)
 from .base import Base
 
 log = logging.getLogger("ezssh.service")
@@ -66,6 +67,15 @@ class Requests:
 
     def get(self, who: Identity, request_id: str) -> sm.RequestRecord:
         return self.visible(who, request_id)[0]
+
+    def certificate_of(self, who: Identity, rec: sm.RequestRecord) -> CertificateRecord | None:
+        """The certificate an issued request (that `who` may see) became: one point read."""
+        if rec.state != sm.ISSUED or rec.serial is None:
+            return None
+        try:
+            return self.base.store.get_certificate(who.tid, rec.policy_id, rec.serial)
+        except NotFound:
+            return None
 
     def list(self, who: Identity, *, state: str | None = None, role: str | None = None, limit: int = 100,
              continuation: str | None = None) -> RequestPage:

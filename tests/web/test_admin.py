@@ -80,3 +80,35 @@ def test_members_and_other_tenants_see_no_admin_data(api_server, oidc, demo_poli
 
         page.goto(f"{api_server}/app/")
         page.locator("#none-pending").wait_for()  # nobody's requests wait for them
+
+
+def test_an_issued_requests_page_and_revoking_it_from_hosts(api_server, oidc, demo_policy, token_for, signed_in):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    pub = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    r = httpx.post(f"{api_server}/api/requests", headers={"Authorization": f"Bearer {token_for('alice')}"},
+                   json={"host": "127.0.0.1", "principal": "alice", "public_key": pub, "reason": "web revoke"},
+                   timeout=20)
+    assert r.status_code == 201, r.text
+    issued = r.json()
+    tab = signed_in("carol", path=f"/app/requests/{issued['id']}")
+    page = tab.page
+    page.locator("#cert-expiry").wait_for()
+    facts = page.locator("dl.facts").inner_text()
+    assert issued["key_id"] in facts and issued["serial"] in facts
+
+    page.goto(f"{api_server}/app/hosts")
+    form = page.locator("form.search")
+    form.locator("select").select_option("demo")
+    form.locator('input[name="serial"]').fill(issued["serial"])
+    form.locator('input[name="reason"]').fill("laptop lost")
+    form.locator("button[type=submit]").click()
+    page.locator("p.ok").wait_for()
+    assert issued["key_id"] in page.locator("p.ok").inner_text()
+
+    page.goto(f"{api_server}/app/requests/{issued['id']}")
+    page.locator("dd.error").wait_for()  # the page says it was revoked
+    seen = httpx.get(f"{api_server}/api/requests/{issued['id']}", headers={"Authorization": f"Bearer {token_for('alice')}"})
+    assert seen.json()["revoked_at"] and seen.json()["valid_before"] == issued["valid_before"]
+    assert not tab.errors, tab.errors

@@ -30,7 +30,8 @@ export function RequestPage({ id }) {
       <dt>Approvals</dt><dd>${(r.approvals || []).length} of ${r.approvals_required}</dd>
       ${r.key_id ? html`<dt>Key id</dt><dd class="mono">${r.key_id}</dd>` : null}
       ${r.serial && r.status === 'issued' ? html`<dt>Serial</dt><dd class="mono">${r.serial}</dd>` : null}
-      ${r.valid_before ? html`<dt>Certificate expires</dt><dd>${when(r.valid_before)}</dd>` : null}
+      ${r.valid_before ? html`<dt>Certificate expires</dt><dd id="cert-expiry">${when(r.valid_before)}</dd>` : null}
+      ${r.revoked_at ? html`<dt>Revoked</dt><dd class="error">${when(r.revoked_at)}</dd>` : null}
     </dl>
     <h2>Decisions</h2>
     <${Approvals} list=${r.approvals} />
