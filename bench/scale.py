@@ -318,7 +318,7 @@ class Seeder:
 
     def _issue_at_once(self, who: Any, policy: Any, at: float, ttl: int = 3600) -> tuple[Any, Any]:
         from functions.core import approval as sm
-        from functions.core.audit import link
+        from functions.core.audit import link, with_head
 
         rec = self._request(who, policy, at, auto=True)
         created = link(self._entry(who, at, "request.created", request_id=rec.id, policy_id=policy.id,
@@ -330,34 +330,34 @@ class Seeder:
                                   key_id=cert.key_id, serial=str(cert.serial), host=rec.host, principal=rec.principal,
                                   chain=f"req:{rec.id}", details={"valid_after": cert.valid_after,
                                                                   "valid_before": cert.valid_before}), created)
-        final = replace(final, audit_head=issued.hash)
+        final = with_head(final, issued)
         self.store.record_issuance(final, None, cert, [created, issued])
         return final, cert
 
     def _approved_then_issued(self, who: Any, at: float, deny: bool) -> Any:
         from functions.core import approval as sm
-        from functions.core.audit import link
+        from functions.core.audit import link, with_head
 
         policy = self.t.gated
         rec = self._request(who, policy, at, auto=False)
         created = link(self._entry(who, at, "request.created", request_id=rec.id, policy_id=policy.id,
                                    host=rec.host, principal=rec.principal, chain=f"req:{rec.id}",
                                    details={"decision": "approval"}), None)
-        rec = self.store.create_request(replace(rec, audit_head=created.hash), created)
+        rec = self.store.create_request(with_head(rec, created), created)
         t1 = at + self.rand.uniform(30, 600)
         bob = self.t.bob
         decided = (sm.deny if deny else sm.approve)(rec, bob, int(t1), comment="ok")
         entry = link(self._entry(bob, t1, "request.denied" if deny else "request.approved", request_id=rec.id,
-                                 policy_id=policy.id, chain=f"req:{rec.id}"), rec.audit_head)
-        rec = self.store.update_request(replace(decided, audit_head=entry.hash), rec.etag, entry)
+                                 policy_id=policy.id, chain=f"req:{rec.id}"), rec)
+        rec = self.store.update_request(with_head(decided, entry), rec.etag, entry)
         if deny:
             return rec
         t2 = t1 + self.rand.uniform(1, 60)
         cert = self._cert(rec, t2, 3600)
         final = sm.mark_issued(rec, who, int(t2), serial=cert.serial, key_id=cert.key_id)
         issued = link(self._entry(who, t2, "certificate.issued", request_id=rec.id, policy_id=policy.id,
-                                  key_id=cert.key_id, serial=str(cert.serial), chain=f"req:{rec.id}"), rec.audit_head)
-        self.store.record_issuance(replace(final, audit_head=issued.hash), rec.etag, cert, [issued])
+                                  key_id=cert.key_id, serial=str(cert.serial), chain=f"req:{rec.id}"), rec)
+        self.store.record_issuance(with_head(final, issued), rec.etag, cert, [issued])
         return final
 
     def _refusal(self, who: Any, at: float) -> None:
@@ -402,7 +402,7 @@ class Seeder:
                         self.t.picks["serial"], self.t.picks["key_id"] = cert.serial, cert.key_id
                 else:
                     rec = self._approved_then_issued(who, at, deny=kind == 19)
-                    if who is self.t.alice and "request" not in self.t.picks and at < now - 20 * DAY:
+                    if kind != 19 and "request" not in self.t.picks and at < now - 20 * DAY:  # an approved one
                         self.t.picks["request"] = rec.id
                 self._refusal(users[self.rand.randrange(len(users))], now - 30 * DAY + self.rand.uniform(0, 30 * DAY))
                 self._revoked(users[self.rand.randrange(len(users))], now - 20 * 3600 + self.rand.uniform(0, 19 * 3600))

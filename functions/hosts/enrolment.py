@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable
 from ..core.audit import AuditEntry
 from ..core.paging import decode_token, encode_token
 from ..core.errors import BackendUnavailable, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound
+from ..core.paging import decode_token, encode_token
 from ..core.policy import Identity, Policy
 from ..storage.enrolments import (
     FAILED,
