@@ -50,13 +50,14 @@ def revoke_leavers(timer: func.TimerRequest) -> None:
 # the policy's current CA keys and KRL is left alone, since every update of the VM fires the same
 # event. It answers Event Grid at once; an unreachable ARM fails the invocation, so that Event Grid
 # delivers again.
-# `reconcile_enrolments` (timer, every 2 minutes): queues due retries, VMs in EZSSH_ENROL_SCOPES not
-# yet enrolled, and re-pushes after a CA rotation or a revocation.
+# `reconcile_enrolments` (timer, every 2 minutes): sends the job messages the queue has not taken yet
+# (the outbox), then queues due retries, VMs in EZSSH_ENROL_SCOPES not yet enrolled, and re-pushes
+# after a CA rotation or a revocation.
 
 
 @app.queue_trigger(arg_name="msg", queue_name=ENROL_QUEUE, connection="AzureWebJobsStorage")
 def enrol_job(msg: func.QueueMessage) -> None:
-    outcome = shared_context().enrolments.run_message(msg.get_body())
+    outcome = shared_context().enrolments.run_message(msg.get_body(), msg.id)
     logging.getLogger("ezssh.jobs").info("message %s (delivery %s): %s", msg.id, msg.dequeue_count, outcome)
 
 
@@ -77,5 +78,6 @@ def enrol_vm_event(event: func.EventGridEvent) -> None:
 @app.timer_trigger(schedule="0 */2 * * * *", arg_name="timer", run_on_startup=False, use_monitor=True)
 def reconcile_enrolments(timer: func.TimerRequest) -> None:
     ctx = shared_context()
+    sent = ctx.enrolments.send_unsent()  # the outbox first: jobs whose messages the queue did not take
     result = ctx.enrolments.reconcile()
-    logging.getLogger("ezssh.timer").info("reconcile enrolments: %s", result)
+    logging.getLogger("ezssh.timer").info("reconcile enrolments: %s; outbox %s", result, sent)

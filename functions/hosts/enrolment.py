@@ -5,6 +5,13 @@ Storage) and one queue message per VM (Azure Storage Queue); the queue-triggered
 push (`run_message`). The HTTP call and the Event Grid delivery return as soon as the messages are
 queued; the job's state is read back with `job()`.
 
+The messages go through an outbox (storage/enrolments.py): the job row, its audit entry and every
+item with its unsent message land in one transaction first; the messages are sent after, within the
+request's deadline, and each one sent is struck off. What the queue did not take (down, slow, an
+answer lost) the timer sends (`send_unsent`). A message sent twice changes nothing: its handler
+claims the item with the queue's message id, and another message for a claimed or finished item is
+dropped; a redelivery of the same message (its worker died) carries on.
+
 Use cases (EnrolmentService):
   enrol(who, policy, vm_id=... | resource_group=..., tag="k=v")   POST /api/policies/{id}/enrolments (202)
   job(who, policy, job_id)                                          GET  /api/policies/{id}/enrolment-jobs/{job}
@@ -12,7 +19,8 @@ Use cases (EnrolmentService):
   handle_event(event)        Event Grid: Microsoft.Resources.ResourceWriteSuccess for a VM write
   reconcile()                timer: due retries, VMs in scope not yet enrolled, re-push after a CA
                              rotation or a revocation (pushed CA fingerprints / KRL version differ)
-  run_message(body)          queue trigger: one VM of one job
+  run_message(body, id)      queue trigger: one VM of one job
+  send_unsent()              timer: the messages of jobs the queue has not taken yet
   give_up(body)              poison queue trigger: the message failed every delivery
 
 A VM is covered by a policy (for events and reconcile) when its tag `ezssh-policy` names the policy
@@ -29,17 +37,22 @@ Only VMs inside the configured scopes (EZSSH_ENROL_SCOPES) are ever touched.
 
 A worker that dies mid-push (killed, or past the function timeout) leaves its lease on the record; the
 message comes back after its visibility timeout, finds the lease, and is queued again to run when
-the lease ends, so a VM's script never runs twice at the same time. Retries are bounded: transient
+the lease ends, so a VM's script never runs twice at the same time. Each push is audited when it
+starts (`enrolment.push_started`, with the claim) and when it ends (pushed / retrying / failed, with
+the outcome), and an abandoned message as `enrolment.gave_up`, so a push that ran on a VM is on record
+even when its worker died. Retries are bounded: transient
 Run Command failures by `max_attempts` (the timer re-queues them after the backoff), crashes by the
 host's maxDequeueCount (then the poison queue, and `give_up` marks the item failed).
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -116,6 +129,10 @@ class EnrolConfig:
     max_deferrals: int = 48
     max_job_vms: int = 500  # VMs one request may name (a resource group's tagged VMs)
     send_concurrency: int = 8  # queue messages sent at once when a job is queued
+    # The timer sends outbox messages older than this (younger ones are still being sent by the call
+    # that made the job), at most unsent_page per tenant per tick.
+    unsent_grace: int = 60
+    unsent_page: int = 500
 
     # A scope may name the one tenant whose policies may push into it: "<tenant id>=/subscriptions/...".
     # Settings insist on that when the deployment serves several tenants, so one tenant's admins can
@@ -259,12 +276,15 @@ class EnrolmentService:
         claimed = replace(rec, state=PENDING, lease_until=now + self.config.lease_seconds, updated_at=now,
                           source=source, requested_by=who.upn if who else rec.requested_by,
                           job_id=job_id or rec.job_id)
+        attempts = rec.attempts + 1 if rec.state in (PENDING, RETRYING) else 1
+        started = self._audit(policy.tenant_id, who, "enrolment.push_started", "ok", claimed, attempt=attempts,
+                              job_id=job_id, ca_fingerprints=list(desired.fingerprints),
+                              krl_version=desired.krl_version)
         try:
-            claimed = self.store.update(claimed, rec.etag or "")
+            claimed = self.store.update(claimed, rec.etag or "", started)  # the claim and its audit, together
         except (Conflict, NotFound):
             log.info("enrolment of %s in %s taken by another worker", ref.id, policy.id)
             return self.store.get(policy.tenant_id, policy.id, ref.id) or rec, "busy"
-        attempts = rec.attempts + 1 if rec.state in (PENDING, RETRYING) else 1
         details: dict[str, object] = {}
         try:
             vms = self.vms.within(self.config.push_budget)  # one budget for this push's Run Commands
@@ -418,25 +438,63 @@ class EnrolmentService:
                            policy_id=policy.id, chain=f"enr:{policy.id}",
                            details={"job_id": job.job_id, "source": source, "total": len(refs),
                                     "vms": [r.id for r in refs][:50]}).sealed()
-        self.jobs.create(job, items, entry)  # the job and its audit entry, in one transaction
-
-        def send(item: JobItem) -> JobItem | None:
-            try:
-                self.queue.send(self._message(job, item.vm_id))
-                return None
-            except BackendUnavailable:
-                return item
-
-        with ThreadPoolExecutor(max_workers=max(1, min(self.config.send_concurrency, len(items)))) as pool:
-            unsent = [i for i in pool.map(send, items) if i is not None]
-        if unsent:
-            for left in unsent:
-                self._set_item(left, state=FAILED, error_code="queue_unavailable",
-                               last_error="The job queue could not be reached; this VM was not queued.")
-            raise BackendUnavailable(f"The enrolment job queue could not be reached; {len(unsent)} of {len(items)} "
-                                     f"VMs were not queued (job {job.job_id} shows which).")
-        log.info("enrolment job %s (%s) for policy %s: %d VMs queued", job.job_id, source, policy.id, len(refs))
+        self.jobs.create(job, items, entry)  # the job, its audit entry, its items and their unsent messages
+        sent = self._send([(job.tenant_id, job.job_id, job.policy_id, i.vm_id) for i in items])
+        if len(sent) < len(items):
+            log.warning("enrolment job %s: %d of %d messages not queued yet; the timer sends them",
+                        job.job_id, len(items) - len(sent), len(items))
+        log.info("enrolment job %s (%s) for policy %s: %d VMs, %d messages queued", job.job_id, source, policy.id,
+                 len(refs), len(sent))
         return job, items
+
+    def _send(self, messages: list[tuple[str, str, str, str]]) -> list[tuple[str, str]]:
+        """Queue (tenant, job, policy, vm) messages and strike them off the outbox; returns the
+        (job, vm) pairs sent. Stops at the first the queue refuses (the rest stay in the outbox);
+        every queue call is bounded by the request's deadline (storage/queue.py)."""
+        failed = threading.Event()
+
+        def send(m: tuple[str, str, str, str]) -> tuple[str, str] | None:
+            tid, job_id, pid, vm_id = m
+            if failed.is_set():
+                return None
+            try:
+                self.queue.send({"v": 1, "tenant": tid, "job": job_id, "policy": pid, "vm": vm_id,
+                                 "deferrals": 0, "retry": False})
+                return job_id, vm_id
+            except BackendUnavailable:
+                failed.set()
+                return None
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.config.send_concurrency, len(messages)))) as pool:
+            # each worker thread runs in a copy of this call's context: the request's deadline holds there too
+            ctx = contextvars.copy_context()
+            done = list(pool.map(lambda m: ctx.copy().run(send, m), messages))
+        sent = [d for d in done if d is not None]
+        by_tenant: dict[str, list[tuple[str, str]]] = {}
+        for (tid, *_), d in zip(messages, done):
+            if d is not None:
+                by_tenant.setdefault(tid, []).append(d)
+        for tid, pairs in by_tenant.items():
+            try:
+                self.jobs.mark_sent(tid, pairs)
+            except EzsshError as exc:  # sent, not struck off: the timer sends them again, the handler drops them
+                log.warning("enrolment messages sent but still in the outbox (%s); they will be sent again", exc.message)
+        return sent
+
+    def send_unsent(self) -> dict[str, int]:
+        """The timer's outbox sweep: send the messages of jobs the queue has not taken yet (older
+        than `unsent_grace`, at most `unsent_page` per tenant)."""
+        self._need_queue()
+        now = int(self.clock())
+        counts = {"unsent": 0, "sent": 0}
+        for tid in self.config.tenants:
+            rows = self.jobs.unsent(tid, created_before=now - self.config.unsent_grace, limit=self.config.unsent_page)
+            counts["unsent"] += len(rows)
+            sent = self._send([(r.tenant_id, r.job_id, r.policy_id, r.vm_id) for r in rows])
+            counts["sent"] += len(sent)
+            if len(sent) < len(rows):
+                break  # the queue is refusing: the next tick tries again
+        return counts
 
     def job(self, who: Identity, policy_id: str, job_id: str) -> tuple[Job, list[JobItem]]:
         """A job of this policy, for its admins (other tenants' jobs are never found)."""
@@ -457,11 +515,14 @@ class EnrolmentService:
         """The job as the API shows it."""
         return {"job": job_dict(job, items), "items": [i.to_dict() for i in items]}
 
-    def _set_item(self, item: JobItem, **changes: Any) -> JobItem:
+    def _set_item(self, item: JobItem, audit: AuditEntry | None = None, **changes: Any) -> JobItem:
         """Write an item's progress (its own message's handler is the only writer; retried on a race)."""
         for _ in range(5):
             try:
-                return self.jobs.update_item(replace(item, updated_at=int(self.clock()), **changes), item.etag or "")
+                if not item.etag:  # as created (the job's transaction returns no ETags): read it first
+                    raise Conflict("no ETag")
+                return self.jobs.update_item(replace(item, updated_at=int(self.clock()), **changes), item.etag,
+                                             audit)
             except Conflict:
                 fresh = self.jobs.get_item(item.tenant_id, item.job_id, item.vm_id)
                 if fresh is None:
@@ -469,8 +530,29 @@ class EnrolmentService:
                 item = fresh
         raise Conflict(f"Job {item.job_id}'s item for {item.vm_id} kept changing.")
 
-    def run_message(self, body: str | bytes) -> str:
-        """One queue message: push one VM of one job. Returns what happened (for the log).
+    def _claim(self, item: JobItem, message_id: str | None) -> JobItem | None:
+        """The item, marked RUNNING for this delivery; None if it is not this message's to run: done,
+        or claimed by another message for the same item (one sent twice)."""
+        for _ in range(5):
+            if item.state in TERMINAL:
+                return None
+            if item.state == RUNNING and message_id and item.message_id and item.message_id != message_id:
+                return None
+            try:
+                if not item.etag:
+                    raise Conflict("no ETag")
+                return self.jobs.update_item(replace(item, state=RUNNING, deliveries=item.deliveries + 1,
+                                                     message_id=message_id, updated_at=int(self.clock())), item.etag)
+            except Conflict:
+                fresh = self.jobs.get_item(item.tenant_id, item.job_id, item.vm_id)
+                if fresh is None:
+                    return None
+                item = fresh
+        raise Conflict(f"Job {item.job_id}'s item for {item.vm_id} kept changing.")
+
+    def run_message(self, body: str | bytes, message_id: str | None = None) -> str:
+        """One queue message (`message_id`: the queue's id of it, the same on every redelivery): push
+        one VM of one job. Returns what happened (for the log).
 
         Raises only for what a later delivery may fix (storage or the queue unreachable): the host
         then delivers the message again, up to maxDequeueCount, then moves it to the poison queue.
@@ -493,7 +575,10 @@ class EnrolmentService:
                    else f"{vm_id} is no longer inside the enrolment scopes.")
             self._set_item(item, state=FAILED, error_code="not_enrollable", last_error=why)
             return "failed"
-        item = self._set_item(item, state=RUNNING, deliveries=item.deliveries + 1)
+        claimed = self._claim(item, message_id)
+        if claimed is None:
+            return "duplicate"  # another message for this item runs it, or ran it
+        item = claimed
         who = (Identity(oid=job.requested_oid or "", tid=tid, upn=job.requested_by or "")
                if job.requested_by else None)
         # a push asked for by hand runs even if the VM looks up to date; so does a retry the timer found due
@@ -526,9 +611,14 @@ class EnrolmentService:
         item = self.jobs.get_item(msg["tenant"], msg["job"], msg["vm"])
         if item is None or item.state in TERMINAL:
             return "already_done"
-        self._set_item(item, state=FAILED, error_code="gave_up",
-                       last_error=f"The push was abandoned after {item.deliveries} deliveries that failed "
-                                  "(see the service's logs); the reconcile timer or a new request tries again.")
+        why = (f"The push was abandoned after {item.deliveries} deliveries that failed "
+               "(see the service's logs); the reconcile timer or a new request tries again.")
+        entry = AuditEntry(tenant_id=item.tenant_id, at=self.clock(), action="enrolment.gave_up", outcome="error",
+                           policy_id=item.policy_id, host=item.vm_id, error_code="gave_up", message=why,
+                           chain=f"enr:{item.policy_id}",
+                           details={"job_id": item.job_id, "deliveries": item.deliveries,
+                                    "attempts": item.attempts}).sealed()
+        self._set_item(item, entry, state=FAILED, error_code="gave_up", last_error=why)
         log.error("enrolment job %s: gave up on %s", msg["job"], msg["vm"])
         return "failed"
 

@@ -5,9 +5,17 @@ Rows live in the tenant's partition of the one ezssh table (see tables.py):
     RowKey = enr|<policy id>|<sha256 of the lower-cased VM resource id, 32 hex>   the VM's record
     RowKey = job|<job id>                                                          a job (who asked, when)
     RowKey = job|<job id>|<sha256 of the VM id, 32 hex>                            one VM of that job
+    RowKey = out|<job id>|<sha256 of the VM id, 32 hex>                            its message, unsent
 
 A job is what one request (the API, an Event Grid event, the reconcile timer) asked for; each of its
 VMs is one queue message and one item row, which only that message's handler changes.
+
+The job's messages go through an outbox: each item row is written with an `out|` row (its message,
+not yet sent) in the same transaction as the job row and its audit entry; the `out|` row is deleted
+once the message is on the queue. Whatever the queue did not take (down, slow, the answer lost) is
+still there for the timer to send (`unsent`): a range read bounded by the messages not yet sent,
+never by the jobs of the past. A message sent twice is harmless: the handler claims its item with
+the queue's message id and a second message for the same item finds it claimed or done.
 
 Resource ids are case-insensitive in Azure and may hold characters a RowKey cannot, hence the hash;
 the id itself is a property. Every change after the first insert is conditional on the ETag the
@@ -25,7 +33,7 @@ from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
-from ..core.errors import Conflict
+from ..core.errors import Conflict, NotFound
 from ..core.audit import AuditEntry
 from .tablecalls import _guard, _if_match, conditional_update, transact
 from .tables import TableStore
@@ -221,6 +229,7 @@ class JobItem:
     last_error: str | None = None
     output_tail: str = ""
     updated_at: int = 0
+    message_id: str | None = None  # the queue message whose delivery claimed it (RUNNING)
     etag: str | None = field(default=None, compare=False)
 
     @property
@@ -231,6 +240,17 @@ class JobItem:
         return {"vm_id": self.vm_id, "state": self.state, "attempts": self.attempts, "deliveries": self.deliveries,
                 "error_code": self.error_code, "last_error": self.last_error, "output_tail": self.output_tail,
                 "updated_at": self.updated_at}
+
+
+@dataclass(frozen=True)
+class Unsent:
+    """An item whose queue message is not known to be on the queue yet (an outbox row)."""
+
+    tenant_id: str
+    job_id: str
+    policy_id: str
+    vm_id: str
+    created_at: int
 
 
 @dataclass(frozen=True)
@@ -287,7 +307,12 @@ class JobStore:
                 "PolicyId": i.policy_id, "VmId": i.vm_id, "State": i.state, "Attempts": i.attempts,
                 "Deliveries": i.deliveries, "ErrorCode": i.error_code,
                 "LastError": (i.last_error or "")[:ERROR_MAX] or None, "OutputTail": tail(i.output_tail),
-                "UpdatedAt": i.updated_at}
+                "UpdatedAt": i.updated_at, "MessageId": i.message_id}
+
+    @staticmethod
+    def _outbox_entity(i: JobItem) -> dict:
+        return {"PartitionKey": i.tenant_id, "RowKey": f"out|{i.job_id}|{vm_key(i.vm_id)}", "Kind": "enrolment-outbox",
+                "JobId": i.job_id, "PolicyId": i.policy_id, "VmId": i.vm_id, "CreatedAt": i.updated_at}
 
     @staticmethod
     def _item(x: Any) -> JobItem:
@@ -295,7 +320,8 @@ class JobStore:
                        state=x.get("State") or QUEUED, attempts=int(x.get("Attempts") or 0),
                        deliveries=int(x.get("Deliveries") or 0), error_code=x.get("ErrorCode"),
                        last_error=x.get("LastError"), output_tail=x.get("OutputTail") or "",
-                       updated_at=int(x.get("UpdatedAt") or 0), etag=x.metadata.get("etag"))
+                       updated_at=int(x.get("UpdatedAt") or 0), message_id=x.get("MessageId"),
+                       etag=x.metadata.get("etag"))
 
     @staticmethod
     def _job_entity(j: Job) -> dict:
@@ -310,14 +336,45 @@ class JobStore:
                    requested_by=x.get("RequestedBy"), requested_oid=x.get("RequestedOid"), api_url=x.get("ApiUrl"))
 
     def create(self, job: Job, items: list[JobItem], audit: AuditEntry | None = None) -> None:
-        """The job and its items, in transactions of at most 100 rows: the job row and its audit
-        entry first, in the same transaction."""
-        rows = [self._job_entity(job)] + (TableStore._audit_rows(audit) if audit is not None else []) + \
-            [self._item_entity(i) for i in items]
+        """The job, its audit entry and its items each with its unsent message (outbox row), in
+        transactions of at most 100 rows: the job row and its audit entry in the first; an item and
+        its outbox row always in the same one."""
+        groups = [[self._job_entity(job)] + (TableStore._audit_rows(audit) if audit is not None else [])]
+        groups += [[self._item_entity(i), self._outbox_entity(i)] for i in items]
+        batches: list[list[dict]] = [[]]
+        for g in groups:
+            if len(batches[-1]) + len(g) > self.BATCH:
+                batches.append([])
+            batches[-1] += g
         exists = Conflict(f"Enrolment job {job.job_id} (or its audit entry) already exists; nothing was queued.")
-        for k in range(0, len(rows), self.BATCH):
-            transact(self._table, "create enrolment job", [("create", r) for r in rows[k: k + self.BATCH]],
+        for rows in batches:
+            transact(self._table, "create enrolment job", [("create", r) for r in rows],
                      not_found=f"Enrolment job {job.job_id} was not found.", lost=exists, exists=exists)
+
+    def unsent(self, tenant_id: str, *, created_before: int, limit: int = 1000) -> list[Unsent]:
+        """Messages not yet known to be on the queue, made before `created_before` (a range read over
+        the outbox rows only, at most `limit`)."""
+        pages = self._table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and CreatedAt lt @before",
+            parameters={"pk": tenant_id, "lo": "out|", "hi": "out}", "before": created_before},
+            results_per_page=min(limit, 1000)).by_page()
+        rows = _guard("list unsent enrolment messages", lambda: list(next(pages, [])))
+        return [Unsent(tenant_id=tenant_id, job_id=x["JobId"], policy_id=x["PolicyId"], vm_id=x["VmId"],
+                       created_at=int(x.get("CreatedAt") or 0)) for x in rows[:limit]]
+
+    def mark_sent(self, tenant_id: str, sent: list[tuple[str, str]]) -> None:
+        """Delete the outbox rows of messages now on the queue ((job id, vm id) pairs): in batches,
+        one by one where a batch meets a row already gone (the timer sent it meanwhile)."""
+        keys = [f"out|{job_id}|{vm_key(vm_id)}" for job_id, vm_id in sent]
+        for k in range(0, len(keys), self.BATCH):
+            chunk = keys[k: k + self.BATCH]
+            try:
+                transact(self._table, "mark enrolment messages sent",
+                         [("delete", {"PartitionKey": tenant_id, "RowKey": rk}) for rk in chunk],
+                         not_found="gone", lost=Conflict("changed"), exists=Conflict("changed"))
+            except NotFound:
+                for rk in chunk:
+                    _guard("mark an enrolment message sent", lambda rk=rk: self._table.delete_entity(tenant_id, rk))
 
     def get(self, tenant_id: str, job_id: str) -> tuple[Job, list[JobItem]] | None:
         rows = _guard("get enrolment job", lambda: list(self._table.query_entities(
@@ -344,10 +401,14 @@ class JobStore:
             return None
         return self._item(x)
 
-    def update_item(self, item: JobItem, etag: str) -> JobItem:
-        meta = conditional_update(
-            self._table, "update enrolment job item", self._item_entity(item), etag,
-            not_found=f"Job {item.job_id} has no item for {item.vm_id}.",
-            lost=Conflict(f"Job {item.job_id}'s item for {item.vm_id} changed at the same time."),
-        )
-        return replace(item, etag=meta.get("etag"))
+    def update_item(self, item: JobItem, etag: str, audit: AuditEntry | None = None) -> JobItem:
+        """Replace the item if unchanged since read; with an audit entry, both in one transaction."""
+        not_found = f"Job {item.job_id} has no item for {item.vm_id}."
+        lost = Conflict(f"Job {item.job_id}'s item for {item.vm_id} changed at the same time.")
+        if audit is None:
+            meta = conditional_update(self._table, "update enrolment job item", self._item_entity(item), etag,
+                                      not_found=not_found, lost=lost)
+            return replace(item, etag=meta.get("etag"))
+        ops = [("update", self._item_entity(item), _if_match(etag)), *TableStore._audit_ops(audit)]
+        resp = transact(self._table, "update enrolment job item", ops, not_found=not_found, lost=lost, exists=lost)
+        return replace(item, etag=resp[0].get("etag"))

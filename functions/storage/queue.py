@@ -3,6 +3,11 @@
 Messages are JSON, base64-encoded as the Functions host's queue trigger expects by default
 (host.json `extensions.queues.messageEncoding`). The host moves a message that failed
 `maxDequeueCount` times to `<queue>-poison`; both queues are created here (and by the Bicep).
+
+Every call is bounded like a table call (CLIENT_OPTIONS): few retries with a short backoff, short
+timeouts, and within an API request its deadline (functions/deadline.py), so an unreachable queue
+costs a caller seconds, not the SDK's default minute and a half of retries. A message the queue did
+not take stays in the job's outbox (storage/enrolments.py) for the timer to send.
 """
 
 from __future__ import annotations
@@ -14,12 +19,22 @@ from typing import Any
 from azure.core.exceptions import AzureError, ResourceExistsError
 
 from ..core.errors import BackendUnavailable
+from ..deadline import deadline_hook
 
 log = logging.getLogger("ezssh.queue")
 
 ENROL_QUEUE = "ezssh-enrol"
 POISON_SUFFIX = "-poison"
 MAX_VISIBILITY = 7 * 24 * 3600  # Azure Storage's limit for a message's initial invisibility
+CLIENT_OPTIONS = dict(connection_timeout=5, read_timeout=10, raw_request_hook=deadline_hook)
+
+
+def _retry():  # type: ignore[no-untyped-def]
+    """Two retries, half a second apart (the storage SDK's default waits 15 s, then 18 s, ...); one
+    policy object per client, as a pipeline links its policies."""
+    from azure.storage.queue import LinearRetry
+
+    return LinearRetry(backoff=0.5, retry_total=2, random_jitter_range=0.25)  # type: ignore[arg-type]
 
 
 class JobQueue:
@@ -34,7 +49,8 @@ class JobQueue:
 
         def make(n: str):  # type: ignore[no-untyped-def]
             return QueueClient.from_connection_string(conn, n, message_encode_policy=TextBase64EncodePolicy(),
-                                                      message_decode_policy=TextBase64DecodePolicy())
+                                                      message_decode_policy=TextBase64DecodePolicy(),
+                                                      retry_policy=_retry(), **CLIENT_OPTIONS)
 
         return cls(make(name), make(name + POISON_SUFFIX))
 
@@ -44,7 +60,8 @@ class JobQueue:
 
         def make(n: str):  # type: ignore[no-untyped-def]
             return QueueClient(url, n, credential=credential, message_encode_policy=TextBase64EncodePolicy(),
-                               message_decode_policy=TextBase64DecodePolicy())
+                               message_decode_policy=TextBase64DecodePolicy(), retry_policy=_retry(),
+                               **CLIENT_OPTIONS)
 
         return cls(make(name), make(name + POISON_SUFFIX))
 

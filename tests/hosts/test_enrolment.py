@@ -333,7 +333,9 @@ def test_agent_not_ready_is_retried_with_backoff_and_the_record_shows_it(
     assert listed[0]["attempts"] == 3 and listed[0]["state"] == "succeeded"
     actions = [e.action for e in context.service.store.list_audit(oidc.tenant_id("contoso"), limit=100000)
                if e.host == vid]
-    assert actions == ["enrolment.retrying", "enrolment.retrying", "enrolment.pushed"]
+    # every attempt is on record when it starts and when it ends
+    assert actions == ["enrolment.push_started", "enrolment.retrying", "enrolment.push_started", "enrolment.retrying",
+                       "enrolment.push_started", "enrolment.pushed"]
     host.wait_reloaded()
     key, cert, _ = cert_for(context, oidc, "vm-push", tmp_path)
     assert login_ok(host, key, cert)

@@ -160,6 +160,9 @@ def test_a_worker_killed_mid_push_is_retried_and_never_runs_a_vm_twice_at_once(
     assert first.ended is not None and second.started >= first.ended, "the VM's script ran twice at once"
     assert second.started >= lease_until - 1, "the second push started before the first one's lease ended"
     assert (sandbox.etc / "sshd_config.d" / "50-ezssh.conf").exists()
+    # the push that ran before its worker was killed is on record, as is the one that finished
+    actions = [e.action for e in jobs_ctx.service.store.list_audit(CONTOSO, limit=100_000) if e.host == vid]
+    assert actions.count("enrolment.push_started") == 2 and actions.count("enrolment.pushed") == 1, actions
     print(f"\nkilled mid-push: first run {first.ended - first.started:.1f}s, second started "
           f"{second.started - first.ended:.1f}s after it ended (lease {LEASE}s)")
 
@@ -184,4 +187,7 @@ def test_a_message_that_failed_every_delivery_marks_its_item_failed(jobs_ctx, ap
     body = wait_job(api, auth("carol"), "vm-jobs", job.job_id, until=lambda b: True)
     assert body["job"]["done"] and body["job"]["state"] == "failed"
     assert item_of(body, vid)["error_code"] == "gave_up" and "abandoned" in item_of(body, vid)["last_error"]
+    [gave_up] = [e for e in jobs_ctx.service.store.list_audit(CONTOSO, limit=100_000)
+                 if e.action == "enrolment.gave_up" and e.host == vid]
+    assert gave_up.details["job_id"] == job.job_id and gave_up.outcome == "error"
     assert arm.runs_on(vid) == []
