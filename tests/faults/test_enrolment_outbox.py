@@ -168,3 +168,47 @@ def test_a_queue_send_whose_answer_was_lost_is_sent_twice_and_pushed_once(
     arm.wait_idle()
     assert len(arm.runs_on(vid)) == 1, "the second message pushed again"
     assert outbox.actions(vid).count("enrolment.push_started") == 1
+
+
+@pytest.mark.parametrize("kind", ["fail", "lose"])
+def test_a_fault_at_each_table_call_of_an_enrolment_ends_in_one_push_or_none(
+        kind, outbox: Outbox, azurite, arm, make_host, auth) -> None:  # noqa: F811
+    """Each table call of the enrolment request in turn fails (503s from there on) or commits with its
+    answer lost: the caller hears within the deadline; a 202 means the job landed; a job that landed
+    is pushed exactly once (the timer sends what the call could not); one that did not is not pushed."""
+    from tests.standins.faultproxy import fail_from, lose_at
+
+    proxy, service = outbox.faulty.proxy, outbox.faulty.context.service
+    proxy.plan = lambda i, m, p: PASS
+    service.base.policies.changed(CONTOSO)  # count the policy read too
+    first = vm(arm, make_host)
+    r, _ = enrol(outbox, auth, first)
+    assert r.status_code == 202, r.text
+    calls = len(proxy.calls_since_plan())
+    with queue_worker(outbox.ctx, azurite, clear=False):
+        wait_job(outbox.client, auth("carol"), PID, r.json()["job"]["id"], timeout=60)
+    outcomes = []
+    for k in range(1, calls + 1):
+        vid = vm(arm, make_host)
+        service.base.policies.changed(CONTOSO)
+        proxy.plan = {"fail": fail_from, "lose": lose_at}[kind](k)
+        r, took = enrol(outbox, auth, vid)
+        proxy.heal()
+        assert took < 10 and r.status_code in (202, 503), (k, took, r.text)
+        queued = [e for e in outbox.faulty.truth.list_audit(CONTOSO, limit=100_000)
+                  if e.action == "enrolment.queued" and vid in (e.details or {}).get("vms", [])]
+        assert len(queued) <= 1
+        if r.status_code == 202:
+            assert queued, "a 202 for a job that did not land"
+        outbox.clock.advance(outbox.svc.config.unsent_grace + 1)
+        outbox.svc.send_unsent()
+        assert outbox.unsent() == []
+        if queued:
+            with queue_worker(outbox.ctx, azurite, clear=False):
+                job = wait_job(outbox.client, auth("carol"), PID, queued[0].details["job_id"], timeout=60)
+            assert job["job"]["state"] == "succeeded", (k, job)
+        arm.wait_idle()
+        assert len(arm.runs_on(vid)) == (1 if queued else 0), (k, kind)
+        outcomes.append((k, r.status_code, bool(queued)))
+    assert any(landed for _, _, landed in outcomes), outcomes
+    print(f"\n{kind} at each of {calls} table calls: {outcomes}")
