@@ -56,6 +56,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -88,6 +89,7 @@ from functions.signing.base import (
 log = logging.getLogger(__name__)
 
 KEY_OPERATIONS = ["sign", "verify"]
+ANSWERED_RECENTLY = 30.0  # seconds a successful call to the vault stands for its health
 AZURE_KEY_VAULT_SUFFIXES = (
     ".vault.azure.net",
     ".managedhsm.azure.net",
@@ -236,6 +238,7 @@ class KeyVaultKeyStore:
         if credential is None or not hasattr(credential, "get_token"):
             raise ValueError("credential must be an azure-core TokenCredential")
         self.vault_url = f"https://{u.hostname.lower()}" + (f":{u.port}" if u.port else "")
+        self._answered_at = float("-inf")  # when a call to this vault last succeeded (health)
         self.hardware_protected = hardware_protected
         self._credential = credential
         self._verify_challenge = verify_challenge_resource
@@ -333,6 +336,11 @@ class KeyVaultKeyStore:
         self._forget(kid.kid)
 
     def health(self) -> None:
+        """The vault answers: one list request, unless a call of the service's own reached it within
+        ANSWERED_RECENTLY seconds and none failed since (health spends no Key Vault operation that
+        signing just showed unnecessary)."""
+        if time.monotonic() - self._answered_at < ANSWERED_RECENTLY:
+            return
         client = self._key_client(self.vault_url)
 
         def probe() -> None:
@@ -461,9 +469,15 @@ class KeyVaultKeyStore:
 
     def _call(self, fn: Callable[[], T], *, op: str, vault: str, name: str, key_ref: str, byok: bool = False) -> T:
         try:
-            return fn()
+            out = fn()
         except Exception as e:  # noqa: BLE001 - translated into one clear error below
             err = _translate(e, op=op, vault=vault, name=name, key_ref=key_ref, byok=byok)
+        else:
+            if vault == self.vault_url:
+                self._answered_at = time.monotonic()
+            return out
+        if vault == self.vault_url and isinstance(err, SignerUnavailable):
+            self._answered_at = float("-inf")
         raise err
 
     def _parse(self, key_ref: object, *, byok: bool) -> KeyId:

@@ -268,14 +268,22 @@ def test_unreachable_vault_is_signer_unavailable(make_store, kv: KeyVaultStandIn
     assert time.monotonic() - t < 5
 
 
-def test_health_is_one_cheap_request(kv: KeyVaultStandIn, store) -> None:
-    store.create_key(_name("health"))
+def test_health_is_one_cheap_request_unless_a_call_just_reached_the_vault(kv: KeyVaultStandIn, store,
+                                                                            make_store) -> None:
     before = len(kv.requests)
-    store.health()
+    make_store().health()  # a worker that has not reached the vault yet asks it once
     assert [(r.method, r.path) for r in kv.requests[before:]] == [("GET", "/keys")]
+    signer = store.create_key(_name("health"))
+    signer.sign(b"probe", hashes.SHA256())
+    before = len(kv.requests)
+    store.health()  # the signature a moment ago showed the vault answers: no operation spent
+    assert kv.requests[before:] == []
+    kv.deny("sign")
+    with pytest.raises(SignerUnavailable):
+        signer.sign(b"again", hashes.SHA256())
     kv.deny("list")
     with pytest.raises(SignerUnavailable, match="lacks 'Key Vault Reader'"):
-        store.health()
+        store.health()  # a failure since: health asks the vault itself
 
 
 # ---- disable, missing keys, missing permissions ------------------------------------------------------
