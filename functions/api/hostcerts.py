@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError
 from ..core.errors import InvalidRequest
 from ..core.policy import Identity
 from .deps import Strict, body, caller, service
-from .hosts import derived_response
+from .hosts import derived_response, etags
 from .errors import describe
 
 router = APIRouter(prefix="/api", tags=["host certificates"])
@@ -108,4 +108,5 @@ def challenge(request: Request, cb: ChallengeBody = body(ChallengeBody, "host_ce
 
 @router.get("/known-hosts")
 def known_hosts(request: Request, who: Identity = Depends(caller)) -> Response:
-    return derived_response(request, service(request).hostcerts.client_trust(who), "application/json", {})
+    answer = service(request).hostcerts.client_trust(who, etags(request))
+    return derived_response(request, answer, "application/json", {})

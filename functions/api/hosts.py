@@ -38,16 +38,16 @@ def derived_response(request: Request, answer: Derived, media_type: str, headers
     """The answer, or 304 with no body when the caller's If-None-Match names its ETag already. No
     shared cache keeps it (no-store, as every answer): the callers keep their copy and its ETag."""
     headers = {"ETag": answer.etag, **headers}
-    if answer.etag in _tags(request.headers.get("if-none-match")):
+    if answer.unchanged or answer.etag in etags(request):
         return Response(status_code=304, headers=headers)
     return Response(answer.data, media_type=media_type, headers=headers)
 
 
-def _tags(header: str | None) -> set[str]:
+def etags(request: Request) -> set[str]:
     """The entity tags of an If-None-Match header ("a", W/"b"; weak ones compare as strong here, as
     RFC 9110 says If-None-Match does). `*` matches no ETag of ours: the answer always exists."""
     out = set()
-    for part in (header or "").split(","):
+    for part in (request.headers.get("if-none-match") or "").split(","):
         part = part.strip().removeprefix("W/")
         if len(part) >= 2 and part[0] == part[-1] == '"':
             out.add(part)

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import logging
 import re
 import secrets
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from ..core.certificate import IssuedCertificate, new_serial
 from ..core.errors import CaKeyNotFound, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound, TooManyRequests
@@ -104,6 +105,7 @@ class _TrustSnapshot:
     policies: tuple[Policy, ...]  # the tenant's policies (not deleted), by id
     revoked: tuple[Revoked, ...]  # its host revocations still in a KRL
     namespaces: tuple[Namespace, ...]  # its host namespaces (written with the version row too)
+    serial: int  # which snapshot of this worker (what a caller's answer was rendered from)
 
 
 def token_hash(token: str) -> str:
@@ -127,6 +129,10 @@ class HostCerts:
         self.policies = policies
         self.hosts = hosts
         self._trust: VersionCache[_TrustSnapshot] = VersionCache()
+        self._serials = itertools.count()
+        # per caller, the ETag of the known-hosts last rendered for them from which snapshot: a
+        # refresh that changes nothing is a 304 without rendering 1,000 policies again
+        self._given: VersionCache[Derived] = VersionCache(10_000)
         self.namespaces = namespaces
 
     # ---- admins: enrolment tokens ------------------------------------------------------------
@@ -376,16 +382,22 @@ class HostCerts:
         revoked = store.list_revoked_host(tid, valid_from=now - KRL_EXPIRY_GRACE + 1)
         fresh_until = min([r.valid_before + KRL_EXPIRY_GRACE for r in revoked], default=FOREVER)
         return self._trust.put(tid, version.tag, fresh_until,
-                               _TrustSnapshot(policies, tuple(revoked), self.namespaces.current(tid)))
+                               _TrustSnapshot(policies, tuple(revoked), self.namespaces.current(tid),
+                                              next(self._serials)))
 
-    def client_trust(self, who: Identity) -> Derived:
+    def client_trust(self, who: Identity, if_none_match: Collection[str] = ()) -> Derived:
         """known-hosts for the policies `who` may use, as JSON: {known_hosts, krl (base64), policies}:
         per trusted host CA key, `@cert-authority` lines listing exactly the names it may vouch for
         (the intersection of the policy's host patterns with the tenant's host namespaces; never
         `*`), and every revoked certificate of those CAs (for RevokedHostKeys).
-        What can't be written exactly is left out, with a comment saying so."""
+        What can't be written exactly is left out, with a comment saying so. A caller whose
+        If-None-Match names the ETag this worker last gave it for the same snapshot gets `unchanged`
+        without the answer being built again."""
         snap = self._trust_snapshot(who.tid)
         now = self.base.now()
+        given = self._given.get((who.tid, who.oid), (snap.serial, who), now)
+        if given is not None and given.etag in if_none_match:
+            return Derived(b"", given.version, known_etag=given.etag, unchanged=True)
         lines = ["# ezssh: host CAs of the access policies you may use. Generated; do not edit."]
         namespaces = snap.namespaces
         if not namespaces:
@@ -416,7 +428,10 @@ class HostCerts:
             latest = max([latest] + [r.revoked_at for r in mine])
         krl = encode_krl(revs, krl_version=latest, generated_date=latest, comment="ezssh host revocations")
         body = {"known_hosts": "\n".join(lines) + "\n", "krl": base64.b64encode(krl).decode(), "policies": ids}
-        return Derived(json.dumps(body).encode(), latest)
+        answer = Derived(json.dumps(body).encode(), latest)
+        self._given.put((who.tid, who.oid), (snap.serial, who), FOREVER,
+                        Derived(b"", latest, known_etag=answer.etag))
+        return answer
 
     # ---- helpers ------------------------------------------------------------------------------
     def _refusing_in(self, tenant_id: str, who: Identity | None, **fields: object):  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -41,14 +42,17 @@ V = TypeVar("V")
 @dataclass(frozen=True)
 class Derived:
     """An answer derived from stored rows (a KRL, known-hosts), with its HTTP ETag (a digest of the
-    bytes, so equal answers have equal tags on every worker) and the KRL's krl_version."""
+    bytes, so equal answers have equal tags on every worker) and the KRL's krl_version. `unchanged`:
+    the caller's copy (its If-None-Match) is this answer; the bytes were not built again (empty)."""
 
     data: bytes
     version: int
+    known_etag: str | None = None
+    unchanged: bool = False
 
-    @property
+    @functools.cached_property
     def etag(self) -> str:
-        return f'"{hashlib.sha256(self.data).hexdigest()[:32]}"'
+        return self.known_etag or f'"{hashlib.sha256(self.data).hexdigest()[:32]}"'
 
 
 class VersionCache(Generic[V]):

@@ -8,6 +8,7 @@ that, proof of possession at enrolment, and host calls without an identity count
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,22 @@ def test_bad_host_posts_are_counted_and_rate_limited_not_stored(store, keys, clo
     good = service.hostcerts.renew(CAROL.tid, "anon", ch.id, [(pub_of(kf), sign_challenge(kf, ch.message,
                                                                                           RENEW_NAMESPACE))])
     assert good.principals == ("web1.contoso.test",)
+
+
+def test_known_hosts_is_unchanged_for_a_caller_who_has_it_until_something_changes(service, make_policy):
+    make_policy("web")
+    service.hostcerts.client_trust(ALICE)  # the policy's host CA is made on this first need (a write)
+    first = service.hostcerts.client_trust(ALICE)
+    again = service.hostcerts.client_trust(ALICE, {first.etag})
+    assert again.unchanged and again.etag == first.etag and again.data == b""  # not rendered again
+    other = service.hostcerts.client_trust(ALICE, {'"not-this"'})
+    assert not other.unchanged and other.data == first.data
+    # the same person in other groups is answered for who they are now, not from the last answer
+    regrouped = replace(ALICE, groups=frozenset())
+    assert not service.hostcerts.client_trust(regrouped, {first.etag}).unchanged
+    # a policy written: a new answer, with a new tag
+    make_policy("web2")
+    service.hostcerts.client_trust(ALICE)
+    changed = service.hostcerts.client_trust(ALICE, {first.etag})
+    assert not changed.unchanged and changed.etag != first.etag
+    assert "web2" in json.loads(changed.data)["policies"]
