@@ -515,40 +515,40 @@ class EnrolmentService:
         """The job as the API shows it."""
         return {"job": job_dict(job, items), "items": [i.to_dict() for i in items]}
 
-    def _set_item(self, item: JobItem, audit: AuditEntry | None = None, **changes: Any) -> JobItem:
-        """Write an item's progress (its own message's handler is the only writer; retried on a race)."""
+    def _update_item(self, item: JobItem, change: Callable[[JobItem], JobItem | None],
+                     audit: AuditEntry | None = None) -> JobItem | None:
+        """Write change(item), conditional on the item's ETag; on a race read it again and apply the
+        change again (at most 5 times). None when `change` says there is nothing to write, or the
+        item is gone."""
         for _ in range(5):
+            new = change(item)
+            if new is None:
+                return None
             try:
                 if not item.etag:  # as created (the job's transaction returns no ETags): read it first
                     raise Conflict("no ETag")
-                return self.jobs.update_item(replace(item, updated_at=int(self.clock()), **changes), item.etag,
-                                             audit)
-            except Conflict:
-                fresh = self.jobs.get_item(item.tenant_id, item.job_id, item.vm_id)
-                if fresh is None:
-                    return item
-                item = fresh
-        raise Conflict(f"Job {item.job_id}'s item for {item.vm_id} kept changing.")
-
-    def _claim(self, item: JobItem, message_id: str | None) -> JobItem | None:
-        """The item, marked RUNNING for this delivery; None if it is not this message's to run: done,
-        or claimed by another message for the same item (one sent twice)."""
-        for _ in range(5):
-            if item.state in TERMINAL:
-                return None
-            if item.state == RUNNING and message_id and item.message_id and item.message_id != message_id:
-                return None
-            try:
-                if not item.etag:
-                    raise Conflict("no ETag")
-                return self.jobs.update_item(replace(item, state=RUNNING, deliveries=item.deliveries + 1,
-                                                     message_id=message_id, updated_at=int(self.clock())), item.etag)
+                return self.jobs.update_item(replace(new, updated_at=int(self.clock())), item.etag, audit)
             except Conflict:
                 fresh = self.jobs.get_item(item.tenant_id, item.job_id, item.vm_id)
                 if fresh is None:
                     return None
                 item = fresh
         raise Conflict(f"Job {item.job_id}'s item for {item.vm_id} kept changing.")
+
+    def _set_item(self, item: JobItem, audit: AuditEntry | None = None, **changes: Any) -> JobItem:
+        """Write an item's progress (its own message's handler is the only writer; retried on a race)."""
+        return self._update_item(item, lambda i: replace(i, **changes), audit) or item
+
+    def _claim(self, item: JobItem, message_id: str | None) -> JobItem | None:
+        """The item, marked RUNNING for this delivery; None if it is not this message's to run: done,
+        or claimed by another message for the same item (one sent twice)."""
+        def claim(i: JobItem) -> JobItem | None:
+            if i.state in TERMINAL or (i.state == RUNNING and message_id and i.message_id
+                                       and i.message_id != message_id):
+                return None
+            return replace(i, state=RUNNING, deliveries=i.deliveries + 1, message_id=message_id)
+
+        return self._update_item(item, claim)
 
     def run_message(self, body: str | bytes, message_id: str | None = None) -> str:
         """One queue message (`message_id`: the queue's id of it, the same on every redelivery): push

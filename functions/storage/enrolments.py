@@ -197,15 +197,9 @@ class EnrolmentStore:
     def update(self, e: Enrolment, etag: str, audit: AuditEntry | None = None) -> Enrolment:
         """Replace the record if it is unchanged since read (If-Match); Conflict otherwise. With an
         audit entry, both land in one transaction or neither does."""
-        not_found = f"The enrolment of {e.vm_id} in policy {e.policy_id!r} is gone."
-        lost = Conflict(f"The enrolment of {e.vm_id} changed at the same time.")
-        if audit is None:
-            meta = conditional_update(self._table, "update enrolment", self._entity(e), etag,
-                                      not_found=not_found, lost=lost)
-            return replace(e, etag=meta.get("etag"))
-        ops = [("update", self._entity(e), _if_match(etag)), *TableStore._audit_ops(audit)]
-        resp = transact(self._table, "update enrolment", ops, not_found=not_found, lost=lost, exists=lost)
-        return replace(e, etag=resp[0].get("etag"))
+        return replace(e, etag=_update(self._table, "update enrolment", self._entity(e), etag, audit,
+                                       not_found=f"The enrolment of {e.vm_id} in policy {e.policy_id!r} is gone.",
+                                       lost=Conflict(f"The enrolment of {e.vm_id} changed at the same time.")))
 
 
 # ---- jobs -------------------------------------------------------------------------------------------
@@ -403,12 +397,17 @@ class JobStore:
 
     def update_item(self, item: JobItem, etag: str, audit: AuditEntry | None = None) -> JobItem:
         """Replace the item if unchanged since read; with an audit entry, both in one transaction."""
-        not_found = f"Job {item.job_id} has no item for {item.vm_id}."
-        lost = Conflict(f"Job {item.job_id}'s item for {item.vm_id} changed at the same time.")
-        if audit is None:
-            meta = conditional_update(self._table, "update enrolment job item", self._item_entity(item), etag,
-                                      not_found=not_found, lost=lost)
-            return replace(item, etag=meta.get("etag"))
-        ops = [("update", self._item_entity(item), _if_match(etag)), *TableStore._audit_ops(audit)]
-        resp = transact(self._table, "update enrolment job item", ops, not_found=not_found, lost=lost, exists=lost)
-        return replace(item, etag=resp[0].get("etag"))
+        return replace(item, etag=_update(
+            self._table, "update enrolment job item", self._item_entity(item), etag, audit,
+            not_found=f"Job {item.job_id} has no item for {item.vm_id}.",
+            lost=Conflict(f"Job {item.job_id}'s item for {item.vm_id} changed at the same time.")))
+
+
+def _update(table: Any, op: str, entity: dict, etag: str, audit: AuditEntry | None, *, not_found: str,
+            lost: Conflict) -> str | None:
+    """Replace a row if unchanged since read (If-Match); with an audit entry, both in one transaction.
+    Returns the new ETag."""
+    if audit is None:
+        return conditional_update(table, op, entity, etag, not_found=not_found, lost=lost).get("etag")
+    ops = [("update", entity, _if_match(etag)), *TableStore._audit_ops(audit)]
+    return transact(table, op, ops, not_found=not_found, lost=lost, exists=lost)[0].get("etag")
