@@ -5,6 +5,7 @@
 //   node scripts/check-node.js              exit 0 if this Node fits; else list what does not, exit 1
 //   node scripts/check-node.js V1 V2 ...    print the first version that fits every package, exit 0;
 //                                           exit 1 if none does (setup tries the apt candidates so)
+//   exit 2: npm (whose semver reads the ranges) is missing
 'use strict';
 
 const fs = require('fs');
@@ -12,8 +13,13 @@ const path = require('path');
 const { execFileSync } = require('child_process');
 
 function npmSemver() {
-  const root = execFileSync('npm', ['root', '-g'], { encoding: 'utf8' }).trim();
-  return require(path.join(root, 'npm', 'node_modules', 'semver'));
+  try {
+    const root = execFileSync('npm', ['root', '-g'], { encoding: 'utf8' }).trim();
+    return require(path.join(root, 'npm', 'node_modules', 'semver'));
+  } catch (err) {
+    process.stderr.write(`check-node: cannot load npm's semver (is npm installed?): ${err.message.split('\n')[0]}\n`);
+    process.exit(2);
+  }
 }
 
 const semver = npmSemver();

@@ -31,7 +31,12 @@ fi
 
 # Node against what the pinned npm packages declare (engines.node of each package in package-lock.json):
 # when this Node does not fit, a Debian nodejs that does is installed (root), or named; else say what to do.
-if ! node scripts/check-node.js; then
+node_rc=0
+node scripts/check-node.js || node_rc=$?
+if [ "$node_rc" = 2 ]; then
+  echo "setup: install npm (Debian: apt-get install npm), then run make again" >&2
+  exit 1
+elif [ "$node_rc" != 0 ]; then
   fit=""
   if command -v apt-cache >/dev/null 2>&1; then
     fit=$(node scripts/check-node.js $(apt-cache madison nodejs 2>/dev/null | awk -F'|' '{gsub(/ /, "", $2); print $2}')) || fit=""
