@@ -11,7 +11,7 @@ from pathlib import Path
 from . import certs
 from .api import Api
 from .errors import INTERRUPTED, REQUEST_ENDED, UNAVAILABLE, EzsshError
-from .output import group_label
+from .output import group_label, person_label
 from .sshargs import SshInvocation
 from .tokens import account_of
 
@@ -27,7 +27,7 @@ def _fmt_elapsed(seconds: float) -> str:
 def _ended(rec: dict) -> EzsshError:
     state = rec.get("status")
     rid = rec.get("id")
-    who = _person(rec.get("decided_by_name"), rec.get("decided_by")) if rec.get("decided_by") else None
+    who = person_label(rec.get("decided_by_name"), rec.get("decided_by")) if rec.get("decided_by") else None
     comment = rec.get("comment")
     if state == "denied":
         msg = f"Request {rid} was denied" + (f" by {who}" if who else "") + (f": {comment}" if comment else ".")
@@ -40,18 +40,13 @@ def _ended(rec: dict) -> EzsshError:
     return EzsshError(msg, REQUEST_ENDED)
 
 
-def _person(name: object, upn: object) -> str:
-    if name and upn and name != upn:
-        return f"{name} ({upn})"
-    return str(name or upn or "someone")
-
-
 def _approved(rec: dict) -> str:
     """'Approved by Bob Brandt (bob@contoso.test): "ok, go ahead"' - one line per approval."""
     lines = []
     for a in rec.get("approvals") or []:
         comment = a.get("comment")
-        lines.append(f"Approved by {_person(a.get('name'), a.get('upn'))}" + (f": \"{comment}\"" if comment else "") + "\n")
+        said = f': "{comment}"' if comment else ""
+        lines.append(f"Approved by {person_label(a.get('name'), a.get('upn'))}{said}\n")
     return "".join(lines) or f"Request {rec.get('id')} was approved.\n"
 
 

@@ -49,3 +49,10 @@ def group_label(gid: object, names: object = None) -> str:
     `group_names` map the service may send with a policy or request), else the object id."""
     name = names.get(gid) if isinstance(names, dict) else None
     return f"{name} ({gid})" if isinstance(name, str) and name and name != gid else str(gid)
+
+
+def person_label(name: object, upn: object) -> str:
+    """A person as the service names them: `Bob Brandt (bob@contoso.test)`, or whichever is known."""
+    if name and upn and name != upn:
+        return f"{name} ({upn})"
+    return str(name or upn or "someone")

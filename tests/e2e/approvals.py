@@ -11,7 +11,8 @@ import httpx
 from devstack.stack import ensure_policy, identity_of
 
 
-def approval_policy(context, oidc, sshd, demo_policy, pid: str, hosts: list[str]) -> Iterator:  # type: ignore[no-untyped-def]
+def approval_policy(context, oidc, sshd, demo_policy,  # type: ignore[no-untyped-def]
+                    pid: str, hosts: list[str]) -> Iterator:
     """A policy (made by carol) under which contoso's users need one approver's approval; the sshd
     trusts its CA until the generator resumes. Use from a fixture: `yield from approval_policy(...)`."""
     doc = {

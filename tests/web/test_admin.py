@@ -20,6 +20,7 @@ def test_carol_edits_and_a_stale_tab_gets_the_conflict(api_server, oidc, context
         "hosts": ["edit*.contoso.test"], "principals": ["{username}"]})
     first = signed_in("carol", path=f"/app/policies/{p.id}")
     first.page.locator("#policy-doc").wait_for()
+    assert first.page.locator("pre").inner_text() == f"ezssh policy host-setup {p.id} > setup.sh && sudo sh setup.sh"
     second = signed_in("carol", path=f"/app/policies/{p.id}", tab_of=first)
     second.page.locator("#policy-doc").wait_for()
 
@@ -109,6 +110,18 @@ def test_an_issued_requests_page_and_revoking_it_from_hosts(api_server, oidc, de
 
     page.goto(f"{api_server}/app/requests/{issued['id']}")
     page.locator("dd.error").wait_for()  # the page says it was revoked
-    seen = httpx.get(f"{api_server}/api/requests/{issued['id']}", headers={"Authorization": f"Bearer {token_for('alice')}"})
+    seen = httpx.get(f"{api_server}/api/requests/{issued['id']}",
+                     headers={"Authorization": f"Bearer {token_for('alice')}"})
     assert seen.json()["revoked_at"] and seen.json()["valid_before"] == issued["valid_before"]
+    assert not tab.errors, tab.errors
+
+
+def test_my_access_shows_the_logins_ezssh_ls_would(api_server, oidc, demo_policy, token_for, signed_in):
+    mine = httpx.get(f"{api_server}/api/policies/demo", headers={"Authorization": f"Bearer {token_for('alice')}"})
+    logins = mine.json()["you"]["logins"]  # what the API answers `ezssh ls`
+    tab = signed_in("alice", path="/app/access")
+    card = tab.page.locator('article[data-policy="demo"]')
+    card.wait_for()
+    assert card.locator("dd").first.inner_text() == ", ".join(logins) and logins == ["alice"]
+    assert "no approval needed" in card.inner_text()
     assert not tab.errors, tab.errors

@@ -6,7 +6,7 @@ import argparse
 
 from ..context import Ctx
 from ..errors import OK
-from ..output import err, fmt_left, out_json, print_table
+from ..output import err, fmt_left, out_json, person_label, print_table
 
 
 def cmd_list(args) -> int:
@@ -23,7 +23,8 @@ def cmd_list(args) -> int:
         err("No pending requests await your approval." if not args.mine else "You have no matching requests.")
         return OK
     print_table(("ID", "STATUS", "REQUESTER", "LOGIN@HOST", "POLICY", "APPROVALS", "EXPIRES", "REASON"),
-                [(r.get("id", ""), r.get("status", ""), r.get("requester") or "-",
+                [(r.get("id", ""), r.get("status", ""),
+                  person_label(r.get("requester_name"), r.get("requester")) if r.get("requester") else "-",
                   f"{r.get('principal')}@{r.get('host')}", r.get("policy") or "-",
                   f"{len(r.get('approvals') or [])}/{r.get('approvals_required', '?')}",
                   fmt_left(r.get("expires_at")) if r.get("status") == "pending" else "-",

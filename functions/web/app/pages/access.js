@@ -33,7 +33,7 @@ export function MyAccess() {
           <dt>Hosts</dt><dd>${(p.hosts || []).join(', ')}</dd>
           <dt>Longest</dt><dd>${duration(p.max_ttl)}</dd>
         </dl>
-        <p class="mono">ezssh ssh ${(p.you.logins || ['<login>'])[0]}@<host></p>
+        <p class="mono">${`ezssh ssh ${(p.you.logins || ['<login>'])[0] || '<login>'}@<host>`}</p>
       </article>`)}
     </div>
     <h2>My requests</h2>

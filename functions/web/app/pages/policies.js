@@ -130,7 +130,7 @@ export function PolicyPage({ id }) {
         ${note ? html`<p class="note" role="status">${note}</p>` : null}
         <h2>Set up a host</h2>
         <p>On the host, as root (the script carries the policy's host token):</p>
-        <pre class="mono">ezssh policy host-setup ${p.id} > setup.sh && sudo sh setup.sh</pre>
+        <pre class="mono">${`ezssh policy host-setup ${p.id} > setup.sh && sudo sh setup.sh`}</pre>
         <h2>Enrolments</h2>
         <${Enrolments} id=${id} />
       </section>` : html`
