@@ -190,7 +190,16 @@ def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
     if state != "issued" or not data.get("certificate"):
         raise EzsshError(f"The service answered {state!r} without a certificate (request {data.get('id')}).")
     seen = keys.inspect_certificate(data["certificate"], public, inv.principal)
-    account = switch_account(cfg, home, account_of(api.bearer))
+    account = account_of(api.bearer)
+    from .home import load_config
+
+    now_signed_in = (load_config(home, required=False) or {}).get("account")
+    if now_signed_in and account and now_signed_in != account:
+        # Someone signed in as another account while this ran: this certificate is the old account's,
+        # and must neither be kept nor make that account the signed-in one again.
+        raise EzsshError("The signed-in account changed while this certificate was being obtained; nothing was "
+                         "kept. Run the command again.")
+    switch_account(cfg, home, account)
     meta = {
         **seen,
         "policy": data.get("policy"),

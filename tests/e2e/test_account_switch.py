@@ -123,3 +123,28 @@ def test_agent_forwarding_works_on_the_demo_sshd(tmp_path, api_server, oidc, ssh
     listing = subprocess.run(["ssh-keygen", "-L", "-f", str(Path(cert["dir"]) / "id_ed25519-cert.pub")],
                              capture_output=True, text=True, check=True).stdout
     assert "permit-agent-forwarding" in listing
+
+
+def test_a_certificate_obtained_while_another_account_signed_in_is_not_kept(tmp_path, api_server, oidc, sshd,
+                                                                          monkeypatch):
+    """alice's `ezssh ssh` is on its way when bob signs in to the same EZSSH_HOME: her certificate is
+    neither cached nor allowed to make alice the signed-in account again."""
+    from ezssh import certs, issue
+    from ezssh.context import Ctx
+    from ezssh.errors import EzsshError
+    from ezssh.home import load_config, save_config
+    from ezssh.sshargs import SshInvocation
+
+    sign_in(cli_env(tmp_path / "home"), api_server, oidc, "alice")
+    home = tmp_path / "home"
+    monkeypatch.setenv("EZSSH_HOME", str(home))
+    ctx = Ctx()  # alice's, as her command read it when it started
+    alice_account = ctx.cfg["account"]
+    bob = oidc.user("bob")
+    on_disk = load_config(home)
+    save_config({**on_disk, "account": f"{bob['oid']}.{bob['tid']}"}, home)  # bob's login, meanwhile
+    inv = SshInvocation(destination="alice@127.0.0.1", host="127.0.0.1", principal="alice")
+    with pytest.raises(EzsshError, match="signed-in account changed"):
+        issue.obtain(ctx.cfg, home, inv, ctx.api)
+    assert list(certs.slots(home)) == []
+    assert load_config(home)["account"] == f"{bob['oid']}.{bob['tid']}" != alice_account
