@@ -55,6 +55,14 @@ def test_carol_edits_and_a_stale_tab_gets_the_conflict(api_server, oidc, context
     invalid.wait_for()
     assert "max_ttl" in invalid.inner_text()
     assert all("/api/policies/web-edit" in e and "400" in e for e in first.errors), first.errors  # the refused save
+
+    # CA rotation: a new current user CA key, the old one still trusted (listed as previous)
+    keys = first.page.locator("ul.keys").first
+    assert keys.locator("li").count() == 1
+    first.page.click("text=Rotate user CA")
+    first.page.locator(".admin .note").wait_for()
+    first.page.wait_for_function("() => document.querySelector('ul.keys').children.length === 2")
+    assert [t.split()[0] for t in keys.locator("li").all_inner_texts()] == ["current", "previous"]
     assert all("/api/policies/web-edit" in e and "412" in e for e in second.errors), second.errors
 
 

@@ -111,6 +111,7 @@ def test_security_headers_on_every_page_answer(api_server, oidc):
 def test_phone_width_approvals_without_sideways_scroll(api_server, oidc, gated, token_for, signed_in, tmp_path):
     long_host = "web-" + "x" * 55 + ".eu-west.contoso.test"
     ask(api_server, token_for("alice"), long_host, "rotate the TLS certificate " * 8)
+    ask(api_server, token_for("alice"), "web1.contoso.test", "deploy the 4.2 hotfix (INC-1042)")  # on top
     tab = signed_in("bob", viewport=PHONE)
     page = tab.page
     page.locator("article.request").first.wait_for()
@@ -181,7 +182,7 @@ def test_audit_shows_a_requests_chain_verifying_and_a_chart_per_policy(api_serve
     assert denied >= 1
     # entries of one user: the actor's name filters by their object id
     page.locator("#audit-entries button.link", has_text="bob@contoso.test").first.click()
-    page.wait_for_function("document.querySelector('input[name=user]').value.length > 0")
+    page.wait_for_function("() => document.querySelector('input[name=user]').value.length > 0")
     assert page.locator('input[name="user"]').input_value() == oidc.user("bob")["oid"]
     page.wait_for_function("""() => {
         const cells = [...document.querySelectorAll('#audit-entries tbody td:nth-child(3)')];

@@ -122,7 +122,7 @@ export function PolicyPage({ id }) {
         <h2>Edit</h2>
         <${Editor} key=${`${p.id}-${version}`} policy=${p} etag=${data.etag} onSaved=${() => reload()} />
         <h2>CA keys</h2>
-        <${CaKeys} id=${id} />
+        <${CaKeys} key=${version} id=${id} />
         <div class="buttons">
           <button type="button" onClick=${() => rotate('user')}>Rotate user CA</button>
           <button type="button" onClick=${() => rotate('host')}>Rotate host CA</button>
