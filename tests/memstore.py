@@ -408,6 +408,7 @@ class MemoryStore:
                 stored,
                 revoked_at=cert.revoked_at if cert.revoked_at is not None else stored.revoked_at,
                 revoked_by=cert.revoked_by if cert.revoked_by is not None else stored.revoked_by,
+                revoked_by_oid=cert.revoked_by_oid if cert.revoked_by_oid is not None else stored.revoked_by_oid,
             )
             row.etag = self._etag()
             self._put_audit([audit])

@@ -118,9 +118,21 @@ class Hosts:
                     raise NotFound(f"No certificate with serial {serial} was issued under policy {policy_id!r}.")
                 raise Forbidden("Only admins of this policy, or the certificate's own requester, may revoke it.")
             if cert.revoked_at is not None:
-                raise Conflict(f"Certificate {serial} of policy {policy_id!r} was already revoked.",
-                               revoked_at=cert.revoked_at)
-        return self.record_revocation(who, cert, reason, {"own": own})
+                return self._revoked_before(who, cert)
+            try:
+                return self.record_revocation(who, cert, reason, {"own": own})
+            except Conflict:  # changed since read: revoked meanwhile, perhaps by this very call's retry
+                return self._revoked_before(who, b.store.get_certificate(who.tid, policy_id, serial))
+
+    @staticmethod
+    def _revoked_before(who: Identity, cert: CertificateRecord) -> CertificateRecord:
+        """A certificate found revoked: this caller's own revocation (a retry, say after a lost answer)
+        is answered with the record; anyone else's is a 409 saying whose it was."""
+        if cert.revoked_at is not None and cert.revoked_by_oid == who.oid and cert.tenant_id == who.tid:
+            return cert
+        raise Conflict(f"Certificate {cert.serial} of policy {cert.policy_id!r} was already revoked"
+                       + (f" by {cert.revoked_by}." if cert.revoked_by else "."),
+                       revoked_at=cert.revoked_at, revoked_by=cert.revoked_by)
 
     def record_revocation(self, who: Identity | None, cert: CertificateRecord, reason: str | None,
                           details: dict) -> CertificateRecord:
@@ -128,7 +140,8 @@ class Hosts:
         entry and the KRL's row in one write, conditional on the ETag it was read with. `who` None: the
         service itself (the leaver sweep)."""
         b = self.base
-        revoked = replace(cert, revoked_at=b.now(), revoked_by=who.upn if who else "ezssh")
+        revoked = replace(cert, revoked_at=b.now(), revoked_by=who.upn if who else "ezssh",
+                          revoked_by_oid=who.oid if who else None)
         entry = b.audit_entry(who, "certificate.revoked", request_id=cert.request_id, policy_id=cert.policy_id,
                               key_id=cert.key_id, serial=str(cert.serial), host=cert.host,
                               chain=f"crt:{cert.policy_id}:{cert.serial}",

@@ -30,6 +30,7 @@ class CertificateRecord:
     certificate: str
     revoked_at: int | None = None
     revoked_by: str | None = None
+    revoked_by_oid: str | None = None  # who revoked it (object id in the tenant; None: the service itself)
     etag: str | None = None
 
 

@@ -470,6 +470,7 @@ class TableStore(HostRecords):
             "Certificate": c.certificate,
             "RevokedAt": c.revoked_at,
             "RevokedBy": c.revoked_by,
+            "RevokedByOid": c.revoked_by_oid,
         }
 
     @classmethod
@@ -507,6 +508,7 @@ class TableStore(HostRecords):
             certificate=e["Certificate"],
             revoked_at=e.get("RevokedAt"),
             revoked_by=e.get("RevokedBy"),
+            revoked_by_oid=e.get("RevokedByOid"),
             etag=e.metadata.get("etag"),
         )
 
@@ -789,7 +791,7 @@ class TableStore(HostRecords):
         _, row_key = self._find_certificate(cert.tenant_id, cert.policy_id, cert.serial)  # NotFound unless this policy's
         host = row_key.startswith("crt|")
         entity = {"PartitionKey": cert.tenant_id, "RowKey": row_key, "RevokedAt": cert.revoked_at,
-                  "RevokedBy": cert.revoked_by}
+                  "RevokedBy": cert.revoked_by, "RevokedByOid": cert.revoked_by_oid}
         index = Revoked(cert.policy_id, cert.serial, cert.ca_fingerprint, cert.valid_before, cert.revoked_at or 0,
                         host)
         ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), *self._audit_ops(audit),

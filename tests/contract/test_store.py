@@ -663,7 +663,8 @@ def issued(store: Store, tid: str, serial: int, policy_id: str = "web") -> Certi
 def test_revoke_is_conditional_and_audited(store: Store, tid: str) -> None:
     cert = issued(store, tid, 21)
     entry = an_entry(tid, T0 + 10, "certificate.revoked", serial="21")
-    revoked = store.revoke_certificate(replace(cert, revoked_at=int(T0) + 10, revoked_by="carol@x"), cert.etag, entry)
+    revoked = store.revoke_certificate(replace(cert, revoked_at=int(T0) + 10, revoked_by="carol@x",
+                                               revoked_by_oid="oid-carol"), cert.etag, entry)
     assert revoked.revoked_at == int(T0) + 10 and revoked.etag and revoked.etag != cert.etag
     got = store.get_certificate(tid, "web", 21)
     assert got == revoked and got.etag == revoked.etag and got.certificate == cert.certificate
@@ -672,7 +673,7 @@ def test_revoke_is_conditional_and_audited(store: Store, tid: str) -> None:
         store.revoke_certificate(replace(cert, revoked_at=int(T0) + 99, revoked_by="eve@x"), cert.etag,
                                  an_entry(tid, T0 + 11, "lost"))
     got = store.get_certificate(tid, "web", 21)
-    assert got.revoked_by == "carol@x" and got.etag == revoked.etag
+    assert got.revoked_by == "carol@x" and got.revoked_by_oid == "oid-carol" and got.etag == revoked.etag
     assert "lost" not in [e.action for e in audit_of(store, tid)]
 
 

@@ -274,7 +274,7 @@ def cases(faulty: Faulty, oidc, auth, pub, policies) -> dict[str, Case]:
         "cancel": Case(decided_prepare, decide("alice", "cancel"), decided_check("cancelled", "cancelled"),
                        already=()),
         "certificate": Case(approved_prepare, cert_act, cert_check),
-        "revoke": Case(revoke_prepare, revoke_act, revoke_check),
+        "revoke": Case(revoke_prepare, revoke_act, revoke_check, already=()),
         "policy-create": Case(policy_prepare, policy_create_act, policy_create_check),
         "policy-update": Case(created_prepare, patch_act,
                               changed_check("policy.updated", lambda p: p.name == "changed under faults")),

@@ -82,10 +82,16 @@ def test_who_may_revoke(service, store, issue):
     with pytest.raises(InvalidRequest):
         service.hosts.revoke_certificate(CAROL, "web", a.serial, reason="two\nlines")
     assert store.list_revoked(ALICE.tid, "web", valid_from=0) == []
-    service.hosts.revoke_certificate(ALICE, "web", a.serial)
-    with pytest.raises(Conflict):
+    first = service.hosts.revoke_certificate(ALICE, "web", a.serial)
+    with pytest.raises(Conflict) as lost:  # somebody else's revocation came first: it says whose
         service.hosts.revoke_certificate(CAROL, "web", a.serial)
+    assert lost.value.details["revoked_by"] == ALICE.upn and ALICE.upn in lost.value.message
+    # alice again (a retry after a lost answer): her revocation as recorded, nothing written twice
+    again = service.hosts.revoke_certificate(ALICE, "web", a.serial)
+    assert (again.revoked_at, again.revoked_by_oid) == (first.revoked_at, ALICE.oid)
     assert [r.serial for r in store.list_revoked(ALICE.tid, "web", valid_from=0)] == [a.serial]
+    assert [e.action for e in store.list_audit(ALICE.tid, limit=1000)
+            if e.serial == str(a.serial)].count("certificate.revoked") == 1
 
 
 def test_expired_certificates_leave_the_krl_after_the_grace(service, issue, clock, tmp_path):
