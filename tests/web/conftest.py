@@ -54,6 +54,7 @@ def browser(oidc) -> Iterator:
     try:
         b = pw.chromium.launch(executable_path=exe, headless=True, args=[
             "--no-sandbox",  # as root the sandbox can't start
+            "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
             f"--ignore-certificate-errors-spki-list={spki_pin(oidc.ca.server_cert)}",
         ])
     except Error as exc:

@@ -52,6 +52,11 @@ def test_bob_approves_on_the_web_and_alices_waiting_ssh_shows_his_comment(
     page = tab.page
     card = page.locator(f'article[data-request="{rid}"]')
     card.wait_for(timeout=20_000)
+    # tokens live in this tab's sessionStorage only: no cookie for the app, nothing in localStorage
+    assert page.context.cookies(api_server) == []
+    stored = page.evaluate("() => [Object.keys(localStorage), Object.keys(sessionStorage).join(' ')]")
+    assert not [k for k in stored[0] if "token" in k.lower()], stored[0]
+    assert "accesstoken" in stored[1].lower()
     alice_name = oidc.user("alice")["name"]  # from users.json: what the stand-in puts in her token
     assert alice_name in card.locator("h2").inner_text()
     assert "deploy hotfix" in card.locator(".reason").inner_text()
