@@ -28,8 +28,9 @@ login:
 test: setup
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The pure core and the use cases over the in-memory store: no stand-in is started.
 test-fast: setup
-	@$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+	@$(PY) -m pytest -q tests/unit tests/service $(PYTEST_ARGS)
 
 # The README's picture of the approvals page at phone width (docs/approvals-phone.png), taken by the
 # browser test that checks it.

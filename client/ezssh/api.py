@@ -1,4 +1,4 @@
-"""HTTP to the ezssh service, over the standard library's http.client (requests costs ~60 ms to import;
+"""HTTP to the ezssh service, over the standard library's http.client (requests is slow to import;
 it is loaded only for MSAL, and for the service when a proxy applies to it).
 
 Every failure is mapped here, once, to an EzsshError with a documented exit code:

@@ -53,7 +53,7 @@ def same_server(a: object, b: object) -> bool:
 
 
 class Cached:
-    """A slot directory and its meta.json (a plain class: dataclasses costs ~10 ms of imports)."""
+    """A slot directory and its meta.json (a plain class: dataclasses is slow to import)."""
 
     __slots__ = ("dir", "meta")
 

@@ -1,5 +1,5 @@
-"""Run a program and wait for it, with os.posix_spawn where it exists (the subprocess module costs
-~5 ms to import, on a path whose budget is counted in milliseconds). Stdlib only."""
+"""Run a program and wait for it, with os.posix_spawn where it exists (the subprocess module is slow
+to import, on a path whose budget is counted in milliseconds). Stdlib only."""
 
 from __future__ import annotations
 

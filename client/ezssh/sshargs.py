@@ -40,7 +40,7 @@ name. $EZSSH_SSH names the ssh program (default: ssh).
 
 
 class SshInvocation:
-    """What `ezssh ssh` was asked to do (a plain class: dataclasses costs ~10 ms of imports)."""
+    """What `ezssh ssh` was asked to do (a plain class: dataclasses is slow to import)."""
 
     def __init__(self, destination: str, host: str, principal: str, ssh_args: list[str] | None = None,
                  pre_args: list[str] | None = None, explain: bool = False, policy: str | None = None,

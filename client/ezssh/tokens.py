@@ -1,4 +1,4 @@
-"""The access token already in MSAL's token cache, read without MSAL (which costs ~90 ms to import).
+"""The access token already in MSAL's token cache, read without MSAL (slow to import).
 
 Only where the cache is the plain 0600 JSON file (msal-extensions' FilePersistence): an encrypted
 cache (libsecret, Keychain, DPAPI) is read through MSAL. Anything unexpected means "no token here",

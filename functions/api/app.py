@@ -29,7 +29,7 @@ class RequestContext:
     """Each request's id (X-Request-Id, the log events' request_id) and deadline, and no-store.
 
     A plain ASGI middleware: FastAPI's @app.middleware("http") runs every request through an extra
-    task and memory streams, about 0.3 ms of CPU per request (bench/issue.py)."""
+    task and memory streams, CPU on every request (bench/issue.py measures it)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -35,7 +35,7 @@ MAX_SERIAL = 2**63 - 1
 
 @dataclass(frozen=True)
 class Grant:
-    """What the policy allows for one request. Built only by core.policy; read only by the builder."""
+    """What the policy allows for one request. Built only by core.evaluation (make_grant); read only by the builder."""
 
     tenant_id: str
     policy_id: str

@@ -36,9 +36,9 @@ to the partition `_unauthenticated`.
 
 Every state change on a policy or request is conditional on the ETag it was read with (If-Match). A
 lost race raises Conflict (409). If-Match holds inside a batch too (Table Storage and Azurite 3.37
-alike; tests/contract/test_store.py checks it). A batch costs the client about 4 ms of CPU whatever
-its size (azure-core builds and parses it with the email package, in thread pools of its own) where
-a single insert costs about 1 ms (bench/issue.py): the hot path writes one row.
+alike; tests/contract/test_store.py checks it). A batch costs the client several times
+the CPU of a single insert whatever its size (azure-core builds and parses it with the email package,
+in thread pools of its own; bench/issue.py measures both): the hot path writes one row.
 """
 
 from __future__ import annotations

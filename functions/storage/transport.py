@@ -6,8 +6,8 @@ What differs from the SDK's default transport, and why (figures from bench/issue
   up to 40 threads at once (anyio's default thread pool); with 10, every call past the tenth opens a
   new TCP connection and throws it away afterwards.
 - `trust_env` off, with the proxy settings and CA bundle read from the environment ONCE, here: by
-  default requests walks the whole process environment on every call to find proxies (about 0.15 ms
-  of CPU per storage call). Same behaviour for HTTPS_PROXY / NO_PROXY / REQUESTS_CA_BUNDLE, decided
+  default requests walks the whole process environment on every call to find proxies (CPU on every
+  storage call). Same behaviour for HTTPS_PROXY / NO_PROXY / REQUESTS_CA_BUNDLE, decided
   at start instead of per call; no ~/.netrc lookup.
 - No retries inside urllib3: azure-core's retry policy (CLIENT_OPTIONS) is the one that retries.
 
