@@ -290,9 +290,10 @@ class Seeder:
                           actor_upn=who.upn, **fields)
 
     def _request(self, who: Any, policy: Any, at: float, *, auto: bool) -> Any:
-        from functions.core import approval as sm
+        from functions.core import requests as sm
+        from functions.core import serials
 
-        rid = sm.new_request_id(at)
+        rid = serials.new_request_id(at)
         return sm.RequestRecord(
             id=rid, tenant_id=who.tid, policy_id=policy.id, requester_oid=who.oid, requester_upn=who.upn,
             host=f"web{self.rand.randrange(500)}", principal=who.upn.split("@")[0], ttl_seconds=3600,
@@ -301,10 +302,11 @@ class Seeder:
             approvals_required=0 if auto else policy.approvals_required, reason="deploy")
 
     def _cert(self, rec: Any, at: float, ttl: int) -> Any:
-        from functions.core import approval as sm
+        from functions.core import requests as sm
+        from functions.core import serials
         from functions.storage.base import CertificateRecord
 
-        serial = sm.serial_of_request_id(rec.id)
+        serial = serials.serial_of_request_id(rec.id)
         ca = next(c for c in self.policy_of(rec.policy_id).ca if c.state == "current")
         return CertificateRecord(
             tenant_id=rec.tenant_id, policy_id=rec.policy_id, serial=serial,
@@ -317,7 +319,8 @@ class Seeder:
         return {p.id: p for p in (self.t.auto, self.t.gated, self.t.long)}[pid]
 
     def _issue_at_once(self, who: Any, policy: Any, at: float, ttl: int = 3600) -> tuple[Any, Any]:
-        from functions.core import approval as sm
+        from functions.core import requests as sm
+        from functions.core import serials
         from functions.core.audit import link, with_head
 
         rec = self._request(who, policy, at, auto=True)
@@ -335,7 +338,8 @@ class Seeder:
         return final, cert
 
     def _approved_then_issued(self, who: Any, at: float, deny: bool) -> Any:
-        from functions.core import approval as sm
+        from functions.core import requests as sm
+        from functions.core import serials
         from functions.core.audit import link, with_head
 
         policy = self.t.gated

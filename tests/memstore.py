@@ -21,7 +21,8 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from functions.core.approval import OPEN_STATES, RequestRecord, serial_floor, serial_of_request_id
+from functions.core.requests import OPEN_STATES, RequestRecord
+from functions.core.serials import serial_floor, serial_of_request_id
 from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy

@@ -7,7 +7,6 @@ against the grant before anything is stored or returned.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -64,14 +63,6 @@ class IssuedCertificate:
     ca_fingerprint: str
     extensions: tuple[str, ...] = field(default=())
     critical_options: tuple[tuple[str, str], ...] = field(default=())
-
-
-def new_serial() -> int:
-    """A random, non-zero 63-bit serial."""
-    while True:
-        serial = secrets.randbits(63)
-        if serial:
-            return serial
 
 
 def build_certificate(

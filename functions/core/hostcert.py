@@ -7,7 +7,7 @@ of the current host key); this module only checks shapes and signs what the gran
     key   = parse_host_key("ssh-ed25519 AAAA...")        # ed25519, ECDSA, RSA >= 3072; never a cert
     names = check_host_names(policy, ["web1.example.com", "10.0.0.4"], namespaces, is_public)
     grant = HostGrant(tenant, policy, names, ttl_seconds=30 * 86400, proof="token:...")
-    issued = build_host_certificate(grant, key, ca_private_key, now=now, serial=new_serial())
+    issued = build_host_certificate(grant, key, ca_private_key, now=now, serial=new_serial(now))
     verify_host_issued(issued, grant, key, ca_public_key, now=now)
     verify_sshsig(armored, message, "ezssh-host-renew", key)   # `ssh-keygen -Y sign -n ezssh-host-renew`
                                                    # (ezssh-host-enrol at enrolment)

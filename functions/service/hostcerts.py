@@ -36,7 +36,8 @@ import secrets
 from dataclasses import dataclass, replace
 from typing import Callable, Collection, Sequence
 
-from ..core.certificate import IssuedCertificate, new_serial
+from ..core.certificate import IssuedCertificate
+from ..core.serials import new_serial
 from ..core.errors import CaKeyNotFound, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound, TooManyRequests
 from ..core.hostcert import (
     ENROL_NAMESPACE,
@@ -530,10 +531,16 @@ class HostCerts:
         grant = HostGrant(tenant_id=policy.tenant_id, policy_id=policy.id, principals=names,
                           ttl_seconds=policy.host_cert_ttl, proof=proof,
                           backdate_seconds=self.base.config.backdate_seconds)
-        now = self.base.now()
-        out = []
+        clock = self.base.clock()
+        now = int(clock)
+        out: list[tuple[IssuedCertificate, VettedKey]] = []
+        serials: set[int] = set()
         for k in keys:
-            issued = build_host_certificate(grant, k, ca_key, now=now, serial=new_serial())
+            serial = new_serial(clock)
+            while serial in serials:  # one serial per certificate of the call (a clash is stored as a 409)
+                serial = new_serial(clock)
+            serials.add(serial)
+            issued = build_host_certificate(grant, k, ca_key, now=now, serial=serial)
             verify_host_issued(issued, grant, k, signer.public_key(), now=now)
             out.append((issued, k))
         return HostIssued(policy.id, names, tuple(out), proof)

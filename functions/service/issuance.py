@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.serialization import ssh
 
-from ..core import approval as sm
+from ..core import requests as sm
+from ..core import serials
 from ..core.audit import AuditEntry, canonical_json, link, with_head
 from ..core.certificate import IssuedCertificate, build_certificate, verify_issued
 from ..core.errors import (
@@ -52,8 +53,8 @@ class Outcome:
 
 
 def new_request_id(now: float) -> str:
-    """A request id: the serial its certificate will carry, in hex (core.approval)."""
-    return sm.new_request_id(now)
+    """A request id: the serial its certificate will carry, in hex (core.serials)."""
+    return serials.new_request_id(now)
 
 
 class Issuance:
@@ -70,7 +71,7 @@ class Issuance:
             return self._request_access(who, req, public_key, None, fresh=False)
         with self.base.refusing(who, "request.refused", host=req.host, principal=req.principal):
             idem = self._idempotency(who, req, public_key, idempotency_key)
-        if not idem.on_request_row and sm.key_time_ms(idempotency_key) is not None:
+        if not idem.on_request_row and serials.key_time_ms(idempotency_key) is not None:
             # A UUIDv7 key older than a retry's window: a late retry finds its answer on the row the
             # key names; a first attempt (a client whose clock is behind) keeps its key in a row of
             # its own, under a new id.
@@ -103,7 +104,7 @@ class Issuance:
             return replay
 
     def _idempotency(self, who: Identity, req: AccessRequest, public_key: str | None, key: str) -> IdempotencyRecord:
-        """The key's record. A UUIDv7 key names its request's id (core.approval.keyed_request_id):
+        """The key's record. A UUIDv7 key names its request's id (core.serials.keyed_request_id):
         within the window around the service's clock the key rides on that row (on_request_row);
         older, the id is only where a first answer may be. Other keys get an id when written."""
         if not IDEMPOTENCY_KEY_RE.match(key):
@@ -113,16 +114,16 @@ class Issuance:
         asked = canonical_json({"host": req.host, "principal": req.principal, "policy": req.policy_id,
                                 "ttl": req.ttl_seconds, "reason": req.reason, "key": key_blob})
         now = self.base.clock()
-        ms, now_ms = sm.key_time_ms(key), int(now * 1000)
-        if ms is not None and ms > now_ms + sm.KEY_TIME_AHEAD_MS:
+        ms, now_ms = serials.key_time_ms(key), int(now * 1000)
+        if ms is not None and ms > now_ms + serials.KEY_TIME_AHEAD_MS:
             raise IdempotencyKeyAhead(
                 f"The Idempotency-Key is a UUIDv7 {(ms - now_ms) // 1000} s ahead of the service's clock; "
                 "ask again with a new key (a random one, or a UUIDv7 from a clock that is right).")
         return IdempotencyRecord(
             tenant_id=who.tid, owner_oid=who.oid, key_hash=hashlib.sha256(key.encode()).hexdigest(),
-            request_id=sm.keyed_request_id(ms, who.tid, who.oid, key) if ms is not None else new_request_id(now),
+            request_id=serials.keyed_request_id(ms, who.tid, who.oid, key) if ms is not None else new_request_id(now),
             digest=hashlib.sha256(asked.encode()).hexdigest(), created_at=int(now),
-            on_request_row=ms is not None and ms >= now_ms - sm.KEY_TIME_BEHIND_MS)
+            on_request_row=ms is not None and ms >= now_ms - serials.KEY_TIME_BEHIND_MS)
 
     def _replay(self, who: Identity, idem: IdempotencyRecord, *, on_row: bool | None = None) -> Outcome | None:
         """The answer an earlier attempt with this key got, if one was recorded."""
@@ -298,8 +299,8 @@ class Issuance:
         grant = make_grant(policy, rec.id, who, rec.principal, rec.ttl_seconds, self.base.config.backdate_seconds)
         signer = self.base.keys.get_signer(ca.key_ref)
         now = self.base.now()
-        # The serial was fixed with the request: its id is that serial in hex (core.approval).
-        serial = sm.serial_of_request_id(rec.id)
+        # The serial was fixed with the request: its id is that serial in hex (core.serials).
+        serial = serials.serial_of_request_id(rec.id)
         if serial is None:
             raise Conflict(f"Request {rec.id} has no serial of its own (an id from an older version); ask again.")
         issued = build_certificate(grant, key, as_private_key(signer), now=now, serial=serial)

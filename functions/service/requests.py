@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from ..core import approval as sm
+from ..core import requests as sm
 from ..core.audit import link, with_head
 from ..core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from ..core.paging import decode_token, encode_token

@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
-from ..core.approval import SERIAL_RANDOM_BITS, RequestRecord, serial_floor, serial_of_request_id
+from ..core.requests import RequestRecord
+from ..core.serials import SERIAL_RANDOM_BITS, serial_floor, serial_of_request_id
 from ..core.audit import AuditEntry
 from ..core.policy import Policy
 
@@ -45,7 +46,7 @@ class IdempotencyRecord:
     digest: str  # hex SHA-256 of what was asked (host, login, policy, TTL, key fingerprint)
     created_at: int
     # True: the key is carried by the request row itself, whose id the key names (a UUIDv7 key,
-    # core.approval.keyed_request_id): the request is one insert. False: a row of its own, written
+    # core.serials.keyed_request_id): the request is one insert. False: a row of its own, written
     # in one transaction with the request.
     on_request_row: bool = False
 
@@ -311,7 +312,7 @@ class Store(Protocol):
 
     # issuance: the request's new state, the certificate record and the audit entry all land
     # before the certificate is returned. `etag` None means the request row is new. The serial is
-    # the request's own (core.approval: the request id is the serial in hex), so a serial is unique
+    # the request's own (core.serials: the request id is the serial in hex), so a serial is unique
     # in its tenant; any other serial is a Conflict and nothing is written.
     def record_issuance(
         self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry],

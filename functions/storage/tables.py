@@ -27,7 +27,7 @@ written in one atomic write (one row, or one entity-group transaction in that pa
                    htk| hch| hky|               host enrolment tokens, renewal challenges, host keys
                                                 (hostrecords.py)
 
-A request id is the serial of its certificate in hex, time first (core.approval): request rows sort
+A request id is the serial of its certificate in hex, time first (core.serials): request rows sort
 by time, a serial is unique in its tenant because the row is, and a certificate is one point read
 from its serial or key id. An auto-approved issuance is ONE insert of the request row.
 
@@ -53,8 +53,8 @@ from typing import Any, Callable, Iterator, Sequence
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
-from ..core.approval import (APPROVED, OPEN_STATES, PENDING, SERIAL_RANDOM_BITS, Approval, RequestRecord,
-                             request_id_of_serial, request_of, serial_floor, serial_of_request_id)
+from ..core.requests import APPROVED, OPEN_STATES, PENDING, Approval, RequestRecord
+from ..core.serials import SERIAL_RANDOM_BITS, request_id_of_serial, request_of, serial_floor, serial_of_request_id
 from ..deadline import deadline_hook
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed
@@ -419,7 +419,7 @@ class TableStore(HostRecords):
             raise exists from exc
 
     # ---- idempotency keys ---------------------------------------------------------------------
-    # A key that names its request's id (a UUIDv7: core.approval.keyed_request_id) is carried by the
+    # A key that names its request's id (a UUIDv7: core.serials.keyed_request_id) is carried by the
     # request row itself (IdemKey, IdemDigest): a retry's insert finds the row, and one point read
     # the first answer. Any other key has a row idk|<requester oid>|<sha-256 of the key>, written in
     # the same transaction as its request.
@@ -454,7 +454,7 @@ class TableStore(HostRecords):
                                  digest=e["IdemDigest"], created_at=int(e["IdemAt"]), on_request_row=True)
 
     # ---- certificates -----------------------------------------------------------------------
-    # A user certificate lives in its request's row (its serial is the request id: core.approval),
+    # A user certificate lives in its request's row (its serial is the request id: core.serials),
     # so recording an issuance is one write and finding a certificate by serial one point read. Host
     # certificates have rows crt|<policy id>|<serial> (hostrecords.py). Revoked certificates of
     # either kind also get index rows keyed by expiry (see "revocation" below).

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from functions.core.approval import new_request_id, serial_of_request_id
+from functions.core.serials import new_request_id, serial_of_request_id
 from functions.core.audit import AuditEntry, link
 from functions.storage.base import AuditQuery
 from tests.contract.test_store import a_cert, a_request

@@ -20,7 +20,8 @@ from dataclasses import replace
 
 import pytest
 
-from functions.core.approval import Approval, RequestRecord, new_request_id, request_id_of_serial, serial_of_request_id
+from functions.core.requests import Approval, RequestRecord
+from functions.core.serials import new_request_id, request_id_of_serial, serial_of_request_id
 from functions.core.audit import AuditEntry, verify_chain
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import CaKeyRef, Policy, Rule, Subjects
@@ -74,7 +75,7 @@ def an_entry(tid: str | None, at: float, action: str = "test.event", **kw) -> Au
 
 
 def a_request(tid: str, rid: str | None = None, state: str = "pending", **kw) -> RequestRecord:
-    """A request whose id is its serial in hex (core.approval): the given serial's, or a new one."""
+    """A request whose id is its serial in hex (core.serials): the given serial's, or a new one."""
     if rid is None:
         rid = request_id_of_serial(kw["serial"]) if kw.get("serial") is not None else new_request_id(T0)
     fields = dict(

@@ -153,7 +153,7 @@ def test_a_host_ca_is_not_trusted_for_a_name_outside_its_scope(alice, state_dir,
     github.com. Real sshd, real ssh, StrictHostKeyChecking yes."""
     import time
 
-    from functions.core.certificate import new_serial
+    from functions.core.serials import new_serial
     from functions.core.evaluation import AccessRequest
     from functions.core.hostcert import HostGrant, build_host_certificate, parse_host_key
     from functions.signing.base import as_private_key
@@ -171,7 +171,7 @@ def test_a_host_ca_is_not_trusted_for_a_name_outside_its_scope(alice, state_dir,
     signer = svc.keys.get_signer(policy.current_host_ca.key_ref)
     grant = HostGrant(carol.tid, "wide-e2e", ("github.com", "wide1.contoso.example"), 86400, "test")
     cert = build_host_certificate(grant, key, as_private_key(signer), now=int(time.time()),
-                                  serial=new_serial()).openssh
+                                  serial=new_serial(time.time())).openssh
     box = start_sshd(state_dir, free_port(), name=name, users=DEMO_USERS, host_certificate=cert)
     try:
         box.trust(*(c.public_key for c in policy.trusted_ca))

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from functions.core.approval import keyed_request_id
+from functions.core.serials import keyed_request_id
 from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, Forbidden, IdempotencyKeyAhead, InvalidRequest
 from functions.core.evaluation import AccessRequest

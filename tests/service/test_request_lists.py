@@ -183,12 +183,13 @@ def test_requests_at_once_never_pass_the_cap_in_memory(service, store, ask):
 
 
 def test_old_request_rows_join_the_lists_through_the_housekeeping_timer(service, store, make_policy, clock):
-    from functions.core import approval as sm
+    from functions.core import requests as sm
+    from functions.core import serials
 
     make_policy("gated", "approval", request_ttl=600)
     now = int(clock())
     old = [store.put_legacy_request(sm.RequestRecord(
-        id=sm.new_request_id(clock() - 100 + i), tenant_id=ALICE.tid, policy_id="gated", requester_oid=ALICE.oid,
+        id=serials.new_request_id(clock() - 100 + i), tenant_id=ALICE.tid, policy_id="gated", requester_oid=ALICE.oid,
         requester_upn=ALICE.upn, host="web1", principal="alice", ttl_seconds=3600, state=state,
         created_at=now - 100 + i, expires_at=now + 500 + i, approvals_required=1))
         for i, state in enumerate(["pending", "denied", "pending"])]

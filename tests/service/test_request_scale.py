@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from functions.core import approval as sm
+from functions.core import requests as sm
+from functions.core import serials
 from functions.core.errors import Conflict, TooManyPending
 from functions.core.evaluation import AccessRequest
 from functions.service import Service, ServiceConfig
@@ -60,7 +61,7 @@ def seed_history(store, n: int, tid: str) -> None:  # type: ignore[no-untyped-de
     ops: list = []
     others = [str(uuid.uuid4()) for _ in range(10)]
     for i in range(n):
-        rid = sm.new_request_id(T0 - 30 * 86400 + i * 60)
+        rid = serials.new_request_id(T0 - 30 * 86400 + i * 60)
         kind = i % 4
         requester = ALICE.oid if kind != 1 else others[i % 10]
         rec = sm.RequestRecord(

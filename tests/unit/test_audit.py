@@ -143,7 +143,7 @@ def test_link_points_each_entry_at_the_one_before():
 
 
 def test_link_numbers_a_chain_in_written_order_from_an_entry_or_from_the_row_holding_its_head():
-    from functions.core.approval import RequestRecord
+    from functions.core.requests import RequestRecord
 
     chain = request_chain()
     assert [e.seq for e in chain] == [0, 1, 2, 3]

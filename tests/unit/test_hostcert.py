@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import ssh
 
-from functions.core.certificate import new_serial
+from functions.core.serials import new_serial
 from functions.core.errors import IntegrityError, InvalidPublicKey, InvalidRequest, WeakPublicKey
 from functions.core.hostcert import (
     RENEW_NAMESPACE,
@@ -133,7 +133,7 @@ def test_host_certificate_reads_back_with_ssh_keygen(tmp_path: Path) -> None:
     host = ed25519.Ed25519PrivateKey.generate()
     key = parse_host_key(pub_line(host))
     g = grant()
-    serial = new_serial()
+    serial = new_serial(NOW)
     issued = build_host_certificate(g, key, CA, now=NOW, serial=serial)
     verify_host_issued(issued, g, key, CA.public_key(), now=NOW)
     f = tmp_path / "host-cert.pub"

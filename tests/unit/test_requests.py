@@ -1,4 +1,4 @@
-"""functions.core.approval: the access request state machine."""
+"""functions.core.requests: the access request state machine (and functions.core.serials: its ids)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from functions.core import approval as ap
-from functions.core.approval import (
-    APPROVED,
-    CANCELLED,
-    DENIED,
-    EXPIRED,
-    FINAL_STATES,
-    ISSUE_WINDOW,
-    ISSUED,
-    PENDING,
-    RequestRecord,
-)
+from functions.core import requests as ap
+from functions.core.requests import APPROVED, CANCELLED, DENIED, EXPIRED, FINAL_STATES, ISSUE_WINDOW, ISSUED, PENDING, RequestRecord
 from functions.core.errors import Conflict, Forbidden
 from functions.core.policy import Identity
 
@@ -280,11 +270,10 @@ def test_state_constants():
 # ---- request ids are serials ---------------------------------------------------------------------
 
 def test_a_request_serial_is_its_time_then_random_bits_and_its_id_is_that_serial_in_hex():
-    from functions.core.approval import (SERIAL_RANDOM_BITS, new_request_id, request_id_of_serial, request_serial,
-                                         serial_floor, serial_of_request_id)
+    from functions.core.serials import SERIAL_RANDOM_BITS, new_request_id, request_id_of_serial, new_serial, serial_floor, serial_of_request_id
 
     now = 1_780_000_000.123
-    serials = {request_serial(now) for _ in range(2000)}
+    serials = {new_serial(now) for _ in range(2000)}
     assert len(serials) > 1990  # 21 random bits: a handful of repeats at most in 2000 draws
     for s in serials:
         assert 0 < s < 2**63 and s >> SERIAL_RANDOM_BITS == int(now * 1000)
@@ -299,13 +288,13 @@ def test_a_request_serial_is_its_time_then_random_bits_and_its_id_is_that_serial
                   "0123456789abcde", "8000000000000000"):
         assert serial_of_request_id(other) is None, other
     with pytest.raises(ValueError):
-        request_serial(-1.0)
+        new_serial(-1.0)
 
 
 def test_a_uuid7_key_names_a_request_id_of_its_time_and_per_user():
     import uuid
 
-    from functions.core.approval import key_time_ms, keyed_request_id
+    from functions.core.serials import key_time_ms, keyed_request_id
 
     ms = 1_760_000_000_123
     # RFC 9562 layout, built here bit by bit: 48-bit ms, version 7, 12 bits, variant 0b10, 62 bits
