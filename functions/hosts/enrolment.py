@@ -707,9 +707,9 @@ class EnrolmentService:
 
     def reconcile(self) -> dict[str, int]:
         """Queue due retries (on their own job), re-pushes after CA/KRL changes, and VMs in scope not
-        enrolled yet (one new job per policy). Reads: one range read of each policy's records, then
-        the VMs ARM lists are looked up in those rows (no point read per VM); a policy's KRL version
-        is read only where a record needs comparing."""
+        enrolled yet (one new job per policy). Reads: one range read of each tenant's records (every
+        policy's), then the VMs ARM lists are looked up in those rows (no point read per VM); a
+        policy's KRL version and due host certificates are read only where a record needs comparing."""
         counts = {"vms_seen": 0, "retries_queued": 0, "jobs": 0, "queued": 0, "scope_errors": 0}
         self._need_queue()
         policies = self._policies(self.config.tenants)
@@ -718,8 +718,12 @@ class EnrolmentService:
         now = int(self.clock())
         work: dict[tuple[str, str, str], tuple[Policy, VmRef]] = {}
         known: set[tuple[str, str, str]] = set()  # the records read here: a listed VM is looked up in them
-        for (tid, pid), p in by_key.items():
-            for rec in self.store.list(tid, pid):
+        for tid in dict.fromkeys(t for t, _ in by_key):
+            for rec in self.store.list(tid):  # every policy's records of the tenant: one range read
+                pid = rec.policy_id
+                p = by_key.get((tid, pid))
+                if p is None:
+                    continue  # a deleted policy's, or one without a CA key
                 known.add((tid, pid, vm_key(rec.vm_id)))
                 if not in_scope(rec.vm_id, self.config.scopes_for(tid)):
                     continue
