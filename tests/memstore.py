@@ -428,6 +428,12 @@ class MemoryStore:
                            if t == tenant_id and p == policy_id and r.valid_before >= valid_from),
                           key=lambda r: (r.valid_before, r.serial))
 
+    def list_revoked_since(self, tenant_id: str, policy_id: str, *, revoked_from: int) -> list[Revoked]:
+        with self._lock:
+            return sorted((r for (t, p, _), r in self._revoked.items()
+                           if t == tenant_id and p == policy_id and r.revoked_at >= revoked_from),
+                          key=lambda r: (r.revoked_at, r.serial))
+
     def list_revoked_host(self, tenant_id: str, *, valid_from: int) -> list[Revoked]:
         with self._lock:
             return sorted((r for (t, _, _), r in self._revoked.items()

@@ -35,6 +35,9 @@ log = logging.getLogger("ezssh.service")
 
 # Certificates stay in the KRL this long past their valid_before, for hosts whose clock lags.
 KRL_EXPIRY_GRACE = 3600
+# How much earlier than our last build a revocation we have not seen may be dated: a revocation's
+# transaction lands within the request deadline of its time, on a clock a little off ours.
+REVOKED_SKEW = 300
 FOREVER = 2**63
 V = TypeVar("V")
 
@@ -72,6 +75,12 @@ class VersionCache(Generic[V]):
             self._items.move_to_end(key)
             return hit[2]
 
+    def peek(self, key: Hashable) -> V | None:
+        """What is held for `key`, whatever its version and freshness."""
+        with self._lock:
+            hit = self._items.get(key)
+            return hit[2] if hit is not None else None
+
     def put(self, key: Hashable, version: Hashable, fresh_until: int, value: V) -> V:
         with self._lock:
             self._items[key] = (version, fresh_until, value)
@@ -79,6 +88,18 @@ class VersionCache(Generic[V]):
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
         return value
+
+
+@dataclass(frozen=True)
+class _BuiltKrl:
+    """A KRL as built, and what it was built from (for the next build after a revocation)."""
+
+    answer: Derived
+    tag: str  # the policy's version row when built
+    ca_keys: tuple[str, ...]
+    rows: dict[tuple[int, str], Revoked]  # the revocations in it still in a KRL, by (serial, CA)
+    built_at: int  # the service's time when built (after its version was read)
+    latest: int  # its krl_version
 
 
 def revocations_by_ca(ca_keys: Iterable[str], revoked: Iterable[Revoked], now: int) -> tuple[list[CaRevocations], int]:
@@ -98,7 +119,7 @@ def revocations_by_ca(ca_keys: Iterable[str], revoked: Iterable[Revoked], now: i
 class Hosts:
     def __init__(self, base: Base) -> None:
         self.base = base
-        self._krls: VersionCache[Derived] = VersionCache()
+        self._krls: VersionCache[_BuiltKrl] = VersionCache()
 
     # ---- revocation ---------------------------------------------------------------------------
     def revoke_certificate(self, who: Identity, policy_id: str, serial: int,
@@ -162,20 +183,36 @@ class Hosts:
 
         Byte-stable for the same revocations: krl_version and generated_date are the time of the
         latest revocation, so hosts replace their copy only when something was revoked (or expired
-        out of it, KRL_EXPIRY_GRACE after its valid_before)."""
+        out of it, KRL_EXPIRY_GRACE after its valid_before).
+
+        A worker that built the KRL before reads, once the version moved, only the revocations
+        recorded since (minus REVOKED_SKEW for a revocation whose transaction landed after our last
+        read but carries an earlier time), and drops expired ones in memory: after a revocation the
+        next fetch reads a few rows, not every revocation still valid."""
         store = self.base.store
         version = store.trust_version(policy.tenant_id, policy.id)  # first the version, then what it versions
         ca_keys = tuple(c.public_key for c in policy.trusted_ca + policy.trusted_host_ca)
         key, ver, now = (policy.tenant_id, policy.id), (version.tag, ca_keys), self.base.now()
         hit = self._krls.get(key, ver, now)
         if hit is not None:
-            return hit
-        revoked = store.list_revoked(policy.tenant_id, policy.id, valid_from=now - KRL_EXPIRY_GRACE + 1)
-        revs, fresh_until = revocations_by_ca(ca_keys, revoked, now)
-        latest = max([version.at] + [r.revoked_at for r in revoked])
+            return hit.answer
+        held = self._krls.peek(key)
+        if held is not None and held.ca_keys == ca_keys:
+            rows = dict(held.rows)
+            if held.tag != version.tag:
+                since = store.list_revoked_since(policy.tenant_id, policy.id, revoked_from=held.built_at - REVOKED_SKEW)
+                rows.update({(r.serial, r.ca_fingerprint): r for r in since})
+            latest = max([held.latest, version.at] + [r.revoked_at for r in rows.values()])
+        else:
+            read = store.list_revoked(policy.tenant_id, policy.id, valid_from=now - KRL_EXPIRY_GRACE + 1)
+            rows = {(r.serial, r.ca_fingerprint): r for r in read}
+            latest = max([version.at] + [r.revoked_at for r in read])
+        revs, fresh_until = revocations_by_ca(ca_keys, rows.values(), now)
+        rows = {k: r for k, r in rows.items() if r.valid_before + KRL_EXPIRY_GRACE > now}
         data = encode_krl(revs, krl_version=latest, generated_date=latest,
                           comment=f"ezssh policy {policy.id} tenant {policy.tenant_id}")
-        return self._krls.put(key, ver, fresh_until, Derived(data, latest))
+        built = _BuiltKrl(Derived(data, latest), version.tag, ca_keys, rows, now, latest)
+        return self._krls.put(key, ver, fresh_until, built).answer
 
     def krl_for(self, who: Identity, policy_id: str) -> Derived:
         return self.krl(self.base.policies.visible(who, policy_id))

@@ -360,6 +360,10 @@ class Store(Protocol):
         >= valid_from), by expiry: a range read that never reaches expired ones. It may also return
         older ones (rows written before the expiry index, until migrate_revocations moved them)."""
         ...
+    def list_revoked_since(self, tenant_id: str, policy_id: str, *, revoked_from: int) -> list[Revoked]:
+        """Revocations of a policy recorded at or after `revoked_from` (their revoked_at), whatever
+        their expiry: what changed since a KRL was built, a range read by time of revocation."""
+        ...
     def list_revoked_host(self, tenant_id: str, *, valid_from: int) -> list[Revoked]:
         """Revoked HOST certificates of every policy of the tenant still valid at `valid_from`
         (never a user revocation); the same caveat as list_revoked."""

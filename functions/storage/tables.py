@@ -759,7 +759,8 @@ class TableStore(HostRecords):
     # A revocation writes index rows keyed by the certificate's expiry, so a KRL is a range read from
     # "now minus the grace" that never reaches expired revocations: rvp| per policy (the policy's
     # KRL, user and host certificates) and, for a host certificate, rvh| per tenant (known-hosts,
-    # which never reads a user revocation). Rows of the first layout (rev|<policy>|<serial>, not
+    # which never reads a user revocation); and rvt|<policy>|<revoked_at>|<serial>, by time of
+    # revocation, so a worker holding a KRL reads only what was revoked since. Rows of the first layout (rev|<policy>|<serial>, not
     # keyed by expiry) are read too until migrate_revocations (the housekeeping timer) moved them.
     LEGACY = ("rev|", "rev}")
     REVOKED_FIELDS = ["PolicyId", "Serial", "CaFingerprint", "ValidBefore", "RevokedAt", "HostCert"]
@@ -769,7 +770,8 @@ class TableStore(HostRecords):
         fields = {"PartitionKey": tenant_id, "Kind": "revoked", "PolicyId": r.policy_id, "Serial": str(r.serial),
                   "CaFingerprint": r.ca_fingerprint, "ValidBefore": r.valid_before, "RevokedAt": r.revoked_at,
                   "HostCert": r.host}
-        keys = [f"rvp|{r.policy_id}|{r.valid_before:010d}|{_serial_key(r.serial)}"]
+        keys = [f"rvp|{r.policy_id}|{r.valid_before:010d}|{_serial_key(r.serial)}",
+                f"rvt|{r.policy_id}|{max(0, r.revoked_at):010d}|{_serial_key(r.serial)}"]
         if r.host:
             keys.append(f"rvh|{r.valid_before:010d}|{r.policy_id}|{_serial_key(r.serial)}")
         return [("upsert", fields | {"RowKey": k}, {"mode": UpdateMode.REPLACE}) for k in keys]
@@ -818,6 +820,11 @@ class TableStore(HostRecords):
                                 self.REVOKED_FIELDS + ["RequestId"])
         return [self._revoked_from(e) for e in rows]
 
+    def list_revoked_since(self, tenant_id: str, policy_id: str, *, revoked_from: int) -> list[Revoked]:
+        rows = self._range("list revoked", tenant_id, f"rvt|{policy_id}|{max(0, revoked_from):010d}",
+                           f"rvt|{policy_id}}}", self.REVOKED_FIELDS)
+        return [self._revoked_from(e) for e in rows]
+
     def list_revoked_host(self, tenant_id: str, *, valid_from: int) -> list[Revoked]:
         rows = self._range("list revoked", tenant_id, f"rvh|{max(0, valid_from):010d}", "rvh}",
                            self.REVOKED_FIELDS)
@@ -853,8 +860,8 @@ class TableStore(HostRecords):
             by_policy.setdefault(e["PolicyId"], []).append(e)
         moved = 0
         for pid, group in by_policy.items():
-            for k in range(0, len(group), 30):  # 3 rows each at most, plus the version: under 100 a transaction
-                chunk = group[k:k + 30]
+            for k in range(0, len(group), 24):  # 4 rows each at most, plus the version: under 100 a transaction
+                chunk = group[k:k + 24]
                 version = self.trust_version(tenant_id, pid)
                 at = max([version.at] + [int(e.get("RevokedAt") or 0) for e in chunk])
                 ops: list = []

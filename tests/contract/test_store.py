@@ -1148,6 +1148,7 @@ def test_revocations_of_the_first_layout_are_read_until_moved(table_store, tid: 
     assert {r.serial: r.host for r in store.list_revoked(tid, "web", valid_from=0)} == before
     assert sorted(r.serial for r in store.list_revoked(tid, "web", valid_from=int(T0) + 101)) == [82, 83, 84]
     assert [r.serial for r in store.list_revoked_host(tid, valid_from=0)] == [82]
+    assert sorted(r.serial for r in store.list_revoked_since(tid, "web", revoked_from=0)) == [81, 82, 83, 84]
     # the policy's version: the latest revocation among the moved ones (a KRL's version never goes back)
     assert store.trust_version(tid, "web").at == int(T0) + 83
 
@@ -1387,3 +1388,21 @@ def test_host_namespaces_written_move_the_tenants_version(store: Store, tid: str
     assert store.trust_version(tid) == first
     store.put_host_namespaces(replace(ns, namespaces=("*.x.test",)), ns.etag or "", an_entry(tid, T0 + 2))
     assert store.trust_version(tid).tag not in ("", first.tag)
+
+
+def test_revocations_since_a_time_whatever_their_expiry(store: Store, tid: str) -> None:
+    """list_revoked_since: by time of revocation (what changed since a KRL was built), per policy."""
+    at = {91: int(T0) + 10, 92: int(T0) + 20, 93: int(T0) + 30}
+    for serial, when in at.items():
+        rec = a_request(tid, state="issued", serial=serial)
+        store.record_issuance(rec, None, a_cert(rec, serial, valid_before=int(T0) - 99_999 if serial == 92 else
+                                                int(T0) + 3600), [an_entry(tid, T0 + serial / 1000)])
+        revoke(store, store.get_certificate(tid, "web", serial), when)
+    revoke(store, issued(store, tid, 94, "web-prod"), T0 + 25)
+    for since, expect in ((0, [91, 92, 93]), (int(T0) + 11, [92, 93]), (int(T0) + 20, [92, 93]),
+                          (int(T0) + 31, [])):
+        got = store.list_revoked_since(tid, "web", revoked_from=since)
+        assert sorted(r.serial for r in got) == expect, since
+        assert all((r.revoked_at, r.policy_id) == (at[r.serial], "web") for r in got)
+    assert [r.serial for r in store.list_revoked_since(tid, "web-prod", revoked_from=0)] == [94]
+    assert store.list_revoked_since(str(uuid.uuid4()), "web", revoked_from=0) == []
