@@ -7,7 +7,7 @@ One point read per host-certificate issuance and per known-hosts answer."""
 from __future__ import annotations
 
 from ..core.errors import Forbidden, InvalidRequest, PreconditionRequired
-from ..core.namespaces import Namespace, parse_namespaces
+from ..core.namespaces import Namespace, parse_namespace, parse_namespaces
 from ..core.policy import Identity
 from ..observability import event
 from ..publicsuffix import is_public_suffix
@@ -27,10 +27,17 @@ class Namespaces:
         return next((ns for t, ns in self.base.config.host_namespaces if t == tid.lower()), ())
 
     def current(self, tid: str) -> tuple[Namespace, ...]:
-        """The tenant's namespaces: as its tenant admins last set them, else from the settings."""
+        """The tenant's namespaces: as its tenant admins last set them, else from the settings. An
+        entry that no longer passes (the Public Suffix List now names it) is left out, and logged:
+        the namespaces only ever narrow by themselves."""
         row = self.base.store.get_host_namespaces(tid)
-        entries = row.namespaces if row is not None else self._configured(tid)
-        return parse_namespaces(list(entries), is_public_suffix)
+        out = []
+        for entry in row.namespaces if row is not None else self._configured(tid):
+            try:
+                out.append(parse_namespace(entry, is_public_suffix))
+            except InvalidRequest as exc:
+                event(log, "host_namespaces.ignored", tenant=tid, namespace=entry, detail=exc.message)
+        return tuple(out)
 
     def view(self, who: Identity) -> dict:
         """What any signed-in user of the tenant may read (clients trust host CAs inside these)."""

@@ -260,3 +260,15 @@ def test_known_hosts_is_unchanged_for_a_caller_who_has_it_until_something_change
     changed = service.hostcerts.client_trust(ALICE, {first.etag})
     assert not changed.unchanged and changed.etag != first.etag
     assert "web2" in json.loads(changed.data)["policies"]
+
+
+def test_a_stored_namespace_that_no_longer_passes_is_left_out_not_an_error(service, store):
+    """The Public Suffix List grows: an entry stored before it named it narrows the namespaces, and
+    host calls go on with the rest."""
+    from functions.storage.base import HostNamespaces
+    from functions.core.audit import AuditEntry
+
+    row = HostNamespaces(tenant_id=CAROL.tid, namespaces=("*.contoso.test", "*.github.io"), updated_at=0,
+                         updated_by_oid=CAROL.oid, updated_by_upn=CAROL.upn)
+    store.put_host_namespaces(row, None, AuditEntry(CAROL.tid, 1.0, "test.setup", "ok").sealed())
+    assert [str(n) for n in service.namespaces.current(CAROL.tid)] == ["*.contoso.test"]
