@@ -5,10 +5,11 @@ test pins down about Table Storage: every write gives the row a new ETag and the
 carries it; conditional writes compare the ETag exactly (`*` matches anything, as If-Match does, and
 an empty one is refused with ValueError as the Azure SDK refuses it); a write that fails changes
 nothing, including its audit entries; a write whose audit entries (or certificate, or idempotency key)
-belong to another partition than its row is refused with ValueError, as the SDK refuses such a batch; audit entries are ordered by their position
-(functions/storage/base.py: milliseconds, sequence number, entry id; the entries written with a new
-request take the request's time), and their `since`/`until` bounds are inclusive at millisecond
-resolution; policies and audit entries come back through JSON, as they do from a table row.
+belong to another partition than its row is refused with ValueError, as the SDK refuses such a batch;
+audit entries are ordered by their position (functions/storage/base.py: milliseconds, sequence number,
+entry id; the entries written with a new request take the request's time), and their `since`/`until`
+bounds are inclusive at millisecond resolution; policies and audit entries come back through JSON, as
+they do from a table row.
 
 Test code only: production code builds TableStore in functions/wiring.py.
 """

@@ -721,6 +721,7 @@ class TableStore(HostRecords):
         return rows
 
     AUDIT_MIGRATION = "mig|audit"  # how far the backfill of audit rows written before the indexes has got
+    BACKFILL_CHUNK = 100  # rows per read: the run that meets the first newer row reads no more than this
 
     def backfill_audit_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
         """Index rows for audit rows aud|<ms>|<entry id> written before indexes, reading at most
@@ -736,7 +737,7 @@ class TableStore(HostRecords):
         flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
         params = {"pk": tenant_id, "lo": f"aud|{mark.get('After') or ''}", "hi": "aud}"}
         last, ops, done, indexed = None, [], True, 0
-        rows = self._paged("audit backfill", flt, params, budget + 1, ["RowKey", "Entry"],
+        rows = self._paged("audit backfill", flt, params, min(budget + 1, self.BACKFILL_CHUNK), ["RowKey", "Entry"],
                            lambda e: [(e["RowKey"][4:], AuditEntry(**json.loads(e["Entry"])))])
         for pos, entry in rows:
             if pos.count("|") > 1:  # a row with a sequence number: every older row is indexed

@@ -87,7 +87,8 @@ def test_pages_follow_next_oldest_first_and_one_user_reads_apart(client, auth, o
     assert "next" not in whole and {e["request_id"] for e in whole["entries"]} >= set(made)
     seen, token, pages = [], None, 0
     while True:
-        body = client.get("/api/audit", headers=carol, params={"limit": 2, **({"continuation": token} if token else {})}).json()
+        params = {"limit": 2, **({"continuation": token} if token else {})}
+        body = client.get("/api/audit", headers=carol, params=params).json()
         assert len(body["entries"]) <= 2
         seen += body["entries"]
         pages += 1

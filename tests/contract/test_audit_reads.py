@@ -133,7 +133,8 @@ def test_an_audit_page_reads_its_page_not_the_history(counted) -> None:
     from functions.core.policy import ADMIN_ROLE, Identity
     from functions.service import Service, ServiceConfig
 
-    service = Service(store, None, ServiceConfig(signer_backend="pkcs11"), clock=lambda: T0 + 3600)  # type: ignore[arg-type]
+    service = Service(store, None, ServiceConfig(signer_backend="pkcs11"),  # type: ignore[arg-type]
+                      clock=lambda: T0 + 3600)  # no key store: reading the audit signs nothing
     for tid, picked in picks.items():
         admin = Identity(oid=USERS[-2], tid=tid, upn="admin@x", roles=frozenset({ADMIN_ROLE}))
         for name, kw in (("api: last day", {}), ("api: request", {"request_id": picked["request_id"]}),
@@ -196,8 +197,13 @@ def test_audit_rows_written_before_the_indexes_are_indexed_by_a_bounded_backfill
     assert store.audit_page(tid, q["serial"]).entries == old
     assert store.audit_page(tid, q["key id"]).entries == old
     assert store.audit_page(tid, q["policy"]).entries == old + [newer]
+    busy = str(uuid.uuid4())  # a tenant with only rows written with their indexes: one short read ends it
+    seed(store, busy, 120, random.Random(20))
     reads.reset()
-    service = Service(store, None, ServiceConfig(signer_backend="pkcs11"))  # type: ignore[arg-type]
+    assert store.backfill_audit_indexes(busy, 500) == (0, True)
+    assert reads.rows <= store.BACKFILL_CHUNK
+    reads.reset()
+    service = Service(store, None, ServiceConfig(signer_backend="pkcs11"))  # type: ignore[arg-type] # signs nothing
     assert service.housekeeping([tid])["audit_rows_indexed"] == 0  # finished: the timer only reads the marker
     assert store.backfill_audit_indexes(tid, 10) == (0, True)
     assert store.audit_page(tid, q["request"]).entries == old
