@@ -196,9 +196,13 @@ def audit_position(entry: AuditEntry, request_id: str | None = None, slot: int =
     return f"{ms:013d}|{slot:06x}|{entry.entry_id}"
 
 
+POSITION_MS_MAX = (1 << (63 - SERIAL_RANDOM_BITS)) - 1  # the last millisecond a request id can name (year 2109)
+
+
 def position_ms(ms: int) -> str:
-    """The smallest position of millisecond `ms` (the bound of a time window)."""
-    return f"{max(0, ms):013d}|"
+    """The smallest position of millisecond `ms` (the bound of a time window), held to the range
+    positions and request ids can name, so a bound of any size still compares as a position."""
+    return f"{min(max(0, ms), POSITION_MS_MAX):013d}|"
 
 
 @dataclass(frozen=True)

@@ -477,6 +477,8 @@ def test_audit_since_until_are_inclusive(store: Store, tid: str) -> None:
     assert actions(since=T0 + 1.5, until=T0 + 3.5) == ["e2", "e3"]
     assert actions(since=T0 + 6) == []
     assert actions(until=T0 - 1) == []
+    assert actions(since=1e300) == [] and actions(until=-1e300) == [] and actions(since=1e300, until=1e301) == []
+    assert actions(since=-1e300, until=1e300) == [f"e{o}" for o in range(6)]
 
 
 def test_audit_filter_by_request_and_limit(store: Store, tid: str) -> None:
