@@ -29,7 +29,8 @@ def audit(request: Request, who: Identity = Depends(caller),
         since_at, until_at = finite_number(since, "since"), finite_number(until, "until")
     log = svc.audit
     page = log.query(who, since=since_at, until=until_at, request_id=request_id, policy_id=policy,
-                     key_id=key_id, serial=serial, user=user, limit=limit, continuation=continuation)
+                     key_id=key_id, serial=serial, user=user.lower() if user else None, limit=limit,
+                     continuation=continuation)
     out: dict = {"entries": [{**asdict(e), "intact": e.verify()} for e in page.entries]}
     if page.next is not None:
         out["next"] = page.next

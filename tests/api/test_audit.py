@@ -100,6 +100,8 @@ def test_pages_follow_next_oldest_first_and_one_user_reads_apart(client, auth, o
     mine = client.get("/api/audit", headers=carol, params={"user": oid, "limit": 1000}).json()["entries"]
     assert mine == [e for e in whole["entries"] if e["actor_oid"] == oid] and \
         {e["request_id"] for e in mine} >= set(made)
+    shouted = client.get("/api/audit", headers=carol, params={"user": oid.upper(), "limit": 1000}).json()["entries"]
+    assert shouted == mine  # an object id is a GUID, whatever its case
     assert client.get("/api/audit", headers=carol, params={"user": "alice@contoso.test"}).status_code == 400
 
 
