@@ -53,3 +53,7 @@ def test_storage_going_away_is_a_503_with_no_certificate(fragile_api, token_for,
         checks = health.json()["checks"]
         assert checks["storage"] == "unavailable" and checks["signer"] == "ok"  # each its own state
         assert all(v == "ok" for k, v in checks.items() if k.startswith("identity:"))
+        carol = {"Authorization": f"Bearer {token_for('carol')}"}
+        for params in ({}, {"request_id": ok.json()["id"]}, {"serial": ok.json()["serial"]}):  # each a page read
+            audit = c.get("/api/audit", headers=carol, params=params)
+            assert audit.status_code == 503 and audit.json()["error"] == "storage_unavailable", (params, audit.text)
