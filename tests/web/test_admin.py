@@ -90,6 +90,10 @@ def test_members_and_other_tenants_see_no_admin_data(api_server, oidc, demo_poli
         page.goto(f"{api_server}/app/")
         page.locator("#none-pending").wait_for()  # nobody's requests wait for them
 
+        page.click("text=Sign out")  # the tab forgets its tokens
+        page.locator("button.tenant").first.wait_for()
+        assert page.evaluate("() => sessionStorage.length") == 0
+
 
 def test_an_issued_requests_page_and_revoking_it_from_hosts(api_server, oidc, demo_policy, token_for, signed_in):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

@@ -4,6 +4,7 @@ import { html, useEffect, useRef, useState, when, ErrorBox } from '../ui.js';
 import { all, page } from '../api.js';
 
 const DAY = 86400;
+const MAX_ENTRIES = 5000; // the charts read at most this many entries (5 pages)
 const DENIALS = new Set(['denied', 'principal_not_allowed', 'no_policy_for_host', 'policy_needs_update']);
 const SERIES = [['issued', '#1a7f37'], ['denied', '#cf222e'], ['expired', '#9a6700']];
 
@@ -55,15 +56,17 @@ function Charts() {
   useEffect(() => {
     const days = 14;
     const since = Date.now() / 1000 - (days - 1) * DAY;
-    all(`/api/audit?since=${Math.floor(Math.floor(since / DAY) * DAY)}&limit=1000`, 'entries', 5000)
-      .then((entries) => setState({ error: null, data: perDay(entries, since, days) }))
+    all(`/api/audit?since=${Math.floor(Math.floor(since / DAY) * DAY)}&limit=1000`, 'entries', MAX_ENTRIES)
+      .then((entries) => setState({ error: null, data: perDay(entries, since, days), partial: entries.length >= MAX_ENTRIES }))
       .catch((error) => setState({ error, data: null }));
   }, []);
   if (state.error) return html`<${ErrorBox} error=${state.error} />`;
   if (!state.data) return html`<p class="loading">Loading…</p>`;
   const policies = Object.keys(state.data).sort();
   if (!policies.length) return html`<p class="muted">Nothing was issued, denied or expired in the last 14 days.</p>`;
-  return html`<div class="charts">${policies.map((p) => html`<${Chart} key=${p} policy=${p} data=${state.data[p]} />`)}</div>`;
+  return html`
+    ${state.partial ? html`<p class="muted">Counted from the oldest ${MAX_ENTRIES} entries of the last 14 days.</p>` : null}
+    <div class="charts">${policies.map((p) => html`<${Chart} key=${p} policy=${p} data=${state.data[p]} />`)}</div>`;
 }
 
 function toUnix(local) {
