@@ -17,6 +17,7 @@ sends them as a bearer header; it sets no cookies.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import mimetypes
@@ -53,6 +54,7 @@ class Assets:
     version: str
     files: dict[str, bytes]  # name under /app/v/<version>/ -> bytes
     index: bytes
+    gzipped: dict[str, bytes]  # the same, gzip-compressed once (a phone's first load: 430 KB -> 130 KB)
 
 
 def _vendor_bytes(name: str, spec: dict) -> bytes:
@@ -86,7 +88,8 @@ def assets() -> Assets:
         h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     version = h.hexdigest()[:16]
     index = (WEB / "index.html").read_text().replace("{{v}}", f"/app/v/{version}").encode()
-    return Assets(version, files, index)
+    gzipped = {name: gzip.compress(data, mtime=0) for name, data in files.items()}
+    return Assets(version, files, index, gzipped)
 
 
 def authority_origins(issuers: list[str]) -> list[str]:
@@ -139,7 +142,11 @@ def asset(request: Request, version: str, name: str) -> Response:
     if version != a.version or data is None:
         raise NotFound("No such file (the page was updated: reload it).")
     ctype = TYPES.get(Path(name).suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return Response(data, media_type=ctype, headers={**page_headers(request), "Cache-Control": IMMUTABLE})
+    headers = {**page_headers(request), "Cache-Control": IMMUTABLE, "Vary": "Accept-Encoding"}
+    if "gzip" in request.headers.get("accept-encoding", "").lower():
+        data = a.gzipped[name]
+        headers["Content-Encoding"] = "gzip"
+    return Response(data, media_type=ctype, headers=headers)
 
 
 @router.get("/app/{path:path}", include_in_schema=False)

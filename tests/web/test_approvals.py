@@ -110,6 +110,9 @@ def test_security_headers_on_every_page_answer(api_server, oidc):
     js = httpx.get(f"{api_server}{src}", timeout=10)
     assert js.status_code == 200 and "immutable" in js.headers["cache-control"]
     assert js.headers["content-type"].startswith("text/javascript")
+    assert js.headers["content-encoding"] == "gzip" and "import" in js.text  # httpx asks for gzip
+    plain = httpx.get(f"{api_server}{src}", headers={"Accept-Encoding": "identity"}, timeout=10)
+    assert "content-encoding" not in plain.headers and plain.content == js.content
     assert httpx.get(f"{api_server}{src.replace('/v/', '/v/0')}", timeout=10).status_code == 404
 
 
