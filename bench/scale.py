@@ -351,9 +351,8 @@ class Seeder:
             approvals_required=0 if auto else policy.approvals_required, reason="deploy")
 
     def _cert(self, rec: Any, at: float, ttl: int) -> Any:
-        from functions.core import requests as sm
         from functions.core import serials
-        from functions.storage.base import CertificateRecord
+        from functions.core.records import CertificateRecord
 
         serial = serials.serial_of_request_id(rec.id)
         ca = next(c for c in self.policy_of(rec.policy_id).ca if c.state == "current")
@@ -369,7 +368,6 @@ class Seeder:
 
     def _issue_at_once(self, who: Any, policy: Any, at: float, ttl: int = 3600) -> tuple[Any, Any]:
         from functions.core import requests as sm
-        from functions.core import serials
         from functions.core.audit import link, with_head
 
         rec = self._request(who, policy, at, auto=True)
@@ -388,7 +386,6 @@ class Seeder:
 
     def _approved_then_issued(self, who: Any, at: float, deny: bool) -> Any:
         from functions.core import requests as sm
-        from functions.core import serials
         from functions.core.audit import link, with_head
 
         policy = self.t.gated

@@ -28,10 +28,8 @@ from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import Policy
 from functions.core.policydoc import policy_from_row
-from functions.storage.base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, AuditPage, AuditQuery,
-                                    CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces,
-                                    IdempotencyRecord, PendingSlots, Revoked, TrustVersion, audit_position,
-                                    index_position, merge_pages, read_audit)
+from functions.storage.base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, AuditPage, AuditQuery, audit_position, index_position, merge_pages, read_audit
+from functions.core.records import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces, IdempotencyRecord, PendingSlots, Revoked, TrustVersion
 
 UNAUTHENTICATED = "_unauthenticated"  # the partition of refusals without a trustworthy tenant
 

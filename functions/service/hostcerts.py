@@ -60,7 +60,7 @@ from ..core.namespaces import NOT_AN_ADDRESS, Namespace, trust_scope
 from ..core.policy import POLICY_ID_RE, Identity, Policy
 from ..observability import event
 from ..signing.base import as_private_key
-from ..storage.base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, Revoked
+from ..core.records import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, Revoked
 from .base import Base
 from .hosts import FOREVER, KRL_EXPIRY_GRACE, Derived, Hosts, VersionCache, revocations_by_ca
 from .issuance import issued_from_record

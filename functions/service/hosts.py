@@ -28,7 +28,7 @@ from ..core.keys import fingerprint_of_blob
 from ..core.krl import CaRevocations, ca_key_blob, encode_krl
 from ..core.policy import Identity, Policy
 from ..observability import event
-from ..storage.base import CertificateRecord, Revoked
+from ..core.records import CertificateRecord, Revoked
 from .base import Base
 
 log = logging.getLogger("ezssh.service")

@@ -21,7 +21,7 @@ from ..core.errors import BackendUnavailable, Conflict, Forbidden, InvalidReques
 from ..core.ids import is_guid
 from ..core.policy import Identity
 from ..observability import event
-from ..storage.base import CertificateRecord
+from ..core.records import CertificateRecord
 from .base import Base
 from .hosts import Hosts
 

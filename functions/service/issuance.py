@@ -32,7 +32,7 @@ from ..core.evaluation import AccessRequest, choose_policy, evaluate, make_grant
 from ..core.policy import Identity, Policy
 from ..observability import event
 from ..signing.base import as_private_key
-from ..storage.base import CertificateRecord, IdempotencyRecord, PendingSlots
+from ..core.records import CertificateRecord, IdempotencyRecord, PendingSlots
 from .base import Base
 from .requests import Requests, request_message
 

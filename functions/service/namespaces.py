@@ -11,7 +11,7 @@ from ..core.namespaces import Namespace, parse_namespace, parse_namespaces
 from ..core.policy import Identity
 from ..observability import event
 from ..publicsuffix import is_public_suffix
-from ..storage.base import HostNamespaces
+from ..core.records import HostNamespaces
 from .base import Base, log
 
 

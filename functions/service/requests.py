@@ -12,8 +12,8 @@ from ..core.paging import decode_token, encode_token
 from ..core.policy import Identity, Policy
 from ..notify import Message
 from ..observability import event
-from ..storage.base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, POSITION_RE, CertificateRecord,
-                            index_position)
+from ..storage.base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, POSITION_RE, index_position
+from ..core.records import CertificateRecord
 from .base import Base
 
 log = logging.getLogger("ezssh.service")

@@ -24,7 +24,7 @@ from azure.data.tables import TableTransactionError, UpdateMode
 
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, NotFound, PreconditionFailed
-from .base import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces
+from ..core.records import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces
 from .tablecalls import TENANT_VERSION, _guard, _if_match, transact, version_entity
 
 

@@ -60,9 +60,8 @@ from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed
 from ..core.policy import Policy
 from ..core.policydoc import policy_from_row
-from .base import (BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, AuditPage, AuditQuery, CertificateRecord,
-                   IdempotencyRecord, PendingSlots, Positioned, Revoked, TrustVersion, audit_position, index_position,
-                   merge_pages, position_ms, read_audit)
+from .base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, AuditPage, AuditQuery, Positioned, audit_position, index_position, merge_pages, position_ms, read_audit
+from ..core.records import CertificateRecord, IdempotencyRecord, PendingSlots, Revoked, TrustVersion
 from .transport import client_options, endpoint_of
 from .hostrecords import HostRecords
 from .tablecalls import TENANT_VERSION, _guard, _if_match, transact, version_entity

@@ -25,8 +25,8 @@ from functions.core.serials import new_request_id, request_id_of_serial, serial_
 from functions.core.audit import AuditEntry, verify_chain
 from functions.core.errors import Conflict, NotFound, PreconditionFailed
 from functions.core.policy import CaKeyRef, Policy, Rule, Subjects
-from functions.storage.base import (AuditPage, AuditQuery, CertificateRecord, HostChallenge, HostEnrolmentToken,
-                                     HostKeyRecord, HostNamespaces, IdempotencyRecord, Store)
+from functions.storage.base import AuditPage, AuditQuery, Store
+from functions.core.records import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces, IdempotencyRecord
 from tests.memstore import MemoryStore
 
 BACKENDS = ["tables", "memory"]
@@ -1256,7 +1256,8 @@ def test_expiry_keys_are_read_by_due_time(store: Store, tid: str) -> None:
 
 
 def test_pending_slots_are_taken_with_the_request_or_not_at_all(store: Store, tid: str) -> None:
-    from functions.storage.base import BY_USER, PendingSlots
+    from functions.storage.base import BY_USER
+    from functions.core.records import PendingSlots
 
     empty = store.get_pending_slots(tid, "web", "oid-alice")
     assert empty == PendingSlots(tid, "web", "oid-alice") and empty.etag is None
@@ -1378,7 +1379,7 @@ def test_host_namespaces_first_write_then_etag_guarded(store: Store, tid: str) -
 
 def test_host_namespaces_written_move_the_tenants_version(store: Store, tid: str) -> None:
     """Known-hosts is scoped to the namespaces: their write changes the version it is kept by."""
-    from functions.storage.base import HostNamespaces
+    from functions.core.records import HostNamespaces
 
     before = store.trust_version(tid)
     ns = store.put_host_namespaces(HostNamespaces(tenant_id=tid, namespaces=("*.contoso.test",), updated_at=int(T0),

@@ -16,7 +16,7 @@ from functions.core.audit import AuditEntry, link
 from functions.core.evaluation import AccessRequest
 from functions.core.policydoc import policy_from_document
 from functions.service import Service, ServiceConfig
-from functions.storage.base import CertificateRecord
+from functions.core.records import CertificateRecord
 from tests.readcount import counting_store
 
 from .helpers import ALICE, CAROL, HOST_NAMESPACES, Clock, policy_doc
