@@ -25,7 +25,7 @@ class Context:
     settings: Settings
     service: Service
     validator: TokenValidator
-    enrolments: Any = None  # functions.hosts.enrolment.EnrolmentService (push to Azure VMs)
+    enrolments: Any = None  # functions.service.enrolment.EnrolmentService (push to Azure VMs)
     _health: Health | None = field(default=None, repr=False)
 
     @property
@@ -240,13 +240,13 @@ def build_enrolments(settings: Settings, service, store, *, credential=None, con
                      polling_interval: float | None = None, queue=None):
     """The enrolment service; its compute client (and credential) are built on first use."""
     from .hosts.azure_vms import AzureVms
-    from .hosts.enrolment import EnrolConfig, EnrolmentService
     from .hosts.vm_hostcerts import VmHostCerts
+    from .service.enrolment import EnrolConfig, EnrolmentService
     from .storage.enrolments import EnrolmentStore, JobStore
 
     factory = build_compute_client_factory(settings, credential, connection_verify)
     return EnrolmentService(
-        service.hosts, EnrolmentStore(store), lambda: AzureVms(factory, polling_interval=polling_interval),
+        service.base, service.hosts, EnrolmentStore(store), lambda: AzureVms(factory, polling_interval=polling_interval),
         EnrolConfig(scopes=settings.enrol_scopes, tenants=settings.tenants, public_url=settings.public_url),
         clock=service.clock, jobs=JobStore(store), queue=queue if queue is not None else build_job_queue(settings),
         host_certs=VmHostCerts(service.hostcerts) if settings.vm_host_certs else None,

@@ -16,7 +16,6 @@ from ..core.audit import AuditEntry, link
 from ..core.errors import (
     CaKeyNotFound,
     Conflict,
-    EzsshError,
     Forbidden,
     InvalidRequest,
     NotConfigured,
@@ -271,9 +270,6 @@ class Hosts:
 
     def policy(self, who: Identity, policy_id: str) -> Policy:
         return self.base.policies.visible(who, policy_id)
-
-    def refuse(self, who: Identity | None, exc: EzsshError, action: str, **fields: object) -> None:
-        self.base.refuse(who, exc, action, **fields)
 
     def record(self, entry: AuditEntry) -> None:
         """An audit entry about a host (setup handed out, enrolment outcome)."""

@@ -127,7 +127,7 @@ def test_timeouts_agree_with_host_json():
     import inspect
 
     from functions.hosts.azure_vms import AzureVms
-    from functions.hosts.enrolment import EnrolConfig
+    from functions.service.enrolment import EnrolConfig
     from tests.queue_host import host_queue_settings
 
     host = host_queue_settings()

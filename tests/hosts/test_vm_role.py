@@ -107,7 +107,7 @@ def function_timeout() -> int:
 def test_the_run_command_budget_of_a_push_fits_the_function_timeout_and_the_lease():
     """A host-certificate push runs two Run Commands (host keys, then the setup script); both draw on
     one budget, which with the rest of the push stays below the function timeout, below the lease."""
-    from functions.hosts.enrolment import EnrolConfig
+    from functions.service.enrolment import EnrolConfig
 
     config = EnrolConfig(scopes=(), tenants=())
     runs_per_push = 2

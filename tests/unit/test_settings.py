@@ -56,7 +56,7 @@ def test_with_several_tenants_every_enrolment_scope_names_its_tenant():
         load_settings(env(**two, EZSSH_ENROL_SCOPES=f"/subscriptions/{SUB}"))
     s = load_settings(env(**two, EZSSH_ENROL_SCOPES=f"{T1}=/subscriptions/{SUB}/resourceGroups/rg-a,"
                                                      f"{T2}=/subscriptions/{SUB}/resourceGroups/rg-b"))
-    from functions.hosts.enrolment import EnrolConfig
+    from functions.service.enrolment import EnrolConfig
 
     cfg = EnrolConfig(scopes=s.enrol_scopes, tenants=s.tenants)
     assert cfg.scopes_for(T1) == (f"/subscriptions/{SUB}/resourceGroups/rg-a",)
