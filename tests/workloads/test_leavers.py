@@ -150,3 +150,19 @@ def test_risky_users_are_revoked_where_the_tenant_asks_for_it(context, graph, oi
     assert result["revoked"] >= 1 and result["identities"] == 1, result
     assert "risk" in identity_revoked(context, tid, lee)[-1].details["reason"]
     graph.risky.clear()
+
+
+def test_a_disabled_person_loses_their_certificates_in_one_sweep_and_sshd_refuses_them(
+        tmp_path, api_server, oidc, wl_sshd, context, graph, client, auth):
+    lee_env = signed_in(tmp_path, api_server, oidc, "lee")
+    assert ssh(lee_env, wl_sshd).returncode == 0
+    tid = oidc.tenant_id("contoso")
+    lee = oidc.user("lee")["oid"]
+    everyone_active(context, graph, tid)
+    graph.accounts[lee] = ("user", False)  # an admin disables lee's account in Entra ID
+    result = sweeper(context, graph).sweep([tid], force=True)
+    assert result["revoked"] >= 1 and result["identities"] == 1, result
+    assert identity_revoked(context, tid, lee)[-1].details["reason"] == "account disabled in Entra ID"
+    install_krl(client, auth("carol"), wl_sshd)
+    assert ssh(lee_env, wl_sshd).returncode != 0  # the cached certificate is in the KRL now
+    graph.accounts[lee] = ("user", True)
