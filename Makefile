@@ -1,6 +1,6 @@
 # The two commands: `make demo` (local stack, then a real SSH login with an ezssh certificate)
 # and `make test` (the test suite). Both install what they need first.
-.PHONY: soak setup demo up down status login test test-fast screenshot bench bench-cli bench-scale package clean
+.PHONY: soak setup demo up down status login test test-fast check screenshot bench bench-cli bench-scale package clean
 
 PY := .venv/bin/python
 DEVSTACK := cd infra/local && ../../$(PY) -m devstack
@@ -27,6 +27,16 @@ login:
 
 test: setup
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Lint, format check and type check of the service and the CLI (ruff.toml, mypy.ini); all three run
+# and any failure fails. The formatter itself: `.venv/bin/ruff format functions client/ezssh`.
+CHECKED := functions client/ezssh
+check: setup
+	@rc=0; \
+	.venv/bin/ruff check $(CHECKED) || rc=1; \
+	.venv/bin/ruff format --check $(CHECKED) || rc=1; \
+	.venv/bin/mypy || rc=1; \
+	exit $$rc
 
 # The pure core and the use cases over the in-memory store: no stand-in is started.
 test-fast: setup
