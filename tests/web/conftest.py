@@ -41,8 +41,11 @@ def spki_pin(cert_pem: Path) -> str:
     return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(oidc) -> Iterator:
+    """Chromium for one test module. Playwright's sync API keeps an event loop running in this
+    thread while it is started, so it is stopped after each module: tests that call asyncio.run()
+    (tests/api/test_functions_wrapper.py) work in any order."""
     try:
         from playwright.sync_api import Error, sync_playwright
     except ImportError as exc:
