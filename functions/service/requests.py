@@ -30,10 +30,15 @@ TRANSITIONS = {"approve": sm.approve, "deny": sm.deny, "cancel": sm.cancel}
 DECISION_TRIES = 5  # reads + conditional writes one decision may take when others land meanwhile
 
 
+def person(name: str, upn: str) -> str:
+    """'Bob Brandt (bob@contoso.test)' on a card: the name people know, the UPN that identifies."""
+    return f"{name} ({upn})" if name and name != upn else upn
+
+
 def request_message(rec: sm.RequestRecord, policy: Policy, title: str,
                     extra: tuple[tuple[str, str], ...] = ()) -> Message:
     facts = (
-        ("Requester", rec.requester_upn),
+        ("Requester", person(rec.requester_name, rec.requester_upn)),
         ("Host", rec.host),
         ("Login", rec.principal),
         ("For", f"{rec.ttl_seconds // 60} min"),
@@ -180,7 +185,7 @@ class Requests:
             verdict = "approved" if saved.state == sm.APPROVED else "denied"
             self.base.notify(policy, request_message(
                 saved, policy, f"ezssh: access request {verdict}",
-                (("Decided by", who.upn), ("Comment", comment or "-"))))
+                (("Decided by", person(saved.decided_by_name, who.upn)), ("Comment", comment or "-"))))
         return saved
 
     def expire(self, tenant_id: str, limit: int = SWEEP_BATCH) -> list[str]:

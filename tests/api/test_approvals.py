@@ -105,7 +105,7 @@ def test_a_pending_request_says_who_may_approve_and_notifies_them(client, oidc, 
     assert req["expires_at"] > time.time() + 500
     note = receiver.wait_for(req["id"])
     text = note["text"]
-    for fact in ("alice@contoso.test", "gated-1", "alice", "30 min", "incident 42"):
+    for fact in (f"Requester: {oidc.user('alice')['name']} (alice@contoso.test)", "gated-1", "30 min", "incident 42"):
         assert fact in text
     # one link, to the request's web page on the deployment's public URL (the API server here),
     # which the pending answer (what the waiting CLI prints) names too
@@ -131,7 +131,7 @@ def test_dual_key_approval_then_exactly_one_certificate(client, gated, receiver,
     assert early.status_code == 409
     ok = client.post(f"/api/requests/{rid}/approve", headers=auth("bob"), json={"comment": "go"})
     assert ok.status_code == 200 and ok.json()["status"] == "approved", ok.text
-    told = receiver.wait_for("Decided by: bob@contoso.test")  # the requester is told
+    told = receiver.wait_for(f"Decided by: {oidc.user('bob')['name']} (bob@contoso.test)")  # the requester is told
     assert rid in told["text"] and "Comment: “go”" in told["text"] and "approved" in told["text"]
     seen = client.get(f"/api/requests/{rid}", headers=auth("alice")).json()
     assert seen["decided_by_name"] == oidc.user("bob")["name"]
