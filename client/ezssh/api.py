@@ -11,10 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 from .errors import DENIED, ERROR, NOT_SIGNED_IN, UNAVAILABLE, USAGE, EzsshError
+
+if TYPE_CHECKING:
+    import ssl
+
+    import requests
 
 TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
@@ -77,7 +83,7 @@ class _Headers(dict):
     def __init__(self, items: dict[str, str]) -> None:
         super().__init__({k.lower(): v for k, v in items.items()})
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
 
 
@@ -104,10 +110,10 @@ class Transport:
 
     def __init__(self, ca_bundle: str | None = None) -> None:
         self.ca_bundle = ca_bundle
-        self._ssl = None
-        self._requests = None
+        self._ssl: ssl.SSLContext | None = None
+        self._requests: requests.Session | None = None
 
-    def _context(self):
+    def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
             import ssl
 
@@ -121,7 +127,10 @@ class Transport:
         import http.client
 
         u = urlsplit(url)
+        if not u.hostname:
+            raise EzsshError(f"No host in the service address {url!r}.", USAGE)
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        conn: http.client.HTTPConnection
         if u.scheme == "https":
             conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=CONNECT_TIMEOUT, context=self._context())
         else:
@@ -145,7 +154,7 @@ class Transport:
         return Response(r.status_code, r.reason or "", dict(r.headers), r.content)
 
 
-def make_session(ca_bundle: str | None, server: str | None = None):
+def make_session(ca_bundle: str | None, server: str | None = None) -> requests.Session:
     """A requests Session for MSAL (the identity provider).
 
     With a CA bundle, the session trusts exactly that bundle and ignores the environment
@@ -236,7 +245,7 @@ def send(transport: Transport, method: str, url: str, *, headers: dict | None = 
         return transport.request(method, url, hdrs, data)
     except EzsshError:
         raise
-    except Exception as exc:  # noqa: BLE001 - one mapping for every transport failure
+    except Exception as exc:  # one mapping for every transport failure
         raise _connection_error(url, exc) from None
 
 

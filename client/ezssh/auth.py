@@ -7,7 +7,6 @@ it contact Microsoft) and the shared requests Session (trusting only the configu
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ import msal
 import requests
 
 from .errors import NOT_SIGNED_IN, UNAVAILABLE, EzsshError, not_signed_in
-from .home import HTTP_CACHE, TOKEN_CACHE, save_config, write_private
+from .home import HTTP_CACHE, TOKEN_CACHE, write_private
 from .tokens import claims as jwt_claims
 
 
@@ -31,7 +30,7 @@ def token_cache(home: Path):
     if os.environ.get("EZSSH_PLAINTEXT_TOKEN_CACHE") != "1":
         try:
             persistence = build_encrypted_persistence(location)
-        except Exception as exc:  # noqa: BLE001 - any failure means: no encrypted store here
+        except Exception as exc:  # any failure means: no encrypted store here
             why = _no_encrypted_store(exc)
     else:
         why = "EZSSH_PLAINTEXT_TOKEN_CACHE=1"

@@ -36,7 +36,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9._@+-]" if os.name == "nt" else r"[^A-Za-z0-9._:
 
 
 def _quote(part: str) -> str:
-    q = _SAFE.sub(lambda m: "%%%02X" % ord(m.group()), part)
+    q = _SAFE.sub(lambda m: f"%{ord(m.group()):02X}", part)
     return "%2E" + q[1:] if q.startswith(".") else q
 
 
@@ -57,7 +57,7 @@ class Cached:
 
     __slots__ = ("dir", "meta")
 
-    def __init__(self, dir: Path, meta: dict) -> None:  # noqa: A002
+    def __init__(self, dir: Path, meta: dict) -> None:
         self.dir = dir
         self.meta = meta
 

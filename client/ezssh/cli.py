@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     except BrokenPipeError:
         try:
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout for the rest of the process
         except OSError:
             pass
         return 1
-    except Exception as exc:  # noqa: BLE001 - one clear line, the traceback only on request
+    except Exception as exc:  # one clear line, the traceback only on request
         if os.environ.get("EZSSH_DEBUG") == "1":
             raise
         sys.stderr.write(f"ezssh: unexpected error: {type(exc).__name__}: {exc} (set EZSSH_DEBUG=1 for details)\n")

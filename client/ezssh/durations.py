@@ -19,7 +19,8 @@ def parse_duration(text: str | int) -> int:
             raise ValueError(f"duration {text} must be positive")
         return text
     s = str(text).strip().lower()
-    pos, total, units = 0, 0, []
+    pos, total = 0, 0
+    units: list[str] = []
     for m in _PART.finditer(s):
         if m.start() != pos:
             break

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal, overload
 
 from .errors import not_configured
 
@@ -61,6 +62,10 @@ def write_private(path: Path, data: str | bytes, mode: int = 0o600) -> None:
         raise
 
 
+@overload
+def load_config(home: Path | None = None, required: Literal[True] = True) -> dict: ...
+@overload
+def load_config(home: Path | None, required: bool) -> dict | None: ...
 def load_config(home: Path | None = None, required: bool = True) -> dict | None:
     home = home or home_dir()
     try:

@@ -19,7 +19,12 @@ import os
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .api import Api
 
 KNOWN_HOSTS = "known_hosts"  # the same file `ezssh config`'s ssh_config block names
 KRL = "known_hosts.krl"
@@ -55,7 +60,7 @@ def ensure_files(home: Path) -> None:
         write_private(known, "", 0o644)
 
 
-def refresh(api, home: Path) -> int:  # type: ignore[no-untyped-def]
+def refresh(api: Api, home: Path) -> int:
     """Fetch the host CAs and host revocations of the policies the signed-in user may use. The
     answer's ETag is kept (known_hosts.etag); the next refresh sends it as If-None-Match, and an
     unchanged answer (304, no body) keeps both files, marked fresh."""
@@ -98,7 +103,7 @@ def is_stale(home: Path, now: float | None = None) -> bool:
     return age > STALE_AFTER
 
 
-def refresh_if_stale(home: Path, api_factory) -> None:  # type: ignore[no-untyped-def]
+def refresh_if_stale(home: Path, api_factory: Callable[[], Api | None]) -> None:
     """Best effort: a failed refresh keeps the last good files and says so."""
     if not is_stale(home):
         return
@@ -113,7 +118,7 @@ def refresh_if_stale(home: Path, api_factory) -> None:  # type: ignore[no-untype
         print(f"ezssh: could not refresh the host CAs ({exc}); using the last ones fetched", file=sys.stderr)
 
 
-def api_if_signed_in():  # type: ignore[no-untyped-def]
+def api_if_signed_in() -> Api | None:
     """The API only with an access token read without MSAL (a cached path stays light), else None."""
     from .context import Ctx
     from .tokens import cached_access_token
@@ -122,7 +127,7 @@ def api_if_signed_in():  # type: ignore[no-untyped-def]
     return ctx.api if cached_access_token(ctx.cfg, ctx.home) else None
 
 
-def full_api():  # type: ignore[no-untyped-def]
+def full_api() -> Api:
     from .context import Ctx
 
     return Ctx().api
@@ -131,7 +136,7 @@ def full_api():  # type: ignore[no-untyped-def]
 def patterns(home: Path) -> list[tuple[str, str]]:
     """(pattern, policy) for every @cert-authority line."""
     known, _ = paths(home)
-    out = []
+    out: list[tuple[str, str]] = []
     try:
         text = known.read_text()
     except OSError:

@@ -39,9 +39,9 @@ def fmt_left(t: object, now: float | None = None) -> str:
 def print_table(cols: tuple | list, rows) -> None:
     """Left-aligned columns separated by two spaces, header first, no trailing blanks."""
     rows = [tuple(str(v) for v in r) for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows, strict=False)]
     for row in (tuple(cols), *rows):
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
 
 
 def group_label(gid: object, names: object = None) -> str:

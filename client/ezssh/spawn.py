@@ -14,9 +14,9 @@ def run(argv: list[str], env: dict[str, str] | None = None, *, capture: bool = F
         import subprocess
 
         if capture:
-            r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL)
-            return r.returncode, r.stdout
+            done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL)
+            return done.returncode, done.stdout
         return subprocess.run(argv, env=env).returncode, b""
     env = dict(os.environ) if env is None else env
     if not capture:
@@ -34,7 +34,7 @@ def run(argv: list[str], env: dict[str, str] | None = None, *, capture: bool = F
         os.close(w)
         raise
     os.close(w)
-    chunks = []
+    chunks: list[bytes] = []
     with os.fdopen(r, "rb") as f:
         while True:
             chunk = f.read(65536)

@@ -15,11 +15,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .errors import NOT_SIGNED_IN, UNAVAILABLE, USAGE, EzsshError
 from .home import write_private
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
 
 TOKEN_FILE = "workload-token.json"
 MARGIN = 300
@@ -70,7 +75,7 @@ def _authority(cfg: dict) -> tuple[str, str | None]:
     return parts.netloc, (parts.path.strip("/").split("/")[0] or None)
 
 
-def credential(cfg: dict, env=None):  # type: ignore[no-untyped-def]
+def credential(cfg: dict, env: Mapping[str, str] | None = None) -> TokenCredential:
     """The azure-identity credential the stored settings describe."""
     from azure.identity import CertificateCredential, ManagedIdentityCredential, WorkloadIdentityCredential
 
@@ -87,6 +92,8 @@ def credential(cfg: dict, env=None):  # type: ignore[no-untyped-def]
     if w["kind"] == "workload-identity":
         return WorkloadIdentityCredential(tenant_id=tenant, client_id=w.get("client_id") or env.get("AZURE_CLIENT_ID"),
                                           token_file_path=env.get("AZURE_FEDERATED_TOKEN_FILE"), **kw)
+    if not tenant:
+        raise EzsshError("Give --tenant TID (the service serves several tenants).", USAGE)
     return CertificateCredential(tenant, w["client_id"], certificate_path=w["certificate"], **kw)
 
 

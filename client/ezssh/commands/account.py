@@ -110,10 +110,7 @@ def cmd_login(args) -> int:
     ctx = Ctx()
     if ctx.cfg.pop("workload", None):  # a person signs in here now: no workload any more
         save_config(ctx.cfg, ctx.home)
-    if method == "browser":
-        result = ctx.auth.browser_login(timeout=args.timeout or 300)
-    else:
-        result = ctx.auth.device_login()
+    result = ctx.auth.browser_login(timeout=args.timeout or 300) if method == "browser" else ctx.auth.device_login()
     claims = result.get("id_token_claims") or {}
     err(f"Signed in as {claims.get('preferred_username') or claims.get('upn') or claims.get('oid')}.")
     _refresh_host_cas(ctx)
@@ -128,7 +125,8 @@ def _workload_login(args) -> int:
     to get the next one in the configuration."""
     from .. import workload
     from ..issue import switch_account
-    from ..tokens import account_of, claims as jwt_claims
+    from ..tokens import account_of
+    from ..tokens import claims as jwt_claims
 
     ctx = Ctx()
     settings = workload.settings_from_args(args.workload, args.client_id, args.certificate, args.tenant, ctx.cfg)
@@ -145,7 +143,7 @@ def _workload_login(args) -> int:
     return OK
 
 
-def _workload_info(ctx, token: str) -> dict:  # type: ignore[no-untyped-def]
+def _workload_info(ctx: Ctx, token: str) -> dict:
     from ..tokens import claims as jwt_claims
 
     c = jwt_claims(token)
@@ -158,7 +156,7 @@ def _workload_info(ctx, token: str) -> dict:  # type: ignore[no-untyped-def]
             "workload": ctx.cfg["workload"]["kind"]}
 
 
-def _refresh_host_cas(ctx) -> None:  # type: ignore[no-untyped-def]
+def _refresh_host_cas(ctx: Ctx) -> None:
     """The host CAs of the user's policies, so their hosts are checked by certificate from the start."""
     from .. import knownhosts
 
@@ -168,7 +166,7 @@ def _refresh_host_cas(ctx) -> None:  # type: ignore[no-untyped-def]
         err(f"ezssh: could not fetch the host CAs ({exc}); `ezssh ssh` tries again.")
 
 
-def _follow_server(ctx) -> None:  # type: ignore[no-untyped-def]
+def _follow_server(ctx: Ctx) -> None:
     """ezssh's ssh_config block, written again when it was made for another server."""
     from .config import fix_command, follow_server
 
@@ -191,7 +189,7 @@ def cmd_logout(args) -> int:
 
         cache, _ = token_cache(home)
         names = [a.get("username") or a.get("home_account_id") for a in cache.find(cache.CredentialType.ACCOUNT)]
-        cache._persistence.save("{}")  # noqa: SLF001 - forget every account without network
+        cache._persistence.save("{}")  # forget every account without network
         cfg.pop("account", None)
         if cfg.pop("workload", None):
             from ..workload import forget

@@ -28,7 +28,9 @@ def ensure(argv: list[str]) -> int:
     from ..durations import parse_duration
     from ..home import home_dir, load_config
 
-    flags = {"agent": False, "quiet": False, "policy": None, "ttl": None}
+    use_agent = quiet = False
+    policy: str | None = None
+    ttl: int | None = None
     target = None
     it = iter(argv)
     for tok in it:
@@ -37,17 +39,20 @@ def ensure(argv: list[str]) -> int:
                              "obtained (ssh_config's `Match exec` runs this).\n")
             return OK
         if tok == "--agent":
-            flags["agent"] = True
+            use_agent = True
         elif tok in ("-q", "--quiet"):
-            flags["quiet"] = True
+            quiet = True
         elif tok in ("-p", "--port"):
             next(it, None)  # certificates are per host and login, whatever the port
         elif tok in ("--policy", "--ttl"):
             val = next(it, None)
             if val is None:
                 raise EzsshError(f"{tok} needs a value.\n{ENSURE_USAGE}", USAGE)
+            if tok == "--policy":
+                policy = val
+                continue
             try:
-                flags[tok[2:]] = parse_duration(val) if tok == "--ttl" else val
+                ttl = parse_duration(val)
             except ValueError as exc:
                 raise EzsshError(f"--ttl: {exc}", USAGE) from None
         elif tok.startswith("-") or target is not None:
@@ -62,15 +67,15 @@ def ensure(argv: list[str]) -> int:
     if sys.stderr.isatty():
         # ssh gives this command no stdin, but the person at the terminal sees stderr.
         os.environ.setdefault("EZSSH_ALLOW_DEVICE_LOGIN", "1")
-    cached, source = certificate_for(cfg, home, login, host.lower(), policy=flags["policy"], ttl=flags["ttl"])
-    if agent.wanted(cfg, flags["agent"]):
+    cached, source = certificate_for(cfg, home, login, host.lower(), policy=policy, ttl=ttl)
+    if agent.wanted(cfg, use_agent):
         agent.add(cached)
     from .. import knownhosts
 
     # ssh_config's block checks hosts with them
     knownhosts.refresh_if_stale(home, knownhosts.full_api if source != "cached certificate"
                                 else knownhosts.api_if_signed_in)
-    if not flags["quiet"] and source != "cached certificate":
+    if not quiet and source != "cached certificate":
         err(f"ezssh: {source} for {login}@{host}, valid until {fmt_time(cached.meta.get('valid_before'))}.")
     return OK
 

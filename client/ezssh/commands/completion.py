@@ -25,12 +25,12 @@ def command_tree() -> dict[str, dict]:
     from ..cli import build_parser
 
     def options(p: argparse.ArgumentParser) -> list[str]:
-        return sorted({o for a in p._actions for o in a.option_strings if o.startswith("--")})  # noqa: SLF001
+        return sorted({o for a in p._actions for o in a.option_strings if o.startswith("--")})
 
     def subparsers(p: argparse.ArgumentParser):
-        for a in p._actions:  # noqa: SLF001
-            if isinstance(a, argparse._SubParsersAction):  # noqa: SLF001
-                helps = {c.dest: c.help or "" for c in a._choices_actions}  # noqa: SLF001
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                helps = {c.dest: c.help or "" for c in a._choices_actions}
                 seen = set()
                 for name, sp in a.choices.items():
                     if id(sp) in seen:

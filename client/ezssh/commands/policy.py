@@ -16,6 +16,7 @@ from ..errors import CHANGED, ERROR, EXIT_CODES_HELP, OK, EzsshError
 from ..output import err, fmt_time, out_json, print_table
 from ..policydoc import document_from_flags, load_document, parse_set, render_policy, usage, you_roles
 
+
 def _path(pid: str) -> str:
     from urllib.parse import quote
 
@@ -58,7 +59,7 @@ def cmd_create(args) -> int:
     _, p = ctx.api.json("POST", "/api/policies", body=doc, ok=(201, 200))
     if args.json:
         out_json(p)
-    ca = next((c for c in p.get("ca") or [] if c.get("state") == "current"), {})
+    ca: dict = next((c for c in p.get("ca") or [] if c.get("state") == "current"), {})
     err(f"Created policy {p.get('id')} ({p.get('name')}) with its own CA {ca.get('fingerprint', '?')}. "
          f"Hosts trust it with the lines from `ezssh policy ca {p.get('id')}`.")
     return OK
