@@ -283,10 +283,10 @@ class EnrolmentBase:
                 log.warning("enrolment messages sent but still in the outbox (%s); they will be sent again", exc.message)
         return sent
 
-    def _policies(self, tenant_ids: Iterable[str]) -> list[Policy]:
+    def _policies(self, tenant_ids: Iterable[str], *, cached: bool = False) -> list[Policy]:
         out = []
         for tid in tenant_ids:
-            out += self.hosts.policies_with_ca(tid)
+            out += self.hosts.policies_with_ca(tid, cached=cached)
         return out
 
 

@@ -70,7 +70,7 @@ class Reconcile(EnrolmentBase):
             log.warning("event for %s: %s", ref.id, exc.message)
             return []
         tenant_hint = str(data.get("tenantId") or "") or None
-        policies = self.covering(vm, self._policies(self.config.tenants), tenant_hint)
+        policies = self.covering(vm, self._policies(self.config.tenants, cached=True), tenant_hint)
         jobs = []
         now = int(self.clock())
         for p in policies:
