@@ -114,6 +114,14 @@ def test_security_headers_on_every_page_answer(api_server, oidc):
     plain = httpx.get(f"{api_server}{src}", headers={"Accept-Encoding": "identity"}, timeout=10)
     assert "content-encoding" not in plain.headers and plain.content == js.content
     assert httpx.get(f"{api_server}{src.replace('/v/', '/v/0')}", timeout=10).status_code == 404
+    # only the page's own files are served: nothing else of the package, however the path is spelled
+    # (a path the client folds to another page of the app gets the app's document)
+    base = src.rsplit("/", 1)[0]
+    for other in ("../../wiring.py", "..%2F..%2Fwiring.py", "%2e%2e/%2e%2e/settings.py", "../index.html",
+                  "../vendor.json", "vendor/../../web/vendor.json", "..%2F..%2F..%2Fapi%2Fwiring.py"):
+        got = httpx.get(f"{api_server}{base}/{other}", timeout=10)
+        assert got.status_code == 404 or got.text == r.text, (other, got.status_code)
+        assert "from __future__" not in got.text and '"files"' not in got.text, other
 
 
 def test_phone_width_approvals_without_sideways_scroll(api_server, oidc, gated, token_for, signed_in, tmp_path):
