@@ -19,15 +19,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger("ezssh.health")
 HEALTH_CACHE_SECONDS = 3.0
 
 
 class Health:
-    def __init__(self, probes: Mapping[str, Callable[[], None]], ttl: float = HEALTH_CACHE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        probes: Mapping[str, Callable[[], None]],
+        ttl: float = HEALTH_CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._probes = dict(probes)
         self._ttl = ttl
         self._clock = clock
@@ -56,6 +60,6 @@ class Health:
         try:
             probe()
             return "ok"
-        except Exception as exc:  # noqa: BLE001 - any failure is this dependency's state, logged
+        except Exception as exc:  # any failure is this dependency's state, logged
             log.warning("health check %s failed: %s", name, exc)
             return "unavailable"

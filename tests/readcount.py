@@ -53,7 +53,8 @@ def counting_store(connection_string: str, table: str):  # type: ignore[no-untyp
     from functions.storage.tables import TableStore
 
     counter = ReadCounter()
-    store = TableStore(TableServiceClient.from_connection_string(connection_string, raw_response_hook=counter.hook),
-                       table)
+    store = TableStore(
+        TableServiceClient.from_connection_string(connection_string, raw_response_hook=counter.hook), table
+    )
     store.ensure_table()
     return store, counter

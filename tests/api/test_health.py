@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fastapi.testclient import TestClient
-
 from devstack.proc import free_port
+from fastapi.testclient import TestClient
 
 
 def test_health_names_each_dependency_and_signs_nothing(client, context, demo_policy, monkeypatch):
@@ -46,6 +45,7 @@ def test_a_worker_that_cannot_reach_the_identity_provider_is_not_green(context):
         r = c.get("/api/health")
     assert r.status_code == 503 and r.json()["status"] == "degraded"
     checks = r.json()["checks"]
-    assert {k: v for k, v in checks.items() if k.startswith("identity:")} == \
-        {f"identity:{t}": "unavailable" for t in down.tenants}
+    assert {k: v for k, v in checks.items() if k.startswith("identity:")} == {
+        f"identity:{t}": "unavailable" for t in down.tenants
+    }
     assert checks["storage"] == "ok" and checks["signer"] == "ok"

@@ -77,9 +77,11 @@ def test_an_outage_is_logged_as_a_failure_never_as_a_refusal(service, caplog):
     base = service.base
     before = base.anonymous_refusals.total
     with caplog.at_level(logging.INFO, logger="ezssh.service"):
-        for exc, tenant in ((StorageUnavailable("Storage is unavailable."), None),
-                            (StorageUnavailable("Storage is unavailable."), CAROL.tid),
-                            (BackendUnavailable("The identity provider cannot be reached."), None)):
+        for exc, tenant in (
+            (StorageUnavailable("Storage is unavailable."), None),
+            (StorageUnavailable("Storage is unavailable."), CAROL.tid),
+            (BackendUnavailable("The identity provider cannot be reached."), None),
+        ):
             base.refuse(None, exc, "host_certificate.refused", tenant_id=tenant)
     assert base.anonymous_refusals.total == before
     lines = [r.getMessage() for r in caplog.records if "host_certificate.refused" in r.getMessage()]

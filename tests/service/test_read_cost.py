@@ -15,8 +15,8 @@ import pytest
 from functions.core.audit import AuditEntry, link
 from functions.core.evaluation import AccessRequest
 from functions.core.policydoc import policy_from_document
-from functions.service import Service, ServiceConfig
 from functions.core.records import CertificateRecord
+from functions.service import Service, ServiceConfig
 from tests.readcount import counting_store
 
 from .helpers import ALICE, CAROL, HOST_NAMESPACES, Clock, policy_doc
@@ -29,8 +29,12 @@ def host_ca(keys, shared_ca):
     from functions.signing.base import ssh_fingerprint, ssh_public_key_line
 
     signer = keys.create_key(f"ezh-cost-{uuid.uuid4().hex[:8]}", "EC-P256")
-    return replace(shared_ca, key_ref=signer.key_ref, public_key=ssh_public_key_line(signer, "ezssh-host-ca:cost"),
-                   fingerprint=ssh_fingerprint(signer.public_key()))
+    return replace(
+        shared_ca,
+        key_ref=signer.key_ref,
+        public_key=ssh_public_key_line(signer, "ezssh-host-ca:cost"),
+        fingerprint=ssh_fingerprint(signer.public_key()),
+    )
 
 
 def build(azurite, keys, shared_ca, host_ca, user_key, *, policies: int, history: int):
@@ -42,28 +46,57 @@ def build(azurite, keys, shared_ca, host_ca, user_key, *, policies: int, history
     config = ServiceConfig(signer_backend="pkcs11", request_rate=100_000, host_namespaces=HOST_NAMESPACES)
     service = Service(store, keys, config, clock=clock)
     for i in range(policies):
-        p = replace(policy_from_document(policy_doc(f"p{i:03d}", "auto"), tenant_id=CAROL.tid), ca=(shared_ca,),
-                    host_ca=(host_ca,))
-        entry = link(AuditEntry(tenant_id=CAROL.tid, at=clock(), action="policy.created", outcome="ok",
-                                policy_id=p.id, chain=f"pol:{p.id}"), None)
+        p = replace(
+            policy_from_document(policy_doc(f"p{i:03d}", "auto"), tenant_id=CAROL.tid),
+            ca=(shared_ca,),
+            host_ca=(host_ca,),
+        )
+        entry = link(
+            AuditEntry(
+                tenant_id=CAROL.tid,
+                at=clock(),
+                action="policy.created",
+                outcome="ok",
+                policy_id=p.id,
+                chain=f"pol:{p.id}",
+            ),
+            None,
+        )
         store.create_policy(replace(p, audit_head=entry.hash), entry)
 
     def revoke_users(n: int) -> None:
         for _ in range(n):
             cert = service.issuance.request_access(
-                ALICE, AccessRequest(host="web1", principal="alice", ttl_seconds=3600, policy_id="p000"),
-                user_key()).certificate
+                ALICE, AccessRequest(host="web1", principal="alice", ttl_seconds=3600, policy_id="p000"), user_key()
+            ).certificate
             service.hosts.revoke_certificate(CAROL, "p000", cert.serial)
 
     def revoke_hosts(n: int) -> None:
         now = int(clock())
         for _ in range(n):
             serial = uuid.uuid4().int >> 65
-            store.record_host_issuance([CertificateRecord(
-                tenant_id=CAROL.tid, policy_id="p000", serial=serial, key_id=f"ezssh-host/p000/web{serial}",
-                request_id="", requester_oid="", requester_upn="host:web", principals=("web1",), host="web1",
-                valid_after=now - 60, valid_before=now + 86400, ca_fingerprint=host_ca.fingerprint,
-                public_key_fingerprint=f"SHA256:{serial}", certificate="ssh-ed25519-cert-v01@openssh.com AAAA")], [], [])
+            store.record_host_issuance(
+                [
+                    CertificateRecord(
+                        tenant_id=CAROL.tid,
+                        policy_id="p000",
+                        serial=serial,
+                        key_id=f"ezssh-host/p000/web{serial}",
+                        request_id="",
+                        requester_oid="",
+                        requester_upn="host:web",
+                        principals=("web1",),
+                        host="web1",
+                        valid_after=now - 60,
+                        valid_before=now + 86400,
+                        ca_fingerprint=host_ca.fingerprint,
+                        public_key_fingerprint=f"SHA256:{serial}",
+                        certificate="ssh-ed25519-cert-v01@openssh.com AAAA",
+                    )
+                ],
+                [],
+                [],
+            )
             service.hosts.revoke_certificate(CAROL, "p000", serial)
 
     revoke_users(history)
@@ -81,11 +114,17 @@ def worlds(azurite, keys, shared_ca, host_ca):
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     def user_key() -> str:
-        return ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        return (
+            ed25519.Ed25519PrivateKey.generate()
+            .public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode()
+        )
 
-    return {"small": build(azurite, keys, shared_ca, host_ca, user_key, policies=2, history=0),
-            "large": build(azurite, keys, shared_ca, host_ca, user_key, policies=30, history=60)}
+    return {
+        "small": build(azurite, keys, shared_ca, host_ca, user_key, policies=2, history=0),
+        "large": build(azurite, keys, shared_ca, host_ca, user_key, policies=30, history=60),
+    }
 
 
 def cost(counter, call) -> tuple[int, int, object]:
@@ -101,8 +140,8 @@ def cost(counter, call) -> tuple[int, int, object]:
 def test_the_krl_reads_what_is_still_valid_whatever_the_history(worlds):
     got = {}
     for name, (service, counter) in worlds.items():
-        first = cost(counter, lambda: service.hosts.krl_for(ALICE, "p000"))
-        again = cost(counter, lambda: service.hosts.krl_for(ALICE, "p000"))
+        first = cost(counter, lambda s=service: s.hosts.krl_for(ALICE, "p000"))
+        again = cost(counter, lambda s=service: s.hosts.krl_for(ALICE, "p000"))
         got[name] = first[:2], again[:2]
         assert again[2] == first[2]
         assert counter.point_reads("rvp|") == 0  # the unchanged answer reads no revocation
@@ -115,8 +154,8 @@ def test_known_hosts_reads_neither_user_revocations_nor_one_row_per_policy(world
     got = {}
     for name, (service, counter) in worlds.items():
         policies = len(service.store.list_policies(CAROL.tid))
-        first = cost(counter, lambda: service.hostcerts.client_trust(ALICE))
-        again = cost(counter, lambda: service.hostcerts.client_trust(ALICE))
+        first = cost(counter, lambda s=service: s.hostcerts.client_trust(ALICE))
+        again = cost(counter, lambda s=service: s.hostcerts.client_trust(ALICE))
         assert again[2] == first[2]
         assert json.loads(first[2].data)["policies"] == [f"p{i:03d}" for i in range(policies)]
         # the tenant's version, its policies (one range read), its valid host revocations, its host
@@ -130,8 +169,9 @@ def test_after_a_revocation_a_worker_reads_what_was_revoked_since_and_agrees_wit
     writer = Service(service.store, service.keys, service.base.config, clock=service.clock)  # another worker
 
     def revoke_one() -> None:
-        cert = writer.issuance.request_access(ALICE, AccessRequest(host="web1", principal="alice", ttl_seconds=3600,
-                                                                   policy_id="p000"), _key()).certificate
+        cert = writer.issuance.request_access(
+            ALICE, AccessRequest(host="web1", principal="alice", ttl_seconds=3600, policy_id="p000"), _key()
+        ).certificate
         writer.hosts.revoke_certificate(CAROL, "p000", cert.serial)
 
     before = service.hosts.krl_for(ALICE, "p000")
@@ -142,7 +182,7 @@ def test_after_a_revocation_a_worker_reads_what_was_revoked_since_and_agrees_wit
     assert after.etag != before.etag and after.version >= before.version
     assert (trips, rows) == (3, 1 + 1 + LIVE_USER + LIVE_HOST + 1)
     revoke_one()
-    trips, rows, again = cost(counter, lambda: service.hosts.krl_for(ALICE, "p000"))
+    trips, rows, again = cost(counter, lambda s=service: s.hosts.krl_for(ALICE, "p000"))
     assert again.etag != after.etag
     assert (trips, rows) == (3, 1 + 1 + 1)  # the policy, its version, the one revocation since
     cold = Service(service.store, service.keys, service.base.config, clock=service.clock).hosts.krl_for(ALICE, "p000")
@@ -153,5 +193,9 @@ def _key() -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    return ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return (
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
