@@ -12,14 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterable, Protocol, Sequence, TypeVar
+from collections.abc import Iterable, Sequence
+from dataclasses import Field, dataclass, field, fields, replace
+from typing import Any, ClassVar, Protocol, TypeVar
 
 GENESIS = "0" * 64
 
 
 class Chained(Protocol):
-    """What holds a chain's head (a request or policy row): the last entry's hash and sequence number."""
+    """What holds a chain's head (a request or policy row, both dataclasses): the last entry's hash and
+    sequence number."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
 
     @property
     def audit_head(self) -> str: ...
@@ -60,7 +64,7 @@ class AuditEntry:
             del d["seq"]  # entries written before sequence numbers hash (and verify) as they did
         return d
 
-    def sealed(self) -> "AuditEntry":
+    def sealed(self) -> AuditEntry:
         body = self.body()
         return AuditEntry(**body, hash=_digest(body))
 
@@ -98,7 +102,7 @@ H = TypeVar("H", bound=Chained)
 
 def with_head(holder: H, entry: AuditEntry) -> H:
     """`holder` (a request or policy) with `entry` as its chain's head."""
-    return replace(holder, audit_head=entry.hash, audit_seq=entry.seq)  # type: ignore[type-var]
+    return replace(holder, audit_head=entry.hash, audit_seq=entry.seq)
 
 
 def verify_chain(entries: Iterable[AuditEntry], head: str | None = None) -> bool:
@@ -128,7 +132,7 @@ def in_link_order(entries: Sequence[AuditEntry]) -> list[AuditEntry]:
             places.setdefault(e.chain, []).append(i)
     for idx in places.values():
         if len(idx) > 1:
-            for i, e in zip(idx, _follow_links([out[i] for i in idx])):
+            for i, e in zip(idx, _follow_links([out[i] for i in idx]), strict=True):
                 out[i] = e
     return out
 
@@ -143,9 +147,9 @@ def _follow_links(entries: list[AuditEntry]) -> list[AuditEntry]:
     for start in entries:
         if start.prev_hash in hashes or id(start) in placed:
             continue
-        e: AuditEntry | None = start
-        while e is not None:
-            out.append(e)
-            placed.add(id(e))
-            e = next((n for n in after.get(e.hash, ()) if id(n) not in placed), None)
+        cur: AuditEntry | None = start
+        while cur is not None:
+            out.append(cur)
+            placed.add(id(cur))
+            cur = next((n for n in after.get(cur.hash, ()) if id(n) not in placed), None)
     return out + [e for e in entries if id(e) not in placed]  # a second successor of one entry (a fork)

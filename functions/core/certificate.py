@@ -7,8 +7,8 @@ against the grant before anything is stored or returned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -120,7 +120,7 @@ def verify_issued(
     issued: IssuedCertificate,
     grant: Grant,
     user_key: VettedKey,
-    ca_public_key: object,
+    ca_public_key: ssh.SSHCertPublicKeyTypes,
     *,
     now: int,
     verify_signature: Callable[[ssh.SSHCertificate], None] | None = None,
@@ -144,7 +144,7 @@ def issued_principals(cert: ssh.SSHCertificate) -> tuple[str, ...]:
 
 
 def read_back(issued: IssuedCertificate, cert_type: ssh.SSHCertificateType, key_id: str, ttl_seconds: int,
-              key: VettedKey, ca_public_key: object, *, now: int,
+              key: VettedKey, ca_public_key: ssh.SSHCertPublicKeyTypes, *, now: int,
               verify_signature: Callable[[ssh.SSHCertificate], None] | None = None) -> tuple[ssh.SSHCertificate, list[str]]:
     """Parse a signed certificate back and list what is wrong with it that every certificate shares:
     type, principals present, serial and validity as recorded, validity ordered and within the TTL,
@@ -172,7 +172,7 @@ def read_back(issued: IssuedCertificate, cert_type: ssh.SSHCertificateType, key_
     if pub.split()[:2] != key.openssh.encode().split()[:2]:
         problems.append(f"certified key is not the {'user' if cert_type == ssh.SSHCertificateType.USER else 'host'}'s key")
     sig_key = cert.signature_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    ca_pub = ca_public_key.public_bytes(  # type: ignore[attr-defined]
+    ca_pub = ca_public_key.public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     if sig_key != ca_pub:

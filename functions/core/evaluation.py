@@ -3,12 +3,13 @@ it maps to them, the TTL, and the Grant the certificate builder turns into a cer
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .certificate import DEFAULT_BACKDATE, Grant
 from .errors import Denied, InvalidRequest, NoPolicyForHost, PolicyNeedsUpdate, PrincipalNotAllowed, TtlTooLong
 from .policy import MIN_TTL, USERNAME_TEMPLATE, Action, Identity, Policy, is_reserved_login
+
 
 @dataclass(frozen=True)
 class AccessRequest:
@@ -143,13 +144,13 @@ def choose_policy(
         raise NoPolicyForHost(f"No access policy covers host {request.host!r}" +
                               (f" under policy {request.policy_id!r}." if request.policy_id else "."))
     decisions: list[Decision] = []
-    first_error: Denied | None = None
+    first_error: Denied | TtlTooLong | None = None
     for p in sorted(covering, key=lambda p: p.id):
         try:
             decisions.append(evaluate(who, request, p))
         except (Denied, TtlTooLong) as exc:
             if first_error is None or (isinstance(first_error, Denied) and type(first_error) is Denied):
-                first_error = exc  # type: ignore[assignment]
+                first_error = exc
     if not decisions:
         assert first_error is not None
         others = sorted(p.id for p in covering if p.id != getattr(first_error, "details", {}).get("policy"))

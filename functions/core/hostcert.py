@@ -21,8 +21,9 @@ import hashlib
 import ipaddress
 import re
 import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -110,14 +111,25 @@ def name_patterns(hosts: Iterable[str]) -> tuple[str, ...]:
     return tuple(h for h in hosts if not h.startswith(("tag:", "/subscriptions/")))
 
 
-def fitting_host_names(policy: object, names: Iterable[object], namespaces: Sequence[Namespace],
+class HostPatterns(Protocol):
+    """What a host certificate's names are checked against: a policy's id and host patterns (the
+    Policy record, which imports this module)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def hosts(self) -> tuple[str, ...]: ...
+
+
+def fitting_host_names(policy: HostPatterns, names: Iterable[object], namespaces: Sequence[Namespace],
                        is_public: IsPublic) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(the names a host certificate of this policy may carry, one sentence for each name it may not).
 
     A name fits when it is a valid host name or address, no public suffix, inside the tenant's host
     namespaces AND inside the policy's name globs and CIDRs. Tags and resource ids cover VMs for
     access; they vouch for no name."""
-    pats = name_patterns(policy.hosts)  # type: ignore[attr-defined]
+    pats = name_patterns(policy.hosts)
     kept: list[str] = []
     outside: list[str] = []
     for raw in names:
@@ -137,13 +149,13 @@ def fitting_host_names(policy: object, names: Iterable[object], namespaces: Sequ
             outside.append(f"{name} is outside the tenant's host namespaces "
                            f"({', '.join(str(n) for n in namespaces)}).")
         elif not any(host_matches(p, name, {}) for p in pats):  # the one matcher
-            outside.append(f"{name} is outside policy {policy.id!r}'s host patterns.")  # type: ignore[attr-defined]
+            outside.append(f"{name} is outside policy {policy.id!r}'s host patterns.")
         else:
             kept.append(name)
     return tuple(kept), tuple(outside)
 
 
-def check_host_names(policy: object, names: Iterable[object], namespaces: Sequence[Namespace],
+def check_host_names(policy: HostPatterns, names: Iterable[object], namespaces: Sequence[Namespace],
                      is_public: IsPublic) -> tuple[str, ...]:
     """Every name must fit (fitting_host_names); else HostNameRefused naming what does not."""
     kept, outside = fitting_host_names(policy, names, namespaces, is_public)
@@ -160,7 +172,7 @@ def _bounded(names: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-def kept_host_names(policy: object, names: Iterable[object], namespaces: Sequence[Namespace],
+def kept_host_names(policy: HostPatterns, names: Iterable[object], namespaces: Sequence[Namespace],
                     is_public: IsPublic) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """For names a host did not choose (ARM's, or those of the certificate being renewed): the ones
     that fit, and what was dropped; HostNameRefused when none fits."""
@@ -209,7 +221,7 @@ def build_host_certificate(grant: HostGrant, host_key: VettedKey, ca_private_key
                             now - grant.backdate_seconds, now + grant.ttl_seconds, ca_private_key, serial=serial)
 
 
-def verify_host_issued(issued: IssuedCertificate, grant: HostGrant, host_key: VettedKey, ca_public_key: object,
+def verify_host_issued(issued: IssuedCertificate, grant: HostGrant, host_key: VettedKey, ca_public_key: ssh.SSHCertPublicKeyTypes,
                        *, now: int, verify_signature: Callable[[ssh.SSHCertificate], None] | None = None) -> None:
     """Re-read the signed host certificate and check it against the grant. Raises IntegrityError."""
     cert, problems = read_back(issued, ssh.SSHCertificateType.HOST, grant.key_id, grant.ttl_seconds, host_key,

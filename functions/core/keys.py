@@ -197,7 +197,7 @@ def parse_public_key(text: object) -> VettedKey:
         key = serialization.load_ssh_public_key(f"{declared} {b64}".encode())
     except (ValueError, TypeError) as exc:
         raise InvalidPublicKey(f"The public key does not parse: {exc}.") from None
-    except Exception:  # noqa: BLE001 - any parser failure is a client error here
+    except Exception:  # any parser failure is a client error here
         raise InvalidPublicKey("The public key does not parse.") from None
 
     if isinstance(key, rsa.RSAPublicKey):

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import base64
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 MAGIC = b"SSHKRL\n\x00"
 FORMAT_VERSION = 1
@@ -143,11 +143,11 @@ def header_length(krl: bytes) -> int:
     """Length of a KRL's header, i.e. where its sections start. Raises KrlError if it is not a KRL."""
     if len(krl) < HEADER_LEN_NO_COMMENT or not krl.startswith(MAGIC):
         raise KrlError("Not an OpenSSH KRL (bad magic or too short).")
-    (reserved_len,) = struct.unpack(">I", krl[36:40])
+    reserved_len = int.from_bytes(krl[36:40], "big")
     off = 40 + reserved_len
     if len(krl) < off + 4:
         raise KrlError("Truncated KRL header.")
-    (comment_len,) = struct.unpack(">I", krl[off:off + 4])
+    comment_len = int.from_bytes(krl[off:off + 4], "big")
     end = off + 4 + comment_len
     if len(krl) < end:
         raise KrlError("Truncated KRL header.")
@@ -156,4 +156,4 @@ def header_length(krl: bytes) -> int:
 
 def krl_version_of(krl: bytes) -> int:
     header_length(krl)
-    return struct.unpack(">Q", krl[12:20])[0]
+    return int.from_bytes(krl[12:20], "big")

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Union
 
 from .errors import InvalidRequest
 from .hostmatch import host_matches
 
 IsPublic = Callable[[str], bool]
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MAX_NAMESPACES = 64
 MAX_ENUMERATED = 64  # IPv6 addresses written one by one in a known_hosts line; a wider range is left out
@@ -52,9 +52,10 @@ class Namespace:
         """Is the (normalised) host name or address inside?"""
         if self.kind == "net":
             try:
-                return ipaddress.ip_address(name) in self.net  # type: ignore[operator]
+                addr = ipaddress.ip_address(name)
             except ValueError:
                 return False
+            return self.net is not None and addr in self.net
         if self.kind == "name":
             return name == self.value
         return name.endswith("." + self.value)
@@ -168,6 +169,15 @@ def _glob_in_suffix(glob: str, suffix: str) -> str | None:
     return None
 
 
+def _subnet_of(a: Network, b: Network) -> bool:
+    """`a` inside `b` (False across IP versions)."""
+    if isinstance(a, ipaddress.IPv4Network) and isinstance(b, ipaddress.IPv4Network):
+        return a.subnet_of(b)
+    if isinstance(a, ipaddress.IPv6Network) and isinstance(b, ipaddress.IPv6Network):
+        return a.subnet_of(b)
+    return False
+
+
 def _address_patterns(net: Network) -> list[str] | None:
     """ssh patterns that match exactly the addresses of `net` (with NOT_AN_ADDRESS on the line), or
     None when they can't be written (an IPv6 range of more than MAX_ENUMERATED addresses)."""
@@ -203,7 +213,7 @@ def trust_scope(policy_hosts: Iterable[str], namespaces: Iterable[Namespace]) ->
                 assert ns.net is not None
                 if pnet is not None:
                     if pnet.version == ns.net.version and pnet.overlaps(ns.net):
-                        nets.append(pnet if pnet.subnet_of(ns.net) else ns.net)  # type: ignore[arg-type]
+                        nets.append(pnet if _subnet_of(pnet, ns.net) else ns.net)
                 elif p.strip("*") == "":
                     nets.append(ns.net)
                 continue

@@ -117,7 +117,7 @@ class Identity:
             return None
         return username_from_upn(self.upn)
 
-    def same_person(self, other: "Identity | tuple[str, str]") -> bool:
+    def same_person(self, other: Identity | tuple[str, str]) -> bool:
         oid, tid = (other.oid, other.tid) if isinstance(other, Identity) else other
         return self.oid.lower() == oid.lower() and self.tid.lower() == tid.lower()
 
@@ -150,14 +150,14 @@ class Subjects:
     def is_empty(self) -> bool:
         return not self.users and not self.groups
 
-    def to_dict(self) -> dict:
-        d: dict = {"users": list(self.users) + list(self.unresolved), "groups": list(self.groups)}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"users": list(self.users) + list(self.unresolved), "groups": list(self.groups)}
         if self.guests:
             d["guests"] = True
         return d
 
     @classmethod
-    def from_row(cls, d: dict | None) -> "Subjects":
+    def from_row(cls, d: dict[str, Any] | None) -> Subjects:
         d = d or {}
         users = [str(u) for u in d.get("users", ())]
         good = tuple(u.lower() for u in users if u == "*" or is_guid(u))
@@ -185,8 +185,8 @@ class LoginMap:
             return self.oid == who.oid.lower()
         return self.group is not None and self.group in {g.lower() for g in who.groups}
 
-    def to_dict(self) -> dict:
-        d: dict = {}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
         if self.oid is not None:
             d["oid"] = self.oid
         elif self.group is not None:
@@ -199,7 +199,7 @@ class LoginMap:
         return d
 
     @classmethod
-    def from_row(cls, d: dict) -> "LoginMap":
+    def from_row(cls, d: dict[str, Any]) -> LoginMap:
         return cls(logins=tuple(d.get("logins", ())), oid=d.get("oid"), group=d.get("group"),
                    members=bool(d.get("members", False)), display=d.get("display"))
 
@@ -209,7 +209,7 @@ class Rule:
     subjects: Subjects
     action: Action
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**self.subjects.to_dict(), "action": self.action}
 
 
@@ -227,7 +227,7 @@ class CaKeyRef:
     # A customer's own key (bring your own key): ezssh signs with it but never disables it.
     customer_owned: bool = False
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "key_ref": self.key_ref,
             "backend": self.backend,
@@ -240,7 +240,7 @@ class CaKeyRef:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CaKeyRef":
+    def from_dict(cls, d: dict[str, Any]) -> CaKeyRef:
         backend = d.get("backend") or ""
         # Rows written before `customer_owned` existed marked such keys with a "-byok" backend.
         legacy_customer = backend.endswith("-byok")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import replace
+from typing import Any
 
 from .certificate import KNOWN_EXTENSIONS
 from .errors import InvalidRequest
@@ -54,7 +55,7 @@ EDITABLE_FIELDS = frozenset(
 )
 
 
-def _str_list(doc: dict, key: str, *, required: bool = False) -> tuple[str, ...]:
+def _str_list(doc: dict[str, Any], key: str, *, required: bool = False) -> tuple[str, ...]:
     value = doc.get(key, [] if not required else None)
     if value is None:
         raise InvalidRequest(f"'{key}' is required.")
@@ -65,7 +66,7 @@ def _str_list(doc: dict, key: str, *, required: bool = False) -> tuple[str, ...]
     return tuple(v.strip() for v in value)
 
 
-def _int(doc: dict, key: str, default: int, lo: int, hi: int) -> int:
+def _int(doc: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
     value = doc.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"'{key}' must be a whole number.")
@@ -91,14 +92,14 @@ def _object_ids(values: tuple[str, ...], where: str, *, allow_everyone: bool) ->
     return tuple(dict.fromkeys(out))
 
 
-def _guests(value: dict, where: str) -> bool:
+def _guests(value: dict[str, Any], where: str) -> bool:
     g = value.get("guests", False)
     if not isinstance(g, bool):
         raise InvalidRequest(f"{where}.guests must be true or false.")
     return g
 
 
-def _subjects(doc: dict, key: str) -> Subjects:
+def _subjects(doc: dict[str, Any], key: str) -> Subjects:
     value = doc.get(key) or {}
     if not isinstance(value, dict):
         raise InvalidRequest(f"'{key}' must be an object with 'users' and/or 'groups'.")
@@ -122,7 +123,7 @@ def _login_names(values: object, where: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _login_maps(doc: dict) -> tuple[LoginMap, ...]:
+def _login_maps(doc: dict[str, Any]) -> tuple[LoginMap, ...]:
     raw = doc.get("logins", [])
     if raw is None:
         raw = []
@@ -281,7 +282,7 @@ def policy_from_document(
         raise InvalidRequest("'webhook_format' must be teams, slack or null (guess from the URL).")
     host_cert_ttl = _int(doc, "host_cert_ttl", DEFAULT_HOST_CERT_TTL, MIN_HOST_CERT_TTL, MAX_HOST_CERT_TTL)
 
-    fields = dict(
+    fields: dict[str, Any] = dict(
         id=pid,
         tenant_id=tenant_id,
         name=name.strip(),
@@ -328,7 +329,7 @@ def check_storage_limits(policy: Policy) -> None:
             "patterns, or split it into several policies.")
 
 
-def policy_from_row(d: dict, etag: str | None = None, audit_head: str | None = None, audit_seq: int = 0) -> Policy:
+def policy_from_row(d: dict[str, Any], etag: str | None = None, audit_head: str | None = None, audit_seq: int = 0) -> Policy:
     """Rebuild a stored policy (already validated when written). People stored by UPN (policies
     written before names were refused) land in Subjects.unresolved: they match nobody."""
     return Policy(

@@ -12,6 +12,7 @@ so two racing transitions cannot both win.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .errors import Conflict, Forbidden
 from .policy import Identity
@@ -46,7 +47,7 @@ class Approval:
     comment: str | None = None
     name: str = ""
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"oid": self.oid, "tid": self.tid, "upn": self.upn, "name": self.name, "at": self.at,
                 "comment": self.comment}
 
@@ -92,7 +93,7 @@ class RequestRecord:
             return EXPIRED
         return self.state
 
-    def to_public(self, now: int) -> dict:
+    def to_public(self, now: int) -> dict[str, Any]:
         return {
             "id": self.id,
             "status": self.effective_state(now),

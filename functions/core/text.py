@@ -95,7 +95,7 @@ def normalize_host(value: object) -> str:
 
 
 
-def address_is_public(addr: "ipaddress.IPv4Address | ipaddress.IPv6Address") -> bool:
+def address_is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """True only for a globally routable unicast address. IPv4-mapped, IPv4-compatible, 6to4, Teredo
     and NAT64 (64:ff9b::/96) forms are judged by the IPv4 address they carry."""
     if isinstance(addr, ipaddress.IPv6Address):
@@ -115,10 +115,9 @@ def address_is_public(addr: "ipaddress.IPv4Address | ipaddress.IPv6Address") -> 
     if (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_reserved
             or addr.is_unspecified or not addr.is_global):
         return False
-    if isinstance(addr, ipaddress.IPv4Address) and (addr in ipaddress.ip_network("100.64.0.0/10")
-                                                    or addr in ipaddress.ip_network("192.0.0.0/24")):
-        return False
-    return True
+    # carrier-grade NAT and IETF protocol assignments are not global either
+    return not (isinstance(addr, ipaddress.IPv4Address) and (addr in ipaddress.ip_network("100.64.0.0/10")
+                                                             or addr in ipaddress.ip_network("192.0.0.0/24")))
 
 
 # ---- webhook destinations ----------------------------------------------------------------------
