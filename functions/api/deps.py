@@ -6,6 +6,7 @@ calls may block); what needs the event loop (reading the body) happens in these 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any, Callable, TypeVar
@@ -167,8 +168,10 @@ def body(model: type[M] | None, action: str, *, host: bool = False) -> Any:
             return validate(raw) if len(raw) <= 8192 else await run_in_threadpool(validate, raw)
         except EzsshError as exc:
             # a refusal writes its audit entry: off the event loop, like the handlers
-            await run_in_threadpool(service(request).base.refuse, who, exc, action,
-                                    details={"path": request.url.path})
+            # with the request the path names, as the use case records it
+            named = {"request_id": str(request.path_params["request_id"])[:64]} if "request_id" in request.path_params else {}
+            await run_in_threadpool(functools.partial(service(request).base.refuse, who, exc, action,
+                                                      details={"path": request.url.path}, **named))
             raise
 
     if host:

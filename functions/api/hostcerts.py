@@ -28,10 +28,11 @@ from typing import Any
 from fastapi import Depends, Request
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from ..core.errors import InvalidRequest
 from ..core.policy import Identity
+from ..service.hostcerts import HOST_CERTIFICATE_REFUSED, HOST_TOKEN_REFUSED
 from .deps import Strict, body, caller, service
 from .hosts import derived_response, etags
 from .errors import describe
@@ -56,6 +57,21 @@ class HostCertBody(Strict):
     challenge_id: str | None = Field(None, max_length=64)
     host_keys: list[Any] = Field(..., max_length=8)
 
+    @model_validator(mode="after")
+    def _signed(self) -> "HostCertBody":
+        """Each host key with its signature of the challenge; refused like a bad body otherwise."""
+        if self.challenge_id is None:
+            raise InvalidRequest("Send 'challenge_id' and each host key with its signature of the challenge "
+                                 "(POST /api/host-certificates/challenge; with 'token' for a first enrolment).")
+        try:
+            signed = [SignedKey.model_validate(k) for k in self.host_keys]
+        except ValidationError as exc:
+            raise InvalidRequest("Each host key is {public_key, signature}: " + describe(exc.errors())) from None
+        return self.model_copy(update={"host_keys": signed})
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(k.public_key, k.signature) for k in self.host_keys]
+
 
 class ChallengeBody(Strict):
     tenant: str = Field(..., max_length=64)
@@ -70,36 +86,27 @@ def _wants_text(request: Request) -> bool:
 
 @router.post("/policies/{policy_id}/host-tokens")
 def mint_token(request: Request, policy_id: str, who: Identity = Depends(caller),
-               tb: TokenBody = body(TokenBody, "host_token.refused")) -> JSONResponse:
+               tb: TokenBody = body(TokenBody, HOST_TOKEN_REFUSED)) -> JSONResponse:
     token, rec = service(request).hostcerts.mint_token(who, policy_id, tb.hosts, tb.ttl_seconds)
     return JSONResponse({"token": token, "hosts": list(rec.hosts), "expires_at": rec.expires_at,
                          "tenant": rec.tenant_id, "policy": rec.policy_id}, status_code=201)
 
 
 @router.post("/host-certificates")
-def host_certificates(request: Request, hb: HostCertBody = body(HostCertBody, "host_certificate.refused", host=True)) -> Response:
+def host_certificates(request: Request, hb: HostCertBody = body(HostCertBody, HOST_CERTIFICATE_REFUSED, host=True)) -> Response:
     svc = service(request).hostcerts
-    with service(request).base.refusing(None, "host_certificate.refused", policy_id=hb.policy[:64],
-                                        details={"tenant": hb.tenant[:64]}):
-        if hb.challenge_id is None:
-            raise InvalidRequest("Send 'challenge_id' and each host key with its signature of the challenge "
-                                 "(POST /api/host-certificates/challenge; with 'token' for a first enrolment).")
-        try:
-            signed = [SignedKey.model_validate(k) for k in hb.host_keys]
-        except ValidationError as exc:
-            raise InvalidRequest("Each host key is {public_key, signature}: " + describe(exc.errors())) from None
-    pairs = [(k.public_key, k.signature) for k in signed]
+    challenge_id = hb.challenge_id or ""  # never empty: the body's check says so
     if hb.token is not None:
-        issued = svc.issue_with_token(hb.tenant, hb.policy, hb.token, hb.challenge_id, pairs)
+        issued = svc.issue_with_token(hb.tenant, hb.policy, hb.token, challenge_id, hb.pairs())
     else:
-        issued = svc.renew(hb.tenant, hb.policy, hb.challenge_id, pairs)
+        issued = svc.renew(hb.tenant, hb.policy, challenge_id, hb.pairs())
     if _wants_text(request):
         return PlainTextResponse(issued.to_text())
     return JSONResponse(issued.to_dict())
 
 
 @router.post("/host-certificates/challenge")
-def challenge(request: Request, cb: ChallengeBody = body(ChallengeBody, "host_certificate.refused", host=True)) -> Response:
+def challenge(request: Request, cb: ChallengeBody = body(ChallengeBody, HOST_CERTIFICATE_REFUSED, host=True)) -> Response:
     ch = service(request).hostcerts.challenge(cb.tenant, cb.policy, cb.host_keys, cb.token)
     if _wants_text(request):
         return PlainTextResponse(ch.message.decode())

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..core.errors import NotFound
 from ..core.evaluation import AccessRequest
 from ..core.policy import Identity
 from ..core.text import normalize_host, printable_text
 from ..service import Outcome
+from ..service.issuance import CERTIFICATE_REFUSED, REQUEST_REFUSED
+from ..service.requests import decision_refused
 from .deps import Strict, body, caller, service
 
 router = APIRouter(prefix="/api/requests", tags=["requests"])
@@ -24,9 +26,26 @@ class NewRequest(Strict):
     reason: str | None = Field(None, max_length=1000)
     public_key: str | None = None
 
+    @model_validator(mode="after")
+    def _clean(self) -> "NewRequest":
+        """What people typed, in its one form (core.text): bad text is refused like a bad body."""
+        return self.model_copy(update={
+            "host": normalize_host(self.host), "principal": printable_text(self.principal, "principal", 64),
+            "reason": (printable_text(self.reason, "reason", 1000) or None) if self.reason is not None else None})
+
+    def command(self) -> AccessRequest:
+        return AccessRequest(host=self.host, principal=self.principal, ttl_seconds=self.ttl_seconds,
+                             policy_id=self.policy, reason=self.reason)
+
 
 class DecisionBody(Strict):
     comment: str | None = Field(None, max_length=1000)
+
+    @model_validator(mode="after")
+    def _clean(self) -> "DecisionBody":
+        if self.comment is None:
+            return self
+        return self.model_copy(update={"comment": printable_text(self.comment, "comment", 1000) or None})
 
 
 class CertificateBody(Strict):
@@ -59,17 +78,11 @@ def render(outcome: Outcome, now: int, link: str | None = None) -> JSONResponse:
 
 @router.post("")
 def create(request: Request, who: Identity = Depends(caller),
-           new: NewRequest = body(NewRequest, "request.refused"),
+           new: NewRequest = body(NewRequest, REQUEST_REFUSED),
            idempotency_key: str | None = Header(None, max_length=200)) -> JSONResponse:
     """`Idempotency-Key` (one per client attempt): a retry after a lost answer gets that answer."""
     svc = service(request)
-    with svc.base.refusing(who, "request.refused", details={"path": request.url.path}):
-        host = normalize_host(new.host)
-        principal = printable_text(new.principal, "principal", 64)
-        reason = printable_text(new.reason, "reason", 1000) or None if new.reason is not None else None
-    req = AccessRequest(host=host, principal=principal, ttl_seconds=new.ttl_seconds,
-                        policy_id=new.policy, reason=reason)
-    outcome = svc.issuance.request_access(who, req, new.public_key, idempotency_key)
+    outcome = svc.issuance.request_access(who, new.command(), new.public_key, idempotency_key)
     return render(outcome, int(svc.clock()), svc.base.request_link(outcome.request.id))
 
 
@@ -98,19 +111,16 @@ def get(request: Request, request_id: str, who: Identity = Depends(caller)) -> d
 
 @router.post("/{request_id}/certificate")
 def certificate(request: Request, request_id: str, who: Identity = Depends(caller),
-                cert: CertificateBody = body(CertificateBody, "certificate.refused")) -> JSONResponse:
+                cert: CertificateBody = body(CertificateBody, CERTIFICATE_REFUSED)) -> JSONResponse:
     svc = service(request)
     return render(svc.issuance.issue_for_request(who, request_id, cert.public_key), int(svc.clock()))
 
 
 def _decide(action: str):  # type: ignore[no-untyped-def]
     def handler(request: Request, request_id: str, who: Identity = Depends(caller),
-                decision: DecisionBody = body(DecisionBody, f"request.{action}.refused")) -> dict:
+                decision: DecisionBody = body(DecisionBody, decision_refused(action))) -> dict:
         svc = service(request)
-        with svc.base.refusing(who, f"request.{action}.refused", request_id=request_id[:64]):
-            comment = printable_text(decision.comment, "comment", 1000) or None \
-                if decision.comment is not None else None
-        rec = getattr(svc.requests, action)(who, request_id, comment)
+        rec = getattr(svc.requests, action)(who, request_id, decision.comment)
         return rec.to_public(int(svc.clock()))
     return handler
 

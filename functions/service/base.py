@@ -13,10 +13,10 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, TypeVar
 
 from ..core.audit import AuditEntry
-from ..core.errors import EzsshError, NotFound, StorageUnavailable
+from ..core.errors import CaKeyNotFound, Denied, EzsshError, NotFound, StorageUnavailable, TtlTooLong
 from ..core.policy import Identity, Policy
 from ..notify import Message
 from ..observability import event
@@ -24,6 +24,7 @@ from ..signing.base import KeyStore
 from ..storage.base import Store
 
 log = logging.getLogger("ezssh.service")
+T = TypeVar("T")
 
 
 class Notifier(Protocol):
@@ -141,6 +142,26 @@ class PolicyReader:
         with self._lock:
             self._cache.pop(tid, None)
 
+    def deciding(self, tid: str, decide: Callable[[list[Policy]], T]) -> T:
+        """`decide(policies)` over the cached list, never refused on stale data: a refusal (Denied,
+        TtlTooLong) is decided again if a point read says a policy changed (one created or widened on
+        another worker a moment ago applies at once), and a CA key not found (the cached policy's CA
+        rotated out, or the policy deleted, on another worker) after reading the list again."""
+        policies, refused_again, reread = self.cached(tid), False, False
+        while True:
+            try:
+                return decide(policies)
+            except (Denied, TtlTooLong):
+                current = None if refused_again else self.if_changed(tid)
+                if current is None:
+                    raise
+                policies, refused_again = current, True
+            except CaKeyNotFound:
+                if reread:
+                    raise
+                self.changed(tid)
+                policies, reread = self.cached(tid), True
+
     def all(self, tid: str) -> list[Policy]:
         return self._store.list_policies(tid)
 
@@ -228,12 +249,15 @@ class Base:
 
     @contextmanager
     def refusing(self, who: Identity | None, action: str, *, tenant_id: str | None = None,
-                 **fields: object) -> Iterator[None]:
-        """`with base.refusing(who, "request.refused", host=...):` - the one refusal path."""
+                 **fields: object) -> Iterator[dict[str, object]]:
+        """`with base.refusing(who, REQUEST_REFUSED, host=...) as known:` - the one refusal path: a
+        use case's body runs inside it once, and adds to `known` what it learns on the way (the
+        policy it decided on), so the refusal is recorded with it."""
+        known = dict(fields)
         try:
-            yield
+            yield known
         except EzsshError as exc:
-            self.refuse(who, exc, action, tenant_id=tenant_id, **fields)
+            self.refuse(who, exc, action, tenant_id=tenant_id, **known)
             raise
 
     def request_link(self, request_id: str) -> str | None:

@@ -69,6 +69,9 @@ from .policies import Policies
 
 log = logging.getLogger("ezssh.service")
 
+HOST_CERTIFICATE_REFUSED = "host_certificate.refused"
+HOST_TOKEN_REFUSED = "host_token.refused"
+
 TOKEN_PREFIX = "ezh_"
 TOKEN_RE = re.compile(r"^ezh_[A-Za-z0-9_-]{40,64}$")
 DEFAULT_TOKEN_TTL = 3600
@@ -141,7 +144,7 @@ class HostCerts:
                    ttl_seconds: int | None = None) -> tuple[str, HostEnrolmentToken]:
         """A one-time token for the named hosts (policy admins). Only its hash is stored."""
         b = self.base
-        with b.refusing(who, "host_token.refused", policy_id=policy_id, details={"hosts": str(hosts)[:300]}):
+        with b.refusing(who, HOST_TOKEN_REFUSED, policy_id=policy_id, details={"hosts": str(hosts)[:300]}):
             policy = b.policies.visible(who, policy_id)
             if not policy.is_admin(who):
                 raise Forbidden(f"Only tenant admins and admins of policy {policy_id!r} mint host enrolment tokens.")
@@ -438,7 +441,7 @@ class HostCerts:
     def _refusing_in(self, tenant_id: str, who: Identity | None, **fields: object):  # type: ignore[no-untyped-def]
         """Refusals recorded in the policy's tenant, also when the caller is a host that proved it
         belongs there (a real token or challenge of that tenant)."""
-        return self.base.refusing(who, "host_certificate.refused", tenant_id=tenant_id, **fields)
+        return self.base.refusing(who, HOST_CERTIFICATE_REFUSED, tenant_id=tenant_id, **fields)
 
     def _refusing_token(self, tid: str, pid: str, tok: HostEnrolmentToken):  # type: ignore[no-untyped-def]
         """After a real enrolment token of this tenant: refusals are the tenant's to read."""
@@ -448,7 +451,7 @@ class HostCerts:
 
     def _refusing_host(self, tenant_id: object, policy_id: object, proof: str):  # type: ignore[no-untyped-def]
         """Hosts have no Entra identity: their refusals go to the unauthenticated partition."""
-        return self.base.refusing(None, "host_certificate.refused",
+        return self.base.refusing(None, HOST_CERTIFICATE_REFUSED,
                                   policy_id=str(policy_id)[:64] if policy_id is not None else None,
                                   details={"tenant": str(tenant_id)[:64], "proof": proof})
 

@@ -25,7 +25,6 @@ from ..core.errors import (
     PreconditionFailed,
     TooManyPending,
     TooManyRequests,
-    TtlTooLong,
 )
 from ..core.keys import VettedKey, parse_public_key
 from ..core.evaluation import AccessRequest, choose_policy, evaluate, make_grant
@@ -57,6 +56,22 @@ def new_request_id(now: float) -> str:
     return serials.new_request_id(now)
 
 
+REQUEST_REFUSED = "request.refused"
+CERTIFICATE_REFUSED = "certificate.refused"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a decided request will write: its record, the audit entry that creates it, and the
+    certificate when it is issued at once (signed, not yet stored)."""
+
+    policy: Policy
+    record: sm.RequestRecord
+    created: AuditEntry
+    issued: IssuedCertificate | None = None
+    key: VettedKey | None = None
+
+
 class Issuance:
     def __init__(self, base: Base, requests: Requests) -> None:
         self.base = base
@@ -66,12 +81,18 @@ class Issuance:
                        idempotency_key: str | None = None) -> Outcome:
         """Decide, and when auto-approved with a public key, issue. With an idempotency key (one per
         client attempt), a retry of the same attempt gets the first answer: the same certificate or
-        the same pending request, never a second one."""
-        if idempotency_key is None:
-            return self._request_access(who, req, public_key, None, fresh=False)
-        with self.base.refusing(who, "request.refused", host=req.host, principal=req.principal):
-            idem = self._idempotency(who, req, public_key, idempotency_key)
-        if not idem.on_request_row and serials.key_time_ms(idempotency_key) is not None:
+        the same pending request, never a second one. A refusal is recorded here, once."""
+        with self.base.refusing(who, REQUEST_REFUSED, host=req.host, principal=req.principal,
+                                policy_id=req.policy_id) as known:
+            if idempotency_key is None:
+                return self._ask(who, req, public_key, None, known)
+            return self._idempotent(who, req, public_key, idempotency_key, known)
+
+    def _idempotent(self, who: Identity, req: AccessRequest, public_key: str | None, key: str,
+                    known: dict[str, object]) -> Outcome:
+        """The use case under an idempotency key: a retry finds the first answer instead of asking again."""
+        idem = self._idempotency(who, req, public_key, key)
+        if not idem.on_request_row and serials.key_time_ms(key) is not None:
             # A UUIDv7 key older than a retry's window: a late retry finds its answer on the row the
             # key names; a first attempt (a client whose clock is behind) keeps its key in a row of
             # its own, under a new id.
@@ -79,29 +100,25 @@ class Issuance:
             if replay is not None:
                 return replay
             idem = replace(idem, request_id=new_request_id(self.base.clock()))
-        return self._keyed(who, req, public_key, idem)
+        return self._keyed(who, req, public_key, idem, known)
 
-    def _keyed(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord) -> Outcome:
-        # Optimistic: the first attempt writes at once (with its key); only a write that finds its row
-        # or key taken - a retry, or a concurrent twin - reads the first answer.
+    def _keyed(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord,
+               known: dict[str, object]) -> Outcome:
+        # Optimistic: the first attempt writes at once (with its key); only an attempt that is refused
+        # or finds its row or key taken - a retry, or a concurrent twin - reads the first answer.
         try:
-            return self._request_access(who, req, public_key, idem, fresh=False)
-        except Conflict:
-            replay = self._replay(who, idem)
+            return self._ask(who, req, public_key, idem, known)
+        except EzsshError as exc:
+            # refused now (the policy changed since?) but answered before: the recorded answer stands
+            replay = self._replay(who, idem) if exc.status < 500 else None
             if replay is not None:
                 return replay
-            if not idem.on_request_row:
+            if not (isinstance(exc, Conflict) and idem.on_request_row):
                 raise
             # The row this key names is another's (its 21 hashed bits matched in the same
             # millisecond): the key goes in a row of its own, under a new id.
             return self._keyed(who, req, public_key, replace(idem, request_id=new_request_id(self.base.clock()),
-                                                             on_request_row=False))
-        except EzsshError as exc:
-            # refused now (the policy changed since?) but answered before: the recorded answer stands
-            replay = self._replay(who, idem) if exc.status < 500 else None
-            if replay is None:
-                raise
-            return replay
+                                                             on_request_row=False), known)
 
     def _idempotency(self, who: Identity, req: AccessRequest, public_key: str | None, key: str) -> IdempotencyRecord:
         """The key's record. A UUIDv7 key names its request's id (core.serials.keyed_request_id):
@@ -145,28 +162,25 @@ class Issuance:
         return Outcome(rec.state, rec, approvers_needed=rec.approvals_required if pending else 0,
                        approvers=policy.approvers.to_dict() if pending and policy is not None else None)
 
-    def _request_access(self, who: Identity, req: AccessRequest, public_key: str | None,
-                        idem: IdempotencyRecord | None, *, fresh: bool) -> Outcome:
+    def _ask(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord | None,
+             known: dict[str, object]) -> Outcome:
+        """decide -> plan the record and its audit -> sign -> persist -> notify."""
         b = self.base
-        refusing = b.refusing(who, "request.refused", host=req.host, principal=req.principal, policy_id=req.policy_id)
-        with refusing:
-            if not fresh:
-                wait = b.rate.take((who.tid, who.oid), b.clock())
-                if wait > 0:
-                    raise TooManyRequests(
-                        f"Too many access requests; at most {b.config.request_rate} a minute. "
-                        f"Try again in {int(wait) + 1} seconds.", retry_after=int(wait) + 1)
-            try:
-                decision = choose_policy(who, req, b.policies.cached(who.tid))
-            except (Denied, TtlTooLong):
-                # A refusal is never decided on stale data: a policy created or widened on another
-                # worker a moment ago must apply at once. One point read says whether any changed.
-                current = b.policies.if_changed(who.tid)
-                if current is None:
-                    raise
-                decision = choose_policy(who, req, current)
-            vetted = parse_public_key(public_key) if public_key is not None else None
+        wait = b.rate.take((who.tid, who.oid), b.clock())
+        if wait > 0:
+            raise TooManyRequests(
+                f"Too many access requests; at most {b.config.request_rate} a minute. "
+                f"Try again in {int(wait) + 1} seconds.", retry_after=int(wait) + 1)
+        plan = b.policies.deciding(who.tid, lambda policies: self._plan(who, req, public_key, idem, policies, known))
+        return self._persist(who, plan, idem)
+
+    def _plan(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord | None,
+              policies: list[Policy], known: dict[str, object]) -> _Plan:
+        b = self.base
+        decision = choose_policy(who, req, policies)
+        vetted = parse_public_key(public_key) if public_key is not None else None
         policy = decision.policy
+        known["policy_id"] = policy.id
         now = b.now()
         rid = idem.request_id if idem is not None else new_request_id(b.clock())
         auto = decision.action == "auto"
@@ -185,21 +199,18 @@ class Issuance:
             None,
         )
         if auto and vetted is not None:
-            try:
-                issued = self._sign(policy, rec, who, vetted)
-            except EzsshError as exc:
-                if isinstance(exc, CaKeyNotFound) and not fresh:
-                    # The cached policy may be stale (its CA rotated out or the policy deleted on
-                    # another worker): decide once more on fresh data.
-                    b.policies.changed(who.tid)
-                    return self._request_access(who, req, public_key, idem, fresh=True)
-                b.refuse(who, exc, "request.refused", host=req.host, principal=req.principal, policy_id=policy.id)
-                raise
+            return _Plan(policy, rec, created, self._sign(policy, rec, who, vetted), vetted)
+        return _Plan(policy, rec, created)
+
+    def _persist(self, who: Identity, plan: _Plan, idem: IdempotencyRecord | None) -> Outcome:
+        b = self.base
+        policy, rec, created, issued = plan.policy, plan.record, plan.created, plan.issued
+        if issued is not None and plan.key is not None:
             final = replace(rec, state=sm.ISSUED, serial=issued.serial, key_id=issued.key_id)
-            entry = link(self._issued_audit(who, final, issued, vetted), created)
+            entry = link(self._issued_audit(who, final, issued, plan.key), created)
             final = with_head(final, entry)
-            b.store.record_issuance(final, None, cert_record(final, issued, vetted), [created, entry], idem)
-            event(log, "certificate.issued", key_id=issued.key_id, serial=issued.serial, request=rid,
+            b.store.record_issuance(final, None, cert_record(final, issued, plan.key), [created, entry], idem)
+            event(log, "certificate.issued", key_id=issued.key_id, serial=issued.serial, request=rec.id,
                   policy=policy.id, tenant=who.tid)
             return Outcome("issued", final, issued)
         rec = with_head(rec, created)
@@ -207,7 +218,7 @@ class Issuance:
             rec = self._create_pending(who, policy, rec, created, idem)
         else:
             rec = b.store.create_request(rec, created, idem)
-        event(log, f"request.{rec.state}", request=rid, policy=policy.id, actor=who.upn, tenant=who.tid)
+        event(log, f"request.{rec.state}", request=rec.id, policy=policy.id, actor=who.upn, tenant=who.tid)
         if rec.state == sm.PENDING:
             b.notify(policy, request_message(rec, policy, "ezssh: access request waiting for approval",
                                              (("Approve with", f"ezssh requests approve {rec.id}"),)))
@@ -222,8 +233,7 @@ class Issuance:
         means another request took a slot, so after max_pending_requests + 1 losses the row is full."""
         b = self.base
         for _ in range(b.config.max_pending_requests + 2):
-            with b.refusing(who, "request.refused", host=rec.host, principal=rec.principal, policy_id=policy.id):
-                slots = self._pending_slots(who, policy, rec)
+            slots = self._pending_slots(who, policy, rec)
             try:
                 return b.store.create_request(rec, created, idem, slots)
             except PreconditionFailed:
@@ -255,7 +265,7 @@ class Issuance:
 
     def issue_for_request(self, who: Identity, request_id: str, public_key: str) -> Outcome:
         b = self.base
-        with b.refusing(who, "certificate.refused", request_id=request_id):
+        with b.refusing(who, CERTIFICATE_REFUSED, request_id=request_id):
             rec, policy = self.requests.visible(who, request_id)
             if not rec.requester_is(who):
                 raise Forbidden("Only the requester may fetch the certificate for a request.")

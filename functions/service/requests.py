@@ -56,6 +56,11 @@ class RequestPage:
     next: str | None  # the continuation token of the next page; None at the end
 
 
+
+def decision_refused(action: str) -> str:
+    """The action a refused decision (approve, deny, cancel) is recorded under."""
+    return f"request.{action}.refused"
+
 class Requests:
     def __init__(self, base: Base) -> None:
         self.base = base
@@ -158,7 +163,7 @@ class Requests:
         again, checked again and the decision applied again, up to DECISION_TRIES times. A decision
         already on record for this person is answered with the record as it stands; one that lost
         to another decision is a 409 naming it."""
-        with self.base.refusing(who, f"request.{action}.refused", request_id=request_id):
+        with self.base.refusing(who, decision_refused(action), request_id=request_id):
             for attempt in range(1, DECISION_TRIES + 1):
                 rec, policy = self.visible(who, request_id)
                 if action in ("approve", "deny") and (policy is None or not policy.is_approver(who)):
