@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
@@ -177,34 +176,35 @@ def make_session(ca_bundle: str | None, server: str | None = None) -> requests.S
 # ---- errors in the CLI's words ----------------------------------------------------------------------
 
 
-def _fmt_seconds(m: re.Match) -> str:
-    from .durations import fmt_duration
-
-    return fmt_duration(int(m.group(1)))
+# the service's field names as the CLI's options and words
+_FIELD_WORDS = {"ttl_seconds": "--ttl", "principal": "the login", "public_key": "the public key"}
 
 
-def _between(m: re.Match) -> str:
-    from .durations import fmt_duration
-
-    return f"--ttl must be between {fmt_duration(int(m.group(1)))} and {fmt_duration(int(m.group(2)))}"
+def _whole(d: dict, *keys: str) -> bool:
+    return all(isinstance(d.get(k), int) and not isinstance(d.get(k), bool) for k in keys)
 
 
-_WORDS = (
-    (re.compile(r"'?\bttl_seconds\b'? must be between (\d+) and (\d+)"), _between),
-    (re.compile(r"\bttl_seconds (\d+)"), lambda m: f"--ttl {_fmt_seconds(m)}"),
-    (re.compile(r"'?\bttl_seconds\b'?"), lambda m: "--ttl"),
-    (re.compile(r"^public_key must be"), lambda m: "The public key must be"),
-    (re.compile(r"\b(\d+) seconds\b"), _fmt_seconds),
-    (re.compile(r"'principal'"), lambda m: "the login"),
-    (re.compile(r"'public_key'"), lambda m: "the public key"),
-)
+def in_cli_words(code: str | None, message: str, details: dict) -> str:
+    """The service's error in the CLI's words, formatted from its code and details (the service
+    names API fields and counts seconds; the CLI says --ttl and 1d1h); its message as sent otherwise."""
+    from .durations import fmt_duration as fmt
 
-
-def in_cli_words(message: str) -> str:
-    """The service speaks in API field names (ttl_seconds 90000 ... 28800 seconds); say it as the CLI
-    does (--ttl 1d1h ... 8h)."""
-    for rx, repl in _WORDS:
-        message = rx.sub(repl, message)
+    d = details
+    if code == "ttl_too_long" and _whole(d, "requested", "max_ttl") and isinstance(d.get("policy"), str):
+        return f"--ttl {fmt(d['requested'])} is over policy {d['policy']!r}'s maximum of {fmt(d['max_ttl'])}."
+    if d.get("field") == "ttl_seconds" and _whole(d, "min", "max"):
+        return f"--ttl must be between {fmt(d['min'])} and {fmt(d['max'])}."
+    if d.get("field") == "ttl_seconds" and _whole(d, "min"):
+        return f"--ttl must be a whole number of at least {d['min']}."
+    if code in ("too_many_requests", "too_many_pending") and _whole(d, "retry_after"):
+        return message.replace(f"{d['retry_after']} seconds", fmt(d["retry_after"]))
+    named = str(d.get("fields") or d.get("field") or "")
+    for field in filter(None, named.split(",")):
+        word = _FIELD_WORDS.get(field)
+        if word is not None:
+            message = message.replace(f"'{field}'", word)
+            if message.startswith(f"{field} "):
+                message = word[0].upper() + word[1:] + message[len(field):]
     return message
 
 
@@ -232,7 +232,8 @@ def _error_from(resp: Response) -> EzsshError:
         exit_code = UNAVAILABLE
     else:
         exit_code = ERROR
-    return EzsshError(in_cli_words(message), exit_code, request_id=rid, error=code, hint=hint)
+    details = body if isinstance(body, dict) and code else {}
+    return EzsshError(in_cli_words(code, message, details), exit_code, request_id=rid, error=code, hint=hint)
 
 
 def send(transport: Transport, method: str, url: str, *, headers: dict | None = None, body: Any = None) -> Response:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from ..core.ids import GUID
 from ..core.policy import Identity
+from ..service.audit import AUDIT_REFUSED
 from .deps import caller, finite_number, service
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
@@ -25,7 +26,7 @@ def audit(request: Request, who: Identity = Depends(caller),
                                                  description="the `next` of the page before")) -> dict:
     """Entries oldest first, at most `limit`; `next` (absent at the end) continues after this page."""
     svc = service(request)
-    with svc.base.refusing(who, "audit.refused", details={"path": request.url.path}):
+    with svc.base.refusing(who, AUDIT_REFUSED, details={"path": request.url.path}):
         since_at, until_at = finite_number(since, "since"), finite_number(until, "until")
     log = svc.audit
     page = log.query(who, since=since_at, until=until_at, request_id=request_id, policy_id=policy,

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from ..core.errors import EzsshError, InvalidRequest
 from ..core.policy import Identity
 from ..service import Service
-from .errors import describe
+from .errors import describe, fields_of
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 64 * 1024
@@ -144,7 +144,7 @@ def finite_number(value: str | None, name: str) -> float | None:
 
 
 def body(model: type[M] | None, action: str, *, host: bool = False) -> Any:
-    """The one dependency for JSON bodies: `doc = body(Model, "x.refused")` in a handler's
+    """The one dependency for JSON bodies: `doc = body(Model, USE_CASE_REFUSED)` in a handler's
     signature. With a model, the body must be an object that validates against it (unknown fields
     refused); with None, any JSON document (the policy routes validate it in the service). A bad
     body is refused through the service's one refusal path. `host=True`: the caller is a host
@@ -159,7 +159,7 @@ def body(model: type[M] | None, action: str, *, host: bool = False) -> Any:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            raise InvalidRequest(describe(exc.errors())) from None
+            raise InvalidRequest(describe(exc.errors()), fields=fields_of(exc.errors())) from None
 
     async def parsed(request: Request, who: Identity | None) -> Any:
         raw = await request.body()

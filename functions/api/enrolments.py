@@ -26,6 +26,7 @@ from pydantic import Field
 
 from ..core.errors import BackendUnavailable
 from ..core.policy import Identity
+from ..service.enrolment.enrol import ENROL_REFUSED
 from .deps import Strict, body, caller, context
 
 router = APIRouter(prefix="/api/policies", tags=["enrolments"])
@@ -46,7 +47,7 @@ def _enrolments(request: Request):  # type: ignore[no-untyped-def]
 
 @router.post("/{policy_id}/enrolments")
 def enrol(request: Request, policy_id: str, who: Identity = Depends(caller),
-          eb: EnrolBody = body(EnrolBody, "enrolment.refused")) -> JSONResponse:
+          eb: EnrolBody = body(EnrolBody, ENROL_REFUSED)) -> JSONResponse:
     svc = _enrolments(request)
     api_url = context(request).settings.public_url  # never the request's Host header
     job, items = svc.enrol(who, policy_id, vm_id=eb.vm_id, resource_group=eb.resource_group, tag=eb.tag,

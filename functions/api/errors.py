@@ -43,6 +43,13 @@ def describe(errors: list[dict]) -> str:
     return "Invalid request: " + "; ".join(parts) + "."
 
 
+def fields_of(errors: list[dict]) -> str:
+    """The fields `describe` names, comma-separated (an error's `fields` detail: a client may say
+    them in its own words)."""
+    locs = (".".join(str(x) for x in err.get("loc", ()) if x != "body") for err in errors[:5])
+    return ",".join(dict.fromkeys(loc for loc in locs if loc))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(EzsshError)
     async def _ezssh(request: Request, exc: EzsshError) -> JSONResponse:
@@ -53,7 +60,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(request, 400, "invalid_request", describe(exc.errors()))
+        return error_response(request, 400, "invalid_request", describe(exc.errors()), fields=fields_of(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..core.errors import InvalidRequest
 from ..core.policy import Identity
-from ..service.hosts import Derived
+from ..service.hosts import Derived, REVOKE_REFUSED
 from .deps import Strict, body, caller, context, identify, service
 
 router = APIRouter(prefix="/api", tags=["hosts"])
@@ -77,9 +77,9 @@ def host_setup(request: Request, policy_id: str, who: Identity = Depends(caller)
 
 @router.post("/certificates/{policy_id}/{serial}/revoke")
 def revoke(request: Request, policy_id: str, serial: str, who: Identity = Depends(caller),
-           rb: RevokeBody = body(RevokeBody, "certificate.revoke.refused")) -> JSONResponse:
+           rb: RevokeBody = body(RevokeBody, REVOKE_REFUSED)) -> JSONResponse:
     svc = service(request)
-    with svc.base.refusing(who, "certificate.revoke.refused", policy_id=policy_id):
+    with svc.base.refusing(who, REVOKE_REFUSED, policy_id=policy_id):
         number = _serial(serial)
     rec = svc.hosts.revoke_certificate(who, policy_id, number, rb.reason)
     return JSONResponse({"policy": rec.policy_id, "serial": str(rec.serial), "key_id": rec.key_id,

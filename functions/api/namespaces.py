@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 
 from ..core.policy import Identity
+from ..service.namespaces import NAMESPACES_REFUSED
 from .deps import body, caller, service
 
 router = APIRouter(prefix="/api/host-namespaces", tags=["host certificates"])
@@ -27,5 +28,5 @@ def get(request: Request, who: Identity = Depends(caller)) -> JSONResponse:
 
 @router.put("")
 def put(request: Request, who: Identity = Depends(caller), if_match: str | None = Header(None),
-        doc: object = body(None, "host_namespaces.refused")) -> JSONResponse:
+        doc: object = body(None, NAMESPACES_REFUSED)) -> JSONResponse:
     return _respond(service(request).namespaces.replace(who, doc, if_match))

@@ -36,7 +36,7 @@ class Chained(Protocol):
 class AuditEntry:
     tenant_id: str
     at: float  # unix seconds with sub-second precision
-    action: str  # request.created, request.approved, certificate.issued, request.refused, ...
+    action: str  # request.created, request.approved, certificate.issued, <use case>.refused, ...
     outcome: str  # ok | refused | error
     actor_oid: str | None = None
     actor_upn: str | None = None

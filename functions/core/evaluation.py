@@ -93,11 +93,12 @@ def resolve_ttl(policy: Policy, requested: int | None) -> int:
     if requested is None:
         return policy.default_ttl
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < MIN_TTL:
-        raise InvalidRequest(f"ttl_seconds must be a whole number of at least {MIN_TTL}.")
+        raise InvalidRequest(f"ttl_seconds must be a whole number of at least {MIN_TTL}.", field="ttl_seconds",
+                             min=MIN_TTL)
     if requested > policy.max_ttl:
         raise TtlTooLong(
             f"ttl_seconds {requested} is over policy {policy.id!r}'s maximum of {policy.max_ttl} seconds.",
-            max_ttl=policy.max_ttl,
+            max_ttl=policy.max_ttl, requested=requested, policy=policy.id,
         )
     return requested
 

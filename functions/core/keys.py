@@ -155,7 +155,8 @@ def check_rsa_numbers(e: int, n: int) -> None:
 def parse_public_key(text: object) -> VettedKey:
     """Parse one OpenSSH public key line and vet it. Raises InvalidPublicKey or WeakPublicKey."""
     if not isinstance(text, str) or not text.strip():
-        raise InvalidPublicKey("public_key must be one OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'.")
+        raise InvalidPublicKey("public_key must be one OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'.",
+                               field="public_key")
     if len(text) > MAX_KEY_TEXT:
         raise InvalidPublicKey("The public key is too long.")
     line = text.strip()

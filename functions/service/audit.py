@@ -14,6 +14,9 @@ DEFAULT_WINDOW = 24 * 3600  # searched when a query names no request, certificat
 CHAIN_MAX = 10_000  # the most entries one request's chain check reads
 
 
+AUDIT_REFUSED = "audit.refused"
+
+
 class AuditLog:
     def __init__(self, base: Base, requests: Requests) -> None:
         self.base = base
@@ -29,7 +32,7 @@ class AuditLog:
         page's `next` is an opaque token for the page after it (None at the end). Each page reads
         its own index rows (storage/base.py), never the tenant's history."""
         b = self.base
-        with b.refusing(who, "audit.refused", request_id=request_id, policy_id=policy_id, key_id=key_id,
+        with b.refusing(who, AUDIT_REFUSED, request_id=request_id, policy_id=policy_id, key_id=key_id,
                         serial=serial):
             after = decode_token(continuation, AUDIT_POSITION_RE)
             policies: tuple[str, ...] | None = None

@@ -140,7 +140,7 @@ class HostCerts:
         self.namespaces = namespaces
 
     # ---- admins: enrolment tokens ------------------------------------------------------------
-    def mint_token(self, who: Identity, policy_id: str, hosts: object,
+    def mint_token(self, who: Identity, policy_id: str, hosts: Sequence[str],
                    ttl_seconds: int | None = None) -> tuple[str, HostEnrolmentToken]:
         """A one-time token for the named hosts (policy admins). Only its hash is stored."""
         b = self.base
@@ -148,12 +148,11 @@ class HostCerts:
             policy = b.policies.visible(who, policy_id)
             if not policy.is_admin(who):
                 raise Forbidden(f"Only tenant admins and admins of policy {policy_id!r} mint host enrolment tokens.")
-            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
-                raise InvalidRequest("'hosts' must be a list of host names.")
             names = check_host_names(policy, hosts, self.namespaces.current(who.tid), self.namespaces.is_public)
             ttl = DEFAULT_TOKEN_TTL if ttl_seconds is None else ttl_seconds
             if isinstance(ttl, bool) or not isinstance(ttl, int) or not 60 <= ttl <= MAX_TOKEN_TTL:
-                raise InvalidRequest(f"'ttl_seconds' must be between 60 and {MAX_TOKEN_TTL}.")
+                raise InvalidRequest(f"'ttl_seconds' must be between 60 and {MAX_TOKEN_TTL}.", field="ttl_seconds",
+                                     min=60, max=MAX_TOKEN_TTL)
             self.policies.ensure_host_ca(policy, who)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = b.now()
@@ -167,8 +166,8 @@ class HostCerts:
         return token, saved
 
     # ---- hosts: enrolment with a token and proof of possession -----------------------------------
-    def issue_with_token(self, tenant_id: object, policy_id: object, token: object, challenge_id: object,
-                         signed: Sequence[tuple[object, object]]) -> HostIssued:
+    def issue_with_token(self, tenant_id: str, policy_id: str, token: str, challenge_id: str,
+                         signed: Sequence[tuple[str, str]]) -> HostIssued:
         """First enrolment: the token an admin minted for named hosts, and each host key's signature
         (namespace ezssh-host-enrol) over the challenge issued for that token and those keys."""
         b = self.base
@@ -210,8 +209,8 @@ class HostCerts:
                 return again
         return issued
 
-    def _token(self, tid: str, token: object) -> HostEnrolmentToken:
-        if not isinstance(token, str) or not TOKEN_RE.match(token):
+    def _token(self, tid: str, token: str) -> HostEnrolmentToken:
+        if not TOKEN_RE.match(token):
             raise ProofRefused("The enrolment token is malformed.")
         self._limit("token", token_hash(token))
         try:
@@ -220,8 +219,8 @@ class HostCerts:
             raise ProofRefused("The enrolment token is not valid.") from None
 
     # ---- hosts: challenges (enrolment and renewal) ---------------------------------------------
-    def challenge(self, tenant_id: object, policy_id: object, public_keys: Sequence[object],
-                  token: object = None) -> HostChallenge:
+    def challenge(self, tenant_id: str, policy_id: str, public_keys: Sequence[str],
+                  token: str | None = None) -> HostChallenge:
         """A nonce for these host keys to sign. For a renewal (no token) the keys must hold current
         certificates of the policy; for an enrolment, `token` must be a usable enrolment token."""
         b = self.base
@@ -256,13 +255,13 @@ class HostCerts:
                     raise ProofRefused("These host keys renewed a moment ago; ask again in a few minutes.") from None
                 return existing
 
-    def _signed_challenge(self, tid: str, pid: str, challenge_id: object, keys: Sequence[VettedKey],
-                          signed: Sequence[tuple[object, object]], namespace: str, now: int, *,
+    def _signed_challenge(self, tid: str, pid: str, challenge_id: str, keys: Sequence[VettedKey],
+                          signed: Sequence[tuple[str, str]], namespace: str, now: int, *,
                           enrol_token: str = "", retry: bool = False) -> HostChallenge:
         """The challenge, checked: issued by this service for exactly these keys (and, at enrolment,
         this token), unused and unexpired, and signed by every key in `namespace`. With `retry` it
         may also be one already used (the caller then looks for what that use got)."""
-        if not isinstance(challenge_id, str) or not re.match(r"^[0-9a-f]{32}$", challenge_id):
+        if not re.match(r"^[0-9a-f]{32}$", challenge_id):
             raise ProofRefused("The challenge id is malformed.")
         try:
             ch = self.base.store.get_host_challenge(tid, challenge_id)
@@ -281,8 +280,8 @@ class HostCerts:
         return ch
 
     # ---- hosts: renewal by possession of the current host key ---------------------------------
-    def renew(self, tenant_id: object, policy_id: object, challenge_id: object,
-              signed: Sequence[tuple[object, object]]) -> HostIssued:
+    def renew(self, tenant_id: str, policy_id: str, challenge_id: str,
+              signed: Sequence[tuple[str, str]]) -> HostIssued:
         b = self.base
         with self._refusing_host(tenant_id, policy_id, "renewal"):
             tid, pid = self._tenant_policy(tenant_id, policy_id)
@@ -449,7 +448,7 @@ class HostCerts:
                                  details={"proof": "token", "token_id": tok.token_hash[:12],
                                           "token_created_by": tok.created_by_upn, "hosts": list(tok.hosts)})
 
-    def _refusing_host(self, tenant_id: object, policy_id: object, proof: str):  # type: ignore[no-untyped-def]
+    def _refusing_host(self, tenant_id: str, policy_id: str | None, proof: str):  # type: ignore[no-untyped-def]
         """Hosts have no Entra identity: their refusals go to the unauthenticated partition."""
         return self.base.refusing(None, HOST_CERTIFICATE_REFUSED,
                                   policy_id=str(policy_id)[:64] if policy_id is not None else None,
@@ -474,10 +473,10 @@ class HostCerts:
             raise ProofRefused(f"The {what} has expired; {again}.")
 
     @staticmethod
-    def _tenant_policy(tenant_id: object, policy_id: object) -> tuple[str, str]:
-        if not isinstance(tenant_id, str) or not is_guid(tenant_id):
+    def _tenant_policy(tenant_id: str, policy_id: str) -> tuple[str, str]:
+        if not is_guid(tenant_id):
             raise InvalidRequest("'tenant' must be the tenant id (a GUID).")
-        if not isinstance(policy_id, str) or not POLICY_ID_RE.match(policy_id):
+        if not POLICY_ID_RE.match(policy_id):
             raise InvalidRequest("'policy' must be a policy id.")
         return tenant_id.lower(), policy_id
 

@@ -32,6 +32,8 @@ from .base import Base
 
 log = logging.getLogger("ezssh.service")
 
+REVOKE_REFUSED = "certificate.revoke.refused"
+
 # Certificates stay in the KRL this long past their valid_before, for hosts whose clock lags.
 KRL_EXPIRY_GRACE = 3600
 # How much earlier than our last build a revocation we have not seen may be dated: a revocation's
@@ -125,7 +127,7 @@ class Hosts:
                            reason: str | None = None) -> CertificateRecord:
         """Tenant admins, the policy's admins, or the certificate's own requester revoke it."""
         b = self.base
-        with b.refusing(who, "certificate.revoke.refused", policy_id=policy_id, serial=str(serial)):
+        with b.refusing(who, REVOKE_REFUSED, policy_id=policy_id, serial=str(serial)):
             if reason is not None and (len(reason) > 1000 or "\n" in reason):
                 raise InvalidRequest("'reason' must be one line of at most 1000 characters.")
             policy = b.policies.get_or_none(who.tid, policy_id)

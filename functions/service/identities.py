@@ -26,6 +26,8 @@ from .base import Base
 from .hosts import Hosts
 
 log = logging.getLogger("ezssh.service")
+
+IDENTITY_REVOKE_REFUSED = "identity.revoke.refused"
 ACTIVE, DISABLED, DELETED = "active", "disabled", "deleted"
 RISK_LEVELS = ("low", "medium", "high")
 MAX_LISTED = 100  # serials named in one identity.revoked entry
@@ -64,7 +66,7 @@ class Identities:
         them for tenant admins, those of the policies they administer for policy admins."""
         b = self.base
         target = (oid or "").lower()
-        with b.refusing(who, "identity.revoke.refused", details={"target_oid": target[:64]}):
+        with b.refusing(who, IDENTITY_REVOKE_REFUSED, details={"target_oid": target[:64]}):
             if not is_guid(target):
                 raise InvalidRequest("Name the person or app by its object id (a GUID).")
             if reason is not None and (len(reason) > 1000 or "\n" in reason):

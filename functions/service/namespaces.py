@@ -15,6 +15,9 @@ from ..core.records import HostNamespaces
 from .base import Base, log
 
 
+NAMESPACES_REFUSED = "host_namespaces.refused"
+
+
 class Namespaces:
     def __init__(self, base: Base) -> None:
         self.base = base
@@ -51,7 +54,7 @@ class Namespaces:
         """Tenant admins only. The first change needs no If-Match (the setting applied until then);
         every later one the ETag it read."""
         b = self.base
-        with b.refusing(who, "host_namespaces.refused", details={"namespaces": str(doc)[:500]}):
+        with b.refusing(who, NAMESPACES_REFUSED, details={"namespaces": str(doc)[:500]}):
             if not who.is_tenant_admin:
                 raise Forbidden("Only tenant admins declare the tenant's host namespaces.")
             if not isinstance(doc, dict) or set(doc) != {"namespaces"}:

@@ -21,6 +21,10 @@ from ..signing.base import Signer, ssh_fingerprint, ssh_public_key_line
 from .base import Base
 
 
+POLICY_CREATE_REFUSED = "policy.create.refused"
+POLICY_UPDATE_REFUSED = "policy.update.refused"
+
+
 class Policies:
     def __init__(self, base: Base) -> None:
         self.base = base
@@ -46,7 +50,7 @@ class Policies:
         """Create a policy with a new CA key, or with `ca_key_id` naming an existing Key Vault key
         (bring your own key: the service proves it can read and sign with it before saving)."""
         b = self.base
-        with b.refusing(who, "policy.create.refused"):
+        with b.refusing(who, POLICY_CREATE_REFUSED):
             if not who.is_tenant_admin:
                 raise Forbidden("Only tenant admins (app role EZSSH.Admin) create policies.")
             customer_key: str | None = None
@@ -89,7 +93,7 @@ class Policies:
 
     def update(self, who: Identity, policy_id: str, patch: object, if_match: str | None) -> Policy:
         b = self.base
-        with b.refusing(who, "policy.update.refused", policy_id=policy_id):
+        with b.refusing(who, POLICY_UPDATE_REFUSED, policy_id=policy_id):
             if not if_match:
                 raise PreconditionRequired("Send If-Match with the policy's ETag to change it.")
             base = self._admin_policy(who, policy_id, "change", if_match)

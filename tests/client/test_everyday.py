@@ -47,11 +47,15 @@ def test_zsh_and_fish_scripts(tmp_path, shell, marker):
 
 
 def test_service_messages_in_the_cli_words():
-    assert in_cli_words("ttl_seconds 90000 is over policy 'demo''s maximum of 28800 seconds.") == \
+    """From the error's code and details (what the service sends with its message), not its text."""
+    assert in_cli_words("ttl_too_long", "ttl_seconds 90000 is over policy 'demo''s maximum of 28800 seconds.",
+                        {"requested": 90000, "max_ttl": 28800, "policy": "demo"}) == \
         "--ttl 1d1h is over policy 'demo''s maximum of 8h."
-    assert in_cli_words("ttl_seconds must be a whole number of at least 60.") == \
+    assert in_cli_words("invalid_request", "ttl_seconds must be a whole number of at least 60.",
+                        {"field": "ttl_seconds", "min": 60}) == \
         "--ttl must be a whole number of at least 60."
-    assert in_cli_words("'ttl_seconds' must be between 60 and 86400.") == "--ttl must be between 1m and 1d."
+    assert in_cli_words("invalid_request", "'ttl_seconds' must be between 60 and 86400.",
+                        {"field": "ttl_seconds", "min": 60, "max": 86400}) == "--ttl must be between 1m and 1d."
 
 
 @pytest.mark.parametrize("url, hint", [

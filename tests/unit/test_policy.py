@@ -525,7 +525,7 @@ def test_ttl_over_max_is_refused_not_clamped():
     with pytest.raises(TtlTooLong) as info:
         evaluate(ALICE, req(ttl=3601), p)
     assert info.value.status == 400 and info.value.code == "ttl_too_long"
-    assert info.value.details == {"max_ttl": 3600}
+    assert info.value.details == {"max_ttl": 3600, "requested": 3601, "policy": p.id}
     assert "3601" in info.value.message and "3600" in info.value.message
 
 

@@ -17,6 +17,9 @@ MAX_LIST_LIMIT = 1000
 VM_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
+ENROL_REFUSED = "enrolment.refused"
+
+
 class EnrolmentForbidden(Forbidden):
     code = "outside_enrolment_scopes"
 
@@ -83,7 +86,7 @@ class Enrol(EnrolmentBase):
     def enrol(self, who: Identity, policy_id: str, *, vm_id: str | None = None, resource_group: str | None = None,
               tag: str | None = None, api_url: str | None = None) -> tuple[Job, list[JobItem]]:
         """Queue a push to the VMs named; returns the job at once (the queue worker does the pushing)."""
-        with self.base.refusing(who, "enrolment.refused", policy_id=policy_id,
+        with self.base.refusing(who, ENROL_REFUSED, policy_id=policy_id,
                                 details={"vm_id": vm_id[:300] if vm_id is not None else None,
                                          "resource_group": resource_group[:300] if resource_group else None}):
             policy, refs = self._targets(who, policy_id, vm_id, resource_group, tag)
