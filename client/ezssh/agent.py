@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 from . import certs
 from .errors import EzsshError
@@ -52,19 +51,3 @@ def add(cached: certs.Cached, now: float | None = None) -> bool:
     write_private(cached.dir / certs.META, json.dumps(meta, indent=2, sort_keys=True) + "\n", 0o600)
     cached.meta = meta
     return True
-
-
-def delete(public_key: Path, certificate: Path, sock: str) -> bool:
-    """Take a key and its certificate out of the agent at `sock` (`ssh-add -d`), where they were added.
-    An agent that is gone, or no longer holds them, is fine: returns whether the agent removed them."""
-    import subprocess
-
-    if not os.path.exists(sock):
-        return False
-    env = {**os.environ, "SSH_AUTH_SOCK": sock}
-    try:
-        r = subprocess.run(["ssh-add", "-q", "-d", str(public_key), str(certificate)], env=env,
-                           stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return r.returncode == 0

@@ -120,13 +120,27 @@ def remove(d: Path) -> None:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def agent_delete(public_key: Path, certificate: Path, sock: str) -> bool:
+    """Take a key and its certificate out of the agent at `sock` (`ssh-add -d`), where they were added.
+    An agent that is gone, or no longer holds them, is fine: returns whether the agent removed them."""
+    import subprocess
+
+    if not os.path.exists(sock):
+        return False
+    env = {**os.environ, "SSH_AUTH_SOCK": sock}
+    try:
+        r = subprocess.run(["ssh-add", "-q", "-d", str(public_key), str(certificate)], env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
+
+
 def discard(d: Path) -> None:
     """Take a slot out of the ssh-agent it was added to (if any), then off the disk."""
     meta = read_meta(d)
     if meta is not None and meta.get("agent_sock"):
-        from .agent import delete
-
-        delete(d / PUB, d / CERT, meta["agent_sock"])
+        agent_delete(d / PUB, d / CERT, meta["agent_sock"])
     remove(d)
 
 

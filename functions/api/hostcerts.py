@@ -115,5 +115,5 @@ def challenge(request: Request, cb: ChallengeBody = body(ChallengeBody, HOST_CER
 
 @router.get("/known-hosts")
 def known_hosts(request: Request, who: Identity = Depends(caller)) -> Response:
-    answer = service(request).hostcerts.client_trust(who, etags(request))
+    answer = service(request).known_hosts.client_trust(who, etags(request))
     return derived_response(request, answer, "application/json", {})

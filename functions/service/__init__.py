@@ -5,6 +5,8 @@
     policies   CRUD, CA rotation and retirement, BYO key (Policies)
     hosts      revocation, KRL, setup script             (Hosts)
     hostcerts  host certificates: tokens, ARM, renewal   (HostCerts)
+    knownhosts what users' ssh trusts: host CAs, revocations (KnownHosts)
+    enrolment  pushing policies to Azure VMs (package)  (EnrolmentService)
     namespaces where the tenant's hosts live              (Namespaces)
     audit      audit queries and chain checks            (AuditLog)
     identities revoke what a person or app holds; leavers (Identities)
@@ -24,6 +26,7 @@ from ..storage.base import Store
 from .audit import AuditLog
 from .base import Base, Notifier, ServiceConfig
 from .hostcerts import HostCerts
+from .knownhosts import KnownHosts
 from .hosts import Hosts
 from .identities import Directory, Identities, SweepConfig
 from .issuance import Issuance, Outcome
@@ -49,6 +52,7 @@ class Service:
         self.hosts = Hosts(self.base)
         self.namespaces = Namespaces(self.base)
         self.hostcerts = HostCerts(self.base, self.policies, self.hosts, self.namespaces)
+        self.known_hosts = KnownHosts(self.base, self.policies, self.namespaces)
         self.audit = AuditLog(self.base, self.requests)
         self.identities = Identities(self.base, self.hosts, directory, sweep)
 

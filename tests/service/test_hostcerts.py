@@ -122,7 +122,7 @@ def test_asking_for_a_challenge_again_returns_the_same_one_so_anonymous_calls_ca
 
 
 def known_hosts_of(service) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
-    body = json.loads(service.hostcerts.client_trust(ALICE).data)
+    body = json.loads(service.known_hosts.client_trust(ALICE).data)
     return body["known_hosts"], body["policies"]
 
 
@@ -245,19 +245,19 @@ def test_bad_host_posts_are_counted_and_rate_limited_not_stored(store, keys, clo
 
 def test_known_hosts_is_unchanged_for_a_caller_who_has_it_until_something_changes(service, make_policy):
     make_policy("web")
-    service.hostcerts.client_trust(ALICE)  # the policy's host CA is made on this first need (a write)
-    first = service.hostcerts.client_trust(ALICE)
-    again = service.hostcerts.client_trust(ALICE, {first.etag})
+    service.known_hosts.client_trust(ALICE)  # the policy's host CA is made on this first need (a write)
+    first = service.known_hosts.client_trust(ALICE)
+    again = service.known_hosts.client_trust(ALICE, {first.etag})
     assert again.unchanged and again.etag == first.etag and again.data == b""  # not rendered again
-    other = service.hostcerts.client_trust(ALICE, {'"not-this"'})
+    other = service.known_hosts.client_trust(ALICE, {'"not-this"'})
     assert not other.unchanged and other.data == first.data
     # the same person in other groups is answered for who they are now, not from the last answer
     regrouped = replace(ALICE, groups=frozenset())
-    assert not service.hostcerts.client_trust(regrouped, {first.etag}).unchanged
+    assert not service.known_hosts.client_trust(regrouped, {first.etag}).unchanged
     # a policy written: a new answer, with a new tag
     make_policy("web2")
-    service.hostcerts.client_trust(ALICE)
-    changed = service.hostcerts.client_trust(ALICE, {first.etag})
+    service.known_hosts.client_trust(ALICE)
+    changed = service.known_hosts.client_trust(ALICE, {first.etag})
     assert not changed.unchanged and changed.etag != first.etag
     assert "web2" in json.loads(changed.data)["policies"]
 

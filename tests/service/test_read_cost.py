@@ -154,8 +154,8 @@ def test_known_hosts_reads_neither_user_revocations_nor_one_row_per_policy(world
     got = {}
     for name, (service, counter) in worlds.items():
         policies = len(service.store.list_policies(CAROL.tid))
-        first = cost(counter, lambda s=service: s.hostcerts.client_trust(ALICE))
-        again = cost(counter, lambda s=service: s.hostcerts.client_trust(ALICE))
+        first = cost(counter, lambda s=service: s.known_hosts.client_trust(ALICE))
+        again = cost(counter, lambda s=service: s.known_hosts.client_trust(ALICE))
         assert again[2] == first[2]
         assert json.loads(first[2].data)["policies"] == [f"p{i:03d}" for i in range(policies)]
         # the tenant's version, its policies (one range read), its valid host revocations, its host
