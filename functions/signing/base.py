@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Callable, Literal, NoReturn, Protocol, get_args, runtime_checkable
+from collections.abc import Callable
+from typing import Literal, NoReturn, Protocol, get_args, runtime_checkable
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -290,7 +291,7 @@ class LateKeyStore:
     every signing call answers SignerUnavailable (recorded as a failed request), and the backend
     is tried again a moment later instead of on every request or never."""
 
-    def __init__(self, build: "Callable[[], KeyStore]", retry_seconds: float = 2.0) -> None:
+    def __init__(self, build: Callable[[], KeyStore], retry_seconds: float = 2.0) -> None:
         import threading
 
         self._build = build

@@ -74,7 +74,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_ds
 
 from functions.core.errors import CaKeyNotFound, InvalidRequest, SignerUnavailable
 from functions.deadline import deadline_hook
-from functions.signing.keyvault_errors import _one_line, _translate
 from functions.signing.base import (
     DEFAULT_KIND,
     RSA_BITS,
@@ -85,6 +84,7 @@ from functions.signing.base import (
     kind_of,
     split_hash,
 )
+from functions.signing.keyvault_errors import _one_line, _translate
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +400,7 @@ class KeyVaultKeyStore:
         for c in clients:
             try:
                 c.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         self._session.close()
 
@@ -470,7 +470,7 @@ class KeyVaultKeyStore:
     def _call(self, fn: Callable[[], T], *, op: str, vault: str, name: str, key_ref: str, byok: bool = False) -> T:
         try:
             out = fn()
-        except Exception as e:  # noqa: BLE001 - translated into one clear error below
+        except Exception as e:  # translated into one clear error below
             err = _translate(e, op=op, vault=vault, name=name, key_ref=key_ref, byok=byok)
         else:
             if vault == self.vault_url:

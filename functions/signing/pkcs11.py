@@ -58,22 +58,6 @@ from pkcs11.util.ec import encode_named_curve_parameters
 
 from functions import deadline
 from functions.core.errors import CaKeyNotFound, InvalidRequest, SignerUnavailable
-from functions.signing.pkcs11_module import (  # noqa: F401 - load_library, reinitialize_library: this module's API too
-    ModuleGate,
-    _FairPool,
-    _Lease,
-    _call_lock,
-    _close_quietly,
-    _describe,
-    _ensure_login,
-    _forget_login,
-    _is_dead,
-    _rv,
-    gate,
-    load_library,
-    reinitialize_exclusive,
-    reinitialize_library,
-)
 from functions.signing.base import (
     DEFAULT_KIND,
     EC_CURVES,
@@ -83,6 +67,22 @@ from functions.signing.base import (
     StoreSigner,
     check_kind,
     split_hash,
+)
+from functions.signing.pkcs11_module import (  # noqa: F401 - load_library, reinitialize_library: this module's API too
+    ModuleGate,
+    _call_lock,
+    _close_quietly,
+    _describe,
+    _ensure_login,
+    _FairPool,
+    _forget_login,
+    _is_dead,
+    _Lease,
+    _rv,
+    gate,
+    load_library,
+    reinitialize_exclusive,
+    reinitialize_library,
 )
 
 log = logging.getLogger(__name__)
@@ -539,7 +539,7 @@ class Pkcs11KeyStore:
                     for lease in leases:
                         try:
                             lease.session.close()
-                        except Exception:  # noqa: BLE001
+                        except Exception:
                             pass
                     raise
         except SignerUnavailable as e:
@@ -568,7 +568,7 @@ def _public_from(obj: pkcs11.PublicKey) -> CaPublicKey:
         point = obj[Attribute.EC_POINT]
         try:  # CKA_EC_POINT is a DER OCTET STRING holding the point (some tokens give it raw)
             point = bytes(OctetString.load(point).native)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         curve = _curve_from_params(params)
         return ec.EllipticCurvePublicKey.from_encoded_point(curve, point)

@@ -15,8 +15,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import pkcs11
 from pkcs11 import exceptions as px
@@ -278,7 +278,7 @@ def _forget_login(lib_path: str, token: pkcs11.Token | None) -> None:
     with _global_lock:
         try:
             key = (lib_path, bytes(token.serial))
-        except Exception:  # noqa: BLE001 - the token object may be unusable itself
+        except Exception:  # the token object may be unusable itself
             return
         sess = _logins.get(key)
         if sess is not None and not _session_alive(sess):
@@ -289,7 +289,7 @@ def _close_quietly(session: pkcs11.Session, lib_path: str) -> None:
     try:
         with _call_lock(lib_path):
             session.close()
-    except Exception:  # noqa: BLE001 - a dead session may refuse to close; nothing to do about it
+    except Exception:  # a dead session may refuse to close; nothing to do about it
         pass
 
 

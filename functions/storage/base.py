@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import heapq
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
+from ..core.audit import AuditEntry
+from ..core.policy import Policy
+from ..core.records import (
+    CertificateRecord,
+    HostChallenge,
+    HostEnrolmentToken,
+    HostKeyRecord,
+    HostNamespaces,
+    IdempotencyRecord,
+    PendingSlots,
+    Revoked,
+    TrustVersion,
+)
 from ..core.requests import RequestRecord
 from ..core.serials import SERIAL_RANDOM_BITS, serial_floor, serial_of_request_id
-from ..core.audit import AuditEntry
-from ..core.records import (CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord, HostNamespaces,
-                            IdempotencyRecord, PendingSlots, Revoked, TrustVersion)
-from ..core.policy import Policy
-
 
 # The request indexes (functions/storage/tables.py): each lists request copies newest first.
 BY_USER = "user"  # every request a user made that went through a decision (not those issued at once)
@@ -115,7 +124,7 @@ def merge_pages(streams: Iterable[Iterable[Positioned]], query: AuditQuery, limi
     return AuditPage(out, None)
 
 
-def read_audit(store: "Store", tenant_id: str, query: AuditQuery, limit: int) -> list[AuditEntry]:
+def read_audit(store: Store, tenant_id: str, query: AuditQuery, limit: int) -> list[AuditEntry]:
     """Up to `limit` entries, following pages: for reading a bounded set whole (one request's chain)."""
     out: list[AuditEntry] = []
     after: str | None = None

@@ -25,16 +25,18 @@ both push to one VM: the loser of the race gets Conflict and leaves it to the wi
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
-from ..core.errors import Conflict, NotFound
 from ..core.audit import AuditEntry
+from ..core.errors import Conflict, NotFound
 from .tablecalls import _guard, _if_match, conditional_update, transact
 from .tables import TableStore
 
@@ -107,7 +109,7 @@ class EnrolmentStore:
     """Enrolment rows in the TableStore's table (it shares the store's TableClient)."""
 
     def __init__(self, store: TableStore) -> None:
-        self._table = store._table  # noqa: SLF001 - one table, one client, by design
+        self._table = store._table  # one table, one client, by design
 
     @staticmethod
     def _entity(e: Enrolment) -> dict:
@@ -176,7 +178,7 @@ class EnrolmentStore:
         return [self._from_entity(x) for x in rows]
 
     def list_page(self, tenant_id: str, policy_id: str, *, after: str | None = None,
-                  limit: int = 100) -> tuple[list[Enrolment], bool]:
+                  limit: int = 100) -> tuple[builtins.list[Enrolment], bool]:
         """A policy's records in row key order (the hash of the VM id) after the VM key `after`:
         at most `limit`, and whether more follow. One range read of at most `limit` + 1 rows."""
         lo = f"enr|{policy_id}|{after}" if after else f"enr|{policy_id}|"
@@ -293,7 +295,7 @@ class JobStore:
     BATCH = 100  # entities per transaction (Table Storage's limit)
 
     def __init__(self, store: TableStore) -> None:
-        self._table = store._table  # noqa: SLF001 - one table, one client, by design
+        self._table = store._table  # one table, one client, by design
 
     @staticmethod
     def _item_entity(i: JobItem) -> dict:
@@ -368,7 +370,7 @@ class JobStore:
                          not_found="gone", lost=Conflict("changed"), exists=Conflict("changed"))
             except NotFound:
                 for rk in chunk:
-                    _guard("mark an enrolment message sent", lambda rk=rk: self._table.delete_entity(tenant_id, rk))
+                    _guard("mark an enrolment message sent", partial(self._table.delete_entity, tenant_id, rk))
 
     def get(self, tenant_id: str, job_id: str) -> tuple[Job, list[JobItem]] | None:
         rows = _guard("get enrolment job", lambda: list(self._table.query_entities(

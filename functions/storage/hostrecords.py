@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
@@ -37,6 +39,14 @@ class HostRecords:
 
     _table: Any
 
+    if TYPE_CHECKING:  # TableStore's, which this class is part of
+
+        @classmethod
+        def _cert_entity(cls, c: CertificateRecord) -> dict[str, Any]: ...
+
+        @classmethod
+        def _audit_ops(cls, a: AuditEntry) -> list[tuple[Any, ...]]: ...
+
     # ---- host namespaces --------------------------------------------------------------------
     def get_host_namespaces(self, tenant_id: str) -> HostNamespaces | None:
         try:
@@ -54,7 +64,7 @@ class HostRecords:
         first = ("create", row) if etag is None else ("update", row, _if_match(etag))
         changed = PreconditionFailed("The host namespaces changed since you read them (ETag mismatch); read them "
                                      "again and retry.")
-        ops = [first, *self._audit_ops(audit),  # type: ignore[attr-defined]
+        ops = [first, *self._audit_ops(audit),
                version_entity(ns.tenant_id, TENANT_VERSION, audit.at)]  # known-hosts changes with them
         resp = transact(self._table, "put host namespaces", ops,
                         not_found="The host namespaces were not found.", lost=changed,
@@ -80,7 +90,7 @@ class HostRecords:
 
     def create_host_enrolment_token(self, token: HostEnrolmentToken, audit: AuditEntry) -> HostEnrolmentToken:
 
-        ops = [("create", self._token_entity(token)), *self._audit_ops(audit)]  # type: ignore[attr-defined]
+        ops = [("create", self._token_entity(token)), *self._audit_ops(audit)]
         try:
             resp = _guard("create host token", lambda: self._table.submit_transaction(ops))
         except TableTransactionError as exc:
@@ -117,7 +127,7 @@ class HostRecords:
             parameters={"pk": tenant_id, "lo": "hch|", "hi": "hch}", "now": now}, select=["PartitionKey", "RowKey"])))
         for k in range(0, len(rows), 100):  # Table Storage's limit per transaction
             batch = [("delete", {"PartitionKey": r["PartitionKey"], "RowKey": r["RowKey"]}) for r in rows[k:k + 100]]
-            _guard("delete host challenges", lambda batch=batch: self._table.submit_transaction(batch))
+            _guard("delete host challenges", partial(self._table.submit_transaction, batch))
         return len(rows)
 
     def get_host_challenge(self, tenant_id: str, challenge_id: str) -> HostChallenge:
@@ -171,9 +181,9 @@ class HostRecords:
                              audit: Sequence[AuditEntry],
                              used: HostEnrolmentToken | HostChallenge | None = None) -> None:
 
-        ops: list = [("create", self._cert_entity(c)) for c in certs]  # type: ignore[attr-defined]
+        ops: list[tuple[Any, ...]] = [("create", self._cert_entity(c)) for c in certs]
         ops += [("upsert", self._host_key_entity(k), {"mode": UpdateMode.REPLACE}) for k in keys]
-        ops += [op for a in audit for op in self._audit_ops(a)]  # type: ignore[attr-defined]
+        ops += [op for a in audit for op in self._audit_ops(a)]
         if used is not None:
             entity = (self._token_entity(used) if isinstance(used, HostEnrolmentToken)
                       else self._challenge_entity(used))

@@ -14,27 +14,30 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from azure.core.exceptions import AzureError, ResourceExistsError
 
 from ..core.errors import BackendUnavailable
 from ..deadline import deadline_hook
 
+if TYPE_CHECKING:
+    from azure.storage.queue import LinearRetry, QueueClient
+
 log = logging.getLogger("ezssh.queue")
 
 ENROL_QUEUE = "ezssh-enrol"
 POISON_SUFFIX = "-poison"
 MAX_VISIBILITY = 7 * 24 * 3600  # Azure Storage's limit for a message's initial invisibility
-CLIENT_OPTIONS = dict(connection_timeout=5, read_timeout=10, raw_request_hook=deadline_hook)
+CLIENT_OPTIONS: dict[str, Any] = dict(connection_timeout=5, read_timeout=10, raw_request_hook=deadline_hook)
 
 
-def _retry():  # type: ignore[no-untyped-def]
+def _retry() -> LinearRetry:
     """Two retries, half a second apart (the storage SDK's default waits 15 s, then 18 s, ...); one
     policy object per client, as a pipeline links its policies."""
     from azure.storage.queue import LinearRetry
 
-    return LinearRetry(backoff=0.5, retry_total=2, random_jitter_range=0.25)  # type: ignore[arg-type]
+    return LinearRetry(backoff=0.5, retry_total=2, random_jitter_range=0.25)  # type: ignore[arg-type]  # SDK says int; sleeps floats
 
 
 class JobQueue:
@@ -44,10 +47,10 @@ class JobQueue:
         self.name = client.queue_name
 
     @classmethod
-    def from_connection_string(cls, conn: str, name: str = ENROL_QUEUE) -> "JobQueue":
+    def from_connection_string(cls, conn: str, name: str = ENROL_QUEUE) -> JobQueue:
         from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
-        def make(n: str):  # type: ignore[no-untyped-def]
+        def make(n: str) -> QueueClient:
             return QueueClient.from_connection_string(conn, n, message_encode_policy=TextBase64EncodePolicy(),
                                                       message_decode_policy=TextBase64DecodePolicy(),
                                                       retry_policy=_retry(), **CLIENT_OPTIONS)
@@ -55,10 +58,10 @@ class JobQueue:
         return cls(make(name), make(name + POISON_SUFFIX))
 
     @classmethod
-    def from_account_url(cls, url: str, credential: Any, name: str = ENROL_QUEUE) -> "JobQueue":
+    def from_account_url(cls, url: str, credential: Any, name: str = ENROL_QUEUE) -> JobQueue:
         from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
-        def make(n: str):  # type: ignore[no-untyped-def]
+        def make(n: str) -> QueueClient:
             return QueueClient(url, n, credential=credential, message_encode_policy=TextBase64EncodePolicy(),
                                message_decode_policy=TextBase64DecodePolicy(), retry_policy=_retry(),
                                **CLIENT_OPTIONS)

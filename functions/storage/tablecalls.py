@@ -6,7 +6,8 @@ whole or not at all."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (

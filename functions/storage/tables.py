@@ -47,24 +47,39 @@ import hashlib
 import itertools
 import json
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any, Callable, Iterator, Sequence
+from functools import partial
+from typing import Any, TypeVar
 
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TableClient, TableServiceClient, UpdateMode
+from azure.data.tables import TableClient, TableEntity, TableServiceClient, UpdateMode
 
-from ..core.requests import APPROVED, OPEN_STATES, PENDING, Approval, RequestRecord
-from ..core.serials import SERIAL_RANDOM_BITS, request_id_of_serial, request_of, serial_floor, serial_of_request_id
-from ..deadline import deadline_hook
 from ..core.audit import AuditEntry
 from ..core.errors import Conflict, EzsshError, NotFound, PreconditionFailed
 from ..core.policy import Policy
 from ..core.policydoc import policy_from_row
-from .base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, AuditPage, AuditQuery, Positioned, audit_position, index_position, merge_pages, position_ms, read_audit
 from ..core.records import CertificateRecord, IdempotencyRecord, PendingSlots, Revoked, TrustVersion
-from .transport import client_options, endpoint_of
+from ..core.requests import APPROVED, OPEN_STATES, PENDING, Approval, RequestRecord
+from ..core.serials import SERIAL_RANDOM_BITS, request_id_of_serial, request_of, serial_floor, serial_of_request_id
+from ..deadline import deadline_hook
+from .base import (
+    BY_USER,
+    OPEN_BY_POLICY,
+    OPEN_BY_USER,
+    OPEN_IN_TENANT,
+    AuditPage,
+    AuditQuery,
+    Positioned,
+    audit_position,
+    index_position,
+    merge_pages,
+    position_ms,
+    read_audit,
+)
 from .hostrecords import HostRecords
 from .tablecalls import TENANT_VERSION, _guard, _if_match, transact, version_entity
+from .transport import client_options, endpoint_of
 
 log = logging.getLogger(__name__)
 UNAUTHENTICATED = "_unauthenticated"
@@ -89,6 +104,9 @@ def _in_order(rows: list[Positioned], lo: str, hi: str) -> list[Positioned]:
     return sorted((r for r in rows if lo < r[0] < hi), key=lambda r: r[0])
 
 
+R = TypeVar("R")  # what a range read's rows are made into
+
+
 class TableStore(HostRecords):
     def __init__(self, service: TableServiceClient, table_name: str = "ezssh") -> None:
         self._service = service
@@ -97,12 +115,12 @@ class TableStore(HostRecords):
         self._legacy_done: set[str] = set()  # tenants with no revocation rows of the first layout
 
     @classmethod
-    def from_connection_string(cls, conn: str, table_name: str = "ezssh") -> "TableStore":
+    def from_connection_string(cls, conn: str, table_name: str = "ezssh") -> TableStore:
         return cls(TableServiceClient.from_connection_string(conn, **client_options(endpoint_of(conn), CLIENT_OPTIONS)),
                    table_name)
 
     @classmethod
-    def from_account_url(cls, url: str, credential: Any, table_name: str = "ezssh") -> "TableStore":
+    def from_account_url(cls, url: str, credential: Any, table_name: str = "ezssh") -> TableStore:
         return cls(TableServiceClient(endpoint=url, credential=credential, **client_options(url, CLIENT_OPTIONS)),
                    table_name)
 
@@ -386,8 +404,8 @@ class TableStore(HostRecords):
                 flt += " and ( State eq @pending or State eq @approved )"  # the SDK binds @names between spaces
             params = {"pk": tenant_id, "lo": f"req|{mark.get(pass_ + 'After') or ''}", "hi": "req}",
                       "pending": PENDING, "approved": APPROVED}
-            rows = _guard("backfill request indexes", lambda: list(itertools.islice(self._table.query_entities(
-                flt, parameters=params, results_per_page=min(left, 1000)), left)))
+            pages = self._table.query_entities(flt, parameters=params, results_per_page=min(left, 1000))  # lazy
+            rows: list[TableEntity] = _guard("backfill request indexes", partial(list, itertools.islice(pages, left)))
             indexed += sum(self._backfill_one(tenant_id, e) for e in rows if not (e.get("Ix") or e.get("Audit1")))
             if rows:
                 mark[pass_ + "After"] = rows[-1]["RowKey"][4:]
@@ -573,7 +591,7 @@ class TableStore(HostRecords):
         rid = request_id_of_serial(serial)
         for row_key in (f"req|{rid}", f"crt|{policy_id}|{_serial_key(serial)}"):
             try:
-                e = _guard("get certificate", lambda: self._table.get_entity(tenant_id, row_key))
+                e = _guard("get certificate", partial(self._table.get_entity, tenant_id, row_key))
             except ResourceNotFoundError:
                 continue
             if e.get("PolicyId") == policy_id and e.get("Certificate") and e.get("Serial") == str(serial):
@@ -605,7 +623,7 @@ class TableStore(HostRecords):
         if any((a.tenant_id or UNAUTHENTICATED) != tenant_id for a in entries):
             # what the SDK says of a batch across partitions: an entry belongs to its row's tenant
             raise ValueError("Partition Keys in the batch must all be the same.")
-        return {name: cls._entry_json(a) for name, a in zip(cls.EMBEDDED, entries)}
+        return {name: cls._entry_json(a) for name, a in zip(cls.EMBEDDED[:len(entries)], entries, strict=True)}
 
     @classmethod
     def _index_key(cls, field_name: str, value: str) -> str:
@@ -679,7 +697,7 @@ class TableStore(HostRecords):
                                lambda e: [(e["RowKey"][len(prefix):], AuditEntry(**json.loads(e["Entry"])))])
 
     def _paged(self, op: str, flt: str, params: dict, chunk: int, select: list[str],
-               rows_of: Callable[[Any], list[Positioned]]) -> Iterator[Positioned]:
+               rows_of: Callable[[Any], list[R]]) -> Iterator[R]:
         """Rows of a range read, `chunk` per round trip, each read only when the merge needs it."""
         pages = self._table.query_entities(flt, parameters=params, results_per_page=chunk, select=select).by_page()
         while (page := _guard(op, lambda: next(pages, None))) is not None:
@@ -730,7 +748,7 @@ class TableStore(HostRecords):
         try:
             mark = _guard("audit backfill", lambda: self._table.get_entity(tenant_id, self.AUDIT_MIGRATION))
         except ResourceNotFoundError:
-            mark = {}
+            mark = TableEntity()
         if mark.get("Done"):
             return 0, True
         flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
