@@ -20,11 +20,14 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable
-from typing import Literal, NoReturn, Protocol, get_args, runtime_checkable
+from typing import TYPE_CHECKING, Literal, NoReturn, Protocol, TypeGuard, TypeVar, get_args, runtime_checkable
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 KeyKind = Literal["EC-P256", "EC-P384", "EC-P521", "RSA-2048", "RSA-3072", "RSA-4096"]
 """Kinds of CA key. EC-P256 is the default; RSA-3072 is the RSA size we recommend."""
@@ -32,12 +35,12 @@ KeyKind = Literal["EC-P256", "EC-P384", "EC-P521", "RSA-2048", "RSA-3072", "RSA-
 KEY_KINDS: tuple[str, ...] = get_args(KeyKind)
 DEFAULT_KIND: KeyKind = "EC-P256"
 
-EC_CURVES: dict[str, ec.EllipticCurve] = {
+EC_CURVES: dict[KeyKind, ec.EllipticCurve] = {
     "EC-P256": ec.SECP256R1(),
     "EC-P384": ec.SECP384R1(),
     "EC-P521": ec.SECP521R1(),
 }
-RSA_BITS: dict[str, int] = {"RSA-2048": 2048, "RSA-3072": 3072, "RSA-4096": 4096}
+RSA_BITS: dict[KeyKind, int] = {"RSA-2048": 2048, "RSA-3072": 3072, "RSA-4096": 4096}
 
 CaPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 CaPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -54,8 +57,9 @@ class Signer(Protocol):
         """The CA public key. Cached: no backend round trip after the first call."""
         ...
 
-    def sign(self, data: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
-        """EC: DER ECDSA signature over hash(data). RSA: PKCS#1 v1.5 signature over hash(data).
+    def sign(self, data: bytes, algorithm: hashes.HashAlgorithm | Prehashed) -> bytes:
+        """EC: DER ECDSA signature over hash(data) (over data itself with Prehashed). RSA: PKCS#1
+        v1.5 signature over hash(data).
 
         Raises CaKeyNotFound if the key is gone or disabled, SignerUnavailable if the backend
         cannot be reached.
@@ -89,10 +93,14 @@ class KeyStore(Protocol):
         ...
 
 
+def _is_kind(kind: str) -> TypeGuard[KeyKind]:
+    return kind in KEY_KINDS
+
+
 def check_kind(kind: str) -> KeyKind:
-    if kind not in KEY_KINDS:
+    if not _is_kind(kind):
         raise ValueError(f"unsupported CA key kind {kind!r}; expected one of {', '.join(KEY_KINDS)}")
-    return kind  # type: ignore[return-value]
+    return kind
 
 
 def kind_of(public_key: CaPublicKey) -> KeyKind:
@@ -100,12 +108,21 @@ def kind_of(public_key: CaPublicKey) -> KeyKind:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         for kind, curve in EC_CURVES.items():
             if curve.name == public_key.curve.name:
-                return kind  # type: ignore[return-value]
+                return kind
     elif isinstance(public_key, rsa.RSAPublicKey):
         for kind, bits in RSA_BITS.items():
             if bits == public_key.key_size:
-                return kind  # type: ignore[return-value]
+                return kind
     raise ValueError(f"not a supported CA public key: {type(public_key).__name__}")
+
+
+_SignerT = TypeVar("_SignerT", bound="StoreSigner", contravariant=True)
+
+
+class SigningStore(Protocol[_SignerT]):
+    """The key store that made a StoreSigner, and signs for it."""
+
+    def _sign(self, signer: _SignerT, data: bytes, algorithm: hashes.HashAlgorithm | Prehashed) -> bytes: ...
 
 
 class StoreSigner:
@@ -114,7 +131,7 @@ class StoreSigner:
 
     key_ref: str
 
-    def __init__(self, store: object, key_ref: str, public: CaPublicKey) -> None:
+    def __init__(self, store: SigningStore[Self], key_ref: str, public: CaPublicKey) -> None:
         self.key_ref = key_ref
         self._store = store
         self._public = public
@@ -126,8 +143,8 @@ class StoreSigner:
     def public_key(self) -> CaPublicKey:
         return self._public
 
-    def sign(self, data: bytes, algorithm: hashes.HashAlgorithm | Prehashed) -> bytes:
-        return self._store._sign(self, bytes(data), algorithm)  # type: ignore[attr-defined]
+    def sign(self: Self, data: bytes, algorithm: hashes.HashAlgorithm | Prehashed) -> bytes:
+        return self._store._sign(self, bytes(data), algorithm)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.key_ref}>"
@@ -154,9 +171,9 @@ def _no_secret(what: str) -> NoReturn:
     raise TypeError(f"{what} is not available: this CA key lives in a key store and cannot be read")
 
 
-def _hash_from(algorithm: object) -> hashes.HashAlgorithm:
+def _hash_from(algorithm: object) -> hashes.HashAlgorithm | Prehashed:
     if isinstance(algorithm, (hashes.HashAlgorithm, Prehashed)):
-        return algorithm  # type: ignore[return-value]
+        return algorithm
     raise TypeError(f"expected a hash algorithm, got {type(algorithm).__name__}")
 
 
@@ -180,15 +197,17 @@ class _CaKeyBase:
     def private_bytes(self, *args: object, **kwargs: object) -> bytes:
         _no_secret("private_bytes()")
 
-    def __copy__(self):  # type: ignore[no-untyped-def]
+    def __copy__(self) -> Self:
         return self
 
-    def __deepcopy__(self, memo: dict):  # type: ignore[no-untyped-def]
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
         return self
 
 
 class CaKeyEC(_CaKeyBase, ec.EllipticCurvePrivateKey):
     """A Signer seen as a cryptography EC private key. Only public_key(), curve, key_size, sign()."""
+
+    _public: ec.EllipticCurvePublicKey
 
     def __init__(self, signer: Signer) -> None:
         pub = signer.public_key()
@@ -204,7 +223,7 @@ class CaKeyEC(_CaKeyBase, ec.EllipticCurvePrivateKey):
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
 
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(self, data: bytes | bytearray | memoryview, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise TypeError("only ECDSA signatures are supported")
         if getattr(signature_algorithm, "deterministic_signing", False):
@@ -220,6 +239,8 @@ class CaKeyEC(_CaKeyBase, ec.EllipticCurvePrivateKey):
 
 class CaKeyRSA(_CaKeyBase, rsa.RSAPrivateKey):
     """A Signer seen as a cryptography RSA private key. Only public_key(), key_size, sign()."""
+
+    _public: rsa.RSAPublicKey
 
     def __init__(self, signer: Signer) -> None:
         pub = signer.public_key()

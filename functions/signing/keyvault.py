@@ -59,6 +59,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -430,7 +431,7 @@ class KeyVaultKeyStore:
             client = signer._client
             try:
                 result = self._call(
-                    lambda: client.sign(kv_alg, digest),
+                    partial(client.sign, kv_alg, digest),
                     op="sign", vault=signer.vault_url, name=signer.name, key_ref=signer.key_ref, byok=byok,
                 )  # fmt: skip
                 break
@@ -572,20 +573,20 @@ class KeyVaultKeyStore:
 
 
 def _public_from_jwk(key: KeyVaultKey) -> CaPublicKey:
-    jwk = key.key
-    kty = str(getattr(jwk.kty, "value", jwk.kty))
+    jwk = vars(key.key)  # JsonWebKey sets its fields (kty, crv, x, y, n, e, ...) as attributes
+    kty = str(getattr(jwk["kty"], "value", jwk["kty"]))
     if kty in ("EC", "EC-HSM"):
-        crv = str(getattr(jwk.crv, "value", jwk.crv))
+        crv = str(getattr(jwk["crv"], "value", jwk["crv"]))
         curve = _CURVE_OF_CRV.get(crv)
-        if curve is None or not jwk.x or not jwk.y:
+        if curve is None or not jwk["x"] or not jwk["y"]:
             raise ValueError(f"EC curve {crv} is not supported (use P-256, P-384 or P-521)")
         pub: CaPublicKey = ec.EllipticCurvePublicNumbers(
-            int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), curve
+            int.from_bytes(jwk["x"], "big"), int.from_bytes(jwk["y"], "big"), curve
         ).public_key()
     elif kty in ("RSA", "RSA-HSM"):
-        if not jwk.n or not jwk.e:
+        if not jwk["n"] or not jwk["e"]:
             raise ValueError("the RSA key has no modulus/exponent")
-        pub = rsa.RSAPublicNumbers(int.from_bytes(jwk.e, "big"), int.from_bytes(jwk.n, "big")).public_key()
+        pub = rsa.RSAPublicNumbers(int.from_bytes(jwk["e"], "big"), int.from_bytes(jwk["n"], "big")).public_key()
     else:
         raise ValueError(f"key type {kty} cannot sign SSH certificates (use EC or RSA)")
     kind_of(pub)  # ValueError for sizes we do not support (e.g. RSA 1024)

@@ -86,7 +86,8 @@ def _translate(e: BaseException, *, op: str, vault: str, name: str, key_ref: str
             )
             return Forbidden(text, key_ref=key_ref) if byok else SignerUnavailable(text, key_ref=key_ref)
         if status == 429:
-            after = e.response.headers.get("Retry-After") if e.response is not None else None
+            # both of azure-core's response types carry headers; the type the error declares does not
+            after = (getattr(e.response, "headers", None) or {}).get("Retry-After")
             text = f"{vault} is throttling requests (HTTP 429 {detail})" + (f"; retry after {after} s" if after else "")
             return SignerUnavailable(text, key_ref=key_ref, retry_after=after)
         if 400 <= status < 500:

@@ -47,6 +47,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pkcs11
 from cryptography.hazmat.primitives import hashes
@@ -54,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as px
+from pkcs11.types import SignMixin
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from functions import deadline
@@ -68,7 +71,7 @@ from functions.signing.base import (
     check_kind,
     split_hash,
 )
-from functions.signing.pkcs11_module import (  # noqa: F401 - load_library, reinitialize_library: this module's API too
+from functions.signing.pkcs11_module import (  # load_library, reinitialize_library: this module's API too
     ModuleGate,
     _call_lock,
     _close_quietly,
@@ -80,12 +83,17 @@ from functions.signing.pkcs11_module import (  # noqa: F401 - load_library, rein
     _Lease,
     _rv,
     gate,
-    load_library,
     reinitialize_exclusive,
-    reinitialize_library,
+)
+from functions.signing.pkcs11_module import (
+    load_library as load_library,
+)
+from functions.signing.pkcs11_module import (
+    reinitialize_library as reinitialize_library,
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KEY_REF_PREFIX = "pkcs11:"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -112,7 +120,7 @@ _RSA_HASH_MECHS = {
     "sha384": Mechanism.SHA384_RSA_PKCS,
     "sha512": Mechanism.SHA512_RSA_PKCS,
 }
-_CURVE_NAMES = {"EC-P256": "secp256r1", "EC-P384": "secp384r1", "EC-P521": "secp521r1"}
+_CURVE_NAMES: dict[KeyKind, str] = {"EC-P256": "secp256r1", "EC-P384": "secp384r1", "EC-P521": "secp521r1"}
 
 
 # ---- key refs -----------------------------------------------------------------------------------
@@ -255,7 +263,8 @@ class Pkcs11KeyStore:
         def find(lease: _Lease) -> Pkcs11Signer:
             priv = self._find_private(lease, key_id, label)
             # exhaust the search: an unfinished one keeps an operation active on the session
-            pubs = list(lease.session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id}))
+            pubs = [o for o in lease.session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id})
+                    if isinstance(o, pkcs11.PublicKey)]
             public = _public_from(pubs[0]) if pubs else _public_from_private(priv)
             return Pkcs11Signer(self, key_ref, label, key_id, public)
 
@@ -271,7 +280,7 @@ class Pkcs11KeyStore:
             found = list(
                 lease.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id})
             )
-            found = [o for o in found if o.label == label]
+            found = [o for o in found if isinstance(o, pkcs11.PrivateKey) and o.label == label]
             if not found:
                 raise CaKeyNotFound("the CA key does not exist or is already disabled", key_ref=key_ref)
             for obj in found:
@@ -327,6 +336,8 @@ class Pkcs11KeyStore:
                 priv = lease.keys.get(signer.key_id)
                 if priv is None:
                     priv = self._find_private(lease, signer.key_id, signer.label)
+                if not isinstance(priv, SignMixin):  # python-pkcs11 gives a key that may sign this mixin
+                    raise CaKeyNotFound(f"CA key {signer.label!r} may not sign", key_ref=signer.key_ref)
                 try:
                     return priv.sign(payload, mechanism=mech)
                 except _STALE_KEY:
@@ -359,7 +370,7 @@ class Pkcs11KeyStore:
         found = [
             o
             for o in lease.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id})
-            if o.label == label
+            if isinstance(o, pkcs11.PrivateKey) and o.label == label
         ]
         if not found:
             raise _KeyMissing(
@@ -381,7 +392,7 @@ class Pkcs11KeyStore:
         left = deadline.remaining()
         return self._acquire_timeout if left is None else max(0.0, min(self._acquire_timeout, left))
 
-    def _run(self, op, what: str):
+    def _run(self, op: Callable[[_Lease], T], what: str) -> T:
         """Run op(lease) on a pooled session; reopen the token once if the session is dead."""
         last: BaseException | None = None
         for attempt in (0, 1):
@@ -480,7 +491,7 @@ class Pkcs11KeyStore:
                     log.warning("PKCS#11 token %r still unavailable: %s", self.token_label, again.message)
                     raise
 
-    def _run_refreshing(self, op, what: str):  # type: ignore[no-untyped-def]
+    def _run_refreshing(self, op: Callable[[_Lease], T], what: str) -> T:
         """_run, and once more after renewing the sessions if a key object looked missing."""
         generation = self._generation
         try:

@@ -17,11 +17,15 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pkcs11
 from pkcs11 import exceptions as px
 
 from functions.core.errors import SignerUnavailable
+
+if TYPE_CHECKING:
+    from pkcs11._pkcs11 import lib as Pkcs11Lib  # the class; pkcs11.lib is the function that loads one
 
 log = logging.getLogger("functions.signing.pkcs11")
 
@@ -41,7 +45,7 @@ _DEAD = (
 
 # ---- process-wide state: one loaded module per path, one login per token -------------------------
 
-_libs: dict[str, pkcs11.lib] = {}
+_libs: dict[str, Pkcs11Lib] = {}
 _gates: dict[str, ModuleGate] = {}
 _threadsafe: dict[str, bool] = {}
 _call_locks: dict[str, threading.Lock] = {}
@@ -159,7 +163,7 @@ def _initialize_with_os_locking(path: str) -> bool:
     return False
 
 
-def load_library(module_path: str) -> pkcs11.lib:
+def load_library(module_path: str) -> Pkcs11Lib:
     """The PKCS#11 module at `module_path`, loaded and initialised once per process.
 
     SoftHSM reads SOFTHSM2_CONF here (at C_Initialize): set it before the first call.
@@ -224,7 +228,9 @@ def is_loaded(module_path: str) -> bool:
         return os.path.realpath(module_path) in _libs
 
 
-def _describe(e: BaseException) -> str:
+def _describe(e: BaseException | None) -> str:
+    if e is None:
+        return "no error recorded"
     text = str(e).strip()
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
