@@ -9,9 +9,10 @@ passed. A hung store or vault then costs a caller at most the deadline, not one 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator
+from typing import Any
 
 from azure.core.exceptions import AzureError
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger("ezssh.graph")
 CACHE_SECONDS = 600
@@ -33,10 +36,10 @@ class _Graph:
         self._credential = credential
         self._verify = verify
         self._timeout = timeout
-        self._session = None
+        self._session: requests.Session | None = None
         self.calls = 0  # Graph requests made (tests and metrics)
 
-    def _http(self):  # type: ignore[no-untyped-def]
+    def _http(self) -> requests.Session:
         if self._session is None:
             import requests
 
@@ -72,8 +75,8 @@ class GraphGroups(_Graph):
     def _fetch(self, tid: str, oid: str) -> frozenset[str]:
         try:
             token = self._token(tid)
-            url: str | None = f"{self._endpoint}/v1.0/users/{oid}/getMemberObjects"
-            body: dict | None = {"securityEnabledOnly": True}
+            url = f"{self._endpoint}/v1.0/users/{oid}/getMemberObjects"
+            body: dict[str, bool] | None = {"securityEnabledOnly": True}
             out: set[str] = set()
             for _ in range(MAX_PAGES):
                 self.calls += 1
@@ -88,13 +91,14 @@ class GraphGroups(_Graph):
                         "the service's identity needs GroupMember.Read.All and User.ReadBasic.All.")
                 doc = r.json()
                 out.update(v for v in doc.get("value", []) if isinstance(v, str))
-                url, body = doc.get("@odata.nextLink"), None
-                if not url:
+                next_link = doc.get("@odata.nextLink")
+                if not next_link:
                     break
+                url, body = next_link, None
             return frozenset(out)
         except BackendUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001 - transport, credential, JSON
+        except Exception as exc:  # transport, credential, JSON
             log.warning("graph lookup for %s failed: %s", oid, exc)
             raise BackendUnavailable("Your group memberships could not be read from Microsoft Graph.") from None
 
@@ -140,7 +144,7 @@ class GraphDirectory(_Graph):
     def _token_or_unavailable(self, tid: str) -> str:
         try:
             return self._token(tid)
-        except Exception as exc:  # noqa: BLE001 - any credential failure
+        except Exception as exc:  # any credential failure
             log.warning("graph token for %s failed: %s", tid, exc)
             raise BackendUnavailable("Microsoft Graph cannot be reached with the service's identity.") from None
 
@@ -171,7 +175,7 @@ class GraphDirectory(_Graph):
         try:
             r = self._http().request(method, url, json=body, timeout=self._timeout,
                                      headers={"Authorization": f"Bearer {token}"})
-        except Exception as exc:  # noqa: BLE001 - transport
+        except Exception as exc:  # transport
             log.warning("graph %s %s failed: %s", method, url, exc)
             raise BackendUnavailable("Microsoft Graph cannot be reached.") from None
         if r.status_code != 200:

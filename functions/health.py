@@ -43,8 +43,10 @@ class Health:
         last = self._last
         if last is not None and self._clock() - last[0] < self._ttl:
             return last[1]
-        if not self._refresh.acquire(blocking=last is None):
-            return last[1]  # type: ignore[index]  # another caller is refreshing: the previous answer
+        if last is None:
+            self._refresh.acquire()
+        elif not self._refresh.acquire(blocking=False):
+            return last[1]  # another caller is refreshing: the previous answer
         try:
             last = self._last
             if last is not None and self._clock() - last[0] < self._ttl:

@@ -27,7 +27,8 @@ import threading
 import time
 import urllib.request
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jwt
 
@@ -54,9 +55,9 @@ class _IssuerKeys:
     def _discover(self) -> jwt.PyJWKClient:
         url = self.issuer + "/.well-known/openid-configuration"
         try:
-            with urllib.request.urlopen(url, timeout=5, context=self._ctx) as resp:  # noqa: S310 - https only
+            with urllib.request.urlopen(url, timeout=5, context=self._ctx) as resp:  # https only
                 doc = json.load(resp)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise BackendUnavailable("The identity provider cannot be reached to check your token.") from exc
         if doc.get("issuer") != self.issuer:
             raise BackendUnavailable("The identity provider's discovery document names another issuer.")
@@ -172,7 +173,7 @@ class TokenValidator:
         for tid in self._s.tenants:
             try:
                 self._keys(self._s.issuer_for(tid)).warm()
-            except Exception:  # noqa: BLE001 - warming is an optimisation only
+            except Exception:  # warming is an optimisation only
                 pass
 
     def check_issuer(self, tid: str) -> None:

@@ -30,9 +30,9 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable
 from urllib.parse import urlsplit
 
 from .core.audit import AuditEntry
@@ -360,7 +360,7 @@ class WebhookNotifier:
                         pass
                 elif 400 <= status < 500 and status not in (408, 429):
                     break  # the webhook refuses this message; retrying will not help
-            except Exception as exc:  # noqa: BLE001 - any transport failure is retried
+            except Exception as exc:  # any transport failure is retried
                 last = type(exc).__name__  # the class only: messages can quote what the far end said
             if attempt < self._attempts:
                 time.sleep(delay)
@@ -387,7 +387,7 @@ class WebhookNotifier:
         ).sealed()
         try:
             self._record(entry)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not record %s for request %s", action, msg.request_id)
 
 

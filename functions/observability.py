@@ -21,5 +21,5 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
                   **{k: v for k, v in fields.items() if v is not None}}
         text = " ".join(f"{k}={v}" for k, v in fields.items() if k != "event")
         logger.log(level, "%s %s", name, text, extra={f"ezssh_{k}": str(v) for k, v in fields.items()})
-    except Exception:  # noqa: BLE001
+    except Exception:
         logging.getLogger(__name__).debug("could not log event %s", name, exc_info=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+
 @lru_cache(maxsize=1)
 def _list() -> Any:
     from publicsuffixlist import PublicSuffixList

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .health import Health
 from .identity import TokenValidator
 from .service import Service, ServiceConfig
 from .service.identities import SweepConfig
-from .settings import Settings, load_settings
+from .settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from azure.core.credentials import AccessToken, TokenCredential
+    from azure.identity import DefaultAzureCredential
+    from azure.mgmt.compute import ComputeManagementClient
+    from fastapi import FastAPI
+
+    from .graph import GraphDirectory, GraphGroups
+    from .service.enrolment import EnrolmentService
+    from .signing.base import KeyStore, LateKeyStore
+    from .storage.queue import JobQueue
+    from .storage.tables import TableStore
 
 log = logging.getLogger("ezssh.wiring")
 
@@ -25,7 +38,7 @@ class Context:
     settings: Settings
     service: Service
     validator: TokenValidator
-    enrolments: Any = None  # functions.service.enrolment.EnrolmentService (push to Azure VMs)
+    enrolments: EnrolmentService | None = None  # push to Azure VMs
     _health: Health | None = field(default=None, repr=False)
 
     @property
@@ -44,7 +57,7 @@ class Context:
         return self._health
 
 
-def _credential(settings: Settings):  # type: ignore[no-untyped-def]
+def _credential(settings: Settings) -> DefaultAzureCredential:
     from azure.identity import DefaultAzureCredential
 
     return DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
@@ -62,30 +75,41 @@ def quiet_sdk_http_logging() -> None:
         lg.setLevel(logging.WARNING)
 
 
-def build_store(settings: Settings):  # type: ignore[no-untyped-def]
+def build_store(settings: Settings) -> TableStore:
     from .storage.tables import TableStore
 
     if settings.storage_connection_string:
         store = TableStore.from_connection_string(settings.storage_connection_string, settings.table_name)
-    else:
+    elif settings.storage_account_url:
         store = TableStore.from_account_url(settings.storage_account_url, _credential(settings), settings.table_name)
+    else:
+        raise SettingsError("Set EZSSH_STORAGE_CONNECTION_STRING or EZSSH_STORAGE_ACCOUNT_URL.")
     store.ensure_table()
     return store
 
 
-def build_keystore(settings: Settings):  # type: ignore[no-untyped-def]
+def _required(value: str | None, name: str) -> str:
+    """A setting load_settings requires for the configured signer backend."""
+    if not value:
+        raise SettingsError(f"Setting {name} is required for this signer backend.")
+    return value
+
+
+def build_keystore(settings: Settings) -> LateKeyStore:
     """The CA key store, built on first use: a worker whose HSM login fails still starts (and
     answers 503 signer_unavailable, audited) and tries the HSM again a moment later."""
     from .signing.base import LateKeyStore
 
-    def build():  # type: ignore[no-untyped-def]
+    def build() -> KeyStore:
         if settings.signer_backend == "pkcs11":
             from .signing.pkcs11 import Pkcs11KeyStore
 
-            return Pkcs11KeyStore(settings.pkcs11_module, settings.pkcs11_token_label, settings.pkcs11_pin)
-        from .signing.keyvault import KeyVaultKeyStore  # type: ignore[import-not-found]
+            return Pkcs11KeyStore(_required(settings.pkcs11_module, "EZSSH_PKCS11_MODULE"),
+                                  _required(settings.pkcs11_token_label, "EZSSH_PKCS11_TOKEN_LABEL"),
+                                  _required(settings.pkcs11_pin, "EZSSH_PKCS11_PIN"))
+        from .signing.keyvault import KeyVaultKeyStore
 
-        return KeyVaultKeyStore(settings.keyvault_url, _credential(settings))
+        return KeyVaultKeyStore(_required(settings.keyvault_url, "EZSSH_KEYVAULT_URL"), _credential(settings))
 
     return LateKeyStore(build)
 
@@ -93,17 +117,18 @@ def build_keystore(settings: Settings):  # type: ignore[no-untyped-def]
 class _LazyCredential:
     """The managed identity, built when Graph is first asked (never at start)."""
 
-    def __init__(self, settings: Settings, credential=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, settings: Settings, credential: TokenCredential | None = None) -> None:
         self._settings = settings
         self._cred = credential
 
-    def get_token(self, *scopes: str, **kwargs: object):  # type: ignore[no-untyped-def]
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
         if self._cred is None:
             self._cred = _credential(self._settings)
         return self._cred.get_token(*scopes, **kwargs)
 
 
-def build_graph_groups(settings: Settings, credential=None, verify: bool | str = True):  # type: ignore[no-untyped-def]
+def build_graph_groups(settings: Settings, credential: TokenCredential | None = None,
+                       verify: bool | str = True) -> GraphGroups:
     """Group lookups for users in too many groups for their token, with the managed identity.
     The credential is only asked for a token when such a user first signs in."""
     from .graph import GraphGroups
@@ -111,16 +136,17 @@ def build_graph_groups(settings: Settings, credential=None, verify: bool | str =
     return GraphGroups(settings.graph_endpoint, _LazyCredential(settings, credential), verify=verify)
 
 
-def build_graph_directory(settings: Settings, credential=None, verify: bool | str = True):  # type: ignore[no-untyped-def]
+def build_graph_directory(settings: Settings, credential: TokenCredential | None = None,
+                          verify: bool | str = True) -> GraphDirectory:
     """Who may still sign in (the leaver sweep), with the managed identity, asked only when it runs."""
     from .graph import GraphDirectory
 
     return GraphDirectory(settings.graph_endpoint, _LazyCredential(settings, credential), verify=verify)
 
 
-def service_config(settings: Settings, **overrides: object) -> ServiceConfig:
+def service_config(settings: Settings, **overrides: Any) -> ServiceConfig:
     """The service's configuration from the settings (one place; `overrides` for another backend)."""
-    fields: dict = dict(
+    return replace(ServiceConfig(
         signer_backend=settings.signer_backend,
         ca_key_kind=settings.ca_key_kind,
         max_ttl_ceiling=settings.max_ttl_ceiling,
@@ -130,8 +156,7 @@ def service_config(settings: Settings, **overrides: object) -> ServiceConfig:
         request_rate=settings.request_rate,
         host_namespaces=settings.host_namespaces,
         public_url=settings.public_url,
-    )
-    return ServiceConfig(**{**fields, **overrides})
+    ), **overrides)
 
 
 def build_context(settings: Settings | None = None) -> Context:
@@ -181,13 +206,13 @@ def configure_monitoring() -> None:
 
     if _monitoring or not os.environ.get("APPLICATIONINSIGHTS_CONNECTION_STRING", "").strip():
         return
-    from azure.monitor.opentelemetry import configure_azure_monitor  # type: ignore[import-not-found]
+    from azure.monitor.opentelemetry import configure_azure_monitor
 
     configure_azure_monitor(logger_name="ezssh")
     _monitoring.append(True)
 
 
-def asgi_app():  # type: ignore[no-untyped-def]
+def asgi_app() -> FastAPI:
     """The ASGI app with production wiring (uvicorn: `functions.wiring:asgi_app --factory`)."""
     from .api.app import create_app
 
@@ -202,17 +227,18 @@ def asgi_app():  # type: ignore[no-untyped-def]
     return create_app(shared_context)
 
 
-def build_compute_client_factory(settings: Settings, credential=None, connection_verify=None):  # type: ignore[no-untyped-def]
+def build_compute_client_factory(settings: Settings, credential: TokenCredential | None = None,
+                                 connection_verify: str | None = None) -> Callable[[str], ComputeManagementClient]:
     """subscription id -> ComputeManagementClient, each built on first use and kept for the worker."""
-    clients: dict = {}
+    clients: dict[str, ComputeManagementClient] = {}
     lock = threading.Lock()
 
-    def client_for(subscription: str):  # type: ignore[no-untyped-def]
+    def client_for(subscription: str) -> ComputeManagementClient:
         with lock:
             if subscription not in clients:
                 from azure.mgmt.compute import ComputeManagementClient
 
-                kw = {"connection_verify": connection_verify} if connection_verify else {}
+                kw: dict[str, Any] = {"connection_verify": connection_verify} if connection_verify else {}
                 clients[subscription] = ComputeManagementClient(
                     credential or _credential(settings), subscription, base_url=settings.arm_endpoint,
                     credential_scopes=[f"{settings.arm_endpoint}/.default"], **kw)
@@ -221,7 +247,7 @@ def build_compute_client_factory(settings: Settings, credential=None, connection
     return client_for
 
 
-def build_job_queue(settings: Settings, credential=None):  # type: ignore[no-untyped-def]
+def build_job_queue(settings: Settings, credential: TokenCredential | None = None) -> JobQueue | None:
     """The enrolment job queue (and its poison queue), or None when no queue is configured."""
     from .storage.queue import JobQueue
 
@@ -236,8 +262,9 @@ def build_job_queue(settings: Settings, credential=None):  # type: ignore[no-unt
     return queue
 
 
-def build_enrolments(settings: Settings, service, store, *, credential=None, connection_verify=None,  # type: ignore[no-untyped-def]
-                     polling_interval: float | None = None, queue=None):
+def build_enrolments(settings: Settings, service: Service, store: TableStore, *,
+                     credential: TokenCredential | None = None, connection_verify: str | None = None,
+                     polling_interval: float | None = None, queue: JobQueue | None = None) -> EnrolmentService:
     """The enrolment service; its compute client (and credential) are built on first use."""
     from .hosts.azure_vms import AzureVms
     from .hosts.vm_hostcerts import VmHostCerts

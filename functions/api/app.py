@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import deadline, observability
-from . import audit, errors, meta, policies, requests
-from . import hosts
-from . import enrolments
-from . import hostcerts
-from . import identities
-from . import namespaces
-from . import web
+from . import audit, enrolments, errors, hostcerts, hosts, identities, meta, namespaces, policies, requests, web
 
 log = logging.getLogger("ezssh.api")
 # Every storage call of one request shares this many seconds (functions/deadline.py); well under

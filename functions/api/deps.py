@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,6 +20,9 @@ from ..core.errors import EzsshError, InvalidRequest
 from ..core.policy import Identity
 from ..service import Service
 from .errors import describe, fields_of
+
+if TYPE_CHECKING:
+    from ..wiring import Context
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 64 * 1024
@@ -31,7 +35,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def context(request: Request) -> Any:
+def context(request: Request) -> Context:
     """The worker's one functions.wiring.Context (settings, service, validator, enrolments)."""
     return request.app.state.context()
 

@@ -20,6 +20,8 @@ Nothing is pushed and no record is written in those cases.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
@@ -28,6 +30,9 @@ from ..core.errors import BackendUnavailable
 from ..core.policy import Identity
 from ..service.enrolment.enrol import ENROL_REFUSED
 from .deps import Strict, body, caller, context
+
+if TYPE_CHECKING:
+    from ..service.enrolment import EnrolmentService
 
 router = APIRouter(prefix="/api/policies", tags=["enrolments"])
 
@@ -38,7 +43,7 @@ class EnrolBody(Strict):
     tag: str | None = Field(None, max_length=600)
 
 
-def _enrolments(request: Request):  # type: ignore[no-untyped-def]
+def _enrolments(request: Request) -> EnrolmentService:
     svc = context(request).enrolments
     if svc is None:
         raise BackendUnavailable("Enrolment is not available in this deployment.")

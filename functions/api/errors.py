@@ -7,6 +7,8 @@ logged with the request id and answered with a generic 500. No response ever hol
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,13 +25,13 @@ def request_id_of(request: Request) -> str:
 
 
 def error_response(request: Request, status: int, code: str, message: str, **extra: object) -> JSONResponse:
-    body = {"error": code, "message": message, "request_id": request_id_of(request)}
+    body: dict[str, object] = {"error": code, "message": message, "request_id": request_id_of(request)}
     body.update({k: v for k, v in extra.items() if v is not None})
     headers = {"WWW-Authenticate": 'Bearer realm="ezssh"'} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def describe(errors: list[dict]) -> str:
+def describe(errors: Sequence[Mapping[str, Any]]) -> str:
     """One readable sentence from pydantic's error list."""
     parts = []
     for err in errors[:5]:

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import Depends, Request
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import Field, ValidationError, model_validator
 
@@ -34,8 +33,8 @@ from ..core.errors import InvalidRequest
 from ..core.policy import Identity
 from ..service.hostcerts import HOST_CERTIFICATE_REFUSED, HOST_TOKEN_REFUSED
 from .deps import Strict, body, caller, service
-from .hosts import derived_response, etags
 from .errors import describe
+from .hosts import derived_response, etags
 
 router = APIRouter(prefix="/api", tags=["host certificates"])
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 
 from ..core.policy import Identity
 from ..service.identities import IDENTITY_REVOKE_REFUSED
-from .deps import caller, body, service
+from .deps import body, caller, service
 from .hosts import RevokeBody
 
 router = APIRouter(prefix="/api/identities", tags=["identities"])

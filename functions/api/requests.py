@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field, model_validator
@@ -116,9 +119,9 @@ def certificate(request: Request, request_id: str, who: Identity = Depends(calle
     return render(svc.issuance.issue_for_request(who, request_id, cert.public_key), int(svc.clock()))
 
 
-def _decide(action: str):  # type: ignore[no-untyped-def]
+def _decide(action: str) -> Callable[..., dict[str, Any]]:
     def handler(request: Request, request_id: str, who: Identity = Depends(caller),
-                decision: DecisionBody = body(DecisionBody, decision_refused(action))) -> dict:
+                decision: DecisionBody = body(DecisionBody, decision_refused(action))) -> dict[str, Any]:
         svc = service(request)
         rec = getattr(svc.requests, action)(who, request_id, decision.comment)
         return rec.to_public(int(svc.clock()))

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..core.errors import InvalidRequest
 from ..core.ids import GUID
@@ -221,7 +222,7 @@ class AzureVms:
         self.polling_interval = polling_interval
         self.deadline: float | None = None  # time.monotonic() by which every Run Command must be done
 
-    def within(self, seconds: float) -> "AzureVms":
+    def within(self, seconds: float) -> AzureVms:
         """This client (same compute clients) with one time budget for all Run Commands made through
         it: each waits at most what is left of `seconds`, and none starts once it is spent."""
         import copy
@@ -248,7 +249,7 @@ class AzureVms:
     def get_vm(self, ref: VmRef) -> Vm:
         try:
             raw = self._client_for(ref.subscription).virtual_machines.get(ref.resource_group, ref.name)
-        except Exception as exc:  # noqa: BLE001 - mapped to one clear error
+        except Exception as exc:  # mapped to one clear error
             raise map_arm_error(exc, f"VM {ref.id}") from None
         return self._vm(raw, ref)
 
@@ -259,7 +260,7 @@ class AzureVms:
         try:
             ops = self._client_for(sub).virtual_machines
             raws = list(ops.list(parts[3]) if len(parts) >= 4 else ops.list_all())
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise map_arm_error(exc, f"listing VMs in {scope}") from None
         out = []
         for raw in raws:
@@ -295,7 +296,7 @@ class AzureVms:
             if not poller.done():
                 raise PushError("timeout", f"{what} did not finish within {wait:.0f} s; it may still "
                                            "run. Retrying later (the setup script is idempotent).", transient=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise map_arm_error(exc, what) from None
         took = int((time.monotonic() - started) * 1000)
         values = list(getattr(result, "value", None) or [])
@@ -322,7 +323,7 @@ class AzureVms:
             if resp.status_code != 200:
                 raise HttpResponseError(response=resp)
             return resp.json()
-        except Exception as exc:  # noqa: BLE001 - mapped to one clear error
+        except Exception as exc:  # mapped to one clear error
             raise map_arm_error(exc, what) from None
 
     def vm_names(self, ref: VmRef) -> list[str]:
@@ -331,7 +332,7 @@ class AzureVms:
         that order, without repeats)."""
         try:
             raw = self._client_for(ref.subscription).virtual_machines.get(ref.resource_group, ref.name)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise map_arm_error(exc, f"VM {ref.id}") from None
         names = [ref.name, getattr(getattr(raw, "os_profile", None), "computer_name", None)]
         nics = getattr(getattr(raw, "network_profile", None), "network_interfaces", None) or []

@@ -15,11 +15,15 @@ audited (none inside: the VM gets no host certificate, and the refusal is audite
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..core.errors import EzsshError
 from ..core.policy import Policy
-from .azure_vms import AzureVms, PushError, VmRef, wrap_script
+from .azure_vms import PushError, VmRef, wrap_script
+
+if TYPE_CHECKING:
+    from ..service.enrolment.ports import VmPusher
+    from ..service.hostcerts import HostCerts
 
 log = logging.getLogger("ezssh.enrolment")
 
@@ -43,7 +47,7 @@ class VmHostCerts:
     """What the enrolment service asks about host certificates (functions.service.hostcerts.HostCerts
     does the signing, recording and auditing)."""
 
-    def __init__(self, hostcerts: Any) -> None:
+    def __init__(self, hostcerts: HostCerts) -> None:
         self.hostcerts = hostcerts
 
     def due(self, policy: Policy, vm_id: str) -> bool:
@@ -56,7 +60,7 @@ class VmHostCerts:
         """`due` for every VM of the policy at once (lower-cased VM ids), in one range read."""
         return self.hostcerts.vms_due_for_renewal(policy)
 
-    def certs_for(self, policy: Policy, vms: AzureVms, ref: VmRef) -> str:
+    def certs_for(self, policy: Policy, vms: VmPusher, ref: VmRef) -> str:
         """The certificates to render into this VM's setup script ("" to keep what it has)."""
         if not self.hostcerts.vm_renewal_due(policy, ref.id):
             return ""
