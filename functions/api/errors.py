@@ -45,7 +45,7 @@ def describe(errors: Sequence[Mapping[str, Any]]) -> str:
     return "Invalid request: " + "; ".join(parts) + "."
 
 
-def fields_of(errors: list[dict]) -> str:
+def fields_of(errors: Sequence[Mapping[str, Any]]) -> str:
     """The fields `describe` names, comma-separated (an error's `fields` detail: a client may say
     them in its own words)."""
     locs = (".".join(str(x) for x in err.get("loc", ()) if x != "body") for err in errors[:5])

@@ -57,7 +57,7 @@ class HostCertBody(Strict):
     host_keys: list[Any] = Field(..., max_length=8)
 
     @model_validator(mode="after")
-    def _signed(self) -> "HostCertBody":
+    def _signed(self) -> HostCertBody:
         """Each host key with its signature of the challenge; refused like a bad body otherwise."""
         if self.challenge_id is None:
             raise InvalidRequest("Send 'challenge_id' and each host key with its signature of the challenge "

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..core.errors import InvalidRequest
 from ..core.policy import Identity
-from ..service.hosts import Derived, REVOKE_REFUSED
+from ..service.hosts import REVOKE_REFUSED, Derived
 from .deps import Strict, body, caller, context, identify, service
 
 router = APIRouter(prefix="/api", tags=["hosts"])

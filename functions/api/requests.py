@@ -30,7 +30,7 @@ class NewRequest(Strict):
     public_key: str | None = None
 
     @model_validator(mode="after")
-    def _clean(self) -> "NewRequest":
+    def _clean(self) -> NewRequest:
         """What people typed, in its one form (core.text): bad text is refused like a bad body."""
         return self.model_copy(update={
             "host": normalize_host(self.host), "principal": printable_text(self.principal, "principal", 64),
@@ -45,7 +45,7 @@ class DecisionBody(Strict):
     comment: str | None = Field(None, max_length=1000)
 
     @model_validator(mode="after")
-    def _clean(self) -> "DecisionBody":
+    def _clean(self) -> DecisionBody:
         if self.comment is None:
             return self
         return self.model_copy(update={"comment": printable_text(self.comment, "comment", 1000) or None})
@@ -120,8 +120,10 @@ def certificate(request: Request, request_id: str, who: Identity = Depends(calle
 
 
 def _decide(action: str) -> Callable[..., dict[str, Any]]:
+    refused = decision_refused(action)
+
     def handler(request: Request, request_id: str, who: Identity = Depends(caller),
-                decision: DecisionBody = body(DecisionBody, decision_refused(action))) -> dict[str, Any]:
+                decision: DecisionBody = body(DecisionBody, refused)) -> dict[str, Any]:
         svc = service(request)
         rec = getattr(svc.requests, action)(who, request_id, decision.comment)
         return rec.to_public(int(svc.clock()))
