@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..core.errors import Forbidden, InvalidRequest, PreconditionRequired
 from ..core.namespaces import Namespace, parse_namespace, parse_namespaces
+from ..core.jsonvalue import JsonValue
 from ..core.policy import Identity
 from ..observability import event
 from ..publicsuffix import is_public_suffix
@@ -50,7 +51,7 @@ class Namespaces:
         return {"namespaces": list(row.namespaces), "source": "tenant", "etag": row.etag,
                 "updated_at": row.updated_at, "updated_by": row.updated_by_upn}
 
-    def replace(self, who: Identity, doc: object, if_match: str | None) -> dict:
+    def replace(self, who: Identity, doc: JsonValue, if_match: str | None) -> dict:
         """Tenant admins only. The first change needs no If-Match (the setting applied until then);
         every later one the ETag it read."""
         b = self.base

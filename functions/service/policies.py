@@ -15,6 +15,7 @@ from ..core.errors import (
     PreconditionFailed,
     PreconditionRequired,
 )
+from ..core.jsonvalue import JsonValue
 from ..core.policy import CaKeyRef, Identity, Policy
 from ..core.policydoc import policy_from_document
 from ..signing.base import Signer, ssh_fingerprint, ssh_public_key_line
@@ -46,7 +47,7 @@ class Policies:
         return list(p.trusted_ca)
 
     # ---- changing -------------------------------------------------------------------------------
-    def create(self, who: Identity, doc: object) -> Policy:
+    def create(self, who: Identity, doc: JsonValue) -> Policy:
         """Create a policy with a new CA key, or with `ca_key_id` naming an existing Key Vault key
         (bring your own key: the service proves it can read and sign with it before saving)."""
         b = self.base
@@ -57,11 +58,11 @@ class Policies:
             customer_host_key: str | None = None
             if isinstance(doc, dict) and ("ca_key_id" in doc or "host_ca_key_id" in doc):
                 doc = dict(doc)
-                customer_key = doc.pop("ca_key_id", None)
-                customer_host_key = doc.pop("host_ca_key_id", None)
-                for name, value in (("ca_key_id", customer_key), ("host_ca_key_id", customer_host_key)):
+                named = {name: doc.pop(name, None) for name in ("ca_key_id", "host_ca_key_id")}
+                for name, value in named.items():
                     if value is not None and (not isinstance(value, str) or not value.startswith("https://")):
                         raise InvalidRequest(f"'{name}' must be the https key id of a Key Vault key.")
+                customer_key, customer_host_key = (v if isinstance(v, str) else None for v in named.values())
                 if customer_key and customer_key == customer_host_key:
                     raise InvalidRequest("The host CA must be another key than the user CA.")
             policy = policy_from_document(doc, tenant_id=who.tid, ttl_ceiling=b.config.max_ttl_ceiling,
@@ -91,7 +92,7 @@ class Policies:
             self._discard_unless_saved(who.tid, policy.id, host_ca)
             raise
 
-    def update(self, who: Identity, policy_id: str, patch: object, if_match: str | None) -> Policy:
+    def update(self, who: Identity, policy_id: str, patch: JsonValue, if_match: str | None) -> Policy:
         b = self.base
         with b.refusing(who, POLICY_UPDATE_REFUSED, policy_id=policy_id):
             if not if_match:

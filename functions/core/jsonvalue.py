@@ -1,0 +1,7 @@
+"""A JSON document as parsed (json.loads): what an admin sends, before core checks its shape."""
+
+from __future__ import annotations
+
+from typing import Union
+
+JsonValue = Union[dict[str, "JsonValue"], list["JsonValue"], str, int, float, bool, None]
