@@ -14,6 +14,7 @@ from .identity import TokenValidator
 from .service import Service, ServiceConfig
 from .service.identities import SweepConfig
 from .settings import Settings, SettingsError, load_settings
+from .signing.base import check_kind
 
 if TYPE_CHECKING:
     from azure.core.credentials import AccessToken, TokenCredential
@@ -148,7 +149,7 @@ def service_config(settings: Settings, **overrides: Any) -> ServiceConfig:
     """The service's configuration from the settings (one place; `overrides` for another backend)."""
     return replace(ServiceConfig(
         signer_backend=settings.signer_backend,
-        ca_key_kind=settings.ca_key_kind,
+        ca_key_kind=check_kind(settings.ca_key_kind),
         max_ttl_ceiling=settings.max_ttl_ceiling,
         backdate_seconds=settings.backdate_seconds,
         webhook_allow_loopback_http=settings.webhook_allow_loopback_http,

@@ -92,8 +92,8 @@ def ca(request: Request, policy_id: str, who: Identity = Depends(caller), kind: 
             raise InvalidRequest("'kind' must be user or host, and 'format' text or json.")
     if format == "json":
         out = {k: [c.to_dict() for c in svc.policies.ca_public_keys(who, policy_id, k)] for k in ("user", "host")}
-        for keys in out.values():
-            for c in keys:
+        for docs in out.values():
+            for c in docs:
                 c.pop("key_ref", None)
         return JSONResponse({"policy": policy_id, **out})
     keys = svc.policies.ca_public_keys(who, policy_id, kind)

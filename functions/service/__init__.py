@@ -19,17 +19,17 @@ through `Base.refusing()`. The service knows storage and signing only through th
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..signing.base import KeyStore
 from ..storage.base import Store
 from .audit import AuditLog
 from .base import Base, Notifier, ServiceConfig
 from .hostcerts import HostCerts
-from .knownhosts import KnownHosts
 from .hosts import Hosts
 from .identities import Directory, Identities, SweepConfig
 from .issuance import Issuance, Outcome
+from .knownhosts import KnownHosts
 from .namespaces import Namespaces
 from .policies import Policies
 from .requests import Requests

@@ -11,16 +11,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..core.audit import AuditEntry
 from ..core.errors import CaKeyNotFound, Denied, EzsshError, NotFound, StorageUnavailable, TtlTooLong
 from ..core.policy import Identity, Policy
 from ..notify import Message
 from ..observability import event
-from ..signing.base import KeyStore
+from ..signing.base import KeyKind, KeyStore
 from ..storage.base import Store
 
 log = logging.getLogger("ezssh.service")
@@ -34,7 +35,7 @@ class Notifier(Protocol):
 @dataclass(frozen=True)
 class ServiceConfig:
     signer_backend: str
-    ca_key_kind: str = "EC-P256"
+    ca_key_kind: KeyKind = "EC-P256"
     max_ttl_ceiling: int = 24 * 3600
     backdate_seconds: int = 60
     # How long a worker may reuse a tenant's policy list on the issuance path. Changes made through
@@ -203,7 +204,7 @@ class Base:
     def now(self) -> int:
         return int(self.clock())
 
-    def audit_entry(self, who: Identity | None, action: str, outcome: str = "ok", **fields: object) -> AuditEntry:
+    def audit_entry(self, who: Identity | None, action: str, outcome: str = "ok", **fields: Any) -> AuditEntry:
         return AuditEntry(
             tenant_id=who.tid if who else "",
             at=self.clock(),
@@ -211,7 +212,7 @@ class Base:
             outcome=outcome,
             actor_oid=who.oid if who else None,
             actor_upn=who.upn if who else None,
-            **fields,  # type: ignore[arg-type]
+            **fields,
         )
 
     def refuse(self, who: Identity | None, exc: EzsshError, action: str, *, tenant_id: str | None = None,
@@ -242,7 +243,7 @@ class Base:
             entry = replace(entry, tenant_id=tenant_id or "")
         try:
             self.store.add_audit(entry.sealed())
-        except Exception as store_exc:  # noqa: BLE001
+        except Exception as store_exc:
             log.warning("could not record refusal %s for %s: %s", exc.code, who.oid if who else "-", store_exc)
         event(log, action, error=exc.code, actor=who.upn if who else None, tenant=who.tid if who else tenant_id,
               policy=fields.get("policy_id"), request=fields.get("request_id"), detail=exc.message)

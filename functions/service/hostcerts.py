@@ -30,11 +30,12 @@ import hashlib
 import logging
 import re
 import secrets
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Any
 
 from ..core.certificate import IssuedCertificate
-from ..core.serials import new_serial
 from ..core.errors import CaKeyNotFound, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound, TooManyRequests
 from ..core.hostcert import (
     ENROL_NAMESPACE,
@@ -53,9 +54,10 @@ from ..core.hostcert import (
 from ..core.ids import is_guid
 from ..core.keys import VettedKey
 from ..core.policy import POLICY_ID_RE, Identity, Policy
+from ..core.records import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord
+from ..core.serials import new_serial
 from ..observability import event
 from ..signing.base import as_private_key
-from ..core.records import CertificateRecord, HostChallenge, HostEnrolmentToken, HostKeyRecord
 from .base import Base
 from .hosts import Hosts
 from .issuance import issued_from_record
@@ -88,7 +90,7 @@ class HostIssued:
     def renew_after(self) -> int:
         return min(renew_after(c.valid_after, c.valid_before) for c, _ in self.certificates)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy_id, "principals": list(self.principals), "renew_after": self.renew_after,
                 "certificates": [{"certificate": c.openssh, "serial": str(c.serial), "key_id": c.key_id,
                                   "public_key_fingerprint": k.fingerprint, "valid_after": c.valid_after,
@@ -109,7 +111,7 @@ def _challenge_id(tid: str, pid: str, fingerprints: Sequence[str], window: int, 
     return hashlib.sha256(f"{tid}|{pid}|{','.join(sorted(fingerprints))}|{window}|{purpose}".encode()).hexdigest()[:32]
 
 
-def _dropped(outside: Sequence[str]) -> dict:
+def _dropped(outside: Sequence[str]) -> dict[str, Any]:
     """Audit details for names that no longer fit and were left out of a certificate."""
     return {"dropped_names": list(outside)} if outside else {}
 
@@ -257,7 +259,7 @@ class HostCerts:
             raise ProofRefused("Sign the challenge with exactly the host keys it was issued for.")
         if ch.id != _challenge_id(tid, pid, ch.fingerprints, ch.created_at // CHALLENGE_TTL, enrol_token):
             raise ProofRefused("The challenge was issued for another purpose; ask for a new one.")
-        for key, (_, sig) in zip(keys, signed):
+        for key, (_, sig) in zip(keys, signed, strict=False):
             verify_sshsig(sig, ch.message, namespace, key)
         return ch
 
@@ -351,18 +353,18 @@ class HostCerts:
                          if renew_after(r.valid_after, r.valid_before) <= now)
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _refusing_in(self, tenant_id: str, who: Identity | None, **fields: object):  # type: ignore[no-untyped-def]
+    def _refusing_in(self, tenant_id: str, who: Identity | None, **fields: object) -> ContextManager[dict[str, object]]:
         """Refusals recorded in the policy's tenant, also when the caller is a host that proved it
         belongs there (a real token or challenge of that tenant)."""
         return self.base.refusing(who, HOST_CERTIFICATE_REFUSED, tenant_id=tenant_id, **fields)
 
-    def _refusing_token(self, tid: str, pid: str, tok: HostEnrolmentToken):  # type: ignore[no-untyped-def]
+    def _refusing_token(self, tid: str, pid: str, tok: HostEnrolmentToken) -> ContextManager[dict[str, object]]:
         """After a real enrolment token of this tenant: refusals are the tenant's to read."""
         return self._refusing_in(tid, None, policy_id=pid,
                                  details={"proof": "token", "token_id": tok.token_hash[:12],
                                           "token_created_by": tok.created_by_upn, "hosts": list(tok.hosts)})
 
-    def _refusing_host(self, tenant_id: str, policy_id: str | None, proof: str):  # type: ignore[no-untyped-def]
+    def _refusing_host(self, tenant_id: str, policy_id: str | None, proof: str) -> ContextManager[dict[str, object]]:
         """Hosts have no Entra identity: their refusals go to the unauthenticated partition."""
         return self.base.refusing(None, HOST_CERTIFICATE_REFUSED,
                                   policy_id=str(policy_id)[:64] if policy_id is not None else None,
@@ -427,6 +429,7 @@ class HostCerts:
             rec = self.base.store.get_host_key(tid, pid, k.fingerprint)
             if rec is None or rec.public_key.split()[:2] != k.openssh.split()[:2] or not made_by_this_use(rec):
                 return None
+            proof = rec.proof
             try:
                 cert = self.base.store.get_certificate(tid, pid, rec.serial)
             except NotFound:
@@ -436,7 +439,7 @@ class HostCerts:
             out.append((issued_from_record(cert), k))
         event(log, "host_certificate.returned_again", policy=pid, tenant=tid,
               serials=",".join(str(c.serial) for c, _ in out))
-        return HostIssued(pid, out[0][0].principals, tuple(out), rec.proof)
+        return HostIssued(pid, out[0][0].principals, tuple(out), proof)
 
     def _sign(self, policy: Policy, names: tuple[str, ...], keys: Sequence[VettedKey], proof: str) -> HostIssued:
         ca = policy.current_host_ca
@@ -461,8 +464,9 @@ class HostCerts:
             out.append((issued, k))
         return HostIssued(policy.id, names, tuple(out), proof)
 
-    def _record(self, policy: Policy, issued: HostIssued, *, subject: str, used=None,  # type: ignore[no-untyped-def]
-                actor: Identity | None = None, details: dict | None = None) -> None:
+    def _record(self, policy: Policy, issued: HostIssued, *, subject: str,
+                used: HostEnrolmentToken | HostChallenge | None = None,
+                actor: Identity | None = None, details: dict[str, Any] | None = None) -> None:
         b = self.base
         now = b.now()
         certs, keys, entries = [], [], []

@@ -9,8 +9,9 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, replace
-from typing import Generic, Hashable, Iterable, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..core.audit import AuditEntry, link
 from ..core.errors import (
@@ -26,8 +27,8 @@ from ..core.ids import is_guid
 from ..core.keys import fingerprint_of_blob
 from ..core.krl import CaRevocations, ca_key_blob, encode_krl
 from ..core.policy import Identity, Policy
-from ..observability import event
 from ..core.records import CertificateRecord, Revoked
+from ..observability import event
 from .base import Base
 
 log = logging.getLogger("ezssh.service")
@@ -157,7 +158,7 @@ class Hosts:
                        revoked_at=cert.revoked_at, revoked_by=cert.revoked_by)
 
     def record_revocation(self, who: Identity | None, cert: CertificateRecord, reason: str | None,
-                          details: dict) -> CertificateRecord:
+                          details: dict[str, Any]) -> CertificateRecord:
         """Revoke one certificate the caller may revoke (checked by the caller): the record, its audit
         entry and the KRL's row in one write, conditional on the ETag it was read with. `who` None: the
         service itself (the leaver sweep)."""

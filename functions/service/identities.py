@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..core.errors import BackendUnavailable, Conflict, Forbidden, InvalidRequest, NotFound
 from ..core.ids import is_guid
 from ..core.policy import Identity
-from ..observability import event
 from ..core.records import CertificateRecord
+from ..observability import event
 from .base import Base
 from .hosts import Hosts
 
@@ -131,7 +131,7 @@ class Identities:
 
     # ---- one step -----------------------------------------------------------------------------
     def _revoke(self, who: Identity | None, tid: str, oid: str, certs: list[CertificateRecord], reason: str,
-                details: dict) -> list[CertificateRecord]:
+                details: dict[str, Any]) -> list[CertificateRecord]:
         done: list[CertificateRecord] = []
         for c in certs:
             try:

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cryptography.hazmat.primitives.serialization import ssh
 
@@ -20,18 +21,19 @@ from ..core.errors import (
     EzsshError,
     Forbidden,
     IdempotencyKeyAhead,
+    IntegrityError,
     InvalidRequest,
     NotFound,
     PreconditionFailed,
     TooManyPending,
     TooManyRequests,
 )
-from ..core.keys import VettedKey, parse_public_key
 from ..core.evaluation import AccessRequest, choose_policy, evaluate, make_grant
+from ..core.keys import VettedKey, parse_public_key
 from ..core.policy import Identity, Policy
+from ..core.records import CertificateRecord, IdempotencyRecord, PendingSlots
 from ..observability import event
 from ..signing.base import as_private_key
-from ..core.records import CertificateRecord, IdempotencyRecord, PendingSlots
 from .base import Base
 from .requests import Requests, request_message
 
@@ -48,7 +50,7 @@ class Outcome:
     request: sm.RequestRecord
     certificate: IssuedCertificate | None = None
     approvers_needed: int = 0
-    approvers: dict | None = None  # who may approve: {"users": [...], "groups": [...]}
+    approvers: dict[str, Any] | None = None  # who may approve: {"users": [...], "groups": [...]}
 
 
 def new_request_id(now: float) -> str:
@@ -331,7 +333,9 @@ class Issuance:
 def issued_from_record(c: CertificateRecord) -> IssuedCertificate:
     """The certificate as first issued, from its record (for a retried request)."""
     parsed = ssh.load_ssh_public_identity(c.certificate.encode())
-    return IssuedCertificate(certificate=parsed, openssh=c.certificate, serial=c.serial, key_id=c.key_id,  # type: ignore[arg-type]
+    if not isinstance(parsed, ssh.SSHCertificate):
+        raise IntegrityError(f"the stored certificate {c.serial} is not an OpenSSH certificate")
+    return IssuedCertificate(certificate=parsed, openssh=c.certificate, serial=c.serial, key_id=c.key_id,
                              principals=c.principals, valid_after=c.valid_after, valid_before=c.valid_before,
                              ca_fingerprint=c.ca_fingerprint)
 

@@ -6,15 +6,16 @@ One point read per host-certificate issuance and per known-hosts answer."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..core.errors import Forbidden, InvalidRequest, PreconditionRequired
 from ..core.namespaces import Namespace, parse_namespace, parse_namespaces
 from ..core.jsonvalue import JsonValue
 from ..core.policy import Identity
+from ..core.records import HostNamespaces
 from ..observability import event
 from ..publicsuffix import is_public_suffix
-from ..core.records import HostNamespaces
 from .base import Base, log
-
 
 NAMESPACES_REFUSED = "host_namespaces.refused"
 
@@ -43,7 +44,7 @@ class Namespaces:
                 event(log, "host_namespaces.ignored", tenant=tid, namespace=entry, detail=exc.message)
         return tuple(out)
 
-    def view(self, who: Identity) -> dict:
+    def view(self, who: Identity) -> dict[str, Any]:
         """What any signed-in user of the tenant may read (clients trust host CAs inside these)."""
         row = self.base.store.get_host_namespaces(who.tid)
         if row is None:
@@ -51,7 +52,7 @@ class Namespaces:
         return {"namespaces": list(row.namespaces), "source": "tenant", "etag": row.etag,
                 "updated_at": row.updated_at, "updated_by": row.updated_by_upn}
 
-    def replace(self, who: Identity, doc: JsonValue, if_match: str | None) -> dict:
+    def replace(self, who: Identity, doc: JsonValue, if_match: str | None) -> dict[str, Any]:
         """Tenant admins only. The first change needs no If-Match (the setting applied until then);
         every later one the ETag it read."""
         b = self.base

@@ -3,8 +3,12 @@ rotate, and retire previous keys once no certificate they signed can still be va
 
 from __future__ import annotations
 
+import builtins
 import secrets
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
+from typing import Any
 
 from ..core.audit import AuditEntry, link, with_head
 from ..core.errors import (
@@ -20,7 +24,6 @@ from ..core.policy import CaKeyRef, Identity, Policy
 from ..core.policydoc import policy_from_document
 from ..signing.base import Signer, ssh_fingerprint, ssh_public_key_line
 from .base import Base
-
 
 POLICY_CREATE_REFUSED = "policy.create.refused"
 POLICY_UPDATE_REFUSED = "policy.update.refused"
@@ -38,7 +41,7 @@ class Policies:
     def get(self, who: Identity, policy_id: str) -> Policy:
         return self.base.policies.visible(who, policy_id)
 
-    def ca_public_keys(self, who: Identity, policy_id: str, kind: str = "user") -> list[CaKeyRef]:
+    def ca_public_keys(self, who: Identity, policy_id: str, kind: str = "user") -> builtins.list[CaKeyRef]:
         """Current first, then previous keys still inside their retirement window. `kind` "host" is
         the host CA (made on this first need for policies created before host CAs existed)."""
         p = self.get(who, policy_id)
@@ -185,7 +188,7 @@ class Policies:
             self._discard_unless_saved(who.tid, p.id, new)
             raise
 
-    def retire_due_ca_keys(self, tenant_id: str) -> list[str]:
+    def retire_due_ca_keys(self, tenant_id: str) -> builtins.list[str]:
         """Disable previous CA keys whose certificates can no longer be valid. Returns fingerprints."""
         b = self.base
         now = b.now()
@@ -201,8 +204,8 @@ class Policies:
                                                details={"retired": [c.fingerprint for c in due]}),
                                  tenant_id=tenant_id), p)
             try:
-                self._write(lambda: b.store.replace_policy(with_head(replace(p, ca=keys, host_ca=host_keys), entry),
-                                                          p.etag or "", entry), p)
+                self._write(partial(b.store.replace_policy, with_head(replace(p, ca=keys, host_ca=host_keys), entry),
+                                    p.etag or "", entry), p)
             except (Conflict, PreconditionFailed):
                 continue  # changed meanwhile; the next sweep retries
             for c in due:
@@ -224,12 +227,12 @@ class Policies:
         lost answer), in which case the stored policy uses it."""
         try:
             stored = self.base.policies.get_or_none(tid, policy_id)
-        except Exception:  # noqa: BLE001 - storage still away: keep the key; retiring is cheaper than a lost CA
+        except Exception:  # storage still away: keep the key; retiring is cheaper than a lost CA
             return
         if stored is None or all(c.key_ref != ca.key_ref for c in stored.ca + stored.host_ca):
             self.disable_ca(ca)
 
-    def _write(self, write, policy: Policy) -> Policy:  # type: ignore[no-untyped-def]
+    def _write(self, write: Callable[[], Policy], policy: Policy) -> Policy:
         try:
             return write()
         finally:
@@ -238,7 +241,7 @@ class Policies:
     def _new_ca(self, policy_id: str, tid: str, now: int, kind: str = "user") -> CaKeyRef:
         prefix = "ezh" if kind == "host" else "ez"
         name = f"{prefix}-{tid[:8]}-{policy_id[:30]}-{secrets.token_hex(4)}"
-        signer = self.base.keys.create_key(name, self.base.config.ca_key_kind)  # type: ignore[arg-type]
+        signer = self.base.keys.create_key(name, self.base.config.ca_key_kind)
         return self._ca_ref(signer, policy_id, now, customer_owned=False, kind=kind)
 
     def _ca_ref(self, signer: Signer, policy_id: str, now: int, *, customer_owned: bool,
@@ -253,7 +256,7 @@ class Policies:
             customer_owned=customer_owned,
         )
 
-    def _audit(self, who: Identity, action: str, policy: Policy, previous: Policy | None, details: dict) -> AuditEntry:
+    def _audit(self, who: Identity, action: str, policy: Policy, previous: Policy | None, details: dict[str, Any]) -> AuditEntry:
         return link(self.base.audit_entry(who, action, policy_id=policy.id, chain=f"pol:{policy.id}", details=details),
                     previous)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 from dataclasses import dataclass, replace
 
@@ -10,10 +11,10 @@ from ..core.audit import link, with_head
 from ..core.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from ..core.paging import decode_token, encode_token
 from ..core.policy import Identity, Policy
+from ..core.records import CertificateRecord
 from ..notify import Message
 from ..observability import event
 from ..storage.base import BY_USER, OPEN_BY_POLICY, OPEN_BY_USER, OPEN_IN_TENANT, POSITION_RE, index_position
-from ..core.records import CertificateRecord
 from .base import Base
 
 log = logging.getLogger("ezssh.service")
@@ -119,7 +120,7 @@ class Requests:
                                  "the audit log (GET /api/audit).")
         return self._page(who, sources, scope, after, limit, state, role)
 
-    def _page(self, who: Identity, sources: list[tuple[str, str]], scope: set[str], after: str | None,
+    def _page(self, who: Identity, sources: builtins.list[tuple[str, str]], scope: set[str], after: str | None,
               limit: int, state: str | None, role: str | None) -> RequestPage:
         """Merge the sources newest first. A source that returned more than `limit` rows may hold
         more past its last row read, so the page ends there at the latest (`next` goes on from it)."""
@@ -193,7 +194,7 @@ class Requests:
                 (("Decided by", person(saved.decided_by_name, who.upn)), ("Comment", comment or "-"))))
         return saved
 
-    def expire(self, tenant_id: str, limit: int = SWEEP_BATCH) -> list[str]:
+    def expire(self, tenant_id: str, limit: int = SWEEP_BATCH) -> builtins.list[str]:
         """Move pending/approved requests past their deadline to `expired` (the timer's sweep). Reads
         only the expiry keys due (at most `limit`), one point read each; reads check expiry too, so
         this only makes storage and the audit say so. A key left behind (its request gone, or its

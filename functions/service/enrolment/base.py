@@ -9,16 +9,27 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import Any
 
 from ...core.audit import AuditEntry
 from ...core.errors import BackendUnavailable, Conflict, EzsshError, Forbidden, NotFound
 from ...core.policy import Identity, Policy
 from ...hosts.azure_vms import PushError, VmRef, wrap_script
-from ...storage.enrolments import (FAILED, PENDING, RETRYING, SUCCEEDED, Enrolment,
-                                   EnrolmentStore, Job, JobItem, JobStore, tail)
+from ...storage.enrolments import (
+    FAILED,
+    PENDING,
+    RETRYING,
+    SUCCEEDED,
+    Enrolment,
+    EnrolmentStore,
+    Job,
+    JobItem,
+    JobStore,
+    tail,
+)
 from ..base import Base
 from ..hosts import Derived, Hosts
 from .ports import EnrolConfig, JobQueue, VmHostCerts, VmPusher
@@ -53,6 +64,19 @@ class EnrolmentBase:
         self.config = config
         self.clock = clock
         self.host_certs = host_certs  # None: host keys left alone
+
+    @property
+    def job_store(self) -> JobStore:
+        """The job rows; only asked for where a job queue is configured (jobs exist only then)."""
+        if self.jobs is None:
+            raise BackendUnavailable("Enrolment jobs are not available in this deployment (no job queue).")
+        return self.jobs
+
+    @property
+    def job_queue(self) -> JobQueue:
+        if self.queue is None:
+            raise BackendUnavailable("Enrolment jobs are not available in this deployment (no job queue).")
+        return self.queue
 
     @property
     def vms(self) -> VmPusher:
@@ -101,7 +125,7 @@ class EnrolmentBase:
                                    **details}).sealed()
 
     def _backoff(self, attempts: int) -> int:
-        return min(self.config.backoff_cap, self.config.backoff_base * 2 ** max(0, attempts - 1))
+        return min(self.config.backoff_cap, self.config.backoff_base << max(0, attempts - 1))
 
     def _due(self, rec: Enrolment, now: int, desired: _Desired, source: str, force: bool) -> bool:
         if rec.lease_until > now:
@@ -221,7 +245,7 @@ class EnrolmentBase:
                                      "storage connection string with a QueueEndpoint.")
 
     @staticmethod
-    def _message(job: Job, vm_id: str, deferrals: int = 0, retry: bool = False) -> dict:
+    def _message(job: Job, vm_id: str, deferrals: int = 0, retry: bool = False) -> dict[str, Any]:
         return {"v": 1, "tenant": job.tenant_id, "job": job.job_id, "policy": job.policy_id, "vm": vm_id,
                 "deferrals": deferrals, "retry": retry}
 
@@ -240,7 +264,7 @@ class EnrolmentBase:
                            policy_id=policy.id, chain=f"enr:{policy.id}",
                            details={"job_id": job.job_id, "source": source, "total": len(refs),
                                     "vms": [r.id for r in refs][:50]}).sealed()
-        self.jobs.create(job, items, entry)  # the job, its audit entry, its items and their unsent messages
+        self.job_store.create(job, items, entry)  # the job, its audit entry, its items and their unsent messages
         sent = self._send([(job.tenant_id, job.job_id, job.policy_id, i.vm_id) for i in items])
         if len(sent) < len(items):
             log.warning("enrolment job %s: %d of %d messages not queued yet; the timer sends them",
@@ -260,7 +284,7 @@ class EnrolmentBase:
             if failed.is_set():
                 return None
             try:
-                self.queue.send({"v": 1, "tenant": tid, "job": job_id, "policy": pid, "vm": vm_id,
+                self.job_queue.send({"v": 1, "tenant": tid, "job": job_id, "policy": pid, "vm": vm_id,
                                  "deferrals": 0, "retry": False})
                 return job_id, vm_id
             except BackendUnavailable:
@@ -273,12 +297,12 @@ class EnrolmentBase:
             done = list(pool.map(lambda m: ctx.copy().run(send, m), messages))
         sent = [d for d in done if d is not None]
         by_tenant: dict[str, list[tuple[str, str]]] = {}
-        for (tid, *_), d in zip(messages, done):
+        for (tid, *_), d in zip(messages, done, strict=True):
             if d is not None:
                 by_tenant.setdefault(tid, []).append(d)
         for tid, pairs in by_tenant.items():
             try:
-                self.jobs.mark_sent(tid, pairs)
+                self.job_store.mark_sent(tid, pairs)
             except EzsshError as exc:  # sent, not struck off: the timer sends them again, the handler drops them
                 log.warning("enrolment messages sent but still in the outbox (%s); they will be sent again", exc.message)
         return sent

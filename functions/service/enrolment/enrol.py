@@ -4,13 +4,13 @@ read a job, list a policy's records."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from ...core.errors import BackendUnavailable, EzsshError, Forbidden, InvalidRequest, NotFound
 from ...core.paging import decode_token, encode_token
 from ...core.policy import Identity, Policy
 from ...hosts.azure_vms import PushError, Vm, VmRef, in_scope, parse_resource_group, parse_vm_id
-from ...storage.enrolments import (Enrolment,
-                                   Job, JobItem, job_dict, vm_key)
+from ...storage.enrolments import Enrolment, Job, JobItem, job_dict, vm_key
 from .base import EnrolmentBase, _tag
 
 MAX_LIST_LIMIT = 1000
@@ -49,10 +49,9 @@ class Enrol(EnrolmentBase):
             raise InvalidRequest("Give either 'vm_id', or 'resource_group' with 'tag'.")
         if vm_id is not None and tag is not None:
             raise InvalidRequest("'tag' goes with 'resource_group', not with 'vm_id'.")
-        if resource_group is not None:
-            if tag is None or tag.count("=") < 1 or not tag.split("=", 1)[0].strip() \
-                    or not tag.split("=", 1)[1].strip() or len(tag) > 600:
-                raise InvalidRequest("'tag' must look like 'name=value'.")
+        if resource_group is not None and (tag is None or tag.count("=") < 1 or not tag.split("=", 1)[0].strip()
+                                           or not tag.split("=", 1)[1].strip() or len(tag) > 600):
+            raise InvalidRequest("'tag' must look like 'name=value'.")
         policy = self._admin_policy(who, policy_id)
         if vm_id is not None:
             ref = parse_vm_id(vm_id)
@@ -107,7 +106,7 @@ class Enrol(EnrolmentBase):
         return found
 
     @staticmethod
-    def describe(job: Job, items: list[JobItem]) -> dict:
+    def describe(job: Job, items: list[JobItem]) -> dict[str, Any]:
         """The job as the API shows it."""
         return {"job": job_dict(job, items), "items": [i.to_dict() for i in items]}
 

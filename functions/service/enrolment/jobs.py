@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
+from typing import Any
 
 from ...core.audit import AuditEntry
 from ...core.errors import Conflict
 from ...core.policy import Identity
 from ...hosts.azure_vms import in_scope, parse_vm_id
-from ...storage.enrolments import (FAILED, PENDING, QUEUED, RETRYING, RUNNING, SUCCEEDED, TERMINAL, JobItem)
+from ...storage.enrolments import FAILED, PENDING, QUEUED, RETRYING, RUNNING, SUCCEEDED, TERMINAL, JobItem
 from .base import EnrolmentBase
 
 log = logging.getLogger("ezssh.enrolment")
@@ -25,7 +26,7 @@ class JobRunner(EnrolmentBase):
         now = int(self.clock())
         counts = {"unsent": 0, "sent": 0}
         for tid in self.config.tenants:
-            rows = self.jobs.unsent(tid, created_before=now - self.config.unsent_grace, limit=self.config.unsent_page)
+            rows = self.job_store.unsent(tid, created_before=now - self.config.unsent_grace, limit=self.config.unsent_page)
             counts["unsent"] += len(rows)
             sent = self._send([(r.tenant_id, r.job_id, r.policy_id, r.vm_id) for r in rows])
             counts["sent"] += len(sent)
@@ -45,15 +46,15 @@ class JobRunner(EnrolmentBase):
             try:
                 if not item.etag:  # as created (the job's transaction returns no ETags): read it first
                     raise Conflict("no ETag")
-                return self.jobs.update_item(replace(new, updated_at=int(self.clock())), item.etag, audit)
+                return self.job_store.update_item(replace(new, updated_at=int(self.clock())), item.etag, audit)
             except Conflict:
-                fresh = self.jobs.get_item(item.tenant_id, item.job_id, item.vm_id)
+                fresh = self.job_store.get_item(item.tenant_id, item.job_id, item.vm_id)
                 if fresh is None:
                     return None
                 item = fresh
         raise Conflict(f"Job {item.job_id}'s item for {item.vm_id} kept changing.")
 
-    def _set_item(self, item: JobItem, audit: AuditEntry | None = None, **changes: str | int | None) -> JobItem:
+    def _set_item(self, item: JobItem, audit: AuditEntry | None = None, **changes: Any) -> JobItem:
         """Write an item's progress (its own message's handler is the only writer; retried on a race)."""
         return self._update_item(item, lambda i: replace(i, **changes), audit) or item
 
@@ -80,8 +81,8 @@ class JobRunner(EnrolmentBase):
             log.warning("enrolment queue: dropped a message that is not an ezssh job: %r", str(body)[:200])
             return "dropped"
         tid, job_id, vm_id = msg["tenant"], msg["job"], msg["vm"]
-        job = self.jobs.get_head(tid, job_id)
-        item = self.jobs.get_item(tid, job_id, vm_id) if job is not None else None
+        job = self.job_store.get_head(tid, job_id)
+        item = self.job_store.get_item(tid, job_id, vm_id) if job is not None else None
         if job is None or item is None:
             log.warning("enrolment queue: job %s has no item for %s; dropped", job_id, vm_id)
             return "dropped"
@@ -110,7 +111,7 @@ class JobRunner(EnrolmentBase):
                                last_error="Another push to this VM kept running; gave up waiting for it.")
                 return "failed"
             wait = max(1, min(self.config.deferral_step, rec.lease_until - int(self.clock()) + 1))
-            self.queue.send(self._message(job, vm_id, deferrals + 1, bool(msg.get("retry"))), delay=wait)
+            self.job_queue.send(self._message(job, vm_id, deferrals + 1, bool(msg.get("retry"))), delay=wait)
             self._set_item(item, state=QUEUED, last_error=f"Waiting {wait} s for another push to this VM to end.")
             return "deferred"
         state = {SUCCEEDED: SUCCEEDED, FAILED: FAILED, RETRYING: RETRYING}.get(rec.state, QUEUED)
@@ -126,7 +127,7 @@ class JobRunner(EnrolmentBase):
         msg = _parse_message(body)
         if msg is None or self.jobs is None:
             return "dropped"
-        item = self.jobs.get_item(msg["tenant"], msg["job"], msg["vm"])
+        item = self.job_store.get_item(msg["tenant"], msg["job"], msg["vm"])
         if item is None or item.state in TERMINAL:
             return "already_done"
         why = (f"The push was abandoned after {item.deliveries} deliveries that failed "
@@ -141,7 +142,7 @@ class JobRunner(EnrolmentBase):
         return "failed"
 
 
-def _parse_message(body: str | bytes) -> dict | None:
+def _parse_message(body: str | bytes) -> dict[str, Any] | None:
     try:
         msg = json.loads(body.decode() if isinstance(body, bytes) else body)
     except (ValueError, UnicodeDecodeError):

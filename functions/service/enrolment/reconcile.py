@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 from ...core.errors import Conflict, InvalidRequest, NotFound
 from ...core.policy import Policy
 from ...hosts.azure_vms import PushError, Vm, VmRef, in_scope, parse_vm_id
-from ...storage.enrolments import (PENDING, RETRYING, TERMINAL, Enrolment,
-                                   Job, vm_key)
+from ...storage.enrolments import PENDING, RETRYING, TERMINAL, Enrolment, Job, vm_key
 from .base import EnrolmentBase, _tag
 
 log = logging.getLogger("ezssh.enrolment")
@@ -43,7 +43,7 @@ class Reconcile(EnrolmentBase):
                 out[(p.tenant_id, p.id)] = p
         return list(out.values())
 
-    def handle_event(self, event_type: str, subject: str | None, data: dict | None) -> list[Job]:
+    def handle_event(self, event_type: str, subject: str | None, data: dict[str, Any] | None) -> list[Job]:
         """One Event Grid event: queue a job per policy that covers the VM and is due there. Anything
         that is not a successful VM write in scope is ignored. Returns the jobs queued."""
         data = data or {}
@@ -127,8 +127,8 @@ class Reconcile(EnrolmentBase):
         per_policy: dict[tuple[str, str], list[VmRef]] = {}
         for (tid, pid, _), (_, ref) in work.items():
             per_policy.setdefault((tid, pid), []).append(ref)
-        for key, refs in per_policy.items():
-            self.submit(by_key[key], refs, source="reconcile")
+        for policy_key, refs in per_policy.items():
+            self.submit(by_key[policy_key], refs, source="reconcile")
             counts["jobs"] += 1
             counts["queued"] += len(refs)
         return counts
@@ -136,13 +136,13 @@ class Reconcile(EnrolmentBase):
     def _requeue(self, rec: Enrolment, now: int) -> bool:
         """Send a due retry to the job it belongs to; the record is marked (ETag-guarded) so the next
         tick does not send it again while the message waits."""
-        job = self.jobs.get_head(rec.tenant_id, rec.job_id or "")
-        item = self.jobs.get_item(rec.tenant_id, job.job_id, rec.vm_id) if job is not None else None
+        job = self.job_store.get_head(rec.tenant_id, rec.job_id or "")
+        item = self.job_store.get_item(rec.tenant_id, job.job_id, rec.vm_id) if job is not None else None
         if job is None or item is None or item.state in TERMINAL:
             return False
         try:
             self.store.update(replace(rec, next_attempt_at=now + self.config.lease_seconds), rec.etag or "")
         except (Conflict, NotFound):
             return True  # someone else is on it
-        self.queue.send(self._message(job, item.vm_id, retry=True))
+        self.job_queue.send(self._message(job, item.vm_id, retry=True))
         return True
