@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 
+from ..core.jsonvalue import JsonValue
 from ..core.policy import Identity
 from ..service.namespaces import NAMESPACES_REFUSED
 from .deps import body, caller, service
@@ -28,5 +29,5 @@ def get(request: Request, who: Identity = Depends(caller)) -> JSONResponse:
 
 @router.put("")
 def put(request: Request, who: Identity = Depends(caller), if_match: str | None = Header(None),
-        doc: object = body(None, NAMESPACES_REFUSED)) -> JSONResponse:
+        doc: JsonValue = body(None, NAMESPACES_REFUSED)) -> JSONResponse:
     return _respond(service(request).namespaces.replace(who, doc, if_match))

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ..core.errors import InvalidRequest
 from ..core.evaluation import allowed_logins
+from ..core.jsonvalue import JsonValue
 from ..core.policy import Identity, Policy
 from ..service.policies import POLICY_CREATE_REFUSED, POLICY_UPDATE_REFUSED
 from .deps import body, caller, service
@@ -53,7 +54,7 @@ def list_(request: Request, who: Identity = Depends(caller)) -> dict:
 
 @router.post("")
 def create(request: Request, who: Identity = Depends(caller),
-           doc: object = body(None, POLICY_CREATE_REFUSED)) -> JSONResponse:
+           doc: JsonValue = body(None, POLICY_CREATE_REFUSED)) -> JSONResponse:
     return _respond(service(request).policies.create(who, doc), who, 201)
 
 
@@ -64,7 +65,7 @@ def get(request: Request, policy_id: str, who: Identity = Depends(caller)) -> JS
 
 @router.patch("/{policy_id}")
 def update(request: Request, policy_id: str, who: Identity = Depends(caller),
-           if_match: str | None = Header(None), doc: object = body(None, POLICY_UPDATE_REFUSED)) -> JSONResponse:
+           if_match: str | None = Header(None), doc: JsonValue = body(None, POLICY_UPDATE_REFUSED)) -> JSONResponse:
     return _respond(service(request).policies.update(who, policy_id, doc, if_match), who)
 
 

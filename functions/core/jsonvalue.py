@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import TypeAlias
 
-JsonValue = Union[dict[str, "JsonValue"], list["JsonValue"], str, int, float, bool, None]
+JsonValue: TypeAlias = dict[str, "JsonValue"] | list["JsonValue"] | str | int | float | bool | None

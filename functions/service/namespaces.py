@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.errors import Forbidden, InvalidRequest, PreconditionRequired
-from ..core.namespaces import Namespace, parse_namespace, parse_namespaces
 from ..core.jsonvalue import JsonValue
+from ..core.namespaces import Namespace, parse_namespace, parse_namespaces
 from ..core.policy import Identity
 from ..core.records import HostNamespaces
 from ..observability import event
