@@ -18,8 +18,7 @@ from functions.core.policydoc import policy_from_document
 from functions.core.records import CertificateRecord
 from functions.service import Service, ServiceConfig
 from tests.readcount import counting_store
-
-from .helpers import ALICE, CAROL, HOST_NAMESPACES, Clock, policy_doc
+from tests.service.helpers import ALICE, CAROL, HOST_NAMESPACES, Clock, policy_doc
 
 LIVE_USER, LIVE_HOST = 3, 2  # revocations still inside the KRL in both worlds
 

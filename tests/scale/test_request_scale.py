@@ -19,10 +19,8 @@ from functions.core import serials
 from functions.core.errors import Conflict, TooManyPending
 from functions.core.evaluation import AccessRequest
 from functions.service import Service, ServiceConfig
-
 from tests.contract.test_store import race
-
-from .helpers import ALICE, BOB, CAROL, DAVE, T0
+from tests.service.helpers import ALICE, BOB, CAROL, DAVE, T0
 
 
 @dataclass
