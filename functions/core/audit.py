@@ -14,7 +14,7 @@ import json
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import Field, dataclass, field, fields, replace
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypedDict, TypeVar
 
 GENESIS = "0" * 64
 
@@ -30,6 +30,22 @@ class Chained(Protocol):
 
     @property
     def audit_seq(self) -> int: ...
+
+
+class AuditFields(TypedDict, total=False):
+    """What a use case says about its action in an entry (the keywords of service.Base.audit_entry;
+    the tenant, time and actor come from the caller's identity and the clock)."""
+
+    request_id: str | None
+    policy_id: str | None
+    key_id: str | None
+    serial: str | None
+    host: str | None
+    principal: str | None
+    error_code: str | None
+    message: str | None
+    details: dict[str, Any]
+    chain: str | None
 
 
 @dataclass(frozen=True)

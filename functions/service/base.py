@@ -14,15 +14,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from ..core.audit import AuditEntry
+from ..core.audit import AuditEntry, AuditFields
 from ..core.errors import CaKeyNotFound, Denied, EzsshError, NotFound, StorageUnavailable, TtlTooLong
 from ..core.policy import Identity, Policy
 from ..notify import Message
 from ..observability import event
 from ..signing.base import KeyKind, KeyStore
 from ..storage.base import Store
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger("ezssh.service")
 T = TypeVar("T")
@@ -204,7 +207,8 @@ class Base:
     def now(self) -> int:
         return int(self.clock())
 
-    def audit_entry(self, who: Identity | None, action: str, outcome: str = "ok", **fields: Any) -> AuditEntry:
+    def audit_entry(self, who: Identity | None, action: str, outcome: str = "ok",
+                    **fields: Unpack[AuditFields]) -> AuditEntry:
         return AuditEntry(
             tenant_id=who.tid if who else "",
             at=self.clock(),
@@ -216,7 +220,7 @@ class Base:
         )
 
     def refuse(self, who: Identity | None, exc: EzsshError, action: str, *, tenant_id: str | None = None,
-               **fields: object) -> None:
+               **fields: Unpack[AuditFields]) -> None:
         """Record a refusal. Never lets a storage failure hide the original error. A caller without
         an identity is counted, not stored, unless it proved it belongs to a tenant (`tenant_id`: a
         host that presented that tenant's real token or challenge): then its refusal is the tenant's
@@ -238,7 +242,7 @@ class Base:
             return
         # A user error is a refusal; a system error (e.g. the HSM is away) is a failure on record.
         outcome = "refused" if exc.status < 500 else "failed"
-        entry = self.audit_entry(who, action, outcome, error_code=exc.code, message=exc.message, **fields)
+        entry = replace(self.audit_entry(who, action, outcome, **fields), error_code=exc.code, message=exc.message)
         if who is None:
             entry = replace(entry, tenant_id=tenant_id or "")
         try:
@@ -250,11 +254,11 @@ class Base:
 
     @contextmanager
     def refusing(self, who: Identity | None, action: str, *, tenant_id: str | None = None,
-                 **fields: object) -> Iterator[dict[str, object]]:
+                 **fields: Unpack[AuditFields]) -> Iterator[AuditFields]:
         """`with base.refusing(who, REQUEST_REFUSED, host=...) as known:` - the one refusal path: a
         use case's body runs inside it once, and adds to `known` what it learns on the way (the
         policy it decided on), so the refusal is recorded with it."""
-        known = dict(fields)
+        known = fields  # a dict of its own (a call's keywords)
         try:
             yield known
         except EzsshError as exc:

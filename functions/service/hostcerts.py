@@ -33,8 +33,9 @@ import secrets
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..core.audit import AuditFields
 from ..core.certificate import IssuedCertificate
 from ..core.errors import CaKeyNotFound, Conflict, EzsshError, Forbidden, InvalidRequest, NotFound, TooManyRequests
 from ..core.hostcert import (
@@ -63,6 +64,9 @@ from .hosts import Hosts
 from .issuance import issued_from_record
 from .namespaces import Namespaces
 from .policies import Policies
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger("ezssh.service")
 
@@ -353,18 +357,18 @@ class HostCerts:
                          if renew_after(r.valid_after, r.valid_before) <= now)
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _refusing_in(self, tenant_id: str, who: Identity | None, **fields: object) -> ContextManager[dict[str, object]]:
+    def _refusing_in(self, tenant_id: str, who: Identity | None, **fields: Unpack[AuditFields]) -> ContextManager[AuditFields]:
         """Refusals recorded in the policy's tenant, also when the caller is a host that proved it
         belongs there (a real token or challenge of that tenant)."""
         return self.base.refusing(who, HOST_CERTIFICATE_REFUSED, tenant_id=tenant_id, **fields)
 
-    def _refusing_token(self, tid: str, pid: str, tok: HostEnrolmentToken) -> ContextManager[dict[str, object]]:
+    def _refusing_token(self, tid: str, pid: str, tok: HostEnrolmentToken) -> ContextManager[AuditFields]:
         """After a real enrolment token of this tenant: refusals are the tenant's to read."""
         return self._refusing_in(tid, None, policy_id=pid,
                                  details={"proof": "token", "token_id": tok.token_hash[:12],
                                           "token_created_by": tok.created_by_upn, "hosts": list(tok.hosts)})
 
-    def _refusing_host(self, tenant_id: str, policy_id: str | None, proof: str) -> ContextManager[dict[str, object]]:
+    def _refusing_host(self, tenant_id: str, policy_id: str | None, proof: str) -> ContextManager[AuditFields]:
         """Hosts have no Entra identity: their refusals go to the unauthenticated partition."""
         return self.base.refusing(None, HOST_CERTIFICATE_REFUSED,
                                   policy_id=str(policy_id)[:64] if policy_id is not None else None,

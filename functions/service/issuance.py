@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import ssh
 
 from ..core import requests as sm
 from ..core import serials
-from ..core.audit import AuditEntry, canonical_json, link, with_head
+from ..core.audit import AuditEntry, AuditFields, canonical_json, link, with_head
 from ..core.certificate import IssuedCertificate, build_certificate, verify_issued
 from ..core.errors import (
     CaKeyNotFound,
@@ -91,7 +91,7 @@ class Issuance:
             return self._idempotent(who, req, public_key, idempotency_key, known)
 
     def _idempotent(self, who: Identity, req: AccessRequest, public_key: str | None, key: str,
-                    known: dict[str, object]) -> Outcome:
+                    known: AuditFields) -> Outcome:
         """The use case under an idempotency key: a retry finds the first answer instead of asking again."""
         idem = self._idempotency(who, req, public_key, key)
         if not idem.on_request_row and serials.key_time_ms(key) is not None:
@@ -105,7 +105,7 @@ class Issuance:
         return self._keyed(who, req, public_key, idem, known)
 
     def _keyed(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord,
-               known: dict[str, object]) -> Outcome:
+               known: AuditFields) -> Outcome:
         # Optimistic: the first attempt writes at once (with its key); only an attempt that is refused
         # or finds its row or key taken - a retry, or a concurrent twin - reads the first answer.
         try:
@@ -165,7 +165,7 @@ class Issuance:
                        approvers=policy.approvers.to_dict() if pending and policy is not None else None)
 
     def _ask(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord | None,
-             known: dict[str, object]) -> Outcome:
+             known: AuditFields) -> Outcome:
         """decide -> plan the record and its audit -> sign -> persist -> notify."""
         b = self.base
         wait = b.rate.take((who.tid, who.oid), b.clock())
@@ -177,7 +177,7 @@ class Issuance:
         return self._persist(who, plan, idem)
 
     def _plan(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord | None,
-              policies: list[Policy], known: dict[str, object]) -> _Plan:
+              policies: list[Policy], known: AuditFields) -> _Plan:
         b = self.base
         decision = choose_policy(who, req, policies)
         vetted = parse_public_key(public_key) if public_key is not None else None
