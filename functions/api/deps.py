@@ -10,7 +10,7 @@ import functools
 import json
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,7 +22,10 @@ from ..service import Service
 from .errors import describe, fields_of
 
 if TYPE_CHECKING:
-    from ..wiring import Context
+    from ..health import Health
+    from ..identity import TokenValidator
+    from ..service.enrolment import EnrolmentService
+    from ..settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 64 * 1024
@@ -35,7 +38,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def context(request: Request) -> Context:
+class Worker(Protocol):
+    """What the handlers read from the worker's one context (functions.wiring.Context fills it; the
+    API names it here so that it imports nothing above it)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def service(self) -> Service: ...
+    @property
+    def validator(self) -> TokenValidator: ...
+    @property
+    def enrolments(self) -> EnrolmentService | None: ...
+    @property
+    def health(self) -> Health: ...
+
+
+def context(request: Request) -> Worker:
     """The worker's one functions.wiring.Context (settings, service, validator, enrolments)."""
     return request.app.state.context()
 
@@ -173,9 +192,16 @@ def body(model: type[M] | None, action: str, *, host: bool = False) -> Any:
         except EzsshError as exc:
             # a refusal writes its audit entry: off the event loop, like the handlers
             # with the request the path names, as the use case records it
-            named = {"request_id": str(request.path_params["request_id"])[:64]} if "request_id" in request.path_params else {}
-            await run_in_threadpool(functools.partial(service(request).base.refuse, who, exc, action,
-                                                      details={"path": request.url.path}, **named))
+            named = (
+                {"request_id": str(request.path_params["request_id"])[:64]}
+                if "request_id" in request.path_params
+                else {}
+            )
+            await run_in_threadpool(
+                functools.partial(
+                    service(request).base.refuse, who, exc, action, details={"path": request.url.path}, **named
+                )
+            )
             raise
 
     if host:

@@ -15,15 +15,38 @@ audited (none inside: the VM gets no host certificate, and the refusal is audite
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from ..core.errors import EzsshError
-from ..core.policy import Policy
-from .azure_vms import PushError, VmRef, wrap_script
+from ..core.policy import Identity, Policy
+from .azure_vms import PushError, RunResult, VmRef, wrap_script
 
-if TYPE_CHECKING:
-    from ..service.enrolment.ports import VmPusher
-    from ..service.hostcerts import HostCerts
+
+# What this module needs, named here so that it imports nothing above it: the VMs (AzureVms, or the
+# service's VmPusher port) and the host-certificate use cases (functions.service.hostcerts.HostCerts).
+class VmReader(Protocol):
+    def vm_names(self, ref: VmRef) -> list[str]: ...
+    def run_shell_script(self, ref: VmRef, lines: list[str]) -> RunResult: ...
+
+
+class Issued(Protocol):
+    def to_text(self) -> str: ...
+
+
+class HostCertIssuer(Protocol):
+    def vm_renewal_due(self, policy: Policy, vm_id: str, *, first: bool = True) -> bool: ...
+    def vms_due_for_renewal(self, policy: Policy) -> frozenset[str]: ...
+    def issue_for_vm(
+        self,
+        policy: Policy,
+        vm_id: str,
+        names: Sequence[str],
+        read_keys: Callable[[], Sequence[str]],
+        *,
+        who: Identity | None = None,
+    ) -> Issued: ...
+
 
 log = logging.getLogger("ezssh.enrolment")
 
@@ -47,7 +70,7 @@ class VmHostCerts:
     """What the enrolment service asks about host certificates (functions.service.hostcerts.HostCerts
     does the signing, recording and auditing)."""
 
-    def __init__(self, hostcerts: HostCerts) -> None:
+    def __init__(self, hostcerts: HostCertIssuer) -> None:
         self.hostcerts = hostcerts
 
     def due(self, policy: Policy, vm_id: str) -> bool:
@@ -60,7 +83,7 @@ class VmHostCerts:
         """`due` for every VM of the policy at once (lower-cased VM ids), in one range read."""
         return self.hostcerts.vms_due_for_renewal(policy)
 
-    def certs_for(self, policy: Policy, vms: VmPusher, ref: VmRef) -> str:
+    def certs_for(self, policy: Policy, vms: VmReader, ref: VmRef) -> str:
         """The certificates to render into this VM's setup script ("" to keep what it has)."""
         if not self.hostcerts.vm_renewal_due(policy, ref.id):
             return ""
