@@ -40,6 +40,9 @@ KRL_EXPIRY_GRACE = 3600
 # How much earlier than our last build a revocation we have not seen may be dated: a revocation's
 # transaction lands within the request deadline of its time, on a clock a little off ours.
 REVOKED_SKEW = 300
+# ... and, should a clock be off by more than that, how long such a revocation may stay out of a
+# worker's KRL: the revocations still valid are read whole again at least this often.
+KRL_READ_WHOLE_EVERY = 3600
 FOREVER = 2**63
 V = TypeVar("V")
 
@@ -102,6 +105,7 @@ class _BuiltKrl:
     rows: dict[tuple[int, str], Revoked]  # the revocations in it still in a KRL, by (serial, CA)
     built_at: int  # the service's time when built (after its version was read)
     latest: int  # its krl_version
+    read_whole_at: int  # when its revocations were last read whole (not only what changed)
 
 
 def revocations_by_ca(ca_keys: Iterable[str], revoked: Iterable[Revoked], now: int) -> tuple[list[CaRevocations], int]:
@@ -199,21 +203,24 @@ class Hosts:
         if hit is not None:
             return hit.answer
         held = self._krls.peek(key)
-        if held is not None and held.ca_keys == ca_keys:
+        if held is not None and held.ca_keys == ca_keys and now - held.read_whole_at < KRL_READ_WHOLE_EVERY:
             rows = dict(held.rows)
             if held.tag != version.tag:
                 since = store.list_revoked_since(policy.tenant_id, policy.id, revoked_from=held.built_at - REVOKED_SKEW)
                 rows.update({(r.serial, r.ca_fingerprint): r for r in since})
             latest = max([held.latest, version.at] + [r.revoked_at for r in rows.values()])
+            read_whole_at = held.read_whole_at
         else:
             read = store.list_revoked(policy.tenant_id, policy.id, valid_from=now - KRL_EXPIRY_GRACE + 1)
             rows = {(r.serial, r.ca_fingerprint): r for r in read}
             latest = max([version.at] + [r.revoked_at for r in read])
+            read_whole_at = now
         revs, fresh_until = revocations_by_ca(ca_keys, rows.values(), now)
+        fresh_until = min(fresh_until, read_whole_at + KRL_READ_WHOLE_EVERY)
         rows = {k: r for k, r in rows.items() if r.valid_before + KRL_EXPIRY_GRACE > now}
         data = encode_krl(revs, krl_version=latest, generated_date=latest,
                           comment=f"ezssh policy {policy.id} tenant {policy.tenant_id}")
-        built = _BuiltKrl(Derived(data, latest), version.tag, ca_keys, rows, now, latest)
+        built = _BuiltKrl(Derived(data, latest), version.tag, ca_keys, rows, now, latest, read_whole_at)
         return self._krls.put(key, ver, fresh_until, built).answer
 
     def krl_for(self, who: Identity, policy_id: str) -> Derived:

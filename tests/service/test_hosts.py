@@ -131,3 +131,19 @@ def test_hosts_fetch_the_krl_with_the_policys_host_token(service, store, issue, 
     # refusals without an identity are counted and logged, never one storage row each
     assert service.base.anonymous_refusals.total == before + 4
     assert not [e for e in store.list_audit("_unauthenticated") if e.action == "krl.refused"]
+
+
+def test_a_revocation_dated_before_the_last_build_is_in_the_krl_within_the_hour(service, store, issue, clock,
+                                                                               tmp_path):
+    """A worker holding the KRL reads what was revoked since its last build, less 5 minutes; a
+    revocation from a worker whose clock is further behind shows once the KRL is read whole again
+    (at least hourly)."""
+    from functions.service import Service
+
+    a = issue()
+    service.hosts.krl_for(ALICE, "web")
+    behind = Service(store, service.keys, service.base.config, clock=lambda: clock.now - 1200)
+    behind.hosts.revoke_certificate(CAROL, "web", a.serial)
+    service.hosts.krl_for(ALICE, "web")
+    clock.advance(3600)
+    assert revoked_by_openssh(service.hosts.krl_for(ALICE, "web").data, [a], tmp_path) == [True]
