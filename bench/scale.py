@@ -548,7 +548,7 @@ def main() -> int:  # noqa: C901 - one linear script
     ap.add_argument("--reps", type=int, default=20, help="calls per measurement (p50)")
     ap.add_argument("--threads", type=int, default=4, help="seeding threads (entity-group transactions of 100)")
     ap.add_argument("--users", type=int, default=300, help="users the seeded history is spread over")
-    ap.add_argument("--max-policies", type=int, default=100, help="policies: one per 100 N, at most this many")
+    ap.add_argument("--max-policies", type=int, default=30, help="policies: one per 100 N, at most this many")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds each API request may wait on storage (default: the API's own, 10 s). Azurite "
                          "scans the whole partition for every range read, seconds at a million rows, where Table "
@@ -755,7 +755,8 @@ def main() -> int:  # noqa: C901 - one linear script
                     Call("known-hosts, If-None-Match", get("alice", "/api/known-hosts", tag="/api/known-hosts",
                                                            conditional=True)),
                     Call("housekeeping timer", timer(lambda: svc.housekeeping(ctx.settings.tenants))),
-                    Call("reconcile timer", timer(lambda: ctx.enrolments.reconcile() if ctx.enrolments else None)),
+                    Call("reconcile timer", timer(lambda: ctx.enrolments.reconcile() if ctx.enrolments else None),
+                         reps=5),
                     Call("health (uncached)", get(None, "/api/health"), before=fresh_health),
                     Call("issuance, no Idempotency-Key",
                          post("alice", "/api/requests", lambda: {**issue, "public_key": next_key()})),
@@ -772,7 +773,11 @@ def main() -> int:  # noqa: C901 - one linear script
                 for call in calls:
                     t_call = time.perf_counter()
                     samples, answer = measure(call, counter, reps)
-                    print(f"    {call.name}: {time.perf_counter() - t_call:.1f} s", file=sys.stderr, flush=True)
+                    codes = ",".join(map(str, sorted({x.status for x in samples})))
+                    print(f"    {call.name}: rows {pct([x.rows for x in samples], 50):.0f} (most "
+                          f"{max(x.rows for x in samples)}), round trips {pct([x.trips for x in samples], 50):.0f}, "
+                          f"API CPU {pct([x.cpu for x in samples], 50) * 1000:.2f} ms, status {codes} "
+                          f"({len(samples)} calls in {time.perf_counter() - t_call:.1f} s)", file=sys.stderr, flush=True)
                     results.setdefault(call.name, {})[size] = (samples, answer)
                 cancel_pending()
             load_end = load()
