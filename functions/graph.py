@@ -54,8 +54,15 @@ class _Graph:
 
 
 class GraphGroups(_Graph):
-    def __init__(self, endpoint: str, credential: Any, *, verify: bool | str = True, timeout: float = 10.0,
-                 cache_seconds: float = CACHE_SECONDS) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        credential: Any,
+        *,
+        verify: bool | str = True,
+        timeout: float = 10.0,
+        cache_seconds: float = CACHE_SECONDS,
+    ) -> None:
         super().__init__(endpoint, credential, verify=verify, timeout=timeout)
         self._ttl = cache_seconds
         self._cache: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
@@ -81,14 +88,16 @@ class GraphGroups(_Graph):
             for _ in range(MAX_PAGES):
                 self.calls += 1
                 if body is not None:
-                    r = self._http().post(url, json=body, timeout=self._timeout,
-                                          headers={"Authorization": f"Bearer {token}"})
+                    r = self._http().post(
+                        url, json=body, timeout=self._timeout, headers={"Authorization": f"Bearer {token}"}
+                    )
                 else:
                     r = self._http().get(url, timeout=self._timeout, headers={"Authorization": f"Bearer {token}"})
                 if r.status_code != 200:
                     raise BackendUnavailable(
                         f"Your group memberships could not be read from Microsoft Graph (HTTP {r.status_code}); "
-                        "the service's identity needs GroupMember.Read.All and User.ReadBasic.All.")
+                        "the service's identity needs GroupMember.Read.All and User.ReadBasic.All."
+                    )
                 doc = r.json()
                 out.update(v for v in doc.get("value", []) if isinstance(v, str))
                 next_link = doc.get("@odata.nextLink")
@@ -128,14 +137,18 @@ class GraphDirectory(_Graph):
     def risky_users(self, tid: str, min_level: str) -> set[str]:
         """Object ids of users Entra ID Protection rates at `min_level` or above and still at risk."""
         token = self._token_or_unavailable(tid)
-        levels = RISK_LEVELS[RISK_LEVELS.index(min_level):]
+        levels = RISK_LEVELS[RISK_LEVELS.index(min_level) :]
         flt = " or ".join(f"riskLevel eq '{lv}'" for lv in levels)
-        url: str | None = (f"{self._endpoint}/v1.0/identityProtection/riskyUsers?$select=id,riskLevel,riskState"
-                           f"&$filter=riskState eq 'atRisk' and ({flt})")
+        url: str | None = (
+            f"{self._endpoint}/v1.0/identityProtection/riskyUsers?$select=id,riskLevel,riskState"
+            f"&$filter=riskState eq 'atRisk' and ({flt})"
+        )
         out: set[str] = set()
         for _ in range(MAX_PAGES):
             doc = self._call("GET", url or "", token)
-            out.update(u["id"].lower() for u in doc.get("value", []) if isinstance(u, dict) and isinstance(u.get("id"), str))
+            out.update(
+                u["id"].lower() for u in doc.get("value", []) if isinstance(u, dict) and isinstance(u.get("id"), str)
+            )
             url = doc.get("@odata.nextLink")
             if not url:
                 break
@@ -152,10 +165,18 @@ class GraphDirectory(_Graph):
         """Fill `states` for the objects of `kind` found; return the ids not found."""
         missing: list[str] = []
         for i in range(0, len(oids), BATCH):
-            chunk = oids[i:i + BATCH]
-            doc = self._call("POST", f"{self._endpoint}/v1.0/$batch", token, {"requests": [
-                {"id": str(n), "method": "GET", "url": f"/{kind}/{oid}?$select=id,accountEnabled"}
-                for n, oid in enumerate(chunk)]})
+            chunk = oids[i : i + BATCH]
+            doc = self._call(
+                "POST",
+                f"{self._endpoint}/v1.0/$batch",
+                token,
+                {
+                    "requests": [
+                        {"id": str(n), "method": "GET", "url": f"/{kind}/{oid}?$select=id,accountEnabled"}
+                        for n, oid in enumerate(chunk)
+                    ]
+                },
+            )
             answers = {str(r.get("id")): r for r in doc.get("responses", []) if isinstance(r, dict)}
             for n, oid in enumerate(chunk):
                 r = answers.get(str(n)) or {}
@@ -165,16 +186,19 @@ class GraphDirectory(_Graph):
                 elif status == 404:
                     missing.append(oid)
                 else:
-                    raise BackendUnavailable(f"Microsoft Graph could not say whether {kind} {oid} may sign in "
-                                             f"(HTTP {status}); the service's identity needs User.Read.All and "
-                                             "Application.Read.All.")
+                    raise BackendUnavailable(
+                        f"Microsoft Graph could not say whether {kind} {oid} may sign in "
+                        f"(HTTP {status}); the service's identity needs User.Read.All and "
+                        "Application.Read.All."
+                    )
         return missing
 
     def _call(self, method: str, url: str, token: str, body: dict | None = None) -> dict:
         self.calls += 1
         try:
-            r = self._http().request(method, url, json=body, timeout=self._timeout,
-                                     headers={"Authorization": f"Bearer {token}"})
+            r = self._http().request(
+                method, url, json=body, timeout=self._timeout, headers={"Authorization": f"Bearer {token}"}
+            )
         except Exception as exc:  # transport
             log.warning("graph %s %s failed: %s", method, url, exc)
             raise BackendUnavailable("Microsoft Graph cannot be reached.") from None

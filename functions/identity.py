@@ -155,8 +155,11 @@ class TokenValidator:
         are refused with 503 rather than judged without their groups."""
         self._s = settings
         self._groups = groups
-        self._ctx = ssl.create_default_context(cafile=settings.oidc_ca_bundle) if settings.oidc_ca_bundle \
+        self._ctx = (
+            ssl.create_default_context(cafile=settings.oidc_ca_bundle)
+            if settings.oidc_ca_bundle
             else ssl.create_default_context()
+        )
         self._issuers: dict[str, _IssuerKeys] = {}
         self._lock = threading.Lock()
         self.tokens = ValidatedTokens()
@@ -279,9 +282,11 @@ class TokenValidator:
         if scopes:
             raise Unauthenticated("An app-only token carries no delegated scopes (scp).")
         if WORKLOAD_ROLE not in roles:
-            raise Forbidden(f"This app has not been assigned the '{WORKLOAD_ROLE}' app role of the ezssh API; "
-                            "an admin assigns it (Entra ID: Enterprise applications > ezssh API > "
-                            "Users and groups, or az rest ... appRoleAssignedTo).")
+            raise Forbidden(
+                f"This app has not been assigned the '{WORKLOAD_ROLE}' app role of the ezssh API; "
+                "an admin assigns it (Entra ID: Enterprise applications > ezssh API > "
+                "Users and groups, or az rest ... appRoleAssignedTo)."
+            )
         azp = claims.get("azp") or claims.get("appid")
         if not isinstance(azp, str) or not azp:
             raise Unauthenticated("The app token names no client (azp).")
@@ -315,8 +320,11 @@ def is_guest(claims: dict, issuer: str, tid: str) -> bool:
             return True
     idp = claims.get("idp")
     if idp is not None:
-        own = {issuer.rstrip("/").lower(), f"https://sts.windows.net/{tid}".lower(),
-               f"https://login.microsoftonline.com/{tid}/v2.0".lower()}
+        own = {
+            issuer.rstrip("/").lower(),
+            f"https://sts.windows.net/{tid}".lower(),
+            f"https://login.microsoftonline.com/{tid}/v2.0".lower(),
+        }
         if not isinstance(idp, str) or idp.rstrip("/").lower() not in own:
             return True
     return False

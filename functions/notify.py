@@ -110,8 +110,14 @@ def payload(msg: Message) -> dict:
             {"type": "section", "fields": [{"type": "plain_text", "text": f} for f in facts[:10]]},
         ]
         if msg.link:
-            blocks.append({"type": "actions", "elements": [
-                {"type": "button", "text": {"type": "plain_text", "text": "Open request"}, "url": msg.link}]})
+            blocks.append(
+                {
+                    "type": "actions",
+                    "elements": [
+                        {"type": "button", "text": {"type": "plain_text", "text": "Open request"}, "url": msg.link}
+                    ],
+                }
+            )
         return {
             # the notification text (and fallback): one escaped line per fact, rendered without markup
             "text": "\n".join([title, *facts] + ([msg.link] if msg.link else [])),
@@ -124,12 +130,17 @@ def payload(msg: Message) -> dict:
         "themeColor": "0076D7",
         "summary": escape_teams(msg.title),
         "title": escape_teams(msg.title),
-        "sections": [{"facts": [{"name": escape_teams(k), "value": _value(msg, k, v, escape_teams)}
-                                for k, v in msg.facts], "markdown": True}],
+        "sections": [
+            {
+                "facts": [{"name": escape_teams(k), "value": _value(msg, k, v, escape_teams)} for k, v in msg.facts],
+                "markdown": True,
+            }
+        ],
     }
     if msg.link:
-        card["potentialAction"] = [{"@type": "OpenUri", "name": "Open request",
-                                    "targets": [{"os": "default", "uri": msg.link}]}]
+        card["potentialAction"] = [
+            {"@type": "OpenUri", "name": "Open request", "targets": [{"os": "default", "uri": msg.link}]}
+        ]
     return card
 
 
@@ -221,15 +232,18 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self.sock = socket.create_connection((self._address, self.port), self.timeout)
 
 
-def post_json(dest: Destination, body: dict, *, context: ssl.SSLContext, timeout: float
-              ) -> tuple[int, str, str | None]:
+def post_json(dest: Destination, body: dict, *, context: ssl.SSLContext, timeout: float) -> tuple[int, str, str | None]:
     """POST to the checked address; no redirects. Returns (status, first bytes of the reply, Retry-After)."""
-    conn: http.client.HTTPConnection = (_PinnedHTTPSConnection(dest, context, timeout) if dest.scheme == "https"
-                                        else _PinnedHTTPConnection(dest, timeout))
+    conn: http.client.HTTPConnection = (
+        _PinnedHTTPSConnection(dest, context, timeout)
+        if dest.scheme == "https"
+        else _PinnedHTTPConnection(dest, timeout)
+    )
     try:
         data = json.dumps(body).encode()
-        conn.request("POST", dest.target, body=data, headers={"Content-Type": "application/json",
-                                                             "User-Agent": "ezssh-notify"})
+        conn.request(
+            "POST", dest.target, body=data, headers={"Content-Type": "application/json", "User-Agent": "ezssh-notify"}
+        )
         resp = conn.getresponse()
         reply = resp.read(MAX_REPLY).decode("utf-8", "replace")
         return resp.status, reply, resp.getheader("Retry-After")
@@ -274,8 +288,9 @@ class WebhookNotifier:
         self._timeout = timeout
         self._clock = clock
         self._allow_loopback_http = allow_loopback_http
-        self._ctx = ssl.create_default_context(cafile=verify) if isinstance(verify, str) \
-            else ssl.create_default_context()
+        self._ctx = (
+            ssl.create_default_context(cafile=verify) if isinstance(verify, str) else ssl.create_default_context()
+        )
         if verify is False:
             self._ctx.check_hostname = False
             self._ctx.verify_mode = ssl.CERT_NONE
@@ -368,8 +383,16 @@ class WebhookNotifier:
         for m in originals:
             self._audit(m, "notification.failed", "error", attempt, last, len(originals))
 
-    def _audit(self, msg: Message, action: str, outcome: str, attempts: int, error: str | None,
-               batch: int = 1, status: int | None = None) -> None:
+    def _audit(
+        self,
+        msg: Message,
+        action: str,
+        outcome: str,
+        attempts: int,
+        error: str | None,
+        batch: int = 1,
+        status: int | None = None,
+    ) -> None:
         details: dict = {"attempts": attempts, "host": urlsplit(msg.url).hostname}
         if status is not None:
             details["status"] = status
@@ -401,5 +424,11 @@ def digest(held: list[Message]) -> Message:
         facts.append(("Update", f"{m.title.removeprefix('ezssh: ')}: " + "; ".join(parts)))
     if len(held) > 20:
         facts.append(("More", f"{len(held) - 20} more"))
-    return replace(first, title=f"ezssh: {len(held)} updates on access requests", facts=tuple(facts),
-                   request_id=None, quoted=(), link=None)
+    return replace(
+        first,
+        title=f"ezssh: {len(held)} updates on access requests",
+        facts=tuple(facts),
+        request_id=None,
+        quoted=(),
+        link=None,
+    )

@@ -17,8 +17,7 @@ request_id: ContextVar[str] = ContextVar("ezssh_request_id", default="-")
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: object) -> None:
     """Log one event. Never raises: a logging problem must not fail the request it describes."""
     try:
-        fields = {"event": name, "request_id": request_id.get(),
-                  **{k: v for k, v in fields.items() if v is not None}}
+        fields = {"event": name, "request_id": request_id.get(), **{k: v for k, v in fields.items() if v is not None}}
         text = " ".join(f"{k}={v}" for k, v in fields.items() if k != "event")
         logger.log(level, "%s %s", name, text, extra={f"ezssh_{k}": str(v) for k, v in fields.items()})
     except Exception:

@@ -30,7 +30,7 @@ SETTINGS: dict[str, str] = {
     "EZSSH_STORAGE_CONNECTION_STRING": "Table Storage connection string (Azurite locally); or use EZSSH_STORAGE_ACCOUNT_URL",
     "EZSSH_STORAGE_ACCOUNT_URL": "https://<account>.table.core.windows.net, reached with the managed identity",
     "EZSSH_QUEUE_ACCOUNT_URL": "https://<account>.queue.core.windows.net: the enrolment job queue, reached with the "
-                               "managed identity (Azure); locally the QueueEndpoint of EZSSH_STORAGE_CONNECTION_STRING",
+    "managed identity (Azure); locally the QueueEndpoint of EZSSH_STORAGE_CONNECTION_STRING",
     "EZSSH_TABLE_NAME": "table name (default ezssh)",
     "EZSSH_SIGNER_BACKEND": "pkcs11 or keyvault",
     "EZSSH_PKCS11_MODULE": "path of the PKCS#11 module (pkcs11 backend)",
@@ -43,32 +43,32 @@ SETTINGS: dict[str, str] = {
     "AZURE_CLIENT_ID": "client id of the user-assigned managed identity (Azure only)",
     "APPLICATIONINSIGHTS_CONNECTION_STRING": "switches on Azure Monitor OpenTelemetry when set",
     "EZSSH_ENROL_SCOPES": "comma-separated /subscriptions/<id> or /subscriptions/<id>/resourceGroups/<rg>: "
-                          "where VMs may be enrolled (Run Command push, auto-enrolment); empty: none. With "
-                          "several tenants each entry is <tenant id>=<scope>: only that tenant's policies push there",
+    "where VMs may be enrolled (Run Command push, auto-enrolment); empty: none. With "
+    "several tenants each entry is <tenant id>=<scope>: only that tenant's policies push there",
     "EZSSH_ARM_ENDPOINT": "Azure Resource Manager endpoint (default https://management.azure.com)",
     "EZSSH_GRAPH_ENDPOINT": "Microsoft Graph endpoint for users in too many groups for their token "
-                            "(groups overage; default https://graph.microsoft.com)",
+    "(groups overage; default https://graph.microsoft.com)",
     "EZSSH_PUBLIC_URL": "the API's public base URL, rendered into setup scripts (KRL fetches, host "
-                        "enrolment); default https://$WEBSITE_HOSTNAME in Azure",
+    "enrolment); default https://$WEBSITE_HOSTNAME in Azure",
     "EZSSH_VM_HOST_CERTS": "on (default) or off: enrolled Azure VMs get host certificates (their host keys read "
-                           "with Run Command, their names from ARM) and renew them through the reconcile timer",
+    "with Run Command, their names from ARM) and renew them through the reconcile timer",
     "EZSSH_VERIFIED_DOMAINS": "domains verified in each tenant, whose members' UPN local part {username} may "
-                              "stand for: <tenant id>=contoso.com,contoso.net;<tenant id>=...; with one tenant the "
-                              "<tenant id>= may be left out. Empty: {username} expands for nobody",
+    "stand for: <tenant id>=contoso.com,contoso.net;<tenant id>=...; with one tenant the "
+    "<tenant id>= may be left out. Empty: {username} expands for nobody",
     "EZSSH_HOST_NAMESPACES": "the DNS suffixes, host names and IP ranges each tenant's hosts live in: "
-                             "<tenant id>=*.contoso.internal,10.20.0.0/16;<tenant id>=...; with one tenant the "
-                             "<tenant id>= may be left out. Host certificates name only hosts inside them (and "
-                             "inside their policy's patterns); a tenant admin may replace them through the API "
-                             "(PUT /api/host-namespaces). Empty: no host certificates until one does",
+    "<tenant id>=*.contoso.internal,10.20.0.0/16;<tenant id>=...; with one tenant the "
+    "<tenant id>= may be left out. Host certificates name only hosts inside them (and "
+    "inside their policy's patterns); a tenant admin may replace them through the API "
+    "(PUT /api/host-namespaces). Empty: no host certificates until one does",
     "EZSSH_WEBHOOK_ALLOW_LOOPBACK_HTTP": "1 lets webhooks use plain http to a loopback address (local "
-                                        "development only); default 0: https to public addresses only",
+    "development only); default 0: https to public addresses only",
     "EZSSH_MAX_PENDING_REQUESTS": "pending requests one user may have open per policy (default 5, at most 100)",
     "EZSSH_LEAVER_INTERVAL": "seconds between leaver sweeps: identities holding live certificates are checked in "
-                             "Microsoft Graph and revoked when disabled or deleted (default 300; 0: off)",
+    "Microsoft Graph and revoked when disabled or deleted (default 300; 0: off)",
     "EZSSH_LEAVER_RISK_LEVEL": "none (default), low, medium or high: also revoke users Entra ID Protection rates at "
-                               "this risk level or above (needs Entra ID P2 and IdentityRiskyUser.Read.All)",
+    "this risk level or above (needs Entra ID P2 and IdentityRiskyUser.Read.All)",
     "EZSSH_REQUEST_RATE": "access requests one user may make per minute on one worker (default 30; bursts "
-                          "up to this many)",
+    "up to this many)",
 }
 
 
@@ -110,8 +110,11 @@ class Settings:
         """Enrolment jobs have a queue: an account URL (Azure), or a connection string naming one."""
         conn = self.storage_connection_string or ""
         return bool(self.queue_account_url) or "QueueEndpoint=" in conn or "UseDevelopmentStorage=true" in conn
+
     verified_domains: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (tid, domains) pairs
-    host_namespaces: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (tid, namespaces) pairs, until a tenant admin sets them
+    host_namespaces: tuple[
+        tuple[str, tuple[str, ...]], ...
+    ] = ()  # (tid, namespaces) pairs, until a tenant admin sets them
     webhook_allow_loopback_http: bool = False
     max_pending_requests: int = 5
     request_rate: int = 30
@@ -178,7 +181,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     tenants = tuple(t.strip() for t in _need(env, "EZSSH_TENANTS").split(",") if t.strip())
     bad = [t for t in tenants if not is_guid(t)]
     if bad or not tenants:
-        raise SettingsError(f"Setting EZSSH_TENANTS must list tenant id GUIDs; not GUIDs: {', '.join(bad) or '(none)'}.")
+        raise SettingsError(
+            f"Setting EZSSH_TENANTS must list tenant id GUIDs; not GUIDs: {', '.join(bad) or '(none)'}."
+        )
     issuer_template = _get(env, "EZSSH_ISSUER_TEMPLATE") or ENTRA_ISSUER
     if "{tid}" not in issuer_template or not issuer_template.startswith("https://"):
         raise SettingsError("Setting EZSSH_ISSUER_TEMPLATE must be an https URL containing {tid}.")
@@ -257,8 +262,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 # Azure AD Graph (retired; Bicep's environment().graph) in the global, US Government, China and Germany
 # clouds. Microsoft Graph lives elsewhere: graph.microsoft.com, graph.microsoft.us, ...
-AZURE_AD_GRAPH_HOSTS = frozenset({"graph.windows.net", "graph.chinacloudapi.cn", "graph.cloudapi.de",
-                                  "graph.microsoftazure.de"})
+AZURE_AD_GRAPH_HOSTS = frozenset(
+    {"graph.windows.net", "graph.chinacloudapi.cn", "graph.cloudapi.de", "graph.microsoftazure.de"}
+)
 DOMAIN_RE = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$")
 
 
@@ -269,8 +275,7 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     return raw in ("1", "true")
 
 
-def _per_tenant(env: Mapping[str, str], name: str, tenants: tuple[str, ...],
-                example: str) -> dict[str, list[str]]:
+def _per_tenant(env: Mapping[str, str], name: str, tenants: tuple[str, ...], example: str) -> dict[str, list[str]]:
     """A per-tenant list setting: `<tid>=a,b;<tid>=c`, or `a,b` with one tenant."""
     raw = _get(env, name) or ""
     known = {t.lower() for t in tenants}
@@ -281,7 +286,8 @@ def _per_tenant(env: Mapping[str, str], name: str, tenants: tuple[str, ...],
             if len(known) != 1:
                 raise SettingsError(
                     f"Setting {name}: this deployment serves several tenants, so each entry must "
-                    f"name its tenant, as <tenant id>={example};<tenant id>=...")
+                    f"name its tenant, as <tenant id>={example};<tenant id>=..."
+                )
             tid, items = next(iter(known)), tid
         tid = tid.strip().lower()
         if tid not in known:
@@ -344,7 +350,8 @@ def _enrolment_settings(env: Mapping[str, str], tenants: tuple[str, ...] = ()) -
     if len(known) > 1 and any("=" not in s for s in scopes):
         raise SettingsError(
             "Setting EZSSH_ENROL_SCOPES: this deployment serves several tenants, so each scope must name the tenant "
-            "whose policies may push into it, as <tenant id>=/subscriptions/...")
+            "whose policies may push into it, as <tenant id>=/subscriptions/..."
+        )
     arm = (_get(env, "EZSSH_ARM_ENDPOINT") or "https://management.azure.com").rstrip("/")
     if not arm.startswith("https://"):
         raise SettingsError("Setting EZSSH_ARM_ENDPOINT must be an https URL.")
@@ -354,17 +361,25 @@ def _enrolment_settings(env: Mapping[str, str], tenants: tuple[str, ...] = ()) -
     if public is not None:
         public = public.rstrip("/")
         if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+$", public):
-            raise SettingsError("Setting EZSSH_PUBLIC_URL must be an http(s) URL with no path, e.g. https://ezssh.example.net.")
+            raise SettingsError(
+                "Setting EZSSH_PUBLIC_URL must be an http(s) URL with no path, e.g. https://ezssh.example.net."
+            )
     graph = (_get(env, "EZSSH_GRAPH_ENDPOINT") or "https://graph.microsoft.com").rstrip("/")
     if not graph.startswith("https://"):
         raise SettingsError("Setting EZSSH_GRAPH_ENDPOINT must be an https URL.")
-    host = graph[len("https://"):].split("/", 1)[0].split(":", 1)[0].lower()
+    host = graph[len("https://") :].split("/", 1)[0].split(":", 1)[0].lower()
     if host in AZURE_AD_GRAPH_HOSTS:
         raise SettingsError(
             f"Setting EZSSH_GRAPH_ENDPOINT names {host}, the retired Azure AD Graph (what Bicep's environment().graph "
-            "returns); use the Microsoft Graph root of your cloud, e.g. https://graph.microsoft.com.")
+            "returns); use the Microsoft Graph root of your cloud, e.g. https://graph.microsoft.com."
+        )
     vm_host_certs = (_get(env, "EZSSH_VM_HOST_CERTS") or "on").strip().lower()
     if vm_host_certs not in ("on", "off"):
         raise SettingsError("Setting EZSSH_VM_HOST_CERTS must be on or off.")
-    return {"enrol_scopes": scopes, "arm_endpoint": arm, "public_url": public, "graph_endpoint": graph,
-            "vm_host_certs": vm_host_certs == "on"}
+    return {
+        "enrol_scopes": scopes,
+        "arm_endpoint": arm,
+        "public_url": public,
+        "graph_endpoint": graph,
+        "vm_host_certs": vm_host_certs == "on",
+    }

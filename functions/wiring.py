@@ -47,8 +47,10 @@ class Context:
         """GET /api/health's probes (functions/health.py): storage, the signing backend, the job
         queue where there is one, and each tenant's identity provider keys."""
         if self._health is None:
-            probes: dict[str, Callable[[], None]] = {"storage": self.service.store.health,
-                                                     "signer": self.service.keys.health}
+            probes: dict[str, Callable[[], None]] = {
+                "storage": self.service.store.health,
+                "signer": self.service.keys.health,
+            }
             queue = getattr(self.enrolments, "queue", None)
             if queue is not None:
                 probes["queue"] = queue.health
@@ -105,9 +107,11 @@ def build_keystore(settings: Settings) -> LateKeyStore:
         if settings.signer_backend == "pkcs11":
             from .signing.pkcs11 import Pkcs11KeyStore
 
-            return Pkcs11KeyStore(_required(settings.pkcs11_module, "EZSSH_PKCS11_MODULE"),
-                                  _required(settings.pkcs11_token_label, "EZSSH_PKCS11_TOKEN_LABEL"),
-                                  _required(settings.pkcs11_pin, "EZSSH_PKCS11_PIN"))
+            return Pkcs11KeyStore(
+                _required(settings.pkcs11_module, "EZSSH_PKCS11_MODULE"),
+                _required(settings.pkcs11_token_label, "EZSSH_PKCS11_TOKEN_LABEL"),
+                _required(settings.pkcs11_pin, "EZSSH_PKCS11_PIN"),
+            )
         from .signing.keyvault import KeyVaultKeyStore
 
         return KeyVaultKeyStore(_required(settings.keyvault_url, "EZSSH_KEYVAULT_URL"), _credential(settings))
@@ -128,8 +132,9 @@ class _LazyCredential:
         return self._cred.get_token(*scopes, **kwargs)
 
 
-def build_graph_groups(settings: Settings, credential: TokenCredential | None = None,
-                       verify: bool | str = True) -> GraphGroups:
+def build_graph_groups(
+    settings: Settings, credential: TokenCredential | None = None, verify: bool | str = True
+) -> GraphGroups:
     """Group lookups for users in too many groups for their token, with the managed identity.
     The credential is only asked for a token when such a user first signs in."""
     from .graph import GraphGroups
@@ -137,8 +142,9 @@ def build_graph_groups(settings: Settings, credential: TokenCredential | None = 
     return GraphGroups(settings.graph_endpoint, _LazyCredential(settings, credential), verify=verify)
 
 
-def build_graph_directory(settings: Settings, credential: TokenCredential | None = None,
-                          verify: bool | str = True) -> GraphDirectory:
+def build_graph_directory(
+    settings: Settings, credential: TokenCredential | None = None, verify: bool | str = True
+) -> GraphDirectory:
     """Who may still sign in (the leaver sweep), with the managed identity, asked only when it runs."""
     from .graph import GraphDirectory
 
@@ -147,17 +153,20 @@ def build_graph_directory(settings: Settings, credential: TokenCredential | None
 
 def service_config(settings: Settings, **overrides: Any) -> ServiceConfig:
     """The service's configuration from the settings (one place; `overrides` for another backend)."""
-    return replace(ServiceConfig(
-        signer_backend=settings.signer_backend,
-        ca_key_kind=check_kind(settings.ca_key_kind),
-        max_ttl_ceiling=settings.max_ttl_ceiling,
-        backdate_seconds=settings.backdate_seconds,
-        webhook_allow_loopback_http=settings.webhook_allow_loopback_http,
-        max_pending_requests=settings.max_pending_requests,
-        request_rate=settings.request_rate,
-        host_namespaces=settings.host_namespaces,
-        public_url=settings.public_url,
-    ), **overrides)
+    return replace(
+        ServiceConfig(
+            signer_backend=settings.signer_backend,
+            ca_key_kind=check_kind(settings.ca_key_kind),
+            max_ttl_ceiling=settings.max_ttl_ceiling,
+            backdate_seconds=settings.backdate_seconds,
+            webhook_allow_loopback_http=settings.webhook_allow_loopback_http,
+            max_pending_requests=settings.max_pending_requests,
+            request_rate=settings.request_rate,
+            host_namespaces=settings.host_namespaces,
+            public_url=settings.public_url,
+        ),
+        **overrides,
+    )
 
 
 def build_context(settings: Settings | None = None) -> Context:
@@ -177,8 +186,9 @@ def build_context(settings: Settings | None = None) -> Context:
     validator = TokenValidator(settings, groups=build_graph_groups(settings))
     validator.warm()
     log.info("ezssh ready: tenants=%s signer=%s", ",".join(settings.tenants), settings.signer_backend)
-    return Context(settings=settings, service=service, validator=validator,
-                   enrolments=build_enrolments(settings, service, store))
+    return Context(
+        settings=settings, service=service, validator=validator, enrolments=build_enrolments(settings, service, store)
+    )
 
 
 _context: list[Context] = []
@@ -228,8 +238,9 @@ def asgi_app() -> FastAPI:
     return create_app(shared_context)
 
 
-def build_compute_client_factory(settings: Settings, credential: TokenCredential | None = None,
-                                 connection_verify: str | None = None) -> Callable[[str], ComputeManagementClient]:
+def build_compute_client_factory(
+    settings: Settings, credential: TokenCredential | None = None, connection_verify: str | None = None
+) -> Callable[[str], ComputeManagementClient]:
     """subscription id -> ComputeManagementClient, each built on first use and kept for the worker."""
     clients: dict[str, ComputeManagementClient] = {}
     lock = threading.Lock()
@@ -241,8 +252,12 @@ def build_compute_client_factory(settings: Settings, credential: TokenCredential
 
                 kw: dict[str, Any] = {"connection_verify": connection_verify} if connection_verify else {}
                 clients[subscription] = ComputeManagementClient(
-                    credential or _credential(settings), subscription, base_url=settings.arm_endpoint,
-                    credential_scopes=[f"{settings.arm_endpoint}/.default"], **kw)
+                    credential or _credential(settings),
+                    subscription,
+                    base_url=settings.arm_endpoint,
+                    credential_scopes=[f"{settings.arm_endpoint}/.default"],
+                    **kw,
+                )
             return clients[subscription]
 
     return client_for
@@ -263,9 +278,16 @@ def build_job_queue(settings: Settings, credential: TokenCredential | None = Non
     return queue
 
 
-def build_enrolments(settings: Settings, service: Service, store: TableStore, *,
-                     credential: TokenCredential | None = None, connection_verify: str | None = None,
-                     polling_interval: float | None = None, queue: JobQueue | None = None) -> EnrolmentService:
+def build_enrolments(
+    settings: Settings,
+    service: Service,
+    store: TableStore,
+    *,
+    credential: TokenCredential | None = None,
+    connection_verify: str | None = None,
+    polling_interval: float | None = None,
+    queue: JobQueue | None = None,
+) -> EnrolmentService:
     """The enrolment service; its compute client (and credential) are built on first use."""
     from .hosts.azure_vms import AzureVms
     from .hosts.vm_hostcerts import VmHostCerts
@@ -274,8 +296,13 @@ def build_enrolments(settings: Settings, service: Service, store: TableStore, *,
 
     factory = build_compute_client_factory(settings, credential, connection_verify)
     return EnrolmentService(
-        service.base, service.hosts, EnrolmentStore(store), lambda: AzureVms(factory, polling_interval=polling_interval),
+        service.base,
+        service.hosts,
+        EnrolmentStore(store),
+        lambda: AzureVms(factory, polling_interval=polling_interval),
         EnrolConfig(scopes=settings.enrol_scopes, tenants=settings.tenants, public_url=settings.public_url),
-        clock=service.clock, jobs=JobStore(store), queue=queue if queue is not None else build_job_queue(settings),
+        clock=service.clock,
+        jobs=JobStore(store),
+        queue=queue if queue is not None else build_job_queue(settings),
         host_certs=VmHostCerts(service.hostcerts) if settings.vm_host_certs else None,
     )

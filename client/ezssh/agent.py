@@ -33,16 +33,23 @@ def add(cached: certs.Cached, now: float | None = None) -> bool:
 
     sock = os.environ.get("SSH_AUTH_SOCK")
     if not sock:
-        raise EzsshError("Agent mode needs a running ssh-agent, and SSH_AUTH_SOCK is not set.",
-                         hint="Start one with `eval $(ssh-agent)`, or leave agent mode off.")
+        raise EzsshError(
+            "Agent mode needs a running ssh-agent, and SSH_AUTH_SOCK is not set.",
+            hint="Start one with `eval $(ssh-agent)`, or leave agent mode off.",
+        )
     if cached.meta.get("agent_sock") == sock:
         return False
     left = int(cached.valid_before - (time.time() if now is None else now))
     if left <= 0:
         return False
     try:
-        r = subprocess.run(["ssh-add", "-q", "-t", str(left), str(cached.key)], stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["ssh-add", "-q", "-t", str(left), str(cached.key)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except FileNotFoundError:
         raise EzsshError("ssh-add is not installed (OpenSSH's client tools).") from None
     if r.returncode != 0:

@@ -44,17 +44,22 @@ def check_server_url(url: str) -> str:
     url = url.strip().rstrip("/")
     u = urlsplit(url)
     if u.scheme not in ("https", "http") or not u.hostname:
-        raise EzsshError(f"{url!r} is not an http(s) URL.", USAGE,
-                         hint="Give the service's address, e.g. https://ezssh.example.com")
+        raise EzsshError(
+            f"{url!r} is not an http(s) URL.", USAGE, hint="Give the service's address, e.g. https://ezssh.example.com"
+        )
     if u.scheme == "http" and not is_loopback(u.hostname):
-        raise EzsshError(f"Refusing plain http:// for {u.hostname}: use https:// (http is allowed only on loopback).",
-                         USAGE)
+        raise EzsshError(
+            f"Refusing plain http:// for {u.hostname}: use https:// (http is allowed only on loopback).", USAGE
+        )
     if u.query or u.fragment:
         raise EzsshError(f"{url!r}: the server URL takes no query or fragment.", USAGE)
     if u.path.rstrip("/").endswith("/api"):
         base = url[: -len("/api")]
-        raise EzsshError(f"{url!r} ends in /api, but ezssh adds /api itself.", USAGE,
-                         hint=f"Use the service's base URL: ezssh configure --server {base}")
+        raise EzsshError(
+            f"{url!r} ends in /api, but ezssh adds /api itself.",
+            USAGE,
+            hint=f"Use the service's base URL: ezssh configure --server {base}",
+        )
     return url
 
 
@@ -116,8 +121,9 @@ class Transport:
         if self._ssl is None:
             import ssl
 
-            self._ssl = ssl.create_default_context(cafile=self.ca_bundle) if self.ca_bundle \
-                else ssl.create_default_context()
+            self._ssl = (
+                ssl.create_default_context(cafile=self.ca_bundle) if self.ca_bundle else ssl.create_default_context()
+            )
         return self._ssl
 
     def request(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
@@ -204,7 +210,7 @@ def in_cli_words(code: str | None, message: str, details: dict) -> str:
         if word is not None:
             message = message.replace(f"'{field}'", word)
             if message.startswith(f"{field} "):
-                message = word[0].upper() + word[1:] + message[len(field):]
+                message = word[0].upper() + word[1:] + message[len(field) :]
     return message
 
 
@@ -254,15 +260,23 @@ def _connection_error(url: str, exc: BaseException) -> EzsshError:
     text = str(exc)
     scheme = urlsplit(url).scheme
     if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
-        return EzsshError(f"{url} does not answer with TLS (the server speaks plain HTTP there).", UNAVAILABLE,
-                          hint="On loopback use http:// (`ezssh configure --server http://...`); elsewhere check "
-                               "the port.")
+        return EzsshError(
+            f"{url} does not answer with TLS (the server speaks plain HTTP there).",
+            UNAVAILABLE,
+            hint="On loopback use http:// (`ezssh configure --server http://...`); elsewhere check the port.",
+        )
     if "CERTIFICATE_VERIFY_FAILED" in text or type(exc).__name__ in ("SSLCertVerificationError", "SSLError"):
-        return EzsshError(f"TLS verification failed for {url}: {text.splitlines()[0] if text else type(exc).__name__}",
-                          UNAVAILABLE, hint="Pass the service's CA with `ezssh configure --ca-bundle PEM`.")
+        return EzsshError(
+            f"TLS verification failed for {url}: {text.splitlines()[0] if text else type(exc).__name__}",
+            UNAVAILABLE,
+            hint="Pass the service's CA with `ezssh configure --ca-bundle PEM`.",
+        )
     if scheme == "http" and type(exc).__name__ in ("RemoteDisconnected", "BadStatusLine", "ConnectionResetError"):
-        return EzsshError(f"{url} closed the connection without an HTTP answer.", UNAVAILABLE,
-                          hint="Does it speak https? Try `ezssh configure --server https://...`.")
+        return EzsshError(
+            f"{url} closed the connection without an HTTP answer.",
+            UNAVAILABLE,
+            hint="Does it speak https? Try `ezssh configure --server https://...`.",
+        )
     if isinstance(exc, TimeoutError) or type(exc).__name__ in ("timeout", "Timeout", "ReadTimeout", "ConnectTimeout"):
         return EzsshError(f"Cannot reach {url}: timed out.", UNAVAILABLE)
     why = type(exc).__name__
@@ -296,8 +310,16 @@ class Api:
         self._token = token
         self.bearer: str | None = None  # the token of the last call: whom the service answered
 
-    def call(self, method: str, path: str, *, body: dict | None = None, params: dict | None = None,
-             ok: tuple[int, ...] = (200, 201, 202), headers: dict | None = None) -> Response:
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict | None = None,
+        params: dict | None = None,
+        ok: tuple[int, ...] = (200, 201, 202),
+        headers: dict | None = None,
+    ) -> Response:
         url = f"{self.server}{path}"
         if params:
             url += ("&" if "?" in url else "?") + urlencode(params)

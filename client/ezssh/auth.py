@@ -35,9 +35,11 @@ def token_cache(home: Path):
     else:
         why = "EZSSH_PLAINTEXT_TOKEN_CACHE=1"
     if persistence is not None:
-        kind = {"LibsecretPersistence": "libsecret", "KeychainPersistence": "macOS keychain",
-                "FilePersistenceWithDataProtection": "Windows DPAPI"}.get(type(persistence).__name__,
-                                                                         type(persistence).__name__)
+        kind = {
+            "LibsecretPersistence": "libsecret",
+            "KeychainPersistence": "macOS keychain",
+            "FilePersistenceWithDataProtection": "Windows DPAPI",
+        }.get(type(persistence).__name__, type(persistence).__name__)
         desc = f"encrypted ({kind})"
     else:
         persistence = FilePersistence(location)
@@ -51,8 +53,10 @@ def _no_encrypted_store(exc: Exception) -> str:
     """Why msal-extensions found no encrypted store, in words (not its ImportError)."""
     text = str(exc)
     if isinstance(exc, ImportError) and "'gi'" in text:
-        return ("libsecret is not reachable from this Python: its bindings (PyGObject, module gi) are not "
-                "installed here; EZSSH_PLAINTEXT_TOKEN_CACHE=1 keeps the file without this note")
+        return (
+            "libsecret is not reachable from this Python: its bindings (PyGObject, module gi) are not "
+            "installed here; EZSSH_PLAINTEXT_TOKEN_CACHE=1 keeps the file without this note"
+        )
     return f"{type(exc).__name__}: {text}".splitlines()[0][:120]
 
 
@@ -71,17 +75,21 @@ class Auth:
             kw = dict(http_client=self.session, token_cache=self.cache, http_cache=self._http_cache())
             try:
                 if self.cfg.get("authority_type", "entra") == "oidc":
-                    self._app = msal.PublicClientApplication(self.cfg["client_id"],
-                                                             oidc_authority=self.cfg["authority"], **kw)
+                    self._app = msal.PublicClientApplication(
+                        self.cfg["client_id"], oidc_authority=self.cfg["authority"], **kw
+                    )
                 else:
-                    self._app = msal.PublicClientApplication(self.cfg["client_id"],
-                                                             authority=self.cfg["authority"], **kw)
+                    self._app = msal.PublicClientApplication(
+                        self.cfg["client_id"], authority=self.cfg["authority"], **kw
+                    )
             except requests.RequestException as exc:
-                raise EzsshError(f"Cannot reach the identity provider {self.cfg['authority']}: "
-                                 f"{type(exc).__name__}.", UNAVAILABLE) from None
+                raise EzsshError(
+                    f"Cannot reach the identity provider {self.cfg['authority']}: {type(exc).__name__}.", UNAVAILABLE
+                ) from None
             except ValueError as exc:
-                raise EzsshError(f"Identity provider {self.cfg['authority']} is not usable: {exc}",
-                                 UNAVAILABLE) from None
+                raise EzsshError(
+                    f"Identity provider {self.cfg['authority']} is not usable: {exc}", UNAVAILABLE
+                ) from None
         return self._app
 
     def _http_cache(self) -> dict:
@@ -132,8 +140,7 @@ class Auth:
         if account is None:
             return None
         try:
-            result = self.app.acquire_token_silent_with_error(self.scopes, account=account,
-                                                              force_refresh=force_refresh)
+            result = self.app.acquire_token_silent_with_error(self.scopes, account=account, force_refresh=force_refresh)
         except requests.RequestException as exc:
             raise EzsshError(f"Cannot reach the identity provider: {type(exc).__name__}.", UNAVAILABLE) from None
         if result and "access_token" in result:
@@ -158,12 +165,17 @@ class Auth:
         except requests.RequestException as exc:
             raise EzsshError(f"Cannot reach the identity provider: {type(exc).__name__}.", UNAVAILABLE) from None
         if "user_code" not in flow:
-            raise EzsshError(f"The identity provider refused to start a device sign-in: "
-                             f"{flow.get('error_description') or flow.get('error') or flow}", UNAVAILABLE)
+            raise EzsshError(
+                f"The identity provider refused to start a device sign-in: "
+                f"{flow.get('error_description') or flow.get('error') or flow}",
+                UNAVAILABLE,
+            )
         minutes = max(1, int(flow.get("expires_in", 900)) // 60)
         # Stable format, one line, flushed at once (tests and wrappers read it from the pipe):
-        out.write(f"To sign in, open {flow['verification_uri']} and enter the code {flow['user_code']} "
-                  f"(expires in {minutes} min).\n")
+        out.write(
+            f"To sign in, open {flow['verification_uri']} and enter the code {flow['user_code']} "
+            f"(expires in {minutes} min).\n"
+        )
         out.flush()
         try:
             result = self.app.acquire_token_by_device_flow(flow)
@@ -178,8 +190,10 @@ class Auth:
         app = self.app  # discovery first: an unreachable provider fails before a browser opens
 
         def no_browser(uri: str) -> None:
-            out.write(f"No browser could be opened. Open this address in a browser on this machine: {uri}\n"
-                      f"or stop (Ctrl+C) and use: ezssh login --device\n")
+            out.write(
+                f"No browser could be opened. Open this address in a browser on this machine: {uri}\n"
+                f"or stop (Ctrl+C) and use: ezssh login --device\n"
+            )
             out.flush()
 
         # Stable format, one line, flushed at once:
@@ -188,13 +202,21 @@ class Auth:
         try:
             result = app.acquire_token_interactive(self.scopes, timeout=timeout, auth_uri_callback=no_browser)
         except msal.BrowserInteractionTimeoutError:
-            raise EzsshError(f"Sign-in failed: the sign-in was not completed in the browser within {timeout} s.",
-                             NOT_SIGNED_IN, hint="Run `ezssh login` again (or `ezssh login --device`).") from None
+            raise EzsshError(
+                f"Sign-in failed: the sign-in was not completed in the browser within {timeout} s.",
+                NOT_SIGNED_IN,
+                hint="Run `ezssh login` again (or `ezssh login --device`).",
+            ) from None
         except requests.RequestException as exc:
-            raise EzsshError(f"Lost the identity provider while signing in: {type(exc).__name__}.", UNAVAILABLE) from None
+            raise EzsshError(
+                f"Lost the identity provider while signing in: {type(exc).__name__}.", UNAVAILABLE
+            ) from None
         except (OSError, ValueError) as exc:  # e.g. no loopback listener, or a mismatched answer
-            raise EzsshError(f"Sign-in failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-                             NOT_SIGNED_IN, hint="Run `ezssh login` again (or `ezssh login --device`).") from None
+            raise EzsshError(
+                f"Sign-in failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                NOT_SIGNED_IN,
+                hint="Run `ezssh login` again (or `ezssh login --device`).",
+            ) from None
         return self._signed_in(result)
 
     def _signed_in(self, result: dict) -> dict:
@@ -246,5 +268,3 @@ def may_prompt() -> bool:
         return sys.stdin.isatty() and sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
-
-

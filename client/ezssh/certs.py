@@ -83,8 +83,17 @@ def read_meta(d: Path) -> dict | None:
         return None
 
 
-def find_valid(home: Path, principal: str, host: str, *, server: str, account: str | None,
-               policy: str | None = None, ttl: int | None = None, now: float | None = None) -> Cached | None:
+def find_valid(
+    home: Path,
+    principal: str,
+    host: str,
+    *,
+    server: str,
+    account: str | None,
+    policy: str | None = None,
+    ttl: int | None = None,
+    now: float | None = None,
+) -> Cached | None:
     """The cached key + certificate for this slot if it answers what is asked: issued to `account` on
     `server` for exactly this principal and host (and `policy` when named), good for more than
     REUSE_MARGIN seconds, and, with `ttl`, expiring no later than a new one would (now + ttl) with at
@@ -129,8 +138,13 @@ def agent_delete(public_key: Path, certificate: Path, sock: str) -> bool:
         return False
     env = {**os.environ, "SSH_AUTH_SOCK": sock}
     try:
-        r = subprocess.run(["ssh-add", "-q", "-d", str(public_key), str(certificate)], env=env,
-                           stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        r = subprocess.run(
+            ["ssh-add", "-q", "-d", str(public_key), str(certificate)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return r.returncode == 0
@@ -181,8 +195,9 @@ def sweep(home: Path, now: float | None = None) -> list[Path]:
 def slots(home: Path):
     """Every slot directory (complete or not) under certs/."""
     try:
-        yield from (d for d in certs_root(home).iterdir()
-                    if d.is_dir() and not d.name.startswith(".") and not _legacy(d))
+        yield from (
+            d for d in certs_root(home).iterdir() if d.is_dir() and not d.name.startswith(".") and not _legacy(d)
+        )
     except OSError:
         return
 
@@ -218,8 +233,9 @@ def remove_if_expired(d: Path, now: float | None = None) -> bool:
     return False
 
 
-def store(home: Path, principal: str, host: str, private_openssh: bytes, public_openssh: str,
-          certificate: str, meta: dict) -> Cached:
+def store(
+    home: Path, principal: str, host: str, private_openssh: bytes, public_openssh: str, certificate: str, meta: dict
+) -> Cached:
     """Write key (0600), public key, certificate and meta.json into the slot, replacing what was there.
 
     Everything is written into a sibling temp directory first and renamed into place, so a slot is

@@ -34,10 +34,12 @@ def build_parser(only: str | None = None):
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
-        prog="ezssh", formatter_class=fmt,
+        prog="ezssh",
+        formatter_class=fmt,
         description="Passwordless SSH for Azure: sign in with Entra ID, get a short-lived OpenSSH "
-                    "certificate for a fresh local key, and run ssh with it.",
-        epilog=EXIT_CODES_HELP + "\n\n" + ENV_HELP)
+        "certificate for a fresh local key, and run ssh with it.",
+        epilog=EXIT_CODES_HELP + "\n\n" + ENV_HELP,
+    )
     p.add_argument("--version", action="version", version=f"ezssh {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     modules = [COMMANDS[only]] if only in COMMANDS else list(dict.fromkeys(COMMANDS.values()))

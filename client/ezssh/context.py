@@ -32,6 +32,7 @@ class Ctx:
     def session(self) -> requests.Session:
         if self._session is None:
             from .api import make_session
+
             self._session = make_session(self.cfg.get("ca_bundle"), self.cfg["server"])
         return self._session
 
@@ -39,6 +40,7 @@ class Ctx:
     def auth(self) -> Auth:
         if self._auth is None:
             from .auth import Auth
+
             self._auth = Auth(self.cfg, self.home, self.session)
         return self._auth
 
@@ -46,6 +48,7 @@ class Ctx:
     def transport(self) -> Transport:
         if self._transport is None:
             from .api import Transport
+
             self._transport = Transport(self.cfg.get("ca_bundle"))
         return self._transport
 
@@ -69,5 +72,6 @@ class Ctx:
     def api(self) -> Api:
         if self._api is None:
             from .api import Api
+
             self._api = Api(self.cfg["server"], self.transport, self.token)
         return self._api

@@ -28,8 +28,15 @@ exit codes:
 class EzsshError(Exception):
     """A failure to report on stderr (one clear sentence) with a documented exit code."""
 
-    def __init__(self, message: str, code: int = ERROR, *, request_id: str | None = None,
-                 error: str | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: int = ERROR,
+        *,
+        request_id: str | None = None,
+        error: str | None = None,
+        hint: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
@@ -52,8 +59,11 @@ class EzsshError(Exception):
 
 
 def not_configured() -> EzsshError:
-    return EzsshError("ezssh is not configured.", NOT_SIGNED_IN,
-                      hint="Run `ezssh configure --server https://<your ezssh service>` first.")
+    return EzsshError(
+        "ezssh is not configured.",
+        NOT_SIGNED_IN,
+        hint="Run `ezssh configure --server https://<your ezssh service>` first.",
+    )
 
 
 def not_signed_in(why: str = "You are not signed in.") -> EzsshError:

@@ -76,6 +76,7 @@ def load_config(home: Path | None = None, required: bool = True) -> dict | None:
         return None
     except (OSError, ValueError) as exc:
         from .errors import EzsshError
+
         raise EzsshError(f"Cannot read {home / CONFIG}: {exc}") from None
     if required and not cfg.get("server"):
         raise not_configured()

@@ -63,8 +63,7 @@ def describe_approvers(approvers: object, policy: str | None, group_names: objec
     return f" from an approver of policy {policy}" if policy else ""
 
 
-def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | None = None,
-                      clock=time.time) -> dict:
+def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | None = None, clock=time.time) -> dict:
     """Poll GET /api/requests/{id} until approved (returns the record) or ended (raises, exit 5).
 
     Ctrl-C cancels the request on the service (POST .../cancel) and ends with exit code 130.
@@ -76,11 +75,16 @@ def wait_for_approval(api: Api, pending: dict, *, out=None, interval: float | No
     who = describe_approvers(pending.get("approvers"), pending.get("policy"), pending.get("group_names"))
     expires_at = pending.get("expires_at")
     until = f", expires {time.strftime('%H:%M:%S', time.localtime(expires_at))}" if expires_at else ""
-    out.write(f"Request {rid} needs {need} approval{'s' if need != 1 else ''}{who}{until}. "
-              f"Waiting (Ctrl-C cancels the request)...\n")
+    out.write(
+        f"Request {rid} needs {need} approval{'s' if need != 1 else ''}{who}{until}. "
+        f"Waiting (Ctrl-C cancels the request)...\n"
+    )
     link = pending.get("link")
-    out.write(f"An approver opens {link} or runs: ezssh requests approve {rid}\n" if link else
-              f"An approver runs: ezssh requests approve {rid}\n")
+    out.write(
+        f"An approver opens {link} or runs: ezssh requests approve {rid}\n"
+        if link
+        else f"An approver runs: ezssh requests approve {rid}\n"
+    )
     out.flush()
     tty = hasattr(out, "isatty") and out.isatty()
     start = time.monotonic()
@@ -142,8 +146,9 @@ def attempt_key(now: float | None = None) -> str:
     return str(uuid.UUID(int=value))
 
 
-def post_retrying(api: Api, path: str, body: dict, *, key: str | None = None, tries: int = 3,
-                  pause: float = 0.5) -> tuple[int, dict]:
+def post_retrying(
+    api: Api, path: str, body: dict, *, key: str | None = None, tries: int = 3, pause: float = 0.5
+) -> tuple[int, dict]:
     """POST, and again (same body, same idempotency key) while the service is unavailable. A key the
     service finds ahead of its clock (this machine's clock is fast) wrote nothing: the attempt goes
     on with a random key, which the service keeps in a row of its own."""
@@ -156,12 +161,13 @@ def post_retrying(api: Api, path: str, body: dict, *, key: str | None = None, tr
                 continue
             if exc.code != UNAVAILABLE or attempt == tries - 1:
                 raise
-            time.sleep(pause * 2 ** attempt)
+            time.sleep(pause * 2**attempt)
     raise AssertionError("unreachable")
 
 
-def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
-           interval: float | None = None) -> tuple[certs.Cached, dict]:
+def obtain(
+    cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None, interval: float | None = None
+) -> tuple[certs.Cached, dict]:
     """Get a new certificate for a new key; store it in the slot. Returns (cached, issuance body)."""
     from . import keys
 
@@ -197,8 +203,10 @@ def obtain(cfg: dict, home: Path, inv: SshInvocation, api: Api, *, out=None,
     if now_signed_in and account and now_signed_in != account:
         # Someone signed in as another account while this ran: this certificate is the old account's,
         # and must neither be kept nor make that account the signed-in one again.
-        raise EzsshError("The signed-in account changed while this certificate was being obtained; nothing was "
-                         "kept. Run the command again.")
+        raise EzsshError(
+            "The signed-in account changed while this certificate was being obtained; nothing was "
+            "kept. Run the command again."
+        )
     switch_account(cfg, home, account)
     meta = {
         **seen,
@@ -222,9 +230,11 @@ def switch_account(cfg: dict, home: Path, account: str | None) -> str | None:
 
     gone = certs.forget_others(home, cfg["server"], account)
     if gone:
-        sys.stderr.write(f"ezssh: removed {gone} cached key{'s' if gone != 1 else ''} and certificate"
-                         f"{'s' if gone != 1 else ''} of another account or server (from ssh-agent too, where "
-                         "added).\n")
+        sys.stderr.write(
+            f"ezssh: removed {gone} cached key{'s' if gone != 1 else ''} and certificate"
+            f"{'s' if gone != 1 else ''} of another account or server (from ssh-agent too, where "
+            "added).\n"
+        )
     if account and cfg.get("account") != account:
         cfg["account"] = account
         save_config(cfg, home)

@@ -167,9 +167,14 @@ def ssh_options(home: Path, host: str) -> list[str]:
     known, krl = paths(home)
     if not krl.exists():
         return []
-    return ["-o", f"UserKnownHostsFile={_quote(known)} ~/.ssh/known_hosts",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", f"RevokedHostKeys={_quote(krl)}"]
+    return [
+        "-o",
+        f"UserKnownHostsFile={_quote(known)} ~/.ssh/known_hosts",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"RevokedHostKeys={_quote(krl)}",
+    ]
 
 
 def refusal_message(stderr: str, host: str, policies: list[str]) -> str | None:
@@ -178,11 +183,15 @@ def refusal_message(stderr: str, host: str, policies: list[str]) -> str | None:
         return None
     which = ", ".join(policies) or "its policy"
     if "revoked" in stderr:
-        return (f"ezssh: {host}'s host certificate was revoked, so ssh refused to connect. "
-                f"Ask an admin of policy {which} to enrol it again.")
-    return (f"ezssh: {host} did not present a host certificate from the host CA of policy {which}, so ssh refused "
-            "to connect (StrictHostKeyChecking yes). Someone may be in the middle; or the host is not enrolled "
-            f"yet: an admin enrols it with `ezssh hosts token {host}`.")
+        return (
+            f"ezssh: {host}'s host certificate was revoked, so ssh refused to connect. "
+            f"Ask an admin of policy {which} to enrol it again."
+        )
+    return (
+        f"ezssh: {host} did not present a host certificate from the host CA of policy {which}, so ssh refused "
+        "to connect (StrictHostKeyChecking yes). Someone may be in the middle; or the host is not enrolled "
+        f"yet: an admin enrols it with `ezssh hosts token {host}`."
+    )
 
 
 def run_ssh_watching(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -196,8 +205,9 @@ def run_ssh_watching(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     try:
         try:
             if hasattr(os, "posix_spawnp"):
-                pid = os.posix_spawnp(argv[0], argv, env, file_actions=[(os.POSIX_SPAWN_DUP2, w, 2),
-                                                                        (os.POSIX_SPAWN_CLOSE, r)])
+                pid = os.posix_spawnp(
+                    argv[0], argv, env, file_actions=[(os.POSIX_SPAWN_DUP2, w, 2), (os.POSIX_SPAWN_CLOSE, r)]
+                )
             else:  # pragma: no cover - Windows
                 import subprocess
 

@@ -13,9 +13,24 @@ from .output import fmt_time
 
 # Fields an admin may write (the service's own list is authoritative and rejects the rest).
 EDITABLE_FIELDS = (
-    "id", "name", "rules", "hosts", "principals", "logins", "approvers", "approvals_required", "admins",
-    "default_ttl", "max_ttl", "request_ttl", "extensions", "force_command", "source_address",
-    "webhook_url", "webhook_format", "host_cert_ttl",
+    "id",
+    "name",
+    "rules",
+    "hosts",
+    "principals",
+    "logins",
+    "approvers",
+    "approvals_required",
+    "admins",
+    "default_ttl",
+    "max_ttl",
+    "request_ttl",
+    "extensions",
+    "force_command",
+    "source_address",
+    "webhook_url",
+    "webhook_format",
+    "host_cert_ttl",
 )
 # What `policy show --json` adds that the service sets itself: dropped from documents read with -f.
 READ_ONLY_FIELDS = ("etag", "you", "ca", "host_ca", "tenant_id", "deleted", "host_token")
@@ -71,8 +86,10 @@ def parse_rule(spec: str) -> dict:
     action, sep, rest = spec.partition(":")
     action = action.strip().lower()
     if not sep or action not in ACTIONS:
-        raise usage(f"Rule {spec!r}: write ACTION:SUBJECT[,SUBJECT...] with ACTION one of "
-                    f"{', '.join(ACTIONS)}, e.g. auto:group=<object id> or approval:user=bob@contoso.com.")
+        raise usage(
+            f"Rule {spec!r}: write ACTION:SUBJECT[,SUBJECT...] with ACTION one of "
+            f"{', '.join(ACTIONS)}, e.g. auto:group=<object id> or approval:user=bob@contoso.com."
+        )
     subjects = parse_subjects(rest)
     if not subjects["users"] and not subjects["groups"]:
         raise usage(f"Rule {spec!r} names no users or groups.")
@@ -185,15 +202,26 @@ def document_from_flags(args) -> dict:
         doc["name"] = args.name
     if args.rule:
         doc["rules"] = [parse_rule(r) for r in args.rule]
-    for field, values in (("hosts", args.host), ("principals", args.principal),
-                          ("extensions", args.extension), ("source_address", args.source_address)):
+    for field, values in (
+        ("hosts", args.host),
+        ("principals", args.principal),
+        ("extensions", args.extension),
+        ("source_address", args.source_address),
+    ):
         if values:
             doc[field] = _split(values)
     for field, values in (("approvers", args.approver), ("admins", args.admin)):
         if values:
             doc[field] = {k: v for k, v in parse_subjects(values).items() if v}
-    for field in ("approvals_required", "default_ttl", "max_ttl", "request_ttl", "force_command",
-                  "webhook_url", "webhook_format"):
+    for field in (
+        "approvals_required",
+        "default_ttl",
+        "max_ttl",
+        "request_ttl",
+        "force_command",
+        "webhook_url",
+        "webhook_format",
+    ):
         value = getattr(args, field)
         if value is not None:
             doc[field] = value
@@ -206,9 +234,10 @@ def document_from_flags(args) -> dict:
 def fmt_subjects(s: dict | None, names: dict | None = None) -> list[str]:
     """`user=...`/`group=...` as the flags take them; a group's display name, where known, as a comment."""
     s = s or {}
-    return [f"user={u}" for u in s.get("users") or []] + \
-        [f"group={g}" + (f"  # {names[g]}" if isinstance(names, dict) and names.get(g) else "")
-         for g in s.get("groups") or []]
+    return [f"user={u}" for u in s.get("users") or []] + [
+        f"group={g}" + (f"  # {names[g]}" if isinstance(names, dict) and names.get(g) else "")
+        for g in s.get("groups") or []
+    ]
 
 
 def fmt_rule(r: dict) -> str:

@@ -14,8 +14,9 @@ def run(argv: list[str], env: dict[str, str] | None = None, *, capture: bool = F
         import subprocess
 
         if capture:
-            done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL)
+            done = subprocess.run(
+                argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
             return done.returncode, done.stdout
         return subprocess.run(argv, env=env).returncode, b""
     env = dict(os.environ) if env is None else env
@@ -24,10 +25,12 @@ def run(argv: list[str], env: dict[str, str] | None = None, *, capture: bool = F
         return _wait(pid), b""
     r, w = os.pipe()
     try:
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                   (os.POSIX_SPAWN_DUP2, w, 1),
-                   (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
-                   (os.POSIX_SPAWN_CLOSE, r)]
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, w, 1),
+            (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_CLOSE, r),
+        ]
         pid = os.posix_spawnp(argv[0], argv, env, file_actions=actions)
     except BaseException:
         os.close(r)

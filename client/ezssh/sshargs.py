@@ -42,10 +42,20 @@ name. $EZSSH_SSH names the ssh program (default: ssh).
 class SshInvocation:
     """What `ezssh ssh` was asked to do (a plain class: dataclasses is slow to import)."""
 
-    def __init__(self, destination: str, host: str, principal: str, ssh_args: list[str] | None = None,
-                 pre_args: list[str] | None = None, explain: bool = False, policy: str | None = None,
-                 ttl: int | None = None, reason: str | None = None, new: bool = False,
-                 agent: bool = False) -> None:
+    def __init__(
+        self,
+        destination: str,
+        host: str,
+        principal: str,
+        ssh_args: list[str] | None = None,
+        pre_args: list[str] | None = None,
+        explain: bool = False,
+        policy: str | None = None,
+        ttl: int | None = None,
+        reason: str | None = None,
+        new: bool = False,
+        agent: bool = False,
+    ) -> None:
         self.destination = destination  # as typed: [user@]host
         self.host = host
         self.principal = principal
@@ -63,8 +73,11 @@ class SshInvocation:
 
 
 def _usage(msg: str) -> EzsshError:
-    return EzsshError(f"{msg}\nusage: ezssh ssh [-e] [--policy ID] [--ttl DURATION] [--reason TEXT] [--new] "
-                      "[--agent] [user@]host [ssh args...]", USAGE)
+    return EzsshError(
+        f"{msg}\nusage: ezssh ssh [-e] [--policy ID] [--ttl DURATION] [--reason TEXT] [--new] "
+        "[--agent] [user@]host [ssh args...]",
+        USAGE,
+    )
 
 
 def _ssh_option(tokens: list[str], i: int) -> tuple[list[str], int]:
@@ -95,7 +108,7 @@ def login_from_ssh_options(tokens: list[str]) -> str | None:
         for j, ch in enumerate(tok[1:], start=1):
             if ch in SSH_OPTS_WITH_ARG:
                 if j + 1 < len(tok):
-                    val, i = tok[j + 1:], i + 1
+                    val, i = tok[j + 1 :], i + 1
                 elif i + 1 < len(tokens):
                     val, i = tokens[i + 1], i + 2
                 else:
@@ -165,7 +178,7 @@ def parse(argv: list[str], *, local_user: str | None = None) -> SshInvocation | 
             break
     if i >= len(argv):
         raise _usage("missing the host to connect to")
-    destination, rest = argv[i], list(argv[i + 1:])
+    destination, rest = argv[i], list(argv[i + 1 :])
     if destination.startswith("-") or not destination:
         raise _usage(f"{destination!r} is not a host")
 
@@ -184,9 +197,19 @@ def parse(argv: list[str], *, local_user: str | None = None) -> SshInvocation | 
         principal = local_user
     if any(c.isspace() or c in "/\0" for c in principal):
         raise _usage(f"{principal!r} is not a valid login name")
-    return SshInvocation(destination=destination, host=host, principal=principal, ssh_args=rest,
-                         pre_args=pre, explain=explain, policy=policy, ttl=ttl, reason=reason, new=new,
-                         agent=agent)
+    return SshInvocation(
+        destination=destination,
+        host=host,
+        principal=principal,
+        ssh_args=rest,
+        pre_args=pre,
+        explain=explain,
+        policy=policy,
+        ttl=ttl,
+        reason=reason,
+        new=new,
+        agent=agent,
+    )
 
 
 def ssh_program() -> list[str]:
@@ -203,9 +226,12 @@ def ssh_argv(inv: SshInvocation, key: str, cert: str, *, agent: bool = False) ->
     in agent mode the agent holds this key and certificate, so `-A` forwards them."""
     return [
         *ssh_program(),
-        "-i", key,
-        "-o", f"CertificateFile={cert}",
-        "-o", "IdentitiesOnly=yes",
+        "-i",
+        key,
+        "-o",
+        f"CertificateFile={cert}",
+        "-o",
+        "IdentitiesOnly=yes",
         *(() if agent else ("-o", "IdentityAgent=none")),
         *inv.pre_args,
         inv.destination,

@@ -113,13 +113,18 @@ def _esc(path: str) -> str:
     return path.replace("%", "%%")
 
 
-def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: list[str], server: str,
-                 agent: bool = False) -> str:
+def render_block(
+    *, home: Path, slot_root: Path, patterns: list[str], command: list[str], server: str, agent: bool = False
+) -> str:
     """The content of $EZSSH_HOME/ssh_config."""
     import shlex
 
-    ensure = (f"EZSSH_HOME={shlex.quote(_esc(str(home)))} " + " ".join(shlex.quote(_esc(c)) for c in command)
-              + " cert ensure" + (" --agent" if agent else ""))
+    ensure = (
+        f"EZSSH_HOME={shlex.quote(_esc(str(home)))} "
+        + " ".join(shlex.quote(_esc(c)) for c in command)
+        + " cert ensure"
+        + (" --agent" if agent else "")
+    )
     slot = _esc(str(slot_root)) + "/%r@%h"
     if "'" in slot:
         raise EzsshError(f"ezssh's directory {slot_root} holds a quote (') that ssh_config cannot carry.", USAGE)
@@ -139,7 +144,7 @@ def render_block(*, home: Path, slot_root: Path, patterns: list[str], command: l
         f"#\n"
         f"# For these hosts ssh first runs `ezssh cert ensure`, which reuses or obtains a short-lived\n"
         f"# certificate for the login (%r) and the real host name (%h) after aliases, then offers it.\n"
-        f"Match final host \"{','.join(patterns)},{SAFE_NAME}\" user \"*,{SAFE_NAME}\" exec \"{exec_cmd}\"\n"
+        f'Match final host "{",".join(patterns)},{SAFE_NAME}" user "*,{SAFE_NAME}" exec "{exec_cmd}"\n'
         f"    IdentityFile {_cfg_quote(slot + '/id_ed25519')}\n"
         f"    CertificateFile {_cfg_quote(slot + '/id_ed25519-cert.pub')}\n"
         f"    UserKnownHostsFile ~/.ssh/known_hosts ~/.ssh/known_hosts2 {_cfg_quote(known)}\n"

@@ -37,8 +37,9 @@ def app_scope(cfg: dict) -> str:
     return scope.rsplit("/", 1)[0] + "/.default"
 
 
-def settings_from_args(kind: str, client_id: str | None, certificate: str | None, tenant: str | None,
-                       cfg: dict, env=None) -> dict:
+def settings_from_args(
+    kind: str, client_id: str | None, certificate: str | None, tenant: str | None, cfg: dict, env=None
+) -> dict:
     """What `ezssh login --managed-identity|--workload-identity|--service-principal` stores."""
     env = os.environ if env is None else env
     w: dict = {"kind": kind}
@@ -50,14 +51,20 @@ def settings_from_args(kind: str, client_id: str | None, certificate: str | None
         if not (client_id or env.get("AZURE_CLIENT_ID")):
             missing.append("AZURE_CLIENT_ID (or --client-id)")
         if missing:
-            raise EzsshError(f"--workload-identity needs {', '.join(missing)} in the environment "
-                             "(GitHub Actions, Azure DevOps and AKS workload identity set them).", USAGE)
+            raise EzsshError(
+                f"--workload-identity needs {', '.join(missing)} in the environment "
+                "(GitHub Actions, Azure DevOps and AKS workload identity set them).",
+                USAGE,
+            )
         if client_id:
             w["client_id"] = client_id
     else:
         if not client_id or not certificate:
-            raise EzsshError("--service-principal needs --client-id APP_ID and --certificate PEM "
-                             "(the private key and certificate in one PEM file).", USAGE)
+            raise EzsshError(
+                "--service-principal needs --client-id APP_ID and --certificate PEM "
+                "(the private key and certificate in one PEM file).",
+                USAGE,
+            )
         path = Path(certificate).expanduser().resolve()
         if not path.is_file():
             raise EzsshError(f"--certificate {path}: no such file.", USAGE)
@@ -90,8 +97,12 @@ def credential(cfg: dict, env: Mapping[str, str] | None = None) -> TokenCredenti
         return ManagedIdentityCredential(client_id=w.get("client_id"), **kw)
     kw.update(authority=host, disable_instance_discovery=cfg.get("authority_type") == "oidc")
     if w["kind"] == "workload-identity":
-        return WorkloadIdentityCredential(tenant_id=tenant, client_id=w.get("client_id") or env.get("AZURE_CLIENT_ID"),
-                                          token_file_path=env.get("AZURE_FEDERATED_TOKEN_FILE"), **kw)
+        return WorkloadIdentityCredential(
+            tenant_id=tenant,
+            client_id=w.get("client_id") or env.get("AZURE_CLIENT_ID"),
+            token_file_path=env.get("AZURE_FEDERATED_TOKEN_FILE"),
+            **kw,
+        )
     if not tenant:
         raise EzsshError("Give --tenant TID (the service serves several tenants).", USAGE)
     return CertificateCredential(tenant, w["client_id"], certificate_path=w["certificate"], **kw)
@@ -102,7 +113,11 @@ def _cached(home: Path, cfg: dict, now: float) -> str | None:
         data = json.loads((home / TOKEN_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("settings") != cfg["workload"] or data.get("authority") != cfg["authority"]:
+    if (
+        not isinstance(data, dict)
+        or data.get("settings") != cfg["workload"]
+        or data.get("authority") != cfg["authority"]
+    ):
         return None
     if not isinstance(data.get("expires_on"), int) or data["expires_on"] - MARGIN <= now:
         return None
@@ -123,12 +138,27 @@ def token(cfg: dict, home: Path, force_refresh: bool = False) -> str:
         at = cred.get_token(app_scope(cfg))
     except ClientAuthenticationError as exc:
         first = (exc.message or str(exc)).splitlines()[0][:300]
-        raise EzsshError(f"The workload could not sign in ({cfg['workload']['kind']}): {first}", NOT_SIGNED_IN) from None
+        raise EzsshError(
+            f"The workload could not sign in ({cfg['workload']['kind']}): {first}", NOT_SIGNED_IN
+        ) from None
     except (AzureError, OSError, ValueError) as exc:
-        raise EzsshError(f"The workload's identity endpoint cannot be reached: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}", UNAVAILABLE) from None
-    write_private(home / TOKEN_FILE, json.dumps({"settings": cfg["workload"], "authority": cfg["authority"],
-                                                 "token": at.token, "expires_on": int(at.expires_on)}), 0o600)
+        raise EzsshError(
+            f"The workload's identity endpoint cannot be reached: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
+            UNAVAILABLE,
+        ) from None
+    write_private(
+        home / TOKEN_FILE,
+        json.dumps(
+            {
+                "settings": cfg["workload"],
+                "authority": cfg["authority"],
+                "token": at.token,
+                "expires_on": int(at.expires_on),
+            }
+        ),
+        0o600,
+    )
     return at.token
 
 

@@ -205,6 +205,7 @@ def body(model: type[M] | None, action: str, *, host: bool = False) -> Any:
             raise
 
     if host:
+
         async def parse_from_host(request: Request) -> Any:
             return await parsed(request, None)
 

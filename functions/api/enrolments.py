@@ -51,14 +51,19 @@ def _enrolments(request: Request) -> EnrolmentService:
 
 
 @router.post("/{policy_id}/enrolments")
-def enrol(request: Request, policy_id: str, who: Identity = Depends(caller),
-          eb: EnrolBody = body(EnrolBody, ENROL_REFUSED)) -> JSONResponse:
+def enrol(
+    request: Request, policy_id: str, who: Identity = Depends(caller), eb: EnrolBody = body(EnrolBody, ENROL_REFUSED)
+) -> JSONResponse:
     svc = _enrolments(request)
     api_url = context(request).settings.public_url  # never the request's Host header
-    job, items = svc.enrol(who, policy_id, vm_id=eb.vm_id, resource_group=eb.resource_group, tag=eb.tag,
-                           api_url=api_url)
-    return JSONResponse(svc.describe(job, items), status_code=202,
-                        headers={"Location": f"/api/policies/{policy_id}/enrolment-jobs/{job.job_id}"})
+    job, items = svc.enrol(
+        who, policy_id, vm_id=eb.vm_id, resource_group=eb.resource_group, tag=eb.tag, api_url=api_url
+    )
+    return JSONResponse(
+        svc.describe(job, items),
+        status_code=202,
+        headers={"Location": f"/api/policies/{policy_id}/enrolment-jobs/{job.job_id}"},
+    )
 
 
 @router.get("/{policy_id}/enrolment-jobs/{job_id}")
@@ -69,7 +74,12 @@ def job(request: Request, policy_id: str, job_id: str, who: Identity = Depends(c
 
 
 @router.get("/{policy_id}/enrolments")
-def list_(request: Request, policy_id: str, limit: int = Query(100),
-          continuation: str | None = Query(None, max_length=512), who: Identity = Depends(caller)) -> JSONResponse:
+def list_(
+    request: Request,
+    policy_id: str,
+    limit: int = Query(100),
+    continuation: str | None = Query(None, max_length=512),
+    who: Identity = Depends(caller),
+) -> JSONResponse:
     recs, token = _enrolments(request).list(who, policy_id, limit=limit, continuation=continuation)
     return JSONResponse({"enrolments": [r.to_dict() for r in recs], "next": token})

@@ -72,5 +72,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s failed with an unexpected error", request_id_of(request))
-        return error_response(request, 500, "internal_error",
-                              "Something went wrong on the server; quote the request id when reporting it.")
+        return error_response(
+            request,
+            500,
+            "internal_error",
+            "Something went wrong on the server; quote the request id when reporting it.",
+        )

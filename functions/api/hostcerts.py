@@ -60,8 +60,10 @@ class HostCertBody(Strict):
     def _signed(self) -> HostCertBody:
         """Each host key with its signature of the challenge; refused like a bad body otherwise."""
         if self.challenge_id is None:
-            raise InvalidRequest("Send 'challenge_id' and each host key with its signature of the challenge "
-                                 "(POST /api/host-certificates/challenge; with 'token' for a first enrolment).")
+            raise InvalidRequest(
+                "Send 'challenge_id' and each host key with its signature of the challenge "
+                "(POST /api/host-certificates/challenge; with 'token' for a first enrolment)."
+            )
         try:
             signed = [SignedKey.model_validate(k) for k in self.host_keys]
         except ValidationError as exc:
@@ -84,15 +86,29 @@ def _wants_text(request: Request) -> bool:
 
 
 @router.post("/policies/{policy_id}/host-tokens")
-def mint_token(request: Request, policy_id: str, who: Identity = Depends(caller),
-               tb: TokenBody = body(TokenBody, HOST_TOKEN_REFUSED)) -> JSONResponse:
+def mint_token(
+    request: Request,
+    policy_id: str,
+    who: Identity = Depends(caller),
+    tb: TokenBody = body(TokenBody, HOST_TOKEN_REFUSED),
+) -> JSONResponse:
     token, rec = service(request).hostcerts.mint_token(who, policy_id, tb.hosts, tb.ttl_seconds)
-    return JSONResponse({"token": token, "hosts": list(rec.hosts), "expires_at": rec.expires_at,
-                         "tenant": rec.tenant_id, "policy": rec.policy_id}, status_code=201)
+    return JSONResponse(
+        {
+            "token": token,
+            "hosts": list(rec.hosts),
+            "expires_at": rec.expires_at,
+            "tenant": rec.tenant_id,
+            "policy": rec.policy_id,
+        },
+        status_code=201,
+    )
 
 
 @router.post("/host-certificates")
-def host_certificates(request: Request, hb: HostCertBody = body(HostCertBody, HOST_CERTIFICATE_REFUSED, host=True)) -> Response:
+def host_certificates(
+    request: Request, hb: HostCertBody = body(HostCertBody, HOST_CERTIFICATE_REFUSED, host=True)
+) -> Response:
     svc = service(request).hostcerts
     challenge_id = hb.challenge_id or ""  # never empty: the body's check says so
     if hb.token is not None:
@@ -105,7 +121,9 @@ def host_certificates(request: Request, hb: HostCertBody = body(HostCertBody, HO
 
 
 @router.post("/host-certificates/challenge")
-def challenge(request: Request, cb: ChallengeBody = body(ChallengeBody, HOST_CERTIFICATE_REFUSED, host=True)) -> Response:
+def challenge(
+    request: Request, cb: ChallengeBody = body(ChallengeBody, HOST_CERTIFICATE_REFUSED, host=True)
+) -> Response:
     ch = service(request).hostcerts.challenge(cb.tenant, cb.policy, cb.host_keys, cb.token)
     if _wants_text(request):
         return PlainTextResponse(ch.message.decode())

@@ -62,26 +62,44 @@ def krl(request: Request, policy_id: str, tenant: str | None = Query(None)) -> R
         answer = svc.hosts.krl_for_host(tenant, policy_id, host_token)
     else:
         answer = svc.hosts.krl_for(identify(request), policy_id)
-    return derived_response(request, answer, "application/octet-stream",
-                            {"Content-Disposition": f'attachment; filename="{policy_id}.krl"',
-                             "X-Krl-Version": str(answer.version)})
+    return derived_response(
+        request,
+        answer,
+        "application/octet-stream",
+        {"Content-Disposition": f'attachment; filename="{policy_id}.krl"', "X-Krl-Version": str(answer.version)},
+    )
 
 
 @router.get("/policies/{policy_id}/host-setup")
 def host_setup(request: Request, policy_id: str, who: Identity = Depends(caller)) -> PlainTextResponse:
     # where hosts reach this service: the deployment's setting, never the request's Host header
     script = service(request).hosts.host_setup_script(who, policy_id, context(request).settings.public_url)
-    return PlainTextResponse(script, media_type="text/x-shellscript",
-                             headers={"Content-Disposition": f'attachment; filename="ezssh-host-setup-{policy_id}.sh"'})
+    return PlainTextResponse(
+        script,
+        media_type="text/x-shellscript",
+        headers={"Content-Disposition": f'attachment; filename="ezssh-host-setup-{policy_id}.sh"'},
+    )
 
 
 @router.post("/certificates/{policy_id}/{serial}/revoke")
-def revoke(request: Request, policy_id: str, serial: str, who: Identity = Depends(caller),
-           rb: RevokeBody = body(RevokeBody, REVOKE_REFUSED)) -> JSONResponse:
+def revoke(
+    request: Request,
+    policy_id: str,
+    serial: str,
+    who: Identity = Depends(caller),
+    rb: RevokeBody = body(RevokeBody, REVOKE_REFUSED),
+) -> JSONResponse:
     svc = service(request)
     with svc.base.refusing(who, REVOKE_REFUSED, policy_id=policy_id):
         number = _serial(serial)
     rec = svc.hosts.revoke_certificate(who, policy_id, number, rb.reason)
-    return JSONResponse({"policy": rec.policy_id, "serial": str(rec.serial), "key_id": rec.key_id,
-                         "revoked_at": rec.revoked_at, "revoked_by": rec.revoked_by,
-                         "valid_before": rec.valid_before})
+    return JSONResponse(
+        {
+            "policy": rec.policy_id,
+            "serial": str(rec.serial),
+            "key_id": rec.key_id,
+            "revoked_at": rec.revoked_at,
+            "revoked_by": rec.revoked_by,
+            "valid_before": rec.valid_before,
+        }
+    )

@@ -17,8 +17,23 @@ router = APIRouter(prefix="/api/identities", tags=["identities"])
 
 
 @router.post("/{oid}/revoke")
-def revoke_all(request: Request, oid: str, who: Identity = Depends(caller),
-               rb: RevokeBody = body(RevokeBody, IDENTITY_REVOKE_REFUSED)) -> dict:
+def revoke_all(
+    request: Request,
+    oid: str,
+    who: Identity = Depends(caller),
+    rb: RevokeBody = body(RevokeBody, IDENTITY_REVOKE_REFUSED),
+) -> dict:
     revoked = service(request).identities.revoke_all(who, oid, rb.reason)
-    return {"oid": oid.lower(), "revoked": [{"policy": c.policy_id, "serial": str(c.serial), "key_id": c.key_id,
-                                             "host": c.host, "valid_before": c.valid_before} for c in revoked]}
+    return {
+        "oid": oid.lower(),
+        "revoked": [
+            {
+                "policy": c.policy_id,
+                "serial": str(c.serial),
+                "key_id": c.key_id,
+                "host": c.host,
+                "valid_before": c.valid_before,
+            }
+            for c in revoked
+        ],
+    }

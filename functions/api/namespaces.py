@@ -1,8 +1,8 @@
 """Host namespaces: the DNS suffixes, host names and IP ranges the tenant's hosts live in.
 
-    GET /api/host-namespaces      signed-in users -> {namespaces, source: setting|tenant, etag}
-    PUT /api/host-namespaces      tenant admins: {namespaces: ["*.contoso.internal", "10.20.0.0/16"]}
-                                  (If-Match: the etag read, once the tenant has set them)
+GET /api/host-namespaces      signed-in users -> {namespaces, source: setting|tenant, etag}
+PUT /api/host-namespaces      tenant admins: {namespaces: ["*.contoso.internal", "10.20.0.0/16"]}
+                              (If-Match: the etag read, once the tenant has set them)
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ def get(request: Request, who: Identity = Depends(caller)) -> JSONResponse:
 
 
 @router.put("")
-def put(request: Request, who: Identity = Depends(caller), if_match: str | None = Header(None),
-        doc: JsonValue = body(None, NAMESPACES_REFUSED)) -> JSONResponse:
+def put(
+    request: Request,
+    who: Identity = Depends(caller),
+    if_match: str | None = Header(None),
+    doc: JsonValue = body(None, NAMESPACES_REFUSED),
+) -> JSONResponse:
     return _respond(service(request).namespaces.replace(who, doc, if_match))

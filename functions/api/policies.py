@@ -16,8 +16,19 @@ router = APIRouter(prefix="/api/policies", tags=["policies"])
 
 
 # What a member, an approver or anyone else who may see a policy needs to ask for access under it.
-MEMBER_FIELDS = ("id", "name", "tenant_id", "hosts", "approvals_required", "default_ttl", "max_ttl", "request_ttl",
-                 "extensions", "force_command", "source_address")
+MEMBER_FIELDS = (
+    "id",
+    "name",
+    "tenant_id",
+    "hosts",
+    "approvals_required",
+    "default_ttl",
+    "max_ttl",
+    "request_ttl",
+    "extensions",
+    "force_command",
+    "source_address",
+)
 
 
 def view(p: Policy, who: Identity) -> dict:
@@ -26,17 +37,20 @@ def view(p: Policy, who: Identity) -> dict:
     no webhook URL, no other people's object ids, no host token)."""
     rule = p.rule_for(who)
     member = rule is not None and rule.action != "deny"
-    you = {"admin": p.is_admin(who), "member": member, "approver": p.is_approver(who),
-           "access": rule.action if rule is not None else "deny",  # what asking for access would get
-           "logins": list(allowed_logins(p, who)) if member else []}
+    you = {
+        "admin": p.is_admin(who),
+        "member": member,
+        "approver": p.is_approver(who),
+        "access": rule.action if rule is not None else "deny",  # what asking for access would get
+        "logins": list(allowed_logins(p, who)) if member else [],
+    }
     if you["admin"]:
         d = p.to_dict()
         d.pop("host_token", None)
     else:
         full = p.to_dict()
         d = {k: full[k] for k in MEMBER_FIELDS}
-        d["ca"] = [{"public_key": c.public_key, "fingerprint": c.fingerprint, "state": c.state}
-                   for c in p.trusted_ca]
+        d["ca"] = [{"public_key": c.public_key, "fingerprint": c.fingerprint, "state": c.state} for c in p.trusted_ca]
     d["etag"] = p.etag
     d["you"] = you
     return d
@@ -53,8 +67,9 @@ def list_(request: Request, who: Identity = Depends(caller)) -> dict:
 
 
 @router.post("")
-def create(request: Request, who: Identity = Depends(caller),
-           doc: JsonValue = body(None, POLICY_CREATE_REFUSED)) -> JSONResponse:
+def create(
+    request: Request, who: Identity = Depends(caller), doc: JsonValue = body(None, POLICY_CREATE_REFUSED)
+) -> JSONResponse:
     return _respond(service(request).policies.create(who, doc), who, 201)
 
 
@@ -64,27 +79,43 @@ def get(request: Request, policy_id: str, who: Identity = Depends(caller)) -> JS
 
 
 @router.patch("/{policy_id}")
-def update(request: Request, policy_id: str, who: Identity = Depends(caller),
-           if_match: str | None = Header(None), doc: JsonValue = body(None, POLICY_UPDATE_REFUSED)) -> JSONResponse:
+def update(
+    request: Request,
+    policy_id: str,
+    who: Identity = Depends(caller),
+    if_match: str | None = Header(None),
+    doc: JsonValue = body(None, POLICY_UPDATE_REFUSED),
+) -> JSONResponse:
     return _respond(service(request).policies.update(who, policy_id, doc, if_match), who)
 
 
 @router.delete("/{policy_id}")
-def delete(request: Request, policy_id: str, who: Identity = Depends(caller),
-           if_match: str | None = Header(None)) -> Response:
+def delete(
+    request: Request, policy_id: str, who: Identity = Depends(caller), if_match: str | None = Header(None)
+) -> Response:
     service(request).policies.delete(who, policy_id, if_match)
     return Response(status_code=204)
 
 
 @router.post("/{policy_id}/rotate-ca")
-def rotate(request: Request, policy_id: str, who: Identity = Depends(caller),
-           if_match: str | None = Header(None), kind: str = Query("user")) -> JSONResponse:
+def rotate(
+    request: Request,
+    policy_id: str,
+    who: Identity = Depends(caller),
+    if_match: str | None = Header(None),
+    kind: str = Query("user"),
+) -> JSONResponse:
     return _respond(service(request).policies.rotate_ca(who, policy_id, if_match, kind=kind), who)
 
 
 @router.get("/{policy_id}/ca")
-def ca(request: Request, policy_id: str, who: Identity = Depends(caller), kind: str = Query("user"),
-       format: str = Query("text")) -> Response:
+def ca(
+    request: Request,
+    policy_id: str,
+    who: Identity = Depends(caller),
+    kind: str = Query("user"),
+    format: str = Query("text"),
+) -> Response:
     """The CA public keys, current first: `?kind=user` (the default, what old clients read) or
     `?kind=host`, as text lines, or `?format=json` with both kinds and their states."""
     svc = service(request)

@@ -32,13 +32,22 @@ class NewRequest(Strict):
     @model_validator(mode="after")
     def _clean(self) -> NewRequest:
         """What people typed, in its one form (core.text): bad text is refused like a bad body."""
-        return self.model_copy(update={
-            "host": normalize_host(self.host), "principal": printable_text(self.principal, "principal", 64),
-            "reason": (printable_text(self.reason, "reason", 1000) or None) if self.reason is not None else None})
+        return self.model_copy(
+            update={
+                "host": normalize_host(self.host),
+                "principal": printable_text(self.principal, "principal", 64),
+                "reason": (printable_text(self.reason, "reason", 1000) or None) if self.reason is not None else None,
+            }
+        )
 
     def command(self) -> AccessRequest:
-        return AccessRequest(host=self.host, principal=self.principal, ttl_seconds=self.ttl_seconds,
-                             policy_id=self.policy, reason=self.reason)
+        return AccessRequest(
+            host=self.host,
+            principal=self.principal,
+            ttl_seconds=self.ttl_seconds,
+            policy_id=self.policy,
+            reason=self.reason,
+        )
 
 
 class DecisionBody(Strict):
@@ -80,9 +89,12 @@ def render(outcome: Outcome, now: int, link: str | None = None) -> JSONResponse:
 
 
 @router.post("")
-def create(request: Request, who: Identity = Depends(caller),
-           new: NewRequest = body(NewRequest, REQUEST_REFUSED),
-           idempotency_key: str | None = Header(None, max_length=200)) -> JSONResponse:
+def create(
+    request: Request,
+    who: Identity = Depends(caller),
+    new: NewRequest = body(NewRequest, REQUEST_REFUSED),
+    idempotency_key: str | None = Header(None, max_length=200),
+) -> JSONResponse:
     """`Idempotency-Key` (one per client attempt): a retry after a lost answer gets that answer."""
     svc = service(request)
     outcome = svc.issuance.request_access(who, new.command(), new.public_key, idempotency_key)
@@ -90,9 +102,14 @@ def create(request: Request, who: Identity = Depends(caller),
 
 
 @router.get("")
-def list_(request: Request, state: str | None = Query(None, max_length=16),
-          role: str | None = Query(None, max_length=16), limit: int = Query(100),
-          continuation: str | None = Query(None, max_length=512), who: Identity = Depends(caller)) -> dict:
+def list_(
+    request: Request,
+    state: str | None = Query(None, max_length=16),
+    role: str | None = Query(None, max_length=16),
+    limit: int = Query(100),
+    continuation: str | None = Query(None, max_length=512),
+    who: Identity = Depends(caller),
+) -> dict:
     """Newest first, `limit` (1-1000) a page; `next` is the `continuation` of the next page."""
     svc = service(request)
     now = int(svc.clock())
@@ -113,8 +130,12 @@ def get(request: Request, request_id: str, who: Identity = Depends(caller)) -> d
 
 
 @router.post("/{request_id}/certificate")
-def certificate(request: Request, request_id: str, who: Identity = Depends(caller),
-                cert: CertificateBody = body(CertificateBody, CERTIFICATE_REFUSED)) -> JSONResponse:
+def certificate(
+    request: Request,
+    request_id: str,
+    who: Identity = Depends(caller),
+    cert: CertificateBody = body(CertificateBody, CERTIFICATE_REFUSED),
+) -> JSONResponse:
     svc = service(request)
     return render(svc.issuance.issue_for_request(who, request_id, cert.public_key), int(svc.clock()))
 
@@ -122,11 +143,16 @@ def certificate(request: Request, request_id: str, who: Identity = Depends(calle
 def _decide(action: str) -> Callable[..., dict[str, Any]]:
     refused = decision_refused(action)
 
-    def handler(request: Request, request_id: str, who: Identity = Depends(caller),
-                decision: DecisionBody = body(DecisionBody, refused)) -> dict[str, Any]:
+    def handler(
+        request: Request,
+        request_id: str,
+        who: Identity = Depends(caller),
+        decision: DecisionBody = body(DecisionBody, refused),
+    ) -> dict[str, Any]:
         svc = service(request)
         rec = getattr(svc.requests, action)(who, request_id, decision.comment)
         return rec.to_public(int(svc.clock()))
+
     return handler
 
 

@@ -36,11 +36,16 @@ from .deps import context
 WEB = Path(__file__).resolve().parent.parent / "web"
 REPO = WEB.parent.parent
 IMMUTABLE = "public, max-age=31536000, immutable"
-TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8",
-         ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
+TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
 # A vendored module's bare import ("preact") becomes a path next to it: an import map would be an
 # inline script, which the policy forbids.
-_IMPORT = re.compile(r'''(\bfrom\s*|\bimport\s*\(?\s*)(["'])([^"'./][^"']*)\2''')
+_IMPORT = re.compile(r"""(\bfrom\s*|\bimport\s*\(?\s*)(["'])([^"'./][^"']*)\2""")
 
 router = APIRouter(tags=["web"])
 
@@ -65,11 +70,13 @@ def _vendor_bytes(name: str, spec: dict) -> bytes:
     data = source.read_bytes()
     imports = spec.get("imports") or {}
     if imports:
+
         def swap(m: re.Match) -> str:
             target = imports.get(m.group(3))
             if target is None:
                 raise WebFilesMissing(f"{spec['from']} imports {m.group(3)!r}, which vendor.json does not map.")
             return f"{m.group(1)}{m.group(2)}{target}{m.group(2)}"
+
         data = _IMPORT.sub(swap, data.decode("utf-8")).encode("utf-8")
     return data
 
@@ -105,18 +112,20 @@ def authority_origins(issuers: list[str]) -> list[str]:
 
 def content_security_policy(authorities: list[str]) -> str:
     idp = " ".join(authorities)
-    return "; ".join((
-        "default-src 'none'",
-        "script-src 'self'",
-        "style-src 'self'",
-        "img-src 'self'",
-        "font-src 'self'",
-        f"connect-src 'self' {idp}",
-        f"form-action 'self' {idp}",
-        "frame-ancestors 'none'",
-        "base-uri 'none'",
-        "object-src 'none'",
-    ))
+    return "; ".join(
+        (
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "img-src 'self'",
+            "font-src 'self'",
+            f"connect-src 'self' {idp}",
+            f"form-action 'self' {idp}",
+            "frame-ancestors 'none'",
+            "base-uri 'none'",
+            "object-src 'none'",
+        )
+    )
 
 
 def page_headers(request: Request) -> dict[str, str]:

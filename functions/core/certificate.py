@@ -77,15 +77,33 @@ def build_certificate(
         raise InvalidRequest("A certificate must name at least one principal.")
     if not 0 < serial <= MAX_SERIAL:
         raise InvalidRequest("The serial must be a non-zero 63-bit number.")
-    return sign_certificate(ssh.SSHCertificateType.USER, user_key, grant.key_id, grant.principals,
-                            now - grant.backdate_seconds, now + grant.ttl_seconds, ca_private_key, serial=serial,
-                            critical_options=grant.critical_options, extensions=grant.extensions)
+    return sign_certificate(
+        ssh.SSHCertificateType.USER,
+        user_key,
+        grant.key_id,
+        grant.principals,
+        now - grant.backdate_seconds,
+        now + grant.ttl_seconds,
+        ca_private_key,
+        serial=serial,
+        critical_options=grant.critical_options,
+        extensions=grant.extensions,
+    )
 
 
-def sign_certificate(cert_type: ssh.SSHCertificateType, key: VettedKey, key_id: str, principals: tuple[str, ...],
-                     valid_after: int, valid_before: int, ca_private_key: ssh.SSHCertPrivateKeyTypes, *, serial: int,
-                     critical_options: tuple[tuple[str, str], ...] = (),
-                     extensions: tuple[str, ...] = ()) -> IssuedCertificate:
+def sign_certificate(
+    cert_type: ssh.SSHCertificateType,
+    key: VettedKey,
+    key_id: str,
+    principals: tuple[str, ...],
+    valid_after: int,
+    valid_before: int,
+    ca_private_key: ssh.SSHCertPrivateKeyTypes,
+    *,
+    serial: int,
+    critical_options: tuple[tuple[str, str], ...] = (),
+    extensions: tuple[str, ...] = (),
+) -> IssuedCertificate:
     """The one place a certificate (user or host) is built and signed by SSHCertificateBuilder."""
     builder = (
         ssh.SSHCertificateBuilder()
@@ -126,8 +144,16 @@ def verify_issued(
     verify_signature: Callable[[ssh.SSHCertificate], None] | None = None,
 ) -> None:
     """Re-read the signed certificate and check it against the grant. Raises IntegrityError."""
-    cert, problems = read_back(issued, ssh.SSHCertificateType.USER, grant.key_id, grant.ttl_seconds, user_key,
-                               ca_public_key, now=now, verify_signature=verify_signature)
+    cert, problems = read_back(
+        issued,
+        ssh.SSHCertificateType.USER,
+        grant.key_id,
+        grant.ttl_seconds,
+        user_key,
+        ca_public_key,
+        now=now,
+        verify_signature=verify_signature,
+    )
     if not set(issued_principals(cert)) <= set(grant.principals):
         problems.append("principals outside the grant")
     crit = {k.decode(): v.decode() for k, v in cert.critical_options.items()}
@@ -143,9 +169,17 @@ def issued_principals(cert: ssh.SSHCertificate) -> tuple[str, ...]:
     return tuple(p.decode() for p in cert.valid_principals)
 
 
-def read_back(issued: IssuedCertificate, cert_type: ssh.SSHCertificateType, key_id: str, ttl_seconds: int,
-              key: VettedKey, ca_public_key: ssh.SSHCertPublicKeyTypes, *, now: int,
-              verify_signature: Callable[[ssh.SSHCertificate], None] | None = None) -> tuple[ssh.SSHCertificate, list[str]]:
+def read_back(
+    issued: IssuedCertificate,
+    cert_type: ssh.SSHCertificateType,
+    key_id: str,
+    ttl_seconds: int,
+    key: VettedKey,
+    ca_public_key: ssh.SSHCertPublicKeyTypes,
+    *,
+    now: int,
+    verify_signature: Callable[[ssh.SSHCertificate], None] | None = None,
+) -> tuple[ssh.SSHCertificate, list[str]]:
     """Parse a signed certificate back and list what is wrong with it that every certificate shares:
     type, principals present, serial and validity as recorded, validity ordered and within the TTL,
     key id, certified key, signing CA and signature. The callers add their own kind's checks."""
@@ -170,11 +204,11 @@ def read_back(issued: IssuedCertificate, cert_type: ssh.SSHCertificateType, key_
         problems.append("key id differs from the grant")
     pub = cert.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     if pub.split()[:2] != key.openssh.encode().split()[:2]:
-        problems.append(f"certified key is not the {'user' if cert_type == ssh.SSHCertificateType.USER else 'host'}'s key")
+        problems.append(
+            f"certified key is not the {'user' if cert_type == ssh.SSHCertificateType.USER else 'host'}'s key"
+        )
     sig_key = cert.signature_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    ca_pub = ca_public_key.public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
+    ca_pub = ca_public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     if sig_key != ca_pub:
         problems.append("signed by an unexpected CA")
     try:

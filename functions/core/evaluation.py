@@ -52,9 +52,12 @@ def why_no_username(who: Identity) -> str | None:
         return "guest accounts never get {username}"
     if not who.domain_verified:
         domain = who.upn_domain
-        return (f"your UPN's domain {domain!r} is not one of your tenant's verified domains (the service's "
-                "verifiedDomains setting, EZSSH_VERIFIED_DOMAINS)" if domain else
-                "your account has no UPN with a verified domain")
+        return (
+            f"your UPN's domain {domain!r} is not one of your tenant's verified domains (the service's "
+            "verifiedDomains setting, EZSSH_VERIFIED_DOMAINS)"
+            if domain
+            else "your account has no UPN with a verified domain"
+        )
     local = who.upn.rpartition("@")[0].lower()
     if is_reserved_login(local):
         return f"{local!r} (your UPN's local part) is a reserved system account, never given by {{username}}"
@@ -70,8 +73,9 @@ def _login_refusal(policy: Policy, who: Identity, principal: str, allowed: tuple
     return msg
 
 
-def make_grant(policy: Policy, request_id: str, who: Identity, principal: str, ttl_seconds: int,
-               backdate: int = DEFAULT_BACKDATE) -> Grant:
+def make_grant(
+    policy: Policy, request_id: str, who: Identity, principal: str, ttl_seconds: int, backdate: int = DEFAULT_BACKDATE
+) -> Grant:
     if not isinstance(who, Identity):
         raise TypeError("make_grant needs the requester's Identity")
     if principal not in allowed_logins(policy, who):
@@ -93,12 +97,15 @@ def resolve_ttl(policy: Policy, requested: int | None) -> int:
     if requested is None:
         return policy.default_ttl
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < MIN_TTL:
-        raise InvalidRequest(f"ttl_seconds must be a whole number of at least {MIN_TTL}.", field="ttl_seconds",
-                             min=MIN_TTL)
+        raise InvalidRequest(
+            f"ttl_seconds must be a whole number of at least {MIN_TTL}.", field="ttl_seconds", min=MIN_TTL
+        )
     if requested > policy.max_ttl:
         raise TtlTooLong(
             f"ttl_seconds {requested} is over policy {policy.id!r}'s maximum of {policy.max_ttl} seconds.",
-            max_ttl=policy.max_ttl, requested=requested, policy=policy.id,
+            max_ttl=policy.max_ttl,
+            requested=requested,
+            policy=policy.id,
         )
     return requested
 
@@ -113,7 +120,8 @@ def evaluate(who: Identity, request: AccessRequest, policy: Policy) -> Decision:
             f"Policy {policy.id!r} names people by UPN ({', '.join(unresolved[:3])}"
             f"{', ...' if len(unresolved) > 3 else ''}), which are never matched; it grants nothing until an "
             "admin replaces them with object ids (ezssh policy resolve-names, or edit the policy).",
-            policy=policy.id)
+            policy=policy.id,
+        )
     rule = policy.rule_for(who)
     if rule is None or rule.action == "deny":
         if who.guest and any(r.action != "deny" and not r.subjects.guests for r in policy.rules):
@@ -137,13 +145,14 @@ def choose_policy(
     Among several that cover the host and let the user in, auto-approve wins over approval, then
     the policy id breaks the tie so the choice is stable.
     """
-    covering = [p for p in policies if p.tenant_id == who.tid and not p.deleted
-                and p.covers_host(request.host, tags)]
+    covering = [p for p in policies if p.tenant_id == who.tid and not p.deleted and p.covers_host(request.host, tags)]
     if request.policy_id is not None:
         covering = [p for p in covering if p.id == request.policy_id]
     if not covering:
-        raise NoPolicyForHost(f"No access policy covers host {request.host!r}" +
-                              (f" under policy {request.policy_id!r}." if request.policy_id else "."))
+        raise NoPolicyForHost(
+            f"No access policy covers host {request.host!r}"
+            + (f" under policy {request.policy_id!r}." if request.policy_id else ".")
+        )
     decisions: list[Decision] = []
     first_error: Denied | TtlTooLong | None = None
     for p in sorted(covering, key=lambda p: p.id):
@@ -156,8 +165,9 @@ def choose_policy(
         assert first_error is not None
         others = sorted(p.id for p in covering if p.id != getattr(first_error, "details", {}).get("policy"))
         if others and isinstance(first_error, Denied):
-            raise type(first_error)(f"{first_error.message} (Also evaluated for this host: {', '.join(others)}.)",
-                                    **first_error.details)
+            raise type(first_error)(
+                f"{first_error.message} (Also evaluated for this host: {', '.join(others)}.)", **first_error.details
+            )
         raise first_error
     decisions.sort(key=lambda d: (d.action != "auto", d.policy.id))
     return decisions[0]

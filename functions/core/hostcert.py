@@ -44,7 +44,9 @@ MIN_HOST_CERT_TTL = 3600
 MAX_HOST_CERT_TTL = 366 * 86400
 RENEW_NAMESPACE = "ezssh-host-renew"
 ENROL_NAMESPACE = "ezssh-host-enrol"
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
 WILDCARD_CHARS = set("*?[]!,")
 
 
@@ -67,8 +69,10 @@ def parse_host_key(text: object) -> VettedKey:
     """A host's own public host key: ed25519, ECDSA, or RSA of at least 3072 bits. A certificate (a
     user certificate sent in place of a host key, say) is refused."""
     if isinstance(text, str) and "-cert-v01@openssh.com" in text.split(" ", 1)[0]:
-        raise InvalidPublicKey("That is a certificate, not a host key. Send the host's public host key "
-                               "(e.g. /etc/ssh/ssh_host_ed25519_key.pub).")
+        raise InvalidPublicKey(
+            "That is a certificate, not a host key. Send the host's public host key "
+            "(e.g. /etc/ssh/ssh_host_ed25519_key.pub)."
+        )
     key = parse_public_key(text)
     if isinstance(key.key, rsa.RSAPublicKey) and key.bits < MIN_HOST_RSA_BITS:
         raise WeakPublicKey(f"RSA host keys must have at least {MIN_HOST_RSA_BITS} bits; this one has {key.bits}.")
@@ -95,8 +99,9 @@ def normalise_host_name(raw: object) -> str:
         raise HostNameRefused("A host name is empty; a host certificate never has empty principals.")
     name = raw.strip().lower().rstrip(".")
     if WILDCARD_CHARS & set(name):
-        raise HostNameRefused(f"Host name {raw[:100]!r} has wildcard or list characters; a host certificate "
-                              "names each host exactly.")
+        raise HostNameRefused(
+            f"Host name {raw[:100]!r} has wildcard or list characters; a host certificate names each host exactly."
+        )
     try:
         return str(ipaddress.ip_address(name))
     except ValueError:
@@ -122,8 +127,9 @@ class HostPatterns(Protocol):
     def hosts(self) -> tuple[str, ...]: ...
 
 
-def fitting_host_names(policy: HostPatterns, names: Iterable[object], namespaces: Sequence[Namespace],
-                       is_public: IsPublic) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def fitting_host_names(
+    policy: HostPatterns, names: Iterable[object], namespaces: Sequence[Namespace], is_public: IsPublic
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(the names a host certificate of this policy may carry, one sentence for each name it may not).
 
     A name fits when it is a valid host name or address, no public suffix, inside the tenant's host
@@ -141,13 +147,14 @@ def fitting_host_names(policy: HostPatterns, names: Iterable[object], namespaces
         if name in kept:
             continue
         if not namespaces:
-            outside.append(f"{name}: the tenant has declared no host namespaces (a tenant admin declares them "
-                           "with PUT /api/host-namespaces or the EZSSH_HOST_NAMESPACES setting).")
+            outside.append(
+                f"{name}: the tenant has declared no host namespaces (a tenant admin declares them "
+                "with PUT /api/host-namespaces or the EZSSH_HOST_NAMESPACES setting)."
+            )
         elif is_public(name):
             outside.append(f"{name} is a public suffix, not a host.")
         elif not inside(namespaces, name):
-            outside.append(f"{name} is outside the tenant's host namespaces "
-                           f"({', '.join(str(n) for n in namespaces)}).")
+            outside.append(f"{name} is outside the tenant's host namespaces ({', '.join(str(n) for n in namespaces)}).")
         elif not any(host_matches(p, name, {}) for p in pats):  # the one matcher
             outside.append(f"{name} is outside policy {policy.id!r}'s host patterns.")
         else:
@@ -155,8 +162,9 @@ def fitting_host_names(policy: HostPatterns, names: Iterable[object], namespaces
     return tuple(kept), tuple(outside)
 
 
-def check_host_names(policy: HostPatterns, names: Iterable[object], namespaces: Sequence[Namespace],
-                     is_public: IsPublic) -> tuple[str, ...]:
+def check_host_names(
+    policy: HostPatterns, names: Iterable[object], namespaces: Sequence[Namespace], is_public: IsPublic
+) -> tuple[str, ...]:
     """Every name must fit (fitting_host_names); else HostNameRefused naming what does not."""
     kept, outside = fitting_host_names(policy, names, namespaces, is_public)
     if outside:
@@ -172,8 +180,9 @@ def _bounded(names: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-def kept_host_names(policy: HostPatterns, names: Iterable[object], namespaces: Sequence[Namespace],
-                    is_public: IsPublic) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def kept_host_names(
+    policy: HostPatterns, names: Iterable[object], namespaces: Sequence[Namespace], is_public: IsPublic
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """For names a host did not choose (ARM's, or those of the certificate being renewed): the ones
     that fit, and what was dropped; HostNameRefused when none fits."""
     kept, outside = fitting_host_names(policy, names, namespaces, is_public)
@@ -207,8 +216,9 @@ def renew_after(valid_after: int, valid_before: int) -> int:
     return valid_after + (valid_before - valid_after) * 2 // 3
 
 
-def build_host_certificate(grant: HostGrant, host_key: VettedKey, ca_private_key: ssh.SSHCertPrivateKeyTypes,
-                           *, now: int, serial: int) -> IssuedCertificate:
+def build_host_certificate(
+    grant: HostGrant, host_key: VettedKey, ca_private_key: ssh.SSHCertPrivateKeyTypes, *, now: int, serial: int
+) -> IssuedCertificate:
     if not grant.principals:
         raise InvalidRequest("A host certificate must name at least one host.")
     if any(WILDCARD_CHARS & set(p) for p in grant.principals):
@@ -217,15 +227,38 @@ def build_host_certificate(grant: HostGrant, host_key: VettedKey, ca_private_key
         raise InvalidRequest("The serial must be a non-zero 63-bit number.")
     if not MIN_HOST_CERT_TTL <= grant.ttl_seconds <= MAX_HOST_CERT_TTL:
         raise InvalidRequest("The host certificate validity is out of range.")
-    return sign_certificate(ssh.SSHCertificateType.HOST, host_key, grant.key_id, grant.principals,
-                            now - grant.backdate_seconds, now + grant.ttl_seconds, ca_private_key, serial=serial)
+    return sign_certificate(
+        ssh.SSHCertificateType.HOST,
+        host_key,
+        grant.key_id,
+        grant.principals,
+        now - grant.backdate_seconds,
+        now + grant.ttl_seconds,
+        ca_private_key,
+        serial=serial,
+    )
 
 
-def verify_host_issued(issued: IssuedCertificate, grant: HostGrant, host_key: VettedKey, ca_public_key: ssh.SSHCertPublicKeyTypes,
-                       *, now: int, verify_signature: Callable[[ssh.SSHCertificate], None] | None = None) -> None:
+def verify_host_issued(
+    issued: IssuedCertificate,
+    grant: HostGrant,
+    host_key: VettedKey,
+    ca_public_key: ssh.SSHCertPublicKeyTypes,
+    *,
+    now: int,
+    verify_signature: Callable[[ssh.SSHCertificate], None] | None = None,
+) -> None:
     """Re-read the signed host certificate and check it against the grant. Raises IntegrityError."""
-    cert, problems = read_back(issued, ssh.SSHCertificateType.HOST, grant.key_id, grant.ttl_seconds, host_key,
-                               ca_public_key, now=now, verify_signature=verify_signature)
+    cert, problems = read_back(
+        issued,
+        ssh.SSHCertificateType.HOST,
+        grant.key_id,
+        grant.ttl_seconds,
+        host_key,
+        ca_public_key,
+        now=now,
+        verify_signature=verify_signature,
+    )
     principals = issued_principals(cert)
     if principals != grant.principals:
         problems.append("principals differ from the grant")
@@ -247,10 +280,10 @@ _ARMOR_END = "-----END SSH SIGNATURE-----"
 def _read_string(buf: bytes, pos: int) -> tuple[bytes, int]:
     if pos + 4 > len(buf):
         raise ValueError("truncated")
-    (n,) = struct.unpack(">I", buf[pos:pos + 4])
+    (n,) = struct.unpack(">I", buf[pos : pos + 4])
     if pos + 4 + n > len(buf):
         raise ValueError("truncated")
-    return buf[pos + 4:pos + 4 + n], pos + 4 + n
+    return buf[pos + 4 : pos + 4 + n], pos + 4 + n
 
 
 def _string(b: bytes) -> bytes:
@@ -264,7 +297,7 @@ def _sshsig_blob(text: object) -> bytes:
     if body.startswith(_ARMOR_BEGIN):
         if _ARMOR_END not in body:
             raise ProofRefused("The signature's armor is not closed.")
-        body = body[len(_ARMOR_BEGIN):body.index(_ARMOR_END)]
+        body = body[len(_ARMOR_BEGIN) : body.index(_ARMOR_END)]
     try:
         return base64.b64decode("".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
@@ -279,7 +312,7 @@ def verify_sshsig(signature: object, message: bytes, namespace: str, key: Vetted
         if not blob.startswith(SSHSIG_MAGIC):
             raise ValueError("not an SSHSIG blob")
         pos = len(SSHSIG_MAGIC)
-        (version,) = struct.unpack(">I", blob[pos:pos + 4])
+        (version,) = struct.unpack(">I", blob[pos : pos + 4])
         pos += 4
         pubkey, pos = _read_string(blob, pos)
         ns, pos = _read_string(blob, pos)
@@ -313,8 +346,9 @@ def verify_sshsig(signature: object, message: bytes, namespace: str, key: Vetted
             r, p2 = _read_string(sig_bytes, 0)
             s, _ = _read_string(sig_bytes, p2)
             curve_hash = {256: hashes.SHA256(), 384: hashes.SHA384(), 521: hashes.SHA512()}[k.curve.key_size]
-            k.verify(encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), signed,
-                     ec.ECDSA(curve_hash))
+            k.verify(
+                encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), signed, ec.ECDSA(curve_hash)
+            )
         elif isinstance(k, rsa.RSAPublicKey):
             rsa_hash = {b"rsa-sha2-512": hashes.SHA512(), b"rsa-sha2-256": hashes.SHA256()}.get(sig_type)
             if rsa_hash is None:

@@ -41,8 +41,11 @@ def validate_host_pattern(pattern: str) -> None:
             raise InvalidRequest(f"Host pattern {pattern!r}: a tag pattern looks like 'tag:name=value'.")
         return
     if pattern.startswith("/subscriptions/"):
-        if not re.match(r"^/subscriptions/[^/]+/resourceGroups/[^/]+(/providers/Microsoft\.Compute/virtualMachines/[^/]+)?$",
-                        pattern, re.IGNORECASE):
+        if not re.match(
+            r"^/subscriptions/[^/]+/resourceGroups/[^/]+(/providers/Microsoft\.Compute/virtualMachines/[^/]+)?$",
+            pattern,
+            re.IGNORECASE,
+        ):
             raise InvalidRequest(f"Host pattern {pattern!r} is not an Azure VM or resource group id.")
         return
     if "/" in pattern or _looks_like_ip(pattern):

@@ -123,8 +123,9 @@ def check_blob_structure(declared: str, blob: bytes) -> None:
         curve, size = EC_CURVES[declared]
         name = r.string("curve name")
         if name != curve.encode():
-            raise InvalidPublicKey(f"The key says it is {declared!r} but names the curve "
-                                   f"{name.decode('ascii', 'replace')!r}.")
+            raise InvalidPublicKey(
+                f"The key says it is {declared!r} but names the curve {name.decode('ascii', 'replace')!r}."
+            )
         point = r.string("curve point")
         if len(point) != 1 + 2 * size or point[0] != 4:
             raise InvalidPublicKey(f"The ECDSA point must be uncompressed and {1 + 2 * size} bytes for {curve}.")
@@ -155,8 +156,9 @@ def check_rsa_numbers(e: int, n: int) -> None:
 def parse_public_key(text: object) -> VettedKey:
     """Parse one OpenSSH public key line and vet it. Raises InvalidPublicKey or WeakPublicKey."""
     if not isinstance(text, str) or not text.strip():
-        raise InvalidPublicKey("public_key must be one OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'.",
-                               field="public_key")
+        raise InvalidPublicKey(
+            "public_key must be one OpenSSH public key line, e.g. 'ssh-ed25519 AAAA...'.", field="public_key"
+        )
     if len(text) > MAX_KEY_TEXT:
         raise InvalidPublicKey("The public key is too long.")
     line = text.strip()
@@ -164,7 +166,9 @@ def parse_public_key(text: object) -> VettedKey:
     # get the private-key message.
     if line.startswith("-----BEGIN"):
         if "PRIVATE" in line:
-            raise InvalidPublicKey("That is a private key. Send the public key; the private key never leaves your machine.")
+            raise InvalidPublicKey(
+                "That is a private key. Send the public key; the private key never leaves your machine."
+            )
         raise InvalidPublicKey("PEM keys are not accepted; send the OpenSSH public key line.")
     if "\n" in line or "\r" in line:
         raise InvalidPublicKey("Send exactly one public key line.")

@@ -58,7 +58,7 @@ def ca_key_blob(openssh_line: str) -> bytes:
     except ValueError:
         raise KrlError("The CA key's base64 does not decode.") from None
     (n,) = struct.unpack(">I", blob[:4]) if len(blob) >= 4 else (None,)
-    if n is None or blob[4:4 + n].decode("ascii", "replace") != parts[0]:
+    if n is None or blob[4 : 4 + n].decode("ascii", "replace") != parts[0]:
         raise KrlError("The CA key's blob does not match its key type.")
     return blob
 
@@ -123,8 +123,15 @@ def encode_krl(
     for name, v in (("krl_version", krl_version), ("generated_date", generated_date)):
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SERIAL:
             raise KrlError(f"{name} must be a 64-bit unsigned number.")
-    header = (MAGIC + struct.pack(">I", FORMAT_VERSION) + _u64(krl_version) + _u64(generated_date)
-              + _u64(0) + _string(b"") + _string(comment.encode()))
+    header = (
+        MAGIC
+        + struct.pack(">I", FORMAT_VERSION)
+        + _u64(krl_version)
+        + _u64(generated_date)
+        + _u64(0)
+        + _string(b"")
+        + _string(comment.encode())
+    )
     merged: dict[bytes, tuple[set[int], set[str]]] = {}
     for ca in cas:
         serials, ids = merged.setdefault(ca.ca_key_blob, (set(), set()))
@@ -147,7 +154,7 @@ def header_length(krl: bytes) -> int:
     off = 40 + reserved_len
     if len(krl) < off + 4:
         raise KrlError("Truncated KRL header.")
-    comment_len = int.from_bytes(krl[off:off + 4], "big")
+    comment_len = int.from_bytes(krl[off : off + 4], "big")
     end = off + 4 + comment_len
     if len(krl) < end:
         raise KrlError("Truncated KRL header.")

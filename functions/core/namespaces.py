@@ -72,8 +72,10 @@ def parse_namespace(raw: object, is_public: IsPublic) -> Namespace:
     text = raw.strip().lower().rstrip(".")
     shown = repr(raw[:100])
     if text in ("*", "*.*") or text.startswith("*") and not text.startswith("*."):
-        raise InvalidRequest(f"Host namespace {shown} names every host; declare the DNS suffixes and IP ranges "
-                             "your hosts live in, e.g. *.contoso.internal or 10.20.0.0/16.")
+        raise InvalidRequest(
+            f"Host namespace {shown} names every host; declare the DNS suffixes and IP ranges "
+            "your hosts live in, e.g. *.contoso.internal or 10.20.0.0/16."
+        )
     if "/" in text or ":" in text or re.match(r"^[0-9.]+$", text):
         try:
             net = ipaddress.ip_network(text, strict=True)
@@ -87,12 +89,15 @@ def parse_namespace(raw: object, is_public: IsPublic) -> Namespace:
         if _WILD & set(suffix) or not _dns_name(suffix):
             raise InvalidRequest(f"Host namespace {shown} is not '*.' followed by a DNS suffix.")
         if "." not in suffix or is_public(suffix):
-            raise InvalidRequest(f"Host namespace {shown} is a top-level or public suffix (anyone can register "
-                                 "names under it); declare a domain of your own, e.g. *.contoso.internal.")
+            raise InvalidRequest(
+                f"Host namespace {shown} is a top-level or public suffix (anyone can register "
+                "names under it); declare a domain of your own, e.g. *.contoso.internal."
+            )
         return Namespace("suffix", suffix)
     if _WILD & set(text) or not _dns_name(text):
-        raise InvalidRequest(f"Host namespace {shown} is not a DNS suffix ('*.contoso.internal'), a host name "
-                             "or an IP range.")
+        raise InvalidRequest(
+            f"Host namespace {shown} is not a DNS suffix ('*.contoso.internal'), a host name or an IP range."
+        )
     if is_public(text):
         raise InvalidRequest(f"Host namespace {shown} is a public suffix, not a host.")
     return Namespace("name", text)
@@ -100,8 +105,9 @@ def parse_namespace(raw: object, is_public: IsPublic) -> Namespace:
 
 def parse_namespaces(entries: object, is_public: IsPublic) -> tuple[Namespace, ...]:
     if not isinstance(entries, (list, tuple)):
-        raise InvalidRequest("'namespaces' must be a list of DNS suffixes ('*.contoso.internal'), host names "
-                             "and IP ranges.")
+        raise InvalidRequest(
+            "'namespaces' must be a list of DNS suffixes ('*.contoso.internal'), host names and IP ranges."
+        )
     if len(entries) > MAX_NAMESPACES:
         raise InvalidRequest(f"At most {MAX_NAMESPACES} host namespaces.")
     out: dict[str, Namespace] = {}
@@ -225,9 +231,11 @@ def trust_scope(policy_hosts: Iterable[str], namespaces: Iterable[Namespace]) ->
                 continue
             got = _glob_in_suffix(p, ns.value)
             if got is None:
-                left.append(f"Host pattern {pattern!r} within namespace {str(ns)!r} can't be written as an ssh "
-                            f"pattern; its hosts are not trusted through this CA (name them with patterns "
-                            f"ending in .{ns.value}).")
+                left.append(
+                    f"Host pattern {pattern!r} within namespace {str(ns)!r} can't be written as an ssh "
+                    f"pattern; its hosts are not trusted through this CA (name them with patterns "
+                    f"ending in .{ns.value})."
+                )
             elif got:
                 names += got.split(",")
     v4: list[str] = []
@@ -235,9 +243,12 @@ def trust_scope(policy_hosts: Iterable[str], namespaces: Iterable[Namespace]) ->
     for net in dict.fromkeys(nets):
         pats = _address_patterns(net)
         if pats is None:
-            left.append(f"IP range {net} is too wide to list address by address; its hosts are not trusted "
-                        "through this CA by address (name them by DNS name or a narrower range).")
+            left.append(
+                f"IP range {net} is too wide to list address by address; its hosts are not trusted "
+                "through this CA by address (name them by DNS name or a narrower range)."
+            )
         else:
             (v6 if net.version == 6 else v4).extend(pats)
-    return TrustScope(tuple(dict.fromkeys(names)), tuple(dict.fromkeys(v4)), tuple(dict.fromkeys(v6)),
-                      tuple(dict.fromkeys(left)))
+    return TrustScope(
+        tuple(dict.fromkeys(names)), tuple(dict.fromkeys(v4)), tuple(dict.fromkeys(v6)), tuple(dict.fromkeys(left))
+    )

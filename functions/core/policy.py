@@ -38,21 +38,117 @@ USERNAME_TEMPLATE = "{username}"
 # Accounts {username} never expands to, whatever a UPN says (root@..., ubuntu@...): operating system
 # accounts, service accounts and the default accounts of cloud images. A policy that means to allow
 # one must name it literally (an admin's explicit choice).
-RESERVED_LOGINS = frozenset({
-    # system and service accounts of common distributions
-    "root", "toor", "admin", "administrator", "adm", "daemon", "bin", "sys", "sync", "games", "man", "lp",
-    "mail", "news", "uucp", "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "nogroup",
-    "nfsnobody", "sshd", "messagebus", "syslog", "_apt", "polkitd", "omsagent", "operator", "halt",
-    "shutdown", "ftp", "tss", "dbus", "rpc", "rpcuser", "chrony", "ntp", "postfix", "uuidd", "tcpdump",
-    "landscape", "pollinate", "lxd", "dnsmasq", "usbmux", "avahi", "colord", "geoclue", "pulse",
-    "rtkit", "saned", "whoopsie", "kernoops", "hplip", "cups-pk-helper", "sssd", "unbound", "apache",
-    "nginx", "httpd", "mysql", "postgres", "redis", "mongodb", "docker", "git", "jenkins", "guest",
-    "wheel", "sudo", "staff", "users", "video", "disk", "kmem", "tty", "shadow", "utmp", "audio",
-    # default accounts of cloud and virtual machine images
-    "azureuser", "ubuntu", "ec2-user", "centos", "debian", "fedora", "opc", "cloud-user", "core",
-    "rocky", "almalinux", "alpine", "arch", "bitnami", "vagrant", "pi", "freebsd", "suse",
-    "oracle", "cloudadmin", "azureadmin", "clouduser", "linuxadmin",
-})
+RESERVED_LOGINS = frozenset(
+    {
+        # system and service accounts of common distributions
+        "root",
+        "toor",
+        "admin",
+        "administrator",
+        "adm",
+        "daemon",
+        "bin",
+        "sys",
+        "sync",
+        "games",
+        "man",
+        "lp",
+        "mail",
+        "news",
+        "uucp",
+        "proxy",
+        "www-data",
+        "backup",
+        "list",
+        "irc",
+        "gnats",
+        "nobody",
+        "nogroup",
+        "nfsnobody",
+        "sshd",
+        "messagebus",
+        "syslog",
+        "_apt",
+        "polkitd",
+        "omsagent",
+        "operator",
+        "halt",
+        "shutdown",
+        "ftp",
+        "tss",
+        "dbus",
+        "rpc",
+        "rpcuser",
+        "chrony",
+        "ntp",
+        "postfix",
+        "uuidd",
+        "tcpdump",
+        "landscape",
+        "pollinate",
+        "lxd",
+        "dnsmasq",
+        "usbmux",
+        "avahi",
+        "colord",
+        "geoclue",
+        "pulse",
+        "rtkit",
+        "saned",
+        "whoopsie",
+        "kernoops",
+        "hplip",
+        "cups-pk-helper",
+        "sssd",
+        "unbound",
+        "apache",
+        "nginx",
+        "httpd",
+        "mysql",
+        "postgres",
+        "redis",
+        "mongodb",
+        "docker",
+        "git",
+        "jenkins",
+        "guest",
+        "wheel",
+        "sudo",
+        "staff",
+        "users",
+        "video",
+        "disk",
+        "kmem",
+        "tty",
+        "shadow",
+        "utmp",
+        "audio",
+        # default accounts of cloud and virtual machine images
+        "azureuser",
+        "ubuntu",
+        "ec2-user",
+        "centos",
+        "debian",
+        "fedora",
+        "opc",
+        "cloud-user",
+        "core",
+        "rocky",
+        "almalinux",
+        "alpine",
+        "arch",
+        "bitnami",
+        "vagrant",
+        "pi",
+        "freebsd",
+        "suse",
+        "oracle",
+        "cloudadmin",
+        "azureadmin",
+        "clouduser",
+        "linuxadmin",
+    }
+)
 # Prefixes reserved the same way (systemd-network, systemd-resolve, _chrony, ...).
 RESERVED_LOGIN_PREFIXES = ("systemd-", "_")
 
@@ -164,8 +260,7 @@ class Subjects:
         bad = tuple(u for u in users if not (u == "*" or is_guid(u)))
         groups = [str(g) for g in d.get("groups", ())]
         bad += tuple(g for g in groups if not is_guid(g))
-        return cls(good, tuple(g.lower() for g in groups if is_guid(g)),
-                   bool(d.get("guests", False)), bad)
+        return cls(good, tuple(g.lower() for g in groups if is_guid(g)), bool(d.get("guests", False)), bad)
 
 
 @dataclass(frozen=True)
@@ -200,8 +295,13 @@ class LoginMap:
 
     @classmethod
     def from_row(cls, d: dict[str, Any]) -> LoginMap:
-        return cls(logins=tuple(d.get("logins", ())), oid=d.get("oid"), group=d.get("group"),
-                   members=bool(d.get("members", False)), display=d.get("display"))
+        return cls(
+            logins=tuple(d.get("logins", ())),
+            oid=d.get("oid"),
+            group=d.get("group"),
+            members=bool(d.get("members", False)),
+            display=d.get("display"),
+        )
 
 
 @dataclass(frozen=True)
@@ -244,10 +344,16 @@ class CaKeyRef:
         backend = d.get("backend") or ""
         # Rows written before `customer_owned` existed marked such keys with a "-byok" backend.
         legacy_customer = backend.endswith("-byok")
-        return cls(key_ref=d["key_ref"], backend=backend.removesuffix("-byok"), public_key=d["public_key"],
-                   fingerprint=d["fingerprint"], state=d.get("state", "current"),
-                   created_at=int(d.get("created_at") or 0), retire_after=d.get("retire_after"),
-                   customer_owned=bool(d.get("customer_owned", legacy_customer)))
+        return cls(
+            key_ref=d["key_ref"],
+            backend=backend.removesuffix("-byok"),
+            public_key=d["public_key"],
+            fingerprint=d["fingerprint"],
+            state=d.get("state", "current"),
+            created_at=int(d.get("created_at") or 0),
+            retire_after=d.get("retire_after"),
+            customer_owned=bool(d.get("customer_owned", legacy_customer)),
+        )
 
 
 @dataclass(frozen=True)
@@ -296,8 +402,9 @@ class Policy:
     @property
     def trusted_host_ca(self) -> tuple[CaKeyRef, ...]:
         """The host CA keys clients trust: current first, then previous ones in their window."""
-        return (tuple(c for c in self.host_ca if c.state == "current")
-                + tuple(c for c in self.host_ca if c.state == "previous"))
+        return tuple(c for c in self.host_ca if c.state == "current") + tuple(
+            c for c in self.host_ca if c.state == "previous"
+        )
 
     def ca_keys(self, kind: str) -> tuple[CaKeyRef, ...]:
         """All keys of one kind: "user" (signs user certificates) or "host"."""

@@ -83,10 +83,12 @@ def _object_ids(values: tuple[str, ...], where: str, *, allow_everyone: bool) ->
         elif "@" in v:
             raise InvalidRequest(
                 f"{where} names {v!r} by UPN. Name people by object id: a UPN can be renamed or reused, an "
-                f"object id cannot (find it with: az ad user show --id {v} --query id -o tsv).")
+                f"object id cannot (find it with: az ad user show --id {v} --query id -o tsv)."
+            )
         elif not is_guid(v):
-            raise InvalidRequest(f"{where}: {v!r} is not an object id (a GUID such as "
-                                 "0e2d7f4c-6a1b-4c3e-9a57-5d2b8e0c1a01).")
+            raise InvalidRequest(
+                f"{where}: {v!r} is not an object id (a GUID such as 0e2d7f4c-6a1b-4c3e-9a57-5d2b8e0c1a01)."
+            )
         else:
             out.append(v.lower())
     return tuple(dict.fromkeys(out))
@@ -106,9 +108,11 @@ def _subjects(doc: dict[str, Any], key: str) -> Subjects:
     unknown = set(value) - {"users", "groups", "guests"}
     if unknown:
         raise InvalidRequest(f"'{key}' has unknown fields: {', '.join(sorted(unknown))}.")
-    return Subjects(users=_object_ids(_str_list(value, "users"), f"{key}.users", allow_everyone=True),
-                    groups=_object_ids(_str_list(value, "groups"), f"{key}.groups", allow_everyone=False),
-                    guests=_guests(value, key))
+    return Subjects(
+        users=_object_ids(_str_list(value, "users"), f"{key}.users", allow_everyone=True),
+        groups=_object_ids(_str_list(value, "groups"), f"{key}.groups", allow_everyone=False),
+        guests=_guests(value, key),
+    )
 
 
 def _login_names(values: object, where: str) -> tuple[str, ...]:
@@ -128,7 +132,7 @@ def _login_maps(doc: dict[str, Any]) -> tuple[LoginMap, ...]:
     if raw is None:
         raw = []
     if not isinstance(raw, list):
-        raise InvalidRequest("'logins' must be a list of {\"oid\"|\"group\"|\"members\", \"logins\"} objects.")
+        raise InvalidRequest('\'logins\' must be a list of {"oid"|"group"|"members", "logins"} objects.')
     out = []
     for i, e in enumerate(raw):
         where = f"logins[{i}]"
@@ -139,8 +143,10 @@ def _login_maps(doc: dict[str, Any]) -> tuple[LoginMap, ...]:
             raise InvalidRequest(f"{where} has unknown fields: {', '.join(sorted(unknown))}.")
         keys = [k for k in ("oid", "group", "members") if k in e]
         if len(keys) != 1:
-            raise InvalidRequest(f"{where} must name exactly one of 'oid' (a user's object id), 'group' "
-                                 "(a group's object id) or 'members': true.")
+            raise InvalidRequest(
+                f"{where} must name exactly one of 'oid' (a user's object id), 'group' "
+                "(a group's object id) or 'members': true."
+            )
         logins = _login_names(e.get("logins"), f"{where}.logins")
         display = e.get("display")
         if display is not None:
@@ -154,8 +160,11 @@ def _login_maps(doc: dict[str, Any]) -> tuple[LoginMap, ...]:
         if not isinstance(value, str):
             raise InvalidRequest(f"{where}.{keys[0]} must be an object id.")
         (oid,) = _object_ids((value.strip(),), f"{where}.{keys[0]}", allow_everyone=False)
-        out.append(LoginMap(logins, oid=oid, display=display) if keys[0] == "oid"
-                   else LoginMap(logins, group=oid, display=display))
+        out.append(
+            LoginMap(logins, oid=oid, display=display)
+            if keys[0] == "oid"
+            else LoginMap(logins, group=oid, display=display)
+        )
     return tuple(out)
 
 
@@ -182,7 +191,9 @@ def policy_from_document(
 
     pid = doc.get("id")
     if not isinstance(pid, str) or not POLICY_ID_RE.match(pid):
-        raise InvalidRequest("'id' must be 1-63 lowercase letters, digits or dashes, not starting or ending with a dash.")
+        raise InvalidRequest(
+            "'id' must be 1-63 lowercase letters, digits or dashes, not starting or ending with a dash."
+        )
     name = doc.get("name", pid)
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise InvalidRequest("'name' must be a non-empty string of at most 200 characters.")
@@ -225,7 +236,8 @@ def policy_from_document(
     if not principals and not logins:
         raise InvalidRequest(
             "A policy must map at least one login: 'logins' (by user or group object id) or 'principals' "
-            "(for every member); a certificate never has empty principals.")
+            "(for every member); a certificate never has empty principals."
+        )
 
     max_ttl = _int(doc, "max_ttl", min(8 * 3600, ttl_ceiling), MIN_TTL, ttl_ceiling)
     default_ttl = _int(doc, "default_ttl", min(3600, max_ttl), MIN_TTL, max_ttl)
@@ -235,13 +247,12 @@ def policy_from_document(
     extensions = tuple(dict.fromkeys(extensions))  # the certificate builder refuses duplicates
     bad = [e for e in extensions if e not in KNOWN_EXTENSIONS]
     if bad:
-        raise InvalidRequest(
-            f"Unknown extension(s): {', '.join(bad)}. Known: {', '.join(sorted(KNOWN_EXTENSIONS))}."
-        )
+        raise InvalidRequest(f"Unknown extension(s): {', '.join(bad)}. Known: {', '.join(sorted(KNOWN_EXTENSIONS))}.")
 
     force_command = doc.get("force_command")
-    if force_command is not None and (not isinstance(force_command, str) or not force_command.strip()
-                                      or "\n" in force_command):
+    if force_command is not None and (
+        not isinstance(force_command, str) or not force_command.strip() or "\n" in force_command
+    ):
         raise InvalidRequest("'force_command' must be a non-empty single-line string or null.")
     source_address = _str_list(doc, "source_address")
     for cidr in source_address:
@@ -326,19 +337,20 @@ def check_storage_limits(policy: Policy) -> None:
         raise InvalidRequest(
             f"The policy is {size} characters of JSON; a policy is stored as one Table Storage property (at most "
             f"64 KiB), so it may be at most {limit}. Use groups instead of long lists of people, fewer host "
-            "patterns, or split it into several policies.")
+            "patterns, or split it into several policies."
+        )
 
 
-def policy_from_row(d: dict[str, Any], etag: str | None = None, audit_head: str | None = None, audit_seq: int = 0) -> Policy:
+def policy_from_row(
+    d: dict[str, Any], etag: str | None = None, audit_head: str | None = None, audit_seq: int = 0
+) -> Policy:
     """Rebuild a stored policy (already validated when written). People stored by UPN (policies
     written before names were refused) land in Subjects.unresolved: they match nobody."""
     return Policy(
         id=d["id"],
         tenant_id=d["tenant_id"],
         name=d["name"],
-        rules=tuple(
-            Rule(Subjects.from_row({**r, "guests": r.get("guests", False)}), r["action"]) for r in d["rules"]
-        ),
+        rules=tuple(Rule(Subjects.from_row({**r, "guests": r.get("guests", False)}), r["action"]) for r in d["rules"]),
         hosts=tuple(d["hosts"]),
         principals=tuple(d.get("principals", ())),
         logins=tuple(LoginMap.from_row(m) for m in d.get("logins", ())),

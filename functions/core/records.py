@@ -109,8 +109,10 @@ class HostChallenge:
     @property
     def message(self) -> bytes:
         """What the host signs (ssh-keygen -Y sign -n ezssh-host-renew)."""
-        return f"ezssh host renewal\ntenant {self.tenant_id}\npolicy {self.policy_id}\nchallenge {self.id}\n" \
-               f"nonce {self.nonce}\n".encode()
+        return (
+            f"ezssh host renewal\ntenant {self.tenant_id}\npolicy {self.policy_id}\nchallenge {self.id}\n"
+            f"nonce {self.nonce}\n".encode()
+        )
 
 
 @dataclass(frozen=True)

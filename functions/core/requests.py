@@ -48,8 +48,14 @@ class Approval:
     name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"oid": self.oid, "tid": self.tid, "upn": self.upn, "name": self.name, "at": self.at,
-                "comment": self.comment}
+        return {
+            "oid": self.oid,
+            "tid": self.tid,
+            "upn": self.upn,
+            "name": self.name,
+            "at": self.at,
+            "comment": self.comment,
+        }
 
 
 @dataclass(frozen=True)
@@ -122,8 +128,12 @@ def _require_state(rec: RequestRecord, now: int, *allowed: str) -> None:
     if state not in allowed:
         if state in (APPROVED, DENIED, CANCELLED) and rec.decided_by:
             # a decision that lost the race says which one won, and whose it was
-            raise Conflict(f"Request {rec.id} was already {state} by {rec.decided_by}; it is no longer {' or '.join(allowed)}.",
-                           state=state, decided_by=rec.decided_by, decided_at=rec.decided_at)
+            raise Conflict(
+                f"Request {rec.id} was already {state} by {rec.decided_by}; it is no longer {' or '.join(allowed)}.",
+                state=state,
+                decided_by=rec.decided_by,
+                decided_at=rec.decided_at,
+            )
         raise Conflict(f"Request {rec.id} is {state}, not {' or '.join(allowed)}.", state=state)
 
 
@@ -167,16 +177,30 @@ def deny(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = N
     # A decision is final: once approved, a late deny gets 409 (revoke the certificate instead),
     # so when approve and deny race exactly one of them succeeds, whatever the timing.
     _require_state(rec, now, PENDING)
-    return replace(rec, state=DENIED, decided_by=who.upn, decided_by_oid=who.oid, decided_by_name=display_name(who),
-                   decided_at=now, comment=comment)
+    return replace(
+        rec,
+        state=DENIED,
+        decided_by=who.upn,
+        decided_by_oid=who.oid,
+        decided_by_name=display_name(who),
+        decided_at=now,
+        comment=comment,
+    )
 
 
 def cancel(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = None) -> RequestRecord:
     if not rec.requester_is(who):
         raise Forbidden("Only the requester may cancel a request.")
     _require_state(rec, now, PENDING, APPROVED)
-    return replace(rec, state=CANCELLED, decided_by=who.upn, decided_by_oid=who.oid, decided_by_name=display_name(who),
-                   decided_at=now, comment=comment)
+    return replace(
+        rec,
+        state=CANCELLED,
+        decided_by=who.upn,
+        decided_by_oid=who.oid,
+        decided_by_name=display_name(who),
+        decided_at=now,
+        comment=comment,
+    )
 
 
 def expire(rec: RequestRecord, now: int) -> RequestRecord:

@@ -30,8 +30,9 @@ def printable_text(value: object, field_name: str, max_len: int, *, multiline: b
         if cat == "Cs":
             raise InvalidRequest(f"'{field_name}' is not valid Unicode text (it holds a lone surrogate).")
         if cat in ("Cc", "Co", "Cn") or ch in _BIDI_CONTROLS or cat in ("Zl", "Zp"):
-            raise InvalidRequest(f"'{field_name}' may hold printable text only; it holds the control character "
-                                 f"U+{ord(ch):04X}.")
+            raise InvalidRequest(
+                f"'{field_name}' may hold printable text only; it holds the control character U+{ord(ch):04X}."
+            )
     return value.strip()
 
 
@@ -84,7 +85,8 @@ def normalize_host(value: object) -> str:
         if not _LABEL_RE.match(ascii_label):
             raise InvalidRequest(
                 f"'host' {raw!r} is not a valid host name: each label is 1-63 letters, digits or hyphens, "
-                "not starting or ending with a hyphen.")
+                "not starting or ending with a hyphen."
+            )
         out.append(ascii_label)
     host = ".".join(out)
     if len(host) > 253:
@@ -92,7 +94,6 @@ def normalize_host(value: object) -> str:
     if out[-1].isdigit():
         raise InvalidRequest(f"'host' {raw!r} is neither a valid IP address nor a host name.")
     return host
-
 
 
 def address_is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -112,12 +113,21 @@ def address_is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bo
             return False
         if embedded is not None:
             return address_is_public(embedded)
-    if (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_reserved
-            or addr.is_unspecified or not addr.is_global):
+    if (
+        addr.is_private
+        or addr.is_loopback
+        or addr.is_link_local
+        or addr.is_multicast
+        or addr.is_reserved
+        or addr.is_unspecified
+        or not addr.is_global
+    ):
         return False
     # carrier-grade NAT and IETF protocol assignments are not global either
-    return not (isinstance(addr, ipaddress.IPv4Address) and (addr in ipaddress.ip_network("100.64.0.0/10")
-                                                             or addr in ipaddress.ip_network("192.0.0.0/24")))
+    return not (
+        isinstance(addr, ipaddress.IPv4Address)
+        and (addr in ipaddress.ip_network("100.64.0.0/10") or addr in ipaddress.ip_network("192.0.0.0/24"))
+    )
 
 
 # ---- webhook destinations ----------------------------------------------------------------------
@@ -149,8 +159,10 @@ def validate_webhook_url(url: object, *, allow_loopback_http: bool = False) -> s
         ip = ipaddress.ip_address(host)
     except ValueError:
         ip = None
-    loopback = ip is not None and (ip.is_loopback or (isinstance(ip, ipaddress.IPv6Address)
-                                                      and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback))
+    loopback = ip is not None and (
+        ip.is_loopback
+        or (isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+    )
     if parts.scheme == "http":
         if not (allow_loopback_http and loopback):
             raise InvalidRequest("'webhook_url' must be an https URL.")

@@ -48,20 +48,26 @@ class VmRef:
 
     @property
     def id(self) -> str:
-        return (f"/subscriptions/{self.subscription}/resourceGroups/{self.resource_group}"
-                f"/providers/Microsoft.Compute/virtualMachines/{self.name}")
+        return (
+            f"/subscriptions/{self.subscription}/resourceGroups/{self.resource_group}"
+            f"/providers/Microsoft.Compute/virtualMachines/{self.name}"
+        )
 
 
 def parse_vm_id(raw: object) -> VmRef:
     """A VM resource id, or InvalidRequest naming what is wrong with it."""
     if not isinstance(raw, str) or not raw.strip():
-        raise InvalidRequest("'vm_id' must be a VM resource id: /subscriptions/<id>/resourceGroups/<rg>/providers/"
-                             "Microsoft.Compute/virtualMachines/<name>.")
+        raise InvalidRequest(
+            "'vm_id' must be a VM resource id: /subscriptions/<id>/resourceGroups/<rg>/providers/"
+            "Microsoft.Compute/virtualMachines/<name>."
+        )
     s = raw.strip().rstrip("/")
     m = VM_ID_RE.match(s)
     if not m or s.endswith("."):
-        raise InvalidRequest(f"{raw[:300]!r} is not a VM resource id (expected /subscriptions/<guid>/resourceGroups/"
-                             "<rg>/providers/Microsoft.Compute/virtualMachines/<name>).")
+        raise InvalidRequest(
+            f"{raw[:300]!r} is not a VM resource id (expected /subscriptions/<guid>/resourceGroups/"
+            "<rg>/providers/Microsoft.Compute/virtualMachines/<name>)."
+        )
     return VmRef(m.group(1).lower(), m.group(2), m.group(3))
 
 
@@ -74,10 +80,14 @@ def parse_resource_group(raw: object, default_subscription: str | None) -> tuple
     if m and not s.endswith("."):
         return m.group(1).lower(), m.group(2)
     if s.startswith("/") or not RG_NAME_RE.match(s) or s.endswith("."):
-        raise InvalidRequest(f"{raw[:300]!r} is not a resource group name or id (/subscriptions/<guid>/resourceGroups/<name>).")
+        raise InvalidRequest(
+            f"{raw[:300]!r} is not a resource group name or id (/subscriptions/<guid>/resourceGroups/<name>)."
+        )
     if default_subscription is None:
-        raise InvalidRequest(f"Resource group {s!r} is ambiguous: the enrolment scopes span several subscriptions; "
-                             "give its id, /subscriptions/<guid>/resourceGroups/<name>.")
+        raise InvalidRequest(
+            f"Resource group {s!r} is ambiguous: the enrolment scopes span several subscriptions; "
+            "give its id, /subscriptions/<guid>/resourceGroups/<name>."
+        )
     return default_subscription, s
 
 
@@ -134,29 +144,51 @@ def map_arm_error(exc: Exception, what: str) -> PushError:
     if isinstance(exc, PushError):
         return exc
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
-        return PushError("arm_unavailable", f"Azure Resource Manager could not be reached for {what}: "
-                                            f"{type(exc).__name__}. Retrying later.", transient=True)
+        return PushError(
+            "arm_unavailable",
+            f"Azure Resource Manager could not be reached for {what}: {type(exc).__name__}. Retrying later.",
+            transient=True,
+        )
     if isinstance(exc, HttpResponseError):
         status = exc.status_code
         code = getattr(getattr(exc, "error", None), "code", None) or ""
         detail = _arm_message(exc)
         if status == 404:
-            return PushError("vm_not_found", f"{what}: the VM was not found (ARM 404 {code}): it was deleted, or the id "
-                                             "is wrong.", transient=False, status=status)
+            return PushError(
+                "vm_not_found",
+                f"{what}: the VM was not found (ARM 404 {code}): it was deleted, or the id is wrong.",
+                transient=False,
+                status=status,
+            )
         if status == 403:
             m = _DENIED_ACTION.search(detail)
-            needs = (f"'{m.group(1)}'" if m else
-                     "the actions of infra/main.bicep's RunCommandOnly role (VM read, Run Command, network reads)")
-            return PushError("forbidden", f"{what}: ezssh's identity lacks permission (ARM 403 {code}). Grant it "
-                                          f"{needs} on the VM's scope (the RunCommandOnly role of infra/main.bicep "
-                                          f"has every action ezssh uses). ARM said: {detail}", transient=False,
-                             status=status)
+            needs = (
+                f"'{m.group(1)}'"
+                if m
+                else "the actions of infra/main.bicep's RunCommandOnly role (VM read, Run Command, network reads)"
+            )
+            return PushError(
+                "forbidden",
+                f"{what}: ezssh's identity lacks permission (ARM 403 {code}). Grant it "
+                f"{needs} on the VM's scope (the RunCommandOnly role of infra/main.bicep "
+                f"has every action ezssh uses). ARM said: {detail}",
+                transient=False,
+                status=status,
+            )
         if status == 409:
-            return PushError("agent_not_ready", f"{what}: the VM is busy or its agent is not ready (ARM 409 {code}): "
-                                                f"{detail} Retrying later.", transient=True, status=status)
+            return PushError(
+                "agent_not_ready",
+                f"{what}: the VM is busy or its agent is not ready (ARM 409 {code}): {detail} Retrying later.",
+                transient=True,
+                status=status,
+            )
         if status == 429 or (status is not None and status >= 500):
-            return PushError("arm_unavailable", f"{what}: Azure Resource Manager answered {status} {code}. Retrying "
-                                                "later.", transient=True, status=status)
+            return PushError(
+                "arm_unavailable",
+                f"{what}: Azure Resource Manager answered {status} {code}. Retrying later.",
+                transient=True,
+                status=status,
+            )
         if status is None:  # LRO ended Failed/Canceled
             return PushError("operation_failed", f"{what}: Run Command failed: {detail}", transient=True)
         return PushError("arm_error", f"{what}: ARM answered {status} {code}: {detail}", transient=False, status=status)
@@ -191,9 +223,9 @@ def parse_run_output(message: str) -> tuple[str, str]:
     i = message.find("[stdout]\n")
     j = message.find("\n[stderr]\n")
     if i >= 0:
-        out = message[i + len("[stdout]\n"): j if j > i else len(message)]
+        out = message[i + len("[stdout]\n") : j if j > i else len(message)]
     if j >= 0:
-        err = message[j + len("\n[stderr]\n"):]
+        err = message[j + len("\n[stderr]\n") :]
     elif i < 0:
         out = message
     return out.rstrip("\n"), err.rstrip("\n")
@@ -203,7 +235,7 @@ def exit_status_of(stdout: str) -> int | None:
     for line in reversed(stdout.splitlines()):
         if line.startswith(EXIT_MARK):
             try:
-                return int(line[len(EXIT_MARK):].strip())
+                return int(line[len(EXIT_MARK) :].strip())
             except ValueError:
                 return None
     return None
@@ -215,8 +247,9 @@ class AzureVms:
     # Run Command poll timeout: below host.json functionTimeout (600 s), so a slow Run Command ends
     # the push as a transient "timeout" inside the invocation instead of the host killing it. A push
     # runs up to two Run Commands (host keys, then the setup script): `within` gives them one budget.
-    def __init__(self, client_for: Callable[[str], Any], *, timeout: float = 480.0,
-                 polling_interval: float | None = None) -> None:
+    def __init__(
+        self, client_for: Callable[[str], Any], *, timeout: float = 480.0, polling_interval: float | None = None
+    ) -> None:
         self._client_for = client_for
         self.timeout = timeout
         self.polling_interval = polling_interval
@@ -243,8 +276,12 @@ class AzureVms:
         props = getattr(raw, "storage_profile", None)
         os_disk = getattr(props, "os_disk", None)
         os_type = getattr(os_disk, "os_type", None)
-        return Vm(ref=ref, tags=dict(getattr(raw, "tags", None) or {}),
-                  os_type=str(getattr(os_type, "value", os_type)) if os_type else None, location=getattr(raw, "location", None))
+        return Vm(
+            ref=ref,
+            tags=dict(getattr(raw, "tags", None) or {}),
+            os_type=str(getattr(os_type, "value", os_type)) if os_type else None,
+            location=getattr(raw, "location", None),
+        )
 
     def get_vm(self, ref: VmRef) -> Vm:
         try:
@@ -287,15 +324,23 @@ class AzureVms:
         what = f"Run Command on {ref.id}"
         wait = self.timeout if self.deadline is None else min(self.timeout, self.deadline - started)
         if wait <= 0:
-            raise PushError("timeout", f"{what} not started: this push's time for Run Commands is spent. "
-                                       "Retrying later.", transient=True)
+            raise PushError(
+                "timeout",
+                f"{what} not started: this push's time for Run Commands is spent. Retrying later.",
+                transient=True,
+            )
         try:
             poller = self._client_for(ref.subscription).virtual_machines.begin_run_command(
-                ref.resource_group, ref.name, RunCommandInput(command_id="RunShellScript", script=lines), **kw)
+                ref.resource_group, ref.name, RunCommandInput(command_id="RunShellScript", script=lines), **kw
+            )
             result = poller.result(timeout=wait)
             if not poller.done():
-                raise PushError("timeout", f"{what} did not finish within {wait:.0f} s; it may still "
-                                           "run. Retrying later (the setup script is idempotent).", transient=True)
+                raise PushError(
+                    "timeout",
+                    f"{what} did not finish within {wait:.0f} s; it may still "
+                    "run. Retrying later (the setup script is idempotent).",
+                    transient=True,
+                )
         except Exception as exc:
             raise map_arm_error(exc, what) from None
         took = int((time.monotonic() - started) * 1000)
@@ -306,8 +351,9 @@ class AzureVms:
         status = exit_status_of(out)
         failed_code = any("failed" in c.lower() for c in codes) or message.startswith("Enable failed")
         ok = status == 0 and not failed_code
-        return RunResult(ok=ok, exit_status=status, output=out, stderr=err, message=message,
-                         duration_ms=took, polls=polls[0])
+        return RunResult(
+            ok=ok, exit_status=status, output=out, stderr=err, message=message, duration_ms=took, polls=polls[0]
+        )
 
     # ---- names (host certificates) -----------------------------------------------------------
     NETWORK_API = "2024-05-01"
@@ -319,7 +365,8 @@ class AzureVms:
 
         try:
             resp = self._client_for(subscription).send_request(
-                HttpRequest("GET", f"{resource_id}?api-version={self.NETWORK_API}"))
+                HttpRequest("GET", f"{resource_id}?api-version={self.NETWORK_API}")
+            )
             if resp.status_code != 200:
                 raise HttpResponseError(response=resp)
             return resp.json()
@@ -346,7 +393,7 @@ class AzureVms:
                 names.append(props.get("privateIPAddress"))
                 pip_id = (props.get("publicIPAddress") or {}).get("id")
                 if pip_id:
-                    pip = (self._arm_get(ref.subscription, pip_id, f"public IP of {ref.id}").get("properties") or {})
+                    pip = self._arm_get(ref.subscription, pip_id, f"public IP of {ref.id}").get("properties") or {}
                     names.append(pip.get("ipAddress"))
                     names.append((pip.get("dnsSettings") or {}).get("fqdn"))
         return list(dict.fromkeys(n.strip().lower().rstrip(".") for n in names if isinstance(n, str) and n.strip()))

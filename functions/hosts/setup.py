@@ -24,8 +24,10 @@ HOST_CERT_HELPER = HERE / "hostcert.sh"
 
 URL_RE = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(?::[0-9]+)?(?:/[A-Za-z0-9._~\-/]*)?$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,128}$")
-HOST_CERT_LINE_RE = re.compile(r"^(?:# renew-after [0-9]{1,12}|[a-z0-9@.-]{3,64}-cert-v01@openssh\.com "
-                               r"[A-Za-z0-9+/]+={0,2} ezssh-host/[a-z0-9-]{1,63}/[a-z0-9.:-]{1,253})$")
+HOST_CERT_LINE_RE = re.compile(
+    r"^(?:# renew-after [0-9]{1,12}|[a-z0-9@.-]{3,64}-cert-v01@openssh\.com "
+    r"[A-Za-z0-9+/]+={0,2} ezssh-host/[a-z0-9-]{1,63}/[a-z0-9.:-]{1,253})$"
+)
 CA_LINE_RE = re.compile(r"^[a-z0-9@.-]{3,64} [A-Za-z0-9+/]+={0,2}(?: [\x21-\x26\x28-\x7e ]{0,200})?$")
 
 
@@ -69,7 +71,7 @@ def _printf_lines(data: bytes, per_line: int = 48) -> str:
     """Shell lines that write `data` byte for byte with POSIX printf octal escapes."""
     out = []
     for i in range(0, len(data), per_line):
-        chunk = "".join(f"\\{b:03o}" for b in data[i:i + per_line])
+        chunk = "".join(f"\\{b:03o}" for b in data[i : i + per_line])
         out.append(f"    printf '{chunk}'")
     return "\n".join(out)
 

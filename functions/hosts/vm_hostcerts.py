@@ -63,7 +63,7 @@ exit 0
 
 
 def parse_keys(output: str) -> list[str]:
-    return [line[len(KEY_MARK) + 1:].strip() for line in output.splitlines() if line.startswith(KEY_MARK + " ")]
+    return [line[len(KEY_MARK) + 1 :].strip() for line in output.splitlines() if line.startswith(KEY_MARK + " ")]
 
 
 class VmHostCerts:
@@ -92,8 +92,11 @@ class VmHostCerts:
         def read_keys() -> list[str]:
             result = vms.run_shell_script(ref, wrap_script(READ_KEYS_SCRIPT))
             if not result.ok:
-                raise PushError("host_keys_unread", f"Reading {ref.name}'s host keys failed "
-                                                    f"(exit status {result.exit_status}).", transient=True)
+                raise PushError(
+                    "host_keys_unread",
+                    f"Reading {ref.name}'s host keys failed (exit status {result.exit_status}).",
+                    transient=True,
+                )
             return parse_keys(result.output)
 
         try:

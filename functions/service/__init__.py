@@ -42,9 +42,16 @@ BACKFILL_BATCH = 500
 class Service:
     """One worker's use cases, sharing one Base."""
 
-    def __init__(self, store: Store, keys: KeyStore, config: ServiceConfig,
-                 clock: Callable[[], float] = time.time, notifier: Notifier | None = None,
-                 directory: Directory | None = None, sweep: SweepConfig = SweepConfig()) -> None:
+    def __init__(
+        self,
+        store: Store,
+        keys: KeyStore,
+        config: ServiceConfig,
+        clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
+        directory: Directory | None = None,
+        sweep: SweepConfig = SweepConfig(),
+    ) -> None:
         self.base = Base(store, keys, config, clock, notifier)
         self.requests = Requests(self.base)
         self.issuance = Issuance(self.base, self.requests)
@@ -82,8 +89,14 @@ class Service:
             moved += self.store.migrate_revocations(tid)
             indexed += self.store.backfill_request_indexes(tid, BACKFILL_BATCH)[0]
             audit_indexed += self.store.backfill_audit_indexes(tid, BACKFILL_BATCH)[0]
-        return {"expired_requests": expired, "retired_ca_keys": retired, "expired_host_challenges": challenges,
-                "revocations_migrated": moved, "indexed_requests": indexed, "audit_rows_indexed": audit_indexed}
+        return {
+            "expired_requests": expired,
+            "retired_ca_keys": retired,
+            "expired_host_challenges": challenges,
+            "revocations_migrated": moved,
+            "indexed_requests": indexed,
+            "audit_rows_indexed": audit_indexed,
+        }
 
 
 __all__: Sequence[str] = ["Service", "ServiceConfig", "Outcome", "Base"]

@@ -22,18 +22,27 @@ class AuditLog:
         self.base = base
         self.requests = requests
 
-    def query(self, who: Identity, *, since: float | None = None, until: float | None = None,
-              request_id: str | None = None, policy_id: str | None = None, key_id: str | None = None,
-              serial: str | None = None, user: str | None = None, limit: int = 100,
-              continuation: str | None = None) -> AuditPage:
+    def query(
+        self,
+        who: Identity,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        request_id: str | None = None,
+        policy_id: str | None = None,
+        key_id: str | None = None,
+        serial: str | None = None,
+        user: str | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> AuditPage:
         """A page of the caller's tenant's audit, oldest first: all entries for tenant admins, those of
         the policies they administer for policy admins. A request id, key id or serial (as sshd logs
         them) finds its entries at any age; otherwise, with no since/until, the last 24 hours. The
         page's `next` is an opaque token for the page after it (None at the end). Each page reads
         its own index rows (storage/base.py), never the tenant's history."""
         b = self.base
-        with b.refusing(who, AUDIT_REFUSED, request_id=request_id, policy_id=policy_id, key_id=key_id,
-                        serial=serial):
+        with b.refusing(who, AUDIT_REFUSED, request_id=request_id, policy_id=policy_id, key_id=key_id, serial=serial):
             after = decode_token(continuation, AUDIT_POSITION_RE)
             policies: tuple[str, ...] | None = None
             if not who.is_tenant_admin:
@@ -47,16 +56,19 @@ class AuditLog:
                 policies = (policy_id,)
         if since is None and until is None and not (request_id or key_id or serial):
             since = b.clock() - DEFAULT_WINDOW
-        query = AuditQuery(since=since, until=until, request_id=request_id, user=user, serial=serial,
-                           key_id=key_id, policies=policies)
+        query = AuditQuery(
+            since=since, until=until, request_id=request_id, user=user, serial=serial, key_id=key_id, policies=policies
+        )
         page = b.store.audit_page(who.tid, query, limit=limit, after=after)
-        return AuditPage(in_link_order(page.entries),
-                         encode_token(page.next) if page.next is not None else None)
+        return AuditPage(in_link_order(page.entries), encode_token(page.next) if page.next is not None else None)
 
     def request_chain_intact(self, who: Identity, request_id: str) -> bool:
         """The request's audit chain is whole: every entry intact, linked, and ending at the head
         its row holds."""
         rec = self.requests.visible(who, request_id)[0]
-        chain = [e for e in read_audit(self.base.store, who.tid, AuditQuery(request_id=request_id), CHAIN_MAX)
-                 if e.chain == f"req:{request_id}"]
+        chain = [
+            e
+            for e in read_audit(self.base.store, who.tid, AuditQuery(request_id=request_id), CHAIN_MAX)
+            if e.chain == f"req:{request_id}"
+        ]
         return verify_chain(in_link_order(chain), head=rec.audit_head)

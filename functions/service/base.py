@@ -193,8 +193,14 @@ class PolicyReader:
 class Base:
     """The dependencies of one worker's use cases."""
 
-    def __init__(self, store: Store, keys: KeyStore, config: ServiceConfig,
-                 clock: Callable[[], float] = time.time, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        keys: KeyStore,
+        config: ServiceConfig,
+        clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.store = store
         self.keys = keys
         self.config = config
@@ -207,8 +213,9 @@ class Base:
     def now(self) -> int:
         return int(self.clock())
 
-    def audit_entry(self, who: Identity | None, action: str, outcome: str = "ok",
-                    **fields: Unpack[AuditFields]) -> AuditEntry:
+    def audit_entry(
+        self, who: Identity | None, action: str, outcome: str = "ok", **fields: Unpack[AuditFields]
+    ) -> AuditEntry:
         return AuditEntry(
             tenant_id=who.tid if who else "",
             at=self.clock(),
@@ -219,8 +226,15 @@ class Base:
             **fields,
         )
 
-    def refuse(self, who: Identity | None, exc: EzsshError, action: str, *, tenant_id: str | None = None,
-               **fields: Unpack[AuditFields]) -> None:
+    def refuse(
+        self,
+        who: Identity | None,
+        exc: EzsshError,
+        action: str,
+        *,
+        tenant_id: str | None = None,
+        **fields: Unpack[AuditFields],
+    ) -> None:
         """Record a refusal. Never lets a storage failure hide the original error. A caller without
         an identity is counted, not stored, unless it proved it belongs to a tenant (`tenant_id`: a
         host that presented that tenant's real token or challenge): then its refusal is the tenant's
@@ -228,17 +242,33 @@ class Base:
         if exc.status >= 500 and (who is None or isinstance(exc, StorageUnavailable)):
             # An outage (storage, the identity provider, the HSM) is no decision about the caller:
             # a failure in the log, never a refusal, and nothing written where nothing can be.
-            event(log, action, logging.WARNING, error=exc.code, outcome="failed", actor=who.upn if who else None,
-                  tenant=who.tid if who else tenant_id, policy=fields.get("policy_id"),
-                  request=fields.get("request_id"), detail=exc.message)
+            event(
+                log,
+                action,
+                logging.WARNING,
+                error=exc.code,
+                outcome="failed",
+                actor=who.upn if who else None,
+                tenant=who.tid if who else tenant_id,
+                policy=fields.get("policy_id"),
+                request=fields.get("request_id"),
+                detail=exc.message,
+            )
             return
         if who is None and tenant_id is None:
             # No identity (a missing or bad token): a log event and a counter, not a storage row.
             total = self.anonymous_refusals.add()
             # every one at INFO; the 1st, 2nd, 4th, 8th, ... also at WARNING, with the count so far
             level = logging.WARNING if total & (total - 1) == 0 else logging.INFO
-            event(log, action, level, error=exc.code, outcome="refused", detail=exc.message,
-                  unauthenticated_refusals=total)
+            event(
+                log,
+                action,
+                level,
+                error=exc.code,
+                outcome="refused",
+                detail=exc.message,
+                unauthenticated_refusals=total,
+            )
             return
         # A user error is a refusal; a system error (e.g. the HSM is away) is a failure on record.
         outcome = "refused" if exc.status < 500 else "failed"
@@ -249,12 +279,21 @@ class Base:
             self.store.add_audit(entry.sealed())
         except Exception as store_exc:
             log.warning("could not record refusal %s for %s: %s", exc.code, who.oid if who else "-", store_exc)
-        event(log, action, error=exc.code, actor=who.upn if who else None, tenant=who.tid if who else tenant_id,
-              policy=fields.get("policy_id"), request=fields.get("request_id"), detail=exc.message)
+        event(
+            log,
+            action,
+            error=exc.code,
+            actor=who.upn if who else None,
+            tenant=who.tid if who else tenant_id,
+            policy=fields.get("policy_id"),
+            request=fields.get("request_id"),
+            detail=exc.message,
+        )
 
     @contextmanager
-    def refusing(self, who: Identity | None, action: str, *, tenant_id: str | None = None,
-                 **fields: Unpack[AuditFields]) -> Iterator[AuditFields]:
+    def refusing(
+        self, who: Identity | None, action: str, *, tenant_id: str | None = None, **fields: Unpack[AuditFields]
+    ) -> Iterator[AuditFields]:
         """`with base.refusing(who, REQUEST_REFUSED, host=...) as known:` - the one refusal path: a
         use case's body runs inside it once, and adds to `known` what it learns on the way (the
         policy it decided on), so the refusal is recorded with it."""

@@ -128,8 +128,9 @@ class Hosts:
         self._krls: VersionCache[_BuiltKrl] = VersionCache()
 
     # ---- revocation ---------------------------------------------------------------------------
-    def revoke_certificate(self, who: Identity, policy_id: str, serial: int,
-                           reason: str | None = None) -> CertificateRecord:
+    def revoke_certificate(
+        self, who: Identity, policy_id: str, serial: int, reason: str | None = None
+    ) -> CertificateRecord:
         """Tenant admins, the policy's admins, or the certificate's own requester revoke it."""
         b = self.base
         with b.refusing(who, REVOKE_REFUSED, policy_id=policy_id, serial=str(serial)):
@@ -157,27 +158,50 @@ class Hosts:
         is answered with the record; anyone else's is a 409 saying whose it was."""
         if cert.revoked_at is not None and cert.revoked_by_oid == who.oid and cert.tenant_id == who.tid:
             return cert
-        raise Conflict(f"Certificate {cert.serial} of policy {cert.policy_id!r} was already revoked"
-                       + (f" by {cert.revoked_by}." if cert.revoked_by else "."),
-                       revoked_at=cert.revoked_at, revoked_by=cert.revoked_by)
+        raise Conflict(
+            f"Certificate {cert.serial} of policy {cert.policy_id!r} was already revoked"
+            + (f" by {cert.revoked_by}." if cert.revoked_by else "."),
+            revoked_at=cert.revoked_at,
+            revoked_by=cert.revoked_by,
+        )
 
-    def record_revocation(self, who: Identity | None, cert: CertificateRecord, reason: str | None,
-                          details: dict[str, Any]) -> CertificateRecord:
+    def record_revocation(
+        self, who: Identity | None, cert: CertificateRecord, reason: str | None, details: dict[str, Any]
+    ) -> CertificateRecord:
         """Revoke one certificate the caller may revoke (checked by the caller): the record, its audit
         entry and the KRL's row in one write, conditional on the ETag it was read with. `who` None: the
         service itself (the leaver sweep)."""
         b = self.base
-        revoked = replace(cert, revoked_at=b.now(), revoked_by=who.upn if who else "ezssh",
-                          revoked_by_oid=who.oid if who else None)
-        entry = b.audit_entry(who, "certificate.revoked", request_id=cert.request_id, policy_id=cert.policy_id,
-                              key_id=cert.key_id, serial=str(cert.serial), host=cert.host,
-                              chain=f"crt:{cert.policy_id}:{cert.serial}",
-                              details={"reason": reason, "requester_upn": cert.requester_upn,
-                                       "valid_before": cert.valid_before, **details})
+        revoked = replace(
+            cert, revoked_at=b.now(), revoked_by=who.upn if who else "ezssh", revoked_by_oid=who.oid if who else None
+        )
+        entry = b.audit_entry(
+            who,
+            "certificate.revoked",
+            request_id=cert.request_id,
+            policy_id=cert.policy_id,
+            key_id=cert.key_id,
+            serial=str(cert.serial),
+            host=cert.host,
+            chain=f"crt:{cert.policy_id}:{cert.serial}",
+            details={
+                "reason": reason,
+                "requester_upn": cert.requester_upn,
+                "valid_before": cert.valid_before,
+                **details,
+            },
+        )
         entry = link(replace(entry, tenant_id=cert.tenant_id), None)
         saved = b.store.revoke_certificate(revoked, cert.etag or "", entry)
-        event(log, "certificate.revoked", key_id=cert.key_id, serial=cert.serial, policy=cert.policy_id,
-              actor=who.upn if who else "ezssh", tenant=cert.tenant_id)
+        event(
+            log,
+            "certificate.revoked",
+            key_id=cert.key_id,
+            serial=cert.serial,
+            policy=cert.policy_id,
+            actor=who.upn if who else "ezssh",
+            tenant=cert.tenant_id,
+        )
         return saved
 
     # ---- the KRL ------------------------------------------------------------------------------
@@ -218,8 +242,12 @@ class Hosts:
         revs, fresh_until = revocations_by_ca(ca_keys, rows.values(), now)
         fresh_until = min(fresh_until, read_whole_at + KRL_READ_WHOLE_EVERY)
         rows = {k: r for k, r in rows.items() if r.valid_before + KRL_EXPIRY_GRACE > now}
-        data = encode_krl(revs, krl_version=latest, generated_date=latest,
-                          comment=f"ezssh policy {policy.id} tenant {policy.tenant_id}")
+        data = encode_krl(
+            revs,
+            krl_version=latest,
+            generated_date=latest,
+            comment=f"ezssh policy {policy.id} tenant {policy.tenant_id}",
+        )
         built = _BuiltKrl(Derived(data, latest), version.tag, ca_keys, rows, now, latest, read_whole_at)
         return self._krls.put(key, ver, fresh_until, built).answer
 
@@ -251,10 +279,17 @@ class Hosts:
         keys = tuple(c.public_key for c in policy.trusted_ca)
         if not keys:
             raise CaKeyNotFound(f"Policy {policy.id!r} has no CA key to trust.")
-        return render_setup_script(HostSetup(api_url=api_url, tenant_id=policy.tenant_id, policy_id=policy.id,
-                                             ca_public_keys=keys, host_token=self.host_token(policy),
-                                             krl=krl if krl is not None else self.krl(policy).data,
-                                             host_certs=host_certs))
+        return render_setup_script(
+            HostSetup(
+                api_url=api_url,
+                tenant_id=policy.tenant_id,
+                policy_id=policy.id,
+                ca_public_keys=keys,
+                host_token=self.host_token(policy),
+                krl=krl if krl is not None else self.krl(policy).data,
+                host_certs=host_certs,
+            )
+        )
 
     def host_setup_script(self, who: Identity, policy_id: str, api_url: str | None) -> str:
         """The setup script for a policy (its CA keys, host token and current KRL rendered in).
@@ -265,17 +300,21 @@ class Hosts:
         with self.base.refusing(who, "policy.host_setup.refused", policy_id=policy_id):
             policy = self.base.policies.visible(who, policy_id)
             if not policy.is_admin(who):
-                raise Forbidden(f"Only tenant admins and admins of policy {policy_id!r} get its host setup script "
-                                "(it carries the policy's host token).")
+                raise Forbidden(
+                    f"Only tenant admins and admins of policy {policy_id!r} get its host setup script "
+                    "(it carries the policy's host token)."
+                )
             if not api_url:
-                raise NotConfigured("EZSSH_PUBLIC_URL is not set, so the setup script cannot tell hosts where "
-                                    "this service is.")
+                raise NotConfigured(
+                    "EZSSH_PUBLIC_URL is not set, so the setup script cannot tell hosts where this service is."
+                )
             try:
                 script = self.render_setup(policy, api_url)
             except RenderError as exc:
                 raise NotConfigured(f"The setup script cannot be rendered: {exc}") from None
-        self.record(self.base.audit_entry(who, "policy.host_setup", policy_id=policy.id,
-                                          details={"api_url": api_url}).sealed())
+        self.record(
+            self.base.audit_entry(who, "policy.host_setup", policy_id=policy.id, details={"api_url": api_url}).sealed()
+        )
         return script
 
     def policy(self, who: Identity, policy_id: str) -> Policy:

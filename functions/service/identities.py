@@ -47,8 +47,9 @@ class SweepConfig:
 
 
 class Identities:
-    def __init__(self, base: Base, hosts: Hosts, directory: Directory | None = None,
-                 sweep: SweepConfig = SweepConfig()) -> None:
+    def __init__(
+        self, base: Base, hosts: Hosts, directory: Directory | None = None, sweep: SweepConfig = SweepConfig()
+    ) -> None:
         self.base = base
         self.hosts = hosts
         self.directory = directory
@@ -78,8 +79,14 @@ class Identities:
                     raise Forbidden("Only tenant admins and policy admins revoke what a person or app holds.")
         live = b.store.live_user_certificates(who.tid, int(b.now()), self.window(who.tid), requester_oid=target)
         covered = [c for c in live if mine is None or c.policy_id in mine]
-        done = self._revoke(who, who.tid, target, covered, reason or "revoked by an admin",
-                            {"left_to_other_admins": len(live) - len(covered)})
+        done = self._revoke(
+            who,
+            who.tid,
+            target,
+            covered,
+            reason or "revoked by an admin",
+            {"left_to_other_admins": len(live) - len(covered)},
+        )
         return done
 
     # ---- the leaver sweep ---------------------------------------------------------------------
@@ -130,8 +137,15 @@ class Identities:
         return len(holders), revoked, len(why)
 
     # ---- one step -----------------------------------------------------------------------------
-    def _revoke(self, who: Identity | None, tid: str, oid: str, certs: list[CertificateRecord], reason: str,
-                details: dict[str, Any]) -> list[CertificateRecord]:
+    def _revoke(
+        self,
+        who: Identity | None,
+        tid: str,
+        oid: str,
+        certs: list[CertificateRecord],
+        reason: str,
+        details: dict[str, Any],
+    ) -> list[CertificateRecord]:
         done: list[CertificateRecord] = []
         for c in certs:
             try:
@@ -140,11 +154,27 @@ class Identities:
                 continue  # revoked or changed meanwhile: the other write has it
         b = self.base
         upns = sorted({c.requester_upn for c in certs})
-        entry = b.audit_entry(who, "identity.revoked", details={
-            "target_oid": oid, "target_upn": upns[0] if len(upns) == 1 else upns, "reason": reason,
-            "revoked": len(done), "serials": [str(c.serial) for c in done[:MAX_LISTED]],
-            "policies": sorted({c.policy_id for c in done}), **details})
+        entry = b.audit_entry(
+            who,
+            "identity.revoked",
+            details={
+                "target_oid": oid,
+                "target_upn": upns[0] if len(upns) == 1 else upns,
+                "reason": reason,
+                "revoked": len(done),
+                "serials": [str(c.serial) for c in done[:MAX_LISTED]],
+                "policies": sorted({c.policy_id for c in done}),
+                **details,
+            },
+        )
         b.store.add_audit(replace(entry, tenant_id=tid))
-        event(log, "identity.revoked", tenant=tid, target=oid, revoked=len(done), reason=reason,
-              actor=who.upn if who else "ezssh")
+        event(
+            log,
+            "identity.revoked",
+            tenant=tid,
+            target=oid,
+            revoked=len(done),
+            reason=reason,
+            actor=who.upn if who else "ezssh",
+        )
         return done

@@ -79,19 +79,22 @@ class Issuance:
         self.base = base
         self.requests = requests
 
-    def request_access(self, who: Identity, req: AccessRequest, public_key: str | None,
-                       idempotency_key: str | None = None) -> Outcome:
+    def request_access(
+        self, who: Identity, req: AccessRequest, public_key: str | None, idempotency_key: str | None = None
+    ) -> Outcome:
         """Decide, and when auto-approved with a public key, issue. With an idempotency key (one per
         client attempt), a retry of the same attempt gets the first answer: the same certificate or
         the same pending request, never a second one. A refusal is recorded here, once."""
-        with self.base.refusing(who, REQUEST_REFUSED, host=req.host, principal=req.principal,
-                                policy_id=req.policy_id) as known:
+        with self.base.refusing(
+            who, REQUEST_REFUSED, host=req.host, principal=req.principal, policy_id=req.policy_id
+        ) as known:
             if idempotency_key is None:
                 return self._ask(who, req, public_key, None, known)
             return self._idempotent(who, req, public_key, idempotency_key, known)
 
-    def _idempotent(self, who: Identity, req: AccessRequest, public_key: str | None, key: str,
-                    known: AuditFields) -> Outcome:
+    def _idempotent(
+        self, who: Identity, req: AccessRequest, public_key: str | None, key: str, known: AuditFields
+    ) -> Outcome:
         """The use case under an idempotency key: a retry finds the first answer instead of asking again."""
         idem = self._idempotency(who, req, public_key, key)
         if not idem.on_request_row and serials.key_time_ms(key) is not None:
@@ -104,8 +107,9 @@ class Issuance:
             idem = replace(idem, request_id=new_request_id(self.base.clock()))
         return self._keyed(who, req, public_key, idem, known)
 
-    def _keyed(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord,
-               known: AuditFields) -> Outcome:
+    def _keyed(
+        self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord, known: AuditFields
+    ) -> Outcome:
         # Optimistic: the first attempt writes at once (with its key); only an attempt that is refused
         # or finds its row or key taken - a retry, or a concurrent twin - reads the first answer.
         try:
@@ -119,8 +123,13 @@ class Issuance:
                 raise
             # The row this key names is another's (its 21 hashed bits matched in the same
             # millisecond): the key goes in a row of its own, under a new id.
-            return self._keyed(who, req, public_key, replace(idem, request_id=new_request_id(self.base.clock()),
-                                                             on_request_row=False), known)
+            return self._keyed(
+                who,
+                req,
+                public_key,
+                replace(idem, request_id=new_request_id(self.base.clock()), on_request_row=False),
+                known,
+            )
 
     def _idempotency(self, who: Identity, req: AccessRequest, public_key: str | None, key: str) -> IdempotencyRecord:
         """The key's record. A UUIDv7 key names its request's id (core.serials.keyed_request_id):
@@ -130,54 +139,90 @@ class Issuance:
             raise InvalidRequest("The Idempotency-Key header must be 8 to 128 letters, digits, '-' or '_'.")
         # the key by its blob (the comment may differ between attempts); it is vetted once, on issuance
         key_blob = (public_key.split() + ["", ""])[1] if public_key is not None else None
-        asked = canonical_json({"host": req.host, "principal": req.principal, "policy": req.policy_id,
-                                "ttl": req.ttl_seconds, "reason": req.reason, "key": key_blob})
+        asked = canonical_json(
+            {
+                "host": req.host,
+                "principal": req.principal,
+                "policy": req.policy_id,
+                "ttl": req.ttl_seconds,
+                "reason": req.reason,
+                "key": key_blob,
+            }
+        )
         now = self.base.clock()
         ms, now_ms = serials.key_time_ms(key), int(now * 1000)
         if ms is not None and ms > now_ms + serials.KEY_TIME_AHEAD_MS:
             raise IdempotencyKeyAhead(
                 f"The Idempotency-Key is a UUIDv7 {(ms - now_ms) // 1000} s ahead of the service's clock; "
-                "ask again with a new key (a random one, or a UUIDv7 from a clock that is right).")
+                "ask again with a new key (a random one, or a UUIDv7 from a clock that is right)."
+            )
         return IdempotencyRecord(
-            tenant_id=who.tid, owner_oid=who.oid, key_hash=hashlib.sha256(key.encode()).hexdigest(),
+            tenant_id=who.tid,
+            owner_oid=who.oid,
+            key_hash=hashlib.sha256(key.encode()).hexdigest(),
             request_id=serials.keyed_request_id(ms, who.tid, who.oid, key) if ms is not None else new_request_id(now),
-            digest=hashlib.sha256(asked.encode()).hexdigest(), created_at=int(now),
-            on_request_row=ms is not None and ms >= now_ms - serials.KEY_TIME_BEHIND_MS)
+            digest=hashlib.sha256(asked.encode()).hexdigest(),
+            created_at=int(now),
+            on_request_row=ms is not None and ms >= now_ms - serials.KEY_TIME_BEHIND_MS,
+        )
 
     def _replay(self, who: Identity, idem: IdempotencyRecord, *, on_row: bool | None = None) -> Outcome | None:
         """The answer an earlier attempt with this key got, if one was recorded."""
         b = self.base
         found = b.store.get_idempotency(
-            who.tid, who.oid, idem.key_hash,
-            idem.request_id if (idem.on_request_row if on_row is None else on_row) else None)
+            who.tid,
+            who.oid,
+            idem.key_hash,
+            idem.request_id if (idem.on_request_row if on_row is None else on_row) else None,
+        )
         if found is None:
             return None
         if found.digest != idem.digest:
-            raise Conflict("This Idempotency-Key was already used for a different request; use a new key "
-                           "for each new attempt.")
+            raise Conflict(
+                "This Idempotency-Key was already used for a different request; use a new key for each new attempt."
+            )
         rec = b.store.get_request(who.tid, found.request_id)
         if rec.serial is not None:
             cert = b.store.get_certificate(who.tid, rec.policy_id, rec.serial)
             return Outcome("issued", rec, issued_from_record(cert))
         policy = b.policies.get_or_none(who.tid, rec.policy_id)
         pending = rec.state == sm.PENDING
-        return Outcome(rec.state, rec, approvers_needed=rec.approvals_required if pending else 0,
-                       approvers=policy.approvers.to_dict() if pending and policy is not None else None)
+        return Outcome(
+            rec.state,
+            rec,
+            approvers_needed=rec.approvals_required if pending else 0,
+            approvers=policy.approvers.to_dict() if pending and policy is not None else None,
+        )
 
-    def _ask(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord | None,
-             known: AuditFields) -> Outcome:
+    def _ask(
+        self,
+        who: Identity,
+        req: AccessRequest,
+        public_key: str | None,
+        idem: IdempotencyRecord | None,
+        known: AuditFields,
+    ) -> Outcome:
         """decide -> plan the record and its audit -> sign -> persist -> notify."""
         b = self.base
         wait = b.rate.take((who.tid, who.oid), b.clock())
         if wait > 0:
             raise TooManyRequests(
                 f"Too many access requests; at most {b.config.request_rate} a minute. "
-                f"Try again in {int(wait) + 1} seconds.", retry_after=int(wait) + 1)
+                f"Try again in {int(wait) + 1} seconds.",
+                retry_after=int(wait) + 1,
+            )
         plan = b.policies.deciding(who.tid, lambda policies: self._plan(who, req, public_key, idem, policies, known))
         return self._persist(who, plan, idem)
 
-    def _plan(self, who: Identity, req: AccessRequest, public_key: str | None, idem: IdempotencyRecord | None,
-              policies: list[Policy], known: AuditFields) -> _Plan:
+    def _plan(
+        self,
+        who: Identity,
+        req: AccessRequest,
+        public_key: str | None,
+        idem: IdempotencyRecord | None,
+        policies: list[Policy],
+        known: AuditFields,
+    ) -> _Plan:
         b = self.base
         decision = choose_policy(who, req, policies)
         vetted = parse_public_key(public_key) if public_key is not None else None
@@ -187,17 +232,32 @@ class Issuance:
         rid = idem.request_id if idem is not None else new_request_id(b.clock())
         auto = decision.action == "auto"
         rec = sm.RequestRecord(
-            id=rid, tenant_id=who.tid, policy_id=policy.id, requester_oid=who.oid, requester_upn=who.upn,
-            requester_name=sm.display_name(who), host=req.host, principal=req.principal, ttl_seconds=decision.ttl_seconds,
-            state=sm.APPROVED if auto else sm.PENDING, created_at=now,
+            id=rid,
+            tenant_id=who.tid,
+            policy_id=policy.id,
+            requester_oid=who.oid,
+            requester_upn=who.upn,
+            requester_name=sm.display_name(who),
+            host=req.host,
+            principal=req.principal,
+            ttl_seconds=decision.ttl_seconds,
+            state=sm.APPROVED if auto else sm.PENDING,
+            created_at=now,
             expires_at=now + (sm.ISSUE_WINDOW if auto else policy.request_ttl),
-            approvals_required=0 if auto else policy.approvals_required, reason=req.reason,
+            approvals_required=0 if auto else policy.approvals_required,
+            reason=req.reason,
         )
         created = link(
-            b.audit_entry(who, "request.created", request_id=rid, policy_id=policy.id, host=req.host,
-                          principal=req.principal, chain=f"req:{rid}",
-                          details={"decision": decision.action, "ttl_seconds": decision.ttl_seconds,
-                                   "reason": req.reason}),
+            b.audit_entry(
+                who,
+                "request.created",
+                request_id=rid,
+                policy_id=policy.id,
+                host=req.host,
+                principal=req.principal,
+                chain=f"req:{rid}",
+                details={"decision": decision.action, "ttl_seconds": decision.ttl_seconds, "reason": req.reason},
+            ),
             None,
         )
         if auto and vetted is not None:
@@ -212,8 +272,15 @@ class Issuance:
             entry = link(self._issued_audit(who, final, issued, plan.key), created)
             final = with_head(final, entry)
             b.store.record_issuance(final, None, cert_record(final, issued, plan.key), [created, entry], idem)
-            event(log, "certificate.issued", key_id=issued.key_id, serial=issued.serial, request=rec.id,
-                  policy=policy.id, tenant=who.tid)
+            event(
+                log,
+                "certificate.issued",
+                key_id=issued.key_id,
+                serial=issued.serial,
+                request=rec.id,
+                policy=policy.id,
+                tenant=who.tid,
+            )
             return Outcome("issued", final, issued)
         rec = with_head(rec, created)
         if rec.state == sm.PENDING:
@@ -222,13 +289,25 @@ class Issuance:
             rec = b.store.create_request(rec, created, idem)
         event(log, f"request.{rec.state}", request=rec.id, policy=policy.id, actor=who.upn, tenant=who.tid)
         if rec.state == sm.PENDING:
-            b.notify(policy, request_message(rec, policy, "ezssh: access request waiting for approval",
-                                             (("Approve with", f"ezssh requests approve {rec.id}"),)))
-        return Outcome(rec.state, rec, approvers_needed=rec.approvals_required,
-                       approvers=policy.approvers.to_dict() if rec.state == sm.PENDING else None)
+            b.notify(
+                policy,
+                request_message(
+                    rec,
+                    policy,
+                    "ezssh: access request waiting for approval",
+                    (("Approve with", f"ezssh requests approve {rec.id}"),),
+                ),
+            )
+        return Outcome(
+            rec.state,
+            rec,
+            approvers_needed=rec.approvals_required,
+            approvers=policy.approvers.to_dict() if rec.state == sm.PENDING else None,
+        )
 
-    def _create_pending(self, who: Identity, policy: Policy, rec: sm.RequestRecord, created: AuditEntry,
-                        idem: IdempotencyRecord | None) -> sm.RequestRecord:
+    def _create_pending(
+        self, who: Identity, policy: Policy, rec: sm.RequestRecord, created: AuditEntry, idem: IdempotencyRecord | None
+    ) -> sm.RequestRecord:
         """Create a pending request in one of the user's pending slots under its policy. The slots row
         is written in the request's own transaction, only if unchanged since read: of concurrent
         requests exactly one takes a given slot, and the others read the row again. Each lost race
@@ -256,7 +335,10 @@ class Issuance:
         if len(live) >= limit:
             raise TooManyPending(
                 f"You have {len(live)} pending requests under policy {policy.id!r}, the most allowed; cancel one "
-                "(ezssh requests cancel <id>) or wait for a decision.", policy=policy.id, limit=limit)
+                "(ezssh requests cancel <id>) or wait for a decision.",
+                policy=policy.id,
+                limit=limit,
+            )
         return replace(slots, requests=(*live, (rec.id, rec.expires_at)))
 
     def _still_pending(self, tid: str, request_id: str, now: int) -> bool:
@@ -279,29 +361,43 @@ class Issuance:
                 if cert.public_key_fingerprint == vetted.fingerprint and cert.requester_oid == who.oid:
                     return Outcome("issued", rec, issued_from_record(cert))
             if rec.effective_state(now) != sm.APPROVED:
-                raise Conflict(f"Request {rec.id} is {rec.effective_state(now)}; no certificate can be issued.",
-                               state=rec.effective_state(now))
+                raise Conflict(
+                    f"Request {rec.id} is {rec.effective_state(now)}; no certificate can be issued.",
+                    state=rec.effective_state(now),
+                )
             if policy is None or policy.deleted:
                 raise Denied(f"Policy {rec.policy_id!r} no longer exists.")
             # The approval is bound to the host, principal and TTL asked for, and it is decided again
             # now against the current policy and the caller's current groups: a deny rule, a group
             # removal or a tightened policy since the approval wins over the approval.
             if not policy.covers_host(rec.host):
-                raise Denied(f"Policy {policy.id!r} no longer covers host {rec.host!r}; ask again.",
-                             policy=policy.id)
+                raise Denied(f"Policy {policy.id!r} no longer covers host {rec.host!r}; ask again.", policy=policy.id)
             try:
-                evaluate(who, AccessRequest(host=rec.host, principal=rec.principal, ttl_seconds=rec.ttl_seconds,
-                                            policy_id=policy.id), policy)
+                evaluate(
+                    who,
+                    AccessRequest(
+                        host=rec.host, principal=rec.principal, ttl_seconds=rec.ttl_seconds, policy_id=policy.id
+                    ),
+                    policy,
+                )
             except Denied as exc:
-                raise type(exc)(f"Request {rec.id} was approved, but the policy no longer allows it: "
-                                f"{exc.message}", **exc.details) from None
+                raise type(exc)(
+                    f"Request {rec.id} was approved, but the policy no longer allows it: {exc.message}", **exc.details
+                ) from None
             issued = self._sign(policy, rec, who, vetted)
         final = sm.mark_issued(rec, who, now, serial=issued.serial, key_id=issued.key_id)
         entry = link(self._issued_audit(who, final, issued, vetted), rec)
         final = with_head(final, entry)
         b.store.record_issuance(final, rec.etag, cert_record(final, issued, vetted), [entry])
-        event(log, "certificate.issued", key_id=issued.key_id, serial=issued.serial, request=rec.id,
-              policy=rec.policy_id, tenant=who.tid)
+        event(
+            log,
+            "certificate.issued",
+            key_id=issued.key_id,
+            serial=issued.serial,
+            request=rec.id,
+            policy=rec.policy_id,
+            tenant=who.tid,
+        )
         return Outcome("issued", final, issued)
 
     def _sign(self, policy: Policy, rec: sm.RequestRecord, who: Identity, key: VettedKey) -> IssuedCertificate:
@@ -319,14 +415,26 @@ class Issuance:
         verify_issued(issued, grant, key, signer.public_key(), now=now)
         return issued
 
-    def _issued_audit(self, who: Identity, rec: sm.RequestRecord, issued: IssuedCertificate,
-                      key: VettedKey) -> AuditEntry:
+    def _issued_audit(
+        self, who: Identity, rec: sm.RequestRecord, issued: IssuedCertificate, key: VettedKey
+    ) -> AuditEntry:
         return self.base.audit_entry(
-            who, "certificate.issued", request_id=rec.id, policy_id=rec.policy_id, key_id=issued.key_id,
-            serial=str(issued.serial), host=rec.host, principal=rec.principal, chain=f"req:{rec.id}",
-            details={"valid_after": issued.valid_after, "valid_before": issued.valid_before,
-                     "ca_fingerprint": issued.ca_fingerprint, "public_key_fingerprint": key.fingerprint,
-                     "principals": list(issued.principals)},
+            who,
+            "certificate.issued",
+            request_id=rec.id,
+            policy_id=rec.policy_id,
+            key_id=issued.key_id,
+            serial=str(issued.serial),
+            host=rec.host,
+            principal=rec.principal,
+            chain=f"req:{rec.id}",
+            details={
+                "valid_after": issued.valid_after,
+                "valid_before": issued.valid_before,
+                "ca_fingerprint": issued.ca_fingerprint,
+                "public_key_fingerprint": key.fingerprint,
+                "principals": list(issued.principals),
+            },
         )
 
 
@@ -335,16 +443,32 @@ def issued_from_record(c: CertificateRecord) -> IssuedCertificate:
     parsed = ssh.load_ssh_public_identity(c.certificate.encode())
     if not isinstance(parsed, ssh.SSHCertificate):
         raise IntegrityError(f"the stored certificate {c.serial} is not an OpenSSH certificate")
-    return IssuedCertificate(certificate=parsed, openssh=c.certificate, serial=c.serial, key_id=c.key_id,
-                             principals=c.principals, valid_after=c.valid_after, valid_before=c.valid_before,
-                             ca_fingerprint=c.ca_fingerprint)
+    return IssuedCertificate(
+        certificate=parsed,
+        openssh=c.certificate,
+        serial=c.serial,
+        key_id=c.key_id,
+        principals=c.principals,
+        valid_after=c.valid_after,
+        valid_before=c.valid_before,
+        ca_fingerprint=c.ca_fingerprint,
+    )
 
 
 def cert_record(rec: sm.RequestRecord, issued: IssuedCertificate, key: VettedKey) -> CertificateRecord:
     return CertificateRecord(
-        tenant_id=rec.tenant_id, policy_id=rec.policy_id, serial=issued.serial, key_id=issued.key_id,
-        request_id=rec.id, requester_oid=rec.requester_oid, requester_upn=rec.requester_upn,
-        principals=issued.principals, host=rec.host, valid_after=issued.valid_after,
-        valid_before=issued.valid_before, ca_fingerprint=issued.ca_fingerprint,
-        public_key_fingerprint=key.fingerprint, certificate=issued.openssh,
+        tenant_id=rec.tenant_id,
+        policy_id=rec.policy_id,
+        serial=issued.serial,
+        key_id=issued.key_id,
+        request_id=rec.id,
+        requester_oid=rec.requester_oid,
+        requester_upn=rec.requester_upn,
+        principals=issued.principals,
+        host=rec.host,
+        valid_after=issued.valid_after,
+        valid_before=issued.valid_before,
+        ca_fingerprint=issued.ca_fingerprint,
+        public_key_fingerprint=key.fingerprint,
+        certificate=issued.openssh,
     )

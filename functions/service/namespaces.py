@@ -49,8 +49,13 @@ class Namespaces:
         row = self.base.store.get_host_namespaces(who.tid)
         if row is None:
             return {"namespaces": list(self._configured(who.tid)), "source": "setting", "etag": None}
-        return {"namespaces": list(row.namespaces), "source": "tenant", "etag": row.etag,
-                "updated_at": row.updated_at, "updated_by": row.updated_by_upn}
+        return {
+            "namespaces": list(row.namespaces),
+            "source": "tenant",
+            "etag": row.etag,
+            "updated_at": row.updated_at,
+            "updated_by": row.updated_by_upn,
+        }
 
     def replace(self, who: Identity, doc: JsonValue, if_match: str | None) -> dict[str, Any]:
         """Tenant admins only. The first change needs no If-Match (the setting applied until then);
@@ -60,16 +65,22 @@ class Namespaces:
             if not who.is_tenant_admin:
                 raise Forbidden("Only tenant admins declare the tenant's host namespaces.")
             if not isinstance(doc, dict) or set(doc) != {"namespaces"}:
-                raise InvalidRequest("Send {\"namespaces\": [\"*.contoso.internal\", \"10.20.0.0/16\", ...]}.")
+                raise InvalidRequest('Send {"namespaces": ["*.contoso.internal", "10.20.0.0/16", ...]}.')
             entries = tuple(str(n) for n in parse_namespaces(doc["namespaces"], is_public_suffix))
             existing = b.store.get_host_namespaces(who.tid)
             if existing is not None and not if_match:
                 raise PreconditionRequired("Send If-Match with the namespaces' ETag to change them.")
             before = existing.namespaces if existing is not None else self._configured(who.tid)
-            entry = b.audit_entry(who, "host_namespaces.changed",
-                                  details={"before": list(before), "after": list(entries)}).sealed()
-            ns = HostNamespaces(tenant_id=who.tid, namespaces=entries, updated_at=b.now(), updated_by_oid=who.oid,
-                                updated_by_upn=who.upn)
+            entry = b.audit_entry(
+                who, "host_namespaces.changed", details={"before": list(before), "after": list(entries)}
+            ).sealed()
+            ns = HostNamespaces(
+                tenant_id=who.tid,
+                namespaces=entries,
+                updated_at=b.now(),
+                updated_by_oid=who.oid,
+                updated_by_upn=who.upn,
+            )
             b.store.put_host_namespaces(ns, if_match if existing is not None else None, entry)
         event(log, "host_namespaces.changed", tenant=who.tid, actor=who.upn, namespaces=",".join(entries))
         return self.view(who)

@@ -35,8 +35,10 @@ class Policies:
 
     # ---- reading --------------------------------------------------------------------------------
     def list(self, who: Identity) -> list[Policy]:
-        return sorted((p for p in self.base.policies.all(who.tid) if not p.deleted and self.base.policies.can_see(who, p)),
-                      key=lambda p: p.id)
+        return sorted(
+            (p for p in self.base.policies.all(who.tid) if not p.deleted and self.base.policies.can_see(who, p)),
+            key=lambda p: p.id,
+        )
 
     def get(self, who: Identity, policy_id: str) -> Policy:
         return self.base.policies.visible(who, policy_id)
@@ -68,8 +70,12 @@ class Policies:
                 customer_key, customer_host_key = (v if isinstance(v, str) else None for v in named.values())
                 if customer_key and customer_key == customer_host_key:
                     raise InvalidRequest("The host CA must be another key than the user CA.")
-            policy = policy_from_document(doc, tenant_id=who.tid, ttl_ceiling=b.config.max_ttl_ceiling,
-                                          allow_loopback_http=b.config.webhook_allow_loopback_http)
+            policy = policy_from_document(
+                doc,
+                tenant_id=who.tid,
+                ttl_ceiling=b.config.max_ttl_ceiling,
+                allow_loopback_http=b.config.webhook_allow_loopback_http,
+            )
             if b.policies.get_or_none(who.tid, policy.id) is not None:
                 raise Conflict(f"A policy with id {policy.id!r} already exists.")
             now = b.now()
@@ -79,8 +85,9 @@ class Policies:
                 ca = self._new_ca(policy.id, who.tid, now)
             try:
                 if customer_host_key:
-                    host_ca = self._ca_ref(b.keys.verify_key(customer_host_key), policy.id, now,
-                                           customer_owned=True, kind="host")
+                    host_ca = self._ca_ref(
+                        b.keys.verify_key(customer_host_key), policy.id, now, customer_owned=True, kind="host"
+                    )
                 else:
                     host_ca = self._new_ca(policy.id, who.tid, now, kind="host")
             except Exception:
@@ -101,10 +108,17 @@ class Policies:
             if not if_match:
                 raise PreconditionRequired("Send If-Match with the policy's ETag to change it.")
             base = self._admin_policy(who, policy_id, "change", if_match)
-            new = policy_from_document(patch, tenant_id=who.tid, ttl_ceiling=b.config.max_ttl_ceiling, base=base,
-                                       allow_loopback_http=b.config.webhook_allow_loopback_http)
-            if not who.is_tenant_admin and (new.webhook_url, new.webhook_format) != (base.webhook_url,
-                                                                                     base.webhook_format):
+            new = policy_from_document(
+                patch,
+                tenant_id=who.tid,
+                ttl_ceiling=b.config.max_ttl_ceiling,
+                base=base,
+                allow_loopback_http=b.config.webhook_allow_loopback_http,
+            )
+            if not who.is_tenant_admin and (new.webhook_url, new.webhook_format) != (
+                base.webhook_url,
+                base.webhook_format,
+            ):
                 # a webhook URL is a credential and a way out of the network
                 raise Forbidden("Only tenant admins set a policy's webhook_url and webhook_format.")
         added = None
@@ -129,12 +143,21 @@ class Policies:
             return p
         new = self._new_ca(p.id, p.tenant_id, b.now(), kind="host")
         with_ca = replace(p, host_ca=(new,) + p.host_ca)
-        entry = link(replace(b.audit_entry(who, "policy.host_ca_created", policy_id=p.id, chain=f"pol:{p.id}",
-                                           details={"host_ca": new.fingerprint, "reason": "first need"}),
-                             tenant_id=p.tenant_id), p)
+        entry = link(
+            replace(
+                b.audit_entry(
+                    who,
+                    "policy.host_ca_created",
+                    policy_id=p.id,
+                    chain=f"pol:{p.id}",
+                    details={"host_ca": new.fingerprint, "reason": "first need"},
+                ),
+                tenant_id=p.tenant_id,
+            ),
+            p,
+        )
         try:
-            return self._write(lambda: b.store.replace_policy(with_head(with_ca, entry), p.etag or "",
-                                                              entry), p)
+            return self._write(lambda: b.store.replace_policy(with_head(with_ca, entry), p.etag or "", entry), p)
         except (Conflict, PreconditionFailed):
             self._discard_unless_saved(p.tenant_id, p.id, new)
             fresh = b.policies.get(p.tenant_id, p.id)
@@ -153,8 +176,13 @@ class Policies:
         retired = tuple(replace(c, state="retired", retire_after=now) for c in p.ca)
         host_retired = tuple(replace(c, state="retired", retire_after=now) for c in p.host_ca)
         gone = replace(p, deleted=True, ca=retired, host_ca=host_retired)
-        entry = self._audit(who, "policy.deleted", gone, p,
-                            {"ca_disabled": [c.fingerprint for c in p.ca + p.host_ca if c.state != "retired"]})
+        entry = self._audit(
+            who,
+            "policy.deleted",
+            gone,
+            p,
+            {"ca_disabled": [c.fingerprint for c in p.ca + p.host_ca if c.state != "retired"]},
+        )
         saved = self._write(lambda: b.store.replace_policy(with_head(gone, entry), if_match, entry), gone)
         for c in p.ca + p.host_ca:
             if c.state != "retired":
@@ -174,16 +202,20 @@ class Policies:
         window = p.host_cert_ttl if kind == "host" else p.max_ttl
         keys = tuple(
             replace(c, state="previous", retire_after=now + window + b.config.backdate_seconds)
-            if c.state == "current" else c
+            if c.state == "current"
+            else c
             for c in p.ca_keys(kind)
         )
         rotated = replace(p, host_ca=(new,) + keys) if kind == "host" else replace(p, ca=(new,) + keys)
-        entry = self._audit(who, "policy.host_ca_rotated" if kind == "host" else "policy.ca_rotated", rotated,
-                            p, {"new": new.fingerprint,
-                                           "previous": [c.fingerprint for c in keys if c.state == "previous"]})
+        entry = self._audit(
+            who,
+            "policy.host_ca_rotated" if kind == "host" else "policy.ca_rotated",
+            rotated,
+            p,
+            {"new": new.fingerprint, "previous": [c.fingerprint for c in keys if c.state == "previous"]},
+        )
         try:
-            return self._write(lambda: b.store.replace_policy(with_head(rotated, entry), p.etag or "", entry),
-                               rotated)
+            return self._write(lambda: b.store.replace_policy(with_head(rotated, entry), p.etag or "", entry), rotated)
         except Exception:
             self._discard_unless_saved(who.tid, p.id, new)
             raise
@@ -194,18 +226,38 @@ class Policies:
         now = b.now()
         done: list[str] = []
         for p in b.policies.all(tenant_id):
-            due = [c for c in p.ca + p.host_ca
-                   if c.state == "previous" and c.retire_after is not None and c.retire_after <= now]
+            due = [
+                c
+                for c in p.ca + p.host_ca
+                if c.state == "previous" and c.retire_after is not None and c.retire_after <= now
+            ]
             if not due:
                 continue
             keys = tuple(replace(c, state="retired") if c in due else c for c in p.ca)
             host_keys = tuple(replace(c, state="retired") if c in due else c for c in p.host_ca)
-            entry = link(replace(b.audit_entry(None, "policy.ca_retired", policy_id=p.id, chain=f"pol:{p.id}",
-                                               details={"retired": [c.fingerprint for c in due]}),
-                                 tenant_id=tenant_id), p)
+            entry = link(
+                replace(
+                    b.audit_entry(
+                        None,
+                        "policy.ca_retired",
+                        policy_id=p.id,
+                        chain=f"pol:{p.id}",
+                        details={"retired": [c.fingerprint for c in due]},
+                    ),
+                    tenant_id=tenant_id,
+                ),
+                p,
+            )
             try:
-                self._write(partial(b.store.replace_policy, with_head(replace(p, ca=keys, host_ca=host_keys), entry),
-                                    p.etag or "", entry), p)
+                self._write(
+                    partial(
+                        b.store.replace_policy,
+                        with_head(replace(p, ca=keys, host_ca=host_keys), entry),
+                        p.etag or "",
+                        entry,
+                    ),
+                    p,
+                )
             except (Conflict, PreconditionFailed):
                 continue  # changed meanwhile; the next sweep retries
             for c in due:
@@ -244,8 +296,9 @@ class Policies:
         signer = self.base.keys.create_key(name, self.base.config.ca_key_kind)
         return self._ca_ref(signer, policy_id, now, customer_owned=False, kind=kind)
 
-    def _ca_ref(self, signer: Signer, policy_id: str, now: int, *, customer_owned: bool,
-                kind: str = "user") -> CaKeyRef:
+    def _ca_ref(
+        self, signer: Signer, policy_id: str, now: int, *, customer_owned: bool, kind: str = "user"
+    ) -> CaKeyRef:
         return CaKeyRef(
             key_ref=signer.key_ref,
             backend=self.base.config.signer_backend,
@@ -256,12 +309,16 @@ class Policies:
             customer_owned=customer_owned,
         )
 
-    def _audit(self, who: Identity, action: str, policy: Policy, previous: Policy | None, details: dict[str, Any]) -> AuditEntry:
-        return link(self.base.audit_entry(who, action, policy_id=policy.id, chain=f"pol:{policy.id}", details=details),
-                    previous)
+    def _audit(
+        self, who: Identity, action: str, policy: Policy, previous: Policy | None, details: dict[str, Any]
+    ) -> AuditEntry:
+        return link(
+            self.base.audit_entry(who, action, policy_id=policy.id, chain=f"pol:{policy.id}", details=details), previous
+        )
 
-    def _admin_policy(self, who: Identity, policy_id: str, action: str, if_match: str | None,
-                      *, tenant_admin_only: bool = False) -> Policy:
+    def _admin_policy(
+        self, who: Identity, policy_id: str, action: str, if_match: str | None, *, tenant_admin_only: bool = False
+    ) -> Policy:
         """The policy `who` may change, read fresh; refusals are audited by the caller."""
         p = self.get(who, policy_id)
         allowed = who.is_tenant_admin if tenant_admin_only else p.is_admin(who)
@@ -270,5 +327,6 @@ class Policies:
             raise Forbidden(f"Only {who_may} may {action} policy {policy_id!r}.")
         if if_match is not None and if_match != p.etag:
             raise PreconditionFailed(
-                f"Policy {policy_id!r} changed since you read it (ETag mismatch); read it again and retry.")
+                f"Policy {policy_id!r} changed since you read it (ETag mismatch); read it again and retry."
+            )
         return p

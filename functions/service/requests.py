@@ -36,8 +36,9 @@ def person(name: str, upn: str) -> str:
     return f"{name} ({upn})" if name and name != upn else upn
 
 
-def request_message(rec: sm.RequestRecord, policy: Policy, title: str,
-                    extra: tuple[tuple[str, str], ...] = ()) -> Message:
+def request_message(
+    rec: sm.RequestRecord, policy: Policy, title: str, extra: tuple[tuple[str, str], ...] = ()
+) -> Message:
     facts = (
         ("Requester", person(rec.requester_name, rec.requester_upn)),
         ("Host", rec.host),
@@ -47,8 +48,15 @@ def request_message(rec: sm.RequestRecord, policy: Policy, title: str,
         ("Policy", rec.policy_id),
         ("Request", rec.id),
     ) + extra
-    return Message(rec.tenant_id, policy.webhook_url or "", policy.webhook_format, title, facts,
-                   request_id=rec.id, policy_id=rec.policy_id)
+    return Message(
+        rec.tenant_id,
+        policy.webhook_url or "",
+        policy.webhook_format,
+        title,
+        facts,
+        request_id=rec.id,
+        policy_id=rec.policy_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -57,10 +65,10 @@ class RequestPage:
     next: str | None  # the continuation token of the next page; None at the end
 
 
-
 def decision_refused(action: str) -> str:
     """The action a refused decision (approve, deny, cancel) is recorded under."""
     return f"request.{action}.refused"
+
 
 class Requests:
     def __init__(self, base: Base) -> None:
@@ -88,8 +96,15 @@ class Requests:
         except NotFound:
             return None
 
-    def list(self, who: Identity, *, state: str | None = None, role: str | None = None, limit: int = 100,
-             continuation: str | None = None) -> RequestPage:
+    def list(
+        self,
+        who: Identity,
+        *,
+        state: str | None = None,
+        role: str | None = None,
+        limit: int = 100,
+        continuation: str | None = None,
+    ) -> RequestPage:
         """Newest first, one page. `role=requester`: the caller's own requests (those issued at once
         are certificates, in the audit); `role=approver`: the open requests of the policies the
         caller approves, not their own; neither: both, plus the open requests of the policies the
@@ -109,19 +124,32 @@ class Requests:
             sources.append((OPEN_BY_USER if open_only else BY_USER, who.oid))
         scope: set[str] = set()
         if role != "requester" and (state is None or state in sm.OPEN_STATES or state == sm.EXPIRED):
-            scope = {p.id for p in self.base.policies.cached(who.tid) if not p.deleted and
-                     (p.is_approver(who) or (role is None and p.is_admin(who)))}
+            scope = {
+                p.id
+                for p in self.base.policies.cached(who.tid)
+                if not p.deleted and (p.is_approver(who) or (role is None and p.is_admin(who)))
+            }
             if len(scope) > MAX_POLICY_SOURCES:
                 sources.append((OPEN_IN_TENANT, "*"))
             else:
                 sources += [(OPEN_BY_POLICY, pid) for pid in sorted(scope)]
         elif role == "approver":
-            raise InvalidRequest("Approvers list open requests (pending or approved); decided requests are in "
-                                 "the audit log (GET /api/audit).")
+            raise InvalidRequest(
+                "Approvers list open requests (pending or approved); decided requests are in "
+                "the audit log (GET /api/audit)."
+            )
         return self._page(who, sources, scope, after, limit, state, role)
 
-    def _page(self, who: Identity, sources: builtins.list[tuple[str, str]], scope: set[str], after: str | None,
-              limit: int, state: str | None, role: str | None) -> RequestPage:
+    def _page(
+        self,
+        who: Identity,
+        sources: builtins.list[tuple[str, str]],
+        scope: set[str],
+        after: str | None,
+        limit: int,
+        state: str | None,
+        role: str | None,
+    ) -> RequestPage:
         """Merge the sources newest first. A source that returned more than `limit` rows may hold
         more past its last row read, so the page ends there at the latest (`next` goes on from it)."""
         now = self.base.now()
@@ -172,26 +200,48 @@ class Requests:
                 if sm.already_decided(rec, who, action):
                     return rec
                 new = TRANSITIONS[action](rec, who, self.base.now(), comment=comment)
-                entry = link(self.base.audit_entry(who, f"request.{PAST[action]}", request_id=rec.id,
-                                                   policy_id=rec.policy_id, host=rec.host, principal=rec.principal,
-                                                   chain=f"req:{rec.id}",
-                                                   details={"comment": comment, "state": new.state,
-                                                            "approvals": len(new.approvals)}), rec)
+                entry = link(
+                    self.base.audit_entry(
+                        who,
+                        f"request.{PAST[action]}",
+                        request_id=rec.id,
+                        policy_id=rec.policy_id,
+                        host=rec.host,
+                        principal=rec.principal,
+                        chain=f"req:{rec.id}",
+                        details={"comment": comment, "state": new.state, "approvals": len(new.approvals)},
+                    ),
+                    rec,
+                )
                 try:
                     saved = self.base.store.update_request(with_head(new, entry), rec.etag or "", entry)
                     break
                 except Conflict:
                     if attempt == DECISION_TRIES:
-                        raise Conflict(f"Request {rec.id} kept changing while this decision was made; "
-                                       "try again.") from None
+                        raise Conflict(
+                            f"Request {rec.id} kept changing while this decision was made; try again."
+                        ) from None
         past = PAST[action]
-        event(log, f"request.{past}", request=rec.id, policy=rec.policy_id, actor=who.upn, tenant=who.tid,
-              state=saved.state)
+        event(
+            log,
+            f"request.{past}",
+            request=rec.id,
+            policy=rec.policy_id,
+            actor=who.upn,
+            tenant=who.tid,
+            state=saved.state,
+        )
         if saved.state in (sm.APPROVED, sm.DENIED) and policy is not None:
             verdict = "approved" if saved.state == sm.APPROVED else "denied"
-            self.base.notify(policy, request_message(
-                saved, policy, f"ezssh: access request {verdict}",
-                (("Decided by", person(saved.decided_by_name, who.upn)), ("Comment", comment or "-"))))
+            self.base.notify(
+                policy,
+                request_message(
+                    saved,
+                    policy,
+                    f"ezssh: access request {verdict}",
+                    (("Decided by", person(saved.decided_by_name, who.upn)), ("Comment", comment or "-")),
+                ),
+            )
         return saved
 
     def expire(self, tenant_id: str, limit: int = SWEEP_BATCH) -> builtins.list[str]:
@@ -216,11 +266,22 @@ class Requests:
 
     def _expire(self, tenant_id: str, rec: sm.RequestRecord, now: int) -> bool:
         new = sm.expire(rec, now)
-        entry = link(replace(self.base.audit_entry(None, "request.expired", request_id=rec.id,
-                                                   policy_id=rec.policy_id, host=rec.host,
-                                                   principal=rec.principal, chain=f"req:{rec.id}",
-                                                   details={"was": rec.state}), tenant_id=tenant_id),
-                     rec)
+        entry = link(
+            replace(
+                self.base.audit_entry(
+                    None,
+                    "request.expired",
+                    request_id=rec.id,
+                    policy_id=rec.policy_id,
+                    host=rec.host,
+                    principal=rec.principal,
+                    chain=f"req:{rec.id}",
+                    details={"was": rec.state},
+                ),
+                tenant_id=tenant_id,
+            ),
+            rec,
+        )
         try:
             self.base.store.update_request(with_head(new, entry), rec.etag or "", entry)
         except (Conflict, NotFound):

@@ -223,7 +223,9 @@ class CaKeyEC(_CaKeyBase, ec.EllipticCurvePrivateKey):
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
 
-    def sign(self, data: bytes | bytearray | memoryview, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(
+        self, data: bytes | bytearray | memoryview, signature_algorithm: ec.EllipticCurveSignatureAlgorithm
+    ) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA):
             raise TypeError("only ECDSA signatures are supported")
         if getattr(signature_algorithm, "deterministic_signing", False):
@@ -291,11 +293,9 @@ def ssh_public_key_line(signer: Signer | CaPublicKey, comment: str = "") -> str:
 
 
 def ssh_fingerprint(public_key: CaPublicKey | Signer) -> str:
-    """"SHA256:<base64, no padding>", exactly as `ssh-keygen -lf` prints it."""
+    """ "SHA256:<base64, no padding>", exactly as `ssh-keygen -lf` prints it."""
     pub = (
-        public_key
-        if isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey))
-        else public_key.public_key()
+        public_key if isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)) else public_key.public_key()
     )
     line = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     blob = base64.b64decode(line.split()[1])

@@ -176,7 +176,9 @@ class KeyId:
 class KeyVaultSigner(StoreSigner):
     """One CA key version in Key Vault. Thread-safe; every sign is one Key Vault request."""
 
-    def __init__(self, store: KeyVaultKeyStore, key: KeyVaultKey, public: CaPublicKey, client: CryptographyClient) -> None:
+    def __init__(
+        self, store: KeyVaultKeyStore, key: KeyVaultKey, public: CaPublicKey, client: CryptographyClient
+    ) -> None:
         kid = KeyId.parse(key.id)
         super().__init__(store, kid.kid, public)
         self.vault_url = kid.vault_url
@@ -448,7 +450,9 @@ class KeyVaultKeyStore:
         raw = result.signature
         if isinstance(pub, rsa.RSAPublicKey):
             if len(raw) != (pub.key_size + 7) // 8:
-                raise SignerUnavailable(f"{signer.vault_url} returned a malformed RSA signature", key_ref=signer.key_ref)
+                raise SignerUnavailable(
+                    f"{signer.vault_url} returned a malformed RSA signature", key_ref=signer.key_ref
+                )
             return raw
         width = (pub.curve.key_size + 7) // 8
         if len(raw) != 2 * width:
@@ -493,7 +497,9 @@ class KeyVaultKeyStore:
         if kid.vault_url == self.vault_url:
             return
         host = kid.host
-        if urlsplit(kid.vault_url).port is None and any(host.endswith(s) and host != s[1:] for s in AZURE_KEY_VAULT_SUFFIXES):
+        if urlsplit(kid.vault_url).port is None and any(
+            host.endswith(s) and host != s[1:] for s in AZURE_KEY_VAULT_SUFFIXES
+        ):
             return
         raise InvalidRequest(
             f"{kid.vault_url} is not an Azure Key Vault or Managed HSM host (*.vault.azure.net, "

@@ -29,6 +29,7 @@ _PERMISSION = {
     "update": ("Key Vault Crypto Officer", "keys/update"),
 }
 
+
 def _error_parts(e: HttpResponseError) -> tuple[str, str, str]:
     """(code, inner code, message) of a Key Vault error body, as far as it has them."""
     err = getattr(e, "error", None)

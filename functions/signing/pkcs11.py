@@ -108,6 +108,8 @@ RECOVER_INTERVAL = 1.0
 
 class _KeyMissing(CaKeyNotFound):
     """The key object is not found: disabled, or the token's view is stale (recover, then decide)."""
+
+
 _CKR_KEY_FUNCTION_NOT_PERMITTED = 0x68
 
 _DIGEST_INFO = {  # RFC 8017 section 9.2, note 1
@@ -237,9 +239,7 @@ class Pkcs11KeyStore:
                     mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
                     public_template=public_t, private_template=private_t,
                 )  # fmt: skip
-            attrs = priv.get_attributes(
-                [Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.SIGN, Attribute.PRIVATE]
-            )
+            attrs = priv.get_attributes([Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.SIGN, Attribute.PRIVATE])
             if not (attrs[Attribute.SENSITIVE] and not attrs[Attribute.EXTRACTABLE] and attrs[Attribute.SIGN]):
                 priv.destroy()
                 pub.destroy()
@@ -263,8 +263,11 @@ class Pkcs11KeyStore:
         def find(lease: _Lease) -> Pkcs11Signer:
             priv = self._find_private(lease, key_id, label)
             # exhaust the search: an unfinished one keeps an operation active on the session
-            pubs = [o for o in lease.session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id})
-                    if isinstance(o, pkcs11.PublicKey)]
+            pubs = [
+                o
+                for o in lease.session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: key_id})
+                if isinstance(o, pkcs11.PublicKey)
+            ]
             public = _public_from(pubs[0]) if pubs else _public_from_private(priv)
             return Pkcs11Signer(self, key_ref, label, key_id, public)
 
@@ -277,9 +280,7 @@ class Pkcs11KeyStore:
 
         def destroy(lease: _Lease) -> None:
             lease.keys.pop(key_id, None)
-            found = list(
-                lease.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id})
-            )
+            found = list(lease.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id}))
             found = [o for o in found if isinstance(o, pkcs11.PrivateKey) and o.label == label]
             if not found:
                 raise CaKeyNotFound("the CA key does not exist or is already disabled", key_ref=key_ref)
@@ -291,8 +292,9 @@ class Pkcs11KeyStore:
         self._run(destroy, "disable a key")
 
     def verify_key(self, key_ref: str) -> Pkcs11Signer:
-        raise InvalidRequest("Bring-your-own-key needs the Key Vault signer backend; this deployment signs "
-                             "with a PKCS#11 HSM.")
+        raise InvalidRequest(
+            "Bring-your-own-key needs the Key Vault signer backend; this deployment signs with a PKCS#11 HSM."
+        )
 
     def health(self) -> None:
         def probe(lease: _Lease) -> None:

@@ -275,7 +275,9 @@ def _ensure_login(lib_path: str, token: pkcs11.Token, pin: str) -> None:
         except (px.PinIncorrect, px.PinInvalid, px.PinLenRange) as e:
             raise SignerUnavailable(f"PKCS#11 token {token.label!r} rejected the PIN ({type(e).__name__})") from None
         except (px.PinLocked, px.PinExpired) as e:
-            raise SignerUnavailable(f"PKCS#11 token {token.label!r}: user PIN is {type(e).__name__[3:].lower()}") from None
+            raise SignerUnavailable(
+                f"PKCS#11 token {token.label!r}: user PIN is {type(e).__name__[3:].lower()}"
+            ) from None
 
 
 def _forget_login(lib_path: str, token: pkcs11.Token | None) -> None:

@@ -86,11 +86,13 @@ class AuditQuery:
     policies: tuple[str, ...] | None = None
 
     def matches(self, e: AuditEntry) -> bool:
-        return ((self.request_id is None or e.request_id == self.request_id)
-                and (self.user is None or e.actor_oid == self.user)
-                and (self.serial is None or e.serial == self.serial)
-                and (self.key_id is None or e.key_id == self.key_id)
-                and (self.policies is None or e.policy_id in self.policies))
+        return (
+            (self.request_id is None or e.request_id == self.request_id)
+            and (self.user is None or e.actor_oid == self.user)
+            and (self.serial is None or e.serial == self.serial)
+            and (self.key_id is None or e.key_id == self.key_id)
+            and (self.policies is None or e.policy_id in self.policies)
+        )
 
     def window(self, after: str | None) -> tuple[str, str]:
         """Positions (lo, hi): an entry is in the page's range if lo < position < hi."""
@@ -152,28 +154,37 @@ class Store(Protocol):
         """Every request row of the tenant (a scan of its whole history): tests and offline tools
         only; no user-, host- or timer-facing path calls it."""
         ...
-    def list_request_index(self, tenant_id: str, index: str, key: str, *, after: str | None = None,
-                           limit: int = 100) -> list[RequestRecord]:
+
+    def list_request_index(
+        self, tenant_id: str, index: str, key: str, *, after: str | None = None, limit: int = 100
+    ) -> list[RequestRecord]:
         """Up to `limit` request copies from one index (BY_USER / OPEN_BY_USER: key = the user's oid;
         OPEN_BY_POLICY: key = the policy id; OPEN_IN_TENANT: key = "*"), newest first, only those after position `after`
         (index_position: older). One range read of at most `limit` rows; the copies carry no ETag (read the request
         to change it). Requests written before the indexes are listed once backfilled."""
         ...
+
     def due_requests(self, tenant_id: str, now: int, limit: int = 100) -> list[tuple[int, str]]:
         """(expires_at, request id) of expiry keys at or before `now`, oldest first: one range read of
         the rows due. A key can outlive its request's deadline (the deadline moved at approval, or
         the request was decided): the sweep checks the request and removes the key."""
         ...
+
     def remove_expiry_key(self, tenant_id: str, expires_at: int, request_id: str) -> None:
         """Delete one expiry key (gone already is fine)."""
         ...
+
     def get_pending_slots(self, tenant_id: str, policy_id: str, owner_oid: str) -> PendingSlots: ...
     # Every write below lands together with its audit entries, idempotency key and index rows, or
     # not at all. `slots` (the new pending slots) is written only if still at its ETag; else the
     # whole write raises PreconditionFailed.
-    def create_request(self, rec: RequestRecord, audit: AuditEntry,
-                       idempotency: IdempotencyRecord | None = None,
-                       slots: PendingSlots | None = None) -> RequestRecord: ...
+    def create_request(
+        self,
+        rec: RequestRecord,
+        audit: AuditEntry,
+        idempotency: IdempotencyRecord | None = None,
+        slots: PendingSlots | None = None,
+    ) -> RequestRecord: ...
     def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord: ...
     def backfill_request_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
         """Index requests written before the indexes existed, reading at most `budget` request rows
@@ -185,17 +196,24 @@ class Store(Protocol):
     # the request's own (core.serials: the request id is the serial in hex), so a serial is unique
     # in its tenant; any other serial is a Conflict and nothing is written.
     def record_issuance(
-        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry],
+        self,
+        rec: RequestRecord,
+        etag: str | None,
+        cert: CertificateRecord,
+        audit: Sequence[AuditEntry],
         idempotency: IdempotencyRecord | None = None,
     ) -> None: ...
-    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str,
-                        request_id: str | None = None) -> IdempotencyRecord | None:
+    def get_idempotency(
+        self, tenant_id: str, owner_oid: str, key_hash: str, request_id: str | None = None
+    ) -> IdempotencyRecord | None:
         """The key's record: with `request_id`, as carried by that request's row (one point read;
         None unless the row carries this user's key); else its own row."""
         ...
+
     def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord: ...
-    def live_user_certificates(self, tenant_id: str, now: int, window: int,
-                               requester_oid: str | None = None) -> list[CertificateRecord]:
+    def live_user_certificates(
+        self, tenant_id: str, now: int, window: int, requester_oid: str | None = None
+    ) -> list[CertificateRecord]:
         """User certificates still valid at `now` and not revoked, of requests made in the last
         `window` seconds (a certificate never outlives its request by more: the TTL ceiling plus the
         time a request may wait for approval), optionally of one requester. One range read of the
@@ -206,16 +224,24 @@ class Store(Protocol):
     # audit: every write above lands its entries with their index rows (per request, actor, serial,
     # key id, policy) in the same transaction, except the entries embedded in a new request's row
     def add_audit(self, entry: AuditEntry) -> None: ...
-    def audit_page(self, tenant_id: str, query: AuditQuery, *, limit: int = 100,
-                   after: str | None = None) -> AuditPage:
+    def audit_page(self, tenant_id: str, query: AuditQuery, *, limit: int = 100, after: str | None = None) -> AuditPage:
         """Entries matching `query` after position `after`, oldest first, at most `limit`. Reads at
         most `limit` rows plus a constant per index it merges, so a page may hold fewer entries than
         match and still name a `next`; following `next` to None yields each matching entry once."""
         ...
-    def list_audit(self, tenant_id: str, *, since: float | None = None, until: float | None = None,
-                   request_id: str | None = None, limit: int = 200) -> list[AuditEntry]:
+
+    def list_audit(
+        self,
+        tenant_id: str,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        request_id: str | None = None,
+        limit: int = 200,
+    ) -> list[AuditEntry]:
         """The first `limit` entries of `audit_page`'s order (read_audit)."""
         ...
+
     def backfill_audit_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
         """Index audit rows written before the indexes existed, reading at most `budget` of them from
         where the last call stopped (a marker row). Returns (rows indexed, finished)."""
@@ -225,28 +251,34 @@ class Store(Protocol):
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:
         """Mark a certificate revoked (cert carries revoked_at/revoked_by), conditional on `etag`."""
         ...
+
     def list_revoked(self, tenant_id: str, policy_id: str, *, valid_from: int) -> list[Revoked]:
         """Revoked certificates (user and host) of a policy still valid at `valid_from` (valid_before
         >= valid_from), by expiry: a range read that never reaches expired ones. It may also return
         older ones (rows written before the expiry index, until migrate_revocations moved them)."""
         ...
+
     def list_revoked_since(self, tenant_id: str, policy_id: str, *, revoked_from: int) -> list[Revoked]:
         """Revocations of a policy recorded at or after `revoked_from` (their revoked_at), whatever
         their expiry: what changed since a KRL was built, a range read by time of revocation."""
         ...
+
     def list_revoked_host(self, tenant_id: str, *, valid_from: int) -> list[Revoked]:
         """Revoked HOST certificates of every policy of the tenant still valid at `valid_from`
         (never a user revocation); the same caveat as list_revoked."""
         ...
+
     def trust_version(self, tenant_id: str, policy_id: str | None = None) -> TrustVersion:
         """One point read. With a policy: changes with each revocation under that policy (its KRL;
         its CA keys are in the policy row). Without: changes with each policy written (created,
         changed, rotated, deleted) and each host certificate revoked in the tenant (known-hosts)."""
         ...
+
     def migrate_revocations(self, tenant_id: str, limit: int = 300) -> int:
         """Move up to `limit` revocation rows of the old layout (not keyed by expiry) to the new
         one; how many were moved (0: none left)."""
         ...
+
     def get_host_token(self, tenant_id: str, policy_id: str) -> str | None: ...
     def ensure_host_token(self, tenant_id: str, policy_id: str, candidate: str) -> str:
         """The policy's host token; stores `candidate` if it has none yet (the first writer wins)."""
@@ -264,18 +296,25 @@ class Store(Protocol):
     def get_host_enrolment_token(self, tenant_id: str, token_hash: str) -> HostEnrolmentToken:
         """NotFound if there is none."""
         ...
+
     def create_host_challenge(self, challenge: HostChallenge) -> HostChallenge: ...
     def delete_expired_host_challenges(self, tenant_id: str, now: int) -> int:
         """Remove the tenant's challenges that expired before `now`; how many were removed."""
         ...
+
     def get_host_challenge(self, tenant_id: str, challenge_id: str) -> HostChallenge:
         """NotFound if there is none."""
         ...
+
     def get_host_key(self, tenant_id: str, policy_id: str, fingerprint: str) -> HostKeyRecord | None: ...
     def list_host_keys(self, tenant_id: str, policy_id: str, subject: str | None = None) -> list[HostKeyRecord]: ...
-    def record_host_issuance(self, certs: Sequence[CertificateRecord], keys: Sequence[HostKeyRecord],
-                             audit: Sequence[AuditEntry],
-                             used: HostEnrolmentToken | HostChallenge | None = None) -> None:
+    def record_host_issuance(
+        self,
+        certs: Sequence[CertificateRecord],
+        keys: Sequence[HostKeyRecord],
+        audit: Sequence[AuditEntry],
+        used: HostEnrolmentToken | HostChallenge | None = None,
+    ) -> None:
         """One transaction: the certificate records, the host key records (upserted), the audit
         entries, and `used` (a token or challenge with used_at set) marked used only if it is still
         at its ETag. A lost race (the token used meanwhile) raises Conflict and writes nothing."""

@@ -53,7 +53,7 @@ def vm_key(vm_id: str) -> str:
 def tail(text: str | None, limit: int = OUTPUT_TAIL) -> str:
     """The last `limit` characters of `text` (a bounded record, whatever the script printed)."""
     text = text or ""
-    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
 
 
 @dataclass(frozen=True)
@@ -172,19 +172,28 @@ class EnrolmentStore:
 
     def list(self, tenant_id: str, policy_id: str | None = None) -> list[Enrolment]:
         lo, hi = (f"enr|{policy_id}|", f"enr|{policy_id}}}") if policy_id else ("enr|", "enr}")
-        rows = _guard("list enrolments", lambda: list(self._table.query_entities(
-            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
-            parameters={"pk": tenant_id, "lo": lo, "hi": hi})))
+        rows = _guard(
+            "list enrolments",
+            lambda: list(
+                self._table.query_entities(
+                    "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                    parameters={"pk": tenant_id, "lo": lo, "hi": hi},
+                )
+            ),
+        )
         return [self._from_entity(x) for x in rows]
 
-    def list_page(self, tenant_id: str, policy_id: str, *, after: str | None = None,
-                  limit: int = 100) -> tuple[builtins.list[Enrolment], bool]:
+    def list_page(
+        self, tenant_id: str, policy_id: str, *, after: str | None = None, limit: int = 100
+    ) -> tuple[builtins.list[Enrolment], bool]:
         """A policy's records in row key order (the hash of the VM id) after the VM key `after`:
         at most `limit`, and whether more follow. One range read of at most `limit` + 1 rows."""
         lo = f"enr|{policy_id}|{after}" if after else f"enr|{policy_id}|"
         pages = self._table.query_entities(
             "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi",
-            parameters={"pk": tenant_id, "lo": lo, "hi": f"enr|{policy_id}}}"}, results_per_page=limit + 1)
+            parameters={"pk": tenant_id, "lo": lo, "hi": f"enr|{policy_id}}}"},
+            results_per_page=limit + 1,
+        )
         rows = _guard("list enrolments", lambda: list(itertools.islice(pages, limit + 1)))
         return [self._from_entity(x) for x in rows[:limit]], len(rows) > limit
 
@@ -199,9 +208,18 @@ class EnrolmentStore:
     def update(self, e: Enrolment, etag: str, audit: AuditEntry | None = None) -> Enrolment:
         """Replace the record if it is unchanged since read (If-Match); Conflict otherwise. With an
         audit entry, both land in one transaction or neither does."""
-        return replace(e, etag=_update(self._table, "update enrolment", self._entity(e), etag, audit,
-                                       not_found=f"The enrolment of {e.vm_id} in policy {e.policy_id!r} is gone.",
-                                       lost=Conflict(f"The enrolment of {e.vm_id} changed at the same time.")))
+        return replace(
+            e,
+            etag=_update(
+                self._table,
+                "update enrolment",
+                self._entity(e),
+                etag,
+                audit,
+                not_found=f"The enrolment of {e.vm_id} in policy {e.policy_id!r} is gone.",
+                lost=Conflict(f"The enrolment of {e.vm_id} changed at the same time."),
+            ),
+        )
 
 
 # ---- jobs -------------------------------------------------------------------------------------------
@@ -233,9 +251,16 @@ class JobItem:
         return f"job|{self.job_id}|{vm_key(self.vm_id)}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vm_id": self.vm_id, "state": self.state, "attempts": self.attempts, "deliveries": self.deliveries,
-                "error_code": self.error_code, "last_error": self.last_error, "output_tail": self.output_tail,
-                "updated_at": self.updated_at}
+        return {
+            "vm_id": self.vm_id,
+            "state": self.state,
+            "attempts": self.attempts,
+            "deliveries": self.deliveries,
+            "error_code": self.error_code,
+            "last_error": self.last_error,
+            "output_tail": self.output_tail,
+            "updated_at": self.updated_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -283,10 +308,18 @@ def job_dict(job: Job, items: list[JobItem]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for i in items:
         counts[i.state] = counts.get(i.state, 0) + 1
-    return {"id": job.job_id, "policy": job.policy_id, "state": job_state(items),
-            "done": all(i.state in TERMINAL for i in items), "source": job.source, "requested_by": job.requested_by,
-            "created_at": job.created_at, "updated_at": max([job.created_at] + [i.updated_at for i in items]),
-            "total": job.total, "counts": counts}
+    return {
+        "id": job.job_id,
+        "policy": job.policy_id,
+        "state": job_state(items),
+        "done": all(i.state in TERMINAL for i in items),
+        "source": job.source,
+        "requested_by": job.requested_by,
+        "created_at": job.created_at,
+        "updated_at": max([job.created_at] + [i.updated_at for i in items]),
+        "total": job.total,
+        "counts": counts,
+    }
 
 
 class JobStore:
@@ -299,37 +332,82 @@ class JobStore:
 
     @staticmethod
     def _item_entity(i: JobItem) -> dict:
-        return {"PartitionKey": i.tenant_id, "RowKey": i.row_key, "Kind": "enrolment-job-item", "JobId": i.job_id,
-                "PolicyId": i.policy_id, "VmId": i.vm_id, "State": i.state, "Attempts": i.attempts,
-                "Deliveries": i.deliveries, "ErrorCode": i.error_code,
-                "LastError": (i.last_error or "")[:ERROR_MAX] or None, "OutputTail": tail(i.output_tail),
-                "UpdatedAt": i.updated_at, "MessageId": i.message_id}
+        return {
+            "PartitionKey": i.tenant_id,
+            "RowKey": i.row_key,
+            "Kind": "enrolment-job-item",
+            "JobId": i.job_id,
+            "PolicyId": i.policy_id,
+            "VmId": i.vm_id,
+            "State": i.state,
+            "Attempts": i.attempts,
+            "Deliveries": i.deliveries,
+            "ErrorCode": i.error_code,
+            "LastError": (i.last_error or "")[:ERROR_MAX] or None,
+            "OutputTail": tail(i.output_tail),
+            "UpdatedAt": i.updated_at,
+            "MessageId": i.message_id,
+        }
 
     @staticmethod
     def _outbox_entity(i: JobItem) -> dict:
-        return {"PartitionKey": i.tenant_id, "RowKey": f"out|{i.job_id}|{vm_key(i.vm_id)}", "Kind": "enrolment-outbox",
-                "JobId": i.job_id, "PolicyId": i.policy_id, "VmId": i.vm_id, "CreatedAt": i.updated_at}
+        return {
+            "PartitionKey": i.tenant_id,
+            "RowKey": f"out|{i.job_id}|{vm_key(i.vm_id)}",
+            "Kind": "enrolment-outbox",
+            "JobId": i.job_id,
+            "PolicyId": i.policy_id,
+            "VmId": i.vm_id,
+            "CreatedAt": i.updated_at,
+        }
 
     @staticmethod
     def _item(x: Any) -> JobItem:
-        return JobItem(tenant_id=x["PartitionKey"], job_id=x["JobId"], policy_id=x["PolicyId"], vm_id=x["VmId"],
-                       state=x.get("State") or QUEUED, attempts=int(x.get("Attempts") or 0),
-                       deliveries=int(x.get("Deliveries") or 0), error_code=x.get("ErrorCode"),
-                       last_error=x.get("LastError"), output_tail=x.get("OutputTail") or "",
-                       updated_at=int(x.get("UpdatedAt") or 0), message_id=x.get("MessageId"),
-                       etag=x.metadata.get("etag"))
+        return JobItem(
+            tenant_id=x["PartitionKey"],
+            job_id=x["JobId"],
+            policy_id=x["PolicyId"],
+            vm_id=x["VmId"],
+            state=x.get("State") or QUEUED,
+            attempts=int(x.get("Attempts") or 0),
+            deliveries=int(x.get("Deliveries") or 0),
+            error_code=x.get("ErrorCode"),
+            last_error=x.get("LastError"),
+            output_tail=x.get("OutputTail") or "",
+            updated_at=int(x.get("UpdatedAt") or 0),
+            message_id=x.get("MessageId"),
+            etag=x.metadata.get("etag"),
+        )
 
     @staticmethod
     def _job_entity(j: Job) -> dict:
-        return {"PartitionKey": j.tenant_id, "RowKey": j.row_key, "Kind": "enrolment-job", "JobId": j.job_id,
-                "PolicyId": j.policy_id, "Source": j.source, "CreatedAt": j.created_at, "Total": j.total,
-                "RequestedBy": j.requested_by, "RequestedOid": j.requested_oid, "ApiUrl": j.api_url}
+        return {
+            "PartitionKey": j.tenant_id,
+            "RowKey": j.row_key,
+            "Kind": "enrolment-job",
+            "JobId": j.job_id,
+            "PolicyId": j.policy_id,
+            "Source": j.source,
+            "CreatedAt": j.created_at,
+            "Total": j.total,
+            "RequestedBy": j.requested_by,
+            "RequestedOid": j.requested_oid,
+            "ApiUrl": j.api_url,
+        }
 
     @staticmethod
     def _job(x: Any) -> Job:
-        return Job(tenant_id=x["PartitionKey"], job_id=x["JobId"], policy_id=x["PolicyId"], source=x.get("Source") or "api",
-                   created_at=int(x.get("CreatedAt") or 0), total=int(x.get("Total") or 0),
-                   requested_by=x.get("RequestedBy"), requested_oid=x.get("RequestedOid"), api_url=x.get("ApiUrl"))
+        return Job(
+            tenant_id=x["PartitionKey"],
+            job_id=x["JobId"],
+            policy_id=x["PolicyId"],
+            source=x.get("Source") or "api",
+            created_at=int(x.get("CreatedAt") or 0),
+            total=int(x.get("Total") or 0),
+            requested_by=x.get("RequestedBy"),
+            requested_oid=x.get("RequestedOid"),
+            api_url=x.get("ApiUrl"),
+        )
 
     def create(self, job: Job, items: list[JobItem], audit: AuditEntry | None = None) -> None:
         """The job, its audit entry and its items each with its unsent message (outbox row), in
@@ -344,8 +422,14 @@ class JobStore:
             batches[-1] += g
         exists = Conflict(f"Enrolment job {job.job_id} (or its audit entry) already exists; nothing was queued.")
         for rows in batches:
-            transact(self._table, "create enrolment job", [("create", r) for r in rows],
-                     not_found=f"Enrolment job {job.job_id} was not found.", lost=exists, exists=exists)
+            transact(
+                self._table,
+                "create enrolment job",
+                [("create", r) for r in rows],
+                not_found=f"Enrolment job {job.job_id} was not found.",
+                lost=exists,
+                exists=exists,
+            )
 
     def unsent(self, tenant_id: str, *, created_before: int, limit: int = 1000) -> list[Unsent]:
         """Messages not yet known to be on the queue, made before `created_before` (a range read over
@@ -353,29 +437,49 @@ class JobStore:
         pages = self._table.query_entities(
             "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and CreatedAt lt @before",
             parameters={"pk": tenant_id, "lo": "out|", "hi": "out}", "before": created_before},
-            results_per_page=min(limit, 1000)).by_page()
+            results_per_page=min(limit, 1000),
+        ).by_page()
         rows = _guard("list unsent enrolment messages", lambda: list(next(pages, [])))
-        return [Unsent(tenant_id=tenant_id, job_id=x["JobId"], policy_id=x["PolicyId"], vm_id=x["VmId"],
-                       created_at=int(x.get("CreatedAt") or 0)) for x in rows[:limit]]
+        return [
+            Unsent(
+                tenant_id=tenant_id,
+                job_id=x["JobId"],
+                policy_id=x["PolicyId"],
+                vm_id=x["VmId"],
+                created_at=int(x.get("CreatedAt") or 0),
+            )
+            for x in rows[:limit]
+        ]
 
     def mark_sent(self, tenant_id: str, sent: list[tuple[str, str]]) -> None:
         """Delete the outbox rows of messages now on the queue ((job id, vm id) pairs): in batches,
         one by one where a batch meets a row already gone (the timer sent it meanwhile)."""
         keys = [f"out|{job_id}|{vm_key(vm_id)}" for job_id, vm_id in sent]
         for k in range(0, len(keys), self.BATCH):
-            chunk = keys[k: k + self.BATCH]
+            chunk = keys[k : k + self.BATCH]
             try:
-                transact(self._table, "mark enrolment messages sent",
-                         [("delete", {"PartitionKey": tenant_id, "RowKey": rk}) for rk in chunk],
-                         not_found="gone", lost=Conflict("changed"), exists=Conflict("changed"))
+                transact(
+                    self._table,
+                    "mark enrolment messages sent",
+                    [("delete", {"PartitionKey": tenant_id, "RowKey": rk}) for rk in chunk],
+                    not_found="gone",
+                    lost=Conflict("changed"),
+                    exists=Conflict("changed"),
+                )
             except NotFound:
                 for rk in chunk:
                     _guard("mark an enrolment message sent", partial(self._table.delete_entity, tenant_id, rk))
 
     def get(self, tenant_id: str, job_id: str) -> tuple[Job, list[JobItem]] | None:
-        rows = _guard("get enrolment job", lambda: list(self._table.query_entities(
-            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
-            parameters={"pk": tenant_id, "lo": f"job|{job_id}", "hi": f"job|{job_id}}}"})))
+        rows = _guard(
+            "get enrolment job",
+            lambda: list(
+                self._table.query_entities(
+                    "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                    parameters={"pk": tenant_id, "lo": f"job|{job_id}", "hi": f"job|{job_id}}}"},
+                )
+            ),
+        )
         head = next((r for r in rows if r["RowKey"] == f"job|{job_id}"), None)
         if head is None:
             return None
@@ -392,21 +496,32 @@ class JobStore:
 
     def get_item(self, tenant_id: str, job_id: str, vm_id: str) -> JobItem | None:
         try:
-            x = _guard("get enrolment job item", lambda: self._table.get_entity(tenant_id, f"job|{job_id}|{vm_key(vm_id)}"))
+            x = _guard(
+                "get enrolment job item", lambda: self._table.get_entity(tenant_id, f"job|{job_id}|{vm_key(vm_id)}")
+            )
         except ResourceNotFoundError:
             return None
         return self._item(x)
 
     def update_item(self, item: JobItem, etag: str, audit: AuditEntry | None = None) -> JobItem:
         """Replace the item if unchanged since read; with an audit entry, both in one transaction."""
-        return replace(item, etag=_update(
-            self._table, "update enrolment job item", self._item_entity(item), etag, audit,
-            not_found=f"Job {item.job_id} has no item for {item.vm_id}.",
-            lost=Conflict(f"Job {item.job_id}'s item for {item.vm_id} changed at the same time.")))
+        return replace(
+            item,
+            etag=_update(
+                self._table,
+                "update enrolment job item",
+                self._item_entity(item),
+                etag,
+                audit,
+                not_found=f"Job {item.job_id} has no item for {item.vm_id}.",
+                lost=Conflict(f"Job {item.job_id}'s item for {item.vm_id} changed at the same time."),
+            ),
+        )
 
 
-def _update(table: Any, op: str, entity: dict, etag: str, audit: AuditEntry | None, *, not_found: str,
-            lost: Conflict) -> str | None:
+def _update(
+    table: Any, op: str, entity: dict, etag: str, audit: AuditEntry | None, *, not_found: str, lost: Conflict
+) -> str | None:
     """Replace a row if unchanged since read (If-Match); with an audit entry, both in one transaction.
     Returns the new ETag."""
     if audit is None:

@@ -51,9 +51,14 @@ class JobQueue:
         from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
         def make(n: str) -> QueueClient:
-            return QueueClient.from_connection_string(conn, n, message_encode_policy=TextBase64EncodePolicy(),
-                                                      message_decode_policy=TextBase64DecodePolicy(),
-                                                      retry_policy=_retry(), **CLIENT_OPTIONS)
+            return QueueClient.from_connection_string(
+                conn,
+                n,
+                message_encode_policy=TextBase64EncodePolicy(),
+                message_decode_policy=TextBase64DecodePolicy(),
+                retry_policy=_retry(),
+                **CLIENT_OPTIONS,
+            )
 
         return cls(make(name), make(name + POISON_SUFFIX))
 
@@ -62,9 +67,15 @@ class JobQueue:
         from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
         def make(n: str) -> QueueClient:
-            return QueueClient(url, n, credential=credential, message_encode_policy=TextBase64EncodePolicy(),
-                               message_decode_policy=TextBase64DecodePolicy(), retry_policy=_retry(),
-                               **CLIENT_OPTIONS)
+            return QueueClient(
+                url,
+                n,
+                credential=credential,
+                message_encode_policy=TextBase64EncodePolicy(),
+                message_decode_policy=TextBase64DecodePolicy(),
+                retry_policy=_retry(),
+                **CLIENT_OPTIONS,
+            )
 
         return cls(make(name), make(name + POISON_SUFFIX))
 

@@ -43,13 +43,22 @@ def _guard(op: str, fn: Callable[[], T]) -> T:
         raise StorageUnavailable("Storage is unavailable; try again shortly.") from exc
 
 
-def conditional_update(table: TableClient, op: str, entity: dict, etag: str, *, not_found: str,
-                       lost: EzsshError, mode: UpdateMode = UpdateMode.REPLACE) -> dict:
+def conditional_update(
+    table: TableClient,
+    op: str,
+    entity: dict,
+    etag: str,
+    *,
+    not_found: str,
+    lost: EzsshError,
+    mode: UpdateMode = UpdateMode.REPLACE,
+) -> dict:
     """Write `entity` only if the row still has `etag` (If-Match). A missing row is NotFound; a
     changed one raises `lost` (the caller's 409 or 412), never a silent overwrite."""
     try:
-        return _guard(op, lambda: table.update_entity(entity, mode=mode, etag=etag,
-                                                      match_condition=MatchConditions.IfNotModified))
+        return _guard(
+            op, lambda: table.update_entity(entity, mode=mode, etag=etag, match_condition=MatchConditions.IfNotModified)
+        )
     except ResourceNotFoundError:
         raise NotFound(not_found) from None
     except (ResourceModifiedError, HttpResponseError):
@@ -62,8 +71,7 @@ def _if_match(etag: str, mode: UpdateMode = UpdateMode.REPLACE) -> dict:
     return {"mode": mode, "etag": etag, "match_condition": MatchConditions.IfNotModified}
 
 
-def transact(table: TableClient, op: str, ops: list, *, not_found: str, lost: EzsshError,
-             exists: EzsshError) -> list:
+def transact(table: TableClient, op: str, ops: list, *, not_found: str, lost: EzsshError, exists: EzsshError) -> list:
     """One entity-group transaction (all rows in one partition): every write lands, or none.
 
     A conditional row that changed meanwhile raises `lost` (409/412), a missing one NotFound, a row
@@ -93,5 +101,8 @@ def version_entity(tenant_id: str, row_key: str, at: float) -> tuple:
     """An upsert of a version row (tables.py: ver|<policy> and ver|*), for the transaction of the
     change it versions. Every write gives the row a new ETag (TrustVersion.tag), so no read is
     needed first and concurrent changes never conflict over it."""
-    return ("upsert", {"PartitionKey": tenant_id, "RowKey": row_key, "Kind": "version", "At": int(at)},
-            {"mode": UpdateMode.REPLACE})
+    return (
+        "upsert",
+        {"PartitionKey": tenant_id, "RowKey": row_key, "Kind": "version", "At": int(at)},
+        {"mode": UpdateMode.REPLACE},
+    )

@@ -85,8 +85,14 @@ log = logging.getLogger(__name__)
 UNAUTHENTICATED = "_unauthenticated"
 # A user waits on every call: retry briefly, then answer 503 rather than hang for azure-core's
 # default of ten retries with exponential backoff.
-CLIENT_OPTIONS = dict(retry_total=3, retry_backoff_factor=0.2, retry_backoff_max=2, connection_timeout=5,
-                      read_timeout=20, raw_request_hook=deadline_hook)
+CLIENT_OPTIONS = dict(
+    retry_total=3,
+    retry_backoff_factor=0.2,
+    retry_backoff_max=2,
+    connection_timeout=5,
+    read_timeout=20,
+    raw_request_hook=deadline_hook,
+)
 
 
 def _serial_key(serial: int) -> str:
@@ -116,13 +122,16 @@ class TableStore(HostRecords):
 
     @classmethod
     def from_connection_string(cls, conn: str, table_name: str = "ezssh") -> TableStore:
-        return cls(TableServiceClient.from_connection_string(conn, **client_options(endpoint_of(conn), CLIENT_OPTIONS)),
-                   table_name)
+        return cls(
+            TableServiceClient.from_connection_string(conn, **client_options(endpoint_of(conn), CLIENT_OPTIONS)),
+            table_name,
+        )
 
     @classmethod
     def from_account_url(cls, url: str, credential: Any, table_name: str = "ezssh") -> TableStore:
-        return cls(TableServiceClient(endpoint=url, credential=credential, **client_options(url, CLIENT_OPTIONS)),
-                   table_name)
+        return cls(
+            TableServiceClient(endpoint=url, credential=credential, **client_options(url, CLIENT_OPTIONS)), table_name
+        )
 
     def ensure_table(self) -> None:
         def create() -> None:
@@ -152,8 +161,12 @@ class TableStore(HostRecords):
 
     @staticmethod
     def _policy_from_entity(e: Any) -> Policy:
-        return policy_from_row(json.loads(e["Doc"]), etag=e.metadata.get("etag"), audit_head=e.get("AuditHead"),
-                               audit_seq=int(e.get("AuditSeq") or 0))
+        return policy_from_row(
+            json.loads(e["Doc"]),
+            etag=e.metadata.get("etag"),
+            audit_head=e.get("AuditHead"),
+            audit_seq=int(e.get("AuditSeq") or 0),
+        )
 
     def list_policies(self, tenant_id: str) -> list[Policy]:
         rows = _guard(
@@ -175,22 +188,39 @@ class TableStore(HostRecords):
         return self._policy_from_entity(e)
 
     def create_policy(self, policy: Policy, audit: AuditEntry) -> Policy:
-        ops = [("create", self._policy_entity(policy)), *self._audit_ops(audit),
-               version_entity(policy.tenant_id, TENANT_VERSION, audit.at)]
-        resp = transact(self._table, "create policy", ops, not_found=f"Policy {policy.id!r} was not found.",
-                        lost=Conflict(f"A policy with id {policy.id!r} already exists."),
-                        exists=Conflict(f"A policy with id {policy.id!r} already exists."))
+        ops = [
+            ("create", self._policy_entity(policy)),
+            *self._audit_ops(audit),
+            version_entity(policy.tenant_id, TENANT_VERSION, audit.at),
+        ]
+        resp = transact(
+            self._table,
+            "create policy",
+            ops,
+            not_found=f"Policy {policy.id!r} was not found.",
+            lost=Conflict(f"A policy with id {policy.id!r} already exists."),
+            exists=Conflict(f"A policy with id {policy.id!r} already exists."),
+        )
         return self._with_etag(policy, resp[0].get("etag"))
 
     def replace_policy(self, policy: Policy, etag: str, audit: AuditEntry) -> Policy:
         """The policy row (only if still at `etag`), its audit entry and the tenant's version row
         (known-hosts), in one transaction."""
-        ops = [("update", self._policy_entity(policy), _if_match(etag)), *self._audit_ops(audit),
-               version_entity(policy.tenant_id, TENANT_VERSION, audit.at)]
-        resp = transact(self._table, "update policy", ops, not_found=f"Policy {policy.id!r} was not found.",
-                        lost=PreconditionFailed(f"Policy {policy.id!r} changed since you read it (ETag mismatch); "
-                                                "read it again and retry."),
-                        exists=Conflict("That audit entry was already written; read the policy again."))
+        ops = [
+            ("update", self._policy_entity(policy), _if_match(etag)),
+            *self._audit_ops(audit),
+            version_entity(policy.tenant_id, TENANT_VERSION, audit.at),
+        ]
+        resp = transact(
+            self._table,
+            "update policy",
+            ops,
+            not_found=f"Policy {policy.id!r} was not found.",
+            lost=PreconditionFailed(
+                f"Policy {policy.id!r} changed since you read it (ETag mismatch); read it again and retry."
+            ),
+            exists=Conflict("That audit entry was already written; read the policy again."),
+        )
         return self._with_etag(policy, resp[0].get("etag"))
 
     @staticmethod
@@ -267,8 +297,10 @@ class TableStore(HostRecords):
         requests and the expiry key; once decided, the open copies and the expiry key deleted. A
         request not yet indexed (an old row) gets its rows added, never deleted. The key of the
         deadline an approval replaced stays until the sweep finds it due and drops it."""
-        copy = {k: v for k, v in cls._request_entity(rec).items() if k != "Ix"} | {"RequestId": rec.id,
-                                                                                  "Kind": "request-index"}
+        copy = {k: v for k, v in cls._request_entity(rec).items() if k != "Ix"} | {
+            "RequestId": rec.id,
+            "Kind": "request-index",
+        }
         turned = index_position(rec)
         write = "create" if new else "upsert"
         opts = () if new else ({"mode": UpdateMode.REPLACE},)
@@ -276,11 +308,23 @@ class TableStore(HostRecords):
         open_keys = (f"rqm|{rec.requester_oid}|{turned}", f"rqo|{rec.policy_id}|{turned}", f"rqt|*|{turned}")
         if rec.state in OPEN_STATES:
             ops += [(write, copy | {"RowKey": key}, *opts) for key in open_keys]
-            ops.append((write, {"PartitionKey": rec.tenant_id, "RowKey": _expiry_key(rec.expires_at, rec.id),
-                                "Kind": "request-expiry", "RequestId": rec.id}, *opts))
+            ops.append(
+                (
+                    write,
+                    {
+                        "PartitionKey": rec.tenant_id,
+                        "RowKey": _expiry_key(rec.expires_at, rec.id),
+                        "Kind": "request-expiry",
+                        "RequestId": rec.id,
+                    },
+                    *opts,
+                )
+            )
         elif rec.indexed and not new:  # decisions keep the deadline, so its key is the one written
-            ops += [("delete", {"PartitionKey": rec.tenant_id, "RowKey": key})
-                    for key in (*open_keys, _expiry_key(rec.expires_at, rec.id))]
+            ops += [
+                ("delete", {"PartitionKey": rec.tenant_id, "RowKey": key})
+                for key in (*open_keys, _expiry_key(rec.expires_at, rec.id))
+            ]
         return ops
 
     def get_request(self, tenant_id: str, request_id: str) -> RequestRecord:
@@ -299,28 +343,44 @@ class TableStore(HostRecords):
         rows = _guard("list requests", lambda: list(self._table.query_entities(flt, parameters=params)))
         return [self._request_from_entity(e) for e in rows]
 
-    def list_request_index(self, tenant_id: str, index: str, key: str, *, after: str | None = None,
-                           limit: int = 100) -> list[RequestRecord]:
+    def list_request_index(
+        self, tenant_id: str, index: str, key: str, *, after: str | None = None, limit: int = 100
+    ) -> list[RequestRecord]:
         prefix = f"{INDEX_PREFIX[index]}|{key}|"
         lo = prefix + after if after else prefix
         flt = f"PartitionKey eq @pk and RowKey {'gt' if after else 'ge'} @lo and RowKey lt @hi"
         params = {"pk": tenant_id, "lo": lo, "hi": prefix[:-1] + "}"}
-        rows = _guard("list requests", lambda: list(itertools.islice(
-            self._table.query_entities(flt, parameters=params, results_per_page=max(1, limit)), max(0, limit))))
+        rows = _guard(
+            "list requests",
+            lambda: list(
+                itertools.islice(
+                    self._table.query_entities(flt, parameters=params, results_per_page=max(1, limit)), max(0, limit)
+                )
+            ),
+        )
         return [replace(self._request_from_entity(e), etag=None, indexed=True) for e in rows]
 
     def due_requests(self, tenant_id: str, now: int, limit: int = 100) -> list[tuple[int, str]]:
         flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
         params = {"pk": tenant_id, "lo": "rqx|", "hi": f"rqx|{now + 1:010d}"}
-        rows = _guard("list due requests", lambda: list(itertools.islice(
-            self._table.query_entities(flt, parameters=params, results_per_page=max(1, limit),
-                                       select=["RowKey"]), max(0, limit))))
+        rows = _guard(
+            "list due requests",
+            lambda: list(
+                itertools.islice(
+                    self._table.query_entities(
+                        flt, parameters=params, results_per_page=max(1, limit), select=["RowKey"]
+                    ),
+                    max(0, limit),
+                )
+            ),
+        )
         return [(int(e["RowKey"].split("|")[1]), e["RowKey"].split("|")[2]) for e in rows]
 
     def remove_expiry_key(self, tenant_id: str, expires_at: int, request_id: str) -> None:
         try:
-            _guard("remove expiry key", lambda: self._table.delete_entity(tenant_id,
-                                                                          _expiry_key(expires_at, request_id)))
+            _guard(
+                "remove expiry key", lambda: self._table.delete_entity(tenant_id, _expiry_key(expires_at, request_id))
+            )
         except ResourceNotFoundError:
             pass
 
@@ -330,21 +390,33 @@ class TableStore(HostRecords):
             e = _guard("get pending slots", lambda: self._table.get_entity(tenant_id, f"rqc|{policy_id}|{owner_oid}"))
         except ResourceNotFoundError:
             return PendingSlots(tenant_id, policy_id, owner_oid)
-        return PendingSlots(tenant_id, policy_id, owner_oid,
-                            tuple((str(r), int(x)) for r, x in json.loads(e.get("Requests") or "[]")),
-                            etag=e.metadata.get("etag"))
+        return PendingSlots(
+            tenant_id,
+            policy_id,
+            owner_oid,
+            tuple((str(r), int(x)) for r, x in json.loads(e.get("Requests") or "[]")),
+            etag=e.metadata.get("etag"),
+        )
 
     @staticmethod
     def _slots_op(slots: PendingSlots) -> tuple:
-        entity = {"PartitionKey": slots.tenant_id, "RowKey": f"rqc|{slots.policy_id}|{slots.owner_oid}",
-                  "Kind": "pending-slots", "Requests": json.dumps([list(r) for r in slots.requests])}
+        entity = {
+            "PartitionKey": slots.tenant_id,
+            "RowKey": f"rqc|{slots.policy_id}|{slots.owner_oid}",
+            "Kind": "pending-slots",
+            "Requests": json.dumps([list(r) for r in slots.requests]),
+        }
         if slots.etag is None:
             return ("create", entity)
         return ("update", entity, _if_match(slots.etag))
 
-    def create_request(self, rec: RequestRecord, audit: AuditEntry,
-                       idempotency: IdempotencyRecord | None = None,
-                       slots: PendingSlots | None = None) -> RequestRecord:
+    def create_request(
+        self,
+        rec: RequestRecord,
+        audit: AuditEntry,
+        idempotency: IdempotencyRecord | None = None,
+        slots: PendingSlots | None = None,
+    ) -> RequestRecord:
         """One transaction: the request row carrying its first audit entry (and an idempotency key that
         names it), its index rows, an idempotency key's row of its own and the pending slots (only if
         still at their ETag)."""
@@ -362,11 +434,20 @@ class TableStore(HostRecords):
             ops.append(self._slots_op(slots))
             lost = PreconditionFailed("Your pending requests under this policy changed at the same time; retry.")
         try:
-            resp = transact(self._table, "create request", ops, not_found=f"Request {rec.id!r} was not found.",
-                            lost=lost, exists=exists)
+            resp = transact(
+                self._table,
+                "create request",
+                ops,
+                not_found=f"Request {rec.id!r} was not found.",
+                lost=lost,
+                exists=exists,
+            )
         except Conflict:
-            if slots is not None and slots.etag is None and self.get_pending_slots(
-                    rec.tenant_id, slots.policy_id, slots.owner_oid).etag is not None:
+            if (
+                slots is not None
+                and slots.etag is None
+                and self.get_pending_slots(rec.tenant_id, slots.policy_id, slots.owner_oid).etag is not None
+            ):
                 raise lost from None  # the slots row was created meanwhile: a lost race, not a used id
             raise
         return replace(rec, etag=resp[0].get("etag"), indexed=True)
@@ -374,11 +455,19 @@ class TableStore(HostRecords):
     def update_request(self, rec: RequestRecord, etag: str, audit: AuditEntry) -> RequestRecord:
         """The request row (only if still at `etag`) and its audit entry, in one transaction. The row is
         merged, so what it carries besides the request (its first audit entries) stays."""
-        ops = [("update", self._request_entity(rec), _if_match(etag, UpdateMode.MERGE)),
-               *self._audit_ops(audit), *self._index_ops(rec, new=False)]
-        resp = transact(self._table, "update request", ops, not_found=f"Request {rec.id!r} was not found.",
-                        lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
-                        exists=Conflict(f"Request {rec.id} changed at the same time; read it again."))
+        ops = [
+            ("update", self._request_entity(rec), _if_match(etag, UpdateMode.MERGE)),
+            *self._audit_ops(audit),
+            *self._index_ops(rec, new=False),
+        ]
+        resp = transact(
+            self._table,
+            "update request",
+            ops,
+            not_found=f"Request {rec.id!r} was not found.",
+            lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
+            exists=Conflict(f"Request {rec.id} changed at the same time; read it again."),
+        )
         return replace(rec, etag=resp[0].get("etag"), indexed=True)
 
     def backfill_request_indexes(self, tenant_id: str, budget: int) -> tuple[int, bool]:
@@ -402,8 +491,13 @@ class TableStore(HostRecords):
             flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
             if pass_ == "Open":
                 flt += " and ( State eq @pending or State eq @approved )"  # the SDK binds @names between spaces
-            params = {"pk": tenant_id, "lo": f"req|{mark.get(pass_ + 'After') or ''}", "hi": "req}",
-                      "pending": PENDING, "approved": APPROVED}
+            params = {
+                "pk": tenant_id,
+                "lo": f"req|{mark.get(pass_ + 'After') or ''}",
+                "hi": "req}",
+                "pending": PENDING,
+                "approved": APPROVED,
+            }
             pages = self._table.query_entities(flt, parameters=params, results_per_page=min(left, 1000))  # lazy
             rows: list[TableEntity] = _guard("backfill request indexes", partial(list, itertools.islice(pages, left)))
             indexed += sum(self._backfill_one(tenant_id, e) for e in rows if not (e.get("Ix") or e.get("Audit1")))
@@ -418,11 +512,23 @@ class TableStore(HostRecords):
 
     def _backfill_one(self, tenant_id: str, e: Any) -> bool:
         rec = self._request_from_entity(e)
-        ops = [("update", {"PartitionKey": tenant_id, "RowKey": e["RowKey"], "Ix": 1},
-                _if_match(rec.etag or "", UpdateMode.MERGE)), *self._index_ops(rec, new=False)]
+        ops = [
+            (
+                "update",
+                {"PartitionKey": tenant_id, "RowKey": e["RowKey"], "Ix": 1},
+                _if_match(rec.etag or "", UpdateMode.MERGE),
+            ),
+            *self._index_ops(rec, new=False),
+        ]
         try:
-            transact(self._table, "backfill request indexes", ops, not_found="gone",
-                     lost=Conflict("changed"), exists=Conflict("changed"))
+            transact(
+                self._table,
+                "backfill request indexes",
+                ops,
+                not_found="gone",
+                lost=Conflict("changed"),
+                exists=Conflict("changed"),
+            )
             return True
         except (Conflict, NotFound):
             return False  # changed meanwhile (and so indexed by that change), or deleted
@@ -442,8 +548,14 @@ class TableStore(HostRecords):
     # the same transaction as its request.
     @staticmethod
     def _idempotency_entity(i: IdempotencyRecord) -> dict:
-        return {"PartitionKey": i.tenant_id, "RowKey": f"idk|{i.owner_oid}|{i.key_hash}", "Kind": "idempotency",
-                "RequestId": i.request_id, "Digest": i.digest, "CreatedAt": i.created_at}
+        return {
+            "PartitionKey": i.tenant_id,
+            "RowKey": f"idk|{i.owner_oid}|{i.key_hash}",
+            "Kind": "idempotency",
+            "RequestId": i.request_id,
+            "Digest": i.digest,
+            "CreatedAt": i.created_at,
+        }
 
     @staticmethod
     def _key_on_row(rec: RequestRecord, i: IdempotencyRecord | None) -> dict:
@@ -453,22 +565,41 @@ class TableStore(HostRecords):
             raise ValueError("An idempotency key rides only on the row of the request it names, of its owner.")
         return {"IdemKey": i.key_hash, "IdemDigest": i.digest, "IdemAt": i.created_at}
 
-    def get_idempotency(self, tenant_id: str, owner_oid: str, key_hash: str,
-                        request_id: str | None = None) -> IdempotencyRecord | None:
+    def get_idempotency(
+        self, tenant_id: str, owner_oid: str, key_hash: str, request_id: str | None = None
+    ) -> IdempotencyRecord | None:
         row_key = f"req|{request_id}" if request_id is not None else f"idk|{owner_oid}|{key_hash}"
         try:
-            e = _guard("get idempotency key", lambda: self._table.get_entity(
-                tenant_id, row_key, select=None if request_id is None else ["RequesterOid", "IdemKey", "IdemDigest",
-                                                                            "IdemAt"]))
+            e = _guard(
+                "get idempotency key",
+                lambda: self._table.get_entity(
+                    tenant_id,
+                    row_key,
+                    select=None if request_id is None else ["RequesterOid", "IdemKey", "IdemDigest", "IdemAt"],
+                ),
+            )
         except ResourceNotFoundError:
             return None
         if request_id is None:
-            return IdempotencyRecord(tenant_id=tenant_id, owner_oid=owner_oid, key_hash=key_hash,
-                                     request_id=e["RequestId"], digest=e["Digest"], created_at=int(e["CreatedAt"]))
+            return IdempotencyRecord(
+                tenant_id=tenant_id,
+                owner_oid=owner_oid,
+                key_hash=key_hash,
+                request_id=e["RequestId"],
+                digest=e["Digest"],
+                created_at=int(e["CreatedAt"]),
+            )
         if e.get("IdemKey") != key_hash or e.get("RequesterOid") != owner_oid:
             return None
-        return IdempotencyRecord(tenant_id=tenant_id, owner_oid=owner_oid, key_hash=key_hash, request_id=request_id,
-                                 digest=e["IdemDigest"], created_at=int(e["IdemAt"]), on_request_row=True)
+        return IdempotencyRecord(
+            tenant_id=tenant_id,
+            owner_oid=owner_oid,
+            key_hash=key_hash,
+            request_id=request_id,
+            digest=e["IdemDigest"],
+            created_at=int(e["IdemAt"]),
+            on_request_row=True,
+        )
 
     # ---- certificates -----------------------------------------------------------------------
     # A user certificate lives in its request's row (its serial is the request id: core.serials),
@@ -531,14 +662,22 @@ class TableStore(HostRecords):
 
     @staticmethod
     def _check_issuance(rec: RequestRecord, cert: CertificateRecord) -> None:
-        if (cert.tenant_id, cert.policy_id, cert.request_id, cert.serial) != \
-                (rec.tenant_id, rec.policy_id, rec.id, rec.serial):
+        if (cert.tenant_id, cert.policy_id, cert.request_id, cert.serial) != (
+            rec.tenant_id,
+            rec.policy_id,
+            rec.id,
+            rec.serial,
+        ):
             raise ValueError("The certificate record does not belong to this request.")
         if serial_of_request_id(rec.id) != cert.serial:
             raise Conflict(f"The certificate's serial must be its request's own ({rec.id}); nothing was recorded.")
 
     def record_issuance(
-        self, rec: RequestRecord, etag: str | None, cert: CertificateRecord, audit: Sequence[AuditEntry],
+        self,
+        rec: RequestRecord,
+        etag: str | None,
+        cert: CertificateRecord,
+        audit: Sequence[AuditEntry],
         idempotency: IdempotencyRecord | None = None,
     ) -> None:
         """The request in its "issued" state, its certificate and the audit entries, atomically.
@@ -564,23 +703,37 @@ class TableStore(HostRecords):
             ops += [op for a in audit for op in self._audit_ops(a)]
             if idempotency is not None:
                 ops.append(("create", self._idempotency_entity(idempotency)))
-        transact(self._table, "record issuance", ops, not_found=f"Request {rec.id!r} was not found.",
-                 lost=Conflict(f"Request {rec.id} changed at the same time; read it again."), exists=exists)
+        transact(
+            self._table,
+            "record issuance",
+            ops,
+            not_found=f"Request {rec.id!r} was not found.",
+            lost=Conflict(f"Request {rec.id} changed at the same time; read it again."),
+            exists=exists,
+        )
 
     def get_certificate(self, tenant_id: str, policy_id: str, serial: int) -> CertificateRecord:
         return self._find_certificate(tenant_id, policy_id, serial)[0]
 
-    def live_user_certificates(self, tenant_id: str, now: int, window: int,
-                               requester_oid: str | None = None) -> list[CertificateRecord]:
-        flt = ("PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and ValidBefore gt @now")
-        params: dict[str, Any] = {"pk": tenant_id, "lo": f"req|{serial_floor((now - window) * 1000):016x}",
-                                  "hi": "req}", "now": now}
+    def live_user_certificates(
+        self, tenant_id: str, now: int, window: int, requester_oid: str | None = None
+    ) -> list[CertificateRecord]:
+        flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and ValidBefore gt @now"
+        params: dict[str, Any] = {
+            "pk": tenant_id,
+            "lo": f"req|{serial_floor((now - window) * 1000):016x}",
+            "hi": "req}",
+            "now": now,
+        }
         if requester_oid is not None:
             flt += " and RequesterOid eq @oid"
             params["oid"] = requester_oid
         rows = _guard("list live certificates", lambda: list(self._table.query_entities(flt, parameters=params)))
-        return [self._cert_from_entity(e, request_id=e["RowKey"][4:]) for e in rows
-                if e.get("Certificate") and e.get("RevokedAt") is None]
+        return [
+            self._cert_from_entity(e, request_id=e["RowKey"][4:])
+            for e in rows
+            if e.get("Certificate") and e.get("RevokedAt") is None
+        ]
 
     def _find_certificate(self, tenant_id: str, policy_id: str, serial: int) -> tuple[CertificateRecord, str]:
         """The certificate and the row that holds it: its request's row (user certificates, one point
@@ -623,7 +776,7 @@ class TableStore(HostRecords):
         if any((a.tenant_id or UNAUTHENTICATED) != tenant_id for a in entries):
             # what the SDK says of a batch across partitions: an entry belongs to its row's tenant
             raise ValueError("Partition Keys in the batch must all be the same.")
-        return {name: cls._entry_json(a) for name, a in zip(cls.EMBEDDED[:len(entries)], entries, strict=True)}
+        return {name: cls._entry_json(a) for name, a in zip(cls.EMBEDDED[: len(entries)], entries, strict=True)}
 
     @classmethod
     def _index_key(cls, field_name: str, value: str) -> str:
@@ -646,11 +799,28 @@ class TableStore(HostRecords):
     def _audit_rows(cls, a: AuditEntry, *, primary: bool = True) -> list[dict]:
         """The entry's row and its index rows (one transaction's worth; all in the entry's partition)."""
         pk, pos, doc = a.tenant_id or UNAUTHENTICATED, audit_position(a), cls._entry_json(a)
-        rows = [{"PartitionKey": pk, "RowKey": f"aud|{pos}", "Kind": "audit", "Action": a.action,
-                 "Outcome": a.outcome, "RequestId": a.request_id, "PolicyId": a.policy_id, "KeyId": a.key_id,
-                 "Serial": a.serial, "Entry": doc}] if primary else []
-        return rows + [{"PartitionKey": pk, "RowKey": prefix + pos, "Kind": "audit-index", "Entry": doc}
-                       for prefix in cls._index_prefixes(a)]
+        rows = (
+            [
+                {
+                    "PartitionKey": pk,
+                    "RowKey": f"aud|{pos}",
+                    "Kind": "audit",
+                    "Action": a.action,
+                    "Outcome": a.outcome,
+                    "RequestId": a.request_id,
+                    "PolicyId": a.policy_id,
+                    "KeyId": a.key_id,
+                    "Serial": a.serial,
+                    "Entry": doc,
+                }
+            ]
+            if primary
+            else []
+        )
+        return rows + [
+            {"PartitionKey": pk, "RowKey": prefix + pos, "Kind": "audit-index", "Entry": doc}
+            for prefix in cls._index_prefixes(a)
+        ]
 
     @classmethod
     def _audit_ops(cls, a: AuditEntry) -> list[tuple]:
@@ -658,15 +828,27 @@ class TableStore(HostRecords):
 
     def add_audit(self, entry: AuditEntry) -> None:
         exists = Conflict("An audit entry with that id already exists.")
-        transact(self._table, "add audit", self._audit_ops(entry), not_found="The audit partition is gone.",
-                 lost=exists, exists=exists)
+        transact(
+            self._table,
+            "add audit",
+            self._audit_ops(entry),
+            not_found="The audit partition is gone.",
+            lost=exists,
+            exists=exists,
+        )
 
-    def list_audit(self, tenant_id: str, *, since: float | None = None, until: float | None = None,
-                   request_id: str | None = None, limit: int = 200) -> list[AuditEntry]:
+    def list_audit(
+        self,
+        tenant_id: str,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        request_id: str | None = None,
+        limit: int = 200,
+    ) -> list[AuditEntry]:
         return read_audit(self, tenant_id, AuditQuery(since=since, until=until, request_id=request_id), limit)
 
-    def audit_page(self, tenant_id: str, query: AuditQuery, *, limit: int = 100,
-                   after: str | None = None) -> AuditPage:
+    def audit_page(self, tenant_id: str, query: AuditQuery, *, limit: int = 100, after: str | None = None) -> AuditPage:
         """One index's rows (the most selective the query names) merged with the embedded entries of
         the request rows that question reaches; `limit` rows read at most past the first read of each."""
         lo, hi = query.window(after)
@@ -693,11 +875,18 @@ class TableStore(HostRecords):
     def _index_rows(self, tenant_id: str, prefix: str, lo: str, hi: str, chunk: int) -> Iterator[Positioned]:
         flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
         params = {"pk": tenant_id, "lo": prefix + lo, "hi": prefix + hi if hi != "}" else prefix[:-1] + "}"}
-        yield from self._paged("list audit", flt, params, chunk, ["RowKey", "Entry"],
-                               lambda e: [(e["RowKey"][len(prefix):], AuditEntry(**json.loads(e["Entry"])))])
+        yield from self._paged(
+            "list audit",
+            flt,
+            params,
+            chunk,
+            ["RowKey", "Entry"],
+            lambda e: [(e["RowKey"][len(prefix) :], AuditEntry(**json.loads(e["Entry"])))],
+        )
 
-    def _paged(self, op: str, flt: str, params: dict, chunk: int, select: list[str],
-               rows_of: Callable[[Any], list[R]]) -> Iterator[R]:
+    def _paged(
+        self, op: str, flt: str, params: dict, chunk: int, select: list[str], rows_of: Callable[[Any], list[R]]
+    ) -> Iterator[R]:
         """Rows of a range read, `chunk` per round trip, each read only when the merge needs it."""
         pages = self._table.query_entities(flt, parameters=params, results_per_page=chunk, select=select).by_page()
         while (page := _guard(op, lambda: next(pages, None))) is not None:
@@ -707,8 +896,9 @@ class TableStore(HostRecords):
     def _embedded_of(self, tenant_id: str, request_id: str, lo: str, hi: str) -> Iterator[Positioned]:
         """The entries in request `request_id`'s own row (one point read)."""
         try:
-            e = _guard("list audit", lambda: self._table.get_entity(tenant_id, f"req|{request_id}",
-                                                                      select=list(self.EMBEDDED)))
+            e = _guard(
+                "list audit", lambda: self._table.get_entity(tenant_id, f"req|{request_id}", select=list(self.EMBEDDED))
+            )
         except ResourceNotFoundError:
             return
         yield from (p for p in self._embedded_rows(request_id, e) if lo < p[0] < hi)
@@ -721,8 +911,14 @@ class TableStore(HostRecords):
         flt = "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi"
         params = {"pk": tenant_id, "lo": f"req|{serial_floor(lo_ms):016x}", "hi": hi_key}
         group: list[Positioned] = []
-        for pos, entry in self._paged("list audit", flt, params, self.CHUNK, ["RowKey", *self.EMBEDDED],
-                                      lambda e: self._embedded_rows(e["RowKey"][4:], e, marker=True)):
+        for pos, entry in self._paged(
+            "list audit",
+            flt,
+            params,
+            self.CHUNK,
+            ["RowKey", *self.EMBEDDED],
+            lambda e: self._embedded_rows(e["RowKey"][4:], e, marker=True),
+        ):
             if group and pos[:13] != group[0][0][:13]:
                 yield from _in_order(group, lo, hi)
                 group = []
@@ -754,8 +950,14 @@ class TableStore(HostRecords):
         flt = "PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi"
         params = {"pk": tenant_id, "lo": f"aud|{mark.get('After') or ''}", "hi": "aud}"}
         last, ops, done, indexed = None, [], True, 0
-        rows = self._paged("audit backfill", flt, params, min(budget + 1, self.BACKFILL_CHUNK), ["RowKey", "Entry"],
-                           lambda e: [(e["RowKey"][4:], AuditEntry(**json.loads(e["Entry"])))])
+        rows = self._paged(
+            "audit backfill",
+            flt,
+            params,
+            min(budget + 1, self.BACKFILL_CHUNK),
+            ["RowKey", "Entry"],
+            lambda e: [(e["RowKey"][4:], AuditEntry(**json.loads(e["Entry"])))],
+        )
         for pos, entry in rows:
             if pos.count("|") > 1:  # a row with a sequence number: every older row is indexed
                 break
@@ -766,10 +968,21 @@ class TableStore(HostRecords):
             last, indexed = pos, indexed + 1
         lost = Conflict("The audit index changed at the same time; retry.")
         for k in range(0, len(ops), 100):
-            transact(self._table, "audit backfill", ops[k:k + 100], not_found="The audit partition is gone.",
-                     lost=lost, exists=lost)
-        marker = {"PartitionKey": tenant_id, "RowKey": self.AUDIT_MIGRATION, "Kind": "migration",
-                  "After": last or mark.get("After"), "Done": done}
+            transact(
+                self._table,
+                "audit backfill",
+                ops[k : k + 100],
+                not_found="The audit partition is gone.",
+                lost=lost,
+                exists=lost,
+            )
+        marker = {
+            "PartitionKey": tenant_id,
+            "RowKey": self.AUDIT_MIGRATION,
+            "Kind": "migration",
+            "After": last or mark.get("After"),
+            "Done": done,
+        }
         _guard("audit backfill", lambda: self._table.upsert_entity(marker, mode=UpdateMode.REPLACE))
         return indexed, done
 
@@ -785,11 +998,20 @@ class TableStore(HostRecords):
 
     @staticmethod
     def _revoked_rows(r: Revoked, tenant_id: str) -> list[tuple]:
-        fields = {"PartitionKey": tenant_id, "Kind": "revoked", "PolicyId": r.policy_id, "Serial": str(r.serial),
-                  "CaFingerprint": r.ca_fingerprint, "ValidBefore": r.valid_before, "RevokedAt": r.revoked_at,
-                  "HostCert": r.host}
-        keys = [f"rvp|{r.policy_id}|{r.valid_before:010d}|{_serial_key(r.serial)}",
-                f"rvt|{r.policy_id}|{max(0, r.revoked_at):010d}|{_serial_key(r.serial)}"]
+        fields = {
+            "PartitionKey": tenant_id,
+            "Kind": "revoked",
+            "PolicyId": r.policy_id,
+            "Serial": str(r.serial),
+            "CaFingerprint": r.ca_fingerprint,
+            "ValidBefore": r.valid_before,
+            "RevokedAt": r.revoked_at,
+            "HostCert": r.host,
+        }
+        keys = [
+            f"rvp|{r.policy_id}|{r.valid_before:010d}|{_serial_key(r.serial)}",
+            f"rvt|{r.policy_id}|{max(0, r.revoked_at):010d}|{_serial_key(r.serial)}",
+        ]
         if r.host:
             keys.append(f"rvh|{r.valid_before:010d}|{r.policy_id}|{_serial_key(r.serial)}")
         return [("upsert", fields | {"RowKey": k}, {"mode": UpdateMode.REPLACE}) for k in keys]
@@ -797,9 +1019,14 @@ class TableStore(HostRecords):
     @staticmethod
     def _revoked_from(e: Any) -> Revoked:
         host = e.get("HostCert")
-        return Revoked(policy_id=e["PolicyId"], serial=int(e["Serial"]), ca_fingerprint=e["CaFingerprint"],
-                       valid_before=int(e["ValidBefore"]), revoked_at=int(e.get("RevokedAt") or 0),
-                       host=bool(host) if host is not None else not e.get("RequestId"))  # old rows: no request
+        return Revoked(
+            policy_id=e["PolicyId"],
+            serial=int(e["Serial"]),
+            ca_fingerprint=e["CaFingerprint"],
+            valid_before=int(e["ValidBefore"]),
+            revoked_at=int(e.get("RevokedAt") or 0),
+            host=bool(host) if host is not None else not e.get("RequestId"),
+        )  # old rows: no request
 
     def revoke_certificate(self, cert: CertificateRecord, etag: str, audit: AuditEntry) -> CertificateRecord:
         """In one transaction: RevokedAt/RevokedBy on the row holding the certificate (its request's,
@@ -808,44 +1035,79 @@ class TableStore(HostRecords):
         for a host certificate also the tenant's known-hosts)."""
         if (audit.tenant_id or UNAUTHENTICATED) != cert.tenant_id:
             raise ValueError("Partition Keys in the batch must all be the same.")
-        _, row_key = self._find_certificate(cert.tenant_id, cert.policy_id, cert.serial)  # NotFound unless this policy's
+        _, row_key = self._find_certificate(
+            cert.tenant_id, cert.policy_id, cert.serial
+        )  # NotFound unless this policy's
         host = row_key.startswith("crt|")
-        entity = {"PartitionKey": cert.tenant_id, "RowKey": row_key, "RevokedAt": cert.revoked_at,
-                  "RevokedBy": cert.revoked_by, "RevokedByOid": cert.revoked_by_oid}
-        index = Revoked(cert.policy_id, cert.serial, cert.ca_fingerprint, cert.valid_before, cert.revoked_at or 0,
-                        host)
-        ops = [("update", entity, _if_match(etag, UpdateMode.MERGE)), *self._audit_ops(audit),
-               *self._revoked_rows(index, cert.tenant_id),
-               version_entity(cert.tenant_id, f"ver|{cert.policy_id}", audit.at)]
+        entity = {
+            "PartitionKey": cert.tenant_id,
+            "RowKey": row_key,
+            "RevokedAt": cert.revoked_at,
+            "RevokedBy": cert.revoked_by,
+            "RevokedByOid": cert.revoked_by_oid,
+        }
+        index = Revoked(cert.policy_id, cert.serial, cert.ca_fingerprint, cert.valid_before, cert.revoked_at or 0, host)
+        ops = [
+            ("update", entity, _if_match(etag, UpdateMode.MERGE)),
+            *self._audit_ops(audit),
+            *self._revoked_rows(index, cert.tenant_id),
+            version_entity(cert.tenant_id, f"ver|{cert.policy_id}", audit.at),
+        ]
         if host:
             ops.append(version_entity(cert.tenant_id, TENANT_VERSION, audit.at))
         lost = Conflict(f"Certificate {cert.serial} changed at the same time; read it again.")
-        resp = transact(self._table, "revoke certificate", ops,
-                        not_found=f"No certificate with serial {cert.serial} was issued under policy {cert.policy_id!r}.",
-                        lost=lost, exists=lost)
+        resp = transact(
+            self._table,
+            "revoke certificate",
+            ops,
+            not_found=f"No certificate with serial {cert.serial} was issued under policy {cert.policy_id!r}.",
+            lost=lost,
+            exists=lost,
+        )
         return replace(cert, etag=resp[0].get("etag"))
 
     def _range(self, op: str, tenant_id: str, lo: str, hi: str, select: list[str] | None = None) -> list:
-        return _guard(op, lambda: list(self._table.query_entities(
-            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
-            parameters={"pk": tenant_id, "lo": lo, "hi": hi}, select=select)))
+        return _guard(
+            op,
+            lambda: list(
+                self._table.query_entities(
+                    "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                    parameters={"pk": tenant_id, "lo": lo, "hi": hi},
+                    select=select,
+                )
+            ),
+        )
 
     def list_revoked(self, tenant_id: str, policy_id: str, *, valid_from: int) -> list[Revoked]:
-        rows = self._range("list revoked", tenant_id, f"rvp|{policy_id}|{max(0, valid_from):010d}",
-                           f"rvp|{policy_id}}}", self.REVOKED_FIELDS)
+        rows = self._range(
+            "list revoked",
+            tenant_id,
+            f"rvp|{policy_id}|{max(0, valid_from):010d}",
+            f"rvp|{policy_id}}}",
+            self.REVOKED_FIELDS,
+        )
         if self._legacy_left(tenant_id):
-            rows += self._range("list revoked", tenant_id, f"rev|{policy_id}|", f"rev|{policy_id}}}",
-                                self.REVOKED_FIELDS + ["RequestId"])
+            rows += self._range(
+                "list revoked",
+                tenant_id,
+                f"rev|{policy_id}|",
+                f"rev|{policy_id}}}",
+                self.REVOKED_FIELDS + ["RequestId"],
+            )
         return [self._revoked_from(e) for e in rows]
 
     def list_revoked_since(self, tenant_id: str, policy_id: str, *, revoked_from: int) -> list[Revoked]:
-        rows = self._range("list revoked", tenant_id, f"rvt|{policy_id}|{max(0, revoked_from):010d}",
-                           f"rvt|{policy_id}}}", self.REVOKED_FIELDS)
+        rows = self._range(
+            "list revoked",
+            tenant_id,
+            f"rvt|{policy_id}|{max(0, revoked_from):010d}",
+            f"rvt|{policy_id}}}",
+            self.REVOKED_FIELDS,
+        )
         return [self._revoked_from(e) for e in rows]
 
     def list_revoked_host(self, tenant_id: str, *, valid_from: int) -> list[Revoked]:
-        rows = self._range("list revoked", tenant_id, f"rvh|{max(0, valid_from):010d}", "rvh}",
-                           self.REVOKED_FIELDS)
+        rows = self._range("list revoked", tenant_id, f"rvh|{max(0, valid_from):010d}", "rvh}", self.REVOKED_FIELDS)
         out = [self._revoked_from(e) for e in rows]
         if self._legacy_left(tenant_id):
             legacy = self._range("list revoked", tenant_id, *self.LEGACY, self.REVOKED_FIELDS + ["RequestId"])
@@ -857,10 +1119,20 @@ class TableStore(HostRecords):
         writes none), the answer is kept for the worker's life: one read per tenant and worker."""
         if tenant_id in self._legacy_done:
             return False
-        left = _guard("list revoked", lambda: next(iter(self._table.query_entities(
-            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
-            parameters={"pk": tenant_id, "lo": self.LEGACY[0], "hi": self.LEGACY[1]},
-            select=["RowKey"], results_per_page=1)), None))
+        left = _guard(
+            "list revoked",
+            lambda: next(
+                iter(
+                    self._table.query_entities(
+                        "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                        parameters={"pk": tenant_id, "lo": self.LEGACY[0], "hi": self.LEGACY[1]},
+                        select=["RowKey"],
+                        results_per_page=1,
+                    )
+                ),
+                None,
+            ),
+        )
         if left is None:
             self._legacy_done.add(tenant_id)
         return left is not None
@@ -869,17 +1141,27 @@ class TableStore(HostRecords):
         """Old rev| rows to the expiry-keyed layout: per policy, one transaction writes the index rows,
         deletes the old rows and moves the policy's version forward (conditional on the version row
         read, so a revocation landing meanwhile is never overwritten)."""
-        rows = _guard("migrate revoked", lambda: list(itertools.islice(self._table.query_entities(
-            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
-            parameters={"pk": tenant_id, "lo": self.LEGACY[0], "hi": self.LEGACY[1]},
-            select=self.REVOKED_FIELDS + ["RequestId", "RowKey"], results_per_page=min(limit, 1000)), limit)))
+        rows = _guard(
+            "migrate revoked",
+            lambda: list(
+                itertools.islice(
+                    self._table.query_entities(
+                        "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+                        parameters={"pk": tenant_id, "lo": self.LEGACY[0], "hi": self.LEGACY[1]},
+                        select=self.REVOKED_FIELDS + ["RequestId", "RowKey"],
+                        results_per_page=min(limit, 1000),
+                    ),
+                    limit,
+                )
+            ),
+        )
         by_policy: dict[str, list] = {}
         for e in rows:
             by_policy.setdefault(e["PolicyId"], []).append(e)
         moved = 0
         for pid, group in by_policy.items():
             for k in range(0, len(group), 24):  # 4 rows each at most, plus the version: under 100 a transaction
-                chunk = group[k:k + 24]
+                chunk = group[k : k + 24]
                 version = self.trust_version(tenant_id, pid)
                 at = max([version.at] + [int(e.get("RevokedAt") or 0) for e in chunk])
                 ops: list = []
@@ -889,8 +1171,14 @@ class TableStore(HostRecords):
                 ver = {"PartitionKey": tenant_id, "RowKey": f"ver|{pid}", "Kind": "version", "At": at}
                 ops.append(("update", ver, _if_match(version.tag)) if version.tag else ("create", ver))
                 try:
-                    transact(self._table, "migrate revoked", ops, not_found="revocation moved meanwhile",
-                             lost=Conflict("revoked meanwhile"), exists=Conflict("revoked meanwhile"))
+                    transact(
+                        self._table,
+                        "migrate revoked",
+                        ops,
+                        not_found="revocation moved meanwhile",
+                        lost=Conflict("revoked meanwhile"),
+                        exists=Conflict("revoked meanwhile"),
+                    )
                 except (Conflict, NotFound):
                     continue  # a revocation (or another worker's migration) meanwhile: the next sweep retries
                 moved += len(chunk)
@@ -915,8 +1203,13 @@ class TableStore(HostRecords):
         return e.get("Token")
 
     def ensure_host_token(self, tenant_id: str, policy_id: str, candidate: str) -> str:
-        entity = {"PartitionKey": tenant_id, "RowKey": f"hst|{policy_id}", "Kind": "host-token",
-                  "PolicyId": policy_id, "Token": candidate}
+        entity = {
+            "PartitionKey": tenant_id,
+            "RowKey": f"hst|{policy_id}",
+            "Kind": "host-token",
+            "PolicyId": policy_id,
+            "Token": candidate,
+        }
         try:
             _guard("create host token", lambda: self._table.create_entity(entity))
             return candidate

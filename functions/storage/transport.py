@@ -35,8 +35,9 @@ def table_transport(endpoint: str, *, connection_timeout: float, read_timeout: f
     session.mount("http://", adapter)
     bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
     verify: dict[str, Any] = {"connection_verify": bundle} if bundle else {}
-    return RequestsTransport(session=session, session_owner=True, connection_timeout=connection_timeout,
-                             read_timeout=read_timeout, **verify)
+    return RequestsTransport(
+        session=session, session_owner=True, connection_timeout=connection_timeout, read_timeout=read_timeout, **verify
+    )
 
 
 def endpoint_of(connection_string: str) -> str:
@@ -44,11 +45,17 @@ def endpoint_of(connection_string: str) -> str:
     parts = dict(p.split("=", 1) for p in connection_string.split(";") if "=" in p)
     if parts.get("TableEndpoint"):
         return parts["TableEndpoint"]
-    return f"{parts.get('DefaultEndpointsProtocol', 'https')}://{parts.get('AccountName', '')}.table." \
-           f"{parts.get('EndpointSuffix', 'core.windows.net')}"
+    return (
+        f"{parts.get('DefaultEndpointsProtocol', 'https')}://{parts.get('AccountName', '')}.table."
+        f"{parts.get('EndpointSuffix', 'core.windows.net')}"
+    )
 
 
 def client_options(endpoint: str, options: dict[str, Any]) -> dict[str, Any]:
     """`options` (retry and timeout settings) plus the transport above, for TableServiceClient."""
-    return {**options, "transport": table_transport(endpoint, connection_timeout=options["connection_timeout"],
-                                                    read_timeout=options["read_timeout"])}
+    return {
+        **options,
+        "transport": table_transport(
+            endpoint, connection_timeout=options["connection_timeout"], read_timeout=options["read_timeout"]
+        ),
+    }

@@ -25,8 +25,14 @@ def cmd_configure(args) -> int:
         cfg = load_config(home)
         cfg["agent"] = args.agent == "on"
         save_config(cfg, home)
-        err(f"Agent mode is {args.agent}: " + ("certificates also go to ssh-agent (ssh-add -t <time left>)."
-                                               if args.agent == "on" else "ssh is kept off the agent."))
+        err(
+            f"Agent mode is {args.agent}: "
+            + (
+                "certificates also go to ssh-agent (ssh-add -t <time left>)."
+                if args.agent == "on"
+                else "ssh is kept off the agent."
+            )
+        )
         return OK
     server = check_server_url(args.server)
     bundle = None
@@ -44,9 +50,13 @@ def cmd_configure(args) -> int:
     authority = remote["authority"].rstrip("/")
     tenant = remote.get("tenant_id")
     if args.tenant:
-        tenants = [t if isinstance(t, str) else (t.get("tenant_id") or t.get("id")) for t in remote.get("tenants") or []]
+        tenants = [
+            t if isinstance(t, str) else (t.get("tenant_id") or t.get("id")) for t in remote.get("tenants") or []
+        ]
         if args.tenant not in tenants:
-            raise EzsshError(f"Tenant {args.tenant!r} is not served by {server} (it serves: {', '.join(map(str, tenants))}).", USAGE)
+            raise EzsshError(
+                f"Tenant {args.tenant!r} is not served by {server} (it serves: {', '.join(map(str, tenants))}).", USAGE
+            )
         if tenant and authority.endswith("/" + tenant):
             authority = authority[: -len(tenant)] + args.tenant
         tenant = args.tenant
@@ -86,7 +96,7 @@ def cmd_configure(args) -> int:
 
 
 def login_method(env=None, platform: str | None = None) -> str:
-    """"browser" or "device" for `ezssh login` without --browser/--device.
+    """ "browser" or "device" for `ezssh login` without --browser/--device.
 
     EZSSH_LOGIN=device|browser decides. Otherwise the browser only where one can show up on this
     machine: macOS and Windows unless in an SSH session, other systems when $DISPLAY or
@@ -148,12 +158,22 @@ def _workload_info(ctx: Ctx, token: str) -> dict:
 
     c = jwt_claims(token)
     exp = c.get("exp")
-    return {"upn": f"app:{c.get('azp') or c.get('appid')}", "name": c.get("app_displayname"), "oid": c.get("oid"),
-            "tid": c.get("tid"), "groups": c.get("groups", []), "roles": c.get("roles", []), "scopes": [],
-            "issuer": c.get("iss"), "audience": c.get("aud"), "expires_at": exp,
-            "expires_in": int(exp - time.time()) if isinstance(exp, (int, float)) else None,
-            "server": ctx.cfg.get("server"), "token_cache": f"app token in {ctx.home}/workload-token.json (0600)",
-            "workload": ctx.cfg["workload"]["kind"]}
+    return {
+        "upn": f"app:{c.get('azp') or c.get('appid')}",
+        "name": c.get("app_displayname"),
+        "oid": c.get("oid"),
+        "tid": c.get("tid"),
+        "groups": c.get("groups", []),
+        "roles": c.get("roles", []),
+        "scopes": [],
+        "issuer": c.get("iss"),
+        "audience": c.get("aud"),
+        "expires_at": exp,
+        "expires_in": int(exp - time.time()) if isinstance(exp, (int, float)) else None,
+        "server": ctx.cfg.get("server"),
+        "token_cache": f"app token in {ctx.home}/workload-token.json (0600)",
+        "workload": ctx.cfg["workload"]["kind"],
+    }
 
 
 def _refresh_host_cas(ctx: Ctx) -> None:
@@ -173,8 +193,10 @@ def _follow_server(ctx: Ctx) -> None:
     try:
         done = follow_server(ctx.cfg, ctx.home)
     except EzsshError as exc:
-        err(f"ezssh: the ssh_config block is for another server and could not be rewritten ({exc}); run: "
-            f"{fix_command(ctx.cfg.get('ssh_config') or {})}")
+        err(
+            f"ezssh: the ssh_config block is for another server and could not be rewritten ({exc}); run: "
+            f"{fix_command(ctx.cfg.get('ssh_config') or {})}"
+        )
         return
     if done:
         err(f"ezssh: {done}.")
@@ -199,8 +221,10 @@ def cmd_logout(args) -> int:
         save_config(cfg, home)
     # Certificates belong to the signed-in user: they go too, from the agent as well.
     n = certs.remove_all(home)
-    err(f"Signed out{' ' + ', '.join(names) if names else ''}; removed {n} cached key{'s' if n != 1 else ''} "
-        f"and certificate{'s' if n != 1 else ''} (from ssh-agent too, where added).")
+    err(
+        f"Signed out{' ' + ', '.join(names) if names else ''}; removed {n} cached key{'s' if n != 1 else ''} "
+        f"and certificate{'s' if n != 1 else ''} (from ssh-agent too, where added)."
+    )
     return OK
 
 
@@ -211,10 +235,15 @@ def cmd_whoami(args) -> int:
         out_json(info)
         return OK
     rows = [
-        ("user", info["upn"]), ("name", info["name"]), ("oid", info["oid"]), ("tenant", info["tid"]),
-        ("groups", ", ".join(info["groups"]) or "-"), ("roles", ", ".join(info["roles"]) or "-"),
+        ("user", info["upn"]),
+        ("name", info["name"]),
+        ("oid", info["oid"]),
+        ("tenant", info["tid"]),
+        ("groups", ", ".join(info["groups"]) or "-"),
+        ("roles", ", ".join(info["roles"]) or "-"),
         ("token expires", f"{fmt_time(info['expires_at'])} (in {fmt_left(info['expires_at'])})"),
-        ("server", info["server"]), ("token cache", info["token_cache"]),
+        ("server", info["server"]),
+        ("token cache", info["token_cache"]),
     ]
     for k, v in rows:
         print(f"{k + ':':15}{v if v is not None else '-'}")
@@ -222,46 +251,89 @@ def cmd_whoami(args) -> int:
 
 
 def register(sub, fmt) -> None:
-    c = sub.add_parser("configure", help="point ezssh at a service (fetches its client configuration)",
-                       formatter_class=fmt, epilog=EXIT_CODES_HELP)
-    c.add_argument("--server", metavar="URL", help="service URL, e.g. https://ezssh.example.com (its base, without /api)")
-    c.add_argument("--ca-bundle", metavar="PEM", help="trust only these CA certificates for the service and the identity provider")
+    c = sub.add_parser(
+        "configure",
+        help="point ezssh at a service (fetches its client configuration)",
+        formatter_class=fmt,
+        epilog=EXIT_CODES_HELP,
+    )
+    c.add_argument(
+        "--server", metavar="URL", help="service URL, e.g. https://ezssh.example.com (its base, without /api)"
+    )
+    c.add_argument(
+        "--ca-bundle", metavar="PEM", help="trust only these CA certificates for the service and the identity provider"
+    )
     c.add_argument("--tenant", metavar="TID", help="sign in to this tenant (one of those the service serves)")
-    c.add_argument("--agent", choices=("on", "off"),
-                   help="agent mode: also add each certificate to ssh-agent for its lifetime (so ssh -A forwards "
-                        "it); alone, without --server, changes just this setting")
+    c.add_argument(
+        "--agent",
+        choices=("on", "off"),
+        help="agent mode: also add each certificate to ssh-agent for its lifetime (so ssh -A forwards "
+        "it); alone, without --server, changes just this setting",
+    )
     c.add_argument("--json", action="store_true", help="print the saved configuration as JSON")
     c.set_defaults(func=cmd_configure)
 
-    c = sub.add_parser("login", help="sign in (in the browser, or with a device code)", formatter_class=fmt,
-                       description="Sign in with Entra ID. In the browser (authorization code + PKCE, "
-                                   "answer on a loopback port) where a browser exists, else with a "
-                                   "device code you enter on any device.",
-                       epilog="Default: --browser on macOS/Windows (not over SSH) and where $DISPLAY or "
-                              "$WAYLAND_DISPLAY is set, else --device;\n"
-                              "EZSSH_LOGIN=device|browser changes the default.\n\n"
-                              "The sign-in message goes to stderr as one line (device code, browser):\n"
-                              "  To sign in, open <verification URL> and enter the code <CODE> (expires in N min).\n"
-                              "  Opening your browser to sign in; if it does not open, use: ezssh login --device\n\n"
-                              + EXIT_CODES_HELP)
+    c = sub.add_parser(
+        "login",
+        help="sign in (in the browser, or with a device code)",
+        formatter_class=fmt,
+        description="Sign in with Entra ID. In the browser (authorization code + PKCE, "
+        "answer on a loopback port) where a browser exists, else with a "
+        "device code you enter on any device.",
+        epilog="Default: --browser on macOS/Windows (not over SSH) and where $DISPLAY or "
+        "$WAYLAND_DISPLAY is set, else --device;\n"
+        "EZSSH_LOGIN=device|browser changes the default.\n\n"
+        "The sign-in message goes to stderr as one line (device code, browser):\n"
+        "  To sign in, open <verification URL> and enter the code <CODE> (expires in N min).\n"
+        "  Opening your browser to sign in; if it does not open, use: ezssh login --device\n\n" + EXIT_CODES_HELP,
+    )
     how = c.add_mutually_exclusive_group()
-    how.add_argument("--browser", dest="method", action="store_const", const="browser",
-                     help="sign in in the system browser ($BROWSER is honoured)")
-    how.add_argument("--device", dest="method", action="store_const", const="device",
-                     help="sign in with a device code (works over SSH and without a browser)")
-    how.add_argument("--managed-identity", dest="workload", action="store_const", const="managed-identity",
-                     help="a machine: the managed identity of this Azure VM, Function, Container App or Arc "
-                          "server (--client-id for a user-assigned one)")
-    how.add_argument("--workload-identity", dest="workload", action="store_const", const="workload-identity",
-                     help="a job: workload identity federation (GitHub Actions, Azure DevOps, AKS) from "
-                          "AZURE_FEDERATED_TOKEN_FILE, AZURE_CLIENT_ID and AZURE_TENANT_ID")
-    how.add_argument("--service-principal", dest="workload", action="store_const", const="service-principal",
-                     help="a service principal with a certificate (--client-id, --certificate)")
+    how.add_argument(
+        "--browser",
+        dest="method",
+        action="store_const",
+        const="browser",
+        help="sign in in the system browser ($BROWSER is honoured)",
+    )
+    how.add_argument(
+        "--device",
+        dest="method",
+        action="store_const",
+        const="device",
+        help="sign in with a device code (works over SSH and without a browser)",
+    )
+    how.add_argument(
+        "--managed-identity",
+        dest="workload",
+        action="store_const",
+        const="managed-identity",
+        help="a machine: the managed identity of this Azure VM, Function, Container App or Arc "
+        "server (--client-id for a user-assigned one)",
+    )
+    how.add_argument(
+        "--workload-identity",
+        dest="workload",
+        action="store_const",
+        const="workload-identity",
+        help="a job: workload identity federation (GitHub Actions, Azure DevOps, AKS) from "
+        "AZURE_FEDERATED_TOKEN_FILE, AZURE_CLIENT_ID and AZURE_TENANT_ID",
+    )
+    how.add_argument(
+        "--service-principal",
+        dest="workload",
+        action="store_const",
+        const="service-principal",
+        help="a service principal with a certificate (--client-id, --certificate)",
+    )
     c.add_argument("--client-id", metavar="APP_ID", help="the app (client) id of the workload")
     c.add_argument("--certificate", metavar="PEM", help="with --service-principal: its private key and certificate")
     c.add_argument("--tenant", metavar="TID", help="with a workload: its tenant (default: the configured one)")
-    c.add_argument("--timeout", type=duration_arg, metavar="DURATION",
-                   help="with the browser: give up after this long (e.g. 90s, 5m; default 5m)")
+    c.add_argument(
+        "--timeout",
+        type=duration_arg,
+        metavar="DURATION",
+        help="with the browser: give up after this long (e.g. 90s, 5m; default 5m)",
+    )
     c.add_argument("--json", action="store_true", help="print who you are as JSON afterwards")
     c.set_defaults(func=cmd_login, workload=None)
 

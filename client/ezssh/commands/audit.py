@@ -37,8 +37,11 @@ def cmd_audit(args) -> int:
         return OK
     for e in entries:
         who = e.get("actor_upn") or "-"
-        what = " ".join(f"{k}={e[k]}" for k in ("request_id", "policy_id", "host", "principal", "key_id", "serial",
-                                                  "error_code") if e.get(k))
+        what = " ".join(
+            f"{k}={e[k]}"
+            for k in ("request_id", "policy_id", "host", "principal", "key_id", "serial", "error_code")
+            if e.get(k)
+        )
         flag = "" if e.get("intact", True) else "  [HASH MISMATCH]"
         print(f"{fmt_time(e['at'])}  {e['action']:<28} {e['outcome']:<8} {who:<28} {what}{flag}")
     return OK
@@ -49,7 +52,9 @@ def register(sub, fmt) -> None:
     c.add_argument("--since", type=duration_arg, metavar="DURATION", help="how far back, e.g. 30m, 8h, 2d")
     c.add_argument("--request", dest="request_id", metavar="ID", help="one request's story")
     c.add_argument("--policy", metavar="ID")
-    c.add_argument("--key-id", dest="key_id", metavar="KEY_ID", help="as sshd logs it: ID ezssh/<policy>/<request>/<upn>")
+    c.add_argument(
+        "--key-id", dest="key_id", metavar="KEY_ID", help="as sshd logs it: ID ezssh/<policy>/<request>/<upn>"
+    )
     c.add_argument("--serial", metavar="N", help="as sshd logs it: (serial N)")
     c.add_argument("--user", metavar="OBJECT_ID", help="what one person did (their Entra object id)")
     c.add_argument("--limit", type=int, default=100, help="entries per page (1-1000; oldest first)")

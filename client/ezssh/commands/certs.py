@@ -35,8 +35,10 @@ def ensure(argv: list[str]) -> int:
     it = iter(argv)
     for tok in it:
         if tok in ("-h", "--help"):
-            sys.stdout.write(ENSURE_USAGE + "\n\nExit 0 when a valid certificate for login@host is cached or was "
-                             "obtained (ssh_config's `Match exec` runs this).\n")
+            sys.stdout.write(
+                ENSURE_USAGE + "\n\nExit 0 when a valid certificate for login@host is cached or was "
+                "obtained (ssh_config's `Match exec` runs this).\n"
+            )
             return OK
         if tok == "--agent":
             use_agent = True
@@ -73,8 +75,9 @@ def ensure(argv: list[str]) -> int:
     from .. import knownhosts
 
     # ssh_config's block checks hosts with them
-    knownhosts.refresh_if_stale(home, knownhosts.full_api if source != "cached certificate"
-                                else knownhosts.api_if_signed_in)
+    knownhosts.refresh_if_stale(
+        home, knownhosts.full_api if source != "cached certificate" else knownhosts.api_if_signed_in
+    )
     if not quiet and source != "cached certificate":
         err(f"ezssh: {source} for {login}@{host}, valid until {fmt_time(cached.meta.get('valid_before'))}.")
     return OK
@@ -86,10 +89,20 @@ def _rows(home, now: float) -> list[dict]:
         meta = certs.read_meta(d)
         if meta is None:
             continue
-        out.append({"login": meta.get("principal"), "host": meta.get("host"), "server": meta.get("server"),
-                    "policy": meta.get("policy"), "serial": meta.get("serial"), "key_id": meta.get("key_id"),
-                    "valid_before": meta.get("valid_before"), "expired": meta["valid_before"] <= now,
-                    "in_agent": bool(meta.get("agent_sock")), "dir": str(d)})
+        out.append(
+            {
+                "login": meta.get("principal"),
+                "host": meta.get("host"),
+                "server": meta.get("server"),
+                "policy": meta.get("policy"),
+                "serial": meta.get("serial"),
+                "key_id": meta.get("key_id"),
+                "valid_before": meta.get("valid_before"),
+                "expired": meta["valid_before"] <= now,
+                "in_agent": bool(meta.get("agent_sock")),
+                "dir": str(d),
+            }
+        )
     return sorted(out, key=lambda r: (str(r["host"]), str(r["login"])))
 
 
@@ -103,10 +116,20 @@ def cmd_list(args) -> int:
     if not rows:
         err("No certificates are cached on this machine.")
         return OK
-    print_table(("LOGIN@HOST", "POLICY", "SERIAL", "EXPIRES", "LEFT", "AGENT"),
-                [(f"{r['login']}@{r['host']}", r["policy"] or "-", r["serial"] or "-",
-                  fmt_time(r["valid_before"]), fmt_left(r["valid_before"]), "yes" if r["in_agent"] else "-")
-                 for r in rows])
+    print_table(
+        ("LOGIN@HOST", "POLICY", "SERIAL", "EXPIRES", "LEFT", "AGENT"),
+        [
+            (
+                f"{r['login']}@{r['host']}",
+                r["policy"] or "-",
+                r["serial"] or "-",
+                fmt_time(r["valid_before"]),
+                fmt_left(r["valid_before"]),
+                "yes" if r["in_agent"] else "-",
+            )
+            for r in rows
+        ],
+    )
     return OK
 
 
@@ -116,12 +139,16 @@ def cmd_prune(args) -> int:
     home = home_dir()
     if args.all:
         n = certs.remove_all(home)
-        err(f"Removed all {n} cached key{'s' if n != 1 else ''} and certificate{'s' if n != 1 else ''} "
-            "(from ssh-agent too, where added).")
+        err(
+            f"Removed all {n} cached key{'s' if n != 1 else ''} and certificate{'s' if n != 1 else ''} "
+            "(from ssh-agent too, where added)."
+        )
         return OK
     removed = certs.sweep(home)
-    err(f"Removed {len(removed)} expired key{'s' if len(removed) != 1 else ''} and certificate"
-        f"{'s' if len(removed) != 1 else ''}" + (f": {', '.join(p.name for p in removed)}." if removed else "."))
+    err(
+        f"Removed {len(removed)} expired key{'s' if len(removed) != 1 else ''} and certificate"
+        f"{'s' if len(removed) != 1 else ''}" + (f": {', '.join(p.name for p in removed)}." if removed else ".")
+    )
     return OK
 
 
@@ -136,8 +163,10 @@ def cmd_revoke(args) -> int:
     if args.json:
         out_json(rec)
     else:
-        err(f"Revoked certificate {rec.get('serial')} ({rec.get('key_id')}) of policy {rec.get('policy')}. "
-            "Hosts refuse it once they fetch the policy's KRL (every 15 minutes).")
+        err(
+            f"Revoked certificate {rec.get('serial')} ({rec.get('key_id')}) of policy {rec.get('policy')}. "
+            "Hosts refuse it once they fetch the policy's KRL (every 15 minutes)."
+        )
     return OK
 
 
@@ -154,8 +183,10 @@ def cmd_revoke_identity(args) -> int:
     revoked = rec.get("revoked") or []
     for c in revoked:
         print(f"{c.get('policy')}\t{c.get('serial')}\t{c.get('key_id')}")
-    err(f"Revoked {len(revoked)} live certificate{'s' if len(revoked) != 1 else ''} of {rec.get('oid')}. Hosts refuse "
-        "them once they fetch their policy's KRL (every 15 minutes; enrolled Azure VMs get it pushed).")
+    err(
+        f"Revoked {len(revoked)} live certificate{'s' if len(revoked) != 1 else ''} of {rec.get('oid')}. Hosts refuse "
+        "them once they fetch their policy's KRL (every 15 minutes; enrolled Azure VMs get it pushed)."
+    )
     return OK
 
 
@@ -172,8 +203,9 @@ def register(sub, fmt) -> None:
     c = cs.add_parser("prune", help="remove expired keys and certificates (--all: every one)")
     c.add_argument("--all", action="store_true", help="remove every cached key and certificate")
     c.set_defaults(func=cmd_prune)
-    c = cs.add_parser("ensure", help="make sure a valid certificate for login@host is cached (ssh_config runs this)",
-                      add_help=False)
+    c = cs.add_parser(
+        "ensure", help="make sure a valid certificate for login@host is cached (ssh_config runs this)", add_help=False
+    )
     c.add_argument("rest", nargs="*")
     c.set_defaults(func=_ensure_from_argparse)
     c = cs.add_parser("revoke", help="revoke a certificate (yours, or any of a policy you administer)")
@@ -183,15 +215,20 @@ def register(sub, fmt) -> None:
     c.add_argument("--json", action="store_true", help="print the revocation record as JSON")
     c.set_defaults(func=cmd_revoke)
 
-    c = sub.add_parser("revoke", help="revoke every live certificate a person or app holds (--user OID)",
-                       formatter_class=fmt,
-                       description="For someone who left, or an app that must stop: revoke every live "
-                                   "certificate of that object id, across the policies you administer (all "
-                                   "of the tenant's for tenant admins), in one audited step.")
-    c.add_argument("--user", required=True, metavar="OID",
-                   help="the object id of the person or app (az ad user show --id UPN --query id -o tsv)")
+    c = sub.add_parser(
+        "revoke",
+        help="revoke every live certificate a person or app holds (--user OID)",
+        formatter_class=fmt,
+        description="For someone who left, or an app that must stop: revoke every live "
+        "certificate of that object id, across the policies you administer (all "
+        "of the tenant's for tenant admins), in one audited step.",
+    )
+    c.add_argument(
+        "--user",
+        required=True,
+        metavar="OID",
+        help="the object id of the person or app (az ad user show --id UPN --query id -o tsv)",
+    )
     c.add_argument("--reason", help="why (recorded in the audit log)")
     c.add_argument("--json", action="store_true", help="print what was revoked as JSON")
     c.set_defaults(func=cmd_revoke_identity)
-
-

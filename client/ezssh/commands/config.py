@@ -53,52 +53,79 @@ def cmd_config(args) -> int:
             pass
         cfg.pop("ssh_config", None)
         save_config(cfg, home)
-        err(f"Removed ezssh's Include from {user_config}." if changed else
-            f"{user_config} holds no Include of ezssh's; nothing to remove there.")
+        err(
+            f"Removed ezssh's Include from {user_config}."
+            if changed
+            else f"{user_config} holds no Include of ezssh's; nothing to remove there."
+        )
         return OK
 
     hosts = [h for item in args.host for h in item.split(",")] if args.host else None
     command = args.command.split() if args.command else self_command()
-    block, patterns, skipped = write_block(cfg, home, hosts=hosts, command=command, agent=args.agent,
-                                           dry_run=args.print)
+    block, patterns, skipped = write_block(
+        cfg, home, hosts=hosts, command=command, agent=args.agent, dry_run=args.print
+    )
     if args.print:
         sys.stdout.write(block)
         return OK
     changed, created = sshconfig.install(user_config, owned)
-    cfg["ssh_config"] = {"path": str(user_config), "created": created if changed else bool(state.get("created")),
-                         "hosts": hosts, "command": command, "agent": args.agent}
+    cfg["ssh_config"] = {
+        "path": str(user_config),
+        "created": created if changed else bool(state.get("created")),
+        "hosts": hosts,
+        "command": command,
+        "agent": args.agent,
+    }
     save_config(cfg, home)
     if args.json:
-        out_json({"ssh_config": str(user_config), "include": str(owned), "patterns": patterns, "skipped": skipped,
-                  "changed": changed})
+        out_json(
+            {
+                "ssh_config": str(user_config),
+                "include": str(owned),
+                "patterns": patterns,
+                "skipped": skipped,
+                "changed": changed,
+            }
+        )
     default_config = os.path.realpath(Path(_account_home() or Path.home()) / ".ssh" / "config")
     plain = "ssh" if os.path.realpath(user_config) == default_config else f"ssh -F {user_config}"
-    err(f"ssh now gets ezssh certificates for: {' '.join(patterns)}\n"
+    err(
+        f"ssh now gets ezssh certificates for: {' '.join(patterns)}\n"
         f"  {owned} (ezssh's block){'' if changed else ' rewritten'}; "
         f"{'added its Include to' if changed else 'already included by'} {user_config}.\n"
-        f"Try: {plain} <login>@<host>   (undo: ezssh config --remove)")
+        f"Try: {plain} <login>@<host>   (undo: ezssh config --remove)"
+    )
     account_home = _account_home()
     if account_home and not args.ssh_config and os.path.realpath(Path.home()) != os.path.realpath(account_home):
-        err(f"Note: ssh reads ~/.ssh/config from your account's home ({account_home}), not from $HOME: "
-            f"give ssh `-F {user_config}`, or run `ezssh config --ssh-config {account_home}/.ssh/config`.")
+        err(
+            f"Note: ssh reads ~/.ssh/config from your account's home ({account_home}), not from $HOME: "
+            f"give ssh `-F {user_config}`, or run `ezssh config --ssh-config {account_home}/.ssh/config`."
+        )
     return OK
 
 
-def write_block(cfg: dict, home: Path, *, hosts: list[str] | None, command: list[str], agent: bool,
-                dry_run: bool = False) -> tuple[str, list[str], list[str]]:
+def write_block(
+    cfg: dict, home: Path, *, hosts: list[str] | None, command: list[str], agent: bool, dry_run: bool = False
+) -> tuple[str, list[str], list[str]]:
     """Render $EZSSH_HOME/ssh_config for the configured server (its policies' hosts unless `hosts`
     names them) and write it unless `dry_run`. Returns (block, patterns, skipped)."""
     patterns, skipped = sshconfig.host_patterns(hosts if hosts is not None else _policy_hosts())
     if skipped:
-        err("ezssh: these host patterns have no ssh_config form and are left out (name such hosts with "
-            f"--host): {', '.join(skipped)}")
+        err(
+            "ezssh: these host patterns have no ssh_config form and are left out (name such hosts with "
+            f"--host): {', '.join(skipped)}"
+        )
     if not patterns:
-        raise EzsshError("No host patterns to configure: your policies name none that ssh_config can match.",
-                         USAGE, hint="Name them: ezssh config --host 'web-*' --host 10.0.0.4")
+        raise EzsshError(
+            "No host patterns to configure: your policies name none that ssh_config can match.",
+            USAGE,
+            hint="Name them: ezssh config --host 'web-*' --host 10.0.0.4",
+        )
     from ..certs import certs_root
 
-    block = sshconfig.render_block(home=home, slot_root=certs_root(home), patterns=patterns, command=command,
-                                   server=cfg["server"], agent=agent)
+    block = sshconfig.render_block(
+        home=home, slot_root=certs_root(home), patterns=patterns, command=command, server=cfg["server"], agent=agent
+    )
     if not dry_run:
         write_private(home / sshconfig.OWNED_FILE, block, 0o644)
         from .. import knownhosts
@@ -147,19 +174,25 @@ def _account_home() -> str | None:
 
 def register(sub, fmt) -> None:
     c = sub.add_parser(
-        "config", formatter_class=fmt,
+        "config",
+        formatter_class=fmt,
         help="make plain ssh/scp/sftp/rsync/git/VS Code use ezssh certificates (ssh_config)",
         description="Write an ssh_config block (in a file ezssh owns, Included at the top of ~/.ssh/config)\n"
-                    "that makes every OpenSSH client get a valid certificate before it connects to the hosts\n"
-                    "of your policies (or the --host patterns you name). Aliases, HostName, User and Port\n"
-                    "resolve as ssh resolves them. Running it again rewrites the block; --remove undoes it.",
+        "that makes every OpenSSH client get a valid certificate before it connects to the hosts\n"
+        "of your policies (or the --host patterns you name). Aliases, HostName, User and Port\n"
+        "resolve as ssh resolves them. Running it again rewrites the block; --remove undoes it.",
         epilog="The block:\n"
-               "  Match final host PATTERNS exec \"... ezssh cert ensure %r@%h -p %p\"\n"
-               "      IdentityFile     $EZSSH_HOME/certs/%r@%h/id_ed25519\n"
-               "      CertificateFile  $EZSSH_HOME/certs/%r@%h/id_ed25519-cert.pub\n"
-               "      UserKnownHostsFile ~/.ssh/known_hosts ~/.ssh/known_hosts2 $EZSSH_HOME/known_hosts")
-    c.add_argument("--host", action="append", metavar="PATTERN",
-                   help="host name glob or IPv4 CIDR to cover (repeatable; default: your policies' hosts)")
+        '  Match final host PATTERNS exec "... ezssh cert ensure %r@%h -p %p"\n'
+        "      IdentityFile     $EZSSH_HOME/certs/%r@%h/id_ed25519\n"
+        "      CertificateFile  $EZSSH_HOME/certs/%r@%h/id_ed25519-cert.pub\n"
+        "      UserKnownHostsFile ~/.ssh/known_hosts ~/.ssh/known_hosts2 $EZSSH_HOME/known_hosts",
+    )
+    c.add_argument(
+        "--host",
+        action="append",
+        metavar="PATTERN",
+        help="host name glob or IPv4 CIDR to cover (repeatable; default: your policies' hosts)",
+    )
     c.add_argument("--ssh-config", metavar="FILE", help="the ssh_config to add the Include to (default ~/.ssh/config)")
     c.add_argument("--agent", action="store_true", help="agent mode: also add each certificate to ssh-agent")
     c.add_argument("--command", metavar="CMD", help="how ssh runs ezssh (default: this ezssh, by its full path)")

@@ -30,11 +30,19 @@ class Report:
 def _config(r: Report, home) -> dict | None:
     cfg = load_config(home, required=False)
     if not cfg or not cfg.get("server"):
-        r.add("config", "fail", f"not configured ({home / 'config.json'} missing)",
-              "ezssh configure --server https://<your ezssh service>")
+        r.add(
+            "config",
+            "fail",
+            f"not configured ({home / 'config.json'} missing)",
+            "ezssh configure --server https://<your ezssh service>",
+        )
         return None
-    r.add("config", "ok", f"server {cfg['server']}, identity provider {cfg.get('authority')} "
-                          f"({cfg.get('authority_type', 'entra')})" + (", agent mode on" if cfg.get("agent") else ""))
+    r.add(
+        "config",
+        "ok",
+        f"server {cfg['server']}, identity provider {cfg.get('authority')} "
+        f"({cfg.get('authority_type', 'entra')})" + (", agent mode on" if cfg.get("agent") else ""),
+    )
     return cfg
 
 
@@ -51,8 +59,12 @@ def _service(r: Report, cfg: dict) -> None:
         return
     rtt = time.time() - t0
     if resp.status_code != 200:
-        r.add("service", "fail", f"GET /api/health answered HTTP {resp.status_code}",
-              "Check the server URL (`ezssh configure --server URL`, without /api).")
+        r.add(
+            "service",
+            "fail",
+            f"GET /api/health answered HTTP {resp.status_code}",
+            "Check the server URL (`ezssh configure --server URL`, without /api).",
+        )
     else:
         r.add("service", "ok", f"reachable ({rtt * 1000:.0f} ms)")
     date = resp.headers.get("date")
@@ -65,9 +77,15 @@ def _service(r: Report, cfg: dict) -> None:
         r.add("clock", "warn", f"unreadable Date header {date!r}")
         return
     status = "ok" if abs(skew) < SKEW_WARN else "warn" if abs(skew) < SKEW_FAIL else "fail"
-    r.add("clock", status, f"{skew:+.0f} s against the service",
-          None if status == "ok" else "Synchronise this machine's clock (NTP): certificates are valid from "
-                                      "60 s before issue, and hosts check their validity against their own clocks.")
+    r.add(
+        "clock",
+        status,
+        f"{skew:+.0f} s against the service",
+        None
+        if status == "ok"
+        else "Synchronise this machine's clock (NTP): certificates are valid from "
+        "60 s before issue, and hosts check their validity against their own clocks.",
+    )
 
 
 def _token(r: Report, cfg: dict, home) -> None:
@@ -78,8 +96,11 @@ def _token(r: Report, cfg: dict, home) -> None:
         from ..tokens import claims
 
         c = claims(token)
-        r.add("sign-in", "ok", f"{c.get('preferred_username') or c.get('upn') or c.get('oid')}, token valid for "
-                               f"{fmt_left(c.get('exp'))}")
+        r.add(
+            "sign-in",
+            "ok",
+            f"{c.get('preferred_username') or c.get('upn') or c.get('oid')}, token valid for {fmt_left(c.get('exp'))}",
+        )
         return
     from ..context import Ctx
 
@@ -117,9 +138,13 @@ def _agent(r: Report, cfg: dict) -> None:
     sock = os.environ.get("SSH_AUTH_SOCK")
     wanted = bool(cfg.get("agent")) or os.environ.get("EZSSH_AGENT") == "1"
     if not sock:
-        r.add("agent", "warn" if wanted else "ok", "no ssh-agent (SSH_AUTH_SOCK unset)" +
-              ("; agent mode is on" if wanted else "; agent mode is off, so none is needed"),
-              "eval $(ssh-agent)" if wanted else None)
+        r.add(
+            "agent",
+            "warn" if wanted else "ok",
+            "no ssh-agent (SSH_AUTH_SOCK unset)"
+            + ("; agent mode is on" if wanted else "; agent mode is off, so none is needed"),
+            "eval $(ssh-agent)" if wanted else None,
+        )
         return
     import subprocess
 
@@ -139,8 +164,12 @@ def _ssh_config(r: Report, cfg: dict, home) -> None:
     owned = home / sshconfig.OWNED_FILE
     known = home / sshconfig.KNOWN_HOSTS
     if not state:
-        r.add("ssh_config", "ok", "not set up: plain ssh does not get certificates (only `ezssh ssh` does)",
-              "ezssh config   (so ssh, scp, sftp, rsync, git and VS Code get them too)")
+        r.add(
+            "ssh_config",
+            "ok",
+            "not set up: plain ssh does not get certificates (only `ezssh ssh` does)",
+            "ezssh config   (so ssh, scp, sftp, rsync, git and VS Code get them too)",
+        )
     else:
         path = Path(state["path"])
         try:
@@ -149,13 +178,21 @@ def _ssh_config(r: Report, cfg: dict, home) -> None:
             included = False
         from .config import fix_command
 
-        problem = sshconfig.block_problem(owned.read_text(errors="replace"), home, cfg["server"]) \
-            if owned.exists() else f"{owned} is missing"
+        problem = (
+            sshconfig.block_problem(owned.read_text(errors="replace"), home, cfg["server"])
+            if owned.exists()
+            else f"{owned} is missing"
+        )
         if not included:
             r.add("ssh_config", "fail", f"{path} no longer includes {owned}", fix_command(state))
         elif problem:
-            r.add("ssh_config", "fail", f"ezssh's block ({owned}) does not fit this configuration: {problem}; "
-                                        "plain ssh would offer keys that are not there", fix_command(state))
+            r.add(
+                "ssh_config",
+                "fail",
+                f"ezssh's block ({owned}) does not fit this configuration: {problem}; "
+                "plain ssh would offer keys that are not there",
+                fix_command(state),
+            )
         else:
             r.add("ssh_config", "ok", f"{path} includes {owned}, written for {cfg['server']}")
     try:
@@ -173,14 +210,27 @@ def _certs(r: Report, home, cfg: dict | None) -> None:
     now = time.time()
     metas = [m for m in (certs.read_meta(d) for d in certs.slots(home)) if m]
     live = [m for m in metas if m["valid_before"] > now]
-    foreign = [m for m in metas if not cfg or m.get("account") != cfg.get("account")
-               or not certs.same_server(m.get("server"), cfg.get("server"))]
+    foreign = [
+        m
+        for m in metas
+        if not cfg
+        or m.get("account") != cfg.get("account")
+        or not certs.same_server(m.get("server"), cfg.get("server"))
+    ]
     if foreign:
-        r.add("certificates", "warn", f"{len(foreign)} cached certificate{'s' if len(foreign) != 1 else ''} of "
-                                      "another account or server (never used for this one)", "ezssh certs prune --all")
+        r.add(
+            "certificates",
+            "warn",
+            f"{len(foreign)} cached certificate{'s' if len(foreign) != 1 else ''} of "
+            "another account or server (never used for this one)",
+            "ezssh certs prune --all",
+        )
         return
-    r.add("certificates", "ok", f"{len(live)} valid, {len(metas) - len(live)} expired (removed at the next run, "
-                                f"or `ezssh certs prune`)")
+    r.add(
+        "certificates",
+        "ok",
+        f"{len(live)} valid, {len(metas) - len(live)} expired (removed at the next run, or `ezssh certs prune`)",
+    )
 
 
 def cmd_doctor(args) -> int:
@@ -210,7 +260,11 @@ def cmd_doctor(args) -> int:
 
 
 def register(sub, fmt) -> None:
-    c = sub.add_parser("doctor", help="check configuration, sign-in, clock, service, ssh, agent and known hosts",
-                       formatter_class=fmt, description=__doc__)
+    c = sub.add_parser(
+        "doctor",
+        help="check configuration, sign-in, clock, service, ssh, agent and known hosts",
+        formatter_class=fmt,
+        description=__doc__,
+    )
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_doctor)

@@ -32,9 +32,20 @@ def _vm_name(vm_id: str) -> str:
 
 
 def _table(recs: list[dict]) -> None:
-    print_table(COLUMNS, [(_vm_name(r.get("vm_id", "")), r.get("state", ""), r.get("attempts", 0),
-                           fmt_time(r.get("updated_at")), fmt_time(r.get("next_attempt_at")),
-                           (r.get("last_error") or "")[:100]) for r in recs])
+    print_table(
+        COLUMNS,
+        [
+            (
+                _vm_name(r.get("vm_id", "")),
+                r.get("state", ""),
+                r.get("attempts", 0),
+                fmt_time(r.get("updated_at")),
+                fmt_time(r.get("next_attempt_at")),
+                (r.get("last_error") or "")[:100],
+            )
+            for r in recs
+        ],
+    )
 
 
 def _follow(args, data: dict) -> dict:
@@ -65,8 +76,10 @@ def _report(args, data: dict) -> int:
         elif r.get("state") != "succeeded":
             err(f"{_vm_name(r['vm_id'])}: {r['state']}: {r.get('last_error') or 'waiting for a worker'}")
     if not job.get("done"):
-        err(f"ezssh: job {job['id']} is still {job['state']}; follow it with "
-            f"`ezssh hosts job --policy {args.policy} {job['id']}`.")
+        err(
+            f"ezssh: job {job['id']} is still {job['state']}; follow it with "
+            f"`ezssh hosts job --policy {args.policy} {job['id']}`."
+        )
         return UNAVAILABLE
     return ERROR if job.get("state") == "failed" else OK
 
@@ -81,8 +94,10 @@ def cmd_enrol(args) -> int:
     body = {"vm_id": args.vm} if args.vm else {"resource_group": args.resource_group, "tag": args.tag}
     _, data = Ctx().api.json("POST", f"/api/policies/{args.policy}/enrolments", body=body)
     if data.get("items") and not args.no_wait:
-        err(f"ezssh: job {data['job']['id']} queued for {len(data['items'])} VM(s); pushing the host setup through "
-            "Azure Run Command (this takes a while)...")
+        err(
+            f"ezssh: job {data['job']['id']} queued for {len(data['items'])} VM(s); pushing the host setup through "
+            "Azure Run Command (this takes a while)..."
+        )
         data = _follow(args, data)
     return _report(args, data)
 
@@ -93,8 +108,9 @@ def cmd_job(args) -> int:
 
 
 def cmd_list(args) -> int:
-    recs, token = Ctx().api.pages(f"/api/policies/{args.policy}/enrolments", "enrolments",
-                                  {"limit": str(args.limit)}, follow=args.all)
+    recs, token = Ctx().api.pages(
+        f"/api/policies/{args.policy}/enrolments", "enrolments", {"limit": str(args.limit)}, follow=args.all
+    )
     if args.json:
         out_json({"enrolments": recs, "next": token})
         return OK
@@ -117,8 +133,9 @@ def cmd_token(args) -> int:
         _, data = ctx.api.json("GET", "/api/policies")
         mine = [p["id"] for p in data.get("policies", []) if (p.get("you") or {}).get("admin")]
         if len(mine) != 1:
-            raise EzsshError("Name the policy with --policy ID" + (f" (you administer: {', '.join(mine)})." if mine
-                                                                   else "."), USAGE)
+            raise EzsshError(
+                "Name the policy with --policy ID" + (f" (you administer: {', '.join(mine)})." if mine else "."), USAGE
+            )
         policy = mine[0]
     body: dict = {"hosts": list(args.names)}
     if args.ttl:
@@ -128,11 +145,13 @@ def cmd_token(args) -> int:
         out_json(tok)
         return OK
     print(tok["token"])
-    err(f"ezssh: a one-time token for {', '.join(tok['hosts'])} (policy {policy}), valid until "
+    err(
+        f"ezssh: a one-time token for {', '.join(tok['hosts'])} (policy {policy}), valid until "
         f"{fmt_time(tok['expires_at'])}. On that host, as root:\n"
         f"  ezssh policy host-setup {policy} > setup.sh   (or GET /api/policies/{policy}/host-setup)\n"
         f"  EZSSH_ENROL_TOKEN=<the token> sh setup.sh\n"
-        "It gets host certificates for the host's own keys; they renew on their own.")
+        "It gets host certificates for the host's own keys; they renew on their own."
+    )
     return OK
 
 
@@ -161,8 +180,12 @@ def cmd_namespaces(args) -> int:
     data = resp.json()
     if args.replace is not None:
         etag = resp.headers.get("etag")
-        _, data = ctx.api.json("PUT", "/api/host-namespaces", body={"namespaces": list(args.replace)},
-                               headers={"If-Match": etag} if etag else None)
+        _, data = ctx.api.json(
+            "PUT",
+            "/api/host-namespaces",
+            body={"namespaces": list(args.replace)},
+            headers={"If-Match": etag} if etag else None,
+        )
         err(f"ezssh: the tenant's host namespaces are now {', '.join(data['namespaces']) or '(none)'}.")
     if args.json:
         out_json(data)
@@ -170,19 +193,23 @@ def cmd_namespaces(args) -> int:
     for ns in data["namespaces"]:
         print(ns)
     if not data["namespaces"]:
-        err("ezssh: your tenant has declared no host namespaces: no host certificate is issued, and no host CA "
-            "trusted, until a tenant admin sets them (ezssh hosts namespaces --replace '*.contoso.internal' ...).")
+        err(
+            "ezssh: your tenant has declared no host namespaces: no host certificate is issued, and no host CA "
+            "trusted, until a tenant admin sets them (ezssh hosts namespaces --replace '*.contoso.internal' ...)."
+        )
     elif data.get("source") == "setting":
         err("ezssh: (from the deployment's setting; a tenant admin may replace them with --replace)")
     return OK
 
 
 def register(sub, fmt) -> None:
-    hosts = sub.add_parser("hosts", help="Azure VMs: push a policy's CA (Run Command) and list enrolments; "
-                                         "host certificates")
+    hosts = sub.add_parser(
+        "hosts", help="Azure VMs: push a policy's CA (Run Command) and list enrolments; host certificates"
+    )
     hs = hosts.add_subparsers(dest="hosts_command", metavar="ACTION", required=True)
-    c = hs.add_parser("enrol", help="push the policy's host setup script to a VM, or to the VMs of a resource "
-                                    "group that carry a tag")
+    c = hs.add_parser(
+        "enrol", help="push the policy's host setup script to a VM, or to the VMs of a resource group that carry a tag"
+    )
     c.add_argument("--policy", required=True, metavar="ID")
     c.add_argument("--vm", metavar="VM_ID", help="the VM's resource id")
     c.add_argument("--resource-group", metavar="RG", help="a resource group name or id")
@@ -194,7 +221,9 @@ def register(sub, fmt) -> None:
     c = hs.add_parser("job", help="an enrolment job: each VM's state, attempts, last error")
     c.add_argument("--policy", required=True, metavar="ID")
     c.add_argument("job_id", metavar="JOB_ID")
-    c.add_argument("--wait", type=int, default=0, metavar="SECONDS", help="follow the job until done, at most this long")
+    c.add_argument(
+        "--wait", type=int, default=0, metavar="SECONDS", help="follow the job until done, at most this long"
+    )
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_job)
     c = hs.add_parser("list", help="the policy's enrolments: state, attempts, last error")
@@ -203,9 +232,12 @@ def register(sub, fmt) -> None:
     c.add_argument("--all", action="store_true", help="every page, not only the first")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_list)
-    c = hs.add_parser("token", help="mint a one-time enrolment token for named hosts (policy admins)",
-                      description="The host presents the token and its public host keys (the setup script does,\n"
-                                  "with EZSSH_ENROL_TOKEN) and gets host certificates naming exactly these hosts.")
+    c = hs.add_parser(
+        "token",
+        help="mint a one-time enrolment token for named hosts (policy admins)",
+        description="The host presents the token and its public host keys (the setup script does,\n"
+        "with EZSSH_ENROL_TOKEN) and gets host certificates naming exactly these hosts.",
+    )
     c.add_argument("names", nargs="+", metavar="NAME", help="host names or IP addresses inside the policy's hosts")
     c.add_argument("--policy", metavar="ID", help="the policy (default: the one you administer)")
     c.add_argument("--ttl", metavar="DURATION", help="how long the token stays valid (default 1h)")
@@ -214,10 +246,13 @@ def register(sub, fmt) -> None:
     c = hs.add_parser("trust", help="refresh the host CAs and host revocations ssh checks hosts with")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_trust)
-    c = hs.add_parser("namespaces", help="where the tenant's hosts live: host certificates name only hosts inside",
-                      description="DNS suffixes (*.contoso.internal), host names and IP ranges (10.20.0.0/16). A host\n"
-                                  "certificate names only hosts inside them and inside its policy's host patterns,\n"
-                                  "and clients trust each policy's host CA for exactly that. --replace: tenant admins.")
+    c = hs.add_parser(
+        "namespaces",
+        help="where the tenant's hosts live: host certificates name only hosts inside",
+        description="DNS suffixes (*.contoso.internal), host names and IP ranges (10.20.0.0/16). A host\n"
+        "certificate names only hosts inside them and inside its policy's host patterns,\n"
+        "and clients trust each policy's host CA for exactly that. --replace: tenant admins.",
+    )
     c.add_argument("--replace", nargs="+", metavar="NAMESPACE", help="replace them (tenant admins)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_namespaces)

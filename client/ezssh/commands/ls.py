@@ -30,8 +30,12 @@ def access_for(policy: dict, me: dict) -> str:
         return said
     for rule in policy.get("rules") or []:
         users = {str(u).lower() for u in rule.get("users") or []}
-        if "*" in users or me["upn"] in users or (me["oid"] and me["oid"].lower() in users) \
-                or me["groups"] & set(rule.get("groups") or []):
+        if (
+            "*" in users
+            or me["upn"] in users
+            or (me["oid"] and me["oid"].lower() in users)
+            or me["groups"] & set(rule.get("groups") or [])
+        ):
             return str(rule.get("action") or "deny")
     return "deny"
 
@@ -54,9 +58,18 @@ def cmd_ls(args) -> int:
         access = access_for(p, me)
         if not args.all and (not you.get("member") and access == "deny"):
             continue
-        rows.append({"policy": p.get("id"), "name": p.get("name"), "hosts": list(p.get("hosts") or []),
-                     "logins": logins_for(p, me), "access": access, "default_ttl": p.get("default_ttl"),
-                     "max_ttl": p.get("max_ttl"), "approvals_required": p.get("approvals_required")})
+        rows.append(
+            {
+                "policy": p.get("id"),
+                "name": p.get("name"),
+                "hosts": list(p.get("hosts") or []),
+                "logins": logins_for(p, me),
+                "access": access,
+                "default_ttl": p.get("default_ttl"),
+                "max_ttl": p.get("max_ttl"),
+                "approvals_required": p.get("approvals_required"),
+            }
+        )
     if args.json:
         out_json(rows)
         return OK
@@ -64,19 +77,35 @@ def cmd_ls(args) -> int:
         err("No policy gives you access yet (ask an admin to add you to one).")
         return OK
     words = {"auto": "yes, at once", "approval": "after approval", "deny": "no"}
-    print_table(("POLICY", "HOSTS", "LOGINS", "ACCESS", "TTL (MAX)"),
-                [(r["policy"], ",".join(r["hosts"]), ",".join(r["logins"]) or "-",
-                  words.get(r["access"], r["access"]) + (f" ({r['approvals_required']})"
-                                                         if r["access"] == "approval" and (r["approvals_required"] or 1) > 1
-                                                         else ""),
-                  f"{fmt_duration(r['default_ttl'])} ({fmt_duration(r['max_ttl'])})") for r in rows])
+    print_table(
+        ("POLICY", "HOSTS", "LOGINS", "ACCESS", "TTL (MAX)"),
+        [
+            (
+                r["policy"],
+                ",".join(r["hosts"]),
+                ",".join(r["logins"]) or "-",
+                words.get(r["access"], r["access"])
+                + (
+                    f" ({r['approvals_required']})"
+                    if r["access"] == "approval" and (r["approvals_required"] or 1) > 1
+                    else ""
+                ),
+                f"{fmt_duration(r['default_ttl'])} ({fmt_duration(r['max_ttl'])})",
+            )
+            for r in rows
+        ],
+    )
     err("Log in with: ezssh ssh <login>@<host>   (or plain ssh after `ezssh config`)")
     return OK
 
 
 def register(sub, fmt) -> None:
-    c = sub.add_parser("ls", help="where you may log in: policies, host patterns, logins, approval needed",
-                       formatter_class=fmt, description=__doc__)
+    c = sub.add_parser(
+        "ls",
+        help="where you may log in: policies, host patterns, logins, approval needed",
+        formatter_class=fmt,
+        description=__doc__,
+    )
     c.add_argument("--all", action="store_true", help="also policies that give you no access (you administer them)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_ls)

@@ -35,13 +35,17 @@ def lost_race(exc: EzsshError, pid: str, etag: str | None) -> EzsshError:
     return EzsshError(
         f"Policy {pid!r} was changed by someone else since it was read{pinned}; nothing was changed. "
         f"Look at the current version (`ezssh policy show {pid}`) and retry.",
-        CHANGED, request_id=exc.request_id, error=exc.error)
+        CHANGED,
+        request_id=exc.request_id,
+        error=exc.error,
+    )
 
 
 def _conditional(api, method: str, pid: str, etag: str, suffix: str = "", body: dict | None = None):
     try:
-        return api.call(method, _path(pid) + suffix, body=body, headers={"If-Match": etag} if etag else None,
-                        ok=(200, 201, 204))
+        return api.call(
+            method, _path(pid) + suffix, body=body, headers={"If-Match": etag} if etag else None, ok=(200, 201, 204)
+        )
     except EzsshError as exc:
         if exc.error in ("precondition_failed", "conflict"):
             raise lost_race(exc, pid, etag) from None
@@ -60,8 +64,10 @@ def cmd_create(args) -> int:
     if args.json:
         out_json(p)
     ca: dict = next((c for c in p.get("ca") or [] if c.get("state") == "current"), {})
-    err(f"Created policy {p.get('id')} ({p.get('name')}) with its own CA {ca.get('fingerprint', '?')}. "
-         f"Hosts trust it with the lines from `ezssh policy ca {p.get('id')}`.")
+    err(
+        f"Created policy {p.get('id')} ({p.get('name')}) with its own CA {ca.get('fingerprint', '?')}. "
+        f"Hosts trust it with the lines from `ezssh policy ca {p.get('id')}`."
+    )
     return OK
 
 
@@ -77,9 +83,17 @@ def cmd_list(args) -> int:
     rows = []
     for p in policies:
         actions = ",".join(dict.fromkeys(r.get("action", "?") for r in p.get("rules") or []))
-        rows.append((p.get("id", ""), (p.get("name") or "")[:40], ",".join(p.get("hosts") or [])[:40],
-                     ",".join(p.get("principals") or [])[:30], f"{len(p.get('rules') or [])} ({actions})",
-                     fmt_duration(p.get("max_ttl")), you_roles(p)))
+        rows.append(
+            (
+                p.get("id", ""),
+                (p.get("name") or "")[:40],
+                ",".join(p.get("hosts") or [])[:40],
+                ",".join(p.get("principals") or [])[:30],
+                f"{len(p.get('rules') or [])} ({actions})",
+                fmt_duration(p.get("max_ttl")),
+                you_roles(p),
+            )
+        )
     print_table(("ID", "NAME", "HOSTS", "LOGINS", "RULES", "MAX TTL", "YOU"), rows)
     return OK
 
@@ -143,7 +157,8 @@ def cmd_delete(args) -> int:
         p, current = _read(api, args.id)
         name, etag = p.get("name") or args.id, etag or current
     if not args.yes and not _confirm(
-            f"Delete policy {args.id} ({name})? Issuance stops at once and its CA keys are disabled."):
+        f"Delete policy {args.id} ({name})? Issuance stops at once and its CA keys are disabled."
+    ):
         err(f"Not deleted: policy {args.id} stays.")
         return ERROR
     _conditional(api, "DELETE", args.id, etag)
@@ -156,10 +171,12 @@ def cmd_delete(args) -> int:
 def cmd_rotate_ca(args) -> int:
     api = Ctx().api
     kind = "host_ca" if args.host else "ca"
-    p = _conditional(api, "POST", args.id, args.if_match or "",
-                     suffix="/rotate-ca" + ("?kind=host" if args.host else "")).json()
-    trusted = [c for c in p.get(kind) or [] if c.get("state") == "current"] + \
-              [c for c in p.get(kind) or [] if c.get("state") == "previous"]
+    p = _conditional(
+        api, "POST", args.id, args.if_match or "", suffix="/rotate-ca" + ("?kind=host" if args.host else "")
+    ).json()
+    trusted = [c for c in p.get(kind) or [] if c.get("state") == "current"] + [
+        c for c in p.get(kind) or [] if c.get("state") == "previous"
+    ]
     if args.json:
         out_json(p)
     else:
@@ -167,15 +184,21 @@ def cmd_rotate_ca(args) -> int:
     new = trusted[0] if trusted else {}
     prev = [f"{c.get('fingerprint')} (until {fmt_time(c.get('retire_after'))})" for c in trusted[1:]]
     if args.host:
-        err(f"Rotated the host CA of policy {args.id}: new key {new.get('fingerprint', '?')} signs host certificates "
-            "from now on" + (f"; still trusted: {', '.join(prev)}" if prev else "") +
-            ". Clients pick the lines up with their next refresh (ezssh hosts trust).")
+        err(
+            f"Rotated the host CA of policy {args.id}: new key {new.get('fingerprint', '?')} signs host certificates "
+            "from now on"
+            + (f"; still trusted: {', '.join(prev)}" if prev else "")
+            + ". Clients pick the lines up with their next refresh (ezssh hosts trust)."
+        )
         return OK
-    err(f"Rotated the CA of policy {args.id}: new key {new.get('fingerprint', '?')} signs from now on"
-         + (f"; still trusted: {', '.join(prev)}" if prev else "") +
-         ". Give hosts all of these lines (`ezssh policy ca " + args.id + "`).")
+    err(
+        f"Rotated the CA of policy {args.id}: new key {new.get('fingerprint', '?')} signs from now on"
+        + (f"; still trusted: {', '.join(prev)}" if prev else "")
+        + ". Give hosts all of these lines (`ezssh policy ca "
+        + args.id
+        + "`)."
+    )
     return OK
-
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -194,24 +217,37 @@ def _add_field_flags(c, *, with_id: bool) -> None:
     if with_id:
         g.add_argument("--id", dest="id_flag", metavar="ID", help="policy id: lowercase letters, digits, dashes")
     g.add_argument("--name", metavar="TEXT", help="display name")
-    g.add_argument("--host", action="append", metavar="PATTERN",
-                   help="host name glob, CIDR, tag:name=value or Azure resource id (repeatable)")
-    g.add_argument("--principal", action="append", metavar="LOGIN",
-                   help="unix login allowed; {username} = the user's UPN local part (repeatable)")
-    g.add_argument("--rule", action="append", metavar="ACTION:SUBJECTS",
-                   help="auto|approval|deny:user=..|group=.. (repeatable, first match wins)")
+    g.add_argument(
+        "--host",
+        action="append",
+        metavar="PATTERN",
+        help="host name glob, CIDR, tag:name=value or Azure resource id (repeatable)",
+    )
+    g.add_argument(
+        "--principal",
+        action="append",
+        metavar="LOGIN",
+        help="unix login allowed; {username} = the user's UPN local part (repeatable)",
+    )
+    g.add_argument(
+        "--rule",
+        action="append",
+        metavar="ACTION:SUBJECTS",
+        help="auto|approval|deny:user=..|group=.. (repeatable, first match wins)",
+    )
     g.add_argument("--approver", action="append", metavar="SUBJECT", help="user=.. or group=.. (repeatable)")
     g.add_argument("--approvals-required", type=int, metavar="N", help="approvals a request needs (default 1)")
-    g.add_argument("--admin", action="append", metavar="SUBJECT",
-                   help="policy admin: user=.. or group=.. (repeatable)")
+    g.add_argument("--admin", action="append", metavar="SUBJECT", help="policy admin: user=.. or group=.. (repeatable)")
     g.add_argument("--default-ttl", type=duration_arg, metavar="TTL", help="certificate lifetime by default")
     g.add_argument("--max-ttl", type=duration_arg, metavar="TTL", help="longest certificate lifetime")
     g.add_argument("--request-ttl", type=duration_arg, metavar="TTL", help="how long a request waits for approval")
-    g.add_argument("--extension", action="append", metavar="EXT",
-                   help="certificate extension, e.g. permit-pty (repeatable)")
+    g.add_argument(
+        "--extension", action="append", metavar="EXT", help="certificate extension, e.g. permit-pty (repeatable)"
+    )
     g.add_argument("--force-command", metavar="CMD", help="force-command critical option")
-    g.add_argument("--source-address", action="append", metavar="CIDR",
-                   help="source-address critical option (repeatable)")
+    g.add_argument(
+        "--source-address", action="append", metavar="CIDR", help="source-address critical option (repeatable)"
+    )
     g.add_argument("--webhook-url", metavar="URL", help="Teams/Slack webhook for approval notices")
     g.add_argument("--webhook-format", choices=("teams", "slack"), help="webhook format (default: from the URL)")
 
@@ -226,8 +262,10 @@ def cmd_ca(args) -> int:
 def cmd_host_setup(args) -> int:
     resp = Ctx().api.call("GET", f"{_path(args.id)}/host-setup", ok=(200,))
     sys.stdout.write(resp.text)
-    err("ezssh: run this as root on the host (sh script.sh); it is idempotent. "
-        "Sandbox: EZSSH_ROOT=/path or --root /path.")
+    err(
+        "ezssh: run this as root on the host (sh script.sh); it is idempotent. "
+        "Sandbox: EZSSH_ROOT=/path or --root /path."
+    )
     return OK
 
 
@@ -243,9 +281,15 @@ def register(sub, fmt) -> None:
     c = ps.add_parser("host-setup", help="print the setup script that makes a host trust the policy")
     c.add_argument("id", metavar="ID")
     c.set_defaults(func=cmd_host_setup)
-    c = ps.add_parser("create", help="create a policy (admins) from a YAML/JSON file and/or flags",
-                      formatter_class=fmt, epilog=FLAGS_HELP + "\n\n" + epilog)
-    c.add_argument("-f", "--file", metavar="FILE", help="policy document, YAML or JSON; - reads stdin; flags override it")
+    c = ps.add_parser(
+        "create",
+        help="create a policy (admins) from a YAML/JSON file and/or flags",
+        formatter_class=fmt,
+        epilog=FLAGS_HELP + "\n\n" + epilog,
+    )
+    c.add_argument(
+        "-f", "--file", metavar="FILE", help="policy document, YAML or JSON; - reads stdin; flags override it"
+    )
     _add_field_flags(c, with_id=True)
     c.add_argument("--json", action="store_true", help="print the created policy as JSON")
     c.set_defaults(func=cmd_create)
@@ -259,30 +303,46 @@ def register(sub, fmt) -> None:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_show)
 
-    c = ps.add_parser("update", help="change a policy (conditional on its ETag)", formatter_class=fmt,
-                      epilog="The policy is read first for its ETag (or the `etag` in FILE, or --if-match) and\n"
-                             "changed only if nobody changed it meanwhile; otherwise exit 7, nothing changed.\n"
-                             "--set takes any field: lists comma-separated (hosts=web*,10.0.0.0/8), subjects\n"
-                             "as for the flags (approvers=group=<id>), rules ';'-separated, or JSON; null clears.\n\n"
-                             + FLAGS_HELP + "\n\n" + epilog)
+    c = ps.add_parser(
+        "update",
+        help="change a policy (conditional on its ETag)",
+        formatter_class=fmt,
+        epilog="The policy is read first for its ETag (or the `etag` in FILE, or --if-match) and\n"
+        "changed only if nobody changed it meanwhile; otherwise exit 7, nothing changed.\n"
+        "--set takes any field: lists comma-separated (hosts=web*,10.0.0.0/8), subjects\n"
+        "as for the flags (approvers=group=<id>), rules ';'-separated, or JSON; null clears.\n\n"
+        + FLAGS_HELP
+        + "\n\n"
+        + epilog,
+    )
     c.add_argument("id", metavar="ID")
-    c.add_argument("-f", "--file", metavar="FILE", help="fields to change, YAML or JSON (e.g. edited `show --json`); - reads stdin")
+    c.add_argument(
+        "-f", "--file", metavar="FILE", help="fields to change, YAML or JSON (e.g. edited `show --json`); - reads stdin"
+    )
     c.add_argument("--set", action="append", metavar="FIELD=VALUE", help="set one field (repeatable)")
     c.add_argument("--if-match", metavar="ETAG", help="change only if the policy still has this ETag")
     _add_field_flags(c, with_id=False)
     c.add_argument("--json", action="store_true", help="print the updated policy as JSON")
     c.set_defaults(func=cmd_update)
 
-    c = ps.add_parser("delete", help="delete a policy (tenant admins): issuance stops, its CA keys are disabled",
-                      formatter_class=fmt, epilog=epilog)
+    c = ps.add_parser(
+        "delete",
+        help="delete a policy (tenant admins): issuance stops, its CA keys are disabled",
+        formatter_class=fmt,
+        epilog=epilog,
+    )
     c.add_argument("id", metavar="ID")
     c.add_argument("-y", "--yes", action="store_true", help="do not ask (required without a terminal)")
     c.add_argument("--if-match", metavar="ETAG", help="delete only if the policy still has this ETag")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_delete)
 
-    c = ps.add_parser("rotate-ca", help="new CA key for a policy; the old one stays trusted until max_ttl passes",
-                      formatter_class=fmt, epilog="Prints the CA lines hosts should trust now (as `ezssh policy ca`).\n\n" + epilog)
+    c = ps.add_parser(
+        "rotate-ca",
+        help="new CA key for a policy; the old one stays trusted until max_ttl passes",
+        formatter_class=fmt,
+        epilog="Prints the CA lines hosts should trust now (as `ezssh policy ca`).\n\n" + epilog,
+    )
     c.add_argument("id", metavar="ID")
     c.add_argument("--if-match", metavar="ETAG", help="rotate only if the policy still has this ETag")
     c.add_argument("--host", action="store_true", help="rotate the host CA (signs host certificates) instead")

@@ -22,13 +22,22 @@ def cmd_list(args) -> int:
     if not reqs and not token:
         err("No pending requests await your approval." if not args.mine else "You have no matching requests.")
         return OK
-    print_table(("ID", "STATUS", "REQUESTER", "LOGIN@HOST", "POLICY", "APPROVALS", "EXPIRES", "REASON"),
-                [(r.get("id", ""), r.get("status", ""),
-                  person_label(r.get("requester_name"), r.get("requester")) if r.get("requester") else "-",
-                  f"{r.get('principal')}@{r.get('host')}", r.get("policy") or "-",
-                  f"{len(r.get('approvals') or [])}/{r.get('approvals_required', '?')}",
-                  fmt_left(r.get("expires_at")) if r.get("status") == "pending" else "-",
-                  (r.get("reason") or "").replace("\n", " ")[:60]) for r in reqs])
+    print_table(
+        ("ID", "STATUS", "REQUESTER", "LOGIN@HOST", "POLICY", "APPROVALS", "EXPIRES", "REASON"),
+        [
+            (
+                r.get("id", ""),
+                r.get("status", ""),
+                person_label(r.get("requester_name"), r.get("requester")) if r.get("requester") else "-",
+                f"{r.get('principal')}@{r.get('host')}",
+                r.get("policy") or "-",
+                f"{len(r.get('approvals') or [])}/{r.get('approvals_required', '?')}",
+                fmt_left(r.get("expires_at")) if r.get("status") == "pending" else "-",
+                (r.get("reason") or "").replace("\n", " ")[:60],
+            )
+            for r in reqs
+        ],
+    )
     if token:
         err("More requests follow; add --all for every page (or --limit N for bigger pages).")
     return OK
@@ -69,8 +78,11 @@ def register(sub, fmt) -> None:
     c.add_argument("--all", action="store_true", help="every page, not only the first")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_list)
-    for action, helptext in (("approve", "approve a request"), ("deny", "deny a request"),
-                             ("cancel", "cancel your own request")):
+    for action, helptext in (
+        ("approve", "approve a request"),
+        ("deny", "deny a request"),
+        ("cancel", "cancel your own request"),
+    ):
         c = rs.add_parser(action, help=helptext)
         c.add_argument("id", metavar="ID")
         if action != "cancel":

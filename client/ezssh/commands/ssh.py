@@ -26,16 +26,18 @@ def run(argv: list[str]) -> int:
     resolved = sshconfig.resolve(sshargs.ssh_program(), inv.pre_args, inv.destination, inv.ssh_args)
     if resolved:
         inv.host, inv.principal = resolved["hostname"], resolved["user"]
-    cached, source = certificate_for(cfg, home, inv.principal, inv.host, policy=inv.policy, ttl=inv.ttl,
-                                     reason=inv.reason, new=inv.new)
+    cached, source = certificate_for(
+        cfg, home, inv.principal, inv.host, policy=inv.policy, ttl=inv.ttl, reason=inv.reason, new=inv.new
+    )
     use_agent = agent.wanted(cfg, inv.agent)
     if use_agent:
         agent.add(cached)
     argv_ssh = sshargs.ssh_argv(inv, str(cached.key), str(cached.cert), agent=use_agent)
     # Hosts of your policies are checked by their host certificates (no trust on first use); these
     # options go before yours, so they hold.
-    knownhosts.refresh_if_stale(home, knownhosts.full_api if source != "cached certificate"
-                                else knownhosts.api_if_signed_in)
+    knownhosts.refresh_if_stale(
+        home, knownhosts.full_api if source != "cached certificate" else knownhosts.api_if_signed_in
+    )
     host_opts = knownhosts.ssh_options(home, inv.host)
     n = len(sshargs.ssh_program())
     argv_ssh = argv_ssh[:n] + host_opts + argv_ssh[n:]
@@ -43,7 +45,8 @@ def run(argv: list[str]) -> int:
         import shlex
 
         m = cached.meta
-        err(f"policy:     {m.get('policy') or '-'}\n"
+        err(
+            f"policy:     {m.get('policy') or '-'}\n"
             f"host:       {inv.host}" + (f" (from {inv.destination})" if inv.host not in inv.destination else "") + "\n"
             f"principal:  {inv.principal}\n"
             f"key id:     {m.get('key_id') or '-'}\n"
@@ -51,7 +54,8 @@ def run(argv: list[str]) -> int:
             f"valid:      {fmt_time(m.get('valid_after'))} .. {fmt_time(m.get('valid_before'))} "
             f"(expires in {fmt_left(m.get('valid_before'))})\n"
             f"source:     {source}" + (" (also in ssh-agent)" if use_agent else "") + "\n"
-            f"command:    {shlex.join(argv_ssh)}")
+            f"command:    {shlex.join(argv_ssh)}"
+        )
     if host_opts:
         import os
 

@@ -50,10 +50,19 @@ class _Desired:
 
 
 class EnrolmentBase:
-    def __init__(self, base: Base, hosts: Hosts, store: EnrolmentStore, vms: Callable[[], VmPusher],
-                 config: EnrolConfig, clock: Callable[[], float] = time.time, *,
-                 jobs: JobStore | None = None, queue: JobQueue | None = None,
-                 host_certs: VmHostCerts | None = None) -> None:
+    def __init__(
+        self,
+        base: Base,
+        hosts: Hosts,
+        store: EnrolmentStore,
+        vms: Callable[[], VmPusher],
+        config: EnrolConfig,
+        clock: Callable[[], float] = time.time,
+        *,
+        jobs: JobStore | None = None,
+        queue: JobQueue | None = None,
+        host_certs: VmHostCerts | None = None,
+    ) -> None:
         self.base = base  # refusals and audit (service/base.py)
         self.hosts = hosts  # policies, KRL, the setup script (service/hosts.py)
         self.store = store
@@ -96,14 +105,21 @@ class EnrolmentBase:
         def render(host_certs: str = "") -> str:
             url = self.config.public_url or api_url
             if not url:
-                raise PushError("not_configured", "EZSSH_PUBLIC_URL is not set, so the setup script cannot tell the "
-                                                  "host where to fetch the KRL.", transient=False)
+                raise PushError(
+                    "not_configured",
+                    "EZSSH_PUBLIC_URL is not set, so the setup script cannot tell the host where to fetch the KRL.",
+                    transient=False,
+                )
             if not keys:
                 raise PushError("no_ca", f"Policy {policy.id!r} has no CA key to trust.", transient=False)
             return self.hosts.render_setup(policy, url, krl().data, host_certs=host_certs)
 
-        return _Desired(tuple(c.fingerprint for c in keys), krl, render,
-                        self._all_due(policy) if every_vm else lambda vm_id: self._host_certs_due(policy, vm_id))
+        return _Desired(
+            tuple(c.fingerprint for c in keys),
+            krl,
+            render,
+            self._all_due(policy) if every_vm else lambda vm_id: self._host_certs_due(policy, vm_id),
+        )
 
     def _host_certs_due(self, policy: Policy, vm_id: str) -> bool:
         return self.host_certs is not None and self.host_certs.due(policy, vm_id)
@@ -115,14 +131,23 @@ class EnrolmentBase:
     def _host_certs_for(self, policy: Policy, ref: VmRef, vms: VmPusher) -> str:
         return self.host_certs.certs_for(policy, vms, ref) if self.host_certs is not None else ""
 
-    def _audit(self, tenant_id: str, who: Identity | None, action: str, outcome: str, rec: Enrolment,
-               **details: object) -> AuditEntry:
-        return AuditEntry(tenant_id=tenant_id, at=self.clock(), action=action, outcome=outcome,
-                          actor_oid=who.oid if who else None, actor_upn=who.upn if who else None,
-                          policy_id=rec.policy_id, host=rec.vm_id, error_code=rec.error_code,
-                          message=rec.last_error, chain=f"enr:{rec.policy_id}",
-                          details={"state": rec.state, "attempts": rec.attempts, "source": rec.source,
-                                   **details}).sealed()
+    def _audit(
+        self, tenant_id: str, who: Identity | None, action: str, outcome: str, rec: Enrolment, **details: object
+    ) -> AuditEntry:
+        return AuditEntry(
+            tenant_id=tenant_id,
+            at=self.clock(),
+            action=action,
+            outcome=outcome,
+            actor_oid=who.oid if who else None,
+            actor_upn=who.upn if who else None,
+            policy_id=rec.policy_id,
+            host=rec.vm_id,
+            error_code=rec.error_code,
+            message=rec.last_error,
+            chain=f"enr:{rec.policy_id}",
+            details={"state": rec.state, "attempts": rec.attempts, "source": rec.source, **details},
+        ).sealed()
 
     def _backoff(self, attempts: int) -> int:
         return min(self.config.backoff_cap, self.config.backoff_base << max(0, attempts - 1))
@@ -135,8 +160,11 @@ class EnrolmentBase:
         if rec.state in (PENDING, RETRYING):
             return rec.next_attempt_at <= now
         if rec.state == SUCCEEDED:
-            return (rec.ca_fingerprints != desired.fingerprints or rec.krl_version != desired.krl_version
-                    or desired.host_certs_due(rec.vm_id))
+            return (
+                rec.ca_fingerprints != desired.fingerprints
+                or rec.krl_version != desired.krl_version
+                or desired.host_certs_due(rec.vm_id)
+            )
         return source == "event"  # failed: a new VM write is a reason to try again
 
     def record_for(self, policy: Policy, ref: VmRef, source: str, who: Identity | None = None) -> Enrolment:
@@ -145,9 +173,17 @@ class EnrolmentBase:
         rec = self.store.get(policy.tenant_id, policy.id, ref.id)
         if rec is not None:
             return rec
-        new = Enrolment(tenant_id=policy.tenant_id, policy_id=policy.id, vm_id=ref.id, state=PENDING,
-                        created_at=now, updated_at=now, next_attempt_at=now, source=source,
-                        requested_by=who.upn if who else None)
+        new = Enrolment(
+            tenant_id=policy.tenant_id,
+            policy_id=policy.id,
+            vm_id=ref.id,
+            state=PENDING,
+            created_at=now,
+            updated_at=now,
+            next_attempt_at=now,
+            source=source,
+            requested_by=who.upn if who else None,
+        )
         try:
             return self.store.create(new)
         except Conflict:
@@ -156,14 +192,32 @@ class EnrolmentBase:
                 raise
             return got
 
-    def attempt(self, policy: Policy, ref: VmRef, *, source: str, who: Identity | None = None,
-                force: bool = False, desired: _Desired | None = None, api_url: str | None = None) -> Enrolment:
+    def attempt(
+        self,
+        policy: Policy,
+        ref: VmRef,
+        *,
+        source: str,
+        who: Identity | None = None,
+        force: bool = False,
+        desired: _Desired | None = None,
+        api_url: str | None = None,
+    ) -> Enrolment:
         """Push the policy's setup script to one VM if its record says it is due. Returns the record."""
         return self._attempt(policy, ref, source=source, who=who, force=force, desired=desired, api_url=api_url)[0]
 
-    def _attempt(self, policy: Policy, ref: VmRef, *, source: str, who: Identity | None = None,
-                 force: bool = False, desired: _Desired | None = None, api_url: str | None = None,
-                 job_id: str | None = None) -> tuple[Enrolment, str]:
+    def _attempt(
+        self,
+        policy: Policy,
+        ref: VmRef,
+        *,
+        source: str,
+        who: Identity | None = None,
+        force: bool = False,
+        desired: _Desired | None = None,
+        api_url: str | None = None,
+        job_id: str | None = None,
+    ) -> tuple[Enrolment, str]:
         """(the record, what happened: ran | busy (another push holds the lease) | not_due)."""
         desired = desired or self._desired(policy, api_url)
         rec = self.record_for(policy, ref, source, who)
@@ -172,13 +226,27 @@ class EnrolmentBase:
             return rec, "busy"
         if not self._due(rec, now, desired, source, force):
             return rec, "not_due"
-        claimed = replace(rec, state=PENDING, lease_until=now + self.config.lease_seconds, updated_at=now,
-                          source=source, requested_by=who.upn if who else rec.requested_by,
-                          job_id=job_id or rec.job_id)
+        claimed = replace(
+            rec,
+            state=PENDING,
+            lease_until=now + self.config.lease_seconds,
+            updated_at=now,
+            source=source,
+            requested_by=who.upn if who else rec.requested_by,
+            job_id=job_id or rec.job_id,
+        )
         attempts = rec.attempts + 1 if rec.state in (PENDING, RETRYING) else 1
-        started = self._audit(policy.tenant_id, who, "enrolment.push_started", "ok", claimed, attempt=attempts,
-                              job_id=job_id, ca_fingerprints=list(desired.fingerprints),
-                              krl_version=desired.krl_version)
+        started = self._audit(
+            policy.tenant_id,
+            who,
+            "enrolment.push_started",
+            "ok",
+            claimed,
+            attempt=attempts,
+            job_id=job_id,
+            ca_fingerprints=list(desired.fingerprints),
+            krl_version=desired.krl_version,
+        )
         try:
             claimed = self.store.update(claimed, rec.etag or "", started)  # the claim and its audit, together
         except (Conflict, NotFound):
@@ -189,20 +257,40 @@ class EnrolmentBase:
             vms = self.vms.within(self.config.push_budget)  # one budget for this push's Run Commands
             lines = wrap_script(desired.render(self._host_certs_for(policy, ref, vms)))
             result = vms.run_shell_script(ref, lines)
-            details = {"exit_status": result.exit_status, "duration_ms": result.duration_ms,
-                       "lro_polls": result.polls}
+            details = {"exit_status": result.exit_status, "duration_ms": result.duration_ms, "lro_polls": result.polls}
             out = result.output + (f"\n[stderr]\n{result.stderr}" if result.stderr else "")
-            base = replace(claimed, attempts=attempts, output_tail=tail(out), lease_until=0, updated_at=int(self.clock()),
-                           duration_ms=result.duration_ms, lro_polls=result.polls, next_attempt_at=0)
+            base = replace(
+                claimed,
+                attempts=attempts,
+                output_tail=tail(out),
+                lease_until=0,
+                updated_at=int(self.clock()),
+                duration_ms=result.duration_ms,
+                lro_polls=result.polls,
+                next_attempt_at=0,
+            )
             if result.ok:
-                final = replace(base, state=SUCCEEDED, last_error=None, error_code=None,
-                                ca_fingerprints=desired.fingerprints, krl_version=desired.krl_version)
+                final = replace(
+                    base,
+                    state=SUCCEEDED,
+                    last_error=None,
+                    error_code=None,
+                    ca_fingerprints=desired.fingerprints,
+                    krl_version=desired.krl_version,
+                )
             else:
-                why = (f"The setup script exited with status {result.exit_status}" if result.exit_status is not None
-                       else "The setup script's exit status is missing from Run Command's output")
-                final = replace(base, state=FAILED, error_code="script_failed",
-                                last_error=f"{why} on {ref.name}; nothing was changed there unless the output says "
-                                           "otherwise. See output_tail.")
+                why = (
+                    f"The setup script exited with status {result.exit_status}"
+                    if result.exit_status is not None
+                    else "The setup script's exit status is missing from Run Command's output"
+                )
+                final = replace(
+                    base,
+                    state=FAILED,
+                    error_code="script_failed",
+                    last_error=f"{why} on {ref.name}; nothing was changed there unless the output says "
+                    "otherwise. See output_tail.",
+                )
         except PushError as exc:
             final = self._after_error(claimed, attempts, exc)
         except EzsshError as exc:  # rendering refused a value, storage, ...
@@ -210,15 +298,30 @@ class EnrolmentBase:
         except ValueError as exc:  # RenderError
             final = self._after_error(claimed, attempts, PushError("render_failed", str(exc), transient=False))
         action = {SUCCEEDED: "enrolment.pushed", RETRYING: "enrolment.retrying"}.get(final.state, "enrolment.failed")
-        entry = self._audit(policy.tenant_id, who, action, "ok" if final.state == SUCCEEDED else "error", final,
-                            ca_fingerprints=list(desired.fingerprints), krl_version=desired.krl_version, **details)
+        entry = self._audit(
+            policy.tenant_id,
+            who,
+            action,
+            "ok" if final.state == SUCCEEDED else "error",
+            final,
+            ca_fingerprints=list(desired.fingerprints),
+            krl_version=desired.krl_version,
+            **details,
+        )
         try:
             final = self.store.update(final, claimed.etag or "", entry)  # the outcome and its audit, together
         except (Conflict, NotFound):  # pragma: no cover - someone broke our lease
-            log.warning("enrolment of %s in %s changed during the push; outcome %s not saved",
-                        ref.id, policy.id, final.state)
-        log.info("enrolment %s -> %s: %s (attempt %d)%s", policy.id, ref.id, final.state, final.attempts,
-                 f" {final.error_code}: {final.last_error}" if final.error_code else "")
+            log.warning(
+                "enrolment of %s in %s changed during the push; outcome %s not saved", ref.id, policy.id, final.state
+            )
+        log.info(
+            "enrolment %s -> %s: %s (attempt %d)%s",
+            policy.id,
+            ref.id,
+            final.state,
+            final.attempts,
+            f" {final.error_code}: {final.last_error}" if final.error_code else "",
+        )
         return final, "ran"
 
     def _after_error(self, rec: Enrolment, attempts: int, exc: PushError) -> Enrolment:
@@ -226,11 +329,16 @@ class EnrolmentBase:
         base = replace(rec, attempts=attempts, lease_until=0, updated_at=now, error_code=exc.code)
         if exc.transient and attempts < self.config.max_attempts:
             wait = self._backoff(attempts)
-            return replace(base, state=RETRYING, next_attempt_at=now + wait,
-                           last_error=f"{exc.message} (attempt {attempts} of {self.config.max_attempts}; next in {wait} s)")
+            return replace(
+                base,
+                state=RETRYING,
+                next_attempt_at=now + wait,
+                last_error=f"{exc.message} (attempt {attempts} of {self.config.max_attempts}; next in {wait} s)",
+            )
         if exc.transient:
-            return replace(base, state=FAILED, next_attempt_at=0,
-                           last_error=f"Gave up after {attempts} attempts: {exc.message}")
+            return replace(
+                base, state=FAILED, next_attempt_at=0, last_error=f"Gave up after {attempts} attempts: {exc.message}"
+            )
         return replace(base, state=FAILED, next_attempt_at=0, last_error=exc.message)
 
     def _admin_policy(self, who: Identity, policy_id: str) -> Policy:
@@ -241,36 +349,72 @@ class EnrolmentBase:
 
     def _need_queue(self) -> None:
         if self.queue is None or self.jobs is None:
-            raise BackendUnavailable("Enrolment jobs need a queue: set EZSSH_QUEUE_ACCOUNT_URL (Azure) or a "
-                                     "storage connection string with a QueueEndpoint.")
+            raise BackendUnavailable(
+                "Enrolment jobs need a queue: set EZSSH_QUEUE_ACCOUNT_URL (Azure) or a "
+                "storage connection string with a QueueEndpoint."
+            )
 
     @staticmethod
     def _message(job: Job, vm_id: str, deferrals: int = 0, retry: bool = False) -> dict[str, Any]:
-        return {"v": 1, "tenant": job.tenant_id, "job": job.job_id, "policy": job.policy_id, "vm": vm_id,
-                "deferrals": deferrals, "retry": retry}
+        return {
+            "v": 1,
+            "tenant": job.tenant_id,
+            "job": job.job_id,
+            "policy": job.policy_id,
+            "vm": vm_id,
+            "deferrals": deferrals,
+            "retry": retry,
+        }
 
-    def submit(self, policy: Policy, refs: list[VmRef], *, source: str, who: Identity | None = None,
-               api_url: str | None = None) -> tuple[Job, list[JobItem]]:
+    def submit(
+        self, policy: Policy, refs: list[VmRef], *, source: str, who: Identity | None = None, api_url: str | None = None
+    ) -> tuple[Job, list[JobItem]]:
         """A job for these VMs, its items, and one queue message per VM."""
         self._need_queue()
         now = int(self.clock())
-        job = Job(tenant_id=policy.tenant_id, job_id=uuid.uuid4().hex, policy_id=policy.id, source=source,
-                  created_at=now, total=len(refs), requested_by=who.upn if who else None,
-                  requested_oid=who.oid if who else None, api_url=api_url)
-        items = [JobItem(tenant_id=job.tenant_id, job_id=job.job_id, policy_id=policy.id, vm_id=r.id,
-                         updated_at=now) for r in refs]
-        entry = AuditEntry(tenant_id=policy.tenant_id, at=self.clock(), action="enrolment.queued", outcome="ok",
-                           actor_oid=who.oid if who else None, actor_upn=who.upn if who else None,
-                           policy_id=policy.id, chain=f"enr:{policy.id}",
-                           details={"job_id": job.job_id, "source": source, "total": len(refs),
-                                    "vms": [r.id for r in refs][:50]}).sealed()
+        job = Job(
+            tenant_id=policy.tenant_id,
+            job_id=uuid.uuid4().hex,
+            policy_id=policy.id,
+            source=source,
+            created_at=now,
+            total=len(refs),
+            requested_by=who.upn if who else None,
+            requested_oid=who.oid if who else None,
+            api_url=api_url,
+        )
+        items = [
+            JobItem(tenant_id=job.tenant_id, job_id=job.job_id, policy_id=policy.id, vm_id=r.id, updated_at=now)
+            for r in refs
+        ]
+        entry = AuditEntry(
+            tenant_id=policy.tenant_id,
+            at=self.clock(),
+            action="enrolment.queued",
+            outcome="ok",
+            actor_oid=who.oid if who else None,
+            actor_upn=who.upn if who else None,
+            policy_id=policy.id,
+            chain=f"enr:{policy.id}",
+            details={"job_id": job.job_id, "source": source, "total": len(refs), "vms": [r.id for r in refs][:50]},
+        ).sealed()
         self.job_store.create(job, items, entry)  # the job, its audit entry, its items and their unsent messages
         sent = self._send([(job.tenant_id, job.job_id, job.policy_id, i.vm_id) for i in items])
         if len(sent) < len(items):
-            log.warning("enrolment job %s: %d of %d messages not queued yet; the timer sends them",
-                        job.job_id, len(items) - len(sent), len(items))
-        log.info("enrolment job %s (%s) for policy %s: %d VMs, %d messages queued", job.job_id, source, policy.id,
-                 len(refs), len(sent))
+            log.warning(
+                "enrolment job %s: %d of %d messages not queued yet; the timer sends them",
+                job.job_id,
+                len(items) - len(sent),
+                len(items),
+            )
+        log.info(
+            "enrolment job %s (%s) for policy %s: %d VMs, %d messages queued",
+            job.job_id,
+            source,
+            policy.id,
+            len(refs),
+            len(sent),
+        )
         return job, items
 
     def _send(self, messages: list[tuple[str, str, str, str]]) -> list[tuple[str, str]]:
@@ -284,8 +428,9 @@ class EnrolmentBase:
             if failed.is_set():
                 return None
             try:
-                self.job_queue.send({"v": 1, "tenant": tid, "job": job_id, "policy": pid, "vm": vm_id,
-                                 "deferrals": 0, "retry": False})
+                self.job_queue.send(
+                    {"v": 1, "tenant": tid, "job": job_id, "policy": pid, "vm": vm_id, "deferrals": 0, "retry": False}
+                )
                 return job_id, vm_id
             except BackendUnavailable:
                 failed.set()
@@ -304,7 +449,9 @@ class EnrolmentBase:
             try:
                 self.job_store.mark_sent(tid, pairs)
             except EzsshError as exc:  # sent, not struck off: the timer sends them again, the handler drops them
-                log.warning("enrolment messages sent but still in the outbox (%s); they will be sent again", exc.message)
+                log.warning(
+                    "enrolment messages sent but still in the outbox (%s); they will be sent again", exc.message
+                )
         return sent
 
     def _policies(self, tenant_ids: Iterable[str], *, cached: bool = False) -> list[Policy]:

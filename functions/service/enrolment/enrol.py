@@ -32,25 +32,34 @@ class Enrol(EnrolmentBase):
     def _check_scopes(self, resource_id: str, tenant_id: str) -> None:
         scopes = self.config.scopes_for(tenant_id)
         if not scopes:
-            raise EnrolmentForbidden("Enrolment is not configured for this tenant: EZSSH_ENROL_SCOPES names no "
-                                     "subscription or resource group its policies may push to.")
+            raise EnrolmentForbidden(
+                "Enrolment is not configured for this tenant: EZSSH_ENROL_SCOPES names no "
+                "subscription or resource group its policies may push to."
+            )
         if not in_scope(resource_id, scopes):
-            raise EnrolmentForbidden(f"{resource_id} is outside the scopes ezssh may enrol "
-                                     f"({', '.join(scopes)}); nothing was pushed.")
+            raise EnrolmentForbidden(
+                f"{resource_id} is outside the scopes ezssh may enrol ({', '.join(scopes)}); nothing was pushed."
+            )
 
     def _default_subscription(self, tenant_id: str) -> str | None:
         subs = {s.split("/")[2].lower() for s in self.config.scopes_for(tenant_id)}
         return subs.pop() if len(subs) == 1 else None
 
-    def _targets(self, who: Identity, policy_id: str, vm_id: str | None, resource_group: str | None,
-                 tag: str | None) -> tuple[Policy, list[VmRef]]:
+    def _targets(
+        self, who: Identity, policy_id: str, vm_id: str | None, resource_group: str | None, tag: str | None
+    ) -> tuple[Policy, list[VmRef]]:
         """Check the request and find the VMs it names, before anything is pushed."""
         if (vm_id is None) == (resource_group is None):
             raise InvalidRequest("Give either 'vm_id', or 'resource_group' with 'tag'.")
         if vm_id is not None and tag is not None:
             raise InvalidRequest("'tag' goes with 'resource_group', not with 'vm_id'.")
-        if resource_group is not None and (tag is None or tag.count("=") < 1 or not tag.split("=", 1)[0].strip()
-                                           or not tag.split("=", 1)[1].strip() or len(tag) > 600):
+        if resource_group is not None and (
+            tag is None
+            or tag.count("=") < 1
+            or not tag.split("=", 1)[0].strip()
+            or not tag.split("=", 1)[1].strip()
+            or len(tag) > 600
+        ):
             raise InvalidRequest("'tag' must look like 'name=value'.")
         policy = self._admin_policy(who, policy_id)
         if vm_id is not None:
@@ -82,16 +91,32 @@ class Enrol(EnrolmentBase):
             return ArmForbidden(exc.message)
         return BackendUnavailable(exc.message)
 
-    def enrol(self, who: Identity, policy_id: str, *, vm_id: str | None = None, resource_group: str | None = None,
-              tag: str | None = None, api_url: str | None = None) -> tuple[Job, list[JobItem]]:
+    def enrol(
+        self,
+        who: Identity,
+        policy_id: str,
+        *,
+        vm_id: str | None = None,
+        resource_group: str | None = None,
+        tag: str | None = None,
+        api_url: str | None = None,
+    ) -> tuple[Job, list[JobItem]]:
         """Queue a push to the VMs named; returns the job at once (the queue worker does the pushing)."""
-        with self.base.refusing(who, ENROL_REFUSED, policy_id=policy_id,
-                                details={"vm_id": vm_id[:300] if vm_id is not None else None,
-                                         "resource_group": resource_group[:300] if resource_group else None}):
+        with self.base.refusing(
+            who,
+            ENROL_REFUSED,
+            policy_id=policy_id,
+            details={
+                "vm_id": vm_id[:300] if vm_id is not None else None,
+                "resource_group": resource_group[:300] if resource_group else None,
+            },
+        ):
             policy, refs = self._targets(who, policy_id, vm_id, resource_group, tag)
             if len(refs) > self.config.max_job_vms:
-                raise InvalidRequest(f"That names {len(refs)} VMs; one request may enrol at most "
-                                     f"{self.config.max_job_vms}. Use a narrower tag.")
+                raise InvalidRequest(
+                    f"That names {len(refs)} VMs; one request may enrol at most "
+                    f"{self.config.max_job_vms}. Use a narrower tag."
+                )
         return self.submit(policy, refs, source="api", who=who, api_url=api_url)
 
     def job(self, who: Identity, policy_id: str, job_id: str) -> tuple[Job, list[JobItem]]:
@@ -110,8 +135,9 @@ class Enrol(EnrolmentBase):
         """The job as the API shows it."""
         return {"job": job_dict(job, items), "items": [i.to_dict() for i in items]}
 
-    def list(self, who: Identity, policy_id: str, *, limit: int = 100,
-             continuation: str | None = None) -> tuple[list[Enrolment], str | None]:
+    def list(
+        self, who: Identity, policy_id: str, *, limit: int = 100, continuation: str | None = None
+    ) -> tuple[list[Enrolment], str | None]:
         """One page of the policy's records (in a stable order: the hash of the VM id) and the
         continuation token of the next page (None at the end)."""
         with self.base.refusing(who, "enrolment.list.refused", policy_id=policy_id):

@@ -30,8 +30,13 @@ class Reconcile(EnrolmentBase):
             if len({p.tenant_id for p in hits}) > 1:
                 narrowed = [p for p in hits if tenant_hint and p.tenant_id.lower() == tenant_hint.lower()]
                 if len(narrowed) != 1:
-                    log.warning("VM %s: tag %s=%s is ambiguous across tenants; write <tenant id>/%s",
-                                vm.id, POLICY_TAG, name, pid)
+                    log.warning(
+                        "VM %s: tag %s=%s is ambiguous across tenants; write <tenant id>/%s",
+                        vm.id,
+                        POLICY_TAG,
+                        name,
+                        pid,
+                    )
                     continue
                 hits = narrowed
             for p in hits:
