@@ -57,7 +57,7 @@ import { fileURLToPath } from 'node:url';
 
 import Provider, { errors } from 'oidc-provider';
 
-import { makeWorkloads } from './workloads.mjs';
+import { makeWorkloads, readForm as readFormBody } from './workloads.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, '..', '..', '..');
@@ -220,16 +220,7 @@ ${body}
 </body></html>`;
 }
 
-async function readForm(req, limit = 16 * 1024) {
-  let size = 0;
-  const chunks = [];
-  for await (const chunk of req) {
-    size += chunk.length;
-    if (size > limit) throw new Error('request body too large');
-    chunks.push(chunk);
-  }
-  return new URLSearchParams(Buffer.concat(chunks).toString('utf8'));
-}
+const readForm = (req) => readFormBody(req, 16 * 1024);
 
 function send(res, status, html) {
   res.statusCode = status;

@@ -63,7 +63,8 @@ function verifyJwt(jwt, publicKey) {
   return false;
 }
 
-async function readForm(req, limit = 64 * 1024) {
+// A form body of at most `limit` bytes (server.mjs's interaction pages use it too).
+export async function readForm(req, limit = 64 * 1024) {
   let size = 0;
   const chunks = [];
   for await (const chunk of req) {
