@@ -109,20 +109,9 @@ def build(azurite, keys, shared_ca, host_ca, user_key, *, policies: int, history
 
 @pytest.fixture(scope="module")
 def worlds(azurite, keys, shared_ca, host_ca):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    def user_key() -> str:
-        return (
-            ed25519.Ed25519PrivateKey.generate()
-            .public_key()
-            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-            .decode()
-        )
-
     return {
-        "small": build(azurite, keys, shared_ca, host_ca, user_key, policies=2, history=0),
-        "large": build(azurite, keys, shared_ca, host_ca, user_key, policies=30, history=60),
+        "small": build(azurite, keys, shared_ca, host_ca, _key, policies=2, history=0),
+        "large": build(azurite, keys, shared_ca, host_ca, _key, policies=30, history=60),
     }
 
 
