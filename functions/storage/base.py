@@ -24,7 +24,7 @@ from ..core.records import (
 from ..core.requests import RequestRecord
 from ..core.serials import SERIAL_RANDOM_BITS, serial_floor, serial_of_request_id
 
-# The request indexes (functions/storage/tables.py): each lists request copies newest first.
+# The request indexes (functions/storage/requestrows.py): each lists request copies newest first.
 BY_USER = "user"  # every request a user made that went through a decision (not those issued at once)
 OPEN_BY_USER = "user-open"  # a user's pending and approved requests
 OPEN_BY_POLICY = "policy-open"  # a policy's pending and approved requests: what its approvers decide

@@ -23,6 +23,11 @@ from ..core.errors import EzsshError, NotFound, StorageUnavailable
 
 log = logging.getLogger("functions.storage.tables")
 T = TypeVar("T")
+UNAUTHENTICATED = "_unauthenticated"  # the partition of audit entries from callers whose token did not verify
+
+
+def _serial_key(serial: int) -> str:
+    return f"{serial:019d}"
 
 
 def _guard(op: str, fn: Callable[[], T]) -> T:
