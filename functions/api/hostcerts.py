@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ..core.errors import InvalidRequest
 from ..core.policy import Identity
-from ..service.hostcerts import HOST_CERTIFICATE_REFUSED, HOST_TOKEN_REFUSED
+from ..service.hosttokens import HOST_CERTIFICATE_REFUSED, HOST_TOKEN_REFUSED
 from .deps import Strict, body, caller, service
 from .errors import describe
 from .hosts import derived_response, etags
