@@ -292,7 +292,8 @@ def build_enrolments(
     from .hosts.azure_vms import AzureVms
     from .hosts.vm_hostcerts import VmHostCerts
     from .service.enrolment import EnrolConfig, EnrolmentService
-    from .storage.enrolments import EnrolmentStore, JobStore
+    from .storage.enrolmentjobs import JobStore
+    from .storage.enrolments import EnrolmentStore
 
     factory = build_compute_client_factory(settings, credential, connection_verify)
     return EnrolmentService(

@@ -7,7 +7,7 @@ Messages are JSON, base64-encoded as the Functions host's queue trigger expects 
 Every call is bounded like a table call (CLIENT_OPTIONS): few retries with a short backoff, short
 timeouts, and within an API request its deadline (functions/deadline.py), so an unreachable queue
 costs a caller seconds, not the SDK's default minute and a half of retries. A message the queue did
-not take stays in the job's outbox (storage/enrolments.py) for the timer to send.
+not take stays in the job's outbox (storage/enrolmentjobs.py) for the timer to send.
 """
 
 from __future__ import annotations

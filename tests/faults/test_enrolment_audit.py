@@ -10,7 +10,8 @@ import pytest
 
 from functions.core.audit import AuditEntry
 from functions.core.errors import Conflict
-from functions.storage.enrolments import Enrolment, EnrolmentStore, Job, JobItem, JobStore
+from functions.storage.enrolmentjobs import Job, JobItem, JobStore
+from functions.storage.enrolments import Enrolment, EnrolmentStore
 from functions.storage.tables import TableStore
 
 T0 = 1_780_000_000.0

@@ -39,7 +39,7 @@ class Outbox:
         return self.ctx.enrolments
 
     def unsent(self) -> list:
-        from functions.storage.enrolments import JobStore
+        from functions.storage.enrolmentjobs import JobStore
 
         return JobStore(self.faulty.truth).unsent(CONTOSO, created_before=int(self.clock()) + 10_000)
 

@@ -18,18 +18,8 @@ from ...core.audit import AuditEntry
 from ...core.errors import BackendUnavailable, Conflict, EzsshError, Forbidden, NotFound
 from ...core.policy import Identity, Policy
 from ...hosts.azure_vms import PushError, VmRef, wrap_script
-from ...storage.enrolments import (
-    FAILED,
-    PENDING,
-    RETRYING,
-    SUCCEEDED,
-    Enrolment,
-    EnrolmentStore,
-    Job,
-    JobItem,
-    JobStore,
-    tail,
-)
+from ...storage.enrolmentjobs import Job, JobItem, JobStore
+from ...storage.enrolments import FAILED, PENDING, RETRYING, SUCCEEDED, Enrolment, EnrolmentStore, tail
 from ..base import Base
 from ..hosts import Derived, Hosts
 from .ports import EnrolConfig, JobQueue, VmHostCerts, VmPusher
@@ -66,7 +56,7 @@ class EnrolmentBase:
         self.base = base  # refusals and audit (service/base.py)
         self.hosts = hosts  # policies, KRL, the setup script (service/hosts.py)
         self.store = store
-        self.jobs = jobs  # job rows (storage/enrolments.py)
+        self.jobs = jobs  # job rows (storage/enrolmentjobs.py)
         self.queue = queue  # one message per VM of a job
         self._make_vms = vms  # called on first use (the compute client is lazy)
         self._vms: VmPusher | None = None

@@ -10,7 +10,8 @@ from ...core.errors import BackendUnavailable, EzsshError, Forbidden, InvalidReq
 from ...core.paging import decode_token, encode_token
 from ...core.policy import Identity, Policy
 from ...hosts.azure_vms import PushError, Vm, VmRef, in_scope, parse_resource_group, parse_vm_id
-from ...storage.enrolments import Enrolment, Job, JobItem, job_dict, vm_key
+from ...storage.enrolmentjobs import Job, JobItem, job_dict
+from ...storage.enrolments import Enrolment, vm_key
 from .base import EnrolmentBase, _tag
 
 MAX_LIST_LIMIT = 1000

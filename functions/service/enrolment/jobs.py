@@ -12,7 +12,8 @@ from ...core.audit import AuditEntry
 from ...core.errors import Conflict
 from ...core.policy import Identity
 from ...hosts.azure_vms import in_scope, parse_vm_id
-from ...storage.enrolments import FAILED, PENDING, QUEUED, RETRYING, RUNNING, SUCCEEDED, TERMINAL, JobItem
+from ...storage.enrolmentjobs import QUEUED, RUNNING, TERMINAL, JobItem
+from ...storage.enrolments import FAILED, PENDING, RETRYING, SUCCEEDED
 from .base import EnrolmentBase
 
 log = logging.getLogger("ezssh.enrolment")

@@ -9,7 +9,8 @@ from typing import Any
 from ...core.errors import Conflict, InvalidRequest, NotFound
 from ...core.policy import Policy
 from ...hosts.azure_vms import PushError, Vm, VmRef, in_scope, parse_vm_id
-from ...storage.enrolments import PENDING, RETRYING, TERMINAL, Enrolment, Job, vm_key
+from ...storage.enrolmentjobs import TERMINAL, Job
+from ...storage.enrolments import PENDING, RETRYING, Enrolment, vm_key
 from .base import EnrolmentBase, _tag
 
 log = logging.getLogger("ezssh.enrolment")
