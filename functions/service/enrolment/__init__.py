@@ -12,7 +12,8 @@ answer lost) the timer sends (`send_unsent`). A message sent twice changes nothi
 claims the item with the queue's message id, and another message for a claimed or finished item is
 dropped; a redelivery of the same message (its worker died) carries on.
 
-Use cases (EnrolmentService: enrol.py, jobs.py, reconcile.py over base.py; ports.py for the adapters):
+Use cases (EnrolmentService: enrol.py, jobs.py, reconcile.py over push.py (one push attempt) and
+outbox.py (a job and its queue messages), both over base.py; ports.py for the adapters):
   enrol(who, policy, vm_id=... | resource_group=..., tag="k=v")   POST /api/policies/{id}/enrolments (202)
   job(who, policy, job_id)                                          GET  /api/policies/{id}/enrolment-jobs/{job}
   list(who, policy, limit, continuation)                            GET  /api/policies/{id}/enrolments (a page)

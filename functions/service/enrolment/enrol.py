@@ -12,7 +12,8 @@ from ...core.policy import Identity, Policy
 from ...hosts.azure_vms import PushError, Vm, VmRef, in_scope, parse_resource_group, parse_vm_id
 from ...storage.enrolmentjobs import Job, JobItem, job_dict
 from ...storage.enrolments import Enrolment, vm_key
-from .base import EnrolmentBase, _tag
+from .base import _tag
+from .outbox import Outbox
 
 MAX_LIST_LIMIT = 1000
 VM_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -29,7 +30,7 @@ class ArmForbidden(Forbidden):
     code = "arm_forbidden"
 
 
-class Enrol(EnrolmentBase):
+class Enrol(Outbox):
     def _check_scopes(self, resource_id: str, tenant_id: str) -> None:
         scopes = self.config.scopes_for(tenant_id)
         if not scopes:

@@ -14,12 +14,13 @@ from ...core.policy import Identity
 from ...hosts.azure_vms import in_scope, parse_vm_id
 from ...storage.enrolmentjobs import QUEUED, RUNNING, TERMINAL, JobItem
 from ...storage.enrolments import FAILED, PENDING, RETRYING, SUCCEEDED
-from .base import EnrolmentBase
+from .outbox import Outbox
+from .push import Push
 
 log = logging.getLogger("ezssh.enrolment")
 
 
-class JobRunner(EnrolmentBase):
+class JobRunner(Push, Outbox):
     def send_unsent(self) -> dict[str, int]:
         """The timer's outbox sweep: send the messages of jobs the queue has not taken yet (older
         than `unsent_grace`, at most `unsent_page` per tenant)."""

@@ -11,7 +11,9 @@ from ...core.policy import Policy
 from ...hosts.azure_vms import PushError, Vm, VmRef, in_scope, parse_vm_id
 from ...storage.enrolmentjobs import TERMINAL, Job
 from ...storage.enrolments import PENDING, RETRYING, Enrolment, vm_key
-from .base import EnrolmentBase, _tag
+from .base import _tag
+from .outbox import Outbox
+from .push import Push
 
 log = logging.getLogger("ezssh.enrolment")
 
@@ -20,7 +22,7 @@ VM_WRITE = "microsoft.compute/virtualmachines/write"
 WRITE_SUCCESS = "Microsoft.Resources.ResourceWriteSuccess"
 
 
-class Reconcile(EnrolmentBase):
+class Reconcile(Push, Outbox):
     def covering(self, vm: Vm, policies: list[Policy], tenant_hint: str | None = None) -> list[Policy]:
         """The policies that cover a VM by its ezssh-policy tag or by their resource id / tag patterns."""
         named = [x.strip() for x in (_tag(vm.tags, POLICY_TAG) or "").replace(";", ",").split(",") if x.strip()]
