@@ -5,7 +5,7 @@ Storage) and one queue message per VM (Azure Storage Queue); the queue-triggered
 push (`run_message`). The HTTP call and the Event Grid delivery return as soon as the messages are
 queued; the job's state is read back with `job()`.
 
-The messages go through an outbox (storage/enrolments.py): the job row, its audit entry and every
+The messages go through an outbox (storage/enrolmentjobs.py): the job row, its audit entry and every
 item with its unsent message land in one transaction first; the messages are sent after, within the
 request's deadline, and each one sent is struck off. What the queue did not take (down, slow, an
 answer lost) the timer sends (`send_unsent`). A message sent twice changes nothing: its handler
