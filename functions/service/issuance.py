@@ -272,16 +272,7 @@ class Issuance:
             entry = link(self._issued_audit(who, final, issued, plan.key), created)
             final = with_head(final, entry)
             b.store.record_issuance(final, None, cert_record(final, issued, plan.key), [created, entry], idem)
-            event(
-                log,
-                "certificate.issued",
-                key_id=issued.key_id,
-                serial=issued.serial,
-                request=rec.id,
-                policy=policy.id,
-                tenant=who.tid,
-            )
-            return Outcome("issued", final, issued)
+            return self._issued(who, final, issued)
         rec = with_head(rec, created)
         if rec.state == sm.PENDING:
             rec = self._create_pending(who, policy, rec, created, idem)
@@ -389,6 +380,11 @@ class Issuance:
         entry = link(self._issued_audit(who, final, issued, vetted), rec)
         final = with_head(final, entry)
         b.store.record_issuance(final, rec.etag, cert_record(final, issued, vetted), [entry])
+        return self._issued(who, final, issued)
+
+    @staticmethod
+    def _issued(who: Identity, rec: sm.RequestRecord, issued: IssuedCertificate) -> Outcome:
+        """The answer once the issuance is recorded, and its log event."""
         event(
             log,
             "certificate.issued",
@@ -398,7 +394,7 @@ class Issuance:
             policy=rec.policy_id,
             tenant=who.tid,
         )
-        return Outcome("issued", final, issued)
+        return Outcome("issued", rec, issued)
 
     def _sign(self, policy: Policy, rec: sm.RequestRecord, who: Identity, key: VettedKey) -> IssuedCertificate:
         ca = policy.current_ca
