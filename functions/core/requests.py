@@ -158,16 +158,7 @@ def approve(rec: RequestRecord, who: Identity, now: int, *, comment: str | None 
         raise Conflict("You have already approved this request; an approver counts once.")
     approvals = rec.approvals + (Approval(who.oid, who.tid, who.upn, now, comment, display_name(who)),)
     if len(approvals) >= rec.approvals_required:
-        return replace(
-            rec,
-            approvals=approvals,
-            state=APPROVED,
-            decided_by=who.upn,
-            decided_by_oid=who.oid,
-            decided_by_name=display_name(who),
-            decided_at=now,
-            expires_at=now + ISSUE_WINDOW,
-        )
+        return replace(_decided(rec, who, now, APPROVED), approvals=approvals, expires_at=now + ISSUE_WINDOW)
     return replace(rec, approvals=approvals)
 
 
@@ -177,29 +168,25 @@ def deny(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = N
     # A decision is final: once approved, a late deny gets 409 (revoke the certificate instead),
     # so when approve and deny race exactly one of them succeeds, whatever the timing.
     _require_state(rec, now, PENDING)
-    return replace(
-        rec,
-        state=DENIED,
-        decided_by=who.upn,
-        decided_by_oid=who.oid,
-        decided_by_name=display_name(who),
-        decided_at=now,
-        comment=comment,
-    )
+    return replace(_decided(rec, who, now, DENIED), comment=comment)
 
 
 def cancel(rec: RequestRecord, who: Identity, now: int, *, comment: str | None = None) -> RequestRecord:
     if not rec.requester_is(who):
         raise Forbidden("Only the requester may cancel a request.")
     _require_state(rec, now, PENDING, APPROVED)
+    return replace(_decided(rec, who, now, CANCELLED), comment=comment)
+
+
+def _decided(rec: RequestRecord, who: Identity, now: int, state: str) -> RequestRecord:
+    """`rec` moved to `state` by `who` at `now`: their name, object id and display name on record."""
     return replace(
         rec,
-        state=CANCELLED,
+        state=state,
         decided_by=who.upn,
         decided_by_oid=who.oid,
         decided_by_name=display_name(who),
         decided_at=now,
-        comment=comment,
     )
 
 
